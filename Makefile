@@ -1,0 +1,31 @@
+# The two set-up commands: `make demo` and `make test`. Each creates .venv if missing.
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+
+.PHONY: demo test lint bench clean
+
+.venv/installed: pyproject.toml
+	test -d .venv || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned, so that no looser requirement pulls a CUDA build
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+	touch .venv/installed
+
+demo: .venv/installed
+	.venv/bin/lmlab demo
+
+test: .venv/installed
+	$(PY) -m ruff check src tests bench
+	$(PY) -m pytest
+
+lint: .venv/installed
+	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff format --check src tests bench
+
+bench: .venv/installed
+	$(PY) bench/train_throughput.py
+	$(PY) bench/decode.py
+
+clean:
+	rm -rf .venv runs build src/*.egg-info

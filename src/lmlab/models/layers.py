@@ -1,0 +1,39 @@
+"""Layers shared by the model families: hook points and RMSNorm.
+
+Hook points follow TransformerLens: an identity module with a stable name, placed on every
+activation a user may want to read or edit (residual stream, q/k/v, attention pattern,
+attention and MLP outputs). With no hook registered it costs one Python call; with a
+forward hook registered (``module.register_forward_hook``) the hook sees the activation
+and may return a replacement. Interpretability tools (``lmlab.interp``) find them by name
+with ``model.named_modules()``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class HookPoint(nn.Module):
+    """Identity on a named activation, so hooks can read or replace it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019): x / rms(x) * weight, no centring.
+
+    Computed in float32 whatever the input dtype, as Llama does, then cast back.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)

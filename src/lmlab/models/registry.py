@@ -1,0 +1,171 @@
+"""Model families and named presets, in one registry.
+
+A *spec* is a plain JSON dict: ``{"family": "transformer", **config_fields}``. It is what
+``config.json`` stores under ``"model"``, what presets are, and what ``build_model`` takes,
+so a checkpoint, a preset and a YAML file all describe a model the same way.
+
+    >>> spec = get_preset("gpt-char-tiny")
+    >>> model = build_model({**spec, "vocab_size": 65})
+    >>> model_spec(model)["family"]
+    'transformer'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import nn
+
+from lmlab.errors import ConfigError, closest
+
+# family name -> (config dataclass, model class); filled by register_family at import time
+# of each family module (see _load_families), never mutated afterwards.
+_FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {}
+
+
+def register_family(name: str, config_cls: type, model_cls: type[nn.Module]) -> None:
+    _FAMILIES[name] = (config_cls, model_cls)
+
+
+def _load_families() -> None:
+    # Importing a family module registers it; kept here so registry users need one import.
+    from lmlab.models import transformer  # noqa: F401
+
+
+def families() -> list[str]:
+    _load_families()
+    return sorted(_FAMILIES)
+
+
+def build_model(spec: dict[str, Any]) -> nn.Module:
+    """Build a freshly initialised model from a spec dict (``family`` + config fields)."""
+    _load_families()
+    spec = dict(spec)
+    family = spec.pop("family", None)
+    if family not in _FAMILIES:
+        raise ConfigError(
+            f"unknown model family {family!r}{closest(str(family), list(_FAMILIES))}; "
+            f"valid: {', '.join(sorted(_FAMILIES))}"
+        )
+    config_cls, model_cls = _FAMILIES[family]
+    return model_cls(make_config(config_cls, spec, where=f"model family {family!r}"))
+
+
+def make_config(config_cls: type, fields: dict[str, Any], where: str = "config"):
+    """Instantiate a config dataclass, failing on unknown keys with the closest valid name."""
+    valid = [f.name for f in dataclasses.fields(config_cls)]
+    for key in fields:
+        if key not in valid:
+            raise ConfigError(
+                f"unknown field {key!r} for {where}{closest(key, valid)}; valid: {', '.join(valid)}"
+            )
+    return config_cls(**fields)
+
+
+def model_spec(model: nn.Module) -> dict[str, Any]:
+    """The spec that rebuilds ``model`` (its family name and config fields)."""
+    _load_families()
+    for name, (_, model_cls) in _FAMILIES.items():
+        if type(model) is model_cls:
+            return {"family": name, **dataclasses.asdict(model.config)}
+    raise ConfigError(f"{type(model).__name__} is not a registered lmlab model family")
+
+
+# Named presets. vocab_size is filled from the tokenizer when a run starts (None here).
+PRESETS: dict[str, dict[str, Any]] = {
+    # The demo's model: a small character-level GPT trained in minutes on 2 CPU cores.
+    "gpt-char-tiny": dict(
+        family="transformer",
+        vocab_size=None,
+        d_model=192,
+        n_layers=4,
+        n_heads=6,
+        d_ff=768,
+        max_seq_len=128,
+        dropout=0.0,
+        norm="layernorm",
+        mlp="gelu_tanh",
+        pos="learned",
+        bias=True,
+        tie_embeddings=True,
+    ),
+    # The benchmark's larger shape (nanoGPT's shakespeare-char model).
+    "gpt-char-small": dict(
+        family="transformer",
+        vocab_size=None,
+        d_model=384,
+        n_layers=6,
+        n_heads=6,
+        d_ff=1536,
+        max_seq_len=256,
+        dropout=0.2,
+        norm="layernorm",
+        mlp="gelu_tanh",
+        pos="learned",
+        bias=True,
+        tie_embeddings=True,
+    ),
+    # GPT-2 small (124M parameters with its 50257-token vocabulary).
+    "gpt2-124m": dict(
+        family="transformer",
+        vocab_size=50257,
+        d_model=768,
+        n_layers=12,
+        n_heads=12,
+        d_ff=3072,
+        max_seq_len=1024,
+        dropout=0.0,
+        norm="layernorm",
+        norm_eps=1e-5,
+        mlp="gelu_tanh",
+        pos="learned",
+        bias=True,
+        tie_embeddings=True,
+    ),
+    # A small Llama: RoPE, RMSNorm, SwiGLU, grouped-query attention (2 kv heads), no biases.
+    "llama-small": dict(
+        family="transformer",
+        vocab_size=None,
+        d_model=256,
+        n_layers=6,
+        n_heads=8,
+        n_kv_heads=2,
+        d_ff=704,
+        max_seq_len=256,
+        dropout=0.0,
+        norm="rmsnorm",
+        mlp="swiglu",
+        pos="rope",
+        bias=False,
+        tie_embeddings=False,
+    ),
+    # SmolLM2-135M's shape (Llama architecture), for imported weights.
+    "smollm2-135m": dict(
+        family="transformer",
+        vocab_size=49152,
+        d_model=576,
+        n_layers=30,
+        n_heads=9,
+        n_kv_heads=3,
+        d_ff=1536,
+        max_seq_len=8192,
+        dropout=0.0,
+        norm="rmsnorm",
+        mlp="swiglu",
+        pos="rope",
+        rope_theta=100000.0,
+        bias=False,
+        tie_embeddings=True,
+    ),
+}
+
+
+def get_preset(name: str) -> dict[str, Any]:
+    """A copy of the preset spec called ``name``; an unknown name lists the valid ones."""
+    if name not in PRESETS:
+        raise ConfigError(
+            f"unknown model preset {name!r}{closest(name, list(PRESETS))}; "
+            f"valid: {', '.join(PRESETS)}"
+        )
+    return dict(PRESETS[name])

@@ -1,0 +1,400 @@
+"""A decoder-only transformer covering the GPT-2 and Llama families.
+
+GPT-2 (Radford et al. 2019): learned absolute positions, LayerNorm, GELU MLP, multi-head
+attention, biases, input and output embeddings tied. Llama (Touvron et al. 2023): rotary
+position embeddings (RoPE, Su et al. 2021), RMSNorm, SwiGLU MLP (Shazeer 2020),
+grouped-query attention (Ainslie et al. 2023), no biases. Both are pre-norm: each block
+computes ``x + attn(norm(x))`` then ``x + mlp(norm(x))``. One config chooses the variant.
+
+Parity: ``tests/models/test_transformer.py`` compares logits with transformers'
+GPT2LMHeadModel and LlamaForCausalLM on random weights copied by ``lmlab.checkpoint.hf``.
+
+Shapes: B batch, T new tokens, S cached + new tokens (keys), V vocabulary, D d_model,
+H query heads, Hkv key/value heads, Dh head size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmlab.errors import ConfigError
+from lmlab.models.layers import HookPoint, RMSNorm
+from lmlab.models.registry import register_family
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int
+    """Number of token ids."""
+    d_model: int = 192
+    """Width of the residual stream."""
+    n_layers: int = 4
+    """Number of transformer blocks."""
+    n_heads: int = 6
+    """Number of query heads."""
+    n_kv_heads: int | None = None
+    """Number of key/value heads (grouped-query attention); None means n_heads (MHA), 1 is MQA."""
+    d_head: int | None = None
+    """Size of each head; None means d_model // n_heads."""
+    d_ff: int = 768
+    """Hidden width of the MLP (for SwiGLU, of each of the gate and up projections)."""
+    max_seq_len: int = 128
+    """Context window: the most tokens the model attends over."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention weights and residual branches while training."""
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """LayerNorm (GPT-2) or RMSNorm (Llama)."""
+    norm_eps: float = 1e-5
+    """Epsilon inside the norms."""
+    mlp: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu_tanh"
+    """MLP kind: GELU (exact), GELU with the tanh approximation (GPT-2), or SwiGLU (Llama)."""
+    pos: Literal["learned", "rope"] = "learned"
+    """Learned absolute position embeddings (GPT-2) or rotary embeddings (Llama)."""
+    rope_theta: float = 10000.0
+    """RoPE base period."""
+    bias: bool = True
+    """Biases in linear layers and LayerNorms (GPT-2) or none (Llama)."""
+    tie_embeddings: bool = True
+    """Share the token embedding matrix with the output projection."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation (residual projections are scaled
+    down by 1/sqrt(2 * n_layers), as in GPT-2)."""
+
+    def __post_init__(self):
+        def bad(field: str, value, allowed: str):
+            raise ConfigError(f"TransformerConfig.{field}={value!r} is invalid: {allowed}")
+
+        if not isinstance(self.vocab_size, int) or self.vocab_size < 1:
+            bad("vocab_size", self.vocab_size, "must be a positive integer")
+        for field in ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                bad(field, value, "must be a positive integer")
+        kv = self.kv_heads
+        if kv < 1 or self.n_heads % kv:
+            bad("n_kv_heads", self.n_kv_heads, f"must divide n_heads={self.n_heads}")
+        if self.d_head is None and self.d_model % self.n_heads:
+            bad("n_heads", self.n_heads, f"must divide d_model={self.d_model} (or set d_head)")
+        if self.pos == "rope" and self.head_size % 2:
+            bad("d_head", self.head_size, "must be even for rotary embeddings")
+        if not 0.0 <= self.dropout < 1.0:
+            bad("dropout", self.dropout, "must be in [0, 1)")
+        for field, allowed in (
+            ("norm", ("layernorm", "rmsnorm")),
+            ("mlp", ("gelu", "gelu_tanh", "swiglu")),
+            ("pos", ("learned", "rope")),
+        ):
+            if getattr(self, field) not in allowed:
+                bad(field, getattr(self, field), f"choose one of {', '.join(allowed)}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.d_head or self.d_model // self.n_heads
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated to max_len.
+
+    Also remembers which key slots hold real tokens (``valid`` [B, max_len]; False for
+    left padding) and each row's next position, so that rows with prompts of different
+    lengths get the right positions and never attend to padding.
+    """
+
+    def __init__(self, config: TransformerConfig, batch_size: int, max_len: int, dtype, device):
+        shape = (batch_size, config.kv_heads, max_len, config.head_size)  # (B, Hkv, S, Dh)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.length = 0
+        self.max_len = max_len
+        self.padded = False  # True once any masked slot exists: attention then needs a mask
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep (or repeat) batch rows ``index`` [B'], e.g. the surviving beams."""
+        self.k = [k.index_select(0, index) for k in self.k]
+        self.v = [v.index_select(0, index) for v in self.v]
+        self.valid = self.valid.index_select(0, index)
+        self.next_pos = self.next_pos.index_select(0, index)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+def rope_tables(positions: torch.Tensor, head_size: int, theta: float):
+    """cos and sin of the rotation angles, each [B, 1, T, Dh], for integer ``positions`` [B, T].
+
+    Pair i of a head (dimensions i and i + Dh/2, the half-split layout of Hugging Face's
+    Llama) rotates by angle ``position * theta ** (-2i / Dh)``.
+    """
+    inv_freq = theta ** (-torch.arange(0, head_size, 2, device=positions.device) / head_size)
+    angles = positions.float()[..., None] * inv_freq  # (B, T, Dh/2)
+    angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, Dh)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (x_i, x_{i+Dh/2}) pair of ``x`` [B, H, T, Dh] by the tabled angles."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with optional grouped-query heads and a KV cache.
+
+    Two paths give the same result: the fast one calls ``scaled_dot_product_attention``;
+    the explicit one materialises the attention pattern [B, H, T, S] so that
+    ``hook_pattern`` can read or edit it. The explicit path runs when ``explicit`` is set
+    or when a hook is registered on ``hook_pattern``.
+    """
+
+    def __init__(self, config: TransformerConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.d_head = (
+            config.n_heads,
+            config.kv_heads,
+            config.head_size,
+        )
+        d = config.d_model
+        self.q_proj = nn.Linear(d, self.n_heads * self.d_head, bias=config.bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.d_head, bias=config.bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.d_head, bias=config.bias)
+        self.o_proj = nn.Linear(self.n_heads * self.d_head, d, bias=config.bias)
+        self.dropout = config.dropout
+        self.explicit = False
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
+        self.hook_pattern = HookPoint()  # (B, H, T, S) softmax weights, explicit path only
+        self.hook_z = HookPoint()  # (B, T, H, Dh) per-head outputs before o_proj
+
+    def forward(self, x, rope, attn_mask, cache: KVCache | None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.d_head).transpose(1, 2)  # (B, H, T, Dh)
+        k = (
+            self.k_proj(x).view(B, T, self.n_kv_heads, self.d_head).transpose(1, 2)
+        )  # (B, Hkv, T, Dh)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.d_head).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        if cache is not None:
+            start = cache.length
+            cache.k[self.layer][:, :, start : start + T] = k
+            cache.v[self.layer][:, :, start : start + T] = v
+            k = cache.k[self.layer][:, :, : start + T]  # (B, Hkv, S, Dh)
+            v = cache.v[self.layer][:, :, : start + T]
+        dropout = self.dropout if self.training else 0.0
+        if self.explicit or self.hook_pattern._forward_hooks:
+            z = self._explicit(q, k, v, attn_mask, dropout)
+        else:
+            z = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                dropout_p=dropout,
+                is_causal=attn_mask is None and T > 1 and cache is None,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )
+        z = self.hook_z(z.transpose(1, 2))  # (B, T, H, Dh)
+        return self.o_proj(z.reshape(B, T, self.n_heads * self.d_head))
+
+    def _explicit(self, q, k, v, attn_mask, dropout):
+        """softmax(q k^T / sqrt(Dh) + mask) v, with the pattern passed through hook_pattern."""
+        groups = self.n_heads // self.n_kv_heads
+        k = k.repeat_interleave(
+            groups, dim=1
+        )  # (B, H, S, Dh): each kv head serves `groups` q heads
+        v = v.repeat_interleave(groups, dim=1)
+        T, S = q.shape[2], k.shape[2]
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.d_head)  # (B, H, T, S)
+        if attn_mask is None:  # plain causal: query i (at slot S - T + i) sees slots <= its own
+            attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+        pattern = self.hook_pattern(scores.float().softmax(dim=-1).to(q.dtype))
+        if dropout:
+            pattern = F.dropout(pattern, dropout)
+        return pattern @ v  # (B, H, T, Dh)
+
+
+class MLP(nn.Module):
+    """GPT-2: down(gelu(up(x))). Llama (SwiGLU): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        d, f = config.d_model, config.d_ff
+        self.kind = config.mlp
+        self.up_proj = nn.Linear(d, f, bias=config.bias)
+        self.gate_proj = nn.Linear(d, f, bias=config.bias) if self.kind == "swiglu" else None
+        self.down_proj = nn.Linear(f, d, bias=config.bias)
+
+    def forward(self, x):
+        if self.kind == "swiglu":
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        else:
+            h = F.gelu(self.up_proj(x), approximate="tanh" if self.kind == "gelu_tanh" else "none")
+        return self.down_proj(h)
+
+
+def make_norm(config: TransformerConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.d_model, eps=config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: TransformerConfig, layer: int):
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = make_norm(config)
+        self.mlp = MLP(config)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.hook_resid_pre = HookPoint()  # (B, T, D) each
+        self.hook_attn_out = HookPoint()
+        self.hook_resid_mid = HookPoint()
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def forward(self, x, rope, attn_mask, cache):
+        x = self.hook_resid_pre(x)
+        attn_out = self.hook_attn_out(self.attn(self.attn_norm(x), rope, attn_mask, cache))
+        x = self.hook_resid_mid(x + self.resid_dropout(attn_out))
+        mlp_out = self.hook_mlp_out(self.mlp(self.mlp_norm(x)))
+        return self.hook_resid_post(x + self.resid_dropout(mlp_out))
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class Transformer(nn.Module):
+    """Token ids [B, T] -> next-token logits [B, T, V]."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_emb = (
+            nn.Embedding(config.max_seq_len, config.d_model) if config.pos == "learned" else None
+        )
+        self.emb_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.hook_embed = HookPoint()  # (B, T, D) token embeddings
+        self.hook_pos_embed = HookPoint()  # (B, T, D) learned position embeddings
+        self.hook_resid_final = HookPoint()  # (B, T, D) after the final norm
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:  # norm weights stay 1, biases 0
+                nn.init.zeros_(p) if name.endswith("bias") else nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=std / math.sqrt(2 * self.config.n_layers))
+            else:
+                nn.init.normal_(p, std=std)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
+        """An empty KV cache for ``batch_size`` rows and at most ``max_len`` tokens."""
+        max_len = max_len or self.config.max_seq_len
+        param = self.tok_emb.weight
+        return KVCache(self.config, batch_size, max_len, dtype or param.dtype, param.device)
+
+    def use_explicit_attention(self, explicit: bool = True) -> None:
+        """Route attention through the path that materialises the pattern (for inspection)."""
+        for block in self.blocks:
+            block.attn.explicit = explicit
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """ids: [B, T] int64; mask: [B, T] bool, False on left padding; -> logits [B, T, V].
+
+        With a cache, ``ids`` continue the sequences it holds, and the cache is updated.
+        """
+        B, T = ids.shape
+        start = cache.length if cache is not None else 0
+        limit = cache.max_len if cache is not None else self.config.max_seq_len
+        if start + T > limit:
+            raise ConfigError(
+                f"sequence of {start + T} tokens exceeds the "
+                f"{'cache size' if cache is not None else 'context window (max_seq_len)'} {limit}"
+            )
+        positions, attn_mask = self._positions_and_mask(ids, cache, mask)
+        x = self.hook_embed(self.tok_emb(ids))  # (B, T, D)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.hook_pos_embed(self.pos_emb(positions))
+        else:
+            rope = rope_tables(positions, self.config.head_size, self.config.rope_theta)
+        x = self.emb_dropout(x)
+        for block in self.blocks:
+            x = block(x, rope, attn_mask, cache)
+        if cache is not None:
+            cache.length += T
+        x = self.hook_resid_final(self.norm(x))
+        return self.lm_head(x)  # (B, T, V)
+
+    def _positions_and_mask(self, ids, cache, mask):
+        """Positions [B, T] of the new tokens and a boolean attention mask [B, 1, T, S] (or
+        None when plain causal attention is right, the fast path)."""
+        B, T = ids.shape
+        device = ids.device
+        if cache is None and mask is None:
+            return torch.arange(T, device=device).expand(B, T), None
+        if mask is None:
+            mask = torch.ones(B, T, dtype=torch.bool, device=device)
+        mask = mask.to(torch.bool)
+        start = cache.length if cache is not None else 0
+        first = (
+            cache.next_pos if cache is not None else torch.zeros(B, dtype=torch.long, device=device)
+        )
+        # Position = number of real tokens before this one in its row; padding sits at 0.
+        positions = (first[:, None] + mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
+        if cache is not None:
+            cache.valid[:, start : start + T] = mask
+            cache.next_pos = first + mask.long().sum(1)
+            cache.padded = cache.padded or not bool(mask.all())
+            if not cache.padded and T == 1:
+                return positions, None  # one new token, nothing masked: it sees every slot
+            valid = cache.valid[:, : start + T]  # (B, S)
+        else:
+            if bool(mask.all()):
+                return positions, None
+            valid = mask
+        S = start + T
+        causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(start)  # (T, S)
+        attn_mask = causal & valid[:, None, :]  # (B, T, S)
+        # A padding query would see no key at all (softmax of all -inf is NaN): let every
+        # query see its own slot. Outputs at padding positions are never used.
+        own_slot = torch.zeros(T, S, dtype=torch.bool, device=device).diagonal_scatter(
+            torch.ones(T, dtype=torch.bool, device=device), start
+        )
+        attn_mask = attn_mask | own_slot
+        return positions, attn_mask[:, None]  # (B, 1, T, S)
+
+
+register_family("transformer", TransformerConfig, Transformer)

@@ -1,0 +1,211 @@
+import dataclasses
+
+import pytest
+import torch
+import transformers
+
+from lmlab.checkpoint.hf import from_transformers, to_hf
+from lmlab.errors import ConfigError
+from lmlab.models import PRESETS, build_model, get_preset, model_spec
+from lmlab.models.transformer import TransformerConfig
+
+# float32 on CPU: the same maths in a different order (fused vs split qkv, sdpa kernels)
+# differs by a few ulps per layer; 1e-5 absolute on logits of size ~1 leaves room for that
+# and still catches any real mismatch (a wrong layout gives errors of order 1).
+ATOL, RTOL = 1e-5, 1e-5
+
+
+def tiny_gpt2():
+    cfg = transformers.GPT2Config(
+        vocab_size=97,
+        n_embd=48,
+        n_layer=3,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_llama(**kw):
+    cfg = transformers.LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        max_position_embeddings=64,
+        rope_theta=500.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        **kw,
+    )
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # HF initialises norm weights to 1: randomise them so they matter
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def tiny_spec(**overrides):
+    base = {**get_preset("gpt-char-tiny"), "vocab_size": 50, "d_model": 32, "n_layers": 2}
+    return {**base, "n_heads": 4, "d_ff": 64, "max_seq_len": 32, **overrides}
+
+
+@pytest.mark.parametrize(
+    "make", [tiny_gpt2, tiny_llama, lambda: tiny_llama(tie_word_embeddings=True)]
+)
+def test_logits_match_transformers(make):
+    hf = make()
+    ours = from_transformers(hf)
+    ids = torch.randint(0, 97, (3, 40))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        got = ours(ids)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+
+
+def test_padded_batch_matches_transformers_attention_mask():
+    hf = tiny_llama()
+    ours = from_transformers(hf)
+    ids = torch.randint(1, 97, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[0, :4] = False  # left padding on row 0
+    with torch.no_grad():
+        expected = hf(ids, attention_mask=mask.long()).logits
+        got = ours(ids, mask=mask)
+    torch.testing.assert_close(got[mask], expected[mask], atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("name", ["gpt-char-tiny", "llama-small"])
+def test_export_round_trip_through_transformers(name):
+    ours = build_model({**get_preset(name), "vocab_size": 61, "n_layers": 2}).eval()
+    cfg, state = to_hf(ours)
+    config_cls = {"gpt2": transformers.GPT2Config, "llama": transformers.LlamaConfig}[
+        cfg["model_type"]
+    ]
+    model_cls = {"gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM}
+    hf = model_cls[cfg["model_type"]](config_cls(**cfg)).eval()
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith("attn.bias") for k in missing)
+    ids = torch.randint(0, 61, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=ATOL, rtol=RTOL)
+    back = from_transformers(hf)
+    for (k, a), b in zip(ours.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [{}, {"norm": "rmsnorm", "mlp": "swiglu", "pos": "rope", "n_kv_heads": 2, "bias": False}],
+)
+def test_explicit_attention_equals_sdpa(variant):
+    model = build_model(tiny_spec(**variant)).eval()
+    ids = torch.randint(0, 50, (2, 20))
+    fast = model(ids)
+    model.use_explicit_attention(True)
+    torch.testing.assert_close(model(ids), fast, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", [{}, {"pos": "rope", "n_kv_heads": 1, "norm": "rmsnorm"}])
+def test_cached_decoding_equals_full_recomputation(variant):
+    model = build_model(tiny_spec(**variant)).eval()
+    ids = torch.randint(0, 50, (2, 24))
+    full = model(ids)
+    cache = model.new_cache(2, 32)
+    steps = [model(ids[:, :10], cache=cache)] + [
+        model(ids[:, t : t + 1], cache=cache) for t in range(10, 24)
+    ]
+    assert cache.length == 24
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-6, rtol=1e-5)
+
+
+def test_left_padded_rows_equal_rows_alone_with_cache():
+    model = build_model(tiny_spec(pos="rope", norm="rmsnorm", mlp="swiglu")).eval()
+    a, b = torch.randint(0, 50, (1, 9)), torch.randint(0, 50, (1, 5))
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, :4] = False
+    cache = model.new_cache(2, 16)
+    first = model(ids, cache=cache, mask=mask)
+    nxt = torch.randint(0, 50, (2, 1))
+    second = model(nxt, cache=cache)
+    torch.testing.assert_close(first[0], model(a)[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(first[1, 4:], model(b)[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        second[1, 0], model(torch.cat([b, nxt[1:]], 1))[0, -1], atol=1e-6, rtol=1e-5
+    )
+
+
+def test_cache_reorder_selects_rows():
+    model = build_model(tiny_spec()).eval()
+    ids = torch.randint(0, 50, (3, 6))
+    cache = model.new_cache(3, 16)
+    model(ids, cache=cache)
+    cache.reorder(torch.tensor([2, 2, 0]))
+    nxt = torch.randint(0, 50, (3, 1))
+    out = model(nxt, cache=cache)[:, 0]
+    for row, src in enumerate([2, 2, 0]):
+        alone = model(torch.cat([ids[src : src + 1], nxt[row : row + 1]], 1))[0, -1]
+        torch.testing.assert_close(out[row], alone, atol=1e-6, rtol=1e-5)
+
+
+def test_hook_points_read_and_replace():
+    model = build_model(tiny_spec()).eval()
+    names = {n for n, _ in model.named_modules() if n.split(".")[-1].startswith("hook_")}
+    for expected in (
+        "hook_embed",
+        "blocks.0.hook_resid_pre",
+        "blocks.1.attn.hook_pattern",
+        "blocks.0.hook_mlp_out",
+    ):
+        assert expected in names
+    ids = torch.randint(0, 50, (1, 7))
+    seen = {}
+    handle = model.blocks[0].attn.hook_pattern.register_forward_hook(
+        lambda m, i, o: seen.setdefault("p", o)
+    )
+    model(ids)
+    handle.remove()
+    pattern = seen["p"]  # (B, H, T, S): rows sum to 1, nothing above the diagonal
+    assert pattern.shape == (1, 4, 7, 7)
+    torch.testing.assert_close(pattern.sum(-1), torch.ones(1, 4, 7))
+    assert torch.all(pattern.triu(1) == 0)
+    # replacing the MLP output of the last block with zeros changes the logits
+    base = model(ids)
+    handle = model.blocks[1].hook_mlp_out.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+    assert not torch.allclose(model(ids), base)
+    handle.remove()
+    torch.testing.assert_close(model(ids), base)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_builds(name):
+    spec = get_preset(name)
+    spec["vocab_size"] = spec["vocab_size"] or 65
+    if name in ("gpt2-124m", "smollm2-135m"):
+        expected = {"gpt2-124m": 124_439_808, "smollm2-135m": 134_515_008}[name]
+        model = build_model(spec)
+        assert sum(p.numel() for p in model.parameters()) == expected
+    else:
+        model = build_model(spec)
+    assert model_spec(model) == {
+        **{f.name: f.default for f in dataclasses.fields(TransformerConfig)},
+        **spec,
+    }
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="n_kv_heads"):
+        build_model(tiny_spec(n_kv_heads=3))
+    with pytest.raises(ConfigError, match="did you mean 'd_model'"):
+        build_model(tiny_spec(d_modle=3))
+    with pytest.raises(ConfigError, match="unknown model preset 'gpt-tiny'"):
+        get_preset("gpt-tiny")
+    model = build_model(tiny_spec())
+    with pytest.raises(ConfigError, match="context window"):
+        model(torch.zeros(1, 33, dtype=torch.long))
