@@ -1,0 +1,453 @@
+"""Tokenizers: text <-> token ids, with one interface for characters, bytes and BPE.
+
+Every tokenizer answers the same questions: ``encode(text) -> ids``, ``decode(ids) ->
+text``, how many ids there are (``vocab_size``), which id ends a document (``eos_id``,
+or ``None``), and how to save itself as ``tokenizer.json`` in a directory.
+
+- ``CharTokenizer``: one id per distinct character of the training text, sorted, as in
+  nanoGPT's Shakespeare example (65 ids for Tiny Shakespeare).
+- ``ByteTokenizer``: one id per UTF-8 byte value, 256 in all; it can encode any text.
+- ``BPETokenizer``: byte-level byte-pair encoding (Sennrich et al. 2016, with the byte
+  alphabet and pre-tokenizer of GPT-2, Radford et al. 2019), trained and run by the
+  Hugging Face ``tokenizers`` library and saved in its ``tokenizer.json`` format.
+
+Character and byte tokenizers are written here because they are a few lines each; BPE
+training is the ``tokenizers`` library's job, so there is no parity test to write: it
+*is* the reference.
+
+    >>> tok = CharTokenizer.train("hello")
+    >>> tok.vocab_size, tok.encode("hell")
+    (4, [1, 0, 2, 2])
+    >>> tok.decode([3, 2, 0])
+    'ole'
+    >>> ByteTokenizer().encode("é!")
+    [195, 169, 33]
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+import itertools
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tokenizers
+
+from lmlab.data.corpus import text_blocks
+from lmlab.errors import ConfigError, DataError, DataNotFoundError, closest
+
+TOKENIZER_FILE = "tokenizer.json"
+# Beside a BPE tokenizer.json, as in Hugging Face model folders: tokenizer.json has no
+# field for "this special token ends a document", tokenizer_config.json does.
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+
+class Tokenizer(abc.ABC):
+    """What every lmlab tokenizer provides; see the module docstring."""
+
+    kind: str
+    """``"char"``, ``"byte"`` or ``"bpe"``: the name ``train_tokenizer`` takes."""
+    vocab_size: int
+    """Number of ids: every id lies in ``[0, vocab_size)``, the model's embedding rows."""
+    eos_id: int | None
+    """Id of the end-of-document token, or ``None`` when the vocabulary has none."""
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``."""
+
+    @abc.abstractmethod
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of the token ids ``ids`` (a list, a 1-D array or a 1-D tensor)."""
+
+    @abc.abstractmethod
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        """Write ``tokenizer.json`` into ``directory`` (created if missing)."""
+
+    def to_config(self) -> dict[str, Any]:
+        """A small JSON summary for a run's ``config.json``, e.g. ``{"kind": "char", ...}``."""
+        return {"kind": self.kind, "vocab_size": self.vocab_size, "eos_id": self.eos_id}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character, in the order of ``chars`` (``train`` sorts them).
+
+    A character outside the vocabulary raises ``DataError`` that names it; with
+    ``unk=True`` the vocabulary gains one more token, ``"<unk>"`` (the last id), and
+    unknown characters map to it, so decoding shows where text was lost.
+
+        CharTokenizer("ab", unk=True).encode("abc")  ->  [0, 1, 2]      # 2 is "<unk>"
+    """
+
+    kind = "char"
+    UNK_TOKEN = "<unk>"
+
+    def __init__(self, chars: str | Sequence[str], unk: bool = False) -> None:
+        chars = list(chars)
+        if not chars:
+            raise DataError("a char tokenizer needs at least one character")
+        for c in chars:
+            if not isinstance(c, str) or len(c) != 1:
+                raise DataError(
+                    f"char tokenizer vocabulary entries must be single characters, got {c!r}"
+                )
+        if len(set(chars)) != len(chars):
+            repeated = sorted({c for c in chars if chars.count(c) > 1})
+            raise DataError(f"char tokenizer vocabulary repeats {', '.join(map(repr, repeated))}")
+        self.chars: list[str] = chars
+        self.unk = bool(unk)
+        self.unk_id: int | None = len(chars) if self.unk else None
+        self.vocab_size = len(chars) + self.unk
+        self.eos_id = None
+        self._itos = chars + [self.UNK_TOKEN] if self.unk else chars
+        # Encoding looks up each code point in a sorted array with np.searchsorted, which
+        # runs a megabyte of text in milliseconds where a Python loop would take a second.
+        points = np.array([ord(c) for c in chars], dtype=np.uint32)
+        order = np.argsort(points)
+        self._sorted_points = points[order]
+        self._sorted_ids = order.astype(np.int64)
+
+    @classmethod
+    def train(cls, text: str, unk: bool = False) -> CharTokenizer:
+        """The sorted set of characters of ``text``: ``"hello" -> ['e', 'h', 'l', 'o']``."""
+        if not text:
+            raise DataError("cannot train a char tokenizer on empty text")
+        return cls(sorted(set(text)), unk=unk)
+
+    def encode(self, text: str) -> list[int]:
+        _check_str(text)
+        # UTF-32 has exactly one 4-byte unit per Python character, so this is the array of
+        # code points; surrogatepass keeps lone surrogates (they are just unknown chars).
+        points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+        slot = np.searchsorted(self._sorted_points, points)
+        slot = np.minimum(slot, len(self._sorted_points) - 1)
+        known = self._sorted_points[slot] == points
+        ids = self._sorted_ids[slot]
+        if not known.all():
+            if not self.unk:
+                raise DataError(self._unknown_message(points, ~known))
+            ids[~known] = self.unk_id
+        return ids.tolist()
+
+    def _unknown_message(self, points: np.ndarray, unknown: np.ndarray) -> str:
+        positions = np.flatnonzero(unknown)
+        distinct, first = np.unique(points[positions], return_index=True)
+        shown = sorted(zip(positions[first].tolist(), distinct.tolist()))[:5]
+        listed = ", ".join(f"{chr(c)!r} (first at position {p})" for p, c in shown)
+        more = ", ..." if len(distinct) > len(shown) else ""
+        return (
+            f"{len(distinct)} character(s) not in the char tokenizer's vocabulary of "
+            f"{len(self.chars)} ({len(positions)} occurrence(s)): {listed}{more}; train the "
+            f"tokenizer on text that contains them, or build it with unk=True to map them "
+            f"to {self.UNK_TOKEN!r}"
+        )
+
+    def decode(self, ids: Sequence[int]) -> str:
+        itos = self._itos
+        return "".join([itos[i] for i in _checked_ids(ids, self.vocab_size, self.kind).tolist()])
+
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        data = {"kind": self.kind, "chars": self.chars, "unk": self.unk}
+        _write_json(Path(directory) / TOKENIZER_FILE, data)
+
+
+class ByteTokenizer(Tokenizer):
+    """The 256 byte values of UTF-8: any text encodes, with no training.
+
+    Decoding an id sequence that is not valid UTF-8 (say, a model's sample that stops in
+    the middle of a character) puts U+FFFD where the bad bytes were instead of failing.
+
+        "é" -> [195, 169]          decode([195]) -> "\\ufffd"
+    """
+
+    kind = "byte"
+
+    def __init__(self) -> None:
+        self.vocab_size = 256
+        self.eos_id = None
+
+    def encode(self, text: str) -> list[int]:
+        _check_str(text)
+        return list(_utf8(text))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        data = _checked_ids(ids, self.vocab_size, self.kind).astype(np.uint8).tobytes()
+        return data.decode("utf-8", errors="replace")
+
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        _write_json(Path(directory) / TOKENIZER_FILE, {"kind": self.kind})
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE: a wrapped ``tokenizers.Tokenizer`` with the lmlab interface.
+
+    Special tokens written literally in the text (``"<|endoftext|>"``) encode to their
+    id, so documents can be separated in plain text; decoding keeps them, so
+    ``decode(encode(text)) == text`` for every text. ``encode`` adds no template tokens
+    (no BOS or ``[CLS]``): ids are exactly the text's.
+
+    ``eos_token`` names the special token that ends a document; ``save`` records it in
+    ``tokenizer_config.json`` beside ``tokenizer.json``, as Hugging Face model folders do.
+    """
+
+    kind = "bpe"
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, eos_token: str | None = None) -> None:
+        self.tokenizer = tokenizer
+        # Ids of a loaded tokenizer need not be contiguous, so size by the largest id.
+        self.vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+        self.eos_token = eos_token
+        self.eos_id = None
+        if eos_token is not None:
+            self.eos_id = tokenizer.token_to_id(eos_token)
+            if self.eos_id is None:
+                raise DataError(f"eos_token {eos_token!r} is not in the BPE vocabulary")
+
+    @classmethod
+    def train(
+        cls,
+        text: str | Iterable[str],
+        vocab_size: int,
+        eos_token: str | None = "<|endoftext|>",
+        special_tokens: Sequence[str] = (),
+    ) -> BPETokenizer:
+        """Learn ``vocab_size - 256 - len(specials)`` merges from ``text``.
+
+        ``text`` is a string or an iterable of strings (the lines of an open file);
+        ``eos_token`` (``None`` for none) and ``special_tokens`` take the first ids.
+        ``vocab_size`` is an upper bound: a small text may run out of pairs to merge,
+        and ``tok.vocab_size`` says what was reached. Tiny Shakespeare with 512 ids
+        trains in about a second.
+
+            ["<|endoftext|>"] -> id 0; the 256 byte symbols -> 1..256; merges -> 257..511
+        """
+        specials = [eos_token] if eos_token is not None else []
+        specials += [t for t in dict.fromkeys(special_tokens) if t not in specials]
+        smallest = 256 + len(specials)
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < smallest:
+            raise ConfigError(
+                f"vocab_size for a byte-level BPE must be an integer >= {smallest} "
+                f"(256 bytes + {len(specials)} special tokens), got {vocab_size!r}"
+            )
+        model = tokenizers.Tokenizer(tokenizers.models.BPE())
+        model.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        model.decoder = tokenizers.decoders.ByteLevel()
+        trainer = tokenizers.trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=specials,
+            # All 256 bytes from the start, so text unseen in training still encodes.
+            initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        # Blocks of 64k characters let the library count pairs in parallel, and a stream
+        # of them never holds the whole corpus; text_blocks cuts where no pre-token spans
+        # the cut whenever it can, so the counts are those of the undivided text.
+        blocks = text_blocks(text, 1 << 16)
+        first = next(blocks, None)
+        if first is None:
+            raise DataError("cannot train a BPE tokenizer on empty text")
+        model.train_from_iterator(itertools.chain([first], blocks), trainer=trainer)
+        return cls(model, eos_token=eos_token)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], eos_token: str | None = None) -> BPETokenizer:
+        """Load a Hugging Face ``tokenizer.json`` whose model is BPE.
+
+        ``eos_token`` defaults to the ``"eos_token"`` of a ``tokenizer_config.json`` in
+        the same folder, if there is one.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise DataNotFoundError(f"tokenizer file {str(path)!r} does not exist")
+        try:
+            model = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust side raises a bare Exception for a bad file
+            raise DataError(f"{str(path)!r} is not a valid Hugging Face tokenizer.json: {e}") from e
+        if not isinstance(model.model, tokenizers.models.BPE):
+            raise DataError(
+                f"{str(path)!r} holds a {type(model.model).__name__} tokenizer; "
+                "BPETokenizer wraps BPE models only"
+            )
+        if eos_token is None:
+            eos_token = _config_eos_token(path.parent / TOKENIZER_CONFIG_FILE)
+        try:
+            return cls(model, eos_token=eos_token)
+        except DataError as e:
+            raise DataError(f"{str(path)!r}: {e}") from e
+
+    def encode(self, text: str) -> list[int]:
+        _check_str(text)
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            _utf8(text)  # the library says only "must be str"; name the bad character
+            raise
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = _checked_ids(ids, self.vocab_size, self.kind).tolist()
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        directory = Path(directory)
+        _write_text(directory / TOKENIZER_FILE, self.tokenizer.to_str(pretty=True))
+        _write_json(directory / TOKENIZER_CONFIG_FILE, {"eos_token": self.eos_token})
+
+    def __repr__(self) -> str:
+        return f"BPETokenizer(vocab_size={self.vocab_size}, eos_token={self.eos_token!r})"
+
+
+TOKENIZER_KINDS: tuple[str, ...] = ("char", "byte", "bpe")
+"""The ``kind`` names ``train_tokenizer`` accepts."""
+
+
+def train_tokenizer(kind: str, text: str, vocab_size: int | None = None, **kw: Any) -> Tokenizer:
+    """Build a tokenizer of ``kind`` (``"char"``, ``"byte"`` or ``"bpe"``) from ``text``.
+
+    ``vocab_size`` is required for ``"bpe"``; the other kinds fix their own size, so it
+    must be left out or equal that size. Extra keywords go to the kind's ``train``
+    (``unk`` for char; ``eos_token``, ``special_tokens`` for bpe).
+
+        train_tokenizer("char", "hello").vocab_size         ->  4
+        train_tokenizer("bpe", text, vocab_size=512).kind   ->  "bpe"
+    """
+    if kind not in TOKENIZER_KINDS:
+        raise ConfigError(
+            f"unknown tokenizer kind {kind!r}{closest(str(kind), TOKENIZER_KINDS)}; "
+            f"valid kinds: {', '.join(TOKENIZER_KINDS)}"
+        )
+    make = {"char": CharTokenizer.train, "byte": ByteTokenizer, "bpe": BPETokenizer.train}[kind]
+    accepted = [p for p in inspect.signature(make).parameters if p not in ("text", "vocab_size")]
+    for key in kw:
+        if key not in accepted:
+            raise ConfigError(
+                f"{kind} tokenizer takes no option {key!r}{closest(key, accepted)}; "
+                f"valid options: {', '.join(accepted) or 'none'}"
+            )
+
+    if kind == "bpe":
+        if vocab_size is None:
+            raise ConfigError("a bpe tokenizer needs vocab_size (e.g. 512)")
+        return make(text, vocab_size, **kw)
+    tok = make() if kind == "byte" else make(text, **kw)
+    if vocab_size is not None and vocab_size != tok.vocab_size:
+        raise ConfigError(
+            f"a {kind} tokenizer on this text has vocab_size {tok.vocab_size}, not the "
+            f"{vocab_size} asked for; leave vocab_size unset for {kind!r}"
+        )
+    return tok
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
+    """Load a tokenizer saved by ``Tokenizer.save``, or a Hugging Face BPE ``tokenizer.json``.
+
+    ``path`` is the file or the directory holding ``tokenizer.json``. lmlab's own files
+    are ``{"kind": "char", "chars": [...], "unk": false}`` or ``{"kind": "byte"}``; a file
+    with a ``"model"`` key is in the Hugging Face format and loads as a ``BPETokenizer``.
+    """
+    path = Path(path)
+    file = path / TOKENIZER_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise DataNotFoundError(f"no tokenizer file at {str(file)!r}")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"tokenizer file {str(file)!r} is not valid JSON: {e}") from e
+    if isinstance(data, dict) and "model" in data:
+        return BPETokenizer.from_file(file)
+    if not isinstance(data, dict) or "kind" not in data:
+        raise DataError(
+            f"tokenizer file {str(file)!r} has neither a 'kind' (lmlab format) nor a "
+            "'model' (Hugging Face format) key"
+        )
+    kind = data["kind"]
+    if kind == "char":
+        chars, unk = data.get("chars"), data.get("unk", False)
+        if not isinstance(chars, list) or not isinstance(unk, bool):
+            raise DataError(
+                f"tokenizer file {str(file)!r}: a char tokenizer needs 'chars' (a list of "
+                "characters) and 'unk' (true or false)"
+            )
+        try:
+            return CharTokenizer(chars, unk=unk)
+        except DataError as e:
+            raise DataError(f"tokenizer file {str(file)!r}: {e}") from e
+    if kind == "byte":
+        return ByteTokenizer()
+    valid = ["char", "byte"]
+    raise DataError(
+        f"tokenizer file {str(file)!r} has unknown kind {kind!r}{closest(str(kind), valid)}; "
+        f"valid kinds: {', '.join(valid)} (a BPE file is in the Hugging Face format)"
+    )
+
+
+def _checked_ids(ids: Sequence[int], vocab_size: int, kind: str) -> np.ndarray:
+    """``ids`` as a 1-D int64 array, or ``DataError`` naming the first id out of range."""
+    array = np.asarray(ids)
+    if array.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+        raise DataError(
+            f"decode takes a 1-D sequence of integer ids, got shape {array.shape} of {array.dtype}"
+        )
+    bad = (array < 0) | (array >= vocab_size)
+    if bad.any():
+        at = int(np.argmax(bad))
+        raise DataError(
+            f"token id {array[at]} at position {at} is outside the {kind} tokenizer's "
+            f"vocabulary [0, {vocab_size})"
+        )
+    return array.astype(np.int64)
+
+
+def _check_str(text: object) -> None:
+    if not isinstance(text, str):
+        raise TypeError(f"encode takes a str, got {type(text).__name__}")
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(
+            f"text has a lone surrogate {text[e.start]!r} at position {e.start}, which is "
+            "not a character and has no UTF-8 bytes"
+        ) from e
+
+
+def _config_eos_token(file: Path) -> str | None:
+    if not file.is_file():
+        return None
+    try:
+        eos = json.loads(file.read_text(encoding="utf-8")).get("eos_token")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise DataError(f"{str(file)!r} is not a valid JSON object: {e}") from e
+    # Hugging Face writes either "eos_token": "</s>" or {"content": "</s>", ...}.
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    return eos if isinstance(eos, str) else None
+
+
+def _write_json(file: Path, obj: Any) -> None:
+    _write_text(file, json.dumps(obj, indent=1) + "\n")
+
+
+def _write_text(file: Path, text: str) -> None:
+    """Write atomically: a crash mid-save leaves the previous file, never half of one."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, file)
+    except BaseException:
+        os.unlink(tmp)
+        raise

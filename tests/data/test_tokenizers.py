@@ -1,0 +1,315 @@
+"""Tests for lmlab.data.tokenizers: char, byte and BPE tokenizers, saving and loading."""
+
+import json
+
+import numpy as np
+import pytest
+import tokenizers
+import torch
+
+from lmlab.data.corpus import load_corpus
+from lmlab.data.tokenizers import (
+    BPETokenizer,
+    ByteTokenizer,
+    CharTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    train_tokenizer,
+)
+from lmlab.errors import ConfigError, DataError, DataNotFoundError
+
+# Accents, emoji, CJK, digits, tabs, CRLF, runs of spaces and blank lines: what a
+# byte-level tokenizer must give back exactly.
+TRICKY = "Héllo, wörld! 🙂 日本語 12345 3.14\n\n\t  indented\r\nend   \n\n\n  "
+
+
+@pytest.fixture(scope="module")
+def shakespeare():
+    return load_corpus("tinyshakespeare")
+
+
+@pytest.fixture(scope="module")
+def bpe(shakespeare):
+    return BPETokenizer.train(shakespeare, vocab_size=512)
+
+
+# ---- char ---------------------------------------------------------------------------------
+
+
+def test_char_tokenizer_matches_nanogpt_on_tiny_shakespeare(shakespeare):
+    tok = CharTokenizer.train(shakespeare)
+    assert tok.vocab_size == 65
+    # nanoGPT's shakespeare_char/prepare.py, written out in plain Python as the reference.
+    stoi = {ch: i for i, ch in enumerate(sorted(set(shakespeare)))}
+    sample = shakespeare[:20000]
+    assert tok.encode(sample) == [stoi[c] for c in sample]
+    assert tok.decode(tok.encode(shakespeare)) == shakespeare
+
+
+def test_char_tokenizer_worked_example():
+    tok = CharTokenizer.train("hello")
+    assert tok.chars == ["e", "h", "l", "o"]
+    assert tok.encode("hell") == [1, 0, 2, 2]
+    assert tok.decode([3, 2, 0]) == "ole"
+    assert tok.encode("") == []
+    assert tok.decode([]) == ""
+
+
+def test_char_tokenizer_from_a_vocab_string_keeps_its_order():
+    tok = CharTokenizer("ba🙂")
+    assert tok.encode("ab🙂a") == [1, 0, 2, 1]
+    assert tok.decode([2, 0]) == "🙂b"
+
+
+def test_unknown_character_error_names_it_and_the_fix():
+    tok = CharTokenizer.train("abc ")
+    with pytest.raises(DataError) as info:
+        tok.encode("abc é 😀 é")
+    message = str(info.value)
+    assert "'é' (first at position 4)" in message
+    assert "'😀' (first at position 6)" in message
+    assert "unk=True" in message
+
+
+def test_unk_mode_maps_unknown_characters_to_the_unk_token():
+    plain = CharTokenizer.train("abc")
+    tok = CharTokenizer.train("abc", unk=True)
+    assert tok.vocab_size == 4 and tok.unk_id == 3
+    assert tok.encode("abc") == plain.encode("abc")  # known characters keep their ids
+    assert tok.encode("axb\ud800") == [0, 3, 1, 3]  # a lone surrogate is unknown too
+    assert tok.decode(tok.encode("axb")) == "a<unk>b"
+
+
+@pytest.mark.parametrize("chars", ["", ["a", "bc"], "abca", [1, 2]])
+def test_char_tokenizer_rejects_bad_vocabularies(chars):
+    with pytest.raises(DataError, match="char tokenizer"):
+        CharTokenizer(chars)
+
+
+def test_char_tokenizer_cannot_train_on_empty_text():
+    with pytest.raises(DataError, match="empty"):
+        CharTokenizer.train("")
+
+
+# ---- decode inputs (shared by all kinds) ----------------------------------------------
+
+
+def test_decode_takes_lists_arrays_and_tensors():
+    tok = CharTokenizer.train("hello")
+    assert tok.decode(np.array([1, 0], dtype=np.uint16)) == "he"
+    assert tok.decode(torch.tensor([1, 0])) == "he"
+
+
+@pytest.mark.parametrize("ids", [[0, 4], [-1], [0.5], [[0, 1]]])
+def test_decode_rejects_ids_outside_the_vocabulary(ids):
+    with pytest.raises(DataError, match="decode|outside"):
+        CharTokenizer.train("hello").decode(ids)
+
+
+def test_decode_error_names_the_bad_id_and_position():
+    with pytest.raises(DataError, match=r"token id 4 at position 1 .*\[0, 4\)"):
+        CharTokenizer.train("hello").decode([0, 4])
+
+
+# ---- byte ---------------------------------------------------------------------------------
+
+
+def test_byte_tokenizer_round_trips_unicode():
+    tok = ByteTokenizer()
+    assert tok.vocab_size == 256
+    assert tok.encode("é!") == [195, 169, 33]
+    assert tok.encode(TRICKY) == list(TRICKY.encode("utf-8"))
+    assert tok.decode(tok.encode(TRICKY)) == TRICKY
+
+
+def test_byte_tokenizer_decodes_broken_utf8_with_replacement_characters():
+    assert ByteTokenizer().decode([104, 195]) == "h\ufffd"  # a sample cut mid-character
+
+
+def test_byte_tokenizer_names_a_lone_surrogate():
+    with pytest.raises(DataError, match="position 1"):
+        ByteTokenizer().encode("a\ud800b")
+
+
+# ---- BPE ----------------------------------------------------------------------------------
+
+
+def test_bpe_trains_to_the_asked_vocab_size(bpe, shakespeare):
+    assert bpe.kind == "bpe"
+    assert bpe.vocab_size == 512
+    assert bpe.eos_id == 0 and bpe.tokenizer.id_to_token(0) == "<|endoftext|>"
+    sample = shakespeare[:10000]
+    ids = bpe.encode(sample)
+    assert max(ids) < 512
+    assert len(ids) < 0.7 * len(sample)  # merges compress: about 2 characters per token
+    assert bpe.decode(ids) == sample
+
+
+def test_bpe_round_trips_unicode_whitespace_and_digits(bpe):
+    # None of the emoji or CJK bytes merged in training, so this exercises byte fallback.
+    assert bpe.decode(bpe.encode(TRICKY)) == TRICKY
+    assert bpe.decode(bpe.encode(" leading and trailing ")) == " leading and trailing "
+
+
+def test_bpe_encodes_a_written_special_token_to_its_id_and_decodes_it_back(bpe):
+    text = "The end.<|endoftext|>A new start."
+    ids = bpe.encode(text)
+    assert ids.count(bpe.eos_id) == 1
+    assert bpe.decode(ids) == text
+
+
+def test_bpe_save_then_load_gives_identical_ids(bpe, tmp_path):
+    bpe.save(tmp_path / "tok")
+    assert (tmp_path / "tok" / "tokenizer.json").is_file()
+    for loaded in [
+        load_tokenizer(tmp_path / "tok"),
+        load_tokenizer(tmp_path / "tok" / "tokenizer.json"),
+        BPETokenizer.from_file(tmp_path / "tok" / "tokenizer.json"),
+    ]:
+        assert isinstance(loaded, BPETokenizer)
+        assert loaded.vocab_size == bpe.vocab_size
+        assert loaded.eos_id == bpe.eos_id
+        assert loaded.encode(TRICKY) == bpe.encode(TRICKY)
+        assert loaded.decode(bpe.encode(TRICKY)) == TRICKY
+
+
+def test_bpe_file_is_a_plain_hugging_face_tokenizer_json(bpe, tmp_path):
+    bpe.save(tmp_path)
+    hf = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert hf.encode(TRICKY, add_special_tokens=False).ids == bpe.encode(TRICKY)
+
+
+def test_bpe_custom_special_tokens_keep_their_ids_through_save_and_load(shakespeare, tmp_path):
+    tok = BPETokenizer.train(shakespeare[:20000], 300, eos_token="<eos>", special_tokens=["<pad>"])
+    assert tok.eos_id == 0 and tok.tokenizer.token_to_id("<pad>") == 1
+    tok.save(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.eos_id == 0 and loaded.eos_token == "<eos>"
+    no_eos = BPETokenizer.train(shakespeare[:20000], 300, eos_token=None)
+    assert no_eos.eos_id is None
+
+
+def test_bpe_from_file_reads_the_eos_token_of_a_hugging_face_config(bpe, tmp_path):
+    bpe.save(tmp_path)
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text('{"eos_token": {"content": "<|endoftext|>", "special": true}}')
+    assert load_tokenizer(tmp_path).eos_id == 0
+    config.write_text('{"eos_token": "</s>"}')
+    with pytest.raises(DataError, match="'</s>' is not in the BPE vocabulary") as info:
+        load_tokenizer(tmp_path)
+    assert "tokenizer.json" in str(info.value)
+    assert (
+        BPETokenizer.from_file(tmp_path / "tokenizer.json", eos_token="<|endoftext|>").eos_id == 0
+    )
+
+
+def test_bpe_rejects_a_vocab_too_small_for_bytes_and_specials(shakespeare):
+    with pytest.raises(ConfigError, match=r">= 257"):
+        BPETokenizer.train(shakespeare[:1000], vocab_size=256)
+
+
+def test_bpe_decode_rejects_ids_outside_the_vocabulary(bpe):
+    # tokenizers alone would silently drop the unknown id 600
+    with pytest.raises(DataError, match="token id 600"):
+        bpe.decode([5, 600])
+
+
+def test_bpe_from_file_rejects_a_non_bpe_model(tmp_path):
+    wordpiece = tokenizers.Tokenizer(
+        tokenizers.models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]")
+    )
+    wordpiece.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(DataError, match="WordPiece"):
+        load_tokenizer(tmp_path)
+
+
+def test_bpe_names_a_lone_surrogate(bpe):
+    with pytest.raises(DataError, match="lone surrogate"):
+        bpe.encode("a\ud800")
+
+
+# ---- train_tokenizer / load_tokenizer ---------------------------------------------------
+
+
+def test_train_tokenizer_builds_each_kind():
+    text = "hello world"
+    assert isinstance(train_tokenizer("char", text), CharTokenizer)
+    assert train_tokenizer("char", text, unk=True).unk_id == 8
+    assert isinstance(train_tokenizer("byte", text, vocab_size=256), ByteTokenizer)
+    bpe = train_tokenizer("bpe", text, vocab_size=260, eos_token=None)
+    assert isinstance(bpe, BPETokenizer) and isinstance(bpe, Tokenizer)
+
+
+def test_train_tokenizer_unknown_kind_suggests_and_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"did you mean 'bpe'.*char, byte, bpe"):
+        train_tokenizer("bep", "hello")
+
+
+def test_train_tokenizer_rejects_options_of_another_kind():
+    with pytest.raises(ConfigError, match=r"'unkk' \(did you mean 'unk'\?\)"):
+        train_tokenizer("char", "hello", unkk=True)
+    with pytest.raises(ConfigError, match="eos_token"):
+        train_tokenizer("char", "hello", eos_token="<eos>")
+
+
+def test_train_tokenizer_checks_vocab_size():
+    with pytest.raises(ConfigError, match="needs vocab_size"):
+        train_tokenizer("bpe", "hello")
+    with pytest.raises(ConfigError, match="vocab_size 4, not the 65"):
+        train_tokenizer("char", "hello", vocab_size=65)
+
+
+@pytest.mark.parametrize("unk", [False, True])
+def test_char_tokenizer_save_then_load_is_identical(tmp_path, unk):
+    tok = CharTokenizer.train("héllo wörld 🙂\n", unk=unk)
+    tok.save(tmp_path)
+    saved = json.loads((tmp_path / "tokenizer.json").read_text())
+    assert saved == {"kind": "char", "chars": tok.chars, "unk": unk}
+    loaded = load_tokenizer(tmp_path)
+    assert isinstance(loaded, CharTokenizer)
+    assert (loaded.chars, loaded.unk, loaded.vocab_size) == (tok.chars, tok.unk, tok.vocab_size)
+
+
+def test_byte_tokenizer_save_then_load(tmp_path):
+    ByteTokenizer().save(tmp_path)
+    assert json.loads((tmp_path / "tokenizer.json").read_text()) == {"kind": "byte"}
+    assert isinstance(load_tokenizer(tmp_path / "tokenizer.json"), ByteTokenizer)
+
+
+def test_to_config_is_a_small_json_summary(bpe):
+    assert CharTokenizer.train("hello").to_config() == {
+        "kind": "char",
+        "vocab_size": 4,
+        "eos_id": None,
+    }
+    assert json.loads(json.dumps(bpe.to_config())) == {
+        "kind": "bpe",
+        "vocab_size": 512,
+        "eos_id": 0,
+    }
+
+
+def test_load_tokenizer_missing_path(tmp_path):
+    with pytest.raises(DataNotFoundError, match="tokenizer.json"):
+        load_tokenizer(tmp_path)  # a folder with no tokenizer.json
+    with pytest.raises(DataNotFoundError, match="nope.json"):
+        load_tokenizer(tmp_path / "nope.json")
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "neither a 'kind'"),
+        ('{"kind": "chr", "chars": ["a"]}', "did you mean 'char'"),
+        ('{"kind": "char", "chars": "ab"}', "needs 'chars'"),
+        ('{"kind": "char", "chars": ["a", "a"]}', "repeats 'a'"),
+        ('{"model": {"type": "BPE", "vocab": 3}}', "not a valid Hugging Face"),
+    ],
+)
+def test_load_tokenizer_malformed_file_names_it(tmp_path, content, match):
+    path = tmp_path / "tokenizer.json"
+    path.write_text(content)
+    with pytest.raises(DataError, match=match) as info:
+        load_tokenizer(path)
+    assert str(path) in str(info.value)
