@@ -1,0 +1,510 @@
+"""lmlab checkpoints: one directory per saved model, written atomically.
+
+Layout of a training run (``out_dir``) and of one checkpoint::
+
+    run_dir/
+      config.json                 the run's resolved configuration
+      metrics.jsonl               one JSON object per logged event
+      loss.png                    the loss curves
+      checkpoints/
+        step-00000100/
+          config.json             {"model": spec, "tokenizer": {...} | null, ...}
+          model.safetensors       the weights (tied tensors stored once)
+          tokenizer.json          when a tokenizer was given
+          train_state.pt          optimizer, RNG, data position, guard, step counters
+          COMPLETE                written last: the files above and their sizes
+
+Loading a model never unpickles anything: weights come from safetensors, and
+``train_state.pt`` (plain tensors, numbers, strings, lists and dicts) is read with
+``torch.load(weights_only=True)``, which refuses any other object.
+
+A save writes everything into a hidden temporary directory beside the target, fsyncs each
+file, writes ``COMPLETE`` last and then renames the directory into place in one
+``os.rename``. A crash at any point leaves either the previous checkpoints alone (the
+temporary directory is ignored) or a complete new one. A directory without a valid
+``COMPLETE`` (or whose files do not have the sizes it lists) is incomplete: it is skipped
+with a warning when looking for the newest checkpoint, and refused when named directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lmlab.errors import CheckpointError
+from lmlab.models import build_model, model_spec
+
+CHECKPOINTS_DIR = "checkpoints"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+TRAIN_STATE_FILE = "train_state.pt"
+COMPLETE_FILE = "COMPLETE"
+
+# safetensors dtype names of floating-point tensors, for choosing the loaded model's dtype.
+_FLOAT_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+}
+
+
+def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives in a run: ``run_dir/checkpoints/step-00000100``."""
+    return Path(run_dir) / CHECKPOINTS_DIR / f"step-{step:08d}"
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    tokenizer: Any | None = None,
+    train_state: dict[str, Any] | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint directory at ``path`` atomically and return its path.
+
+    ``model`` must be a registered lmlab family (its spec goes into config.json).
+    ``tokenizer``, if given, is saved with its ``save(directory)`` method and summarised by
+    ``to_config()`` when it has one. ``train_state`` must hold only tensors, numbers,
+    strings, bools, None, lists, tuples and dicts (it is loaded with ``weights_only=True``).
+    ``extra_config`` entries are added at the top level of config.json. An existing
+    checkpoint at ``path`` is replaced.
+    """
+    path = Path(path)
+    config = {
+        "model": model_spec(model),
+        "tokenizer": _tokenizer_config(tokenizer),
+        **(extra_config or {}),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        _write_json(tmp / CONFIG_FILE, config)
+        _save_weights(tmp / WEIGHTS_FILE, model)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if train_state is not None:
+            torch.save(train_state, tmp / TRAIN_STATE_FILE)
+        sizes = {}
+        for file in sorted(f for f in tmp.iterdir() if f.is_file()):
+            _fsync(file)
+            sizes[file.name] = file.stat().st_size
+        # The marker goes last: its presence (and the sizes it lists) is what "complete" means.
+        _write_json(tmp / COMPLETE_FILE, {"files": sizes})
+        _fsync(tmp / COMPLETE_FILE)
+        _fsync(tmp)
+        if path.exists():
+            # rename() cannot replace a non-empty directory: move the old one aside first.
+            # A crash between the two renames leaves it under a hidden name, never half-written.
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+        _fsync(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _tokenizer_config(tokenizer: Any | None) -> dict[str, Any] | None:
+    if tokenizer is None:
+        return None
+    to_config = getattr(tokenizer, "to_config", None)
+    return to_config() if callable(to_config) else {"kind": type(tokenizer).__name__}
+
+
+def _save_weights(file: Path, model: nn.Module) -> None:
+    """Save the state dict with safetensors, storing each tied tensor once.
+
+    safetensors refuses tensors that share memory. Tied weights (GPT-2's token embedding
+    and output projection are one Parameter under two names) are stored under their first
+    name only; loading fills the other names from it. Any other overlap is copied.
+    """
+    state = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    seen_views: set[tuple] = set()
+    seen_storages: set[int] = set()
+    for name, tensor in state.items():
+        if tensor.numel() > 0:
+            view = _view_key(tensor)
+            if view in seen_views:
+                continue  # an alias of a tensor already stored
+            seen_views.add(view)
+            storage = tensor.untyped_storage().data_ptr()
+            if storage in seen_storages:
+                tensor = tensor.clone()
+            seen_storages.add(storage)
+        tensors[name] = tensor.detach().cpu().contiguous()
+    save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+def _view_key(tensor: torch.Tensor) -> tuple:
+    """Identifies the exact memory a tensor views: equal keys mean the same tensor."""
+    return (
+        tensor.device,
+        tensor.untyped_storage().data_ptr(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tuple(tensor.stride()),
+        tensor.dtype,
+    )
+
+
+def _write_json(file: Path, obj: Any) -> None:
+    file.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a directory's entries) to disk."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # directories cannot be opened on Windows; nothing to flush there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- finding
+
+
+def incomplete_reason(path: str | os.PathLike) -> str | None:
+    """Why the checkpoint directory ``path`` is not complete, or None when it is.
+
+    Complete means: ``COMPLETE`` is valid JSON listing files, each listed file exists (the
+    binary ones with the listed size), and the weights file's header agrees with its size.
+    """
+    path = Path(path)
+    marker = path / COMPLETE_FILE
+    if not marker.is_file():
+        return f"no {COMPLETE_FILE} marker"
+    try:
+        sizes = json.loads(marker.read_text(encoding="utf-8"))["files"]
+        sizes = {str(name): int(size) for name, size in sizes.items()}
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        return f"unreadable {COMPLETE_FILE} marker"
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if name not in sizes:
+            return f"{COMPLETE_FILE} does not list {name}"
+    for name, size in sizes.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        # JSON files may be edited by hand (and a torn one fails to parse); binaries may not.
+        if not name.endswith(".json") and file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {COMPLETE_FILE} says {size}"
+    try:
+        _read_safetensors_header(path / WEIGHTS_FILE)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The complete checkpoints of a run, oldest step first (incomplete ones are left out)."""
+    return [path for path, _ in _step_dirs(run_dir) if incomplete_reason(path) is None]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of a run, or None when there is none.
+
+    Newer incomplete checkpoints (a crash mid-save, a truncated file) are skipped with a
+    ``UserWarning`` naming the directory and what is wrong with it.
+    """
+    for path, _ in reversed(_step_dirs(run_dir)):
+        reason = incomplete_reason(path)
+        if reason is None:
+            return path
+        warnings.warn(f"skipping incomplete checkpoint {str(path)!r}: {reason}", stacklevel=2)
+    return None
+
+
+def _step_dirs(run_dir: str | os.PathLike) -> list[tuple[Path, int]]:
+    """``(path, step)`` of every ``checkpoints/step-N`` directory, by increasing step."""
+    folder = Path(run_dir) / CHECKPOINTS_DIR
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        name = path.name
+        if path.is_dir() and name.startswith("step-") and name[5:].isdigit():
+            found.append((path, int(name[5:])))
+    return sorted(found, key=lambda item: item[1])
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A complete checkpoint directory from ``path``: a checkpoint itself, or a run
+    directory (its newest complete checkpoint). Anything else is a ``CheckpointError``."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(
+            f"checkpoint path {str(path)!r} is a file; give a checkpoint directory "
+            f"(holding {WEIGHTS_FILE}) or a run directory (holding {CHECKPOINTS_DIR}/)"
+        )
+    if (path / CHECKPOINTS_DIR).is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise CheckpointError(
+                f"run directory {str(path)!r} has no complete checkpoint in {CHECKPOINTS_DIR}/"
+            )
+        return latest
+    if not (path / WEIGHTS_FILE).exists() and not (path / COMPLETE_FILE).exists():
+        raise CheckpointError(
+            f"{str(path)!r} is neither a checkpoint directory (no {WEIGHTS_FILE}) nor a run "
+            f"directory (no {CHECKPOINTS_DIR}/)"
+        )
+    reason = incomplete_reason(path)
+    if reason is not None:
+        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: {reason}")
+    return path
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_model(
+    path: str | os.PathLike, dtype: torch.dtype | None = None
+) -> tuple[nn.Module, Any | None, dict[str, Any]]:
+    """Rebuild the model saved at ``path`` -> ``(model, tokenizer or None, config dict)``.
+
+    ``path`` is a checkpoint directory or a run directory (then its newest complete
+    checkpoint is used). The model is built from config.json's ``"model"`` spec, filled
+    from model.safetensors and put in eval mode. ``dtype`` casts it; by default it keeps
+    the dtype the weights were saved in, so save then load is bit-exact.
+    """
+    ckpt = resolve_checkpoint(path)
+    config = read_config(ckpt)
+    try:
+        model = build_model(config["model"])
+    except Exception as e:
+        raise CheckpointError(
+            f"{str(ckpt / CONFIG_FILE)!r}: cannot build the model from its spec: {e}"
+        ) from e
+    if dtype is None:
+        dtype = _saved_float_dtype(ckpt / WEIGHTS_FILE)
+    if dtype is not None:
+        model.to(dtype)
+    load_weights(model, ckpt)
+    model.eval()
+    tokenizer = None
+    if (ckpt / TOKENIZER_FILE).is_file():
+        from lmlab.data.tokenizers import load_tokenizer
+
+        tokenizer = load_tokenizer(ckpt)
+    return model, tokenizer, config
+
+
+def read_config(ckpt: str | os.PathLike) -> dict[str, Any]:
+    """The parsed config.json of a checkpoint directory."""
+    file = Path(ckpt) / CONFIG_FILE
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {str(file)!r}: {e}") from e
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{str(file)!r} has no 'model' spec object")
+    return config
+
+
+def load_weights(model: nn.Module, ckpt: str | os.PathLike) -> None:
+    """Copy the weights of checkpoint directory ``ckpt`` into ``model``, in place.
+
+    Every tensor of the model must be in the file with the same shape, and the file may
+    hold nothing else; otherwise a ``CheckpointError`` names the file and the tensor.
+    Floating-point tensors are cast to the model's dtype. Parameters keep their identity
+    (an optimizer built on them stays valid) and tied weights stay tied.
+    """
+    file = Path(ckpt) / WEIGHTS_FILE
+    header = _read_safetensors_header(file)
+    state = model.state_dict()
+    # Tied names (stored once at save) map to the first name of their group.
+    first_name: dict[tuple, str] = {}
+    source: dict[str, list[str]] = {}
+    for name, tensor in state.items():
+        key = _view_key(tensor) if tensor.numel() > 0 else ("empty", name)
+        first_name.setdefault(key, name)
+        source.setdefault(first_name[key], []).append(name)
+    used = set()
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for names in source.values():
+                stored = next((n for n in names if n in header), None)
+                if stored is None:
+                    raise CheckpointError(
+                        f"{str(file)!r} has no tensor {names[0]!r}, which the model needs"
+                    )
+                used.add(stored)
+                _copy_into(state[names[0]], f.get_tensor(stored), stored, file)
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors' own errors on a corrupt file
+        raise CheckpointError(f"cannot read weights from {str(file)!r}: {e}") from e
+    unexpected = sorted(set(header) - used)
+    if unexpected:
+        raise CheckpointError(
+            f"{str(file)!r} has tensors the model does not have: {', '.join(unexpected[:5])}"
+            + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
+        )
+
+
+def _copy_into(target: torch.Tensor, tensor: torch.Tensor, name: str, file: Path) -> None:
+    if tuple(tensor.shape) != tuple(target.shape):
+        raise CheckpointError(
+            f"{str(file)!r}: tensor {name!r} has shape {tuple(tensor.shape)}, but the model "
+            f"built from config.json expects {tuple(target.shape)}"
+        )
+    if tensor.dtype.is_floating_point != target.dtype.is_floating_point:
+        raise CheckpointError(
+            f"{str(file)!r}: tensor {name!r} has dtype {tensor.dtype}, but the model expects "
+            f"{target.dtype}"
+        )
+    with torch.no_grad():
+        target.copy_(tensor)
+
+
+def _read_safetensors_header(file: Path) -> dict[str, dict]:
+    """The tensor entries of a safetensors header, checked against the file's size.
+
+    Format: 8 bytes little-endian header length N, N bytes of JSON
+    ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``,
+    then the data; the last tensor must end exactly at the end of the file.
+    """
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise CheckpointError(
+                    f"{str(file)!r} is truncated or corrupt: header of {n} bytes in a "
+                    f"file of {size} bytes"
+                )
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise CheckpointError(f"cannot read {str(file)!r}: {e}") from e
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{str(file)!r} has a corrupt header: {e}") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{str(file)!r} has a corrupt header (not a JSON object)")
+    header.pop("__metadata__", None)
+    end = 0
+    for name, entry in header.items():
+        try:
+            begin, stop = entry["data_offsets"]
+            end = max(end, int(stop))
+        except (TypeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"{str(file)!r}: tensor {name!r} has a corrupt entry") from e
+    if 8 + n + end != size:
+        raise CheckpointError(
+            f"{str(file)!r} is truncated or corrupt: its header describes "
+            f"{8 + n + end} bytes, the file has {size}"
+        )
+    return header
+
+
+def _saved_float_dtype(file: Path) -> torch.dtype | None:
+    """The one floating dtype of the saved tensors, or None when they are mixed."""
+    found = {entry.get("dtype") for entry in _read_safetensors_header(file).values()}
+    floats = {_FLOAT_DTYPES[d] for d in found if d in _FLOAT_DTYPES}
+    return floats.pop() if len(floats) == 1 else None
+
+
+def load_train_state(ckpt: str | os.PathLike) -> dict[str, Any]:
+    """The training state of checkpoint ``ckpt``, loaded without unpickling any object."""
+    file = Path(ckpt) / TRAIN_STATE_FILE
+    if not file.is_file():
+        raise CheckpointError(
+            f"checkpoint {str(ckpt)!r} has no {TRAIN_STATE_FILE}: it holds a model only, so "
+            "training cannot resume from it (use init_from to start from its weights)"
+        )
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot load {str(file)!r} (weights_only=True): {e}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{str(file)!r} does not hold a dict")
+    return state
+
+
+# ----------------------------------------------------------------------------- rotation
+
+
+def rotate_checkpoints(
+    run_dir: str | os.PathLike,
+    keep_last: int,
+    keep_best: int | None = None,
+    metric: str = "val_loss",
+) -> list[Path]:
+    """Delete complete checkpoints beyond the ``keep_last`` newest and the ``keep_best``
+    best, and return the deleted paths.
+
+    "Best" means the lowest ``config.json["train"][metric]`` (checkpoints without that
+    number are never best). Incomplete directories are left alone for inspection.
+    """
+    if keep_last < 1:
+        raise CheckpointError(f"keep_last={keep_last!r} is invalid: must be at least 1")
+    checkpoints = list_checkpoints(run_dir)
+    keep = set(checkpoints[-keep_last:])
+    if keep_best:
+        scored = []
+        for path in checkpoints:
+            value = read_config(path).get("train", {}).get(metric)
+            if isinstance(value, (int, float)):
+                scored.append((value, path))
+        keep.update(path for _, path in sorted(scored, key=lambda s: s[0])[:keep_best])
+    deleted = [path for path in checkpoints if path not in keep]
+    for path in deleted:
+        # Marker first, so a crash mid-delete leaves an incomplete (skipped) directory.
+        (path / COMPLETE_FILE).unlink()
+        trash = path.parent / f".{path.name}.del-{uuid.uuid4().hex[:8]}"
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    return deleted
+
+
+def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
+    """Clean up the hidden directories a crashed save, replace or delete left behind.
+
+    A complete one whose checkpoint name is free again (a crash between the two renames
+    of a replace) is renamed back into place, the newer (``.tmp-``) first; the rest are
+    deleted. Returns the deleted paths. Call only when no other process is saving into
+    this run (the trainer does at start).
+    """
+    folder = Path(run_dir) / CHECKPOINTS_DIR
+    if not folder.is_dir():
+        return []
+    hidden = sorted(
+        (p for p in folder.iterdir() if p.is_dir() and p.name.startswith(".step-")),
+        key=lambda p: ".tmp-" not in p.name,  # newer saves first
+    )
+    deleted = []
+    for path in hidden:
+        target = folder / path.name[1:].rsplit(".", 1)[0]  # ".step-N.tmp-abc" -> "step-N"
+        if ".del-" not in path.name and not target.exists() and incomplete_reason(path) is None:
+            os.rename(path, target)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            deleted.append(path)
+    return deleted

@@ -1,0 +1,11 @@
+"""Training: the loop, its settings, optimizers and schedules, batches and guards.
+
+>>> from lmlab.train import TrainConfig, train
+>>> result = train(model, train_ids, val_ids, TrainConfig(out_dir="runs/gpt", max_steps=500))
+"""
+
+from lmlab.train.config import TrainConfig
+from lmlab.train.guards import TrainingDiverged
+from lmlab.train.trainer import TrainResult, train
+
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train"]

@@ -1,0 +1,156 @@
+"""Deterministic, resumable batches from a 1-D array of token ids.
+
+The tokens are cut into windows of ``seq_len + 1`` tokens (inputs are the first seq_len,
+targets the last seq_len, shifted by one); consecutive windows share one token, so every
+token is a target once per epoch::
+
+    tokens   a b c d e f g h i        seq_len = 4, offset = 0
+    windows  [a b c d e] [e f g h i]  -> x = a b c d, y = b c d e;  x = e f g h, y = f g h i
+
+Each epoch draws, from a ``torch.Generator`` seeded by ``(seed, epoch)`` alone, a random
+offset in ``[0, seq_len)`` (so window boundaries move between epochs) and a permutation of
+the windows; batches take the permuted windows in order, and the last incomplete batch of
+an epoch is dropped. The position is ``(epoch, index)``, index counting the windows used
+in this epoch, so saving those two integers is enough to resume mid-epoch with the same
+order, whatever the gradient accumulation. Only the windows of a batch are read, so a
+``np.memmap`` larger than memory streams from disk.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lmlab.errors import DataError
+
+Tokens = np.ndarray | torch.Tensor
+
+
+def _check_tokens(tokens: Tokens, what: str) -> None:
+    if not isinstance(tokens, (np.ndarray, torch.Tensor)):
+        raise DataError(
+            f"{what} must be a 1-D numpy array, np.memmap or torch tensor of token ids, "
+            f"got {type(tokens).__name__}"
+        )
+    dtype = tokens.dtype
+    integral = (
+        not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+        if isinstance(tokens, torch.Tensor)
+        else np.issubdtype(dtype, np.integer)
+    )
+    if tokens.ndim != 1 or not integral:
+        raise DataError(
+            f"{what} must be a 1-D array of integer token ids, got shape "
+            f"{tuple(tokens.shape)} of {dtype}"
+        )
+
+
+def gather_windows(tokens: Tokens, starts: torch.Tensor, length: int) -> torch.Tensor:
+    """``tokens[s : s + length]`` for each start -> [len(starts), length] int64 (CPU)."""
+    if isinstance(tokens, torch.Tensor):
+        index = starts[:, None] + torch.arange(length)  # (B, L+1)
+        return tokens[index.to(tokens.device)].long().cpu()
+    index = starts.numpy()[:, None] + np.arange(length)  # (B, L+1)
+    # Fancy indexing a memmap reads only the pages these windows lie on.
+    return torch.from_numpy(np.asarray(tokens[index]).astype(np.int64))
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    # Distinct (seed, epoch) pairs give distinct generator seeds (the golden-ratio constant
+    # spreads consecutive seeds apart); the result fits torch's seed range.
+    return (seed * 0x9E3779B97F4A7C15 + epoch) % (2**63)
+
+
+class TrainBatches:
+    """Shuffled training batches of windows, resumable at ``(epoch, index)``.
+
+    ``next_batch()`` returns ``[batch_size, seq_len + 1]`` int64 on the CPU: the inputs
+    are ``[:, :-1]`` and the targets ``[:, 1:]``.
+    """
+
+    def __init__(
+        self,
+        tokens: Tokens,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        random_offset: bool = True,
+    ):
+        _check_tokens(tokens, "train tokens")
+        self.tokens = tokens
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.seed = seed
+        self.random_offset = random_offset
+        # Fewest windows over all offsets: offset seq_len - 1 leaves len - seq_len tokens.
+        fewest = (len(tokens) - 1 - (seq_len - 1 if random_offset else 0)) // seq_len
+        if fewest < batch_size:
+            need = batch_size * seq_len + (seq_len if random_offset else 1)
+            raise DataError(
+                f"train tokens: {len(tokens)} tokens make {max(fewest, 0)} windows of "
+                f"seq_len + 1 = {seq_len + 1} tokens, fewer than batch_size={batch_size}; "
+                f"give at least {need} tokens or lower seq_len or batch_size"
+            )
+        self.epoch = 0
+        self.index = 0
+        self._plan_epoch = -1
+        self._offset = 0
+        self._order = torch.empty(0, dtype=torch.long)
+
+    def _plan(self, epoch: int) -> None:
+        """The offset and window order of ``epoch``, from (seed, epoch) only."""
+        g = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
+        offset = int(torch.randint(self.seq_len, (1,), generator=g)) if self.random_offset else 0
+        n_windows = (len(self.tokens) - 1 - offset) // self.seq_len
+        self._offset = offset
+        self._order = torch.randperm(n_windows, generator=g)
+        self._plan_epoch = epoch
+
+    def next_batch(self) -> torch.Tensor:
+        """The next ``[batch_size, seq_len + 1]`` int64 windows; advances the position."""
+        if self._plan_epoch != self.epoch:
+            self._plan(self.epoch)
+        if self.index + self.batch_size > len(self._order):  # drop the last partial batch
+            self.epoch, self.index = self.epoch + 1, 0
+            self._plan(self.epoch)
+        picked = self._order[self.index : self.index + self.batch_size]
+        self.index += self.batch_size
+        return gather_windows(self.tokens, self._offset + picked * self.seq_len, self.seq_len + 1)
+
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("seed", self.seed) != self.seed or state.get("seq_len") != self.seq_len:
+            raise DataError(
+                f"cannot continue the data order of a run with seed={state.get('seed')}, "
+                f"seq_len={state.get('seq_len')} using seed={self.seed}, seq_len={self.seq_len}"
+            )
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+def fixed_batches(
+    tokens: Tokens, batch_size: int, seq_len: int, n_batches: int
+) -> list[torch.Tensor]:
+    """Validation batches: the same windows every time, spread evenly over ``tokens``.
+
+    Up to ``n_batches`` batches of ``[batch_size, seq_len + 1]`` int64 (the last one may be
+    smaller when there are too few windows).
+    """
+    _check_tokens(tokens, "validation tokens")
+    n_windows = (len(tokens) - 1) // seq_len
+    if n_windows < 1:
+        raise DataError(
+            f"validation tokens: {len(tokens)} tokens are fewer than seq_len + 1 = "
+            f"{seq_len + 1}; give more validation data or lower seq_len"
+        )
+    wanted = min(n_windows, batch_size * n_batches)
+    # Evenly spaced window indices over the whole set (all of them when wanted == n_windows).
+    picked = torch.arange(wanted, dtype=torch.long) * n_windows // wanted
+    windows = gather_windows(tokens, picked * seq_len, seq_len + 1)
+    return list(windows.split(batch_size))

@@ -1,0 +1,175 @@
+"""The trainer's settings: one frozen dataclass, each field documented right under it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from lmlab.errors import ConfigError, closest
+
+NO_DECAY_KINDS = ("bias", "norm", "embedding")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out_dir: str = "runs/train"
+    """Run directory: config.json, metrics.jsonl, loss.png and checkpoints/ go here."""
+    max_steps: int = 1000
+    """Optimizer steps to train for (skipped steps do not count)."""
+    time_budget_s: float | None = None
+    """Stop after this many seconds of wall time in this call (then save); None: no limit."""
+    batch_size: int = 32
+    """Sequences per micro-batch."""
+    seq_len: int = 128
+    """Tokens per sequence (at most the model's max_seq_len)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step: tokens per step = batch_size * grad_accum * seq_len."""
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    """AdamW (decoupled weight decay) or SGD with momentum (weight decay as L2 on the gradient)."""
+    lr: float = 1e-3
+    """Peak learning rate, reached at the end of warm-up."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay (at max_steps)."""
+    warmup_steps: int = 100
+    """Steps of linear warm-up from lr / warmup_steps to lr."""
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    """After warm-up: cosine decay to min_lr, or constant lr."""
+    weight_decay: float = 0.1
+    """Weight decay of the parameters not excluded by no_decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW's moment decay rates (beta1, beta2)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    no_decay: tuple[str, ...] = NO_DECAY_KINDS
+    """Kinds of parameters without weight decay: any of "bias", "norm", "embedding"."""
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm to this value; None: no clipping."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """bf16 autocast (weights stay float32), fp32, or auto: bf16 where the device supports it."""
+    eval_interval: int = 250
+    """Compute the validation loss every this many steps (and at the end)."""
+    eval_batches: int = 20
+    """Validation batches per evaluation (fixed windows spread over the validation tokens)."""
+    ckpt_interval: int = 500
+    """Save a checkpoint every this many steps (and at the end)."""
+    keep_last: int | None = 3
+    """Keep this many newest checkpoints; None keeps all."""
+    keep_best: bool = False
+    """Also keep the checkpoint with the lowest validation loss (evaluated at each save)."""
+    seed: int = 1337
+    """Seeds the data order and, for a fresh run, torch's global RNG (dropout)."""
+    resume: str = "never"
+    """"never": start fresh (out_dir must hold no checkpoint); "auto": resume from the newest
+    complete checkpoint in out_dir if there is one, else start fresh; or a checkpoint or
+    run directory to resume from."""
+    init_from: str | None = None
+    """Checkpoint or run directory whose weights start a fresh run (not with resume)."""
+    log_interval: int = 10
+    """Write a train line to metrics.jsonl every this many steps."""
+    max_nonfinite: int = 5
+    """Stop with TrainingDiverged after this many non-finite steps in a row."""
+    spike_factor: float | None = 3.0
+    """Skip a step whose loss exceeds this times the median of the recent losses; None: off."""
+    grad_spike_factor: float | None = None
+    """Skip a step whose gradient norm exceeds this times the recent median; None: off."""
+    spike_window: int = 50
+    """How many recent steps the spike guard's median covers."""
+    spike_warmup: int = 100
+    """The spike guard acts only after this many steps (early losses fall fast)."""
+    progress: bool = True
+    """Show a progress bar (loss, tokens/s, ETA)."""
+
+    def __post_init__(self):
+        # JSON and YAML give lists; keep tuples so the config stays hashable and frozen.
+        object.__setattr__(self, "betas", tuple(self.betas))
+        object.__setattr__(self, "no_decay", tuple(self.no_decay))
+
+        def bad(field: str, allowed: str):
+            value = getattr(self, field)
+            raise ConfigError(f"TrainConfig.{field}={value!r} is invalid: {allowed}")
+
+        def integer(field: str, low: int, optional: bool = False):
+            value = getattr(self, field)
+            if optional and value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                bad(field, f"must be an integer >= {low}" + (" or None" if optional else ""))
+
+        def number(field: str, low: float, low_open: bool, high=math.inf, optional=False):
+            value = getattr(self, field)
+            if optional and value is None:
+                return
+            ok = (
+                not isinstance(value, bool)
+                and isinstance(value, (int, float))
+                and math.isfinite(value)
+                and (value > low if low_open else value >= low)
+                and value <= high
+            )
+            if not ok:
+                bound = f"> {low}" if low_open else f">= {low}"
+                bad(field, f"must be a finite number {bound}" + (" or None" if optional else ""))
+
+        def choice(field: str, allowed: tuple[str, ...]):
+            value = getattr(self, field)
+            if value not in allowed:
+                hint = closest(str(value), allowed)
+                bad(field, f"choose one of {', '.join(allowed)}{hint}")
+
+        if not isinstance(self.out_dir, str) or not self.out_dir:
+            bad("out_dir", "must be a non-empty path")
+        for field in (
+            "max_steps",
+            "batch_size",
+            "seq_len",
+            "grad_accum",
+            "eval_interval",
+            "eval_batches",
+            "ckpt_interval",
+            "log_interval",
+            "max_nonfinite",
+            "spike_window",
+        ):
+            integer(field, 1)
+        integer("warmup_steps", 0)
+        integer("spike_warmup", 0)
+        integer("keep_last", 1, optional=True)
+        integer("seed", 0)
+        number("time_budget_s", 0, low_open=True, optional=True)
+        number("lr", 0, low_open=True)
+        number("min_lr", 0, low_open=False)
+        if self.min_lr > self.lr:
+            bad("min_lr", f"must be at most lr={self.lr}")
+        number("weight_decay", 0, low_open=False)
+        number("momentum", 0, low_open=False, high=0.999999)
+        number("grad_clip", 0, low_open=True, optional=True)
+        number("spike_factor", 1, low_open=True, optional=True)
+        number("grad_spike_factor", 1, low_open=True, optional=True)
+        if len(self.betas) != 2 or not all(
+            isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas
+        ):
+            bad("betas", "must be two numbers in [0, 1)")
+        choice("optimizer", ("adamw", "sgd"))
+        choice("lr_schedule", ("cosine", "constant"))
+        choice("precision", ("auto", "bf16", "fp32"))
+        for kind in self.no_decay:
+            if kind not in NO_DECAY_KINDS:
+                bad(
+                    "no_decay",
+                    f"{kind!r} is not one of {', '.join(NO_DECAY_KINDS)}"
+                    f"{closest(str(kind), NO_DECAY_KINDS)}",
+                )
+        for field in ("progress", "keep_best"):
+            if not isinstance(getattr(self, field), bool):
+                bad(field, "must be true or false")
+        if not isinstance(self.resume, str) or not self.resume:
+            bad("resume", '"never", "auto" or a checkpoint path')
+        if self.init_from is not None and not isinstance(self.init_from, str):
+            bad("init_from", "must be a checkpoint path or None")
+        if self.resume != "never" and self.init_from is not None:
+            raise ConfigError(
+                f"TrainConfig.resume={self.resume!r} and init_from={self.init_from!r} cannot "
+                "be used together: resume continues a run (weights, optimizer, data position), "
+                "init_from starts a new run from a checkpoint's weights; choose one"
+            )

@@ -1,0 +1,106 @@
+"""A run's metrics.jsonl (one JSON object per event) and its loss-curve plot.
+
+Events, each with ``"event"`` and ``"step"`` (optimizer steps applied so far)::
+
+    {"event": "train", "step": 10, "loss": 3.21, "lr": 0.001, "grad_norm": 0.8,
+     "tokens": 40960, "tokens_per_s": 51234.0, "elapsed_s": 0.8}
+    {"event": "eval", "step": 250, "val_loss": 1.9, "val_ppl": 6.7}
+    {"event": "skip", "step": 37, "reason": "nonfinite_loss", "loss": null, "grad_norm": null}
+    {"event": "checkpoint", "step": 500, "path": "runs/x/checkpoints/step-00000500"}
+    {"event": "resume", "step": 500, "from": "runs/x/checkpoints/step-00000500"}
+
+Non-finite numbers are written as null (JSON has no NaN).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Appends events to a metrics.jsonl file, one flushed line each."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(_finite_or_null(record)) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _finite_or_null(record: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()
+    }
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All events of a metrics.jsonl file (a torn last line, from a crash, is ignored)."""
+    records = []
+    path = Path(path)
+    if not path.is_file():
+        return records
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def truncate_after_checkpoint(path: str | os.PathLike, step: int) -> None:
+    """Drop the events logged after the checkpoint of ``step``, before resuming from it.
+
+    A run that crashed after its last checkpoint logged steps that the resumed run will
+    redo; keeping them would show those steps twice. Nothing changes when no checkpoint
+    event of ``step`` is found (say, resuming from another run's checkpoint).
+    """
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    cut = None
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("event") == "checkpoint" and record.get("step") == step:
+            cut = i + 1
+    if cut is None or cut == len(lines):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines[:cut]), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> None:
+    """Train and validation loss against step, from metrics.jsonl, saved as a PNG."""
+    # A bare Figure renders with Agg and leaves pyplot's global backend alone.
+    from matplotlib.figure import Figure
+
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if r.get("event") == "train" and r["loss"]]
+    val = [
+        (r["step"], r["val_loss"]) for r in records if r.get("event") == "eval" and r["val_loss"]
+    ]
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.add_subplot()
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    if train or val:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
