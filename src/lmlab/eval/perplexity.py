@@ -1,0 +1,74 @@
+"""Perplexity and per-token surprisal of any lmlab model on a token sequence.
+
+Texts longer than the context are scored with a sliding window (as in Hugging Face's
+perplexity guide): each window holds up to ``max_seq_len`` tokens and moves by ``stride``;
+only the tokens not scored by an earlier window count, so every token after the first is
+scored exactly once, with up to ``max_seq_len - stride`` tokens of extra left context.
+With ``stride == max_seq_len`` the windows do not overlap (fastest, least context).
+
+    nll_i = -log p(x_i | x_<i within its window)      (nats)
+    perplexity = exp(mean_i nll_i)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmlab.errors import ConfigError
+
+
+@torch.inference_mode()
+def token_nll(
+    model: nn.Module,
+    ids: Sequence[int] | torch.Tensor,
+    stride: int | None = None,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """Surprisal in nats of every token after the first: float32 [N - 1].
+
+    A window holds ``max_seq_len + 1`` tokens: ``max_seq_len`` inputs, each predicting the
+    next. ``stride`` (how far each window moves, 1..max_seq_len) defaults to half the
+    context, so every scored token sees at least half a window of left context;
+    ``stride=max_seq_len`` gives non-overlapping windows, exactly the training windows.
+    Families without a fixed context (``max_seq_len`` None) score in one pass.
+    """
+    ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+    n = ids.numel()
+    if n < 2:
+        raise ConfigError(f"perplexity needs at least 2 tokens, got {n}")
+    device = next(model.parameters()).device
+    context = min(getattr(model.config, "max_seq_len", None) or n - 1, n - 1)
+    window = context + 1
+    stride = stride or max(context // 2, 1)
+    if not 1 <= stride <= context:
+        raise ConfigError(f"stride={stride} is invalid: must be in [1, {context}] (the context)")
+    # Window w covers ids[start : start + window] and scores its targets from `first` on.
+    starts = list(range(0, max(n - window, 0) + 1, stride))
+    if starts[-1] + window < n:
+        starts.append(n - window)
+    out = torch.empty(n - 1, dtype=torch.float32)
+    scored = 1  # ids[0] has no prediction
+    for b in range(0, len(starts), batch_size):
+        chunk = starts[b : b + batch_size]
+        x = torch.stack([ids[s : s + window] for s in chunk]).to(device)  # (B, W)
+        logits = model(x[:, :-1]).float()  # (B, W - 1, V)
+        nll = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").cpu()
+        for row, s in enumerate(chunk):
+            end = s + window  # targets ids[s + 1 : end] are at nll[row, 0 : window - 1]
+            if end <= scored:
+                continue
+            out[scored - 1 : end - 1] = nll[row, scored - s - 1 :]
+            scored = end
+    return out
+
+
+def perplexity(
+    model: nn.Module, ids: Sequence[int] | torch.Tensor, stride: int | None = None
+) -> float:
+    """exp(mean surprisal) of ``ids`` under ``model``; see ``token_nll``."""
+    return math.exp(token_nll(model, ids, stride).mean().item())
