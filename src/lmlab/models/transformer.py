@@ -363,8 +363,18 @@ class Transformer(nn.Module):
         None when plain causal attention is right, the fast path)."""
         B, T = ids.shape
         device = ids.device
-        if cache is None and mask is None:
-            return torch.arange(T, device=device).expand(B, T), None
+        if mask is None and (cache is None or not cache.padded):
+            # No padding anywhere (training, or decoding unpadded rows): positions follow
+            # on, and plain causal attention is right. No host-device sync on this path.
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + T, device=device).expand(B, T)
+            if cache is not None:
+                cache.valid[:, start : start + T] = True
+                cache.next_pos = cache.next_pos + T
+                if T > 1:  # prefill: query i sees slots <= start + i
+                    causal = torch.ones(T, start + T, dtype=torch.bool, device=device).tril(start)
+                    return positions, causal
+            return positions, None
         if mask is None:
             mask = torch.ones(B, T, dtype=torch.bool, device=device)
         mask = mask.to(torch.bool)
