@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,6 +38,8 @@ def token_nll(
     ``stride=max_seq_len`` gives non-overlapping windows, exactly the training windows.
     Families without a fixed context (``max_seq_len`` None) score in one pass.
     """
+    if isinstance(ids, np.ndarray):  # e.g. a read-only memmap of uint16 token ids
+        ids = torch.from_numpy(ids.astype(np.int64))
     ids = torch.as_tensor(ids, dtype=torch.long).flatten()
     n = ids.numel()
     if n < 2:

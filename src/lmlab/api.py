@@ -1,0 +1,205 @@
+"""The Python API in a few functions: load a model, train one, generate, score.
+
+    >>> import lmlab
+    >>> lm = lmlab.load("runs/demo")            # a run or checkpoint directory
+    >>> lm.generate("ROMEO:", top_p=0.9, temperature=0.8, seed=0)
+    >>> for piece in lm.stream("JULIET:", max_new_tokens=50): print(piece, end="")
+    >>> lm.perplexity("To be, or not to be")
+
+Every CLI command is one of these functions; ``lmlab.cli`` only parses and prints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lmlab.checkpoint.io import load_model, resolve_checkpoint
+from lmlab.data import (
+    encode_to_file,
+    load_corpus,
+    load_tokenizer,
+    read_tokens,
+    split_text,
+    train_tokenizer,
+)
+from lmlab.errors import ConfigError
+from lmlab.eval.perplexity import perplexity as _perplexity
+from lmlab.generate import SamplingParams, generate_text, stream_text
+from lmlab.models import build_model, get_preset
+from lmlab.train import TrainConfig, TrainResult
+from lmlab.train import train as _train_loop
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def default_dtype(device: torch.device | str = "cpu") -> torch.dtype:
+    """bfloat16 where the device computes it natively (this repo's CPUs: AVX-512 BF16),
+    else float32: the dtype ``load(..., dtype="auto")`` picks for inference."""
+    from lmlab.train.trainer import bf16_supported
+
+    return torch.bfloat16 if bf16_supported(torch.device(device)) else torch.float32
+
+
+@dataclass
+class LM:
+    """A model with its tokenizer: generate, stream and score text."""
+
+    model: nn.Module
+    tokenizer: Any
+    config: dict[str, Any] = field(default_factory=dict)
+    """The checkpoint's config.json (model spec, tokenizer summary, training settings)."""
+
+    def generate(self, prompt: str | list[str], **decoding: Any) -> str | list[str]:
+        """Generated text (prompt excluded); ``decoding`` are SamplingParams fields."""
+        return generate_text(self.model, self.tokenizer, prompt, self._params(decoding))
+
+    def stream(self, prompt: str, **decoding: Any) -> Iterator[str]:
+        """Text pieces as they are generated; joined, they equal ``generate`` (same seed)."""
+        return stream_text(self.model, self.tokenizer, prompt, self._params(decoding))
+
+    def perplexity(self, text: str, stride: int | None = None) -> float:
+        """Perplexity of ``text`` (per token of this model's tokenizer), sliding window."""
+        return _perplexity(self.model, self.tokenizer.encode(text), stride)
+
+    def _params(self, decoding: dict[str, Any]) -> SamplingParams:
+        if "eos_id" not in decoding and getattr(self.tokenizer, "eos_id", None) is not None:
+            decoding["eos_id"] = self.tokenizer.eos_id
+        return SamplingParams.from_dict(decoding)
+
+
+def load(
+    path: str | os.PathLike, dtype: Literal["float32", "bfloat16", "auto"] | None = None
+) -> LM:
+    """Load a checkpoint directory, or a run directory (its newest complete checkpoint).
+
+    ``dtype`` casts the weights: None keeps them as saved (exact), "auto" picks
+    ``default_dtype()`` (bf16 on CPUs with native bf16: about twice the decoding speed).
+    The model is in eval mode.
+    """
+    torch_dtype = None
+    if dtype == "auto":
+        torch_dtype = default_dtype()
+    elif dtype is not None:
+        if dtype not in _DTYPES:
+            raise ConfigError(f"dtype={dtype!r} is invalid; valid: float32, bfloat16, auto")
+        torch_dtype = _DTYPES[dtype]
+    model, tokenizer, config = load_model(path, dtype=torch_dtype)
+    if tokenizer is None:
+        raise ConfigError(f"checkpoint {str(path)!r} has no tokenizer.json: cannot work with text")
+    return LM(model, tokenizer, config)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def model_spec_from(model: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A model spec from a preset name or a JSON/YAML file holding a spec, plus overrides."""
+    path = Path(model)
+    if path.suffix in (".json", ".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"model spec file {model!r} does not exist")
+        import yaml
+
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML too
+        if not isinstance(spec, dict) or "family" not in spec:
+            raise ConfigError(
+                f"{model!r} must hold a mapping with a 'family' key and config fields"
+            )
+    else:
+        spec = get_preset(model)
+    return {**spec, **(overrides or {})}
+
+
+def prepare_data(
+    data: str,
+    out_dir: str | os.PathLike,
+    tokenizer: Literal["char", "byte", "bpe"] = "char",
+    vocab_size: int | None = None,
+    val_fraction: float = 0.1,
+):
+    """Tokenize a corpus once into ``out_dir/data`` (memory-mapped train.bin and val.bin).
+
+    The tokenizer is trained on the training split (char: on the whole text, so that no
+    validation character is unknown) and saved in ``out_dir/data`` with ``source.json``
+    (what was prepared, from what). A later call with the same arguments (a resumed run)
+    reuses the files as they are; with different ones it is an error, so that a run never
+    continues on other data than it started with. Returns (tokenizer, train, val tokens).
+    """
+    folder = Path(out_dir) / "data"
+    train_file, val_file = folder / "train.bin", folder / "val.bin"
+    source_file = folder / "source.json"
+    source = {
+        "data": str(data),
+        "tokenizer": tokenizer,
+        "vocab_size": vocab_size,
+        "val_fraction": val_fraction,
+    }
+    if source_file.is_file():
+        prepared = json.loads(source_file.read_text(encoding="utf-8"))
+        if prepared != source:
+            raise ConfigError(
+                f"{str(folder)!r} holds data prepared from {prepared}, not {source}: "
+                "use another out_dir (or delete that folder to start over)"
+            )
+        return load_tokenizer(folder), read_tokens(train_file), read_tokens(val_file)
+    text = load_corpus(data)
+    train_text, val_text = split_text(text, val_fraction)
+    tok = train_tokenizer(tokenizer, text if tokenizer == "char" else train_text, vocab_size)
+    folder.mkdir(parents=True, exist_ok=True)
+    encode_to_file(train_text, tok, train_file)
+    encode_to_file(val_text, tok, val_file)
+    tok.save(folder)
+    # written last: its presence means the folder is complete
+    source_file.write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
+    return tok, read_tokens(train_file), read_tokens(val_file)
+
+
+def train(
+    model: str = "gpt-char-tiny",
+    data: str = "tinyshakespeare",
+    tokenizer: Literal["char", "byte", "bpe"] = "char",
+    vocab_size: int | None = None,
+    val_fraction: float = 0.1,
+    model_overrides: dict[str, Any] | None = None,
+    config: TrainConfig | None = None,
+) -> TrainResult:
+    """Train a model on a corpus: tokenize it, build the model, run the trainer.
+
+    Args:
+        model: a preset name (``lmlab.models.PRESETS``) or a JSON/YAML spec file.
+        data: ``"tinyshakespeare"``, a text file, or a folder of ``.txt`` files.
+        tokenizer: char, byte, or BPE trained with the ``tokenizers`` library.
+        vocab_size: BPE vocabulary size (char and byte tokenizers fix their own).
+        val_fraction: the last this fraction of the text is the validation split.
+        model_overrides: config fields replacing the preset's, e.g. ``{"n_layers": 6}``.
+        config: the trainer's settings (out_dir, steps, batch size, lr, resume, ...).
+    """
+    config = config or TrainConfig()
+    spec = model_spec_from(model, model_overrides)  # a bad preset fails before any work
+    tok, train_ids, val_ids = prepare_data(
+        data, config.out_dir, tokenizer, vocab_size, val_fraction
+    )
+    net = build_model({**spec, "vocab_size": tok.vocab_size})
+    result = _train_loop(net, train_ids, val_ids, config, tokenizer=tok)
+    return result
+
+
+def checkpoint_path(path: str | os.PathLike) -> Path:
+    """The checkpoint directory that ``load(path)`` would read."""
+    return resolve_checkpoint(path)

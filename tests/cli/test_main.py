@@ -1,0 +1,145 @@
+import subprocess
+import sys
+
+import pytest
+
+from lmlab.cli.main import main, normalise_flags
+
+TINY = '{"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "max_seq_len": 32}'
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    corpus = root / "c.txt"
+    corpus.write_text("to be or not to be, that is the question. " * 100)
+    code = main(
+        [
+            "train",
+            "--data",
+            str(corpus),
+            "--model_overrides",
+            TINY,
+            "--train.out_dir",
+            str(root / "run"),
+            "--train.max_steps",
+            "12",
+            "--train.batch-size",
+            "4",
+            "--train.seq_len",
+            "32",
+            "--train.progress",
+            "false",
+        ]
+    )
+    assert code == 0
+    return root / "run"
+
+
+def test_train_writes_a_run_directory(run_dir, capsys):
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "loss.png",
+        "data/source.json",
+        "data/tokenizer.json",
+    ):
+        assert (run_dir / name).is_file(), name
+    assert len(list((run_dir / "checkpoints").iterdir())) == 1
+
+
+def test_generate_streams_with_dashed_flags(run_dir, capsys):
+    code = main(
+        [
+            "generate",
+            "--ckpt",
+            str(run_dir),
+            "--max-new-tokens",
+            "15",
+            "--top-p",
+            "0.9",
+            "--seed",
+            "4",
+            "to be",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("to be") and len(out.rstrip("\n")) == len("to be") + 15
+    assert (
+        main(
+            [
+                "generate",
+                "--ckpt",
+                str(run_dir),
+                "--max_new_tokens",
+                "15",
+                "--top_p",
+                "0.9",
+                "--seed",
+                "4",
+                "--no_stream",
+                "true",
+                "to be",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out == out  # streamed == not streamed, same seed
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--top_p", "0"], "top_p"),
+        (["--temperature", "-1"], "temperature"),
+        (["--num_beams", "0"], "num_beams"),
+        (["--max_new_tokens", "100"], "context"),
+    ],
+)
+def test_bad_decoding_settings_exit_2_with_one_line(run_dir, capsys, args, message):
+    code = main(["generate", "--ckpt", str(run_dir), *args, "to be"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("lmlab: error:") and message in err and err.count("\n") == 1
+    assert "Traceback" not in err
+
+
+def test_user_errors_exit_2(tmp_path, capsys):
+    assert main(["generate", "--ckpt", str(tmp_path / "missing"), "x"]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert main(["train", "--model", "gpt-tiny", "--train.out_dir", str(tmp_path / "r")]) == 2
+    assert "did you mean" in capsys.readouterr().err
+    assert (
+        main(
+            ["train", "--data", str(tmp_path / "none.txt"), "--train.out_dir", str(tmp_path / "r")]
+        )
+        == 2
+    )
+    assert "none.txt" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "checkpoints").exists()  # nothing was trained
+    assert main(["frobnicate"]) == 2
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    assert main(["--debug", "generate", "--ckpt", str(tmp_path / "missing"), "x"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_normalise_flags_keeps_values():
+    assert normalise_flags(["--top-p=0.9", "--stop", "--a-b", "-x", "a-b"]) == [
+        "--top_p=0.9",
+        "--stop",
+        "--a_b",
+        "-x",
+        "a-b",
+    ]
+
+
+def test_python_dash_m_and_help():
+    out = subprocess.run(
+        [sys.executable, "-m", "lmlab", "generate", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "--top_p" in out and "Nucleus sampling" in out  # field docs reach --help

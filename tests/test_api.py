@@ -1,0 +1,97 @@
+import json
+import math
+
+import pytest
+import torch
+
+import lmlab
+from lmlab.api import load, model_spec_from, prepare_data, train
+from lmlab.errors import CheckpointError, ConfigError, DecodingError
+from lmlab.train import TrainConfig
+
+TINY = {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "max_seq_len": 32}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    corpus = root / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    config = TrainConfig(
+        out_dir=str(root / "run"),
+        max_steps=30,
+        batch_size=8,
+        seq_len=32,
+        warmup_steps=5,
+        eval_interval=15,
+        progress=False,
+    )
+    result = train("gpt-char-tiny", str(corpus), "char", model_overrides=TINY, config=config)
+    assert result.step == 30
+    return root / "run"
+
+
+def test_train_then_load_generates_and_scores(run_dir):
+    lm = lmlab.load(run_dir)
+    assert lm.tokenizer.kind == "char" and lm.model.config.d_model == 32
+    text = lm.generate("the quick", max_new_tokens=12, temperature=0)
+    assert isinstance(text, str) and len(text) == 12  # char tokenizer: one char per token
+    assert lm.generate("the quick", max_new_tokens=12, temperature=0) == text
+    pieces = list(lm.stream("the quick", max_new_tokens=12, temperature=0.8, seed=3))
+    assert "".join(pieces) == lm.generate("the quick", max_new_tokens=12, temperature=0.8, seed=3)
+    ppl = lm.perplexity("the quick brown fox jumps over the lazy dog. " * 3)
+    assert 1.0 < ppl < lm.tokenizer.vocab_size  # trained: better than uniform over the vocab
+
+
+def test_load_dtypes(run_dir):
+    exact = load(run_dir)
+    assert next(exact.model.parameters()).dtype == torch.float32
+    bf16 = load(run_dir, dtype="bfloat16")
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="dtype='fp8'"):
+        load(run_dir, dtype="fp8")
+
+
+def test_resumed_run_reuses_its_data_and_refuses_other_data(run_dir):
+    data = json.loads((run_dir / "data" / "source.json").read_text())["data"]
+    tok, train_ids, val_ids = prepare_data(data, run_dir)  # found, not rebuilt
+    assert tok.vocab_size == load(run_dir).tokenizer.vocab_size
+    assert len(train_ids) > len(val_ids) > 0
+    with pytest.raises(ConfigError, match="prepared from"):
+        prepare_data(data + ".other", run_dir)
+    with pytest.raises(ConfigError, match="prepared from"):
+        prepare_data(data, run_dir, tokenizer="byte")
+
+
+def test_bad_requests_are_clear_errors(run_dir, tmp_path):
+    lm = load(run_dir)
+    with pytest.raises(DecodingError, match="top_p"):
+        lm.generate("the", top_p=0.0)
+    with pytest.raises(DecodingError, match="did you mean 'temperature'"):
+        lm.generate("the", temprature=0.5)
+    with pytest.raises(DecodingError, match="context"):
+        lm.generate("the " * 20, max_new_tokens=10)
+    with pytest.raises(CheckpointError):
+        load(tmp_path / "nothing-here")
+    with pytest.raises(ConfigError, match="did you mean 'gpt-char-tiny'"):
+        model_spec_from("gpt-char-tine")
+
+
+def test_model_spec_file(tmp_path):
+    f = tmp_path / "m.yaml"
+    f.write_text("family: transformer\nvocab_size: 10\nd_model: 16\nn_heads: 2\n")
+    assert model_spec_from(str(f), {"n_layers": 1}) == {
+        "family": "transformer",
+        "vocab_size": 10,
+        "d_model": 16,
+        "n_heads": 2,
+        "n_layers": 1,
+    }
+
+
+def test_perplexity_matches_exp_of_mean_training_loss_definition(run_dir):
+    lm = load(run_dir)
+    ids = lm.tokenizer.encode("the lazy dog jumps")  # shorter than the 32-token context
+    logits = lm.model(torch.tensor([ids[:-1]]))[0]
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]))
+    assert lm.perplexity("the lazy dog jumps") == pytest.approx(math.exp(expected.item()), rel=1e-5)
