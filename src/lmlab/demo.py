@@ -64,7 +64,7 @@ def val_loss(lm: LM, ids, seq_len: int) -> float:
 def demo(
     out_dir: str = "runs/demo",
     prompt: str = "ROMEO:",
-    max_new_tokens: int = 200,
+    max_new_tokens: int = 120,
     max_steps: int | None = None,
     seed: int = 1337,
     progress: bool = True,
@@ -74,7 +74,8 @@ def demo(
     Args:
         out_dir: the run directory (checkpoints, metrics.jsonl, loss.png, samples.md).
         prompt: the text every decoding method continues.
-        max_new_tokens: characters generated per method.
+        max_new_tokens: characters generated per method (prompt + these must fit the
+            128-character context).
         max_steps: override the demo's training steps (fewer for a quick look).
         seed: seeds training and sampling.
         progress: show the training progress bar.
