@@ -16,10 +16,13 @@ def run(args) -> None:
     result = demo(**options)
     train = result.train
     print()
-    print(
-        f"trained gpt-char-tiny for {train.step} steps ({train.wall_time_s:.0f} s this call, "
-        f"{train.tokens_per_s:,.0f} tokens/s)"
-    )
+    if train.train_losses:
+        print(
+            f"trained gpt-char-tiny for {train.step} steps ({train.wall_time_s:.0f} s, "
+            f"{train.tokens_per_s:,.0f} tokens/s)"
+        )
+    else:
+        print(f"found the finished run in {result.out_dir} ({train.step} steps): delete it to retrain")
     print(
         f"validation loss {result.val_loss:.4f} nats/char, perplexity {result.val_perplexity:.2f} "
         "(whole validation split)"

@@ -174,7 +174,8 @@ def train(
     t_start = t_log = time.perf_counter()
     tokens_at_start = tokens_at_log = tokens_seen
     since_log: list[float] = []
-    last_eval = None
+    # A run resumed when already finished evaluates nothing again (nothing changed).
+    last_eval = step if resume_from is not None and step >= config.max_steps else None
     in_step = applying = False
     step_start_data, step_start_rng = batches.state_dict(), None
     try:
