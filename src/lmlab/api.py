@@ -33,6 +33,7 @@ from lmlab.data import (
 )
 from lmlab.errors import ConfigError
 from lmlab.eval.perplexity import perplexity as _perplexity
+from lmlab.fileio import atomic_write_json
 from lmlab.generate import SamplingParams, generate_text, stream_text
 from lmlab.models import build_model, get_preset
 from lmlab.train import TrainConfig, TrainResult
@@ -166,7 +167,7 @@ def prepare_data(
     encode_to_file(val_text, tok, val_file)
     tok.save(folder)
     # written last: its presence means the folder is complete
-    source_file.write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
+    atomic_write_json(source_file, source)
     return tok, read_tokens(train_file), read_tokens(val_file)
 
 

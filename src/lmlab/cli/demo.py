@@ -22,7 +22,9 @@ def run(args) -> None:
             f"{train.tokens_per_s:,.0f} tokens/s)"
         )
     else:
-        print(f"found the finished run in {result.out_dir} ({train.step} steps): delete it to retrain")
+        print(
+            f"found the finished run in {result.out_dir} ({train.step} steps): delete it to retrain"
+        )
     print(
         f"validation loss {result.val_loss:.4f} nats/char, perplexity {result.val_perplexity:.2f} "
         "(whole validation split)"

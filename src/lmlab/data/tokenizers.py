@@ -31,7 +31,6 @@ import inspect
 import itertools
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ import tokenizers
 
 from lmlab.data.corpus import text_blocks
 from lmlab.errors import ConfigError, DataError, DataNotFoundError, closest
+from lmlab.fileio import atomic_write_json, atomic_write_text
 
 TOKENIZER_FILE = "tokenizer.json"
 # Beside a BPE tokenizer.json, as in Hugging Face model folders: tokenizer.json has no
@@ -157,7 +157,7 @@ class CharTokenizer(Tokenizer):
 
     def save(self, directory: str | os.PathLike[str]) -> None:
         data = {"kind": self.kind, "chars": self.chars, "unk": self.unk}
-        _write_json(Path(directory) / TOKENIZER_FILE, data)
+        atomic_write_json(Path(directory) / TOKENIZER_FILE, data)
 
 
 class ByteTokenizer(Tokenizer):
@@ -184,7 +184,7 @@ class ByteTokenizer(Tokenizer):
         return data.decode("utf-8", errors="replace")
 
     def save(self, directory: str | os.PathLike[str]) -> None:
-        _write_json(Path(directory) / TOKENIZER_FILE, {"kind": self.kind})
+        atomic_write_json(Path(directory) / TOKENIZER_FILE, {"kind": self.kind})
 
 
 class BPETokenizer(Tokenizer):
@@ -298,8 +298,8 @@ class BPETokenizer(Tokenizer):
 
     def save(self, directory: str | os.PathLike[str]) -> None:
         directory = Path(directory)
-        _write_text(directory / TOKENIZER_FILE, self.tokenizer.to_str(pretty=True))
-        _write_json(directory / TOKENIZER_CONFIG_FILE, {"eos_token": self.eos_token})
+        atomic_write_text(directory / TOKENIZER_FILE, self.tokenizer.to_str(pretty=True))
+        atomic_write_json(directory / TOKENIZER_CONFIG_FILE, {"eos_token": self.eos_token})
 
     def __repr__(self) -> str:
         return f"BPETokenizer(vocab_size={self.vocab_size}, eos_token={self.eos_token!r})"
@@ -434,20 +434,3 @@ def _config_eos_token(file: Path) -> str | None:
     if isinstance(eos, dict):
         eos = eos.get("content")
     return eos if isinstance(eos, str) else None
-
-
-def _write_json(file: Path, obj: Any) -> None:
-    _write_text(file, json.dumps(obj, indent=1) + "\n")
-
-
-def _write_text(file: Path, text: str) -> None:
-    """Write atomically: a crash mid-save leaves the previous file, never half of one."""
-    file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, file)
-    except BaseException:
-        os.unlink(tmp)
-        raise

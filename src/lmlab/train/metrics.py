@@ -20,6 +20,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lmlab.fileio import atomic_write_text
+
 
 class MetricsLog:
     """Appends events to a metrics.jsonl file, one flushed line each."""
@@ -76,9 +78,7 @@ def truncate_after_checkpoint(path: str | os.PathLike, step: int) -> None:
             cut = i + 1
     if cut is None or cut == len(lines):
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines[:cut]), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in lines[:cut]))
 
 
 def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> None:

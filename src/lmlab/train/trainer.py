@@ -26,7 +26,6 @@ import functools
 import json
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -53,6 +52,7 @@ from lmlab.checkpoint.io import (
     save_checkpoint,
 )
 from lmlab.errors import CheckpointError, ConfigError
+from lmlab.fileio import atomic_write_json
 from lmlab.models import model_spec
 from lmlab.train.batches import Tokens, TrainBatches, fixed_batches
 from lmlab.train.config import TrainConfig
@@ -147,7 +147,7 @@ def train(
         if use_bf16
         else contextlib.nullcontext
     )
-    _write_json_atomic(
+    atomic_write_json(
         out_dir / "config.json",
         {
             "model": spec,
@@ -539,9 +539,3 @@ def resolve_precision(precision: str, device: torch.device) -> bool:
     if precision == "fp32":
         return False
     return bf16_supported(device)
-
-
-def _write_json_atomic(file: Path, obj: Any) -> None:
-    tmp = file.with_name(f".{file.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, file)

@@ -1,0 +1,30 @@
+"""Atomic file writes: a crash mid-write leaves the previous file, never half of one.
+
+Write to a temporary name in the same directory (so the rename stays on one filesystem),
+then ``os.replace`` it over the target in one step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_text(file: str | os.PathLike, text: str) -> None:
+    file = Path(file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, file)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(file: str | os.PathLike, obj: Any, indent: int = 2) -> None:
+    atomic_write_text(file, json.dumps(obj, indent=indent) + "\n")
