@@ -10,13 +10,14 @@ FLOP/s of lmlab's run as a share of the bf16 matmul ceiling measured in this run
 Model FLOPs per token (Kaplan et al. 2020, PaLM appendix B): 6 N for the weights (forward
 + backward) plus 12 L T D for attention scores and their weighted sums.
 
-Usage: python bench/train_throughput.py [--shape tiny|small|both] [--loss-steps 200]
+Usage: python bench/train_throughput.py [--shape tiny|small|both] [--loss-steps 200] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import tempfile
 import time
 
@@ -195,7 +196,9 @@ SHAPES = {
 }
 
 
-def run_shape(name: str, train_ids, val_ids, vocab: int, loss_steps: int, ceiling: float) -> None:
+def run_shape(
+    name: str, train_ids, val_ids, vocab: int, loss_steps: int, ceiling: float, rounds: int
+) -> None:
     shape = SHAPES[name]
     spec = {**get_preset(shape["preset"]), **shape["overrides"], "vocab_size": vocab}
     torch.manual_seed(0)
@@ -221,15 +224,24 @@ def run_shape(name: str, train_ids, val_ids, vocab: int, loss_steps: int, ceilin
         model.load_state_dict(init.state_dict())
         return model
 
-    ours = lmlab_rate(fresh(), train_ids, config, warmup)
-    ref = plain_rate(plain_from_lmlab(fresh()), train_ids, config, warmup)
+    # Alternate the two (A B A B ...) and take medians, so that a slow spell of the
+    # machine does not land on one side only.
+    ours_runs, ref_runs = [], []
+    for _ in range(rounds):
+        ours_runs.append(lmlab_rate(fresh(), train_ids, config, warmup))
+        ref_runs.append(plain_rate(plain_from_lmlab(fresh()), train_ids, config, warmup))
+    ours, ref = statistics.median(ours_runs), statistics.median(ref_runs)
+    spread = [o / r for o, r in zip(ours_runs, ref_runs)]
     mfu = ours * flops_per_token(init) / ceiling
     print(
         f"[{name}] {shape['preset']}: {sum(p.numel() for p in init.parameters()):,} parameters, "
         f"batch {shape['batch_size']} x {ctx} tokens"
     )
     print(f"  plain fp32 loop  {ref:9,.0f} tokens/s")
-    print(f"  lmlab trainer    {ours:9,.0f} tokens/s   ratio {ours / ref:.2f}x")
+    print(
+        f"  lmlab trainer    {ours:9,.0f} tokens/s   ratio {ours / ref:.2f}x "
+        f"(median of {rounds} alternating rounds; per-round ratios {min(spread):.2f}-{max(spread):.2f})"
+    )
     print(
         f"  lmlab model FLOP/s {ours * flops_per_token(init) / 1e9:.1f} G = {mfu:.2f} of the bf16 matmul ceiling"
     )
@@ -260,6 +272,7 @@ def main() -> None:
     )
     ap.add_argument("--shape", choices=["tiny", "small", "both"], default="both")
     ap.add_argument("--loss-steps", type=int, default=200, help="0 skips the loss comparison")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating timing rounds per side")
     args = ap.parse_args()
     text = load_corpus("tinyshakespeare")
     tok = CharTokenizer.train(text)
@@ -278,6 +291,7 @@ def main() -> None:
             tok.vocab_size,
             args.loss_steps if name == "tiny" else 0,
             ceiling,
+            args.rounds,
         )
 
 

@@ -12,7 +12,6 @@ Every CLI command is one of these functions; ``lmlab.cli`` only parses and print
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lmlab.checkpoint.io import load_model, resolve_checkpoint
+from lmlab.checkpoint.io import load_model
 from lmlab.data import (
     encode_to_file,
     load_corpus,
@@ -38,8 +37,7 @@ from lmlab.generate import SamplingParams, generate_text, stream_text
 from lmlab.models import build_model, get_preset
 from lmlab.train import TrainConfig, TrainResult
 from lmlab.train import train as _train_loop
-
-log = logging.getLogger(__name__)
+from lmlab.train.trainer import bf16_supported
 
 _DTYPES = {
     "float32": torch.float32,
@@ -52,8 +50,6 @@ _DTYPES = {
 def default_dtype(device: torch.device | str = "cpu") -> torch.dtype:
     """bfloat16 where the device computes it natively (this repo's CPUs: AVX-512 BF16),
     else float32: the dtype ``load(..., dtype="auto")`` picks for inference."""
-    from lmlab.train.trainer import bf16_supported
-
     return torch.bfloat16 if bf16_supported(torch.device(device)) else torch.float32
 
 
@@ -199,8 +195,3 @@ def train(
     net = build_model({**spec, "vocab_size": tok.vocab_size})
     result = _train_loop(net, train_ids, val_ids, config, tokenizer=tok)
     return result
-
-
-def checkpoint_path(path: str | os.PathLike) -> Path:
-    """The checkpoint directory that ``load(path)`` would read."""
-    return resolve_checkpoint(path)
