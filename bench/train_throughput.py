@@ -16,6 +16,7 @@ Usage: python bench/train_throughput.py [--shape tiny|small|both] [--loss-steps 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 import tempfile
@@ -232,6 +233,9 @@ def run_shape(
         ref_runs.append(plain_rate(plain_from_lmlab(fresh()), train_ids, config, warmup))
     ours, ref = statistics.median(ours_runs), statistics.median(ref_runs)
     spread = [o / r for o, r in zip(ours_runs, ref_runs)]
+    # One extra round with TrainConfig.compile; timing starts after step 3, so the
+    # compilation itself (20-40 s here) is not counted.
+    compiled = lmlab_rate(fresh(), train_ids, dataclasses.replace(config, compile=True), warmup)
     mfu = ours * flops_per_token(init) / ceiling
     print(
         f"[{name}] {shape['preset']}: {sum(p.numel() for p in init.parameters()):,} parameters, "
@@ -241,6 +245,10 @@ def run_shape(
     print(
         f"  lmlab trainer    {ours:9,.0f} tokens/s   ratio {ours / ref:.2f}x "
         f"(median of {rounds} alternating rounds; per-round ratios {min(spread):.2f}-{max(spread):.2f})"
+    )
+    print(
+        f"  lmlab + compile  {compiled:9,.0f} tokens/s   ratio {compiled / ref:.2f}x "
+        "(one round, compilation not counted)"
     )
     print(
         f"  lmlab model FLOP/s {ours * flops_per_token(init) / 1e9:.1f} G = {mfu:.2f} of the bf16 matmul ceiling"

@@ -628,3 +628,22 @@ def test_time_budget_stops_and_saves(make_toy, tmp_path):
 def test_seq_len_longer_than_the_context_is_an_error(make_toy, tmp_path):
     with pytest.raises(ConfigError, match="seq_len=32 .*max_seq_len\\) is 16"):
         train(make_toy(), DATA, VAL, settings(tmp_path, seq_len=32))
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path):
+    """torch.compile (inductor) fuses and reorders float32 arithmetic, so losses agree to
+    about 1e-5 relative rather than bit for bit; 1e-4 leaves room over 6 steps."""
+    config = dict(max_steps=6, batch_size=2, seq_len=16)
+    # no dropout: inductor draws its own random masks, so only deterministic maths compares
+    eager, compiled = make_gpt(dropout=0.0), make_gpt(dropout=0.0)
+    compiled.load_state_dict(eager.state_dict())
+    want = train(eager, DATA, VAL, settings(tmp_path, "eager", **config))
+    got = train(compiled, DATA, VAL, settings(tmp_path, "compiled", compile=True, **config))
+    assert [s for s, _ in got.train_losses] == [s for s, _ in want.train_losses]
+    torch.testing.assert_close(
+        torch.tensor([loss for _, loss in got.train_losses]),
+        torch.tensor([loss for _, loss in want.train_losses]),
+        rtol=1e-4,
+        atol=1e-5,
+    )

@@ -141,6 +141,8 @@ def train(
             load_weights(model, resolve_checkpoint(config.init_from))
         torch.manual_seed(config.seed)
 
+    # The compiled module shares the model's parameters; checkpoints still use `model`.
+    forward = torch.compile(model) if config.compile else model
     use_bf16 = resolve_precision(config.precision, device)
     autocast = (
         functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
@@ -188,7 +190,7 @@ def train(
             lr = lr_at(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = _accumulate_gradients(model, batches, config.grad_accum, device, autocast)
+            loss = _accumulate_gradients(forward, batches, config.grad_accum, device, autocast)
             grad_norm = _grad_norm(params, config.grad_clip)
             # The step's one sync: the guards need both numbers on the host.
             loss_value, norm_value = torch.stack([loss, grad_norm.to(loss)]).tolist()
