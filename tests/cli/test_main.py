@@ -143,3 +143,16 @@ def test_python_dash_m_and_help():
         check=True,
     ).stdout
     assert "--top_p" in out and "Nucleus sampling" in out  # field docs reach --help
+
+
+def test_side_by_side_columns_and_narrow_fallback():
+    from lmlab.cli.demo import side_by_side
+
+    out = side_by_side({"greedy": "ab\ncd", "beam": "xyz long line here"}, width=60)
+    lines = out.splitlines()
+    assert lines[0].startswith("greedy") and "beam" in lines[0]
+    assert lines[2].startswith("ab") and "xyz long line here" in lines[2]
+    assert lines[3].startswith("cd")
+    assert all(len(line) <= 60 for line in lines)
+    narrow = side_by_side({"greedy": "ab", "beam": "xy"}, width=40)
+    assert narrow == "--- greedy\nab\n\n--- beam\nxy"

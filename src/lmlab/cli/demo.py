@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import textwrap
+
 from jsonargparse import ArgumentParser
 
 from lmlab.demo import demo
@@ -29,12 +32,28 @@ def run(args) -> None:
         f"validation loss {result.val_loss:.4f} nats/char, perplexity {result.val_perplexity:.2f} "
         "(whole validation split)"
     )
+    print()
     prompt = options["prompt"]
-    for label, text in result.samples.items():
-        print()
-        print(f"--- {label} " + "-" * max(0, 60 - len(label)))
-        print(prompt + text)
+    print(side_by_side({label: prompt + text for label, text in result.samples.items()}))
     print()
     print(
         f"saved: {result.out_dir}/loss.png, {result.out_dir}/samples.md, checkpoints in {result.out_dir}/checkpoints"
     )
+
+
+def side_by_side(columns: dict[str, str], width: int | None = None, gap: int = 3) -> str:
+    """Texts in labelled columns across the terminal; one block after another when the
+    terminal is too narrow for columns of at least 24 characters."""
+    width = width or shutil.get_terminal_size((120, 24)).columns
+    col = (width - gap * (len(columns) - 1)) // len(columns)
+    if col < 24:
+        return "\n\n".join(f"--- {label}\n{text}" for label, text in columns.items())
+    wrapped = []
+    for label, text in columns.items():
+        lines = [label[:col], "-" * min(col, len(label))]
+        for line in text.splitlines():
+            lines += textwrap.wrap(line, col) or [""]
+        wrapped.append(lines)
+    height = max(len(lines) for lines in wrapped)
+    rows = zip(*(lines + [""] * (height - len(lines)) for lines in wrapped))
+    return "\n".join((" " * gap).join(cell.ljust(col) for cell in row).rstrip() for row in rows)
