@@ -1,0 +1,203 @@
+import doctest
+import math
+
+import nltk.lm
+import pytest
+import torch
+
+from lmlab.errors import ConfigError
+from lmlab.models import build_model, model_spec
+from lmlab.models import ngram as ngram_module
+from lmlab.models.ngram import NGramConfig, NGramLM, modified_kn_discounts, ngram_perplexity
+
+# Perplexities are exp(mean log p) over a few hundred tokens, both sides in float64;
+# they differ only by summation order, so 1e-6 relative is generous yet catches any
+# wrong count or formula (those move perplexity by percent).
+RTOL = 1e-6
+V = 6  # real tokens 0..5
+
+
+def make_data(order: int, seed: int = 0):
+    """Seeded train/test ids over V tokens; the test starts like the training text so its
+    BOS-padded first contexts were seen in training (where nltk and lmlab differ, see
+    the module docstring)."""
+    g = torch.Generator().manual_seed(seed)
+    train = torch.randint(0, V, (3000,), generator=g)
+    test = torch.cat([train[: order - 1], torch.randint(0, V, (300,), generator=g)])
+    return train, test
+
+
+def nltk_ngrams(ids, order: int) -> list[tuple[str, ...]]:
+    """lmlab's n-grams as nltk tuples: left padding with n-1 "<s>", and every m-gram
+    (m = 1..n) that ends on a real token (pad_both_ends without the right side)."""
+    words = ["<s>"] * (order - 1) + [str(i) for i in ids.tolist()]
+    return [
+        tuple(words[t + order - m : t + order])
+        for t in range(len(ids))
+        for m in range(1, order + 1)
+    ]
+
+
+def nltk_perplexity(lm_cls, train, test, order: int, **kw) -> float:
+    lm = lm_cls(order=order, **kw)
+    lm.fit([nltk_ngrams(train, order)], vocabulary_text=[str(i) for i in range(V)] + ["<s>"])
+    # nltk's vocabulary also holds "<s>" and "<UNK>", and Lidstone normalises over all of
+    # it: lmlab gets two never-seen ids (V, V+1) so both divide by the same V + 2.
+    assert len(lm.vocab) == V + 2
+    words = ["<s>"] * (order - 1) + [str(i) for i in test.tolist()]
+    return lm.perplexity([tuple(words[t : t + order]) for t in range(len(test))])
+
+
+def lmlab_perplexity(train, test, **kw) -> float:
+    model = NGramLM(NGramConfig(vocab_size=V + 2, **kw)).fit(train)
+    return ngram_perplexity(model, test)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_ngram_matches_nltk_mle(order):
+    train, test = make_data(order)
+    ours = lmlab_perplexity(train, test, order=order, smoothing="mle")
+    assert math.isfinite(ours)
+    assert ours == pytest.approx(nltk_perplexity(nltk.lm.MLE, train, test, order), rel=RTOL)
+
+
+@pytest.mark.parametrize("order", [1, 3])
+def test_ngram_matches_nltk_laplace(order):
+    train, test = make_data(order, seed=1)
+    ours = lmlab_perplexity(train, test, order=order, smoothing="add_k", k=1.0)
+    assert ours == pytest.approx(nltk_perplexity(nltk.lm.Laplace, train, test, order), rel=RTOL)
+
+
+@pytest.mark.parametrize("order", [2, 4])
+def test_ngram_matches_nltk_lidstone(order):
+    train, test = make_data(order, seed=2)
+    ours = lmlab_perplexity(train, test, order=order, smoothing="add_k", k=0.3)
+    theirs = nltk_perplexity(nltk.lm.Lidstone, train, test, order, gamma=0.3)
+    assert ours == pytest.approx(theirs, rel=RTOL)
+
+
+@pytest.mark.parametrize(("order", "discount"), [(2, 0.1), (3, 0.1), (3, 0.75), (4, 0.5)])
+def test_ngram_matches_nltk_kneser_ney(order, discount):
+    train, test = make_data(order, seed=3)
+    ours = lmlab_perplexity(
+        train, test, order=order, smoothing="kneser_ney", discount=discount, uniform_floor=False
+    )
+    theirs = nltk_perplexity(nltk.lm.KneserNeyInterpolated, train, test, order, discount=discount)
+    assert ours == pytest.approx(theirs, rel=RTOL)
+
+
+def test_kneser_ney_unseen_token_where_nltk_gives_zero():
+    # Token 5 never occurs in training. nltk's KN unigram is a continuation-count ratio,
+    # 0 for a token never seen after anything, and nothing lower catches it: probability 0,
+    # infinite perplexity. lmlab's uniform floor (Chen & Goodman's 0th order) keeps it > 0.
+    train, _ = make_data(3, seed=4)
+    train = train[train != 5]
+    test = torch.cat([train[:2], torch.tensor([5, 1, 2])])
+    lm = nltk.lm.KneserNeyInterpolated(order=3, discount=0.1)
+    lm.fit([nltk_ngrams(train, 3)], vocabulary_text=[str(i) for i in range(V)] + ["<s>"])
+    assert lm.score("5", ("0", "1")) == 0.0
+    assert nltk_perplexity(nltk.lm.KneserNeyInterpolated, train, test, 3) == math.inf
+
+    floored = lmlab_perplexity(train, test, order=3, smoothing="kneser_ney", discount=0.1)
+    assert math.isfinite(floored)
+    with pytest.warns(UserWarning, match="probability 0"):
+        nltk_like = lmlab_perplexity(
+            train, test, order=3, smoothing="kneser_ney", discount=0.1, uniform_floor=False
+        )
+    assert nltk_like == math.inf
+
+
+def test_mle_unseen_ngram_is_infinite_and_named():
+    train = torch.tensor([0, 1, 0, 1, 0, 1])
+    model = NGramLM(NGramConfig(vocab_size=3, order=2, smoothing="mle")).fit(train)
+    with pytest.warns(UserWarning, match=r"\(1, 1\) at position 2"):
+        assert ngram_perplexity(model, torch.tensor([0, 1, 1])) == math.inf
+    assert math.isfinite(ngram_perplexity(model, torch.tensor([0, 1, 0])))
+
+
+def test_modified_kn_discounts_hand_worked():
+    # n1..n4 = 10, 5, 3, 2: Y = 10 / (10 + 2*5) = 0.5; D1 = 1 - 2*0.5*5/10 = 0.5;
+    # D2 = 2 - 3*0.5*3/5 = 1.1; D3+ = 3 - 4*0.5*2/3 = 5/3. (The 9 counts toward no n_i.)
+    counts = torch.tensor([1] * 10 + [2] * 5 + [3] * 3 + [4] * 2 + [9])
+    torch.testing.assert_close(
+        modified_kn_discounts(counts), torch.tensor([0.5, 1.1, 5 / 3], dtype=torch.float64)
+    )
+
+
+def test_hand_worked_counts():
+    # [1, 2, 1, 2] with n = 2: bigrams (BOS 1), (1 2) x2, (2 1); MLE p(2 | 1) = 2/2,
+    # p(1 | 2) = 1/1, p(1 | BOS) = 1; unigram p(1) = 2/4.
+    model = NGramLM(NGramConfig(vocab_size=3, order=2, smoothing="mle")).fit([1, 2, 1, 2])
+    probs = model(torch.tensor([[1, 2]])).exp()
+    torch.testing.assert_close(probs[0, 0], torch.tensor([0.0, 0.0, 1.0]))
+    torch.testing.assert_close(probs[0, 1], torch.tensor([0.0, 1.0, 0.0]))
+    assert model.counts_1.tolist() == [2, 2]
+    # codes ctx * V + w in base V + 1 = 4 with BOS = 3: (1 2) = 5, (2 1) = 7, (BOS 1) = 10
+    assert model.keys_2.tolist() == [5, 7, 10] and model.counts_2.tolist() == [2, 1, 1]
+    # the context (0,) was never seen: it backs off to the unigram distribution
+    torch.testing.assert_close(model(torch.tensor([[0]])).exp()[0, 0], torch.tensor([0, 0.5, 0.5]))
+
+
+@pytest.mark.parametrize(
+    ("smoothing", "order"),
+    [(s, n) for s in ngram_module.SMOOTHINGS for n in (1, 2, 4) if n > 1 or "kneser" not in s],
+)
+def test_forward_is_a_distribution(smoothing, order):
+    g = torch.Generator().manual_seed(5)
+    train = torch.randint(0, 7, (400,), generator=g)  # ids 7..9 never seen
+    model = build_model(dict(family="ngram", vocab_size=10, order=order, smoothing=smoothing))
+    model.fit(train)
+    ids = torch.randint(0, 10, (3, 17), generator=g)  # seen and unseen contexts and tokens
+    logp = model(ids)
+    assert logp.shape == (3, 17, 10) and logp.dtype == torch.float32
+    torch.testing.assert_close(logp.exp().sum(-1), torch.ones(3, 17))
+    if smoothing != "mle":
+        assert torch.isfinite(logp).all()
+
+
+def test_batch_rows_and_mask_match_single_rows():
+    g = torch.Generator().manual_seed(6)
+    model = NGramLM(NGramConfig(vocab_size=5, order=3)).fit(
+        torch.randint(0, 5, (500,), generator=g)
+    )
+    ids = torch.randint(0, 5, (2, 9), generator=g)
+    full = model.log_probs(ids)
+    for b in range(2):
+        torch.testing.assert_close(model.log_probs(ids[b : b + 1])[0], full[b])
+    # left padding: masked tokens read as BOS, so the real suffix scores as if alone
+    padded = torch.cat([torch.tensor([[4, 4]]), ids[:1]], dim=1)
+    mask = torch.tensor([[False, False] + [True] * 9])
+    torch.testing.assert_close(model.log_probs(padded, mask)[0, 2:], full[0])
+
+
+def test_no_parameters_and_save_load_roundtrip():
+    g = torch.Generator().manual_seed(7)
+    model = NGramLM(NGramConfig(vocab_size=5, order=3, smoothing="modified_kneser_ney"))
+    model.fit(torch.randint(0, 5, (300,), generator=g))
+    assert list(model.parameters()) == []
+    rebuilt = build_model(model_spec(model))
+    rebuilt.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 5, (2, 8), generator=g)
+    assert torch.equal(rebuilt(ids), model(ids))
+
+
+def test_errors():
+    with pytest.raises(ConfigError, match="smoothing='good_turing'.*kneser_ney"):
+        NGramConfig(vocab_size=5, smoothing="good_turing")
+    with pytest.raises(ConfigError, match="order=1.*>= 2"):
+        NGramConfig(vocab_size=5, order=1, smoothing="kneser_ney")
+    with pytest.raises(ConfigError, match="discount=1.5"):
+        NGramConfig(vocab_size=5, discount=1.5)
+    with pytest.raises(ConfigError, match="int64"):
+        NGramConfig(vocab_size=50257, order=5)
+    model = NGramLM(NGramConfig(vocab_size=5))
+    with pytest.raises(ConfigError, match="fit"):
+        model(torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ConfigError, match=r"\[0, 5\)"):
+        model.fit([0, 1, 7])
+    with pytest.raises(ConfigError, match="cache"):
+        model.fit([0, 1, 2])(torch.zeros(1, 3, dtype=torch.long), cache=object())
+
+
+def test_docstring_examples():
+    assert doctest.testmod(ngram_module).failed == 0
