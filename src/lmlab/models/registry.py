@@ -140,6 +140,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         bias=False,
         tie_embeddings=False,
     ),
+    # The ladder of models below the transformer, sized for characters (issue 3's rungs).
+    "bigram-char": dict(family="bigram", vocab_size=None),
+    "mlp-char": dict(family="mlp", vocab_size=None, d_model=64, context=8, d_ff=512),
+    "bag-char": dict(family="bag", vocab_size=None, d_model=64, d_ff=512, reduce="mean"),
+    "rnn-char": dict(family="recurrent", vocab_size=None, cell="rnn", d_model=256, n_layers=2),
+    "gru-char": dict(family="recurrent", vocab_size=None, cell="gru", d_model=256, n_layers=2),
+    "lstm-char": dict(family="recurrent", vocab_size=None, cell="lstm", d_model=256, n_layers=2),
     # SmolLM2-135M's shape (Llama architecture), for imported weights.
     "smollm2-135m": dict(
         family="transformer",
