@@ -647,3 +647,30 @@ def test_compiled_training_matches_eager(tmp_path):
         rtol=1e-4,
         atol=1e-5,
     )
+
+
+LADDER = {
+    "bigram": dict(family="bigram", d_model=16),
+    "mlp": dict(family="mlp", d_model=8, context=3, d_ff=16, dropout=0.1, direct=True),
+    "bag": dict(family="bag", d_model=8, d_ff=16, dropout=0.1),
+    "rnn": dict(family="recurrent", cell="rnn", d_model=16, n_layers=2, dropout=0.1),
+    "gru": dict(family="recurrent", cell="gru", d_model=16, n_layers=1),
+    "lstm": dict(family="recurrent", cell="lstm", d_model=16, n_layers=2, dropout=0.1),
+}
+
+
+@pytest.mark.parametrize("name", list(LADDER))
+def test_every_family_resumes_bit_exact(name, tmp_path):
+    """Item 1 for the ladder: stop at step 5, crash, resume from the step-3 checkpoint;
+    steps 4..6 and the final parameters equal the uninterrupted run (dropout included)."""
+
+    def make(seed=0):
+        torch.manual_seed(seed)
+        return build_model({**LADDER[name], "vocab_size": 32})
+
+    config = dict(max_steps=6, ckpt_interval=3, grad_accum=2, batch_size=2, seq_len=16)
+    reference = make()
+    want = train(reference, DATA, VAL, settings(tmp_path, "a", **config))
+    result, resumed = crash_and_resume(make, settings(tmp_path, "b", **config), crash_step=5)
+    assert result.train_losses == after(want.train_losses, 3)
+    assert_same_params(resumed, reference)
