@@ -45,3 +45,35 @@ def test_bad_input_is_a_clear_error():
         token_nll(model, [3])
     with pytest.raises(ConfigError, match="stride=20"):
         token_nll(model, list(range(20)), stride=20)
+
+
+def test_parameter_free_models_are_scored_too():
+    from lmlab.models import build_model as build
+
+    ngram = build({"family": "ngram", "vocab_size": 30, "order": 2})
+    ids = torch.randint(0, 30, (200,))
+    ngram.fit(ids)
+    nll = token_nll(ngram, ids[:50])
+    assert nll.shape == (49,) and torch.isfinite(nll).all()
+
+
+def test_context_scores_unbounded_models_in_training_windows():
+    """An LSTM has no context limit; with context=8, stride=8 every window of 9 tokens is
+    scored alone, exactly like a model whose max_seq_len is 8. Dropout is off while scoring."""
+    from lmlab.models import build_model as build
+
+    lstm = build(
+        {"family": "recurrent", "vocab_size": 30, "cell": "lstm", "d_model": 16, "dropout": 0.5}
+    )
+    lstm.train()
+    ids = torch.randint(0, 30, (33,))  # windows [0:9], [8:17], [16:25], [24:33]
+    got = token_nll(lstm, ids, stride=8, context=8)
+    assert lstm.training  # restored
+    lstm.eval()
+    expected = torch.cat(
+        [
+            F.cross_entropy(lstm(ids[None, s : s + 8])[0], ids[s + 1 : s + 9], reduction="none")
+            for s in (0, 8, 16, 24)
+        ]
+    )
+    torch.testing.assert_close(got, expected)

@@ -12,6 +12,7 @@ With ``stride == max_seq_len`` the windows do not overlap (fastest, least contex
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -29,14 +30,17 @@ def token_nll(
     ids: Sequence[int] | torch.Tensor,
     stride: int | None = None,
     batch_size: int = 16,
+    context: int | None = None,
 ) -> torch.Tensor:
     """Surprisal in nats of every token after the first: float32 [N - 1].
 
-    A window holds ``max_seq_len + 1`` tokens: ``max_seq_len`` inputs, each predicting the
-    next. ``stride`` (how far each window moves, 1..max_seq_len) defaults to half the
-    context, so every scored token sees at least half a window of left context;
-    ``stride=max_seq_len`` gives non-overlapping windows, exactly the training windows.
-    Families without a fixed context (``max_seq_len`` None) score in one pass.
+    A window holds ``context + 1`` tokens: ``context`` inputs, each predicting the next.
+    ``context`` defaults to the model's ``max_seq_len`` (families without a fixed context,
+    such as recurrent models and n-grams, then score the whole text in one pass; give
+    ``context`` to score them in windows like the others). ``stride`` (how far each window
+    moves, 1..context) defaults to half the context, so every scored token sees at least
+    half a window of left context; ``stride=context`` gives non-overlapping windows,
+    exactly the training windows. The model runs in eval mode (no dropout).
     """
     if isinstance(ids, np.ndarray):  # e.g. a read-only memmap of uint16 token ids
         ids = torch.from_numpy(ids.astype(np.int64))
@@ -44,8 +48,9 @@ def token_nll(
     n = ids.numel()
     if n < 2:
         raise ConfigError(f"perplexity needs at least 2 tokens, got {n}")
-    device = next(model.parameters()).device
-    context = min(getattr(model.config, "max_seq_len", None) or n - 1, n - 1)
+    # parameters or, for count-based models (n-grams), buffers
+    device = next(itertools.chain(model.parameters(), model.buffers())).device
+    context = min(context or getattr(model.config, "max_seq_len", None) or n - 1, n - 1)
     window = context + 1
     stride = stride or max(context // 2, 1)
     if not 1 <= stride <= context:
@@ -56,17 +61,22 @@ def token_nll(
         starts.append(n - window)
     out = torch.empty(n - 1, dtype=torch.float32)
     scored = 1  # ids[0] has no prediction
-    for b in range(0, len(starts), batch_size):
-        chunk = starts[b : b + batch_size]
-        x = torch.stack([ids[s : s + window] for s in chunk]).to(device)  # (B, W)
-        logits = model(x[:, :-1]).float()  # (B, W - 1, V)
-        nll = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").cpu()
-        for row, s in enumerate(chunk):
-            end = s + window  # targets ids[s + 1 : end] are at nll[row, 0 : window - 1]
-            if end <= scored:
-                continue
-            out[scored - 1 : end - 1] = nll[row, scored - s - 1 :]
-            scored = end
+    was_training = model.training
+    model.eval()
+    try:
+        for b in range(0, len(starts), batch_size):
+            chunk = starts[b : b + batch_size]
+            x = torch.stack([ids[s : s + window] for s in chunk]).to(device)  # (B, W)
+            logits = model(x[:, :-1]).float()  # (B, W - 1, V)
+            nll = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").cpu()
+            for row, s in enumerate(chunk):
+                end = s + window  # targets ids[s + 1 : end] are at nll[row, 0 : window - 1]
+                if end <= scored:
+                    continue
+                out[scored - 1 : end - 1] = nll[row, scored - s - 1 :]
+                scored = end
+    finally:
+        model.train(was_training)
     return out
 
 

@@ -1,0 +1,27 @@
+"""``lmlab compare``: several model families on the same data and budget
+(``lmlab.compare.compare``)."""
+
+from __future__ import annotations
+
+from jsonargparse import ArgumentParser
+
+from lmlab.compare import compare
+
+
+def add_arguments(parser: ArgumentParser) -> None:
+    parser.add_function_arguments(compare, as_group=False)
+
+
+def run(args) -> None:
+    options = {k: v for k, v in vars(args).items() if k not in ("config", "__path__")}
+    result = compare(**options)
+    print()
+    print(result.table)
+    print()
+    for r in result.models:
+        print(f"{r.name}: {options['prompt']}{r.sample}".replace("\n", " ")[:120])
+    print()
+    print(
+        f"saved: {result.files['markdown']} (table and samples), {result.files['json']}, "
+        f"{result.files['plot']} (validation loss against time); runs in {result.out_dir}/<model>"
+    )

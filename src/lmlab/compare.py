@@ -1,0 +1,397 @@
+"""Several model families trained on the same data for the same budget, side by side
+(issue 3's comparison: from counting n-grams up to a small GPT).
+
+Every model sees the same tokens: the corpus is tokenized once into ``out_dir/data`` and
+each model trains in ``out_dir/<name>/`` from scratch (``resume="never"``). A budget is
+either wall time per model (``"3m"``, ``"90s"``, ``"1h"``) or training tokens per model
+(``"2M tok"``, ``"500k"``). The n-gram model has nothing to train: it is fitted to the
+training ids (timed) and saved as a checkpoint like the others.
+
+Every model is scored the same way on the whole validation split (``token_nll`` with
+``context=stride=seq_len``):
+non-overlapping windows of ``seq_len + 1`` tokens, each predicting its last ``seq_len``
+tokens from what precedes them inside the window, as in training. Families without a fixed
+context (n-gram, bigram, MLP, bag, recurrent) are scored in these windows too, so a
+recurrent model gets no more left context than a transformer does.
+
+Outputs: ``compare.md`` (a Markdown table and one sample per model), ``compare.json`` and
+``compare.png`` (validation loss against wall-clock seconds, from each run's metrics.jsonl;
+the n-gram is one point at its fit time).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from lmlab.api import model_spec_from, prepare_data
+from lmlab.checkpoint.io import save_checkpoint
+from lmlab.errors import ConfigError, closest
+from lmlab.eval.perplexity import token_nll
+from lmlab.fileio import atomic_write_json
+from lmlab.generate import SamplingParams, generate_text
+from lmlab.models import PRESETS, build_model, model_spec
+from lmlab.train import TrainConfig
+from lmlab.train import train as train_loop
+from lmlab.train.metrics import read_metrics
+
+log = logging.getLogger(__name__)
+
+# The n-gram rung: order 5 (four characters of context), interpolated Kneser-Ney.
+NGRAM_SPEC: dict[str, Any] = {
+    "family": "ngram",
+    "vocab_size": None,
+    "order": 5,
+    "smoothing": "kneser_ney",
+}
+
+# Short name -> preset name (or the n-gram spec above).
+SHORT_NAMES: dict[str, str | dict[str, Any]] = {
+    "ngram": NGRAM_SPEC,
+    "bigram": "bigram-char",
+    "mlp": "mlp-char",
+    "bag": "bag-char",
+    "rnn": "rnn-char",
+    "gru": "gru-char",
+    "lstm": "lstm-char",
+    "gpt": "gpt-char-tiny",
+    "llama": "llama-small",
+}
+
+DEFAULT_MODELS = ("ngram", "bigram", "mlp", "bag", "rnn", "gru", "lstm", "gpt")
+
+BUDGET_FORMS = (
+    'wall time per model: "90s", "3m", "1.5h"; '
+    'training tokens per model: "2M tok", "500k", "20000 tok"'
+)
+_TIME_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+_TOKEN_SCALES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long each model trains: ``kind`` "time" (seconds) or "tokens"."""
+
+    kind: Literal["time", "tokens"]
+    value: float
+
+
+def parse_budget(text: str) -> Budget:
+    """A budget string -> Budget.
+
+    Lowercase s/m/h is wall time; a k/M/G multiplier or a ``tok``/``tokens`` suffix is
+    tokens (``m`` means million only before ``tok``):
+
+    >>> parse_budget("3m"), parse_budget("2M tok"), parse_budget("500k")
+    (Budget(kind='time', value=180.0), Budget(kind='tokens', value=2000000), \
+Budget(kind='tokens', value=500000))
+    """
+    s = str(text).strip()
+    number = r"(\d+(?:\.\d*)?|\.\d+)"
+    time_match = re.fullmatch(number + r"\s*([smh])", s)
+    if time_match:
+        seconds = float(time_match[1]) * _TIME_UNITS[time_match[2]]
+        if seconds > 0:
+            return Budget("time", seconds)
+    token_match = re.fullmatch(number + r"\s*([kKMGB]?)\s*(tok|tokens)?", s) or re.fullmatch(
+        number + r"\s*([kKmMgGbB]?)\s*(tok|tokens)", s
+    )
+    if token_match and (token_match[2] or token_match[3]):
+        tokens = int(float(token_match[1]) * _TOKEN_SCALES[token_match[2].lower()])
+        if tokens > 0:
+            return Budget("tokens", tokens)
+    raise ConfigError(f"budget={text!r} is invalid; valid forms: {BUDGET_FORMS}")
+
+
+def resolve_model(name: str) -> tuple[str, dict[str, Any]]:
+    """A short name (``SHORT_NAMES``), preset name or spec file -> (label, model spec).
+
+    The label names the run's folder: the short or preset name, or a spec file's stem.
+    """
+    if name in SHORT_NAMES:
+        target = SHORT_NAMES[name]
+        return name, dict(target) if isinstance(target, dict) else model_spec_from(target)
+    if name in PRESETS:
+        return name, model_spec_from(name)
+    path = Path(name)
+    if path.suffix in (".json", ".yaml", ".yml"):
+        return path.stem, model_spec_from(name)
+    valid = list(SHORT_NAMES) + list(PRESETS)
+    raise ConfigError(
+        f"unknown model {name!r}{closest(name, valid)}; valid: {', '.join(valid)}, "
+        "or a .json/.yaml spec file"
+    )
+
+
+def model_size(model: nn.Module) -> tuple[int, str]:
+    """(count, unit): trainable parameters, or stored n-grams for the count-based model."""
+    if model_spec(model)["family"] == "ngram":
+        stored = sum(b.numel() for name, b in model.named_buffers() if name.startswith("keys_"))
+        return stored, "n-grams"
+    return sum(p.numel() for p in model.parameters()), "parameters"
+
+
+@dataclass
+class ModelResult:
+    name: str
+    """The name it was asked for (short name, preset or spec file stem)."""
+    spec: dict[str, Any]
+    """The model spec it was built from (vocab_size filled in)."""
+    size: int
+    """Trainable parameters, or for the n-gram the number of stored n-grams (see unit)."""
+    size_unit: str
+    steps: int
+    """Optimizer steps (0 for the n-gram, which is fitted)."""
+    wall_time_s: float
+    """Training (or fitting) time in seconds, evaluation during training included."""
+    tokens_per_s: float
+    val_loss: float
+    """Mean nats per token over the whole validation split (``token_nll``, training windows)."""
+    val_perplexity: float
+    sample: str
+    """Generated continuation of the prompt (prompt excluded)."""
+    run_dir: str
+    curve: list[tuple[float, float]] = field(default_factory=list)
+    """(wall-clock seconds, validation loss) of every evaluation during training."""
+
+
+@dataclass
+class CompareResult:
+    models: list[ModelResult]
+    out_dir: Path
+    table: str
+    """The Markdown table written at the top of compare.md."""
+    files: dict[str, Path] = field(default_factory=dict)
+    """"markdown", "json", "plot" -> path."""
+
+
+def compare(
+    models: str | Sequence[str] = DEFAULT_MODELS,
+    data: str = "tinyshakespeare",
+    tokenizer: Literal["char", "byte", "bpe"] = "char",
+    budget: str = "3m",
+    out_dir: str = "runs/compare",
+    batch_size: int = 32,
+    seq_len: int = 128,
+    lr: float = 2e-3,
+    seed: int = 1337,
+    prompt: str = "ROMEO:",
+    sample_tokens: int = 100,
+    temperature: float = 0.8,
+    eval_interval: int | None = None,
+    vocab_size: int | None = None,
+    progress: bool = True,
+) -> CompareResult:
+    """Train several model families on the same data and budget; tabulate and plot them.
+
+    Args:
+        models: short names (ngram, bigram, mlp, bag, rnn, gru, lstm, gpt, llama), preset
+            names or JSON/YAML spec files; a list, or one comma-separated string.
+        data: ``"tinyshakespeare"``, a text file, or a folder of ``.txt`` files.
+        tokenizer: char, byte, or BPE (all models share it).
+        budget: per model, wall time ("90s", "3m", "1h") or tokens ("2M tok", "500k").
+        out_dir: data in ``out_dir/data``, each model in ``out_dir/<name>``, and the
+            comparison in compare.md, compare.json and compare.png.
+        batch_size: sequences per optimizer step.
+        seq_len: tokens per training sequence, and the scoring window (see module doc).
+        lr: peak learning rate for every trained model (warmup, then cosine decay to lr/10
+            for a token budget, constant for a time budget whose length in steps is unknown).
+        seed: seeds training and sampling.
+        prompt: the text every model continues.
+        sample_tokens: tokens generated per model.
+        temperature: sampling temperature (0 = greedy).
+        eval_interval: steps between validation evaluations during training (the curves);
+            None: a tenth of a token budget, 100 steps for a time budget.
+        vocab_size: BPE vocabulary size.
+        progress: show progress bars.
+    """
+    names = [m.strip() for m in models.split(",")] if isinstance(models, str) else list(models)
+    names = [m for m in names if m]
+    if not names:
+        raise ConfigError("models is empty; give at least one, e.g. 'ngram,lstm,gpt'")
+    specs = dict(resolve_model(m) for m in names)  # bad names fail before any work
+    if len(specs) != len(names):
+        raise ConfigError(f"models={names} names a model twice")
+    plan = parse_budget(budget)
+    if plan.kind == "tokens":
+        max_steps = max(1, int(plan.value) // (batch_size * seq_len))
+        time_budget_s = None
+        default_interval = max(1, max_steps // 10)
+    else:
+        max_steps, time_budget_s, default_interval = 10**9, plan.value, 100
+
+    out = Path(out_dir)
+    tok, train_ids, val_ids = prepare_data(data, out, tokenizer, vocab_size)
+    tok.encode(prompt)  # a prompt the tokenizer cannot encode fails before any training
+    results = []
+    for name, spec in specs.items():
+        spec = {**spec, "vocab_size": tok.vocab_size}
+        run_dir = out / name
+        log.info("compare: %s", name)
+        torch.manual_seed(seed)
+        model = build_model(spec)
+        if spec["family"] == "ngram":
+            t0 = time.perf_counter()
+            model.fit(train_ids.astype(np.int64))  # a writable copy of the memmap
+            fit_s = time.perf_counter() - t0
+            save_checkpoint(run_dir / "checkpoint", model, tok, extra_config={"fit_s": fit_s})
+            steps, wall, rate, curve = 0, fit_s, len(train_ids) / max(fit_s, 1e-9), []
+        else:
+            config = TrainConfig(
+                out_dir=str(run_dir),
+                max_steps=max_steps,
+                time_budget_s=time_budget_s,
+                batch_size=batch_size,
+                seq_len=seq_len,
+                lr=lr,
+                min_lr=lr / 10,
+                lr_schedule="cosine" if plan.kind == "tokens" else "constant",
+                warmup_steps=min(100, max(max_steps // 10, 1)),
+                eval_interval=eval_interval or default_interval,
+                eval_batches=10,
+                ckpt_interval=10**9,  # only the final checkpoint
+                keep_last=1,
+                log_interval=min(10, eval_interval or default_interval),
+                seed=seed,
+                resume="never",
+                progress=progress,
+            )
+            trained = train_loop(model, train_ids, val_ids, config, tokenizer=tok)
+            steps, wall, rate = trained.step, trained.wall_time_s, trained.tokens_per_s
+            curve = eval_curve(run_dir / "metrics.jsonl")
+        size, unit = model_size(model)
+        context = getattr(model.config, "max_seq_len", None) or seq_len
+        window = min(seq_len, context)
+        loss = token_nll(model, val_ids, stride=window, context=window).mean().item()
+        params = SamplingParams(
+            max_new_tokens=sample_tokens,
+            temperature=temperature,
+            seed=seed,
+            truncate_prompt=True,
+        )
+        sample = generate_text(model, tok, prompt, params)
+        if spec["family"] == "ngram":
+            curve = [(wall, loss)]
+        results.append(
+            ModelResult(
+                name=name,
+                spec=spec,
+                size=size,
+                size_unit=unit,
+                steps=steps,
+                wall_time_s=wall,
+                tokens_per_s=rate,
+                val_loss=loss,
+                val_perplexity=math.exp(loss) if loss < 700 else math.inf,
+                sample=sample,
+                run_dir=str(run_dir),
+                curve=curve,
+            )
+        )
+
+    table = markdown_table(results)
+    files = {
+        "markdown": out / "compare.md",
+        "json": out / "compare.json",
+        "plot": out / "compare.png",
+    }
+    settings = {
+        "data": str(data),
+        "tokenizer": tokenizer,
+        "vocab_size": tok.vocab_size,
+        "budget": budget,
+        "budget_parsed": asdict(plan),
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "lr": lr,
+        "seed": seed,
+        "prompt": prompt,
+        "train_tokens": len(train_ids),
+        "val_tokens": len(val_ids),
+    }
+    files["markdown"].write_text(markdown_report(results, table, settings), encoding="utf-8")
+    atomic_write_json(files["json"], {**settings, "models": [asdict(r) for r in results]})
+    plot_curves(results, files["plot"])
+    return CompareResult(results, out, table, files)
+
+
+def eval_curve(metrics_path: Path) -> list[tuple[float, float]]:
+    """(seconds, val_loss) of each eval event in a run's metrics.jsonl.
+
+    Eval events carry a step, not a time: the time is interpolated from the train events'
+    (step, elapsed_s), which are logged at least as often as evaluations.
+    """
+    records = read_metrics(metrics_path)
+    clock = [(r["step"], r["elapsed_s"]) for r in records if r.get("event") == "train"]
+    evals = [(r["step"], r["val_loss"]) for r in records if r.get("event") == "eval"]
+    if not clock or not evals:
+        return []
+    steps, seconds = zip(*sorted(clock))
+    return [(float(np.interp(s, steps, seconds)), float(v)) for s, v in evals]
+
+
+def markdown_table(results: list[ModelResult]) -> str:
+    """One row per model: size, steps, time, throughput, validation loss and perplexity."""
+    lines = [
+        "| model | family | size | steps | wall time (s) | tokens/s | val loss | val perplexity |",
+        "|---|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.name} | {r.spec['family']} | {r.size:,} {r.size_unit} | {r.steps:,} | "
+            f"{r.wall_time_s:.1f} | {r.tokens_per_s:,.0f} | {r.val_loss:.4f} | "
+            f"{r.val_perplexity:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def markdown_report(results: list[ModelResult], table: str, settings: dict[str, Any]) -> str:
+    lines = [
+        "# Model comparison",
+        "",
+        f"Data {settings['data']!r} ({settings['tokenizer']} tokens, vocabulary "
+        f"{settings['vocab_size']}), budget {settings['budget']!r} per model, batch "
+        f"{settings['batch_size']} x {settings['seq_len']} tokens. Validation loss in nats "
+        f"per token over the whole validation split ({settings['val_tokens']:,} tokens), "
+        f"scored in windows of {settings['seq_len'] + 1} tokens for every model. The "
+        "n-gram's size is its number of stored n-grams; it is fitted, not trained.",
+        "",
+        table,
+        "",
+        f"## Samples (prompt {settings['prompt']!r}, seed {settings['seed']})",
+        "",
+    ]
+    for r in results:
+        lines += [f"### {r.name}", "", "```", settings["prompt"] + r.sample, "```", ""]
+    return "\n".join(lines)
+
+
+def plot_curves(results: list[ModelResult], png_path: str | Path) -> None:
+    """Validation loss against wall-clock seconds, one line (or point) per model."""
+    from matplotlib.figure import Figure  # a bare Figure renders with Agg
+
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    ax = fig.add_subplot()
+    for r in results:
+        if not r.curve:
+            continue
+        seconds, losses = zip(*r.curve)
+        style = "*" if len(r.curve) == 1 else "o-"
+        ax.plot(seconds, losses, style, label=r.name, markersize=8 if style == "*" else 3)
+    ax.set_xlabel("wall-clock seconds")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.grid(alpha=0.3)
+    if any(r.curve for r in results):
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
