@@ -79,6 +79,20 @@ class TrainConfig:
     """The spike guard acts only after this many steps (early losses fall fast)."""
     progress: bool = True
     """Show a progress bar (loss, tokens/s, ETA)."""
+    objective: Literal[
+        "teacher_forcing", "free_running", "linear", "exponential", "inverse_sigmoid"
+    ] = "teacher_forcing"
+    """What the model is fed (lmlab.train.objectives): the true tokens (teacher forcing), its
+    own samples (free-running), or scheduled sampling (Bengio et al. 2015) with the
+    probability of feeding the true token decaying linearly, exponentially or as an inverse
+    sigmoid of the step."""
+    ss_k: float = 1.0
+    """Scheduled sampling's k: linear start value, exponential base (< 1), or inverse-sigmoid
+    scale (>= 1, e.g. 100: the decay centres near step k * ln k)."""
+    ss_c: float = 0.001
+    """Linear schedule: decrease of the true-token probability per step."""
+    ss_min: float = 0.0
+    """Linear schedule: the floor of the true-token probability."""
     compile: bool = False
     """Compile the model's forward with torch.compile (inductor) for training steps. Measured
     on this project's 2-core CPU: gpt-char-tiny +11% tokens/s, the 6 x 384 shape no gain,
@@ -157,6 +171,16 @@ class TrainConfig:
         choice("optimizer", ("adamw", "sgd"))
         choice("lr_schedule", ("cosine", "constant"))
         choice("precision", ("auto", "bf16", "fp32"))
+        choice(
+            "objective",
+            ("teacher_forcing", "free_running", "linear", "exponential", "inverse_sigmoid"),
+        )
+        if self.objective == "exponential" and not 0 < self.ss_k < 1:
+            bad("ss_k", "the exponential schedule needs 0 < ss_k < 1")
+        if self.objective == "inverse_sigmoid" and not self.ss_k >= 1:
+            bad("ss_k", "the inverse-sigmoid schedule needs ss_k >= 1")
+        number("ss_c", 0, low_open=False)
+        number("ss_min", 0, low_open=False, high=1.0)
         for kind in self.no_decay:
             if kind not in NO_DECAY_KINDS:
                 bad(

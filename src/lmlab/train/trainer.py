@@ -58,6 +58,7 @@ from lmlab.train.batches import Tokens, TrainBatches, fixed_batches
 from lmlab.train.config import TrainConfig
 from lmlab.train.guards import StepGuard, TrainingDiverged
 from lmlab.train.metrics import MetricsLog, plot_losses, truncate_after_checkpoint
+from lmlab.train.objectives import keep_probability, mix_inputs
 from lmlab.train.optim import build_optimizer, lr_at
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,10 @@ def train(
             lr = lr_at(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = _accumulate_gradients(forward, batches, config.grad_accum, device, autocast)
+            keep = keep_probability(step, config.objective, config.ss_k, config.ss_c, config.ss_min)
+            loss = _accumulate_gradients(
+                forward, batches, config.grad_accum, device, autocast, keep
+            )
             grad_norm = _grad_norm(params, config.grad_clip)
             # The step's one sync: the guards need both numbers on the host.
             loss_value, norm_value = torch.stack([loss, grad_norm.to(loss)]).tolist()
@@ -284,7 +288,7 @@ def train(
     return result
 
 
-def _accumulate_gradients(model, batches, grad_accum, device, autocast) -> torch.Tensor:
+def _accumulate_gradients(model, batches, grad_accum, device, autocast, keep=1.0) -> torch.Tensor:
     """Forward and backward over ``grad_accum`` micro-batches -> mean loss (0-d, detached).
 
     Each micro-batch loss is a mean over its B*T tokens; dividing by grad_accum makes the
@@ -296,6 +300,7 @@ def _accumulate_gradients(model, batches, grad_accum, device, autocast) -> torch
         window = batches.next_batch().to(device, non_blocking=True)  # (B, T+1)
         x, y = window[:, :-1], window[:, 1:]  # (B, T) inputs and next-token targets
         with autocast():
+            x = mix_inputs(model, x, keep)  # scheduled sampling; x itself when keep == 1
             logits = model(x)  # (B, T, V)
         # float32 log-softmax whatever the autocast dtype (.float() is free at fp32).
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
