@@ -95,3 +95,18 @@ def test_perplexity_matches_exp_of_mean_training_loss_definition(run_dir):
     logits = lm.model(torch.tensor([ids[:-1]]))[0]
     expected = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]))
     assert lm.perplexity("the lazy dog jumps") == pytest.approx(math.exp(expected.item()), rel=1e-5)
+
+
+def test_ngram_is_fitted_saved_and_loaded(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat on the mat. the dog sat on the log. " * 50)
+    config = TrainConfig(out_dir=str(tmp_path / "ng"), seq_len=32, progress=False)
+    result = train("ngram-char", str(corpus), "char", config=config)
+    assert result.step == 0 and math.isfinite(result.val_losses[0][1])
+    lm = load(tmp_path / "ng")  # count tables of data-dependent size load back
+    assert lm.model.config.order == 5
+    text = "the dog sat on the mat."
+    assert lm.perplexity(text) < 3.0  # a 5-gram on this repetitive text is nearly certain
+    assert lm.generate("the c", max_new_tokens=10, temperature=0) == "at sat on "
+    with pytest.raises(ConfigError, match="already holds a fitted model"):
+        train("ngram-char", str(corpus), "char", config=config)

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lmlab.checkpoint.io import load_model
+from lmlab.checkpoint.io import checkpoint_dir, latest_checkpoint, load_model, save_checkpoint
 from lmlab.data import (
     encode_to_file,
     load_corpus,
@@ -32,6 +32,7 @@ from lmlab.data import (
 )
 from lmlab.errors import ConfigError
 from lmlab.eval.perplexity import perplexity as _perplexity
+from lmlab.eval.perplexity import token_nll
 from lmlab.fileio import atomic_write_json
 from lmlab.generate import SamplingParams, generate_text, stream_text
 from lmlab.models import build_model, get_preset
@@ -193,5 +194,28 @@ def train(
         data, config.out_dir, tokenizer, vocab_size, val_fraction
     )
     net = build_model({**spec, "vocab_size": tok.vocab_size})
+    if hasattr(net, "fit") and not any(p.requires_grad for p in net.parameters()):
+        return _fit_count_model(net, train_ids, val_ids, config, tok)
     result = _train_loop(net, train_ids, val_ids, config, tokenizer=tok)
     return result
+
+
+def _fit_count_model(net, train_ids, val_ids, config: TrainConfig, tok) -> TrainResult:
+    """Count-based models (n-grams) have nothing to train: count once, score, save."""
+    import time
+
+    run_dir = Path(config.out_dir)
+    if latest_checkpoint(run_dir) is not None and config.resume == "never":
+        raise ConfigError(f"{str(run_dir)!r} already holds a fitted model: use another out_dir")
+    start = time.perf_counter()
+    net.fit(train_ids)
+    wall = time.perf_counter() - start
+    val = token_nll(net, val_ids, stride=config.seq_len, context=config.seq_len).mean().item()
+    ckpt = save_checkpoint(checkpoint_dir(run_dir, 0), net, tokenizer=tok)
+    return TrainResult(
+        step=0,
+        val_losses=[(0, val)],
+        checkpoint=ckpt,
+        wall_time_s=wall,
+        tokens_per_s=len(train_ids) / max(wall, 1e-9),
+    )

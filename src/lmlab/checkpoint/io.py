@@ -347,6 +347,8 @@ def load_weights(model: nn.Module, ckpt: str | os.PathLike) -> None:
         key = _view_key(tensor) if tensor.numel() > 0 else ("empty", name)
         first_name.setdefault(key, name)
         source.setdefault(first_name[key], []).append(name)
+    # Buffers whose size depends on the data (an n-gram's count tables) take the stored shape.
+    variable = set(getattr(model, "variable_shape_buffers", ()))
     used = set()
     try:
         with safe_open(str(file), framework="pt", device="cpu") as f:
@@ -357,7 +359,10 @@ def load_weights(model: nn.Module, ckpt: str | os.PathLike) -> None:
                         f"{str(file)!r} has no tensor {names[0]!r}, which the model needs"
                     )
                 used.add(stored)
-                _copy_into(state[names[0]], f.get_tensor(stored), stored, file)
+                if names[0] in variable:
+                    _replace_buffer(model, names[0], f.get_tensor(stored), file)
+                else:
+                    _copy_into(state[names[0]], f.get_tensor(stored), stored, file)
     except CheckpointError:
         raise
     except Exception as e:  # safetensors' own errors on a corrupt file
@@ -368,6 +373,18 @@ def load_weights(model: nn.Module, ckpt: str | os.PathLike) -> None:
             f"{str(file)!r} has tensors the model does not have: {', '.join(unexpected[:5])}"
             + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
         )
+
+
+def _replace_buffer(model: nn.Module, name: str, tensor: torch.Tensor, file: Path) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = module._buffers[leaf]
+    if tensor.dtype != old.dtype or tensor.dim() != old.dim():
+        raise CheckpointError(
+            f"{str(file)!r}: tensor {name!r} is {tensor.dtype} with {tensor.dim()} dims, but the "
+            f"model expects {old.dtype} with {old.dim()}"
+        )
+    module._buffers[leaf] = tensor.to(old.device)
 
 
 def _copy_into(target: torch.Tensor, tensor: torch.Tensor, name: str, file: Path) -> None:

@@ -19,6 +19,12 @@ def run(args) -> None:
     options = {k: v for k, v in vars(args).items() if k not in ("train", "config", "__path__")}
     config = TrainConfig(**vars(args.train))
     result = api.train(**options, config=config)
+    if result.step == 0 and result.val_losses:  # a count-based model: fitted, not trained
+        loss = result.val_losses[-1][1]
+        print(f"fitted in {result.wall_time_s:.2f} s ({result.tokens_per_s:,.0f} tokens/s)")
+        print(f"validation loss {loss:.4f} (perplexity {math.exp(loss):.2f})")
+        print(f"checkpoint: {result.checkpoint}")
+        return
     print(
         f"trained {result.step} steps in {result.wall_time_s:.0f} s ({result.tokens_per_s:,.0f} tokens/s)"
     )

@@ -204,6 +204,11 @@ class NGramLM(nn.Module):
             self.register_buffer(f"counts_{m}", torch.zeros(0, dtype=torch.long))
             self.register_buffer(f"continuations_{m}", torch.zeros(0, dtype=torch.long))
 
+    @property
+    def variable_shape_buffers(self) -> list[str]:
+        """Buffers sized by the data, for checkpoint loading (lmlab.checkpoint.io)."""
+        return [name for name, _ in self.named_buffers(recurse=False)]
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The count tables' lengths depend on the data: take the stored shapes.
         for name, buf in self.named_buffers(recurse=False):
