@@ -326,18 +326,11 @@ def compare(
 
 
 def eval_curve(metrics_path: Path) -> list[tuple[float, float]]:
-    """(seconds, val_loss) of each eval event in a run's metrics.jsonl.
-
-    Eval events carry a step, not a time: the time is interpolated from the train events'
-    (step, elapsed_s), which are logged at least as often as evaluations.
-    """
+    """(seconds since the run started, val_loss) of each eval event in a run's metrics.jsonl."""
     records = read_metrics(metrics_path)
-    clock = [(r["step"], r["elapsed_s"]) for r in records if r.get("event") == "train"]
-    evals = [(r["step"], r["val_loss"]) for r in records if r.get("event") == "eval"]
-    if not clock or not evals:
-        return []
-    steps, seconds = zip(*sorted(clock))
-    return [(float(np.interp(s, steps, seconds)), float(v)) for s, v in evals]
+    return [
+        (float(r["elapsed_s"]), float(r["val_loss"])) for r in records if r.get("event") == "eval"
+    ]
 
 
 def markdown_table(results: list[ModelResult]) -> str:

@@ -705,3 +705,14 @@ def test_scheduled_sampling_trains_and_resumes_bit_exact(objective, tmp_path):
             settings(tmp_path, f"{name}-tf", **{**config, "objective": "teacher_forcing"}),
         )
         assert forced.train_losses[-1] != want.train_losses[-1]  # the inputs really changed
+
+
+def test_eval_events_carry_elapsed_time_even_without_train_logs(make_toy, tmp_path):
+    """Regression: a run shorter than log_interval logged no train event, so nothing gave
+    its evaluations a time (compare's loss-against-time curve came out empty)."""
+    config = settings(tmp_path, max_steps=2, log_interval=10, eval_interval=10)
+    train(make_toy(), DATA, VAL, config)
+    events = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    evals = [e for e in events if e["event"] == "eval"]
+    assert not any(e["event"] == "train" and e["step"] < 2 for e in events)
+    assert len(evals) == 1 and evals[0]["step"] == 2 and evals[0]["elapsed_s"] > 0

@@ -174,7 +174,7 @@ def train(
     tokens_per_step = config.batch_size * config.seq_len * config.grad_accum
     bar = tqdm(total=config.max_steps, initial=step, disable=not config.progress, unit="step")
     model.train()
-    t_start = t_log = time.perf_counter()
+    t_start = t_log = run.t_start = time.perf_counter()
     tokens_at_start = tokens_at_log = tokens_seen
     since_log: list[float] = []
     # A run resumed when already finished evaluates nothing again (nothing changed).
@@ -358,7 +358,16 @@ class _Run:
         self.model.train()
         val_loss = total / count
         ppl = math.exp(val_loss) if val_loss < 700 else math.inf
-        self.emit({"event": "eval", "step": step, "val_loss": val_loss, "val_ppl": ppl})
+        elapsed = time.perf_counter() - self.t_start  # for loss-against-time plots
+        self.emit(
+            {
+                "event": "eval",
+                "step": step,
+                "val_loss": val_loss,
+                "val_ppl": ppl,
+                "elapsed_s": elapsed,
+            }
+        )
         return val_loss
 
     def save(self, step: int, tokens_seen: int, val_loss: float | None) -> Path:
