@@ -12,3 +12,33 @@ def _seed_everything():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def pattern_loss_drop(tmp_path):
+    """Train a model 20 steps on a repeating 6-token pattern with lmlab's trainer; returns
+    (loss before, loss after) on the pattern. Shared by the ladder families' tests."""
+    from lmlab.train import TrainConfig, train
+
+    def run(model):
+        tokens = torch.tensor([1, 2, 3, 4, 5, 6] * 100)
+        cfg = TrainConfig(
+            out_dir=str(tmp_path / "pattern"),
+            max_steps=20,
+            batch_size=4,
+            seq_len=16,
+            progress=False,
+            precision="fp32",
+            eval_interval=10,
+            warmup_steps=2,
+            lr=3e-2,  # the default suits transformers; these tiny models learn faster with more
+        )
+        x, y = tokens[:-1].view(1, -1), tokens[1:]
+        with torch.no_grad():
+            before = torch.nn.functional.cross_entropy(model(x)[0], y).item()
+        train(model, tokens[:500], tokens[500:], cfg)
+        with torch.no_grad():
+            after = torch.nn.functional.cross_entropy(model(x)[0], y).item()
+        return before, after
+
+    return run

@@ -5,7 +5,6 @@ from lmlab.errors import ConfigError
 from lmlab.generate import SamplingParams, generate_ids
 from lmlab.models import build_model, model_spec
 from lmlab.models.recurrent import RecurrentConfig, hidden_state_grad_norms
-from lmlab.train import TrainConfig, train
 
 # float32 on CPU: the explicit cells and torch's fused kernels do the same maths in a
 # different order (a few ulps per step); 1e-5 on logits of size ~1 leaves room for that over
@@ -176,26 +175,8 @@ def test_rnn_gradients_vanish_far_faster_than_lstm():
 
 
 @CELLS
-def test_trains_on_a_repeating_pattern(cell, tmp_path):
-    tokens = torch.tensor([1, 2, 3, 4, 5, 6] * 100)
-    model = make(cell)
-    cfg = TrainConfig(
-        out_dir=str(tmp_path),
-        max_steps=20,
-        batch_size=4,
-        seq_len=16,
-        progress=False,
-        precision="fp32",
-        eval_interval=10,
-        warmup_steps=2,
-        lr=3e-2,  # the default suits transformers; these tiny models learn faster with more
-    )
-    x = tokens[:-1].view(1, -1)
-    with torch.no_grad():
-        before = torch.nn.functional.cross_entropy(model(x)[0], tokens[1:]).item()
-    train(model, tokens[:500], tokens[500:], cfg)
-    with torch.no_grad():
-        after = torch.nn.functional.cross_entropy(model(x)[0], tokens[1:]).item()
+def test_trains_on_a_repeating_pattern(cell, pattern_loss_drop):
+    before, after = pattern_loss_drop(make(cell))
     assert after < before - 0.3, (before, after)
 
 
