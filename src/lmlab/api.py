@@ -62,6 +62,8 @@ class LM:
     tokenizer: Any
     config: dict[str, Any] = field(default_factory=dict)
     """The checkpoint's config.json (model spec, tokenizer summary, training settings)."""
+    chat_template: Any | None = None
+    """A ``lmlab.data.chat.ChatTemplate`` when the model has one (instruction-tuned models)."""
 
     def generate(self, prompt: str | list[str], **decoding: Any) -> str | list[str]:
         """Generated text (prompt excluded); ``decoding`` are SamplingParams fields."""
