@@ -625,6 +625,18 @@ def test_time_budget_stops_and_saves(make_toy, tmp_path):
     assert result.checkpoint == checkpoint_dir(config.out_dir, result.step)
 
 
+def test_time_budget_progress_bar_counts_seconds(make_toy, tmp_path, capsys):
+    """A time-budgeted run's bar shows seconds of the budget, not a step total."""
+    import time
+
+    config = settings(tmp_path, max_steps=10**9, time_budget_s=0.3, progress=True)
+    slow = lambda event: time.sleep(0.1) if event["event"] == "train" else None
+    train(make_toy(), DATA, None, config, callbacks=[slow])
+    err = capsys.readouterr().err
+    assert "/0s" in err  # tqdm's total: round(0.3)
+    assert str(10**9) not in err and "step=" in err
+
+
 def test_seq_len_longer_than_the_context_is_an_error(make_toy, tmp_path):
     with pytest.raises(ConfigError, match="seq_len=32 .*max_seq_len\\) is 16"):
         train(make_toy(), DATA, VAL, settings(tmp_path, seq_len=32))

@@ -172,7 +172,18 @@ def train(
         result.checkpoint = resume_from
 
     tokens_per_step = config.batch_size * config.seq_len * config.grad_accum
-    bar = tqdm(total=config.max_steps, initial=step, disable=not config.progress, unit="step")
+    # A time-budgeted run counts seconds (its step count is unknown in advance); the
+    # others count steps.
+    by_time = config.time_budget_s is not None
+    bar = tqdm(
+        total=config.time_budget_s if by_time else config.max_steps,
+        initial=0 if by_time else step,
+        disable=not config.progress,
+        unit="s" if by_time else "step",
+        bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s [{elapsed}<{remaining}{postfix}]"
+        if by_time
+        else None,
+    )
     model.train()
     t_start = t_log = run.t_start = time.perf_counter()
     tokens_at_start = tokens_at_log = tokens_seen
@@ -231,7 +242,7 @@ def train(
 
             result.train_losses.append((step, loss_value))
             since_log.append(loss_value)
-            bar.update(1)
+            bar.update(min(time.perf_counter() - t_start, bar.total) - bar.n if by_time else 1)
             if step % config.log_interval == 0 or step == config.max_steps:
                 now = time.perf_counter()
                 rate = (tokens_seen - tokens_at_log) / max(now - t_log, 1e-9)
@@ -247,7 +258,9 @@ def train(
                         "elapsed_s": now - t_start,
                     }
                 )
-                bar.set_postfix(loss=f"{since_log[-1]:.3f}", tok_s=f"{rate:.0f}", refresh=False)
+                bar.set_postfix(
+                    step=step, loss=f"{since_log[-1]:.3f}", tok_s=f"{rate:.0f}", refresh=False
+                )
                 since_log.clear()
                 t_log, tokens_at_log = now, tokens_seen
             want_best = config.keep_best and step % config.ckpt_interval == 0
