@@ -165,6 +165,20 @@ def modified_kn_discounts(counts: torch.Tensor, fallback: float = 0.75) -> torch
     return torch.tensor([min(max(d, 0.0), i + 1.0) for i, d in enumerate(ds)], dtype=torch.float64)
 
 
+def _count(codes: torch.Tensor, space: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct values of ``codes`` (in [0, space)), sorted, and how often each occurs.
+
+    ``[5, 2, 5]`` -> ``([2, 5], [1, 2])``. A small code space is counted with one
+    ``bincount`` (linear time: a character 3-gram has at most 67^2 * 66 codes); a large
+    one by sorting (``unique``).
+    """
+    if space <= max(1 << 22, 4 * codes.numel()):
+        counts = torch.bincount(codes, minlength=0)
+        keys = counts.nonzero().squeeze(1)
+        return keys, counts[keys]
+    return torch.unique(codes, return_counts=True)
+
+
 def _rows(
     keys: torch.Tensor, tables: list[torch.Tensor], contexts: torch.Tensor, vocab_size: int
 ) -> list[torch.Tensor]:
@@ -239,7 +253,7 @@ class NGramLM(nn.Module):
         contexts = context_codes(ids[None], n, V)
         for m in range(1, n + 1):
             codes = contexts[m - 1][0] * V + ids  # (N,) m-gram codes
-            keys, counts = torch.unique(codes, return_counts=True)  # sorted
+            keys, counts = _count(codes, (V + 1) ** (m - 1) * V)  # sorted
             setattr(self, f"keys_{m}", keys)
             setattr(self, f"counts_{m}", counts)
         for m in range(1, n):
@@ -248,7 +262,7 @@ class NGramLM(nn.Module):
             higher = getattr(self, f"keys_{m + 1}")
             ctx, w = higher // V, higher % V
             suffix = (ctx % (V + 1) ** (m - 1)) * V + w
-            keys, cont = torch.unique(suffix, return_counts=True)
+            keys, cont = _count(suffix, (V + 1) ** (m - 1) * V)
             # BOS padding gives every m-gram (m < n) a left neighbour: same sets.
             assert torch.equal(keys, getattr(self, f"keys_{m}"))
             setattr(self, f"continuations_{m}", cont)
@@ -277,6 +291,14 @@ class NGramLM(nn.Module):
 
         ids: [B, T] int64 -> [B, T, V] float64.
         """
+        table, inverse = self._context_log_probs(ids, mask)
+        return table[inverse].view(*ids.shape, -1)
+
+    def _context_log_probs(
+        self, ids: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs [U, V] of the U distinct contexts in ``ids``, and for each of the B*T
+        positions the row that is its context: ``log_probs`` is ``table[inverse]``."""
         if int(self.n_tokens) == 0:
             raise ConfigError("this NGramLM has no counts yet: call model.fit(ids) first")
         V, n = self.config.vocab_size, self.config.order
@@ -299,7 +321,7 @@ class NGramLM(nn.Module):
             chunk = unique[start : start + step]
             contexts = [chunk % (V + 1) ** j for j in range(n)]  # lengths 0..n-1
             out[start : start + step] = self._distributions(contexts).log()
-        return out[inverse].view(B, T, V)
+        return out, inverse
 
     def _distributions(self, contexts: list[torch.Tensor]) -> torch.Tensor:
         """Next-token probabilities [Q, V] float64 for context codes (one [Q] per length)."""
@@ -390,8 +412,9 @@ def ngram_perplexity(model: NGramLM, ids) -> float:
     row = torch.cat([ids.new_zeros(1), ids])[None]  # (1, N+1)
     mask = torch.ones_like(row, dtype=torch.bool)
     mask[0, 0] = False  # the dummy reads as BOS
-    logp = model.log_probs(row[:, :-1], mask[:, :-1])[0]  # (N, V)
-    target = logp.gather(1, ids[:, None])[:, 0]  # (N,)
+    # Gather from the distinct contexts' rows: no [N, V] array for a long text.
+    table, inverse = model._context_log_probs(row[:, :-1], mask[:, :-1])  # (U, V), (N,)
+    target = table[inverse, ids]  # (N,)
     zero = torch.isinf(target).nonzero()
     if zero.numel():
         t = int(zero[0])
