@@ -12,16 +12,28 @@ files on disk. Parity: tests/models/test_transformer.py.
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
+from lmlab.checkpoint.io import read_safetensors_header
 from lmlab.errors import CheckpointError
+from lmlab.fileio import atomic_write_json
 from lmlab.models import build_model, model_spec
 
+log = logging.getLogger(__name__)
+
 GPT2_TYPES = ("gpt2",)
-LLAMA_TYPES = ("llama",)
+LLAMA_TYPES = ("llama", "mistral", "qwen2")
+"""Llama-layout decoders: Mistral is Llama with a sliding window (lmlab keeps the context
+within it, where full attention is the same), Qwen2 adds biases to q, k and v."""
 
 _GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
@@ -64,6 +76,12 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> dict[str, Any]:
         if cfg.get("attention_bias") or cfg.get("mlp_bias"):
             raise CheckpointError("Llama configs with attention_bias or mlp_bias are not supported")
         n_heads = cfg["num_attention_heads"]
+        context = cfg["max_position_embeddings"]
+        window = cfg.get("sliding_window")
+        if kind == "qwen2" and not cfg.get("use_sliding_window", False):
+            window = None
+        if window:  # attention over the last `window` tokens: the same as full attention
+            context = min(context, int(window))  # as long as the context fits in it
         return dict(
             family="transformer",
             vocab_size=cfg["vocab_size"],
@@ -73,13 +91,14 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> dict[str, Any]:
             n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
             d_head=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
             d_ff=cfg["intermediate_size"],
-            max_seq_len=cfg["max_position_embeddings"],
+            max_seq_len=context,
             norm="rmsnorm",
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
             mlp="swiglu",
             pos="rope",
             rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
             bias=False,
+            qkv_bias=True if kind == "qwen2" else None,
             tie_embeddings=cfg.get("tie_word_embeddings", False),
         )
     raise CheckpointError(
@@ -111,7 +130,7 @@ def _gpt2_key_map(n_layers: int) -> dict[str, tuple[str, bool]]:
     return m
 
 
-def _llama_key_map(n_layers: int) -> dict[str, tuple[str, bool]]:
+def _llama_key_map(n_layers: int, qkv_bias: bool = False) -> dict[str, tuple[str, bool]]:
     m = {
         "tok_emb.weight": ("model.embed_tokens.weight", False),
         "norm.weight": ("model.norm.weight", False),
@@ -123,13 +142,17 @@ def _llama_key_map(n_layers: int) -> dict[str, tuple[str, bool]]:
         m[a + "mlp_norm.weight"] = (h + "post_attention_layernorm.weight", False)
         for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
             m[a + f"attn.{p}.weight"] = (h + f"self_attn.{p}.weight", False)
+            if qkv_bias and p != "o_proj":
+                m[a + f"attn.{p}.bias"] = (h + f"self_attn.{p}.bias", False)
         for p in ("gate_proj", "up_proj", "down_proj"):
             m[a + f"mlp.{p}.weight"] = (h + f"mlp.{p}.weight", False)
     return m
 
 
 def _key_map(spec: dict[str, Any]) -> dict[str, tuple[str, bool]]:
-    return (_gpt2_key_map if spec["pos"] == "learned" else _llama_key_map)(spec["n_layers"])
+    if spec["pos"] == "learned":
+        return _gpt2_key_map(spec["n_layers"])
+    return _llama_key_map(spec["n_layers"], bool(spec.get("qkv_bias")))
 
 
 def convert_hf_state_dict(
@@ -240,9 +263,10 @@ def to_hf(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
             attn_pdrop=0.0,
         )
     else:
+        qwen = bool(spec.get("qkv_bias"))  # q, k, v biases alone: the Qwen2 layout
         cfg = dict(
-            model_type="llama",
-            architectures=["LlamaForCausalLM"],
+            model_type="qwen2" if qwen else "llama",
+            architectures=["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
             vocab_size=spec["vocab_size"],
             hidden_size=spec["d_model"],
             num_hidden_layers=spec["n_layers"],
@@ -259,3 +283,201 @@ def to_hf(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
             mlp_bias=False,
         )
     return cfg, {k: v.detach().clone().contiguous() for k, v in hf_state.items()}
+
+
+# ----------------------------------------------------------------------------- directories
+
+HF_CONFIG = "config.json"
+HF_WEIGHTS = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
+HF_PICKLE = "pytorch_model.bin"
+# config.json keys that ask a loader to import Python code shipped with the checkpoint.
+REMOTE_CODE_KEYS = ("auto_map", "trust_remote_code", "custom_pipelines")
+
+
+def is_hf_directory(path: str | os.PathLike) -> bool:
+    """A folder with a Hugging Face ``config.json`` (one that names a ``model_type``)."""
+    file = Path(path) / HF_CONFIG
+    if not file.is_file():
+        return False
+    try:
+        return "model_type" in json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def read_hf_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``config.json`` of an HF model folder, with remote-code keys removed.
+
+    lmlab never imports code that comes with a checkpoint: ``auto_map`` (the custom
+    modelling files that transformers runs under ``trust_remote_code=True``) is dropped
+    with a warning, and the architecture is chosen from ``model_type`` alone.
+    """
+    file = Path(directory) / HF_CONFIG
+    try:
+        cfg = json.loads(file.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CheckpointError(f"cannot read {str(file)!r}: {e}") from e
+    except ValueError as e:
+        raise CheckpointError(f"{str(file)!r} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str):
+        raise CheckpointError(f"{str(file)!r} is not a Hugging Face config (no 'model_type')")
+    remote = [k for k in REMOTE_CODE_KEYS if k in cfg]
+    if remote:
+        log.warning(
+            "%s asks for remote code (%s); lmlab never runs code from a checkpoint and loads "
+            "model_type %r with its own implementation",
+            file,
+            ", ".join(remote),
+            cfg["model_type"],
+        )
+        cfg = {k: v for k, v in cfg.items() if k not in remote}
+    return cfg
+
+
+def read_hf_weights(
+    directory: str | os.PathLike,
+) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    """Every tensor of an HF model folder -> (state dict, the file each tensor came from).
+
+    Reads ``model.safetensors``, or the shards listed by ``model.safetensors.index.json``
+    (each header checked against its file first), or, failing both, ``pytorch_model.bin``
+    with ``torch.load(weights_only=True)``, which refuses any pickled object that is not a
+    tensor or a plain container, so a payload in the file never runs.
+    """
+    directory = Path(directory)
+    if (directory / HF_INDEX).is_file():
+        files = _shards(directory)
+    elif (directory / HF_WEIGHTS).is_file():
+        files = [directory / HF_WEIGHTS]
+    elif (directory / HF_PICKLE).is_file():
+        return _read_pickled(directory / HF_PICKLE)
+    else:
+        raise CheckpointError(
+            f"{str(directory)!r} has no weights: looked for {HF_WEIGHTS}, {HF_INDEX} and "
+            f"{HF_PICKLE}"
+        )
+    state: dict[str, torch.Tensor] = {}
+    sources: dict[str, Path] = {}
+    for file in files:
+        header = read_safetensors_header(file)
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in header:
+                    if name in state:
+                        raise CheckpointError(
+                            f"tensor {name!r} is in both {str(sources[name])!r} and {str(file)!r}"
+                        )
+                    state[name], sources[name] = f.get_tensor(name), file
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors' own errors on a corrupt file
+            raise CheckpointError(f"cannot read weights from {str(file)!r}: {e}") from e
+    return state, sources
+
+
+def _shards(directory: Path) -> list[Path]:
+    index = directory / HF_INDEX
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{str(index)!r} is not a valid shard index: {e}") from e
+    files = []
+    for name in names:
+        file = directory / str(name)
+        # a shard name is a file in this folder: never "../elsewhere" or an absolute path
+        if Path(str(name)).name != name or not file.is_file():
+            raise CheckpointError(
+                f"{str(index)!r} lists shard {name!r}, which is not in the folder"
+            )
+        files.append(file)
+    return files
+
+
+def _read_pickled(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for a payload; others for a corrupt file
+        raise CheckpointError(
+            f"refusing {str(file)!r}: it is not a plain state dict of tensors, and lmlab never "
+            f"unpickles other objects (they can run code). Convert it to safetensors. ({e})"
+        ) from e
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(f"{str(file)!r} is not a state dict (names -> tensors)")
+    return state, dict.fromkeys(state, file)
+
+
+def _check_against_model(
+    model: nn.Module, state: dict[str, torch.Tensor], sources: dict[str, Path]
+) -> None:
+    """Every tensor the model needs has its shape, and a float dtype, in the files."""
+    _, expected = to_hf(model)
+    for name, want in expected.items():
+        if name not in state:
+            continue  # convert_hf_state_dict names what is missing
+        got = state[name]
+        where = f"{str(sources[name])!r}: tensor {name!r}"
+        if tuple(got.shape) != tuple(want.shape):
+            raise CheckpointError(
+                f"{where} has shape {tuple(got.shape)}, but config.json implies {tuple(want.shape)}"
+            )
+        if not got.dtype.is_floating_point:
+            raise CheckpointError(f"{where} has dtype {got.dtype}; weights must be floating point")
+
+
+def load_hf(
+    directory: str | os.PathLike, dtype: torch.dtype | None = None
+) -> tuple[nn.Module, Any | None, dict[str, Any]]:
+    """An HF decoder folder (GPT-2, Llama, Mistral, Qwen2) -> (model, tokenizer, info).
+
+    The model is lmlab's transformer in eval mode, in ``dtype`` (default float32); the
+    tokenizer comes from ``tokenizer.json`` (None if absent); ``info`` holds the spec
+    (``"model"``), the HF config and the folder's ``tokenizer_config.json``.
+    """
+    directory = Path(directory)
+    cfg = read_hf_config(directory)
+    spec = spec_from_hf_config(cfg)
+    state, sources = read_hf_weights(directory)
+    model = build_model(spec)
+    _check_against_model(model, state, sources)
+    try:
+        load_converted(model, convert_hf_state_dict(state, spec))
+    except CheckpointError as e:
+        raise CheckpointError(f"{str(directory)!r}: {e}") from e
+    model.to(dtype or torch.float32).eval()
+    tokenizer = None
+    if (directory / "tokenizer.json").is_file():
+        from lmlab.data.tokenizers import load_tokenizer
+
+        tokenizer = load_tokenizer(directory)
+    tok_config = {}
+    if (directory / "tokenizer_config.json").is_file():
+        try:
+            tok_config = json.loads((directory / "tokenizer_config.json").read_text("utf-8"))
+        except ValueError as e:
+            raise CheckpointError(f"{str(directory / 'tokenizer_config.json')!r}: {e}") from e
+    info = {"format": "hf", "path": str(directory), "model": spec, "hf_config": cfg}
+    return model, tokenizer, {**info, "tokenizer_config": tok_config}
+
+
+def save_hf(model: nn.Module, directory: str | os.PathLike, tokenizer: Any | None = None) -> Path:
+    """Write an lmlab decoder as an HF folder that ``transformers`` loads with
+    ``AutoModelForCausalLM.from_pretrained(directory)``: config.json, model.safetensors
+    (float32, the tied output matrix stored once) and, for a BPE tokenizer, tokenizer.json
+    and tokenizer_config.json. Each file is written atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg, state = to_hf(model)
+    if cfg.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)
+    state = {k: v.float().contiguous() for k, v in state.items()}
+    tmp = directory / f".{HF_WEIGHTS}.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, directory / HF_WEIGHTS)
+    atomic_write_json(directory / HF_CONFIG, {**cfg, "torch_dtype": "float32"})
+    if tokenizer is not None and getattr(tokenizer, "kind", None) == "bpe":
+        tokenizer.save(directory)
+    return directory

@@ -215,7 +215,7 @@ def incomplete_reason(path: str | os.PathLike) -> str | None:
         if not name.endswith(".json") and file.stat().st_size != size:
             return f"{name} has {file.stat().st_size} bytes, {COMPLETE_FILE} says {size}"
     try:
-        _read_safetensors_header(path / WEIGHTS_FILE)
+        read_safetensors_header(path / WEIGHTS_FILE)
     except CheckpointError as e:
         return str(e)
     return None
@@ -338,7 +338,7 @@ def load_weights(model: nn.Module, ckpt: str | os.PathLike) -> None:
     (an optimizer built on them stays valid) and tied weights stay tied.
     """
     file = Path(ckpt) / WEIGHTS_FILE
-    header = _read_safetensors_header(file)
+    header = read_safetensors_header(file)
     state = model.state_dict()
     # Tied names (stored once at save) map to the first name of their group.
     first_name: dict[tuple, str] = {}
@@ -402,7 +402,7 @@ def _copy_into(target: torch.Tensor, tensor: torch.Tensor, name: str, file: Path
         target.copy_(tensor)
 
 
-def _read_safetensors_header(file: Path) -> dict[str, dict]:
+def read_safetensors_header(file: Path) -> dict[str, dict]:
     """The tensor entries of a safetensors header, checked against the file's size.
 
     Format: 8 bytes little-endian header length N, N bytes of JSON
@@ -426,13 +426,20 @@ def _read_safetensors_header(file: Path) -> dict[str, dict]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{str(file)!r} has a corrupt header (not a JSON object)")
     header.pop("__metadata__", None)
-    end = 0
+    spans = []
     for name, entry in header.items():
-        try:
-            begin, stop = entry["data_offsets"]
-            end = max(end, int(stop))
-        except (TypeError, KeyError, ValueError) as e:
-            raise CheckpointError(f"{str(file)!r}: tensor {name!r} has a corrupt entry") from e
+        begin, stop = _checked_entry(file, name, entry)
+        spans.append((begin, stop, name))
+    # The data must be covered exactly once: sorted spans, each starting where the last ended.
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            what = "overlaps the tensor before it" if begin < end else "leaves a gap before it"
+            raise CheckpointError(
+                f"{str(file)!r} is corrupt: tensor {name!r} at bytes [{begin}, {stop}) {what} "
+                f"(which ends at {end})"
+            )
+        end = stop
     if 8 + n + end != size:
         raise CheckpointError(
             f"{str(file)!r} is truncated or corrupt: its header describes "
@@ -441,9 +448,44 @@ def _read_safetensors_header(file: Path) -> dict[str, dict]:
     return header
 
 
+_ITEM_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2}
+_ITEM_SIZES |= {"F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def _checked_entry(file: Path, name: str, entry: Any) -> tuple[int, int]:
+    """(begin, end) data offsets of one header entry, after checking its dtype and shape
+    agree with them: ``end - begin == prod(shape) * itemsize``."""
+    where = f"{str(file)!r}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where} has a corrupt header entry (not an object)")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in _ITEM_SIZES:
+        raise CheckpointError(
+            f"{where} has unknown dtype {dtype!r}; valid: {', '.join(sorted(_ITEM_SIZES))}"
+        )
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise CheckpointError(f"{where} has a corrupt shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise CheckpointError(f"{where} has corrupt data_offsets {offsets!r}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if offsets[1] - offsets[0] != numel * _ITEM_SIZES[dtype]:
+        raise CheckpointError(
+            f"{where}: shape {shape} of {dtype} needs {numel * _ITEM_SIZES[dtype]} bytes, "
+            f"its data_offsets {offsets} hold {offsets[1] - offsets[0]}"
+        )
+    return offsets[0], offsets[1]
+
+
 def _saved_float_dtype(file: Path) -> torch.dtype | None:
     """The one floating dtype of the saved tensors, or None when they are mixed."""
-    found = {entry.get("dtype") for entry in _read_safetensors_header(file).values()}
+    found = {entry.get("dtype") for entry in read_safetensors_header(file).values()}
     floats = {_FLOAT_DTYPES[d] for d in found if d in _FLOAT_DTYPES}
     return floats.pop() if len(floats) == 1 else None
 

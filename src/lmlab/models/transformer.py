@@ -60,6 +60,9 @@ class TransformerConfig:
     """RoPE base period."""
     bias: bool = True
     """Biases in linear layers and LayerNorms (GPT-2) or none (Llama)."""
+    qkv_bias: bool | None = None
+    """Biases on the query, key and value projections alone (Qwen2: True with bias=False);
+    None follows ``bias``."""
     tie_embeddings: bool = True
     """Share the token embedding matrix with the output projection."""
     init_std: float = 0.02
@@ -174,9 +177,10 @@ class Attention(nn.Module):
             config.head_size,
         )
         d = config.d_model
-        self.q_proj = nn.Linear(d, self.n_heads * self.d_head, bias=config.bias)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * self.d_head, bias=config.bias)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * self.d_head, bias=config.bias)
+        qkv_bias = config.bias if config.qkv_bias is None else config.qkv_bias
+        self.q_proj = nn.Linear(d, self.n_heads * self.d_head, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.d_head, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.d_head, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.d_head, d, bias=config.bias)
         self.dropout = config.dropout
         self.explicit = False

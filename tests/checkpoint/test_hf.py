@@ -1,0 +1,234 @@
+"""Hugging Face model folders in and out: parity with transformers, shards, export round
+trip, and the loading-safety items 14 and 15 of shared/RELIABILITY.md."""
+
+import json
+import pickle
+import struct
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+from lmlab.checkpoint.hf import is_hf_directory, load_hf, save_hf
+from lmlab.data.tokenizers import BPETokenizer
+from lmlab.errors import CheckpointError
+from lmlab.models import build_model, get_preset
+
+# float32 on CPU, the same maths in a different order: a few ulps per layer. 1e-5 on
+# logits of size ~1 still catches any wrong layout (errors of order 1).
+ATOL, RTOL = 1e-5, 1e-5
+
+LLAMA_LIKE = dict(
+    vocab_size=97,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    intermediate_size=96,
+    max_position_embeddings=64,
+    rope_theta=500.0,
+)
+
+
+def tiny(kind: str):
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=97, n_embd=48, n_layer=2, n_head=4, n_positions=64)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    if kind == "mistral":
+        cfg = transformers.MistralConfig(**LLAMA_LIKE, sliding_window=32)
+        return transformers.MistralForCausalLM(cfg).eval()
+    if kind == "qwen2":
+        cfg = transformers.Qwen2Config(**LLAMA_LIKE, tie_word_embeddings=True)
+        model = transformers.Qwen2ForCausalLM(cfg).eval()
+        with torch.no_grad():  # HF initialises biases to 0: randomise them so they matter
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.5)
+        return model
+    cfg = transformers.LlamaConfig(**LLAMA_LIKE)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def logits_agree(hf, ours, length=30):
+    ids = torch.randint(0, 97, (2, length), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral", "qwen2"])
+def test_hf_folder_logits_match_transformers(kind, tmp_path):
+    hf = tiny(kind)
+    hf.save_pretrained(tmp_path)
+    assert is_hf_directory(tmp_path)
+    model, tokenizer, info = load_hf(tmp_path)
+    assert tokenizer is None and info["hf_config"]["model_type"] == kind
+    logits_agree(hf, model)
+
+
+def test_mistral_context_is_kept_within_its_sliding_window(tmp_path):
+    tiny("mistral").save_pretrained(tmp_path)
+    model, _, _ = load_hf(tmp_path)
+    assert model.config.max_seq_len == 32  # inside the window, full attention is the same
+
+
+def test_sharded_safetensors_load(tmp_path):
+    hf = tiny("llama")
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
+    model, _, _ = load_hf(tmp_path)
+    logits_agree(hf, model)
+
+
+def test_pickled_weights_load_through_weights_only(tmp_path):
+    hf = tiny("gpt2")
+    hf.config.save_pretrained(tmp_path)  # what older transformers wrote: torch.save
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    model, _, _ = load_hf(tmp_path)
+    logits_agree(hf, model)
+
+
+@pytest.mark.parametrize("preset", ["gpt-char-tiny", "llama-small"])
+def test_export_round_trip_through_transformers(preset, tmp_path):
+    """save_hf -> transformers' from_pretrained gives the same logits; the tokenizer too."""
+    torch.manual_seed(0)
+    ours = build_model({**get_preset(preset), "vocab_size": 300, "n_layers": 2}).eval()
+    tok = BPETokenizer.train("to be or not to be, that is the question " * 20, 300)
+    save_hf(ours, tmp_path, tok)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 300, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=ATOL, rtol=RTOL)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = "to be, or not to be"
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    back, tok_back, _ = load_hf(tmp_path)
+    assert tok_back.encode(text) == tok.encode(text)
+    for (name, a), b in zip(ours.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_qwen2_layout_exports_with_its_biases(tmp_path):
+    hf = tiny("qwen2")
+    hf.save_pretrained(tmp_path / "in")
+    model, _, _ = load_hf(tmp_path / "in")
+    save_hf(model, tmp_path / "out")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(again).__name__ == "Qwen2ForCausalLM"
+    logits_agree(again, model)
+
+
+# ----------------------------------------------------------------------------- item 14
+
+
+class Payload:
+    """Unpickling this runs ``open(marker, "w")``: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickle_payload_is_refused_and_never_runs(tmp_path):
+    tiny("gpt2").config.save_pretrained(tmp_path)
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"transformer.wte.weight": Payload(marker)}, f, protocol=2)
+    with pytest.raises(CheckpointError, match="refusing .*pytorch_model.bin.*never unpickles"):
+        load_hf(tmp_path)
+    assert not marker.exists()
+
+
+def test_remote_code_in_config_is_ignored_and_never_imported(tmp_path, caplog):
+    hf = tiny("llama")
+    hf.save_pretrained(tmp_path)
+    marker = tmp_path / "pwned"
+    (tmp_path / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w')\n")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    cfg["trust_remote_code"] = True
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    model, _, info = load_hf(tmp_path)
+    assert not marker.exists()
+    assert "auto_map" not in info["hf_config"] and "remote code" in caplog.text
+    logits_agree(hf, model)
+
+
+def test_unknown_model_type_is_named(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    with pytest.raises(CheckpointError, match="model_type 'mamba' is not supported; valid: gpt2"):
+        load_hf(tmp_path)
+
+
+# ----------------------------------------------------------------------------- item 15
+
+
+def rewrite_header(file, edit):
+    """Apply ``edit`` to the JSON header of a safetensors file, keeping its data."""
+    raw = file.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    new = json.dumps(header).encode()
+    file.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
+
+
+def first_two(header):
+    names = sorted(
+        (k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"]
+    )
+    return header[names[0]], header[names[1]], names
+
+
+def overlap(header):
+    a, b, _ = first_two(header)
+    size = b["data_offsets"][1] - b["data_offsets"][0]
+    b["data_offsets"] = [a["data_offsets"][0], a["data_offsets"][0] + size]
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda f: f.write_bytes(f.read_bytes()[:-100]), "truncated or corrupt"),
+        (
+            lambda f: f.write_bytes(struct.pack("<Q", 10**12) + f.read_bytes()[8:]),
+            "header of 1000000000000 bytes in a file of",
+        ),
+        (lambda f: rewrite_header(f, overlap), "overlaps the tensor before it"),
+        (
+            lambda f: rewrite_header(f, lambda h: first_two(h)[0].update(dtype="F17")),
+            "unknown dtype 'F17'",
+        ),
+        (
+            lambda f: rewrite_header(f, lambda h: first_two(h)[0].update(shape=[1, 2, 3])),
+            "needs 24 bytes",
+        ),
+    ],
+    ids=["truncated", "huge-header", "overlap", "bad-dtype", "shape-vs-bytes"],
+)
+def test_corrupt_safetensors_name_the_file(tmp_path, corrupt, message):
+    tiny("llama").save_pretrained(tmp_path)
+    corrupt(tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_hf(tmp_path)
+    assert "model.safetensors" in str(info.value)
+
+
+def test_wrong_shape_or_dtype_for_the_config_names_file_and_tensor(tmp_path):
+    hf = tiny("llama")
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    hf.config.save_pretrained(tmp_path)
+    bad_shape = dict(state)
+    bad_shape["model.layers.1.mlp.up_proj.weight"] = torch.zeros(95, 64)
+    save_file(bad_shape, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="model.safetensors.*'model.layers.1.mlp.up_proj"):
+        load_hf(tmp_path)
+    bad_dtype = dict(state)
+    bad_dtype["model.norm.weight"] = torch.ones(64, dtype=torch.int32)
+    save_file(bad_dtype, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="'model.norm.weight' has dtype torch.int32"):
+        load_hf(tmp_path)
