@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("lmlab.cli.demo", "train a tiny GPT on Tiny Shakespeare and sample from it"),
     "train": ("lmlab.cli.train", "train a model on a corpus"),
     "generate": ("lmlab.cli.generate", "generate text from a checkpoint"),
+    "chat": (
+        "lmlab.cli.chat",
+        "chat with an instruction-tuned model (or one reply with --message)",
+    ),
     "compare": (
         "lmlab.cli.compare",
         "train several model families on the same data and budget, side by side",
