@@ -1,4 +1,5 @@
-"""Tests for lmlab.data.tokenizers: char, byte and BPE tokenizers, saving and loading."""
+"""Tests for lmlab.data.tokenizers: char, byte, BPE and Hugging Face (WordPiece) tokenizers,
+saving and loading."""
 
 import json
 
@@ -6,12 +7,14 @@ import numpy as np
 import pytest
 import tokenizers
 import torch
+import transformers
 
 from lmlab.data.corpus import load_corpus
 from lmlab.data.tokenizers import (
     BPETokenizer,
     ByteTokenizer,
     CharTokenizer,
+    HFTokenizer,
     Tokenizer,
     load_tokenizer,
     train_tokenizer,
@@ -220,7 +223,8 @@ def test_bpe_from_file_rejects_a_non_bpe_model(tmp_path):
     )
     wordpiece.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(DataError, match="WordPiece"):
-        load_tokenizer(tmp_path)
+        BPETokenizer.from_file(tmp_path / "tokenizer.json")
+    assert isinstance(load_tokenizer(tmp_path), HFTokenizer)  # load_tokenizer dispatches
 
 
 def test_bpe_names_a_lone_surrogate(bpe):
@@ -313,3 +317,134 @@ def test_load_tokenizer_malformed_file_names_it(tmp_path, content, match):
     with pytest.raises(DataError, match=match) as info:
         load_tokenizer(path)
     assert str(path) in str(info.value)
+
+
+# ---- Hugging Face tokenizers of other models (WordPiece) ---------------------------------
+
+WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def tiny_wordpiece(padding: bool = False) -> tokenizers.Tokenizer:
+    """A BERT-style WordPiece tokenizer: lowercasing, BERT pre-tokenizer, [CLS] ... [SEP]."""
+    words = WORDPIECE_SPECIALS + ["hello", "world", "un", "##aff", "##able", "!", ",", "the"]
+    words += ["a", "b", "##s", "日", "本"]
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
+    )
+    tok.decoder = tokenizers.decoders.WordPiece()
+    tok.add_special_tokens(WORDPIECE_SPECIALS)
+    if padding:  # as in many hub files (all-MiniLM-L6-v2 pads to 128): must not leak out
+        tok.enable_padding(length=12, pad_id=0, pad_token="[PAD]")
+        tok.enable_truncation(max_length=12)
+    return tok
+
+
+WORDPIECE_TEXTS = ["Hello, world!", "unaffable", "HELLO the worlds", "日本 a b c", "", "[MASK] a"]
+
+
+@pytest.fixture
+def wordpiece_dir(tmp_path):
+    tiny_wordpiece(padding=True).save(str(tmp_path / "tokenizer.json"))
+    return tmp_path
+
+
+def test_hf_tokenizer_worked_example(wordpiece_dir):
+    tok = load_tokenizer(wordpiece_dir)
+    assert isinstance(tok, HFTokenizer) and isinstance(tok, Tokenizer)
+    assert tok.encode("Hello, world!") == [5, 11, 6, 10]  # no template, no padding
+    assert tok.encode("Hello, world!", add_special_tokens=True) == [2, 5, 11, 6, 10, 3]
+    assert tok.encode("unaffable") == [7, 8, 9]  # un ##aff ##able
+    assert tok.decode([2, 5, 7, 8, 9, 3]) == "[CLS] hello unaffable [SEP]"
+    assert tok.decode([2, 5, 3], skip_special_tokens=True) == "hello"
+    ids = (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id, tok.eos_id)
+    assert ids == (0, 1, 2, 3, 4, None)
+    assert tok.to_config() == {"kind": "hf", "vocab_size": 18, "eos_id": None}
+
+
+def test_hf_tokenizer_matches_transformers(wordpiece_dir):
+    tok = HFTokenizer.from_file(wordpiece_dir / "tokenizer.json")
+    ref = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(wordpiece_dir / "tokenizer.json"), pad_token="[PAD]"
+    )
+    for text in WORDPIECE_TEXTS:
+        assert tok.encode(text, add_special_tokens=True) == ref(text)["input_ids"], text
+        assert tok.encode(text) == ref(text, add_special_tokens=False)["input_ids"], text
+    batch = tok.encode_batch(WORDPIECE_TEXTS)
+    expected = ref(WORDPIECE_TEXTS, padding=True)
+    assert batch["ids"].tolist() == expected["input_ids"]
+    assert batch["attention_mask"].tolist() == expected["attention_mask"]
+    pairs = ["a", "b b", "", "the", "hello", "world"]
+    batch = tok.encode_batch(WORDPIECE_TEXTS, pairs, max_length=6)
+    expected = ref(
+        WORDPIECE_TEXTS,
+        pairs,
+        padding=True,
+        truncation=True,
+        max_length=6,
+        return_token_type_ids=True,
+    )
+    for key, ours in (("input_ids", "ids"), ("token_type_ids", "token_type_ids")):
+        assert batch[ours].tolist() == expected[key]
+    assert batch["ids"].dtype == np.int64 and batch["ids"].shape == (6, 6)
+
+
+def test_hf_tokenizer_encode_batch_pads_on_the_right():
+    tok = HFTokenizer(tiny_wordpiece())
+    batch = tok.encode_batch(["a b", "a"])
+    assert batch["ids"].tolist() == [[2, 13, 14, 3], [2, 13, 3, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert batch["token_type_ids"].tolist() == [[0, 0, 0, 0], [0, 0, 0, 0]]
+    assert tok.encode_batch([])["ids"].shape == (0, 0)
+    plain = tok.encode_batch(["a b", "a"], add_special_tokens=False)
+    assert plain["ids"].tolist() == [[13, 14], [13, 0]]
+    with pytest.raises(ConfigError, match="max_length=0"):
+        tok.encode_batch(["a"], max_length=0)
+    with pytest.raises(DataError, match="2 texts but 1 pairs"):
+        tok.encode_batch(["a", "b"], ["c"])
+
+
+def test_hf_tokenizer_without_a_pad_token_cannot_pad_a_ragged_batch():
+    vocab = {"<unk>": 0, "a": 1, "b": 2}
+    model = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    model.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok = HFTokenizer(model)
+    assert tok.pad_id is None and tok.encode("a b c") == [1, 2, 0]
+    assert tok.encode_batch(["a b", "b a"])["ids"].tolist() == [[1, 2], [2, 1]]
+    with pytest.raises(DataError, match="no pad token"):
+        tok.encode_batch(["a b", "a"])
+
+
+def test_hf_tokenizer_reads_special_tokens_from_tokenizer_config(wordpiece_dir):
+    config = {"pad_token": {"content": "[MASK]"}, "eos_token": "[SEP]", "cls_token": "[CLS]"}
+    (wordpiece_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(wordpiece_dir)
+    assert (tok.pad_id, tok.eos_id, tok.cls_id, tok.unk_id) == (4, 3, 2, 1)
+    (wordpiece_dir / "tokenizer_config.json").write_text(json.dumps({"sep_token": "[END]"}))
+    with pytest.raises(DataError, match=r"sep_token '\[END\]' is not in the WordPiece"):
+        load_tokenizer(wordpiece_dir)
+
+
+def test_hf_tokenizer_save_then_load_gives_identical_ids_and_keeps_the_file(
+    wordpiece_dir, tmp_path
+):
+    tok = load_tokenizer(wordpiece_dir)
+    out = tmp_path / "saved"
+    tok.save(out)
+    saved = json.loads((out / "tokenizer.json").read_text())
+    assert saved["padding"] is not None and saved["truncation"]["max_length"] == 12
+    loaded = load_tokenizer(out)
+    assert isinstance(loaded, HFTokenizer)
+    for text in WORDPIECE_TEXTS:
+        assert loaded.encode(text, add_special_tokens=True) == tok.encode(text, True)
+    assert (loaded.pad_id, loaded.mask_id) == (tok.pad_id, tok.mask_id)
+
+
+def test_hf_tokenizer_decode_rejects_ids_outside_the_vocabulary(wordpiece_dir):
+    with pytest.raises(DataError, match="token id 18"):
+        load_tokenizer(wordpiece_dir).decode([2, 18])

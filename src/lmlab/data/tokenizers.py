@@ -10,6 +10,9 @@ or ``None``), and how to save itself as ``tokenizer.json`` in a directory.
 - ``BPETokenizer``: byte-level byte-pair encoding (Sennrich et al. 2016, with the byte
   alphabet and pre-tokenizer of GPT-2, Radford et al. 2019), trained and run by the
   Hugging Face ``tokenizers`` library and saved in its ``tokenizer.json`` format.
+- ``HFTokenizer``: any other model of a Hugging Face ``tokenizer.json`` (BERT's WordPiece,
+  Unigram, WordLevel), loaded, not trained; it adds what an encoder needs: the template
+  (``[CLS] text [SEP]``), padded batches with an attention mask, and the special ids.
 
 Character and byte tokenizers are written here because they are a few lines each; BPE
 training is the ``tokenizers`` library's job, so there is no parity test to write: it
@@ -52,7 +55,8 @@ class Tokenizer(abc.ABC):
     """What every lmlab tokenizer provides; see the module docstring."""
 
     kind: str
-    """``"char"``, ``"byte"`` or ``"bpe"``: the name ``train_tokenizer`` takes."""
+    """``"char"``, ``"byte"`` or ``"bpe"``: the name ``train_tokenizer`` takes (``"hf"`` for
+    a loaded Hugging Face tokenizer of another model type, which cannot be trained here)."""
     vocab_size: int
     """Number of ids: every id lies in ``[0, vocab_size)``, the model's embedding rows."""
     eos_id: int | None
@@ -275,7 +279,7 @@ class BPETokenizer(Tokenizer):
         if not isinstance(model.model, tokenizers.models.BPE):
             raise DataError(
                 f"{str(path)!r} holds a {type(model.model).__name__} tokenizer; "
-                "BPETokenizer wraps BPE models only"
+                "BPETokenizer wraps BPE models only (HFTokenizer or load_tokenizer loads it)"
             )
         if eos_token is None:
             eos_token = _config_eos_token(path.parent / TOKENIZER_CONFIG_FILE)
@@ -303,6 +307,170 @@ class BPETokenizer(Tokenizer):
 
     def __repr__(self) -> str:
         return f"BPETokenizer(vocab_size={self.vocab_size}, eos_token={self.eos_token!r})"
+
+
+class HFTokenizer(Tokenizer):
+    """Any other Hugging Face ``tokenizer.json`` model (BERT's WordPiece, Unigram,
+    WordLevel) with the lmlab interface, plus what an encoder needs.
+
+    ``encode(text)`` gives the text's own ids, as every lmlab tokenizer does;
+    ``encode(text, add_special_tokens=True)`` applies the file's template, and
+    ``encode_batch`` returns a right-padded batch with its attention mask. With
+    all-MiniLM-L6-v2's WordPiece vocabulary::
+
+        tok.encode("Hello world!")                          ->  [7592, 2088, 999]
+        tok.encode("Hello world!", add_special_tokens=True) ->  [101, 7592, 2088, 999, 102]
+
+    The special ids (``pad_id``, ``cls_id``, ``sep_id``, ``unk_id``, ``mask_id``, ``eos_id``;
+    None when absent) come from ``tokenizer_config.json`` beside the file, else from BERT's
+    names (``[PAD]``, ``[CLS]``, ...) when the vocabulary has them. Padding and truncation
+    settings stored in the file are not applied (transformers, too, pads and truncates only
+    when asked); ``save`` writes the file back with them.
+    """
+
+    kind = "hf"
+    SPECIAL_ROLES: tuple[str, ...] = ("pad", "cls", "sep", "unk", "mask", "eos")
+    """Roles of special tokens, as ``tokenizer_config.json`` names them (``"pad_token"``)."""
+    _BERT_DEFAULTS = {
+        "pad": "[PAD]",
+        "cls": "[CLS]",
+        "sep": "[SEP]",
+        "unk": "[UNK]",
+        "mask": "[MASK]",
+    }
+
+    def __init__(
+        self, tokenizer: tokenizers.Tokenizer, special_tokens: dict[str, str] | None = None
+    ) -> None:
+        self._source = tokenizer.to_str(pretty=True)  # saved as loaded, padding settings too
+        self.tokenizer = tokenizers.Tokenizer.from_str(self._source)
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        self.model_type = type(self.tokenizer.model).__name__
+        self.vocab_size = max(self.tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+        special_tokens = dict(special_tokens or {})
+        for role in special_tokens:
+            if role not in self.SPECIAL_ROLES:
+                raise DataError(
+                    f"unknown special token role {role!r}{closest(role, self.SPECIAL_ROLES)}; "
+                    f"valid: {', '.join(self.SPECIAL_ROLES)}"
+                )
+        for role, token in self._BERT_DEFAULTS.items():
+            if role not in special_tokens and self.tokenizer.token_to_id(token) is not None:
+                special_tokens[role] = token
+        self.special_tokens = special_tokens
+        ids: dict[str, int | None] = {}
+        for role in self.SPECIAL_ROLES:
+            token = special_tokens.get(role)
+            ids[role] = None if token is None else self.tokenizer.token_to_id(token)
+            if token is not None and ids[role] is None:
+                raise DataError(
+                    f"{role}_token {token!r} is not in the {self.model_type} vocabulary"
+                )
+        self.pad_id, self.cls_id, self.sep_id = ids["pad"], ids["cls"], ids["sep"]
+        self.unk_id, self.mask_id, self.eos_id = ids["unk"], ids["mask"], ids["eos"]
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> HFTokenizer:
+        """Load a Hugging Face ``tokenizer.json`` (and the special tokens named by a
+        ``tokenizer_config.json`` in the same folder, if there is one)."""
+        path = Path(path)
+        if not path.is_file():
+            raise DataNotFoundError(f"tokenizer file {str(path)!r} does not exist")
+        try:
+            model = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust side raises a bare Exception for a bad file
+            raise DataError(f"{str(path)!r} is not a valid Hugging Face tokenizer.json: {e}") from e
+        specials = {}
+        for role in cls.SPECIAL_ROLES:
+            token = _config_token(path.parent / TOKENIZER_CONFIG_FILE, f"{role}_token")
+            if token is not None:
+                specials[role] = token
+        try:
+            return cls(model, special_tokens=specials)
+        except DataError as e:
+            raise DataError(f"{str(path)!r}: {e}") from e
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``; with ``add_special_tokens`` wrapped in the template
+        (BERT: ``[CLS] ... [SEP]``)."""
+        _check_str(text)
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:
+            _utf8(text)  # the library says only "must be str"; name the bad character
+            raise
+
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        pairs: Sequence[str] | None = None,
+        add_special_tokens: bool = True,
+        max_length: int | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Encode ``texts`` (and second segments ``pairs``) into one right-padded batch.
+
+        Returns int64 arrays of shape [B, T], T the longest row: ``"ids"`` (padding is
+        ``pad_id``), ``"attention_mask"`` (1 on tokens, 0 on padding) and
+        ``"token_type_ids"`` (the template's segment ids: 0 for the first text, 1 for the
+        pair). ``max_length`` truncates each row, template tokens included.
+
+            encode_batch(["a b", "a"]) -> ids [[CLS, a, b, SEP], [CLS, a, SEP, PAD]],
+                                          attention_mask [[1, 1, 1, 1], [1, 1, 1, 0]]
+        """
+        texts = list(texts)
+        for text in texts:
+            _check_str(text)
+        inputs: list[Any] = texts
+        if pairs is not None:
+            pairs = list(pairs)
+            if len(pairs) != len(texts):
+                raise DataError(f"encode_batch got {len(texts)} texts but {len(pairs)} pairs")
+            for text in pairs:
+                _check_str(text)
+            inputs = list(zip(texts, pairs))
+        if max_length is not None:
+            if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+                raise ConfigError(
+                    f"max_length={max_length!r} is invalid: must be a positive integer"
+                )
+            self.tokenizer.enable_truncation(max_length)
+        try:
+            encodings = self.tokenizer.encode_batch(inputs, add_special_tokens=add_special_tokens)
+        except TypeError:
+            for text in texts + list(pairs or []):
+                _utf8(text)
+            raise
+        finally:
+            self.tokenizer.no_truncation()
+        lengths = [len(e.ids) for e in encodings]
+        T = max(lengths, default=0)
+        if self.pad_id is None and any(n < T for n in lengths):
+            raise DataError(
+                f"cannot pad a batch: the {self.model_type} tokenizer has no pad token "
+                "(name one as pad_token in tokenizer_config.json)"
+            )
+        ids = np.full((len(texts), T), self.pad_id or 0, dtype=np.int64)
+        mask = np.zeros((len(texts), T), dtype=np.int64)
+        types = np.zeros((len(texts), T), dtype=np.int64)
+        for row, (e, n) in enumerate(zip(encodings, lengths)):
+            ids[row, :n] = e.ids
+            mask[row, :n] = 1
+            types[row, :n] = e.type_ids
+        return {"ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        ids = _checked_ids(ids, self.vocab_size, self.kind).tolist()
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        directory = Path(directory)
+        atomic_write_text(directory / TOKENIZER_FILE, self._source)
+        config = {f"{role}_token": token for role, token in self.special_tokens.items()}
+        atomic_write_json(directory / TOKENIZER_CONFIG_FILE, config)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.model_type}, vocab_size={self.vocab_size})"
 
 
 TOKENIZER_KINDS: tuple[str, ...] = ("char", "byte", "bpe")
@@ -347,11 +515,12 @@ def train_tokenizer(kind: str, text: str, vocab_size: int | None = None, **kw: A
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
-    """Load a tokenizer saved by ``Tokenizer.save``, or a Hugging Face BPE ``tokenizer.json``.
+    """Load a tokenizer saved by ``Tokenizer.save``, or a Hugging Face ``tokenizer.json``.
 
     ``path`` is the file or the directory holding ``tokenizer.json``. lmlab's own files
     are ``{"kind": "char", "chars": [...], "unk": false}`` or ``{"kind": "byte"}``; a file
-    with a ``"model"`` key is in the Hugging Face format and loads as a ``BPETokenizer``.
+    with a ``"model"`` key is in the Hugging Face format and loads as a ``BPETokenizer``
+    when its model type is BPE, and as an ``HFTokenizer`` otherwise (WordPiece, ...).
     """
     path = Path(path)
     file = path / TOKENIZER_FILE if path.is_dir() else path
@@ -362,7 +531,10 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"tokenizer file {str(file)!r} is not valid JSON: {e}") from e
     if isinstance(data, dict) and "model" in data:
-        return BPETokenizer.from_file(file)
+        model_type = data["model"].get("type") if isinstance(data["model"], dict) else None
+        if model_type in (None, "BPE"):
+            return BPETokenizer.from_file(file)
+        return HFTokenizer.from_file(file)
     if not isinstance(data, dict) or "kind" not in data:
         raise DataError(
             f"tokenizer file {str(file)!r} has neither a 'kind' (lmlab format) nor a "
@@ -424,13 +596,19 @@ def _utf8(text: str) -> bytes:
 
 
 def _config_eos_token(file: Path) -> str | None:
+    return _config_token(file, "eos_token")
+
+
+def _config_token(file: Path, key: str) -> str | None:
+    """The special token ``key`` (``"eos_token"``, ``"pad_token"``, ...) of a
+    ``tokenizer_config.json``, or None when the file or the key is absent."""
     if not file.is_file():
         return None
     try:
-        eos = json.loads(file.read_text(encoding="utf-8")).get("eos_token")
+        token = json.loads(file.read_text(encoding="utf-8")).get(key)
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
         raise DataError(f"{str(file)!r} is not a valid JSON object: {e}") from e
     # Hugging Face writes either "eos_token": "</s>" or {"content": "</s>", ...}.
-    if isinstance(eos, dict):
-        eos = eos.get("content")
-    return eos if isinstance(eos, str) else None
+    if isinstance(token, dict):
+        token = token.get("content")
+    return token if isinstance(token, str) else None

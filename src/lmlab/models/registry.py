@@ -30,7 +30,7 @@ def register_family(name: str, config_cls: type, model_cls: type[nn.Module]) -> 
 
 def _load_families() -> None:
     # Importing a family module registers it; kept here so registry users need one import.
-    from lmlab.models import mlp, ngram, recurrent, transformer  # noqa: F401
+    from lmlab.models import encoder, mlp, ngram, recurrent, transformer  # noqa: F401
 
 
 def families() -> list[str]:
