@@ -129,3 +129,32 @@ def test_load_takes_a_hugging_face_folder(tmp_path):
         torch.testing.assert_close(lm.model(torch.tensor([ids])), model(torch.tensor([ids])))
     text = lm.generate("to be", max_new_tokens=5, temperature=0)
     assert text == lm.generate("to be", max_new_tokens=5, temperature=0)
+
+
+def test_load_minilm_embeds_sentences_and_refuses_to_generate():
+    lm = load("minilm")
+    e = lm.embed(["A cat sits on the mat.", "A kitten rests on a rug.", "Stocks fell today."])
+    assert e.shape == (3, 384)
+    torch.testing.assert_close(e.norm(dim=1), torch.ones(3))  # normalised
+    assert e[0] @ e[1] > 0.5 > e[0] @ e[2]  # paraphrases are close, unrelated text is not
+    with pytest.raises(ConfigError, match="this is an encoder .*use embed"):
+        lm.generate("hello")
+
+
+def test_export_cli_writes_a_folder_transformers_loads(tmp_path, capsys):
+    import transformers
+
+    from lmlab.checkpoint.io import save_checkpoint
+    from lmlab.cli.main import main
+    from lmlab.data.tokenizers import BPETokenizer
+
+    torch.manual_seed(0)
+    tok = BPETokenizer.train("to be or not to be, that is the question " * 20, 300)
+    model = build_model({**get_preset("gpt-char-tiny"), "vocab_size": 300, "n_layers": 1})
+    save_checkpoint(tmp_path / "ckpt", model.eval(), tok)
+    assert main(["export", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.tensor([tok.encode("to be or not")])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), atol=1e-5, rtol=1e-5)

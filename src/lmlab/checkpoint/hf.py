@@ -295,15 +295,21 @@ HF_PICKLE = "pytorch_model.bin"
 REMOTE_CODE_KEYS = ("auto_map", "trust_remote_code", "custom_pipelines")
 
 
-def is_hf_directory(path: str | os.PathLike) -> bool:
-    """A folder with a Hugging Face ``config.json`` (one that names a ``model_type``)."""
+def hf_model_type(path: str | os.PathLike) -> str | None:
+    """The ``model_type`` of a Hugging Face folder's ``config.json``; None if it has none."""
     file = Path(path) / HF_CONFIG
     if not file.is_file():
-        return False
+        return None
     try:
-        return "model_type" in json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError):
-        return False
+        kind = json.loads(file.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return kind if isinstance(kind, str) else None
+
+
+def is_hf_directory(path: str | os.PathLike) -> bool:
+    """A folder with a Hugging Face ``config.json`` (one that names a ``model_type``)."""
+    return hf_model_type(path) is not None
 
 
 def read_hf_config(directory: str | os.PathLike) -> dict[str, Any]:
@@ -463,11 +469,17 @@ def load_hf(
     return model, tokenizer, {**info, "tokenizer_config": tok_config}
 
 
-def save_hf(model: nn.Module, directory: str | os.PathLike, tokenizer: Any | None = None) -> Path:
+def save_hf(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    tokenizer: Any | None = None,
+    chat_template: Any | None = None,
+) -> Path:
     """Write an lmlab decoder as an HF folder that ``transformers`` loads with
     ``AutoModelForCausalLM.from_pretrained(directory)``: config.json, model.safetensors
     (float32, the tied output matrix stored once) and, for a BPE tokenizer, tokenizer.json
-    and tokenizer_config.json. Each file is written atomically."""
+    and tokenizer_config.json (with the ``chat_template``'s source and special tokens when
+    given). Each file is written atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cfg, state = to_hf(model)
@@ -480,4 +492,11 @@ def save_hf(model: nn.Module, directory: str | os.PathLike, tokenizer: Any | Non
     atomic_write_json(directory / HF_CONFIG, {**cfg, "torch_dtype": "float32"})
     if tokenizer is not None and getattr(tokenizer, "kind", None) == "bpe":
         tokenizer.save(directory)
+        if chat_template is not None:
+            file = directory / "tokenizer_config.json"
+            tok_config = json.loads(file.read_text(encoding="utf-8"))
+            tok_config["chat_template"] = chat_template.source
+            for name, value in chat_template.special.items():
+                tok_config[name] = tok_config.get(name) or value
+            atomic_write_json(file, tok_config)
     return directory

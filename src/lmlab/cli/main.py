@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lmlab.cli.chat",
         "chat with an instruction-tuned model (or one reply with --message)",
     ),
+    "export": ("lmlab.cli.export", "write a model as a Hugging Face folder"),
     "compare": (
         "lmlab.cli.compare",
         "train several model families on the same data and budget, side by side",
