@@ -1,0 +1,670 @@
+"""Load GGUF files (llama.cpp's format) into lmlab's transformer, with their tokenizer.
+
+A GGUF file is one self-describing blob (spec: ggml's ``docs/gguf.md``)::
+
+    magic "GGUF" | version u32 (2 or 3) | tensor_count u64 | kv_count u64
+    kv_count x   (key: string, value_type: u32, value)          metadata
+    tensor_count x (name: string, n_dims: u32, ne: u64 x n_dims,
+                    ggml_type: u32, offset: u64)                 tensor infos
+    padding to general.alignment (default 32)
+    data section: each tensor's bytes at data_start + offset
+
+Strings are a u64 byte length and UTF-8 bytes. ``ne`` lists dimensions fastest-varying
+first, so a PyTorch ``[out, in]`` weight is stored as ``ne = [in, out]``: shapes come out
+reversed. Tensors may be quantized in blocks (Q8_0: 32 weights share one fp16 scale).
+
+``read_gguf`` parses and validates the whole header itself, checking every count and length
+against the bytes the file has left *before* allocating anything, so a corrupt or hostile
+file fails with one ``CheckpointError`` (naming the file, and the key or tensor) in time and
+memory bounded by the file's size. Dequantization is the ``gguf`` package's
+(``gguf.quants.dequantize``), the reference implementation that ships with llama.cpp.
+
+``gguf_to_hf`` turns a ``llama`` file into a Hugging Face ``LlamaConfig``-style dict and a
+float32 state dict in HF names, the canonical intermediate that ``checkpoint/hf.py``
+converts to lmlab; ``gguf_tokenizer`` rebuilds the byte-level BPE tokenizer from the
+metadata; ``load_gguf`` does all three.
+
+    >>> model, tok, info = load_gguf(pretrained_path("smollm2"))   # doctest: +SKIP
+    >>> info["architecture"], info["eos_token"], tok.encode("<|im_start|>user")  # doctest: +SKIP
+    ('llama', '<|im_end|>', [1, 4093])
+
+Parity: tests/checkpoint/test_gguf.py compares logits with transformers'
+``LlamaForCausalLM`` (tiny random models written with ``gguf.GGUFWriter``, and the real
+SmolLM2-135M file) and token ids with transformers' own GGUF tokenizer loader.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import reprlib
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import tokenizers
+import torch
+from torch import nn
+
+from lmlab.checkpoint.hf import convert_hf_state_dict, load_converted, spec_from_hf_config
+from lmlab.data.tokenizers import BPETokenizer
+from lmlab.errors import CheckpointError, DataNotFoundError
+from lmlab.models import build_model
+
+MAGIC = b"GGUF"
+VERSIONS = (2, 3)
+"""GGUF versions read here. Version 1 (2023) used 32-bit lengths and is long gone."""
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4  # GGML_MAX_DIMS
+ARCHITECTURES = ("llama",)
+"""``general.architecture`` values ``gguf_to_hf`` converts (Llama layout)."""
+
+_T = gguf.GGUFValueType
+# Scalar value types: struct format (little-endian) of each.
+_SCALARS: dict[int, str] = {
+    _T.UINT8: "<B",
+    _T.INT8: "<b",
+    _T.UINT16: "<H",
+    _T.INT16: "<h",
+    _T.UINT32: "<I",
+    _T.INT32: "<i",
+    _T.FLOAT32: "<f",
+    _T.BOOL: "<B",
+    _T.UINT64: "<Q",
+    _T.INT64: "<q",
+    _T.FLOAT64: "<d",
+}
+_VALUE_TYPES = {int(t): t.name for t in _T}
+
+# Every ggml type that gguf.quants.dequantize handles: F32 and F16 directly, the rest
+# through its table of block formats (BF16, Q4_0 ... Q8_0, the K-quants, the IQ types).
+DEQUANTIZABLE: tuple[gguf.GGMLQuantizationType, ...] = tuple(
+    sorted(
+        {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16}
+        | set(getattr(gguf.quants, "_type_traits", {}))
+    )
+)
+
+
+# ----------------------------------------------------------------------------- reader
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """Where one tensor lives in the file and how it is stored."""
+
+    name: str
+    shape: tuple[int, ...]
+    """PyTorch order (the file's ``ne`` reversed): a Linear weight is ``(out, in)``."""
+    type: gguf.GGMLQuantizationType
+    offset: int
+    """Absolute byte offset in the file."""
+    nbytes: int
+
+
+@dataclass
+class GGUFFile:
+    """A validated GGUF header: metadata and tensor locations (tensor data stays on disk)."""
+
+    path: Path
+    version: int
+    metadata: dict[str, Any]
+    """Key -> value: int, float, bool or str; an array of strings is a list, an array of
+    numbers a read-only NumPy array (``tokenizer.ggml.token_type``: int32)."""
+    tensors: dict[str, GGUFTensor] = field(default_factory=dict)
+
+    def dequantize(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as float32, in PyTorch shape order (reads only its bytes)."""
+        if name not in self.tensors:
+            raise CheckpointError(f"{str(self.path)!r} has no tensor {name!r}")
+        t = self.tensors[name]
+        if t.type not in DEQUANTIZABLE:
+            raise CheckpointError(_type_message(self.path, [t]))
+        with open(self.path, "rb") as f:
+            f.seek(t.offset)
+            raw = f.read(t.nbytes)
+        if len(raw) != t.nbytes:  # the file changed since it was validated
+            raise CheckpointError(f"{str(self.path)!r}: tensor {name!r} is truncated")
+        block, type_size = gguf.GGML_QUANT_SIZES[t.type]
+        rows = np.frombuffer(raw, dtype=np.uint8).reshape(
+            *t.shape[:-1], t.shape[-1] // block * type_size
+        )  # (..., bytes per row): dequantize works row by row
+        values = gguf.quants.dequantize(rows, t.type).astype(np.float32, copy=True)
+        return torch.from_numpy(values.reshape(t.shape))
+
+
+class _Cursor:
+    """Reads little-endian values from a byte buffer, never past its end."""
+
+    def __init__(self, buf: mmap.mmap | bytes, path: Path):
+        self.buf, self.pos, self.size, self.path = buf, 0, len(buf), path
+
+    def fail(self, what: str) -> CheckpointError:
+        return CheckpointError(f"{str(self.path)!r} is not a valid GGUF file: {what}")
+
+    def left(self) -> int:
+        return self.size - self.pos
+
+    def need(self, n: int, what: str) -> None:
+        if n > self.left():
+            raise self.fail(
+                f"{what} needs {n} bytes at offset {self.pos}, but the file has only "
+                f"{self.left()} left (truncated or corrupt)"
+            )
+
+    def scalar(self, fmt: str, what: str) -> Any:
+        n = struct.calcsize(fmt)
+        self.need(n, what)
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return value
+
+    def string(self, what: str) -> str:
+        n = self.scalar("<Q", f"the length of {what}")
+        self.need(n, f"{what} (a string of {n} bytes)")
+        raw = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise self.fail(f"{what} is not valid UTF-8 ({e})") from None
+
+
+def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
+    """Parse and validate a GGUF file's header; tensor data is only bounds-checked.
+
+    Raises ``DataNotFoundError`` for a missing file and ``CheckpointError`` naming the
+    problem for anything malformed: bad magic, a version other than 2 or 3, counts or
+    lengths larger than the file, unknown value or tensor types, duplicate keys or tensor
+    names, misaligned, overlapping or out-of-bounds tensor data.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataNotFoundError(f"GGUF file {str(path)!r} does not exist")
+    size = path.stat().st_size
+    if size < 24:  # magic + version + two counts
+        raise CheckpointError(f"{str(path)!r} is not a valid GGUF file: only {size} bytes")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        return _parse(_Cursor(buf, path))
+
+
+def _parse(c: _Cursor) -> GGUFFile:
+    magic = c.buf[:4]
+    if magic != MAGIC:
+        raise c.fail(f"it starts with {magic!r}, not the GGUF magic {MAGIC!r}")
+    c.pos = 4
+    version = c.scalar("<I", "the version")
+    if version not in VERSIONS and int.from_bytes(version.to_bytes(4, "little"), "big") in VERSIONS:
+        raise c.fail("it is a big-endian GGUF; only little-endian files are supported")
+    if version not in VERSIONS:
+        raise c.fail(f"version {version} is not supported; valid: {', '.join(map(str, VERSIONS))}")
+    n_tensors = c.scalar("<Q", "tensor_count")
+    n_kv = c.scalar("<Q", "kv_count")
+    # The smallest key/value is 13 bytes (empty key, type, one u8); the smallest tensor
+    # info 24 (empty name, n_dims, type, offset): counts the file cannot hold are rejected
+    # before any loop runs.
+    if n_kv * 13 > c.left():
+        raise c.fail(f"kv_count {n_kv} is impossible in a file of {c.size} bytes")
+    if n_tensors * 24 > c.left():
+        raise c.fail(f"tensor_count {n_tensors} is impossible in a file of {c.size} bytes")
+
+    metadata: dict[str, Any] = {}
+    for i in range(n_kv):
+        key = c.string(f"key {i}")
+        if key in metadata:
+            raise c.fail(f"key {key!r} appears twice")
+        vtype = c.scalar("<I", f"the type of key {key!r}")
+        metadata[key] = _value(c, vtype, key)
+
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if (
+        not isinstance(alignment, int)
+        or isinstance(alignment, bool)
+        or alignment < 1
+        or alignment & (alignment - 1)
+    ):
+        raise c.fail(f"general.alignment {alignment!r} is not a power of two")
+
+    infos = []
+    names: set[str] = set()
+    for i in range(n_tensors):
+        name = c.string(f"the name of tensor {i}")
+        if name in names:
+            raise c.fail(f"tensor name {name!r} appears twice")
+        names.add(name)
+        n_dims = c.scalar("<I", f"n_dims of tensor {name!r}")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise c.fail(f"tensor {name!r} has {n_dims} dimensions; valid: 1 to {MAX_DIMS}")
+        ne = [c.scalar("<Q", f"the shape of tensor {name!r}") for _ in range(n_dims)]
+        ttype = c.scalar("<I", f"the type of tensor {name!r}")
+        offset = c.scalar("<Q", f"the offset of tensor {name!r}")
+        infos.append((name, ne, ttype, offset))
+
+    data_start = -(-c.pos // alignment) * alignment  # round up to the alignment
+    data_size = c.size - data_start
+    tensors: dict[str, GGUFTensor] = {}
+    for name, ne, ttype, offset in infos:
+        tensors[name] = _tensor(c, name, ne, ttype, offset, data_start, data_size, alignment)
+    ordered = sorted(tensors.values(), key=lambda t: t.offset)
+    for a, b in zip(ordered, ordered[1:]):
+        if a.offset + a.nbytes > b.offset:
+            raise c.fail(f"the data of tensors {a.name!r} and {b.name!r} overlap")
+    return GGUFFile(c.path, version, metadata, tensors)
+
+
+def _value(c: _Cursor, vtype: int, key: str) -> Any:
+    """One metadata value of type ``vtype``; arrays hold scalars or strings (not arrays)."""
+    if vtype in _SCALARS:
+        value = c.scalar(_SCALARS[vtype], f"the value of {key!r}")
+        if vtype == _T.BOOL:
+            if value > 1:
+                raise c.fail(f"{key!r} holds bool byte {value}; valid: 0 or 1")
+            value = bool(value)
+        return value
+    if vtype == _T.STRING:
+        return c.string(f"the value of {key!r}")
+    valid = ", ".join(f"{n} ({v})" for v, n in _VALUE_TYPES.items())
+    if vtype == _T.ARRAY:
+        itype = c.scalar("<I", f"the item type of array {key!r}")
+        count = c.scalar("<Q", f"the length of array {key!r}")
+        if itype in _SCALARS:
+            fmt = _SCALARS[itype]
+            width = struct.calcsize(fmt)
+            c.need(count * width, f"array {key!r} of {count} {_VALUE_TYPES[itype]}")
+            # A NumPy array, not a list: one Python int per byte would cost 36x the file.
+            values = np.frombuffer(c.buf[c.pos : c.pos + count * width], dtype=fmt)
+            c.pos += count * width
+            if itype == _T.BOOL:
+                if (values > 1).any():
+                    raise c.fail(f"array {key!r} holds a bool byte other than 0 or 1")
+                values = values.astype(bool)
+            return values
+        if itype == _T.STRING:
+            c.need(count * 8, f"array {key!r} of {count} strings")
+            return [c.string(f"item {j} of {key!r}") for j in range(count)]
+        raise c.fail(
+            f"array {key!r} has item type {itype}; valid: {valid} (arrays of arrays are "
+            "not supported)"
+        )
+    raise c.fail(f"key {key!r} has value type {vtype}; valid: {valid}")
+
+
+def _tensor(c, name, ne, ttype, offset, data_start, data_size, alignment) -> GGUFTensor:
+    try:
+        qtype = gguf.GGMLQuantizationType(ttype)
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    except (ValueError, KeyError):
+        valid = ", ".join(t.name for t in gguf.GGML_QUANT_SIZES)
+        raise c.fail(f"tensor {name!r} has type {ttype}, not a ggml type; valid: {valid}") from None
+    if any(n < 1 for n in ne):
+        raise c.fail(f"tensor {name!r} has shape {ne} (ne); every dimension must be >= 1")
+    if ne[0] % block:
+        raise c.fail(
+            f"tensor {name!r} of type {qtype.name} has a row of {ne[0]} values, not a "
+            f"multiple of its block size {block}"
+        )
+    count = math.prod(ne)
+    nbytes = count // block * type_size
+    if offset % alignment:
+        raise c.fail(f"tensor {name!r} has offset {offset}, not a multiple of {alignment}")
+    if data_size < 0 or offset + nbytes > data_size:
+        raise c.fail(
+            f"tensor {name!r} ({qtype.name}, shape {list(reversed(ne))}) needs data bytes "
+            f"{offset}..{offset + nbytes}, but the data section has only "
+            f"{max(data_size, 0)} bytes (truncated file or bad offset)"
+        )
+    return GGUFTensor(name, tuple(reversed(ne)), qtype, data_start + offset, nbytes)
+
+
+def _type_message(path: Path, bad: list[GGUFTensor]) -> str:
+    names = ", ".join(f"{t.name} ({t.type.name})" for t in bad[:5])
+    valid = ", ".join(t.name for t in DEQUANTIZABLE)
+    return (
+        f"{str(path)!r}: the gguf package cannot dequantize tensor(s) {names}"
+        f"{', ...' if len(bad) > 5 else ''}; valid types: {valid}"
+    )
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation: GGUF (interleaved pairs) -> HF (halves).
+
+    HF Llama rotates the two *halves* of each head (``rotate_half``); llama.cpp rotates
+    adjacent *pairs*, so its converter reorders each head's rows from ``[x0..x{d/2-1},
+    y0..y{d/2-1}]`` to ``[x0, y0, x1, y1, ...]``. For one head of size 4 the GGUF rows
+    ``[x0, y0, x1, y1]`` come back as ``[x0, x1, y0, y1]``.
+
+    w: [n_heads * d_head, D] -> same shape.
+    """
+    out, d_in = w.shape
+    half = out // n_heads // 2
+    return w.reshape(n_heads, half, 2, d_in).transpose(1, 2).reshape(out, d_in)
+
+
+# GGUF tensor name (after "blk.N.") -> HF name (after "model.layers.N.").
+_BLOCK_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_TOP_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def _hf_name(name: str, n_layers: int) -> str | None:
+    """``blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight``; None if unknown."""
+    if name in _TOP_NAMES:
+        return _TOP_NAMES[name]
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _BLOCK_NAMES:
+        if parts[1] in {str(i) for i in range(n_layers)}:  # "blk.01" is not layer 1
+            return f"model.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}"
+    return None
+
+
+def _meta(g: GGUFFile, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    """Metadata ``key`` checked to be of ``kind``; missing -> ``default`` or an error."""
+    if key not in g.metadata:
+        if default is ...:
+            raise CheckpointError(f"{str(g.path)!r} lacks the metadata key {key!r}")
+        return default
+    value = g.metadata[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)  # a whole number written as an integer is fine
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        raise CheckpointError(
+            f"{str(g.path)!r}: metadata {key!r} is {reprlib.repr(value)}, expected "
+            f"{getattr(kind, '__name__', kind)}"
+        )
+    return value
+
+
+def _f32(x: float) -> float:
+    """The shortest decimal that round-trips a float32: 9.999999747e-06 -> 1e-05."""
+    return float(np.format_float_positional(np.float32(x), unique=True, trim="0"))
+
+
+def hf_config_from_gguf(g: GGUFFile) -> dict[str, Any]:
+    """A Hugging Face ``LlamaConfig``-style dict from the metadata of a ``llama`` file."""
+    arch = _meta(g, "general.architecture", str)
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(
+            f"{str(g.path)!r} holds a {arch!r} model; valid architectures: {', '.join(ARCHITECTURES)}"
+        )
+
+    def m(key, kind=int, default=...):
+        return _meta(g, f"{arch}.{key}", kind, default)
+
+    if m("expert_count", int, 0):
+        raise CheckpointError(f"{str(g.path)!r} is a mixture-of-experts model, not supported")
+    scaling = m("rope.scaling.type", str, "none")
+    if scaling not in ("none", ""):
+        raise CheckpointError(
+            f"{str(g.path)!r} uses RoPE scaling {scaling!r}; supported: none (plain RoPE)"
+        )
+    hidden, n_heads = m("embedding_length"), m("attention.head_count")
+    if n_heads < 1 or hidden < 1:
+        raise CheckpointError(f"{str(g.path)!r}: head_count and embedding_length must be >= 1")
+    head_dim = m("attention.key_length", int, hidden // n_heads)
+    rope_dim = m("rope.dimension_count", int, head_dim)
+    if rope_dim != head_dim:
+        raise CheckpointError(
+            f"{str(g.path)!r}: rope.dimension_count {rope_dim} != head size {head_dim}; "
+            "partial rotary embeddings are not supported"
+        )
+    if "token_embd.weight" not in g.tensors:
+        raise CheckpointError(f"{str(g.path)!r} has no tensor 'token_embd.weight'")
+    vocab, emb_dim = (g.tensors["token_embd.weight"].shape + (0,))[:2]
+    cfg = dict(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=m("block_count"),
+        num_attention_heads=n_heads,
+        num_key_value_heads=m("attention.head_count_kv", int, n_heads),
+        head_dim=head_dim,
+        intermediate_size=m("feed_forward_length"),
+        max_position_embeddings=m("context_length", int, 2048),
+        rms_norm_eps=_f32(m("attention.layer_norm_rms_epsilon", float, 1e-5)),
+        rope_theta=_f32(m("rope.freq_base", float, 10000.0)),
+        hidden_act="silu",
+        tie_word_embeddings="output.weight" not in g.tensors,
+        attention_bias=False,
+        mlp_bias=False,
+    )
+    for ours, key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id")):
+        token = _meta(g, f"tokenizer.ggml.{key}", int, None)
+        if token is not None:
+            cfg[ours] = token
+    if emb_dim != hidden:
+        raise CheckpointError(
+            f"{str(g.path)!r}: token_embd.weight has width {emb_dim}, but embedding_length "
+            f"is {hidden}"
+        )
+    return cfg
+
+
+def gguf_to_hf(
+    path: str | os.PathLike[str] | GGUFFile,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(hf_config, state)``: an HF Llama config dict and float32 tensors in HF names.
+
+    Every tensor is dequantized (``gguf.quants``), its shape put back in PyTorch order,
+    and q/k projections un-permuted (``unpermute_rotary``). ``lm_head.weight`` is present
+    only when the file has ``output.weight`` (else ``tie_word_embeddings`` is True).
+    Unknown tensor names and undequantizable types raise ``CheckpointError``.
+    """
+    g = path if isinstance(path, GGUFFile) else read_gguf(path)
+    cfg = hf_config_from_gguf(g)
+    n_layers = cfg["num_hidden_layers"]
+    names = {name: _hf_name(name, n_layers) for name in g.tensors}
+    unknown = sorted(n for n, hf in names.items() if hf is None)
+    if unknown:
+        raise CheckpointError(
+            f"{str(g.path)!r} has tensors a Llama model does not use: {', '.join(unknown[:8])}"
+        )
+    expected = {f"model.layers.{i}.{hf}" for i in range(n_layers) for hf in _BLOCK_NAMES.values()}
+    expected |= {"model.embed_tokens.weight", "model.norm.weight"}
+    missing = sorted(expected - set(names.values()))
+    if missing:
+        raise CheckpointError(
+            f"{str(g.path)!r} lacks tensors of a {n_layers}-layer Llama (HF names): "
+            f"{', '.join(missing[:8])}"
+        )
+    bad = [t for t in g.tensors.values() if t.type not in DEQUANTIZABLE]
+    if bad:
+        raise CheckpointError(_type_message(g.path, bad))
+    heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
+    state = {}
+    for name, hf_name in names.items():
+        w = g.dequantize(name)
+        proj = hf_name.split(".")[-2]
+        if proj in heads:  # q and k come permuted for llama.cpp's rotary layout
+            expected = (heads[proj] * cfg["head_dim"], cfg["hidden_size"])
+            if tuple(w.shape) != expected:
+                raise CheckpointError(
+                    f"{str(g.path)!r}: tensor {name!r} has shape {tuple(w.shape)}, the "
+                    f"metadata implies {expected}"
+                )
+            w = unpermute_rotary(w, heads[proj])
+        state[hf_name] = w
+    return cfg, state
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table: byte-level BPE spells tokens in it.
+
+    Printable bytes map to themselves (``ord("A") -> "A"``); the other 68 (space, control
+    bytes...) to characters from U+0100 on, so ``0x20 (space) -> "Ġ"``, ``0x0A -> "Ċ"``.
+    """
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    keep += range(ord("®"), ord("ÿ") + 1)
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+# Pre-tokenizer regexes, as in llama.cpp's llama-vocab.cpp (and transformers' GGUF loader).
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT2_PRE = ("gpt-2", "gpt2", "default")
+_DIGITS_PRE = ("smollm", "starcoder")
+_LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3")
+PRE_TOKENIZERS = _GPT2_PRE + _DIGITS_PRE + _LLAMA3_PRE
+"""``tokenizer.ggml.pre`` values ``gguf_tokenizer`` reproduces."""
+
+
+def _pre_tokenizer(pre: str) -> tuple[Any, bool]:
+    """(pre-tokenizer, ignore_merges) for llama.cpp's pre-tokenizer name ``pre``.
+
+    gpt-2: GPT-2's regex; smollm/starcoder: each digit alone first (``\\p{N}``), then
+    GPT-2's regex; llama-bpe: Llama 3's regex, and a word that is itself a token is not
+    merged piece by piece (``ignore_merges``). "default" (what llama.cpp's converter
+    writes for a vocabulary it does not recognise) gets GPT-2's regex, as transformers'
+    GGUF loader does; llama.cpp itself splits such text a little differently.
+    """
+    pt = tokenizers.pre_tokenizers
+    # ByteLevel with use_regex=True splits with GPT-2's regex before mapping bytes.
+    gpt2 = pt.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in _GPT2_PRE:
+        return gpt2, False
+    if pre in _DIGITS_PRE:
+        return pt.Sequence([pt.Digits(individual_digits=True), gpt2]), False
+    if pre in _LLAMA3_PRE:
+        split = pt.Split(tokenizers.Regex(_LLAMA3_SPLIT), behavior="isolated")
+        return pt.Sequence([split, pt.ByteLevel(add_prefix_space=False, use_regex=False)]), True
+    raise CheckpointError(
+        f"tokenizer.ggml.pre {pre!r} is not supported; valid: {', '.join(PRE_TOKENIZERS)}"
+    )
+
+
+def gguf_tokenizer(source: str | os.PathLike[str] | GGUFFile) -> BPETokenizer:
+    """The byte-level BPE tokenizer a GGUF file describes (``tokenizer.ggml.model`` gpt2).
+
+    Vocabulary ids are the positions in ``tokenizer.ggml.tokens``; merges come from
+    ``tokenizer.ggml.merges`` (``"Ġ t"`` -> ``("Ġ", "t")``). Tokens typed control (3) are
+    special added tokens, so ``"<|im_start|>"`` written in text encodes to its one id;
+    user-defined ones (4) are plain added tokens. ``eos_token`` is the token at
+    ``tokenizer.ggml.eos_token_id``.
+    """
+    g = source if isinstance(source, GGUFFile) else read_gguf(source)
+    where = str(g.path)
+    model = _meta(g, "tokenizer.ggml.model", str)
+    if model != "gpt2":
+        raise CheckpointError(f"{where!r} has a {model!r} tokenizer; valid: gpt2 (byte-level BPE)")
+    pre_tokenizer, ignore_merges = _pre_tokenizer(_meta(g, "tokenizer.ggml.pre", str, "default"))
+    tokens = _meta(g, "tokenizer.ggml.tokens", list)
+    types = _meta(g, "tokenizer.ggml.token_type", np.ndarray, np.ones(len(tokens), int)).tolist()
+    merges = _meta(g, "tokenizer.ggml.merges", list)
+    if len(types) != len(tokens) or not all(isinstance(t, str) for t in tokens):
+        raise CheckpointError(
+            f"{where!r}: tokenizer.ggml.tokens must be {len(types)} strings, one per token type"
+        )
+    # Tokens are spelled in GPT-2's byte alphabet; one that is not (a plain-text token
+    # some converters write) is re-spelled from its UTF-8 bytes, as transformers does.
+    spell = bytes_to_unicode()
+    alphabet = set(spell.values())
+    vocab: dict[str, int] = {}
+    for i, (tok, kind) in enumerate(zip(tokens, types)):
+        if kind != 3 and not set(tok) <= alphabet:
+            tok = "".join(spell[b] for b in tok.encode("utf-8"))
+        if tok in vocab:
+            raise CheckpointError(f"{where!r}: token {tok!r} appears twice (ids {vocab[tok]}, {i})")
+        vocab[tok] = i
+    pairs = []
+    for i, merge in enumerate(merges):
+        parts = merge.split(" ") if isinstance(merge, str) else []
+        if len(parts) != 2 or parts[0] not in vocab or parts[1] not in vocab:
+            raise CheckpointError(
+                f"{where!r}: merge {i} ({merge!r}) is not two vocabulary tokens separated by a space"
+            )
+        pairs.append((parts[0], parts[1]))
+    tok = tokenizers.Tokenizer(
+        tokenizers.models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore_merges)
+    )
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    added = tokenizers.AddedToken
+    tok.add_special_tokens(
+        [added(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3]
+    )
+    tok.add_tokens(
+        [added(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4]
+    )
+    eos_id = _meta(g, "tokenizer.ggml.eos_token_id", int, None)
+    if eos_id is not None and not 0 <= eos_id < len(tokens):
+        raise CheckpointError(f"{where!r}: eos_token_id {eos_id} is outside the vocabulary")
+    return BPETokenizer(tok, eos_token=tokens[eos_id] if eos_id is not None else None)
+
+
+# ----------------------------------------------------------------------------- all together
+
+
+def load_gguf(
+    path: str | os.PathLike[str], dtype: torch.dtype | None = None
+) -> tuple[nn.Module, BPETokenizer, dict[str, Any]]:
+    """``(model, tokenizer, info)`` from a GGUF file: lmlab's transformer in eval mode.
+
+    The model holds the dequantized weights in float32 (or ``dtype``). ``info`` has
+    ``format`` ("gguf"), ``path``, ``architecture``, ``name`` (general.name),
+    ``chat_template`` (str or None), ``bos_token`` and ``eos_token`` (strings or None),
+    ``add_bos_token`` (bool) and ``model`` (the lmlab spec dict).
+    """
+    g = read_gguf(path)
+    cfg, hf_state = gguf_to_hf(g)
+    spec = spec_from_hf_config(cfg)
+    model = build_model(spec)
+    load_converted(model, convert_hf_state_dict(hf_state, spec))
+    if dtype is not None:
+        model = model.to(dtype)
+    tokenizer = gguf_tokenizer(g)
+    tokens = g.metadata.get("tokenizer.ggml.tokens", [])
+
+    def token(key: str) -> str | None:
+        i = _meta(g, f"tokenizer.ggml.{key}", int, None)
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    info = {
+        "format": "gguf",
+        "path": str(g.path),
+        "architecture": g.metadata["general.architecture"],
+        "name": _meta(g, "general.name", str, None),
+        "chat_template": _meta(g, "tokenizer.chat_template", str, None),
+        "bos_token": token("bos_token_id"),
+        "eos_token": token("eos_token_id"),
+        # Without the key, llama.cpp adds BOS for Llama 3 style vocabularies only.
+        "add_bos_token": _meta(
+            g,
+            "tokenizer.ggml.add_bos_token",
+            bool,
+            _meta(g, "tokenizer.ggml.pre", str, "default") in _LLAMA3_PRE,
+        ),
+        "model": spec,
+    }
+    return model.eval(), tokenizer, info

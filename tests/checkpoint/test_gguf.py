@@ -1,0 +1,600 @@
+"""GGUF loading: tiny random Llamas written with gguf.GGUFWriter, the real SmolLM2 file,
+and one test per kind of corrupt file (RELIABILITY item 16)."""
+
+import struct
+import tracemalloc
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import transformers
+from transformers.initialization import no_init_weights
+
+from lmlab.checkpoint.gguf import (
+    DEQUANTIZABLE,
+    gguf_to_hf,
+    gguf_tokenizer,
+    load_gguf,
+    read_gguf,
+    unpermute_rotary,
+)
+from lmlab.checkpoint.hf import spec_from_hf_config
+from lmlab.checkpoint.pretrained import pretrained_path
+from lmlab.errors import CheckpointError, DataNotFoundError
+from lmlab.generate.params import SamplingParams
+from lmlab.generate.search import generate_text
+
+Q = gguf.GGMLQuantizationType
+
+# float32 on CPU: the same maths in a different order (sdpa kernels, fused vs split
+# projections) differs by a few ulps per layer; 1e-5 on logits of size ~1 leaves room for
+# that and still catches a wrong layout or permutation (errors of order 1).
+ATOL, RTOL = 1e-5, 1e-5
+
+# ----------------------------------------------------------------------------- tiny files
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _byte_alphabet():
+    """GPT-2's byte -> character table, written out here independently of lmlab."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+ALPHABET = _byte_alphabet()
+MERGES = ["Ġ t", "h e", "Ġt he", "1 2"]
+TOKENS = SPECIALS + [ALPHABET[b] for b in range(256)] + ["Ġt", "he", "Ġthe", "12"]
+TOKEN_TYPES = [3] * len(SPECIALS) + [1] * (len(TOKENS) - len(SPECIALS))
+CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% endfor %}"
+
+
+def tiny_llama(tie=False):
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(TOKENS),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        max_position_embeddings=64,
+        rope_theta=500.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tie,
+    )
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # HF initialises norm weights to 1: randomise them so they matter
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.permute: each head's two halves -> interleaved."""
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+GGUF_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def gguf_name(hf_name):
+    if hf_name in GGUF_NAMES:
+        return GGUF_NAMES[hf_name]
+    _, _, i, rest = hf_name.split(".", 3)  # model.layers.{i}.rest
+    return f"blk.{i}.{GGUF_NAMES[rest]}"
+
+
+def add_tokenizer(w, pre="gpt-2"):
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(TOKENS)
+    w.add_token_types(TOKEN_TYPES)
+    w.add_token_merges(MERGES)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+
+
+def write_llama_gguf(path, hf, qtype=Q.F32, pre="gpt-2", override=None, drop=()):
+    """hf's weights in a GGUF as llama.cpp's converter writes them: q/k permuted, 1-D
+    tensors (norms) in F32, matrices in ``qtype``; ``override`` maps names to raw tensors."""
+    cfg = hf.config
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    w.add_name("tiny llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_theta if hasattr(cfg, "rope_theta") else 500.0)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    add_tokenizer(w, pre)
+    override = override or {}
+    for hf_name, t in hf.state_dict().items():
+        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        name, a = gguf_name(hf_name), t.numpy()
+        if name in drop:
+            continue
+        if "q_proj" in hf_name:
+            a = llama_cpp_permute(a, cfg.num_attention_heads)
+        elif "k_proj" in hf_name:
+            a = llama_cpp_permute(a, cfg.num_key_value_heads)
+        if name in override:
+            raw, raw_type = override[name]
+            w.add_tensor(name, raw, raw_dtype=raw_type)
+        elif a.ndim == 1 or qtype == Q.F32:
+            w.add_tensor(name, a.astype(np.float32))
+        elif qtype == Q.F16:
+            w.add_tensor(name, a.astype(np.float16))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def hf_with_state(cfg, state):
+    """transformers' LlamaForCausalLM holding ``state`` (HF names), tied head included."""
+    with no_init_weights():  # every weight is overwritten: skip seconds of random init
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    if missing:
+        assert cfg["tie_word_embeddings"]
+        hf.tie_weights()
+    assert torch.equal(
+        hf.lm_head.weight, state.get("lm_head.weight", state["model.embed_tokens.weight"])
+    )
+    return hf
+
+
+# ----------------------------------------------------------------------------- tiny models
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_f32_gguf_logits_match_transformers(tmp_path, tie):
+    hf = tiny_llama(tie)
+    model, _, info = load_gguf(write_llama_gguf(tmp_path / "tiny.gguf", hf))
+    assert info["model"]["tie_embeddings"] is tie
+    ids = torch.randint(0, len(TOKENS), (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=ATOL, rtol=RTOL)
+
+
+def test_f32_gguf_to_hf_is_exact(tmp_path):
+    """F32 survives the trip bit for bit, q/k un-permuted; the config round-trips."""
+    hf = tiny_llama()
+    cfg, state = gguf_to_hf(write_llama_gguf(tmp_path / "tiny.gguf", hf))
+    expected = hf.state_dict()
+    assert set(state) == set(expected)
+    for name, t in state.items():
+        assert t.dtype == torch.float32
+        torch.testing.assert_close(t, expected[name], atol=0, rtol=0, msg=name)
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        assert cfg[key] == getattr(hf.config, key)
+    assert cfg["num_key_value_heads"] == 2 and cfg["intermediate_size"] == 96
+    assert cfg["rope_theta"] == 500.0 and cfg["rms_norm_eps"] == 1e-5
+    assert cfg["tie_word_embeddings"] is False
+
+
+# Largest error of a dequantized weight, as a fraction of the tensor's max |w| (bounds,
+# with a little room for the fp16 block scale's own rounding). F16 keeps 11 significant
+# bits, BF16 8: 2**-11 and 2**-8 relative. Q8_0: half a step of amax/127. Q4_1, Q5_1:
+# half a step of (max - min)/15 or /31 <= 2 amax/15, 2 amax/31. Q4_0, Q5_0 use levels
+# -8..7 (-16..15) scaled by the signed extreme, so the opposite extreme is clipped by up to
+# one whole step: amax/8 (amax/16).
+QUANT_TOLERANCE = {
+    Q.F16: 5e-4,
+    Q.BF16: 4e-3,
+    Q.Q8_0: 4.5e-3,
+    Q.Q5_0: 0.065,
+    Q.Q5_1: 0.035,
+    Q.Q4_0: 0.13,
+    Q.Q4_1: 0.07,
+}
+
+
+@pytest.mark.parametrize("qtype", list(QUANT_TOLERANCE), ids=lambda q: q.name)
+def test_quantized_gguf_matches_transformers_with_same_weights(tmp_path, qtype):
+    hf = tiny_llama()
+    path = write_llama_gguf(tmp_path / "tiny.gguf", hf, qtype)
+    cfg, state = gguf_to_hf(path)
+    original = hf.state_dict()
+    for name, t in state.items():
+        amax = original[name].abs().max().item()
+        tol = QUANT_TOLERANCE[qtype] * amax if original[name].ndim == 2 else 0.0
+        torch.testing.assert_close(t, original[name], atol=tol, rtol=0, msg=name)
+    reference = hf_with_state(cfg, state)
+    model, _, _ = load_gguf(path)
+    ids = torch.randint(0, len(TOKENS), (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference(ids).logits, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q2_K, Q.Q4_K, Q.Q6_K], ids=lambda q: q.name)
+def test_k_quant_tensors_dequantize_in_place(tmp_path, qtype):
+    """gguf cannot quantize K-quants, so write random blocks and check the reader finds the
+    right bytes, with the right shape, between two other tensors."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = np.random.randint(0, 256, (3, 2 * size), dtype=np.uint8)  # 3 rows of 2 blocks
+    raw.view(np.uint8)[:, :] &= 0x3B  # keep fp16 scales finite: clear their top exponent bits
+    w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), arch="llama")
+    w.add_tensor("before", np.arange(5, dtype=np.float32))
+    w.add_tensor("k", raw, raw_dtype=qtype)
+    w.add_tensor("after", np.arange(7, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    g = read_gguf(tmp_path / "k.gguf")
+    assert g.tensors["k"].shape == (3, 2 * block) and g.tensors["k"].type == qtype
+    got = g.dequantize("k")
+    expected = torch.from_numpy(gguf.quants.dequantize(raw, qtype))
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    torch.testing.assert_close(g.dequantize("after"), torch.arange(7.0))
+
+
+def test_unpermute_rotary_inverts_llama_cpp_permutation():
+    w = torch.randn(3 * 8, 5)
+    permuted = torch.from_numpy(llama_cpp_permute(w.numpy(), 3))
+    assert not torch.equal(permuted, w)
+    torch.testing.assert_close(unpermute_rotary(permuted, 3), w, atol=0, rtol=0)
+    # one head of size 4: GGUF rows [x0, y0, x1, y1] -> HF rows [x0, x1, y0, y1]
+    rows = torch.tensor([[0.0], [2.0], [1.0], [3.0]])
+    assert unpermute_rotary(rows, 1).flatten().tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_load_gguf_info_and_dtype(tmp_path):
+    path = write_llama_gguf(tmp_path / "tiny.gguf", tiny_llama())
+    model, tok, info = load_gguf(path, dtype=torch.bfloat16)
+    assert not model.training
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert info["format"] == "gguf" and info["path"] == str(path)
+    assert info["architecture"] == "llama" and info["name"] == "tiny llama"
+    assert info["chat_template"] == CHAT_TEMPLATE
+    assert (info["bos_token"], info["eos_token"]) == ("<|im_start|>", "<|im_end|>")
+    assert info["add_bos_token"] is False
+    assert info["model"]["n_kv_heads"] == 2 and info["model"]["vocab_size"] == len(TOKENS)
+    assert tok.eos_id == 2 and tok.vocab_size == len(TOKENS)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def tokenizer_file(tmp_path, pre):
+    w = gguf.GGUFWriter(str(tmp_path / f"tok-{pre}.gguf"), arch="llama")
+    add_tokenizer(w, pre)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return tmp_path / f"tok-{pre}.gguf"
+
+
+def ids_of(*pieces):
+    return [TOKENS.index(p) for p in pieces]
+
+
+@pytest.mark.parametrize(
+    "pre, digits",
+    [
+        ("gpt-2", ["Ġ", "12"]),
+        ("default", ["Ġ", "12"]),
+        ("smollm", ["Ġ", "1", "2"]),
+        ("llama-bpe", ["Ġ", "12"]),
+    ],
+)
+def test_tokenizer_pre_tokenizers(tmp_path, pre, digits):
+    """smollm splits every digit off first (llama.cpp's "\\p{N}" split), so "12" never
+    merges; control tokens written in the text are one id each."""
+    tok = gguf_tokenizer(tokenizer_file(tmp_path, pre))
+    text = "the<|im_end|> the 12"
+    assert tok.encode(text) == ids_of("t", "he", "<|im_end|>", "Ġthe", *digits)
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.eos_id == 2
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe"])
+def test_tokenizer_matches_transformers_gguf_loader(tmp_path, pre):
+    path = tokenizer_file(tmp_path, pre)
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    ours = gguf_tokenizer(path)
+    for text in ["the the 12 345", "he\n\n  th<|endoftext|>x", "über 🙂 中文", "\t 1 22 333"]:
+        assert ours.encode(text) == reference.encode(text, add_special_tokens=False), text
+
+
+def test_tokenizer_rejects_unknown_pre_tokenizer_and_model(tmp_path):
+    with pytest.raises(CheckpointError, match=r"'qwen2' is not supported; valid: .*smollm"):
+        gguf_tokenizer(tokenizer_file(tmp_path, "qwen2"))
+    w = gguf.GGUFWriter(str(tmp_path / "spm.gguf"), arch="llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<unk>", "a"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match=r"'llama' tokenizer; valid: gpt2"):
+        gguf_tokenizer(tmp_path / "spm.gguf")
+
+
+# ----------------------------------------------------------------------------- unsupported
+
+
+def test_unknown_architecture_is_rejected(tmp_path):
+    w = gguf.GGUFWriter(str(tmp_path / "gpt2.gguf"), arch="gpt2")
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match=r"'gpt2' model; valid architectures: llama"):
+        gguf_to_hf(tmp_path / "gpt2.gguf")
+
+
+def test_tensor_type_gguf_cannot_dequantize_is_named(tmp_path):
+    hf = tiny_llama()
+    _, size = gguf.GGML_QUANT_SIZES[Q.Q8_1]
+    raw = np.zeros((len(TOKENS), 64 // 32 * size), dtype=np.uint8)
+    path = write_llama_gguf(
+        tmp_path / "q81.gguf", hf, override={"token_embd.weight": (raw, Q.Q8_1)}
+    )
+    assert Q.Q8_1 not in DEQUANTIZABLE
+    with pytest.raises(CheckpointError, match=r"token_embd\.weight \(Q8_1\); valid types: .*Q4_K"):
+        gguf_to_hf(path)
+
+
+def test_missing_tensor_is_named(tmp_path):
+    path = write_llama_gguf(tmp_path / "short.gguf", tiny_llama(), drop={"blk.1.ffn_up.weight"})
+    with pytest.raises(CheckpointError, match=r"lacks tensors .*model\.layers\.1\.mlp\.up_proj"):
+        gguf_to_hf(path)
+
+
+def test_metadata_that_contradicts_shapes_is_named(tmp_path):
+    hf = tiny_llama()
+    hf.config.num_key_value_heads = 4  # written as llama.attention.head_count_kv = 4
+    path = write_llama_gguf(tmp_path / "bad-heads.gguf", hf)
+    with pytest.raises(CheckpointError, match=r"attn_k\.weight' has shape \(16, 64\).*\(32, 64\)"):
+        gguf_to_hf(path)
+
+
+def test_unknown_tensor_is_named(tmp_path):
+    hf = tiny_llama()
+    path = tmp_path / "extra.gguf"
+    write_llama_gguf(path, hf)
+    data = bytearray(path.read_bytes())
+    at = data.index(b"output_norm.weight")
+    data[at : at + 18] = b"output_xxxx.weight"
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"does not use: output_xxxx\.weight"):
+        gguf_to_hf(path)
+
+
+# ----------------------------------------------------------------------------- corrupt files
+
+
+@pytest.fixture
+def small_gguf(tmp_path):
+    """A valid file: three keys (one an array) and two F32 tensors, a.weight then b.weight."""
+    path = tmp_path / "small.gguf"
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    w.add_name("tiny")
+    w.add_array("test.numbers", [1, 2, 3])
+    w.add_tensor("a.weight", np.ones((2, 32), dtype=np.float32))
+    w.add_tensor("b.weight", np.full(32, 2.0, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_small_file_reads(small_gguf):
+    g = read_gguf(small_gguf)
+    assert g.version == 3
+    assert g.metadata["general.name"] == "tiny" and g.metadata["test.numbers"].tolist() == [1, 2, 3]
+    assert g.tensors["a.weight"].shape == (2, 32)
+    torch.testing.assert_close(g.dequantize("b.weight"), torch.full((32,), 2.0))
+
+
+def _tensor_info(data, name):
+    """Byte offset of the type and offset fields of tensor ``name`` (n_dims follows name)."""
+    at = data.index(name) + len(name)
+    (n_dims,) = struct.unpack_from("<I", data, at)
+    type_at = at + 4 + 8 * n_dims
+    return type_at, type_at + 4
+
+
+def _set_header(offset, fmt, value):
+    def edit(data):
+        struct.pack_into(fmt, data, offset, value)
+
+    return edit
+
+
+def _set_key(key, delta, fmt, value):
+    def edit(data):
+        struct.pack_into(fmt, data, data.index(key) + len(key) + delta, value)
+
+    return edit
+
+
+def _set_tensor(name, field, value):
+    def edit(data):
+        type_at, offset_at = _tensor_info(data, name)
+        struct.pack_into(
+            "<I" if field == "type" else "<Q",
+            data,
+            type_at if field == "type" else offset_at,
+            value,
+        )
+
+    return edit
+
+
+def _rename_b_to_a(data):
+    at = data.index(b"b.weight")
+    data[at : at + 8] = b"a.weight"
+
+
+def _truncate(data):
+    del data[-40:]
+
+
+CORRUPTIONS = {
+    "bad magic": (_set_header(0, "<4s", b"GGUG"), "not the GGUF magic"),
+    "version 99": (_set_header(4, "<I", 99), "version 99 is not supported; valid: 2, 3"),
+    "big-endian": (_set_header(4, ">I", 3), "big-endian GGUF; only little-endian"),
+    "tensor_count 2**60": (_set_header(8, "<Q", 2**60), "tensor_count 1152921504606846976"),
+    "kv_count 2**60": (_set_header(16, "<Q", 2**60), "kv_count 1152921504606846976"),
+    "string length past EOF": (
+        _set_key(b"general.name", 4, "<Q", 2**40),
+        "value of 'general.name' .*a string of 1099511627776 bytes",
+    ),
+    "array length past EOF": (
+        _set_key(b"test.numbers", 8, "<Q", 2**60),
+        "array 'test.numbers' of 1152921504606846976",
+    ),
+    "bad value type": (_set_key(b"general.name", 0, "<I", 99), "'general.name' has value type 99"),
+    "nested array": (_set_key(b"test.numbers", 4, "<I", 9), "'test.numbers' has item type 9"),
+    "bad UTF-8": (_set_key(b"general.name", 12, "<B", 0xFF), "'general.name' is not valid UTF-8"),
+    "bad tensor type": (_set_tensor(b"b.weight", "type", 250), "'b.weight' has type 250"),
+    "offset past data end": (_set_tensor(b"b.weight", "offset", 2**20), "'b.weight'.*truncated"),
+    "misaligned offset": (_set_tensor(b"b.weight", "offset", 260), "not a multiple of 32"),
+    "overlapping tensors": (_set_tensor(b"b.weight", "offset", 0), "overlap"),
+    "duplicate tensor names": (_rename_b_to_a, "tensor name 'a.weight' appears twice"),
+    "truncated data": (_truncate, "'b.weight'.*truncated"),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_corrupt_gguf_is_rejected_cleanly(small_gguf, corruption):
+    edit, message = CORRUPTIONS[corruption]
+    data = bytearray(small_gguf.read_bytes())
+    edit(data)
+    small_gguf.write_bytes(bytes(data))
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match=message) as caught:
+            read_gguf(small_gguf)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert str(small_gguf) in str(caught.value)
+    assert peak < 1 << 20  # nothing sized by the corrupt count was allocated
+
+
+def test_empty_and_missing_files(tmp_path):
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="only 0 bytes"):
+        read_gguf(tmp_path / "empty.gguf")
+    with pytest.raises(DataNotFoundError, match="does not exist"):
+        read_gguf(tmp_path / "missing.gguf")
+
+
+# ----------------------------------------------------------------------------- SmolLM2
+
+SMOLLM_TEXTS = [
+    "Hello, world!",
+    "naïve café résumé Ångström",
+    "emoji 🙂🚀 and a family 👩‍👩‍👧",
+    "中文字符测试 日本語のテキスト 한국어",
+    "  two spaces   three\t\ttabs\n\nnewlines \n ",
+    "1234567 and 3.14159, 2024-11-22",
+    "def f(x):\n    return x**2",
+    "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+    "<|endoftext|>text<file_sep>more",
+    "Привет, Ωμέγα! ¿Qué tal?",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return load_gguf(pretrained_path("smollm2"))
+
+
+@pytest.fixture(scope="module")
+def smollm_hf():
+    return gguf_to_hf(pretrained_path("smollm2"))
+
+
+def test_smollm2_tokenizer_matches_transformers_gguf_loader(smollm):
+    path = pretrained_path("smollm2")
+    reference = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    _, tok, _ = smollm
+    for text in SMOLLM_TEXTS:
+        ids = tok.encode(text)
+        assert ids == reference.encode(text, add_special_tokens=False), text
+        assert tok.decode(ids) == text
+    assert tok.encode("<|im_start|>user") == [1, 4093]
+
+
+def test_smollm2_logits_match_transformers_with_same_weights(smollm, smollm_hf):
+    model, tok, info = smollm
+    cfg, state = smollm_hf
+    assert spec_from_hf_config(cfg) == info["model"]
+    reference = hf_with_state(cfg, state)
+    ids = torch.tensor([tok.encode("<|im_start|>user\nName three colours.<|im_end|>\n")])
+    with torch.no_grad():
+        expected = reference(ids).logits
+        got = model(ids)
+    # 30 layers of float32 with logits of size ~20: a few ulps per layer add up to ~1e-5
+    # relative; a wrong permutation or dequantization gives errors of order 1.
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_smollm2_answers_a_chatml_question(smollm):
+    model, tok, info = smollm
+    prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    params = SamplingParams(temperature=0, max_new_tokens=12, eos_id=tok.eos_id)
+    answer = generate_text(model, tok, prompt, params)
+    assert "Paris" in answer
+    assert info["eos_token"] == "<|im_end|>" and info["add_bos_token"] is False
+    assert "<|im_start|>" in info["chat_template"]
+
+
+@pytest.mark.slow
+def test_smollm2_weights_match_transformers_gguf_loader(smollm_hf):
+    """Every dequantized, un-permuted tensor equals transformers' own GGUF loader's."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    path = str(pretrained_path("smollm2"))
+    cfg, state = smollm_hf
+    with torch.device("meta"):
+        shell = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
+    theirs = load_gguf_checkpoint(path, return_tensors=True, model_to_load=shell)["tensors"]
+    assert set(theirs) == set(state)
+    for name, t in state.items():
+        torch.testing.assert_close(t, torch.as_tensor(theirs[name]).float(), atol=0, rtol=0)
