@@ -598,3 +598,17 @@ def test_smollm2_weights_match_transformers_gguf_loader(smollm_hf):
     assert set(theirs) == set(state)
     for name, t in state.items():
         torch.testing.assert_close(t, torch.as_tensor(theirs[name]).float(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1"])
+def test_fast_block_dequantization_is_bit_identical_to_gguf(kind):
+    """The torch fast path for the common block types equals the gguf package exactly."""
+    from lmlab.checkpoint.gguf import _dequantize_blocks
+
+    qtype = gguf.GGMLQuantizationType[kind]
+    rng = np.random.default_rng(0)
+    weights = (rng.standard_normal((24, 64)) * rng.uniform(0.01, 3, (24, 1))).astype(np.float32)
+    packed = gguf.quants.quantize(weights, qtype)  # (24, bytes per row)
+    expected = gguf.quants.dequantize(packed, qtype).astype(np.float32)
+    got = _dequantize_blocks(packed.tobytes(), qtype).view(24, 64)
+    assert torch.equal(got, torch.from_numpy(expected))

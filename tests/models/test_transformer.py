@@ -205,3 +205,16 @@ def test_config_errors_name_the_field():
     model = build_model(tiny_spec())
     with pytest.raises(ConfigError, match="context window"):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_empty_build_has_the_same_structure_and_keeps_ties():
+    spec = {**get_preset("gpt-char-tiny"), "vocab_size": 50}
+    full, empty = build_model(spec), build_model(spec, empty=True)
+    assert empty.lm_head.weight is empty.tok_emb.weight  # tied embeddings stay tied
+    assert {k: v.shape for k, v in full.state_dict().items()} == {
+        k: v.shape for k, v in empty.state_dict().items()
+    }
+    assert all(p.device.type == "cpu" for p in empty.parameters())
+    empty.load_state_dict(full.state_dict())
+    ids = torch.randint(0, 50, (1, 8))
+    torch.testing.assert_close(empty.eval()(ids), full.eval()(ids), atol=0, rtol=0)

@@ -129,12 +129,41 @@ class GGUFFile:
             raw = f.read(t.nbytes)
         if len(raw) != t.nbytes:  # the file changed since it was validated
             raise CheckpointError(f"{str(self.path)!r}: tensor {name!r} is truncated")
+        fast = _dequantize_blocks(raw, t.type)
+        if fast is not None:
+            return fast.view(t.shape)
         block, type_size = gguf.GGML_QUANT_SIZES[t.type]
         rows = np.frombuffer(raw, dtype=np.uint8).reshape(
             *t.shape[:-1], t.shape[-1] // block * type_size
         )  # (..., bytes per row): dequantize works row by row
         values = gguf.quants.dequantize(rows, t.type).astype(np.float32, copy=True)
         return torch.from_numpy(values.reshape(t.shape))
+
+
+def _dequantize_blocks(raw: bytes, kind: gguf.GGMLQuantizationType) -> torch.Tensor | None:
+    """Q8_0, Q4_0 and Q4_1 (what most small GGUF files hold) dequantized in a few whole-tensor
+    torch operations, bit-identical to ``gguf.quants.dequantize`` (tested) and several
+    times faster than its row-group loop; None for the other types.
+
+    Blocks of 32 weights, each a float16 scale ``d`` (Q4_1: and a minimum ``m``) then the
+    quants. Q8_0: 32 int8, w = d q. Q4_0: 16 bytes whose low nibbles are weights 0-15 and
+    high nibbles 16-31, w = d (q - 8). Q4_1: the same nibbles, w = d q + m.
+    """
+    Q = gguf.GGMLQuantizationType
+    if kind not in (Q.Q8_0, Q.Q4_0, Q.Q4_1):
+        return None
+    head = 4 if kind == Q.Q4_1 else 2  # bytes of float16 scale (and minimum) per block
+    size = head + (32 if kind == Q.Q8_0 else 16)
+    blocks = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(-1, size)  # (N, size)
+    scales = blocks[:, :head].contiguous().view(torch.float16).float()  # (N, 1 or 2)
+    d = scales[:, :1]
+    if kind == Q.Q8_0:
+        return (d * blocks[:, head:].contiguous().view(torch.int8).float()).view(-1)
+    packed = blocks[:, head:]  # (N, 16)
+    q = torch.cat([packed & 0x0F, packed >> 4], dim=1).float()  # (N, 32): weights 0-15, 16-31
+    if kind == Q.Q4_0:
+        return (d * (q - 8)).view(-1)
+    return (d * q + scales[:, 1:]).view(-1)
 
 
 class _Cursor:
@@ -639,7 +668,7 @@ def load_gguf(
     g = read_gguf(path)
     cfg, hf_state = gguf_to_hf(g)
     spec = spec_from_hf_config(cfg)
-    model = build_model(spec)
+    model = build_model(spec, empty=True)  # every tensor is filled from the file
     load_converted(model, convert_hf_state_dict(hf_state, spec))
     if dtype is not None:
         model = model.to(dtype)

@@ -447,7 +447,7 @@ def load_hf(
     cfg = read_hf_config(directory)
     spec = spec_from_hf_config(cfg)
     state, sources = read_hf_weights(directory)
-    model = build_model(spec)
+    model = build_model(spec, empty=True)  # load_converted fills every tensor (or fails)
     _check_against_model(model, state, sources)
     try:
         load_converted(model, convert_hf_state_dict(state, spec))

@@ -38,8 +38,27 @@ def families() -> list[str]:
     return sorted(_FAMILIES)
 
 
-def build_model(spec: dict[str, Any]) -> nn.Module:
-    """Build a freshly initialised model from a spec dict (``family`` + config fields)."""
+def build_model(spec: dict[str, Any], empty: bool = False) -> nn.Module:
+    """Build a freshly initialised model from a spec dict (``family`` + config fields).
+
+    ``empty=True`` skips the random initialisation (built on the meta device, then given
+    uninitialised CPU memory): for loaders that overwrite every tensor, where drawing 135M
+    random numbers first would cost seconds.
+    """
+    if empty:
+        import torch
+
+        with torch.device("meta"):
+            model = build_model(spec)
+        shared: dict[int, list[str]] = {}  # to_empty unties tied weights: re-tie them
+        for name, p in model.named_parameters(remove_duplicate=False):
+            shared.setdefault(id(p), []).append(name)
+        model = model.to_empty(device="cpu")
+        for first, *others in shared.values():
+            for name in others:
+                owner, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(owner), leaf, model.get_parameter(first))
+        return model
     _load_families()
     spec = dict(spec)
     family = spec.pop("family", None)
