@@ -1,11 +1,11 @@
-"""``lmlab chat`` on a tiny checkpoint.
+"""``lmlab chat`` on a tiny checkpoint, and one real answer from SmolLM2.
 
-``lmlab.load`` does not read chat templates from checkpoints yet, so the tests that need
-one patch ``lmlab.api.load`` to attach a ChatML template to what it loads.
+``lmlab.load`` reads a chat template from the checkpoint's ``tokenizer_config.json`` (as in
+a Hugging Face folder); ``with_template`` writes one there for the duration of a test.
 """
 
-import dataclasses
 import io
+import json
 
 import pytest
 import torch
@@ -14,7 +14,6 @@ from lmlab import api
 from lmlab.checkpoint.io import save_checkpoint
 from lmlab.cli.main import main
 from lmlab.data import BPETokenizer
-from lmlab.data.chat import ChatTemplate
 from lmlab.generate.chat import ChatSession
 from lmlab.models import build_model
 
@@ -47,14 +46,12 @@ def ckpt(tmp_path_factory):
 
 
 @pytest.fixture
-def with_template(monkeypatch):
-    real = api.load
-
-    def load(path, dtype=None):
-        lm = real(path, dtype=dtype)
-        return dataclasses.replace(lm, chat_template=ChatTemplate(CHATML, eos_token="<|im_end|>"))
-
-    monkeypatch.setattr(api, "load", load)
+def with_template(ckpt):
+    file = ckpt / "tokenizer_config.json"
+    saved = file.read_text()
+    file.write_text(json.dumps({**json.loads(saved), "chat_template": CHATML}))
+    yield
+    file.write_text(saved)
 
 
 class FakeTerminal(io.StringIO):
@@ -132,3 +129,10 @@ def test_bad_decoding_flag_exits_2(ckpt, with_template, capsys):
 def test_model_is_required(capsys):
     assert main(["chat", "--message", "hi"]) == 2
     assert "model" in capsys.readouterr().err
+
+
+def test_smollm2_answers_in_one_shot(capsys):
+    """The real model end to end: load by name, its GGUF chat template, greedy decoding."""
+    argv = ["chat", "--model", "smollm2", "--message", "What is the capital of France?"]
+    assert main([*argv, "--temperature", "0", "--max-new-tokens", "20"]) == 0
+    assert "Paris" in capsys.readouterr().out

