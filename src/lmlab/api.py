@@ -118,7 +118,9 @@ class LM:
 
 
 def load(
-    path: str | os.PathLike, dtype: Literal["float32", "bfloat16", "auto"] | None = None
+    path: str | os.PathLike,
+    dtype: Literal["float32", "bfloat16", "auto"] | None = None,
+    keep_quantized: bool | None = None,
 ) -> LM:
     """Load a model with its tokenizer (and chat template, where it has one).
 
@@ -135,6 +137,10 @@ def load(
     ``dtype`` casts the weights: None keeps an lmlab checkpoint as saved (exact) and
     imports others in float32; "auto" picks ``default_dtype()`` (bf16 on CPUs with native
     bf16: about twice the decoding speed). The model is in eval mode.
+
+    ``keep_quantized`` (GGUF only): keep Q4_0/Q4_1 weights in 4 bits (``lmlab.quant``),
+    computing in bf16 -- as faithful to the file as bf16 weights and about 2.5x faster to
+    decode than float32. None means yes when the dtype is bf16 (``"auto"`` on this CPU).
     """
     torch_dtype = None
     if dtype == "auto":
@@ -148,7 +154,7 @@ def load(
     if source.suffix == ".gguf" and source.is_file():
         from lmlab.checkpoint.gguf import load_gguf
 
-        model, tokenizer, config = load_gguf(source, dtype=torch_dtype)
+        model, tokenizer, config = load_gguf(source, torch_dtype, keep_quantized)
         if config.get("chat_template"):
             template = _chat_template(
                 config["chat_template"], config.get("bos_token"), config.get("eos_token")

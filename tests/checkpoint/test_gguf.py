@@ -612,3 +612,72 @@ def test_fast_block_dequantization_is_bit_identical_to_gguf(kind):
     expected = gguf.quants.dequantize(packed, qtype).astype(np.float32)
     got = _dequantize_blocks(packed.tobytes(), qtype).view(24, 64)
     assert torch.equal(got, torch.from_numpy(expected))
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
+def test_q4_blocks_reproduce_gguf_dequantization(qtype):
+    """(q - 8) * scale + zero from the raw blocks equals gguf's own dequantization."""
+    from lmlab.checkpoint.gguf import q4_blocks
+
+    rng = np.random.default_rng(0)
+    weights = (rng.standard_normal((16, 64)) * rng.uniform(0.01, 3, (16, 1))).astype(np.float32)
+    packed = gguf.quants.quantize(weights, qtype)
+    expected = torch.from_numpy(gguf.quants.dequantize(packed, qtype).astype(np.float32))
+    q, scale, zero = q4_blocks(packed.tobytes(), qtype, rows=16)
+    got = (q.float() - 8) * scale.repeat_interleave(32, 1) + zero.repeat_interleave(32, 1)
+    # Q4_1's zero m + 8d is one float32 addition away from gguf's d q + m: 1 ulp or so.
+    torch.testing.assert_close(got, expected, atol=1e-6 * weights.max(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
+def test_4bit_layers_keep_the_file_weights(tmp_path, qtype):
+    """keep_quantized: Int4Linear layers whose weights equal the dense model's up to the
+    bf16 rounding of scale and zero; the logits agree to bf16 precision."""
+    from lmlab.quant import Int4Linear
+
+    path = write_llama_gguf(tmp_path / "tiny.gguf", tiny_llama(), qtype)
+    dense, _, _ = load_gguf(path)  # float32, dequantized
+    kept, _, info = load_gguf(path, dtype=torch.bfloat16, keep_quantized=True)
+    assert len(info["quantized"]) == 7 * dense.config.n_layers
+    for name in info["quantized"]:
+        layer, reference = kept.get_submodule(name), dense.get_submodule(name).weight
+        assert isinstance(layer, Int4Linear)
+        # each weight is (q - 8) s + z with s and z rounded to bf16: error <= 2^-8 (8 s + |z|)
+        bound = 2**-8 * (8 * layer.scale.float().abs() + layer.zero.float().abs()).max()
+        torch.testing.assert_close(layer.dequantize(), reference, atol=bound.item(), rtol=0)
+    ids = torch.randint(0, len(TOKENS), (2, 20))
+    with torch.no_grad():
+        expected, got = dense(ids), kept(ids).float()
+    # bf16 activations over 2 layers: a few percent of the logits' scale
+    torch.testing.assert_close(got, expected, atol=0.05 * expected.abs().max().item(), rtol=0)
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+
+
+def test_float32_keeps_dense_weights(tmp_path):
+    path = write_llama_gguf(tmp_path / "tiny.gguf", tiny_llama(), Q.Q4_1)
+    _, _, info = load_gguf(path)
+    assert info["quantized"] == []
+
+
+def test_smollm2_4bit_is_as_faithful_as_bf16_weights(smollm):
+    """On a teacher-forced chat, the 4-bit model (bf16 compute) picks the float32 model's
+    top token about as often as the dense bf16 model does. Both stay below 100%: bf16 flips
+    near-ties (e.g. "The" 25.33 vs "L" 25.24 answering "What is the capital of France?"),
+    which is why the exact-answer tests run in float32."""
+    model, tok, _ = smollm
+    text = (
+        "<|im_start|>user\nWhy do leaves change colour in autumn?<|im_end|>\n<|im_start|>"
+        "assistant\nIn autumn the days get shorter and cooler, so trees stop making "
+        "chlorophyll, the green pigment. As it breaks down, yellow and orange pigments that "
+        "were there all along show through, and some trees make red ones too.<|im_end|>\n"
+    )
+    ids = torch.tensor([tok.encode(text)])
+    path = pretrained_path("smollm2")
+    agree = {}
+    with torch.no_grad():
+        reference = model(ids)[0].argmax(-1)
+        for kept in (False, True):
+            m, _, info = load_gguf(path, dtype=torch.bfloat16, keep_quantized=kept)
+            assert len(info["quantized"]) == (210 if kept else 0)
+            agree[kept] = (m(ids)[0].argmax(-1) == reference).float().mean().item()
+    assert agree[True] >= 0.9 and agree[True] >= agree[False] - 0.05, agree

@@ -132,7 +132,8 @@ def test_model_is_required(capsys):
 
 
 def test_smollm2_answers_in_one_shot(capsys):
-    """The real model end to end: load by name, its GGUF chat template, greedy decoding."""
+    """The real model end to end: load by name, its GGUF chat template, greedy decoding in
+    float32 (bf16 flips this question's near-tie: tests/checkpoint/test_gguf.py)."""
     argv = ["chat", "--model", "smollm2", "--message", "What is the capital of France?"]
-    assert main([*argv, "--temperature", "0", "--max-new-tokens", "20"]) == 0
+    assert main([*argv, "--temperature", "0", "--max-new-tokens", "20", "--dtype", "float32"]) == 0
     assert "Paris" in capsys.readouterr().out

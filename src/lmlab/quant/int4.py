@@ -1,0 +1,122 @@
+"""A linear layer whose weight is stored in 4 bits, in groups along the input dimension.
+
+Each row of the weight W [N, K] (N outputs, K inputs) is cut into groups of G consecutive
+inputs; a group holds G integers q in 0..15 and two floats, a scale s and a zero z:
+
+    W[n, k] = (q[n, k] - 8) * s[n, k // G] + z[n, k // G]
+
+This is the layout of GGUF's Q4_0 (z = 0, s = d) and Q4_1 (w = d q + m, so s = d and
+z = m + 8 d) with G = 32, so a GGUF file's 4-bit weights are used as they are, not widened
+to 16 or 32 bits: a quarter of the memory of bf16, and a quarter of the bytes to read per
+decoded token, which is what bounds decoding speed on a CPU.
+
+The matrix product runs in PyTorch's int4 CPU kernel (``torch._weight_int4pack_mm_for_cpu``,
+the one gpt-fast and torchao use), which takes bf16 activations and bf16 scales and zeros.
+Where it is missing (another device, an older torch) the layer multiplies by the
+dequantized weight instead: slower, same numbers up to rounding.
+
+    >>> q = torch.randint(0, 16, (64, 32), dtype=torch.uint8)
+    >>> layer = Int4Linear(q, scale=torch.full((64, 1), 0.1), zero=torch.zeros(64, 1))
+    >>> layer(torch.randn(2, 32, dtype=torch.bfloat16)).shape
+    torch.Size([2, 64])
+
+Tests: tests/quant/test_int4.py (kernel vs dequantized weight; GGUF Q4_0/Q4_1 round trips).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmlab.errors import ConfigError
+
+
+def int4_kernel_available() -> bool:
+    """Whether this torch has the int4 CPU matmul kernel."""
+    return hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(
+        torch, "_convert_weight_to_int4pack_for_cpu"
+    )
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T + b with W in 4 bits (see the module docstring); inference only.
+
+    q: [N, K] integers in 0..15; scale, zero: [N, K / G]; bias: [N] or None. Activations
+    are computed in bf16 (the kernel's dtype) and returned in the input's dtype.
+    """
+
+    def __init__(
+        self,
+        q: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        N, K = q.shape
+        groups = scale.shape[-1]
+        if scale.shape != (N, groups) or zero.shape != (N, groups) or K % groups:
+            raise ConfigError(
+                f"Int4Linear: q {tuple(q.shape)} needs scale and zero of shape (N, K / G) with "
+                f"G dividing K; got {tuple(scale.shape)} and {tuple(zero.shape)}"
+            )
+        if q.min() < 0 or q.max() > 15:
+            raise ConfigError("Int4Linear: q must hold integers in 0..15")
+        self.in_features, self.out_features, self.group_size = K, N, K // groups
+        q = q.to(torch.uint8)
+        # Two weights per byte, low nibble first: the canonical copy (saved, dequantized).
+        self.register_buffer("qweight", q[:, 0::2] | (q[:, 1::2] << 4))  # (N, K/2)
+        self.register_buffer("scale", scale.to(torch.bfloat16).contiguous())  # (N, K/G)
+        self.register_buffer("zero", zero.to(torch.bfloat16).contiguous())  # (N, K/G)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), False)
+        self._packed: torch.Tensor | None = None  # the kernel's own layout, made on first use
+
+    def unpacked(self) -> torch.Tensor:
+        """q [N, K] as int32 in 0..15."""
+        low, high = self.qweight & 0x0F, self.qweight >> 4
+        return torch.stack([low, high], dim=-1).view(self.out_features, -1).to(torch.int32)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W [N, K] = (q - 8) * scale + zero, from the bf16 scale and zero the kernel uses."""
+        G = self.group_size
+        scale = self.scale.to(dtype).repeat_interleave(G, dim=1)  # (N, K)
+        zero = self.zero.to(dtype).repeat_interleave(G, dim=1)
+        return (self.unpacked() - 8).to(dtype) * scale + zero
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        if x.device.type == "cpu" and int4_kernel_available():
+            if self._packed is None:
+                self._packed = torch._convert_weight_to_int4pack_for_cpu(self.unpacked(), 1)
+                # (K/G, N, 2): each group's scale and zero, as the kernel wants them
+                self._sz = torch.stack([self.scale.t(), self.zero.t()], dim=-1).contiguous()
+            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (B*T, K)
+            y = torch._weight_int4pack_mm_for_cpu(x2, self._packed, self.group_size, self._sz)
+            y = y.view(*shape[:-1], self.out_features).to(x.dtype)
+        else:
+            y = F.linear(x, self.dequantize(x.dtype))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}"
+        )
+
+
+class Float32Head(nn.Module):
+    """The output layer of a low-precision model, kept in float32: logits [.., V] float32.
+
+    Next-token logits of a chat model reach 20-30, where bf16 can only tell values 0.125
+    apart: coarser than the gap between the two best tokens often is, so a bf16 head makes
+    greedy decoding pick by rounding. This head reads bf16 activations and computes the
+    logits in float32 (the weight costs 2x the bytes of a bf16 head).
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().float().contiguous(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight)

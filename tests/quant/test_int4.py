@@ -1,0 +1,56 @@
+"""Int4Linear: the int4 CPU kernel against the dequantized weight, and the fallback path."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmlab.quant import int4
+from lmlab.quant.int4 import Int4Linear
+
+# The kernel computes in bf16: outputs of size ~10 carry rounding of about 10 * 2^-8.
+# 2e-2 relative (plus 5e-2 absolute for near-zero outputs) is a few such roundings and
+# still far below a wrong layout (errors of order the outputs themselves).
+ATOL, RTOL = 5e-2, 2e-2
+
+
+def layer(n=64, k=96, group=32, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    scale = torch.rand(n, k // group, generator=g) * 0.1
+    zero = torch.randn(n, k // group, generator=g) * 0.1
+    b = torch.randn(n, generator=g) if bias else None
+    return Int4Linear(q, scale, zero, b), q
+
+
+def test_dequantize_is_the_documented_formula():
+    lin, q = layer(bias=False)
+    w = lin.dequantize()
+    s = lin.scale.float().repeat_interleave(32, 1)
+    z = lin.zero.float().repeat_interleave(32, 1)
+    assert torch.equal(lin.unpacked(), q.to(torch.int32))
+    torch.testing.assert_close(w, (q.float() - 8) * s + z, atol=0, rtol=0)
+
+
+def test_kernel_matches_the_dequantized_weight():
+    assert int4.int4_kernel_available()  # torch 2.13 has it; the rest of the test uses it
+    lin, _ = layer()
+    x = torch.randn(3, 7, 96, dtype=torch.bfloat16)
+    expected = F.linear(x.float(), lin.dequantize(), lin.bias)
+    got = lin(x)
+    assert got.shape == (3, 7, 64) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, atol=ATOL, rtol=RTOL)
+
+
+def test_fallback_without_the_kernel_gives_the_same_numbers(monkeypatch):
+    lin, _ = layer()
+    x = torch.randn(4, 96)
+    expected = F.linear(x, lin.dequantize(), lin.bias)
+    monkeypatch.setattr(int4, "int4_kernel_available", lambda: False)
+    torch.testing.assert_close(lin(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_shapes_are_named():
+    with pytest.raises(ValueError, match="scale and zero of shape"):
+        Int4Linear(torch.zeros(4, 64, dtype=torch.uint8), torch.ones(4, 3), torch.ones(4, 3))
+    with pytest.raises(ValueError, match="0..15"):
+        Int4Linear(torch.full((4, 64), 16, dtype=torch.uint8), torch.ones(4, 2), torch.ones(4, 2))
