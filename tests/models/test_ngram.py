@@ -2,6 +2,7 @@ import doctest
 import math
 
 import nltk.lm
+import numpy as np
 import pytest
 import torch
 
@@ -201,3 +202,15 @@ def test_errors():
 
 def test_docstring_examples():
     assert doctest.testmod(ngram_module).failed == 0
+
+
+def test_fit_takes_a_read_only_token_file_without_warnings(tmp_path):
+    """Token files are read-only memmaps (lmlab.data.tokens); fitting copies, silently."""
+    import warnings
+
+    np.arange(300, dtype=np.uint16).tofile(tmp_path / "t.bin")
+    ids = np.memmap(tmp_path / "t.bin", dtype=np.uint16, mode="r") % 7
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = NGramLM(NGramConfig(vocab_size=7, order=3)).fit(ids)
+    assert int(model.n_tokens) == 300

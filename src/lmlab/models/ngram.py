@@ -246,7 +246,9 @@ class NGramLM(nn.Module):
         (BOS 1), (1 2) x2, (2 1) and the unigrams 1 x2, 2 x2.
         """
         V, n = self.config.vocab_size, self.config.order
-        ids = torch.as_tensor(np.asarray(ids), dtype=torch.long, device=self.n_tokens.device)
+        if not isinstance(ids, torch.Tensor):  # a copy: token files are read-only memmaps
+            ids = torch.from_numpy(np.array(ids, dtype=np.int64))
+        ids = ids.to(device=self.n_tokens.device, dtype=torch.long)
         if ids.dim() != 1 or ids.numel() == 0:
             raise ConfigError(f"fit takes a non-empty 1-D sequence of ids, got {tuple(ids.shape)}")
         _check_ids(ids, V)
