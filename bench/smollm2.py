@@ -159,7 +159,7 @@ def main() -> None:
         rows[f"{name} {dtype}"] = json.loads(out.strip().splitlines()[-1])
 
     print(
-        f"SmolLM2-135M-Instruct (GGUF Q4_1, dequantized), batch 1, greedy, {args.new_tokens} new tokens"
+        f"SmolLM2-135M-Instruct (GGUF: Q4_1 and Q8_0 weights), batch 1, greedy, {args.new_tokens} new tokens"
     )
     same = rows["lmlab fp32"]["ids"] == rows["transformers fp32"]["ids"]
     print(f"greedy ids identical to transformers in fp32: {same}")
