@@ -270,12 +270,7 @@ class BPETokenizer(Tokenizer):
         the same folder, if there is one.
         """
         path = Path(path)
-        if not path.is_file():
-            raise DataNotFoundError(f"tokenizer file {str(path)!r} does not exist")
-        try:
-            model = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as e:  # the Rust side raises a bare Exception for a bad file
-            raise DataError(f"{str(path)!r} is not a valid Hugging Face tokenizer.json: {e}") from e
+        model = _read_tokenizer_json(path)
         if not isinstance(model.model, tokenizers.models.BPE):
             raise DataError(
                 f"{str(path)!r} holds a {type(model.model).__name__} tokenizer; "
@@ -375,12 +370,7 @@ class HFTokenizer(Tokenizer):
         """Load a Hugging Face ``tokenizer.json`` (and the special tokens named by a
         ``tokenizer_config.json`` in the same folder, if there is one)."""
         path = Path(path)
-        if not path.is_file():
-            raise DataNotFoundError(f"tokenizer file {str(path)!r} does not exist")
-        try:
-            model = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as e:  # the Rust side raises a bare Exception for a bad file
-            raise DataError(f"{str(path)!r} is not a valid Hugging Face tokenizer.json: {e}") from e
+        model = _read_tokenizer_json(path)
         specials = {}
         for role in cls.SPECIAL_ROLES:
             token = _config_token(path.parent / TOKENIZER_CONFIG_FILE, f"{role}_token")
@@ -559,6 +549,15 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
         f"tokenizer file {str(file)!r} has unknown kind {kind!r}{closest(str(kind), valid)}; "
         f"valid kinds: {', '.join(valid)} (a BPE file is in the Hugging Face format)"
     )
+
+
+def _read_tokenizer_json(path: Path) -> tokenizers.Tokenizer:
+    if not path.is_file():
+        raise DataNotFoundError(f"tokenizer file {str(path)!r} does not exist")
+    try:
+        return tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # the Rust side raises a bare Exception for a bad file
+        raise DataError(f"{str(path)!r} is not a valid Hugging Face tokenizer.json: {e}") from e
 
 
 def _checked_ids(ids: Sequence[int], vocab_size: int, kind: str) -> np.ndarray:
