@@ -6,6 +6,6 @@
 
 from lmlab.train.config import TrainConfig
 from lmlab.train.guards import TrainingDiverged
-from lmlab.train.trainer import TrainResult, train
+from lmlab.train.trainer import Supervised, TrainResult, train
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train"]
+__all__ = ["Supervised", "TrainConfig", "TrainResult", "TrainingDiverged", "train"]

@@ -86,6 +86,23 @@ class TrainResult:
     """"max_steps" or "time_budget"."""
 
 
+@dataclass
+class Supervised:
+    """Training data other than one token stream: batches of examples with their own loss
+    (instruction fine-tuning, ``lmlab.finetune``).
+
+    ``batches``: ``next_batch()`` -> a dict of CPU tensors; ``state_dict()`` and
+    ``load_state_dict()`` (checkpoints store the position, so resume stays exact).
+    ``loss(model, batch, autocast, keep=1.0) -> (summed loss, number of tokens)`` with the
+    batch on the model's device; the trainer divides, and sums both for validation.
+    ``val``: fixed validation batches, or None.
+    """
+
+    batches: Any
+    loss: Callable[..., tuple[torch.Tensor, Any]]
+    val: list[dict[str, torch.Tensor]] | None = None
+
+
 def train(
     model: nn.Module,
     train_tokens: Tokens,
@@ -93,11 +110,14 @@ def train(
     config: TrainConfig,
     tokenizer: Any | None = None,
     callbacks: Sequence[Callback] | None = None,
+    supervised: Supervised | None = None,
 ) -> TrainResult:
     """Train ``model`` on 1-D token arrays and write the run to ``config.out_dir``.
 
     train_tokens / val_tokens: 1-D integer arrays (numpy, np.memmap or torch) of token
-    ids; val_tokens may be None (no evaluation). The model trains on the device its
+    ids; val_tokens may be None (no evaluation). ``supervised`` replaces both (pass None
+    for them) with batches of examples and their own loss: fine-tuning (``Supervised``).
+    The model trains on the device its
     parameters are on. ``callbacks`` are called with every event written to metrics.jsonl
     (see ``lmlab.train.metrics``), after it is written; an exception raised by one stops
     the run as a crash would.
@@ -114,7 +134,15 @@ def train(
         raise ConfigError("the model has no trainable parameters")
     device = params[0].device
     max_len = getattr(model.config, "max_seq_len", None)
-    if max_len is not None and config.seq_len > max_len:
+    if supervised is not None:
+        if train_tokens is not None or val_tokens is not None:
+            raise ConfigError("give either token arrays or supervised batches, not both")
+        if config.objective != "teacher_forcing":
+            raise ConfigError(
+                f"objective={config.objective!r} needs a token stream; supervised batches "
+                "train with teacher_forcing"
+            )
+    elif max_len is not None and config.seq_len > max_len:
         raise ConfigError(
             f"TrainConfig.seq_len={config.seq_len} is invalid: the model's context "
             f"(max_seq_len) is {max_len}; use seq_len <= {max_len}"
@@ -124,11 +152,17 @@ def train(
     resume_from = _resume_source(config)
 
     optimizer = build_optimizer(model, config)
-    batches = TrainBatches(train_tokens, config.batch_size, config.seq_len, config.seed)
     val = None
-    if val_tokens is not None:
-        val = fixed_batches(val_tokens, config.batch_size, config.seq_len, config.eval_batches)
-        val = [window.to(device) for window in val]
+    if supervised is not None:
+        batches, loss_of = supervised.batches, supervised.loss
+        if supervised.val is not None:
+            val = [_to_device(batch, device) for batch in supervised.val]
+    else:
+        batches = TrainBatches(train_tokens, config.batch_size, config.seq_len, config.seed)
+        loss_of = _next_token_loss
+        if val_tokens is not None:
+            val = fixed_batches(val_tokens, config.batch_size, config.seq_len, config.eval_batches)
+            val = [window.to(device) for window in val]
     guard = StepGuard(
         config.spike_factor, config.spike_window, config.spike_warmup, config.grad_spike_factor
     )
@@ -164,6 +198,7 @@ def train(
         },
     )
     run = _Run(model, optimizer, batches, guard, config, tokenizer, device, callbacks or ())
+    run.loss_of = loss_of
     run.metrics = MetricsLog(out_dir / "metrics.jsonl")
     result = TrainResult(step=step)
     if resume_from is not None:
@@ -203,13 +238,15 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             keep = keep_probability(step, config.objective, config.ss_k, config.ss_c, config.ss_min)
-            loss = _accumulate_gradients(
-                forward, batches, config.grad_accum, device, autocast, keep
+            loss, counted = _accumulate_gradients(
+                forward, batches, config.grad_accum, device, autocast, keep, loss_of
             )
             grad_norm = _grad_norm(params, config.grad_clip)
-            # The step's one sync: the guards need both numbers on the host.
-            loss_value, norm_value = torch.stack([loss, grad_norm.to(loss)]).tolist()
-            tokens_seen += tokens_per_step
+            # The step's one sync: the guards need loss and norm on the host (and supervised
+            # batches count their labelled tokens).
+            numbers = [loss, grad_norm.to(loss)] + ([counted.to(loss)] if supervised else [])
+            loss_value, norm_value, *count = torch.stack(numbers).tolist()
+            tokens_seen += int(count[0]) if supervised else tokens_per_step
             skip = guard.check(step, loss_value, norm_value)
             if skip is None:
                 applying = True
@@ -301,25 +338,42 @@ def train(
     return result
 
 
-def _accumulate_gradients(model, batches, grad_accum, device, autocast, keep=1.0) -> torch.Tensor:
-    """Forward and backward over ``grad_accum`` micro-batches -> mean loss (0-d, detached).
+def _next_token_loss(model, window, autocast, keep=1.0) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy of a [B, T+1] window batch -> (sum, B*T)."""
+    x, y = window[:, :-1], window[:, 1:]  # (B, T) inputs and next-token targets
+    with autocast():
+        x = mix_inputs(model, x, keep)  # scheduled sampling; x itself when keep == 1
+        logits = model(x)  # (B, T, V)
+    # float32 log-softmax whatever the autocast dtype (.float() is free at fp32).
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"), y.numel()
 
-    Each micro-batch loss is a mean over its B*T tokens; dividing by grad_accum makes the
+
+def _accumulate_gradients(
+    model, batches, grad_accum, device, autocast, keep=1.0, loss_of=_next_token_loss
+) -> tuple[torch.Tensor, torch.Tensor | int]:
+    """Forward and backward over ``grad_accum`` micro-batches -> (mean loss, tokens).
+
+    Each micro-batch loss is a mean over its tokens; dividing by grad_accum makes the
     summed gradient that of the mean over all micro-batches (equal sizes), i.e. of one
-    batch of batch_size * grad_accum rows.
+    batch of batch_size * grad_accum rows. ``loss_of(model, batch, autocast, keep)``
+    returns a summed loss and the number of tokens it sums over.
     """
-    total = None
+    total, counted = None, 0
     for _ in range(grad_accum):
-        window = batches.next_batch().to(device, non_blocking=True)  # (B, T+1)
-        x, y = window[:, :-1], window[:, 1:]  # (B, T) inputs and next-token targets
-        with autocast():
-            x = mix_inputs(model, x, keep)  # scheduled sampling; x itself when keep == 1
-            logits = model(x)  # (B, T, V)
-        # float32 log-softmax whatever the autocast dtype (.float() is free at fp32).
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        batch = _to_device(batches.next_batch(), device)
+        loss_sum, count = loss_of(model, batch, autocast, keep)
+        loss = loss_sum / count
         (loss / grad_accum).backward()
         total = loss.detach() if total is None else total + loss.detach()
-    return total / grad_accum if grad_accum > 1 else total
+        counted = counted + count
+    return (total / grad_accum if grad_accum > 1 else total), counted
+
+
+def _to_device(batch, device):
+    """A tensor, or a dict of tensors (supervised batches), on ``device``."""
+    if isinstance(batch, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return batch.to(device, non_blocking=True)
 
 
 def _grad_norm(params: list[nn.Parameter], grad_clip: float | None) -> torch.Tensor:
@@ -357,17 +411,14 @@ class _Run:
             callback(record)
 
     @torch.no_grad()
-    def evaluate(self, val: list[torch.Tensor], step: int, autocast) -> float:
-        """Mean next-token loss over the fixed validation windows (nats per token)."""
+    def evaluate(self, val: list, step: int, autocast) -> float:
+        """Mean loss per token over the fixed validation batches (nats per token)."""
         self.model.eval()
         total, count = 0.0, 0
-        for window in val:
-            x, y = window[:, :-1], window[:, 1:]  # (B, T)
-            with autocast():
-                logits = self.model(x)  # (B, T, V)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-            total += loss.item()
-            count += y.numel()
+        for batch in val:
+            loss_sum, n = self.loss_of(self.model, batch, autocast)
+            total += loss_sum.item()
+            count += int(n)
         self.model.train()
         val_loss = total / count
         ppl = math.exp(val_loss) if val_loss < 700 else math.inf
