@@ -493,10 +493,16 @@ def save_hf(
     if tokenizer is not None and getattr(tokenizer, "kind", None) == "bpe":
         tokenizer.save(directory)
         if chat_template is not None:
-            file = directory / "tokenizer_config.json"
-            tok_config = json.loads(file.read_text(encoding="utf-8"))
-            tok_config["chat_template"] = chat_template.source
-            for name, value in chat_template.special.items():
-                tok_config[name] = tok_config.get(name) or value
-            atomic_write_json(file, tok_config)
+            save_chat_template(chat_template, directory)
     return directory
+
+
+def save_chat_template(chat_template: Any, directory: str | os.PathLike) -> None:
+    """Add a ``ChatTemplate`` (its source and special tokens) to the folder's
+    ``tokenizer_config.json``, where ``lmlab.load`` and transformers look for it."""
+    file = Path(directory) / "tokenizer_config.json"
+    tok_config = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+    tok_config["chat_template"] = chat_template.source
+    for name, value in chat_template.special.items():
+        tok_config[name] = tok_config.get(name) or value
+    atomic_write_json(file, tok_config)

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lmlab.cli.chat",
         "chat with an instruction-tuned model (or one reply with --message)",
     ),
+    "finetune": ("lmlab.cli.finetune", "fine-tune a model on instruction data (full, LoRA, ...)"),
     "export": ("lmlab.cli.export", "write a model as a Hugging Face folder"),
     "compare": (
         "lmlab.cli.compare",

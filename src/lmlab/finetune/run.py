@@ -1,0 +1,217 @@
+"""``lmlab finetune`` and ``lmlab.finetune.finetune``: adapt a model to instruction data.
+
+    finetune("smollm2", "tasks.jsonl", method="lora", config=TrainConfig(max_steps=200))
+
+One function for every method: it loads the model (float32), reads and encodes the JSONL
+examples through the model's chat template (loss on the responses only), applies the
+method, trains with the foundation trainer (``supervised=``), and writes to ``out_dir``:
+
+- ``checkpoints/``: the trainer's checkpoints (for an exact resume);
+- ``adapter/`` for LoRA and QLoRA: only A and B and their config (``load_adapter``);
+- ``model/``: the fine-tuned model as an lmlab checkpoint with its tokenizer and chat
+  template, LoRA merged in (``lmlab.load(out_dir + "/model")``, ``lmlab chat``).
+
+Methods: ``full`` (every weight), ``kl`` (full, plus beta KL(policy || the frozen
+original) per response token), ``lora``, ``qlora`` (LoRA over an NF4-quantized frozen base),
+``adapter`` (Houlsby bottlenecks), ``bitfit`` (biases only).
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from lmlab.errors import ConfigError
+from lmlab.train import Supervised, TrainConfig, TrainResult, train
+
+METHODS = ("full", "kl", "lora", "qlora", "adapter", "bitfit")
+
+
+@dataclass
+class FinetuneResult:
+    train: TrainResult
+    method: str
+    trainable: int
+    total: int
+    examples: dict[str, int]
+    """How many train / val examples were used, and how many were skipped (item 12)."""
+    out_dir: Path
+    val_loss_before: float | None = None
+    """Validation loss (nats per response token) of the model before fine-tuning."""
+    model_dir: Path | None = None
+    adapter_dir: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def prepare_method(
+    model: nn.Module,
+    method: str,
+    lora_r: int = 8,
+    lora_alpha: float = 16.0,
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    bottleneck: int = 64,
+) -> nn.Module:
+    """Apply ``method`` to ``model`` in place (freezing what does not train) -> the model."""
+    from lmlab.finetune import LoRAConfig, apply_adapters, apply_bitfit, apply_lora
+
+    if method not in METHODS:
+        raise ConfigError(f"method={method!r} is not one of {', '.join(METHODS)}")
+    if method in ("full", "kl"):
+        return model.requires_grad_(True)
+    if method == "bitfit":
+        return apply_bitfit(model)
+    if method == "adapter":
+        return apply_adapters(model, bottleneck=bottleneck)
+    if method == "qlora":
+        from lmlab.quant.quantize import quantize_model
+
+        model = quantize_model(model, "nf4")
+    return apply_lora(model, LoRAConfig(r=lora_r, alpha=lora_alpha, targets=tuple(lora_targets)))
+
+
+def finetune(
+    model: str = "smollm2",
+    data: str = "train.jsonl",
+    method: Literal["full", "kl", "lora", "qlora", "adapter", "bitfit"] = "lora",
+    val_data: str | None = None,
+    val_fraction: float = 0.1,
+    max_len: int = 256,
+    beta: float = 0.1,
+    lora_r: int = 8,
+    lora_alpha: float = 16.0,
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    bottleneck: int = 64,
+    config: TrainConfig | None = None,
+) -> FinetuneResult:
+    """Fine-tune a model on instruction data (Alpaca or chat JSONL).
+
+    Args:
+        model: anything ``lmlab.load`` takes (a checkpoint, an HF folder, "smollm2").
+        data: a JSONL file (or a folder of them): Alpaca rows or chat ``messages``.
+        method: full, kl, lora, qlora, adapter or bitfit.
+        val_data: held-out JSONL; without it, ``val_fraction`` of ``data`` is held out.
+        max_len: examples are cut to this many tokens (an example left with no response
+            token is skipped with a warning).
+        beta: the KL weight of method "kl".
+        lora_r, lora_alpha, lora_targets: LoRA's rank, scale and target layers.
+        bottleneck: the adapters' hidden width.
+        config: the trainer's settings (out_dir, max_steps, lr, batch_size, ...).
+    """
+    from lmlab import api
+    from lmlab.checkpoint.io import save_checkpoint
+    from lmlab.data.instructions import (
+        encode_dataset,
+        load_examples,
+        split_examples,
+        template_for,
+    )
+    from lmlab.finetune import save_adapter, trainable_parameters, unload_lora
+    from lmlab.finetune.sft import ExampleBatches, fixed_batches, kl_sft_loss, sft_loss
+
+    config = config or TrainConfig(out_dir="runs/finetune", max_steps=200, lr=1e-4)
+    if method not in METHODS:
+        raise ConfigError(f"method={method!r} is not one of {', '.join(METHODS)}")
+    lm = api.load(model, dtype="float32", keep_quantized=False)
+    template = template_for(lm.tokenizer, lm.chat_template)
+    examples = load_examples(data)
+    if val_data is not None:
+        train_examples, val_examples = examples, load_examples(val_data)
+    else:
+        train_examples, val_examples, _ = split_examples(examples, val_fraction, 0.0, config.seed)
+    train_enc, skipped = encode_dataset(train_examples, lm.tokenizer, template, max_len)
+    val_enc, val_skipped = encode_dataset(val_examples, lm.tokenizer, template, max_len)
+    pad_id = lm.tokenizer.eos_id if lm.tokenizer.eos_id is not None else 0
+
+    net = lm.model.train()
+    reference = copy.deepcopy(net).eval() if method == "kl" else None
+    net = prepare_method(net, method, lora_r, lora_alpha, lora_targets, bottleneck)
+    trainable, total, _ = trainable_parameters(net)
+    loss = kl_sft_loss(reference, beta) if method == "kl" else sft_loss
+    data_source = Supervised(
+        ExampleBatches(train_enc, config.batch_size, config.seed, pad_id),
+        loss,
+        fixed_batches(val_enc, config.batch_size, pad_id) if val_enc else None,
+    )
+    before = _mean_loss(net, loss, data_source.val) if data_source.val else None
+    result = train(net, None, None, config, tokenizer=lm.tokenizer, supervised=data_source)
+
+    out = Path(config.out_dir)
+    done = FinetuneResult(
+        result,
+        method,
+        trainable,
+        total,
+        {
+            "train": len(train_enc),
+            "val": len(val_enc),
+            "skipped": skipped + val_skipped,
+        },
+        out,
+        val_loss_before=before,
+    )
+    if method in ("lora", "qlora"):
+        done.adapter_dir = out / "adapter"
+        save_adapter(net, done.adapter_dir)
+    if method == "qlora":
+        done.notes.append(
+            "QLoRA's base is NF4: the adapter (adapter/) applies to the float model too; "
+            "no merged float checkpoint is written"
+        )
+        return done
+    if method == "lora":
+        net = unload_lora(net, merge=True)
+    if method == "adapter":
+        done.notes.append("adapters stay as modules; model/ is not written (use checkpoints/)")
+        return done
+    done.model_dir = out / "model"
+    save_checkpoint(done.model_dir, net.eval(), tokenizer=lm.tokenizer)
+    if lm.chat_template is not None:
+        from lmlab.checkpoint.hf import save_chat_template
+
+        save_chat_template(lm.chat_template, done.model_dir)
+    return done
+
+
+@torch.no_grad()
+def _mean_loss(model: nn.Module, loss, batches) -> float:
+    """Mean loss per labelled token over ``batches`` (the trainer's validation measure)."""
+    device = next(model.parameters()).device
+    was_training, total, count = model.training, 0.0, 0
+    model.eval()
+    for batch in batches:
+        loss_sum, n = loss(model, {k: v.to(device) for k, v in batch.items()}, nullcontext)
+        total, count = total + loss_sum.item(), count + int(n)
+    model.train(was_training)
+    return total / count
+
+
+def share(trainable: int, total: int) -> str:
+    return f"{trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
+
+
+def run_summary(result: FinetuneResult) -> list[str]:
+    """Lines the CLI prints."""
+    r = result.train
+    lines = [
+        f"{result.method}: trained {share(result.trainable, result.total)} for {r.step} steps "
+        f"in {r.wall_time_s:.0f} s",
+        f"examples: {result.examples['train']} train, {result.examples['val']} validation, "
+        f"{result.examples['skipped']} skipped (no response token left after max_len)",
+    ]
+    if r.val_losses and result.val_loss_before is not None:
+        step, last = r.val_losses[-1]
+        lines.append(
+            f"validation loss per response token {result.val_loss_before:.4f} before -> "
+            f"{last:.4f} at step {step}"
+        )
+    if result.adapter_dir:
+        lines.append(f"adapter: {result.adapter_dir}")
+    if result.model_dir:
+        lines.append(f"model: {result.model_dir} (lmlab chat --model {result.model_dir})")
+    return lines + [f"note: {n}" for n in result.notes]
