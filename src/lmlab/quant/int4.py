@@ -72,6 +72,33 @@ class Int4Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), False)
         self._packed: torch.Tensor | None = None  # the kernel's own layout, made on first use
 
+    @classmethod
+    def from_float(cls, linear: nn.Linear, group_size: int = 32) -> Int4Linear:
+        """Quantize a dense ``nn.Linear`` in groups of ``group_size`` inputs, asymmetrically.
+
+        Each group's range [min, max] is cut into 15 steps, s = (max - min) / 15, and
+        q = round((w - min) / s) in 0..15; in this layer's form that is
+        W = (q - 8) s + z with z = min + 8 s. s and z are rounded to bf16 first (the
+        kernel's dtype) and q is chosen against the rounded values, so the error is at
+        most s / 2 per weight, plus the bf16 rounding of the group's ends at the edges:
+
+            group [-1.0, -0.5, 0.0, 0.5] -> s = 0.1 (bf16: 0.10009766),
+            z = -1 + 8 s = -0.19921875 -> q = [0, 5, 10, 15]
+        """
+        K = linear.in_features
+        if group_size < 1 or K % group_size:
+            raise ConfigError(
+                f"Int4Linear.from_float: group_size={group_size} must divide in_features={K}"
+            )
+        w = linear.weight.detach().float().view(linear.out_features, K // group_size, -1)
+        lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (N, K/G)
+        scale = ((hi - lo) / 15).to(torch.bfloat16).float()
+        zero = (lo + 8 * scale).to(torch.bfloat16).float()
+        # A constant group has s = 0: every q = 8 then gives W = z.
+        q = torch.round((w - zero[..., None]) / torch.where(scale > 0, scale, 1.0)[..., None])
+        q = (q + 8).clamp(0, 15).to(torch.uint8).view(linear.out_features, K)  # (N, K)
+        return cls(q, scale, zero, linear.bias)
+
     def unpacked(self) -> torch.Tensor:
         """q [N, K] as int32 in 0..15."""
         low, high = self.qweight & 0x0F, self.qweight >> 4
