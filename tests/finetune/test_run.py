@@ -44,14 +44,16 @@ def config(root, name, **kw):
     return TrainConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("method", ["full", "kl", "lora", "adapter", "bitfit"])
+@pytest.mark.parametrize("method", ["full", "kl", "lora", "qlora", "adapter", "bitfit"])
 def test_every_method_lowers_the_validation_loss(setup, method):
     result = finetune(
         str(setup / "base"),
         str(setup / "tasks.jsonl"),
         method=method,
         max_len=64,
-        config=config(setup, method, lr=1e-2 if method in ("lora", "adapter", "bitfit") else 3e-3),
+        config=config(
+            setup, method, lr=1e-2 if method in ("lora", "qlora", "adapter", "bitfit") else 3e-3
+        ),
     )
     after = result.train.val_losses[-1][1]
     assert after < result.val_loss_before - 0.5, (result.val_loss_before, after)
