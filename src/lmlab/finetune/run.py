@@ -178,6 +178,22 @@ def finetune(
     return done
 
 
+def task_accuracy(lm, rows, max_new_tokens: int = 16) -> tuple[float, list[str]]:
+    """Greedy answers of ``lm`` to task rows (``lmlab.data.tasks``), graded exactly ->
+    (accuracy, answers). Each row is asked as one user turn of the model's chat template
+    (or the plain template)."""
+    from lmlab.data.instructions import example_from_row, template_for
+    from lmlab.data.tasks import accuracy
+
+    template = template_for(lm.tokenizer, lm.chat_template)
+    prompts = [
+        template.render(list(example_from_row(row).messages[:-1]), add_generation_prompt=True)
+        for row in rows
+    ]
+    answers = [lm.generate(p, max_new_tokens=max_new_tokens, temperature=0) for p in prompts]
+    return accuracy(rows, answers), answers
+
+
 @torch.no_grad()
 def _mean_loss(model: nn.Module, loss, batches) -> float:
     """Mean loss per labelled token over ``batches`` (the trainer's validation measure)."""
