@@ -29,6 +29,9 @@ lint: .venv/installed
 bench: .venv/installed
 	$(PY) bench/train_throughput.py
 	$(PY) bench/decode.py
+	$(PY) bench/ngram.py
+	$(PY) bench/smollm2.py
+	$(PY) bench/quant.py --threads 1
 
 clean:
 	rm -rf .venv runs build src/*.egg-info
