@@ -39,12 +39,14 @@ def one_method(args) -> dict:
     work = Path(args.work)
     test = json.loads((work / "test.json").read_text())
     text = (work / "general.txt").read_text()
+    lr = {"lora": 1e-3, "qlora": 1e-3}.get(args.method, 5e-5)
     config = TrainConfig(
         out_dir=str(work / args.method),
         max_steps=args.steps,
         time_budget_s=args.time_budget,
         batch_size=8,
-        lr={"lora": 1e-3, "qlora": 1e-3}.get(args.method, 5e-5),
+        lr=lr,
+        min_lr=lr / 10,
         warmup_steps=10,
         eval_interval=50,
         ckpt_interval=10**9,
