@@ -39,7 +39,7 @@ def one_method(args) -> dict:
     work = Path(args.work)
     test = json.loads((work / "test.json").read_text())
     text = (work / "general.txt").read_text()
-    lr = {"lora": 1e-3, "qlora": 1e-3}.get(args.method, 5e-5)
+    lr = 5e-5 if args.method in ("full", "kl") else 1e-3  # PEFT: a few weights, larger steps
     config = TrainConfig(
         out_dir=str(work / args.method),
         max_steps=args.steps,
