@@ -22,12 +22,18 @@ import time
 from pathlib import Path
 
 
-def measure(model_path: str, rows, text: str) -> tuple[float, float]:
-    """(held-out accuracy, perplexity of ``text``) of a model, decoded in bf16."""
+def measure(model, rows, text: str) -> tuple[float, float]:
+    """(held-out accuracy, perplexity of ``text``) of a model (a name or an LM), in bf16."""
+    import torch
+
     import lmlab
     from lmlab.finetune.run import task_accuracy
 
-    lm = lmlab.load(model_path, dtype="bfloat16", keep_quantized=False)
+    if isinstance(model, str):
+        lm = lmlab.load(model, dtype="bfloat16", keep_quantized=False)
+    else:
+        lm = model
+        lm.model.to(torch.bfloat16)
     accuracy, _ = task_accuracy(lm, rows, max_new_tokens=8)
     return accuracy, lm.perplexity(text)
 
@@ -57,7 +63,7 @@ def one_method(args) -> dict:
     result = finetune("smollm2", str(work / "train.jsonl"), args.method, max_len=96, config=config)
     seconds = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    accuracy, ppl = measure(str(result.model_dir), test, text)
+    accuracy, ppl = measure(result.lm, test, text)
     return {
         "trainable": result.trainable,
         "total": result.total,

@@ -65,6 +65,7 @@ def test_every_method_lowers_the_validation_loss(setup, method):
         assert 0 < result.trainable < 0.2 * result.total
     if method == "lora":
         assert (result.adapter_dir / "adapter.safetensors").is_file()
+    assert isinstance(result.lm.generate("Reverse", max_new_tokens=3, temperature=0), str)
     if result.model_dir is not None:  # a plain lmlab checkpoint that loads and generates
         lm = lmlab.load(result.model_dir)
         assert isinstance(lm.generate("Reverse", max_new_tokens=3, temperature=0), str)

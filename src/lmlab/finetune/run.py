@@ -22,7 +22,7 @@ import copy
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -47,6 +47,9 @@ class FinetuneResult:
     model_dir: Path | None = None
     adapter_dir: Path | None = None
     notes: list[str] = field(default_factory=list)
+    lm: Any = None
+    """The fine-tuned model with its tokenizer and chat template (an ``lmlab.api.LM``; for
+    LoRA, merged), ready to generate."""
 
 
 def prepare_method(
@@ -154,10 +157,13 @@ def finetune(
         },
         out,
         val_loss_before=before,
+        lm=lm,
     )
     if method in ("lora", "qlora"):
         done.adapter_dir = out / "adapter"
         save_adapter(net, done.adapter_dir)
+    if method != "lora":
+        lm.model = net.eval()
     if method == "qlora":
         done.notes.append(
             "QLoRA's base is NF4: the adapter (adapter/) applies to the float model too; "
@@ -166,6 +172,7 @@ def finetune(
         return done
     if method == "lora":
         net = unload_lora(net, merge=True)
+    lm.model = net.eval()
     if method == "adapter":
         done.notes.append("adapters stay as modules; model/ is not written (use checkpoints/)")
         return done
