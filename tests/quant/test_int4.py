@@ -54,3 +54,12 @@ def test_bad_shapes_are_named():
         Int4Linear(torch.zeros(4, 64, dtype=torch.uint8), torch.ones(4, 3), torch.ones(4, 3))
     with pytest.raises(ValueError, match="0..15"):
         Int4Linear(torch.full((4, 64), 16, dtype=torch.uint8), torch.ones(4, 2), torch.ones(4, 2))
+
+
+def test_gradient_reaches_the_input_through_the_dequantized_weight():
+    """The int4 kernel has no backward: with a gradient needed (QLoRA over Int4Linear) the
+    layer computes with the dequantized weight, and the gradient is W^T of the output's."""
+    lin, _ = layer(bias=False)
+    x = torch.randn(3, 96, requires_grad=True)
+    lin(x).sum().backward()
+    torch.testing.assert_close(x.grad, lin.dequantize().sum(0).expand(3, -1), atol=1e-5, rtol=1e-5)

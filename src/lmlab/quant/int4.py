@@ -39,6 +39,13 @@ def int4_kernel_available() -> bool:
     )
 
 
+def inference_kernel_applies(x: torch.Tensor) -> bool:
+    """Whether a weight-only CPU kernel may compute with ``x``: it runs on the CPU, and
+    nothing needs a gradient through it (the int4 and int8 kernels have no backward, so
+    QLoRA's gradients to earlier layers go through the dequantized weight instead)."""
+    return x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled())
+
+
 class Int4Linear(nn.Module):
     """y = x W^T + b with W in 4 bits (see the module docstring); inference only.
 
@@ -113,7 +120,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        if x.device.type == "cpu" and int4_kernel_available():
+        if inference_kernel_applies(x) and int4_kernel_available():
             if self._packed is None:
                 self._packed = torch._convert_weight_to_int4pack_for_cpu(self.unpacked(), 1)
                 # (K/G, N, 2): each group's scale and zero, as the kernel wants them

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.errors import ConfigError
+from lmlab.quant.int4 import inference_kernel_applies
 
 
 def int8_kernel_available() -> bool:
@@ -83,13 +84,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        use_kernel = (
-            x.device.type == "cpu"
-            and x.dtype == torch.bfloat16
-            and int8_kernel_available()
-            and not (x.requires_grad and torch.is_grad_enabled())  # the kernel has no backward
-        )
-        if use_kernel:
+        if inference_kernel_applies(x) and x.dtype == torch.bfloat16 and int8_kernel_available():
             x2 = x.reshape(-1, self.in_features).contiguous()  # (B*T, K)
             # The kernel wants the scales in the activations' dtype (bf16 here).
             y = torch._weight_int8pack_mm(x2, self.qweight, self.scale.to(x.dtype))  # (B*T, N)
