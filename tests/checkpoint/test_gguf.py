@@ -11,6 +11,7 @@ import torch
 import transformers
 from transformers.initialization import no_init_weights
 
+from hf_models import tiny_llama as shared_tiny_llama
 from lmlab.checkpoint.gguf import (
     DEQUANTIZABLE,
     gguf_to_hf,
@@ -58,24 +59,7 @@ CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% 
 
 
 def tiny_llama(tie=False):
-    cfg = transformers.LlamaConfig(
-        vocab_size=len(TOKENS),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        intermediate_size=96,
-        max_position_embeddings=64,
-        rope_theta=500.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=tie,
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # HF initialises norm weights to 1: randomise them so they matter
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    return model
+    return shared_tiny_llama(vocab_size=len(TOKENS), rms_norm_eps=1e-5, tie_word_embeddings=tie)
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -10,6 +10,7 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
+from hf_models import tiny_llama
 from lmlab.checkpoint.hf import is_hf_directory, load_hf, save_hf
 from lmlab.data.tokenizers import BPETokenizer
 from lmlab.errors import CheckpointError
@@ -19,36 +20,14 @@ from lmlab.models import build_model, get_preset
 # logits of size ~1 still catches any wrong layout (errors of order 1).
 ATOL, RTOL = 1e-5, 1e-5
 
-LLAMA_LIKE = dict(
-    vocab_size=97,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    intermediate_size=96,
-    max_position_embeddings=64,
-    rope_theta=500.0,
-)
-
 
 def tiny(kind: str):
     torch.manual_seed(0)
     if kind == "gpt2":
         cfg = transformers.GPT2Config(vocab_size=97, n_embd=48, n_layer=2, n_head=4, n_positions=64)
         return transformers.GPT2LMHeadModel(cfg).eval()
-    if kind == "mistral":
-        cfg = transformers.MistralConfig(**LLAMA_LIKE, sliding_window=32)
-        return transformers.MistralForCausalLM(cfg).eval()
-    if kind == "qwen2":
-        cfg = transformers.Qwen2Config(**LLAMA_LIKE, tie_word_embeddings=True)
-        model = transformers.Qwen2ForCausalLM(cfg).eval()
-        with torch.no_grad():  # HF initialises biases to 0: randomise them so they matter
-            for name, p in model.named_parameters():
-                if name.endswith("bias"):
-                    p.normal_(0, 0.5)
-        return model
-    cfg = transformers.LlamaConfig(**LLAMA_LIKE)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    extra = {"mistral": {"sliding_window": 32}, "qwen2": {"tie_word_embeddings": True}}
+    return tiny_llama(kind, **extra.get(kind, {}))
 
 
 def logits_agree(hf, ours, length=30):

@@ -4,9 +4,9 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 from safetensors import safe_open
 
+from hf_models import tiny_llama
 from lmlab.checkpoint.hf import from_transformers, to_hf
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.finetune import (
@@ -31,22 +31,6 @@ from lmlab.quant import Int4Linear
 # over B*T positions of products of such values: 1e-5 absolute, 1e-4 relative.
 ATOL, RTOL = 1e-5, 1e-5
 GRAD_ATOL, GRAD_RTOL = 1e-5, 1e-4
-
-
-def tiny_llama():
-    cfg = transformers.LlamaConfig(
-        vocab_size=97,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        intermediate_size=96,
-        max_position_embeddings=64,
-        rope_theta=500.0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def tiny_model(**overrides):

@@ -4,6 +4,7 @@ import pytest
 import torch
 import transformers
 
+from hf_models import tiny_llama as shared_tiny_llama
 from lmlab.checkpoint.hf import from_transformers, to_hf
 from lmlab.errors import ConfigError
 from lmlab.models import PRESETS, build_model, get_preset, model_spec
@@ -28,25 +29,7 @@ def tiny_gpt2():
 
 
 def tiny_llama(**kw):
-    cfg = transformers.LlamaConfig(
-        vocab_size=97,
-        hidden_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        intermediate_size=96,
-        max_position_embeddings=64,
-        rope_theta=500.0,
-        bos_token_id=0,
-        eos_token_id=0,
-        **kw,
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # HF initialises norm weights to 1: randomise them so they matter
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    return model
+    return shared_tiny_llama(n_layers=3, **kw)
 
 
 def tiny_spec(**overrides):
