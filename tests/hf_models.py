@@ -1,10 +1,12 @@
-"""Tiny random transformers models for the parity tests (a helper module, not a test file).
+"""Tiny random transformers models and tokenizers for the parity tests (a helper module,
+not a test file).
 
 Every parity test builds its reference from a config with random weights, never a
 download. The Llama-layout builder is shared by the transformer, HF-folder, GGUF and LoRA
 tests; pytest finds this module through ``pythonpath = ["tests"]`` in pyproject.toml.
 """
 
+import tokenizers
 import torch
 import transformers
 
@@ -43,3 +45,27 @@ def tiny_llama(kind: str = "llama", vocab_size: int = 97, n_layers: int = 2, **c
             elif name.endswith("bias"):
                 p.normal_(0, 0.5)
     return model
+
+
+WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def tiny_wordpiece(words: list[str], padding: bool = False) -> tokenizers.Tokenizer:
+    """A BERT-style WordPiece tokenizer over ``WORDPIECE_SPECIALS + words``: lowercasing,
+    BERT's pre-tokenizer, ``[CLS] ... [SEP]``. ``padding`` turns on the padding and
+    truncation many hub files carry (all-MiniLM-L6-v2 pads to 128), which must not leak."""
+    vocab = {w: i for i, w in enumerate(WORDPIECE_SPECIALS + words)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
+    )
+    tok.decoder = tokenizers.decoders.WordPiece()
+    tok.add_special_tokens(WORDPIECE_SPECIALS)
+    if padding:
+        tok.enable_padding(length=12, pad_id=0, pad_token="[PAD]")
+        tok.enable_truncation(max_length=12)
+    return tok

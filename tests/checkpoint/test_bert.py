@@ -14,6 +14,7 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
+from hf_models import tiny_wordpiece as shared_tiny_wordpiece
 from lmlab.checkpoint.bert import (
     convert_bert_state_dict,
     load_hf_encoder,
@@ -117,19 +118,7 @@ def test_old_gamma_beta_names_and_the_bert_prefix_convert_alike():
 
 
 def tiny_wordpiece() -> tokenizers.Tokenizer:
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world", "the", "!", ","]
-    vocab = {w: i for i, w in enumerate(words + [f"w{i}" for i in range(89)])}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordPiece(vocab, unk_token="[UNK]"))
-    tok.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = tokenizers.processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
-    )
-    tok.decoder = tokenizers.decoders.WordPiece()
-    tok.add_special_tokens(words[:5])
-    return tok
+    return shared_tiny_wordpiece(["hello", "world", "the", "!", ","] + [f"w{i}" for i in range(89)])
 
 
 def write_folder(path, hf_model, pooling=None, normalize=False):

@@ -9,6 +9,7 @@ import tokenizers
 import torch
 import transformers
 
+from hf_models import tiny_wordpiece as shared_tiny_wordpiece
 from lmlab.data.corpus import load_corpus
 from lmlab.data.tokenizers import (
     BPETokenizer,
@@ -321,28 +322,10 @@ def test_load_tokenizer_malformed_file_names_it(tmp_path, content, match):
 
 # ---- Hugging Face tokenizers of other models (WordPiece) ---------------------------------
 
-WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
 
 def tiny_wordpiece(padding: bool = False) -> tokenizers.Tokenizer:
-    """A BERT-style WordPiece tokenizer: lowercasing, BERT pre-tokenizer, [CLS] ... [SEP]."""
-    words = WORDPIECE_SPECIALS + ["hello", "world", "un", "##aff", "##able", "!", ",", "the"]
-    words += ["a", "b", "##s", "日", "本"]
-    vocab = {w: i for i, w in enumerate(words)}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordPiece(vocab, unk_token="[UNK]"))
-    tok.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = tokenizers.processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
-    )
-    tok.decoder = tokenizers.decoders.WordPiece()
-    tok.add_special_tokens(WORDPIECE_SPECIALS)
-    if padding:  # as in many hub files (all-MiniLM-L6-v2 pads to 128): must not leak out
-        tok.enable_padding(length=12, pad_id=0, pad_token="[PAD]")
-        tok.enable_truncation(max_length=12)
-    return tok
+    words = ["hello", "world", "un", "##aff", "##able", "!", ",", "the", "a", "b", "##s"]
+    return shared_tiny_wordpiece(words + ["日", "本"], padding)
 
 
 WORDPIECE_TEXTS = ["Hello, world!", "unaffable", "HELLO the worlds", "日本 a b c", "", "[MASK] a"]
