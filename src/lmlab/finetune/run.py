@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, closest
 from lmlab.train import Supervised, TrainConfig, TrainResult, train
 
 METHODS = ("full", "kl", "lora", "qlora", "adapter", "bitfit")
@@ -52,6 +52,13 @@ class FinetuneResult:
     LoRA, merged), ready to generate."""
 
 
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ConfigError(
+            f"method={method!r} is not one of {', '.join(METHODS)}{closest(str(method), METHODS)}"
+        )
+
+
 def prepare_method(
     model: nn.Module,
     method: str,
@@ -63,8 +70,7 @@ def prepare_method(
     """Apply ``method`` to ``model`` in place (freezing what does not train) -> the model."""
     from lmlab.finetune import LoRAConfig, apply_adapters, apply_bitfit, apply_lora
 
-    if method not in METHODS:
-        raise ConfigError(f"method={method!r} is not one of {', '.join(METHODS)}")
+    _check_method(method)
     if method in ("full", "kl"):
         return model.requires_grad_(True)
     if method == "bitfit":
@@ -118,8 +124,7 @@ def finetune(
     from lmlab.finetune.sft import ExampleBatches, fixed_batches, kl_sft_loss, sft_loss
 
     config = config or TrainConfig(out_dir="runs/finetune", max_steps=200, lr=1e-4)
-    if method not in METHODS:
-        raise ConfigError(f"method={method!r} is not one of {', '.join(METHODS)}")
+    _check_method(method)
     lm = api.load(model, dtype="float32", keep_quantized=False)
     template = template_for(lm.tokenizer, lm.chat_template)
     examples = load_examples(data)

@@ -197,8 +197,9 @@ def train(
             },
         },
     )
-    run = _Run(model, optimizer, batches, guard, config, tokenizer, device, callbacks or ())
-    run.loss_of = loss_of
+    run = _Run(
+        model, optimizer, batches, loss_of, guard, config, tokenizer, device, callbacks or ()
+    )
     run.metrics = MetricsLog(out_dir / "metrics.jsonl")
     result = TrainResult(step=step)
     if resume_from is not None:
@@ -392,10 +393,13 @@ def _grad_norm(params: list[nn.Parameter], grad_clip: float | None) -> torch.Ten
 class _Run:
     """What saving, evaluating and logging share; the loop itself is in ``train``."""
 
-    def __init__(self, model, optimizer, batches, guard, config, tokenizer, device, callbacks):
+    def __init__(
+        self, model, optimizer, batches, loss_of, guard, config, tokenizer, device, callbacks
+    ):
         self.model = model
         self.optimizer = optimizer
         self.batches = batches
+        self.loss_of = loss_of  # (model, batch, autocast) -> (summed loss, tokens)
         self.guard = guard
         self.config = config
         self.tokenizer = tokenizer
