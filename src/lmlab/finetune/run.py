@@ -167,22 +167,20 @@ def finetune(
     if method in ("lora", "qlora"):
         done.adapter_dir = out / "adapter"
         save_adapter(net, done.adapter_dir)
-    if method != "lora":
-        lm.model = net.eval()
+    if method == "lora":
+        net = unload_lora(net, merge=True)
+    lm.model = net.eval()
     if method == "qlora":
         done.notes.append(
             "QLoRA's base is NF4: the adapter (adapter/) applies to the float model too; "
             "no merged float checkpoint is written"
         )
         return done
-    if method == "lora":
-        net = unload_lora(net, merge=True)
-    lm.model = net.eval()
     if method == "adapter":
         done.notes.append("adapters stay as modules; model/ is not written (use checkpoints/)")
         return done
     done.model_dir = out / "model"
-    save_checkpoint(done.model_dir, net.eval(), tokenizer=lm.tokenizer)
+    save_checkpoint(done.model_dir, net, tokenizer=lm.tokenizer)
     if lm.chat_template is not None:
         from lmlab.checkpoint.hf import save_chat_template
 
