@@ -420,7 +420,8 @@ def _check_against_model(
     model: nn.Module, state: dict[str, torch.Tensor], sources: dict[str, Path]
 ) -> None:
     """Every tensor the model needs has its shape, and a float dtype, in the files."""
-    _, expected = to_hf(model)
+    with torch.device("meta"):  # the HF names and shapes, without copying any weights
+        _, expected = to_hf(build_model(model_spec(model)))
     for name, want in expected.items():
         if name not in state:
             continue  # convert_hf_state_dict names what is missing
