@@ -1,3 +1,4 @@
+import copy
 import json
 
 import peft
@@ -14,7 +15,9 @@ from lmlab.finetune import (
     LoRALinear,
     apply_lora,
     describe_trainable,
+    disabled_lora,
     load_adapter,
+    lora_layers,
     lora_state_dict,
     merge_lora,
     save_adapter,
@@ -227,3 +230,22 @@ def test_lora_trains_with_dropout():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_disabled_lora_computes_the_base_model():
+    torch.manual_seed(0)
+    spec = {**get_preset("gpt-char-tiny"), "vocab_size": 65, "n_layers": 1}
+    base = build_model(spec).eval()
+    ids = torch.randint(0, 65, (2, 9))
+    expected = base(ids)
+    model = apply_lora(copy.deepcopy(base), LoRAConfig(r=4, alpha=8))
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B)  # a trained-looking update
+    assert not torch.allclose(model(ids), expected)
+    with disabled_lora(model):
+        torch.testing.assert_close(model(ids), expected, rtol=0, atol=0)
+    assert not torch.allclose(model(ids), expected)  # back on after the block
+    merge_lora(model)
+    with pytest.raises(ConfigError, match="unmerge_lora"):
+        with disabled_lora(model):
+            pass

@@ -28,11 +28,13 @@ peft's LoRA on a transformers Llama holding the same weights (copied by
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +106,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and peft
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.disabled = False  # set by ``disabled_lora``: the base layer alone
 
     def delta_weight(self) -> torch.Tensor:
         """The update to the weight, (alpha / r) B A: [out, in]."""
@@ -111,7 +114,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # (.., out)
-        if self.merged:
+        if self.merged or self.disabled:
             return y
         h = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)  # (.., r)
         return y + (F.linear(h, self.lora_B) * self.scaling).to(y.dtype)
@@ -210,6 +213,30 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     for layer in lora_layers(model).values():
         layer.unmerge()
     return model
+
+
+@contextlib.contextmanager
+def disabled_lora(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, ``model`` computes its base model alone (every update off).
+
+    The frozen reference of DPO and PPO for free: policy = base + adapter, reference =
+    the same module with the adapter disabled, so no second copy of the weights.
+
+        >>> with disabled_lora(policy):
+        ...     ref_logits = policy(ids)
+
+    Raises ConfigError if an update is merged (the base weight then holds it).
+    """
+    layers = list(lora_layers(model).values())
+    if any(layer.merged for layer in layers):
+        raise ConfigError("cannot disable LoRA while it is merged; call unmerge_lora first")
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
 
 
 def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
