@@ -146,7 +146,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     and ``DataError`` naming ``file:line`` for an empty file, a blank line, invalid JSON or
     a line that is not an object.
     """
-    return [row for _, row in _read_rows(path)]
+    return [row for _, row in read_rows(path)]
 
 
 def load_examples(path: str | os.PathLike) -> list[Example]:
@@ -158,7 +158,7 @@ def load_examples(path: str | os.PathLike) -> list[Example]:
     Each line's shape is detected on its own, so one file may mix both. Errors name
     ``file:line`` and what was expected.
     """
-    return [example_from_row(row, where) for where, row in _read_rows(path)]
+    return [example_from_row(row, where) for where, row in read_rows(path)]
 
 
 def example_from_row(row: Mapping[str, Any], where: str = "") -> Example:
@@ -190,16 +190,22 @@ def example_from_row(row: Mapping[str, Any], where: str = "") -> Example:
     raise DataError(f"{where}: {EXPECTED_SHAPES}; the line has keys {sorted(row)}")
 
 
-def _read_rows(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
-    """(``"file:line"``, object) for every line of a JSONL file or folder of them."""
+def read_rows(
+    path: str | os.PathLike, what: str = "instruction data", expected: str = EXPECTED_SHAPES
+) -> list[tuple[str, dict[str, Any]]]:
+    """(``"file:line"``, object) for every line of a JSONL file or folder of them.
+
+    ``what`` names the data in errors ("instruction data", "preference data", ...) and
+    ``expected`` says which fields a line should hold.
+    """
     path = Path(path)
     if not path.exists():
-        raise DataNotFoundError(f"instruction data {str(path)!r} does not exist")
+        raise DataNotFoundError(f"{what} {str(path)!r} does not exist")
     if path.is_dir():
         files = sorted(p for p in path.glob("*.jsonl") if p.is_file())
         if not files:
             raise DataNotFoundError(f"folder {str(path)!r} holds no .jsonl files")
-        return [row for file in files for row in _read_rows(file)]
+        return [row for file in files for row in read_rows(file, what, expected)]
     data = path.read_bytes()
     if not data.strip():
         raise DataError(f"{path}: the file is empty; expected one JSON object per line")
@@ -221,8 +227,7 @@ def _read_rows(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
             raise DataError(f"{where}: invalid JSON: {e}") from e
         if not isinstance(row, dict):
             raise DataError(
-                f"{where}: a line must hold a JSON object, got {type(row).__name__}; "
-                f"{EXPECTED_SHAPES}"
+                f"{where}: a line must hold a JSON object, got {type(row).__name__}; {expected}"
             )
         rows.append((where, row))
     return rows

@@ -1,0 +1,1 @@
+"""Preference tuning: reward models, DPO/IPO and PPO-based RLHF."""
