@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmlab.data.instructions import IGNORE, EncodedExample, collate
+from lmlab.data.instructions import IGNORE, EncodedExample, collate, pack
 from lmlab.errors import DataError
 from lmlab.finetune.sft import ExampleBatches, fixed_batches, kl_sft_loss, sft_loss
 from lmlab.models import build_model
@@ -51,6 +51,19 @@ def test_sft_loss_is_cross_entropy_on_labelled_tokens_only():
                 n += 1
     assert int(count) == n == 8  # two response tokens per example
     assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_packed_batch_has_the_loss_of_its_examples_alone():
+    """pack() puts several examples in a row; with segments each attends only to itself
+    and restarts its positions, so the summed loss and the count equal the unpacked ones."""
+    model = tiny_model().eval()
+    examples = toy_examples(6)
+    packed = pack(examples, seq_len=16)
+    assert len(packed) < len(examples)
+    loose, n_loose = sft_loss(model, collate(examples, pad_id=0), NO_AUTOCAST)
+    tight, n_tight = sft_loss(model, collate(packed, pad_id=0), NO_AUTOCAST)
+    assert int(n_tight) == int(n_loose)
+    assert tight.item() == pytest.approx(loose.item(), rel=1e-5)
 
 
 def test_a_batch_with_nothing_to_learn_is_an_error_not_a_zero_loss():

@@ -201,3 +201,27 @@ def test_empty_build_has_the_same_structure_and_keeps_ties():
     empty.load_state_dict(full.state_dict())
     ids = torch.randint(0, 50, (1, 8))
     torch.testing.assert_close(empty.eval()(ids), full.eval()(ids), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("preset", ["gpt-char-tiny", "llama-small"])
+def test_packed_row_with_segments_equals_its_examples_alone(preset):
+    torch.manual_seed(0)
+    spec = {**get_preset(preset), "vocab_size": 50, "n_layers": 2, "dropout": 0.0}
+    model = build_model(spec).eval()
+    a, b = torch.randint(0, 50, (1, 5)), torch.randint(0, 50, (1, 3))
+    packed = torch.cat([a, b, torch.zeros(1, 2, dtype=torch.long)], dim=1)  # 2 padding
+    segments = torch.tensor([[1] * 5 + [2] * 3 + [0] * 2])
+    out = model(packed, segments=segments)
+    torch.testing.assert_close(out[:, :5], model(a), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:, 5:8], model(b), rtol=1e-5, atol=1e-5)
+    plain = model(packed)  # without segments the second example sees the first
+    assert not torch.allclose(plain[:, 5:8], model(b), atol=1e-3)
+    with pytest.raises(ConfigError, match="segments"):
+        model(packed, mask=segments > 0, segments=segments)
+
+
+def test_segment_positions_restart_at_each_example():
+    from lmlab.models.layers import segment_positions
+
+    got = segment_positions(torch.tensor([[1, 1, 2, 2, 2, 0], [1, 2, 3, 3, 0, 0]]))
+    assert got.tolist() == [[0, 1, 0, 1, 2, 0], [0, 0, 0, 1, 0, 1]]

@@ -77,19 +77,25 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint directory at ``path`` atomically and return its path.
 
-    ``model`` must be a registered lmlab family (its spec goes into config.json).
+    ``model`` must be a registered lmlab family (its spec goes into config.json), possibly
+    under PEFT (LoRA, adapters, a soft prompt or prefix: ``lmlab.finetune.peft``), which
+    config.json then describes under ``"peft"`` so that ``load_model`` rebuilds it.
     ``tokenizer``, if given, is saved with its ``save(directory)`` method and summarised by
     ``to_config()`` when it has one. ``train_state`` must hold only tensors, numbers,
     strings, bools, None, lists, tuples and dicts (it is loaded with ``weights_only=True``).
     ``extra_config`` entries are added at the top level of config.json. An existing
     checkpoint at ``path`` is replaced.
     """
+    from lmlab.finetune.peft import base_model, peft_spec
+
     path = Path(path)
     config = {
-        "model": model_spec(model),
+        "model": model_spec(base_model(model)),
         "tokenizer": _tokenizer_config(tokenizer),
         **(extra_config or {}),
     }
+    if peft := peft_spec(model):
+        config["peft"] = peft
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -303,6 +309,10 @@ def load_model(
         raise CheckpointError(
             f"{str(ckpt / CONFIG_FILE)!r}: cannot build the model from its spec: {e}"
         ) from e
+    if config.get("peft"):
+        from lmlab.finetune.peft import apply_peft
+
+        model = apply_peft(model, config["peft"], where=str(ckpt / CONFIG_FILE))
     if dtype is None:
         dtype = _saved_float_dtype(ckpt / WEIGHTS_FILE)
     if dtype is not None:

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 from lmlab.data.chat import ChatTemplate, check_messages
 from lmlab.errors import ConfigError, DataError, DataNotFoundError
+from lmlab.models.layers import segment_mask  # noqa: F401  (re-exported beside pack)
 
 IGNORE = -100
 """The label of a token the loss skips (PyTorch's ``cross_entropy`` ``ignore_index``)."""
@@ -517,22 +518,6 @@ def collate(examples: Sequence[EncodedExample], pad_id: int = 0) -> dict[str, to
         "segments": segments,
         "positions": positions,
     }
-
-
-def segment_mask(segments: torch.Tensor) -> torch.Tensor:
-    """Attention mask [B, 1, T, T] bool (True: may attend) from ``segments`` [B, T]:
-    causal, and only within the same packed example (padding, segment 0, sees itself
-    only, so no row of the mask is empty).
-
-        segments [[1, 1, 2]] -> [[1, 0, 0],
-                                 [1, 1, 0],
-                                 [0, 0, 1]]
-    """
-    T = segments.shape[-1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
-    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
-    own = torch.eye(T, dtype=torch.bool, device=segments.device)
-    return ((same & causal) | own)[:, None]  # (B, 1, T, T)
 
 
 def split_examples(

@@ -30,7 +30,8 @@ from torch import nn
 from lmlab.errors import ConfigError, closest
 from lmlab.train import Supervised, TrainConfig, TrainResult, train
 
-METHODS = ("full", "kl", "lora", "qlora", "adapter", "bitfit")
+METHODS = ("full", "kl", "lora", "qlora", "adapter", "prompt", "prefix", "bitfit", "selective")
+_WRAPPING = ("prompt", "prefix")  # methods that wrap the model (no packed rows)
 
 
 @dataclass
@@ -66,15 +67,35 @@ def prepare_method(
     lora_alpha: float = 16.0,
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
     bottleneck: int = 64,
+    n_virtual: int = 20,
+    prompt_init: list[int] | None = None,
+    select: tuple[str, ...] = ("*norm*",),
 ) -> nn.Module:
-    """Apply ``method`` to ``model`` in place (freezing what does not train) -> the model."""
-    from lmlab.finetune import LoRAConfig, apply_adapters, apply_bitfit, apply_lora
+    """Apply ``method`` to ``model`` (freezing what does not train) -> the model to train:
+    ``model`` itself changed in place, or a soft-prompt wrapper around it (prompt, prefix).
+    """
+    from lmlab.finetune import (
+        LoRAConfig,
+        PrefixTuning,
+        PromptTuning,
+        apply_adapters,
+        apply_bitfit,
+        apply_lora,
+        apply_selective,
+    )
 
     _check_method(method)
     if method in ("full", "kl"):
         return model.requires_grad_(True)
     if method == "bitfit":
         return apply_bitfit(model)
+    if method == "selective":
+        return apply_selective(model, select)
+    if method == "prompt":
+        n = None if prompt_init else n_virtual
+        return PromptTuning(model, n_tokens=n, init_ids=prompt_init)
+    if method == "prefix":
+        return PrefixTuning(model, n_tokens=n_virtual)
     if method == "adapter":
         return apply_adapters(model, bottleneck=bottleneck)
     if method == "qlora":
@@ -87,15 +108,21 @@ def prepare_method(
 def finetune(
     model: str = "smollm2",
     data: str = "train.jsonl",
-    method: Literal["full", "kl", "lora", "qlora", "adapter", "bitfit"] = "lora",
+    method: Literal[
+        "full", "kl", "lora", "qlora", "adapter", "prompt", "prefix", "bitfit", "selective"
+    ] = "lora",
     val_data: str | None = None,
     val_fraction: float = 0.1,
     max_len: int = 256,
+    pack: bool = False,
     beta: float = 0.1,
     lora_r: int = 8,
     lora_alpha: float = 16.0,
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
     bottleneck: int = 64,
+    n_virtual: int = 20,
+    prompt_init: str | None = None,
+    select: tuple[str, ...] = ("*norm*",),
     config: TrainConfig | None = None,
 ) -> FinetuneResult:
     """Fine-tune a model on instruction data (Alpaca or chat JSONL).
@@ -103,13 +130,22 @@ def finetune(
     Args:
         model: anything ``lmlab.load`` takes (a checkpoint, an HF folder, "smollm2").
         data: a JSONL file (or a folder of them): Alpaca rows or chat ``messages``.
-        method: full, kl, lora, qlora, adapter or bitfit.
+        method: full, kl (KL-regularised), lora, qlora, adapter (Houlsby), prompt (soft
+            prompt), prefix (per-layer key/value prefix), bitfit (biases) or selective
+            (the parameters matching ``select``).
         val_data: held-out JSONL; without it, ``val_fraction`` of ``data`` is held out.
         max_len: examples are cut to this many tokens (an example left with no response
             token is skipped with a warning).
+        pack: pack short training examples into rows of up to ``max_len`` tokens (fewer
+            padding tokens, so faster epochs); each example still attends only to itself
+            and positions restart at each (transformers only).
         beta: the KL weight of method "kl".
         lora_r, lora_alpha, lora_targets: LoRA's rank, scale and target layers.
         bottleneck: the adapters' hidden width.
+        n_virtual: number of soft-prompt tokens (prompt) or prefix slots (prefix).
+        prompt_init: text whose token embeddings start the soft prompt (prompt; its
+            length then sets the number of virtual tokens); None: random vocabulary rows.
+        select: glob patterns of the parameters that train (selective), e.g. "*norm*".
         config: the trainer's settings (out_dir, max_steps, lr, batch_size, ...).
     """
     from lmlab import api
@@ -133,12 +169,30 @@ def finetune(
     else:
         train_examples, val_examples, _ = split_examples(examples, val_fraction, 0.0, config.seed)
     train_enc, skipped = encode_dataset(train_examples, lm.tokenizer, template, max_len)
+    if pack:
+        from lmlab.data.instructions import pack as pack_examples
+        from lmlab.models.transformer import Transformer
+
+        if method in _WRAPPING:
+            raise ConfigError(
+                f"pack=True does not combine with method={method!r} (the soft prompt would "
+                "precede only the first packed example); use pack=False"
+            )
+        if not isinstance(lm.model, Transformer):
+            raise ConfigError(
+                f"pack=True needs a transformer (it masks attention between packed examples); "
+                f"{type(lm.model).__name__} cannot: use pack=False"
+            )
+        train_enc = pack_examples(train_enc, max_len)
     val_enc, val_skipped = encode_dataset(val_examples, lm.tokenizer, template, max_len)
     pad_id = lm.tokenizer.eos_id if lm.tokenizer.eos_id is not None else 0
 
     net = lm.model.train()
     reference = copy.deepcopy(net).eval() if method == "kl" else None
-    net = prepare_method(net, method, lora_r, lora_alpha, lora_targets, bottleneck)
+    init_ids = lm.tokenizer.encode(prompt_init) if prompt_init else None
+    net = prepare_method(
+        net, method, lora_r, lora_alpha, lora_targets, bottleneck, n_virtual, init_ids, select
+    )
     trainable, total, _ = trainable_parameters(net)
     loss = kl_sft_loss(reference, beta) if method == "kl" else sft_loss
     data_source = Supervised(
@@ -175,9 +229,6 @@ def finetune(
             "QLoRA's base is NF4: the adapter (adapter/) applies to the float model too; "
             "no merged float checkpoint is written"
         )
-        return done
-    if method == "adapter":
-        done.notes.append("adapters stay as modules; model/ is not written (use checkpoints/)")
         return done
     done.model_dir = out / "model"
     save_checkpoint(done.model_dir, net, tokenizer=lm.tokenizer)

@@ -80,9 +80,17 @@ def fixed_batches(
 
 
 def _shifted(model: nn.Module, batch: dict[str, torch.Tensor], autocast):
-    """Float32 logits [B, T-1, V] at the positions that predict, and their labels [B, T-1]."""
+    """Float32 logits [B, T-1, V] at the positions that predict, and their labels [B, T-1].
+
+    A batch of packed rows (``segments`` numbering more than one example in a row) runs
+    with the segments, so no example attends to another (transformers only).
+    """
+    packed = "segments" in batch and int(batch["segments"].max()) > 1
     with autocast():
-        logits = model(batch["ids"])  # (B, T, V)
+        if packed:
+            logits = model(batch["ids"], segments=batch["segments"])  # (B, T, V)
+        else:
+            logits = model(batch["ids"])  # (B, T, V)
     return logits[:, :-1].float(), batch["labels"][:, 1:]
 
 

@@ -37,3 +37,32 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """Attention mask [B, 1, T, T] bool (True: may attend) from ``segments`` [B, T]:
+    causal, and only within the same packed example (padding, segment 0, sees itself
+    only, so no row of the mask is empty).
+
+        segments [[1, 1, 2]] -> [[1, 0, 0],
+                                 [1, 1, 0],
+                                 [0, 0, 1]]
+    """
+    T = segments.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    own = torch.eye(T, dtype=torch.bool, device=segments.device)
+    return ((same & causal) | own)[:, None]  # (B, 1, T, T)
+
+
+def segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """Positions [B, T] int64 that restart at 0 where each packed example starts.
+
+    segments [[1, 1, 2, 2, 2, 0]] -> [[0, 1, 0, 1, 2, 0]]
+    """
+    B, T = segments.shape
+    index = torch.arange(T, device=segments.device).expand(B, T)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.where(starts, index, 0).cummax(dim=1).values  # (B, T) start of each run
+    return index - first

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.errors import ConfigError
-from lmlab.models.layers import HookPoint, RMSNorm
+from lmlab.models.layers import HookPoint, RMSNorm, segment_mask, segment_positions
 from lmlab.models.registry import register_family
 
 
@@ -341,12 +341,18 @@ class Transformer(nn.Module):
         ids: torch.Tensor,
         cache: KVCache | None = None,
         mask: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """ids: [B, T] int64; mask: [B, T] bool, False on left padding; -> logits [B, T, V].
 
         With a cache, ``ids`` continue the sequences it holds, and the cache is updated.
+        ``segments`` [B, T] int64 number the examples packed into each row (from 1; 0 on
+        padding): each token then attends only within its own example and positions
+        restart at each, so a packed row computes what its examples would alone.
         """
         B, T = ids.shape
+        if segments is not None and (cache is not None or mask is not None):
+            raise ConfigError("segments (packed training rows) take no cache and no mask")
         start = cache.length if cache is not None else 0
         limit = cache.max_len if cache is not None else self.config.max_seq_len
         if start + T > limit:
@@ -354,7 +360,10 @@ class Transformer(nn.Module):
                 f"sequence of {start + T} tokens exceeds the "
                 f"{'cache size' if cache is not None else 'context window (max_seq_len)'} {limit}"
             )
-        positions, attn_mask = self._positions_and_mask(ids, cache, mask)
+        if segments is not None:
+            positions, attn_mask = segment_positions(segments), segment_mask(segments)
+        else:
+            positions, attn_mask = self._positions_and_mask(ids, cache, mask)
         x = self.hook_embed(self.tok_emb(ids))  # (B, T, D)
         rope = None
         if self.pos_emb is not None:

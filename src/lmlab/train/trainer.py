@@ -53,6 +53,7 @@ from lmlab.checkpoint.io import (
 )
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.fileio import atomic_write_json
+from lmlab.finetune.peft import base_model
 from lmlab.models import model_spec
 from lmlab.train.batches import Tokens, TrainBatches, fixed_batches
 from lmlab.train.config import TrainConfig
@@ -94,7 +95,9 @@ class Supervised:
     ``batches``: ``next_batch()`` -> a dict of CPU tensors; ``state_dict()`` and
     ``load_state_dict()`` (checkpoints store the position, so resume stays exact).
     ``loss(model, batch, autocast, keep=1.0) -> (summed loss, number of tokens)`` with the
-    batch on the model's device; the trainer divides, and sums both for validation.
+    batch on the model's device; the trainer divides, and sums both for validation. A
+    loss with a ``metrics(training: bool) -> dict[str, float]`` method adds those numbers
+    to the logged ``train`` and ``eval`` events (DPO's rewards and accuracy).
     ``val``: fixed validation batches, or None.
     """
 
@@ -128,7 +131,7 @@ def train(
     may be half-updated) and the previous checkpoint stays the newest.
     """
     out_dir = Path(config.out_dir)
-    spec = model_spec(model)  # fails early for a model that could not be checkpointed
+    spec = model_spec(base_model(model))  # fails early for a model that cannot be saved
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters")
@@ -294,6 +297,7 @@ def train(
                         "tokens": tokens_seen,
                         "tokens_per_s": rate,
                         "elapsed_s": now - t_start,
+                        **_loss_metrics(loss_of, training=True),
                     }
                 )
                 bar.set_postfix(
@@ -370,6 +374,17 @@ def _accumulate_gradients(
     return (total / grad_accum if grad_accum > 1 else total), counted
 
 
+def _loss_metrics(loss_of, training: bool) -> dict[str, float]:
+    """Extra numbers a supervised loss reports (DPO's rewards, margins, accuracy), if any.
+
+    A loss object with a ``metrics(training)`` method returns the means of what it saw
+    since its last call, over training or over evaluation batches; they go into the
+    step's ``train`` event (and, prefixed ``val_``, into the ``eval`` event).
+    """
+    metrics = getattr(loss_of, "metrics", None)
+    return dict(metrics(training)) if callable(metrics) else {}
+
+
 def _to_device(batch, device):
     """A tensor, or a dict of tensors (supervised batches), on ``device``."""
     if isinstance(batch, dict):
@@ -434,6 +449,7 @@ class _Run:
                 "val_loss": val_loss,
                 "val_ppl": ppl,
                 "elapsed_s": elapsed,
+                **{f"val_{k}": v for k, v in _loss_metrics(self.loss_of, training=False).items()},
             }
         )
         return val_loss
