@@ -1,16 +1,28 @@
+import csv
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from lmlab.api import LM
+from lmlab.data import ByteTokenizer, CharTokenizer, train_tokenizer
 from lmlab.errors import ConfigError
-from lmlab.eval.perplexity import perplexity, token_nll
+from lmlab.eval.perplexity import (
+    CSV_COLUMNS,
+    Surprisal,
+    bits_per_byte,
+    bits_per_character,
+    perplexity,
+    plot_surprisal,
+    surprisal,
+    token_nll,
+)
 from lmlab.models import build_model, get_preset
 
 
-def tiny_model(max_seq_len=16):
-    spec = {**get_preset("gpt-char-tiny"), "vocab_size": 30, "d_model": 32, "n_layers": 2}
+def tiny_model(max_seq_len=16, vocab_size=30):
+    spec = {**get_preset("gpt-char-tiny"), "vocab_size": vocab_size, "d_model": 32, "n_layers": 2}
     return build_model({**spec, "n_heads": 2, "d_ff": 64, "max_seq_len": max_seq_len}).eval()
 
 
@@ -77,3 +89,106 @@ def test_context_scores_unbounded_models_in_training_windows():
         ]
     )
     torch.testing.assert_close(got, expected)
+
+
+# ----------------------------------------------------------------------------- text surprisal
+
+TEXT = 'Café "au lait", naïve\nrésumé; déjà vu.'  # 38 characters, 44 UTF-8 bytes
+
+
+def char_lm(max_seq_len=16):
+    tok = CharTokenizer.train(TEXT)
+    return LM(tiny_model(max_seq_len, tok.vocab_size), tok)
+
+
+@pytest.mark.parametrize("stride", [None, 5])
+def test_bits_per_byte_and_character_equal_summed_token_nll(stride):
+    """Without a prefix the first character "C" is context: the counted span is TEXT[1:],
+    37 characters and 43 bytes (é, ï, é, é, à take two bytes each)."""
+    lm = char_lm()
+    nll = token_nll(lm.model, lm.tokenizer.encode(TEXT), stride)  # [37]; longer than context
+    bits = nll.double().sum().item() / math.log(2)
+    assert (len(TEXT[1:]), len(TEXT[1:].encode())) == (37, 43)
+    assert bits_per_byte(lm, TEXT, stride) == pytest.approx(bits / 43, rel=1e-6)
+    assert bits_per_character(lm, TEXT, stride) == pytest.approx(bits / 37, rel=1e-6)
+    s = surprisal(lm, TEXT, stride)
+    assert (s.scored_from, s.n_bytes, s.n_characters) == (1, 43, 37)
+    assert s.perplexity == pytest.approx(perplexity(lm.model, lm.tokenizer.encode(TEXT), stride))
+
+
+def test_prefix_id_scores_every_token_and_counts_the_whole_text():
+    lm = char_lm(max_seq_len=64)
+    ids = lm.tokenizer.encode(TEXT)
+    prefix = lm.tokenizer.encode("\n")[0]
+    nll = token_nll(lm.model, [prefix, *ids])  # [38]: every character of TEXT
+    s = surprisal(lm, TEXT, prefix_id=prefix)
+    assert s.scored_from == 0 and [t.position for t in s.tokens] == list(range(38))
+    expected = nll.double().sum().item() / math.log(2)
+    assert s.bits_per_byte == pytest.approx(expected / 44, rel=1e-6)
+    assert bits_per_character(lm, TEXT, prefix_id=prefix) == pytest.approx(expected / 38, rel=1e-6)
+
+
+def test_byte_tokenizer_keeps_a_split_first_character_as_context():
+    """ "é ok" is bytes [195, 169, 32, 111, 107]: both bytes of "é" are context, so the
+    scored tokens are " ok" (3 bytes, 3 characters) and token_nll's first value (byte 169
+    given 195) is not counted."""
+    lm = LM(tiny_model(16, 256), ByteTokenizer())
+    s = surprisal(lm, "é ok")
+    nll = token_nll(lm.model, [195, 169, 32, 111, 107])
+    assert [t.position for t in s.tokens] == [2, 3, 4] and s.scored_from == 1
+    assert s.bits_per_byte == pytest.approx(nll[1:].sum().item() / math.log(2) / 3, rel=1e-6)
+    # spans: the two bytes of a character share it
+    s = surprisal(lm, "aé!")
+    assert [(t.id, t.start, t.end) for t in s.tokens] == [(195, 1, 2), (169, 1, 2), (33, 2, 3)]
+    assert s.n_bytes == 3 and s.n_characters == 2
+
+
+def test_bpe_spans_cover_the_text():
+    text = "the theory of the thing: thirty three thrones. " * 4
+    tok = train_tokenizer("bpe", text, vocab_size=300)
+    lm = LM(tiny_model(64, tok.vocab_size), tok)
+    s = surprisal(lm, text, prefix_id=tok.eos_id)
+    assert len(s.tokens) == len(tok.encode(text)) < len(text)  # merges happened
+    assert "".join(text[t.start : t.end] for t in s.tokens) == text
+    assert all(text[t.start : t.end] == t.token for t in s.tokens)
+
+
+def test_surprisal_records_hold_ids_tokens_and_units():
+    lm = char_lm(max_seq_len=64)
+    s = surprisal(lm, TEXT)
+    ids = lm.tokenizer.encode(TEXT)
+    nll = token_nll(lm.model, ids)
+    assert s.text == TEXT and len(s.tokens) == 37
+    for i, t in enumerate(s.tokens, start=1):
+        assert (t.position, t.id, t.token) == (i, ids[i], TEXT[i])
+        assert (t.start, t.end) == (i, i + 1)
+        assert t.nats == pytest.approx(nll[i - 1].item()) and t.bits == t.nats / math.log(2)
+
+
+def test_surprisal_export_round_trips(tmp_path):
+    lm = char_lm(max_seq_len=64)
+    s = surprisal(lm, TEXT)
+    s.to_json(tmp_path / "s.json")
+    assert Surprisal.from_json(tmp_path / "s.json") == s  # floats and text exactly
+    s.to_csv(tmp_path / "s.csv")
+    with open(tmp_path / "s.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == CSV_COLUMNS
+    assert [r["token"] for r in rows] == list(TEXT[1:])  # quotes, commas, newline survive
+    assert [float(r["nats"]) for r in rows] == [t.nats for t in s.tokens]
+    assert [float(r["bits"]) for r in rows] == [t.bits for t in s.tokens]
+    assert [(int(r["id"]), int(r["start"])) for r in rows] == [(t.id, t.start) for t in s.tokens]
+    plot_surprisal(s, tmp_path / "s.png")
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_surprisal_bad_input_is_a_clear_error():
+    lm = char_lm()
+    with pytest.raises(ConfigError, match="single token"):
+        surprisal(lm, "C")
+    with pytest.raises(ConfigError, match="empty"):
+        surprisal(lm, "")
+    with pytest.raises(ConfigError, match="prefix_id=99"):
+        surprisal(lm, TEXT, prefix_id=99)
+    with pytest.raises(ConfigError, match="all context"):
+        surprisal(LM(tiny_model(16, 256), ByteTokenizer()), "é")
