@@ -255,3 +255,27 @@ metric_list:
     assert got["acc,none"] == pytest.approx(ours.scores()["acc"])
     assert got["acc_norm,none"] == pytest.approx(ours.scores()["acc_norm"])
     assert got["acc_stderr,none"] == pytest.approx(ours.scores()["acc_stderr"])
+
+
+def test_items_a_character_vocabulary_cannot_encode_are_skipped_and_counted():
+    from lmlab.api import LM
+    from lmlab.data.tokenizers import CharTokenizer
+    from lmlab.errors import DataError
+    from lmlab.eval.tasks import ChoiceItem, ChoiceTask
+    from lmlab.models import build_model, get_preset
+
+    chars = "QuestionAnswer:? \nabcdxyz"
+    torch.manual_seed(0)
+    model = build_model(
+        {**get_preset("gpt-char-tiny"), "vocab_size": len(set(chars)), "n_layers": 1}
+    )
+    lm = LM(model, CharTokenizer("".join(sorted(set(chars)))))
+    items = [
+        ChoiceItem("abc", ["x", "y"], 0, id="ok"),
+        ChoiceItem("1 + 1", ["2", "3"], 0, id="digits"),
+    ]
+    result = evaluate_choice(lm, ChoiceTask("mixed", tuple(items)), progress=False)
+    assert result.n == 1 and len(result.skipped) == 1 and result.skipped[0].startswith("digits:")
+    assert "1 items skipped" in result.summary() and result.to_dict()["skipped"] == result.skipped
+    with pytest.raises(DataError, match="encodes none of its 1 items"):
+        evaluate_choice(lm, ChoiceTask("digits", tuple(items[1:])), progress=False)

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, DataError
 from lmlab.eval.scoring import score_continuations
 from lmlab.eval.tasks import ChoiceItem, ChoiceTask
 
@@ -144,6 +144,9 @@ class ChoiceResult:
     num_fewshot: int
     seed: int
     items: list[ItemResult] = field(repr=False)
+    skipped: list[str] = field(default_factory=list)
+    """Items the tokenizer cannot encode (e.g. a digit under a Shakespeare character
+    vocabulary), each as "id: reason"; they count in no score."""
 
     @property
     def n(self) -> int:
@@ -180,6 +183,7 @@ class ChoiceResult:
             f"{self.task} ({self.num_fewshot}-shot, n={self.n}): "
             f"acc {s['acc']:.3f} ± {s['acc_stderr']:.3f}, acc_norm {s['acc_norm']:.3f}, "
             f"acc_bytes {s['acc_bytes']:.3f}, acc_tokens {s['acc_tokens']:.3f}"
+            + (f" ({len(self.skipped)} items skipped: not encodable)" if self.skipped else "")
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -191,6 +195,7 @@ class ChoiceResult:
             "num_fewshot": self.num_fewshot,
             "seed": self.seed,
             "n": self.n,
+            "skipped": list(self.skipped),
             "scores": {k: clean(v) for k, v in self.scores().items()},
             "by_subject": {
                 s: {k: clean(v) for k, v in d.items()} for s, d in self.by_subject().items()
@@ -224,17 +229,34 @@ def evaluate_choice(
     progress: bool = True,
 ) -> ChoiceResult:
     """Score every choice of the first ``limit`` items (all when None) of ``task`` with
-    ``lm`` (an ``lmlab.LM``: ``.model`` and ``.tokenizer``) -> ``ChoiceResult``."""
+    ``lm`` (an ``lmlab.LM``: ``.model`` and ``.tokenizer``) -> ``ChoiceResult``.
+
+    An item whose prompt or choices the tokenizer cannot encode (a character outside a
+    character vocabulary) is skipped and listed in ``skipped``; if none is left, DataError.
+    """
     if limit is not None and limit < 1:
         raise ConfigError(f"limit={limit} is invalid: must be >= 1 or None")
-    items = task.items[:limit] if limit is not None else task.items
-    prompts, requests, spans = [], [], []
-    for i, item in enumerate(items):
+    chosen = task.items[:limit] if limit is not None else task.items
+    encode = getattr(getattr(lm, "tokenizer", None), "encode", len)  # len: nothing to check
+    prompts, requests, spans, items, skipped = [], [], [], [], []
+    for i, item in enumerate(chosen):
         prompt = build_prompt(task, item, fewshot_examples(task, i, num_fewshot, seed))
+        try:
+            for continuation in task.prompt.continuations(item):
+                encode(prompt + continuation)
+        except DataError as e:
+            skipped.append(f"{item.id if item.id is not None else i}: {e}")
+            continue
+        items.append(item)
         start = len(requests)
         requests += [(prompt, c) for c in task.prompt.continuations(item)]
         prompts.append(prompt)
         spans.append((start, len(requests)))
+    if not items:
+        raise DataError(
+            f"task {task.name!r}: the tokenizer encodes none of its {len(chosen)} items; "
+            f"first: {skipped[0]}"
+        )
     scored = score_continuations(lm, requests, batch_size=batch_size, progress=progress)
     results = []
     for item, prompt, (a, b) in zip(items, prompts, spans):
@@ -260,4 +282,4 @@ def evaluate_choice(
                 prompt=prompt,
             )
         )
-    return ChoiceResult(task.name, num_fewshot, seed, results)
+    return ChoiceResult(task.name, num_fewshot, seed, results, skipped)
