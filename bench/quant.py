@@ -37,15 +37,26 @@ Reading it:
   layer of that file is Q4_1: groups of 32 on a 16-level min/max grid, which int4 with
   groups of 32 represents again almost exactly (0.4% relative weight error on the layers
   checked, bf16 scale and zero; NF4 gives 9-10% on the same matrices). So int4's +0.05%
-  flatters it, and NF4's +25% is measured against a grid it does not share. Compare the
-  formats on weights that were never quantized (a Hugging Face bf16 checkpoint) before
-  drawing conclusions about them;
+  flatters it, and NF4's +25% is measured against a grid it does not share. On weights
+  that were never quantized the two formats come close (below);
 - int4's RSS exceeds int8's: ``Int4Linear`` keeps the kernel's repacked copy of its
   weight beside the saved one;
 - NF4 has no fused CPU kernel: each forward dequantizes the whole weight, hence its slow
   decoding. It is meant as QLoRA's frozen base, where training steps dominate.
 
-Usage: python bench/quant.py [--tokens 1024] [--new-tokens 64] [--rows fp32,bf16,...]
+On weights that were never quantized: the character-level GPT (1.8M parameters) that
+``lmlab compare --budget 3m`` trained in float32 (``--model runs/compare-3m/gpt --threads 1
+--tokens 4096``; 20 s on a busy machine, so the tok/s column is only indicative):
+
+| weights | weights MB | perplexity | vs fp32 | decode tok/s |
+|---|---:|---:|---:|---:|
+| fp32 | 7.3 | 5.814 | +0.00% | 302.9 |
+| bf16 | 3.6 | 5.814 | +0.00% | 301.6 |
+| int8 | 1.9 | 5.816 | +0.03% | 361.8 |
+| int4 | 1.2 | 5.843 | +0.50% | 563.4 |
+| nf4 | 1.0 | 5.855 | +0.70% | 114.2 |
+
+Usage: python bench/quant.py [--model smollm2|CHECKPOINT] [--tokens 1024] [--new-tokens 64] [--rows fp32,bf16,...]
 """
 
 from __future__ import annotations
@@ -71,7 +82,7 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def row(name: str, tokens: int, new_tokens: int, threads: int) -> dict:
+def row(name: str, tokens: int, new_tokens: int, threads: int, source: str = "smollm2") -> dict:
     """Build one row's model, then measure it; runs in its own process."""
     import torch
 
@@ -85,7 +96,7 @@ def row(name: str, tokens: int, new_tokens: int, threads: int) -> dict:
     from lmlab.generate import SamplingParams, generate_ids
     from lmlab.quant import model_size_bytes, quantize_model, save_quantized
 
-    lm = lmlab.load("smollm2", dtype="float32", keep_quantized=False)
+    lm = lmlab.load(source, dtype="float32", keep_quantized=False)
     model = lm.model
     t0 = time.perf_counter()
     if name == "bf16":
@@ -155,15 +166,22 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="decoded tokens")
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument(
+        "--model",
+        default="smollm2",
+        help="what lmlab.load takes: smollm2, or a checkpoint trained in float32 (weights that "
+        "were never quantized, for a fair comparison of the formats)",
+    )
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row, print JSON
     args = parser.parse_args()
     if args.row:
-        print(json.dumps(row(args.row, args.tokens, args.new_tokens, args.threads)))
+        print(json.dumps(row(args.row, args.tokens, args.new_tokens, args.threads, args.model)))
         return
     results = []
     for name in args.rows.split(","):
         cmd = [sys.executable, __file__, "--row", name, "--tokens", str(args.tokens)]
         cmd += ["--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
+        cmd += ["--model", args.model]
         t0 = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
@@ -177,7 +195,7 @@ def main() -> None:
             file=sys.stderr,
         )
     print(
-        f"SmolLM2-135M, Tiny Shakespeare held-out ({results[0]['tokens']} tokens), "
+        f"{args.model}, Tiny Shakespeare held-out ({results[0]['tokens']} tokens), "
         f"{args.new_tokens} new tokens, batch 1 greedy, torch threads: "
         f"{args.threads or torch_threads()}\n"
     )
