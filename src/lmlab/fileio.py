@@ -18,6 +18,7 @@ def atomic_write_text(file: str | os.PathLike, text: str) -> None:
     file.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, file)
@@ -28,3 +29,9 @@ def atomic_write_text(file: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(file: str | os.PathLike, obj: Any, indent: int = 2) -> None:
     atomic_write_text(file, json.dumps(obj, indent=indent) + "\n")
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
