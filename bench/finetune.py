@@ -45,7 +45,8 @@ def one_method(args) -> dict:
     work = Path(args.work)
     test = json.loads((work / "test.json").read_text())
     text = (work / "general.txt").read_text()
-    lr = 5e-5 if args.method in ("full", "kl") else 1e-3  # PEFT: a few weights, larger steps
+    # PEFT: a few weights, larger steps; soft prompts larger still (Lester et al. use 0.3)
+    lr = {"full": 5e-5, "kl": 5e-5, "prompt": 1e-2, "prefix": 1e-2}.get(args.method, 1e-3)
     config = TrainConfig(
         out_dir=str(work / args.method),
         max_steps=args.steps,

@@ -26,7 +26,7 @@ from lmlab.checkpoint.io import (
 )
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.models import build_model, get_preset
-from lmlab.train import TrainConfig, TrainingDiverged, train
+from lmlab.train import Supervised, TrainConfig, TrainingDiverged, train
 from lmlab.train import trainer as trainer_module
 from lmlab.train.batches import TrainBatches
 from lmlab.train.guards import StepGuard
@@ -728,3 +728,43 @@ def test_eval_events_carry_elapsed_time_even_without_train_logs(make_toy, tmp_pa
     evals = [e for e in events if e["event"] == "eval"]
     assert not any(e["event"] == "train" and e["step"] < 2 for e in events)
     assert len(evals) == 1 and evals[0]["step"] == 2 and evals[0]["elapsed_s"] > 0
+
+
+def test_a_supervised_loss_with_metrics_adds_them_to_train_and_eval_events(tmp_path):
+    """A loss object with ``metrics(training)`` (DPO's rewards and accuracy) gets its numbers
+    into the step's train event, and prefixed ``val_`` into eval events; the loss keeps
+    training and evaluation calls apart (``model.training``)."""
+
+    class CountingLoss:
+        def __init__(self):
+            self.calls = {True: 0, False: 0}
+
+        def __call__(self, model, batch, autocast, keep=1.0):
+            self.calls[model.training] += 1
+            logits = model(batch["ids"])[:, :-1]  # (B, T-1, V)
+            targets = batch["ids"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), targets.flatten(), reduction="sum"
+            )
+            return loss, torch.tensor(targets.numel())
+
+        def metrics(self, training):
+            calls, self.calls[training] = self.calls[training], 0
+            return {"calls": float(calls)}
+
+    class Batches:
+        def next_batch(self):
+            return {"ids": torch.arange(8).reshape(2, 4) % 15}
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    loss = CountingLoss()
+    val = [{"ids": torch.arange(8).reshape(2, 4) % 15}] * 3
+    config = settings(tmp_path, max_steps=4, log_interval=2, eval_interval=4, grad_accum=2)
+    train(make_gpt(dropout=0.0), None, None, config, supervised=Supervised(Batches(), loss, val))
+    assert [(e["step"], e["calls"]) for e in events(config, "train")] == [(2, 4.0), (4, 4.0)]
+    assert [(e["step"], e["val_calls"]) for e in events(config, "eval")] == [(4, 3.0)]

@@ -26,11 +26,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "chat with an instruction-tuned model (or one reply with --message)",
     ),
     "finetune": ("lmlab.cli.finetune", "fine-tune a model on instruction data (full, LoRA, ...)"),
+    "ppo": ("lmlab.cli.ppo", "PPO (RLHF) against a reward on task prompts"),
     "export": ("lmlab.cli.export", "write a model as a Hugging Face folder"),
+    "rank": ("lmlab.cli.rank", "rank a model's replies in the terminal into preference pairs"),
+    "judge": ("lmlab.cli.judge", "preference pairs from an AI judge and a constitution (RLAIF)"),
+    "reward": ("lmlab.cli.reward", "train a reward model on preference pairs (Bradley-Terry)"),
+    "dpo": ("lmlab.cli.dpo", "tune a model on preference pairs with DPO or IPO"),
     "compare": (
         "lmlab.cli.compare",
         "train several model families on the same data and budget, side by side",
     ),
+    "eval": (
+        "lmlab.cli.eval",
+        "evaluate a model on tasks (multiple choice, pairs, perplexity, ...)",
+    ),
+    "report": ("lmlab.cli.report", "evaluation reports of one or more models, side by side"),
 }
 
 

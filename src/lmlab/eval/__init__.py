@@ -51,6 +51,7 @@ from lmlab.eval.perplexity import (
     token_nll,
 )
 from lmlab.eval.robustness import RobustnessResult, evaluate_robustness
+from lmlab.eval.run import TaskRun, evaluate, run_task
 from lmlab.eval.tasks import ChoiceTask, list_tasks, load_task
 from lmlab.eval.text import (
     Score,
@@ -86,6 +87,7 @@ __all__ = [
     "Suite",
     "SuiteResult",
     "Surprisal",
+    "TaskRun",
     "TokenSurprisal",
     "bias_score",
     "bits_per_byte",
@@ -94,6 +96,7 @@ __all__ = [
     "calibration",
     "chrf",
     "default_suite",
+    "evaluate",
     "evaluate_choice",
     "evaluate_generation",
     "evaluate_minimal_pairs",
@@ -110,6 +113,7 @@ __all__ = [
     "reliability_diagram",
     "rouge",
     "run_suite",
+    "run_task",
     "sentence_bleu",
     "sentence_chrf",
     "surprisal",

@@ -1,0 +1,479 @@
+"""``lmlab dpo`` and ``lmlab.align.dpo.dpo``: direct preference optimisation (DPO, IPO).
+
+DPO (Rafailov et al. 2023) fine-tunes a policy on (prompt, chosen, rejected) pairs with no
+reward model and no sampling: the loss (``lmlab.align.losses.dpo_loss``, eq. 7) raises the
+log-probability of the chosen reply relative to a frozen reference model and lowers that
+of the rejected one. One training step::
+
+    ids = [chosen_1 .. chosen_B, rejected_1 .. rejected_B]       # one batch of 2B rows
+    logps = sum over reply tokens of log pi(token)               # [2B], prompt masked
+    ref   = the same under the reference (precomputed once)      # [2B], no gradient
+    loss  = dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], beta).mean()
+
+The reference is the starting model. By default its log-probabilities are precomputed
+once for every pair before training (``precompute_reference=True``), so no second copy
+of the weights is kept and a resumed run sees exactly the same numbers; otherwise they are
+computed at each step from a frozen copy (``method="full"``) or from the policy with its
+LoRA update switched off (``method="lora"``, ``disabled_lora``), or from ``reference``.
+IPO (``loss_type="ipo"``) uses per-token averaged log-probabilities, as TRL does.
+
+Training runs through the lmlab trainer (``Supervised``), so checkpoints, guards and an
+exact resume come with it. Each logged step also carries the implicit rewards
+beta * log(pi / pi_ref) of chosen and rejected replies, their margin and the reward
+accuracy (chosen reward > rejected reward); validation the same (``val_`` prefix);
+``dpo.png`` plots them. At the end the model is written like ``finetune`` does.
+Parity of the loss with TRL: ``tests/align/test_losses.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lmlab.align.losses import dpo_loss
+from lmlab.data.instructions import IGNORE, EncodedExample, Example, collate, encode_example
+from lmlab.data.preferences import PreferencePair, load_preferences
+from lmlab.errors import ConfigError, DataError, closest
+from lmlab.finetune.sft import ExampleBatches
+from lmlab.train import Supervised, TrainConfig, TrainResult, train
+from lmlab.train.metrics import read_metrics
+
+log = logging.getLogger(__name__)
+
+METHODS = ("full", "lora")
+METRICS = ("rewards_chosen", "rewards_rejected", "margin", "reward_accuracy")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    """A preference pair as two encoded conversations (prompt masked in ``labels``)."""
+
+    chosen: EncodedExample
+    rejected: EncodedExample
+    ref_chosen: float | None = None
+    """log pi_ref(chosen | prompt), when precomputed."""
+    ref_rejected: float | None = None
+
+
+def prompt_messages(prompt: str | Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """The conversation before the reply: a plain prompt is one user message."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [dict(m) for m in prompt]
+
+
+def encode_pair(
+    pair: PreferencePair, tokenizer: Any, template: Any, max_len: int | None = None
+) -> EncodedPair:
+    """Both replies rendered after the prompt with the chat template, as SFT renders them."""
+    messages = prompt_messages(pair.prompt)
+    chosen, rejected = (
+        encode_example(
+            Example(tuple(messages + [{"role": "assistant", "content": reply}])),
+            tokenizer,
+            template,
+            max_len,
+        )
+        for reply in (pair.chosen, pair.rejected)
+    )
+    return EncodedPair(chosen, rejected)
+
+
+def encode_pairs(
+    pairs: Sequence[PreferencePair], tokenizer: Any, template: Any, max_len: int | None = None
+) -> tuple[list[EncodedPair], int]:
+    """Encoded pairs, and how many were skipped (a reply left with no token after
+    ``max_len``: it would give no gradient and a meaningless reward; RELIABILITY item 12)."""
+    out, skipped = [], 0
+    for i, pair in enumerate(pairs):
+        encoded = encode_pair(pair, tokenizer, template, max_len)
+        if encoded.chosen.n_targets == 0 or encoded.rejected.n_targets == 0:
+            log.warning("preference pair %d: a reply has no token left after max_len; skipped", i)
+            skipped += 1
+            continue
+        out.append(encoded)
+    return out, skipped
+
+
+def collate_pairs(pairs: Sequence[EncodedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """One batch of 2B rows, chosen replies first: ``ids``, ``labels``, ``mask`` [2B, T]
+    (see ``collate``) and, when every pair has them, ``ref_logps`` [2B] float32."""
+    batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    batch = {k: batch[k] for k in ("ids", "labels", "mask")}
+    if all(p.ref_chosen is not None for p in pairs):
+        refs = [p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs]
+        batch["ref_logps"] = torch.tensor(refs, dtype=torch.float32)
+    return batch
+
+
+class PairBatches(ExampleBatches):
+    """Shuffled batches of pairs, resumable at ``(epoch, index)`` like ``ExampleBatches``."""
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        if self.index + self.batch_size > len(self.examples):
+            self.epoch, self.index = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        picked = self._order[self.index : self.index + self.batch_size].tolist()
+        self.index += self.batch_size
+        return collate_pairs([self.examples[i] for i in picked], self.pad_id)
+
+
+def fixed_pair_batches(
+    pairs: Sequence[EncodedPair], batch_size: int, pad_id: int
+) -> list[dict[str, torch.Tensor]]:
+    """Validation batches: every pair, in order."""
+    return [
+        collate_pairs(pairs[i : i + batch_size], pad_id) for i in range(0, len(pairs), batch_size)
+    ]
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+
+def sequence_logps(
+    model: nn.Module, batch: dict[str, torch.Tensor], autocast=nullcontext, average: bool = False
+) -> torch.Tensor:
+    """Sum (or per-token mean) of log pi(token) over each row's labelled tokens -> [N] float32.
+
+    ``batch["ids"]``, ``batch["labels"]``: [N, T] int64, labels ``IGNORE`` on the prompt and
+    padding (right padding: the model is causal, so real positions do not see it).
+    """
+    with autocast():
+        logits = model(batch["ids"])  # (N, T, V)
+    logits = logits[:, :-1].float()  # (N, T-1, V): position t predicts token t + 1
+    labels = batch["labels"][:, 1:]  # (N, T-1)
+    scored = labels != IGNORE
+    token_logps = logits.log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1))
+    token_logps = token_logps.squeeze(-1) * scored  # (N, T-1)
+    total = token_logps.sum(-1)  # (N,)
+    return total / scored.sum(-1).clamp(min=1) if average else total
+
+
+@torch.no_grad()
+def reference_logps(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    autocast=nullcontext,
+    average: bool = False,
+    reference: nn.Module | None = None,
+) -> torch.Tensor:
+    """``sequence_logps`` of the reference [N]: ``reference`` if given, else ``model`` with
+    its LoRA update off (a model with no LoRA layers is then its own reference)."""
+    from lmlab.finetune.lora import disabled_lora
+
+    if reference is not None:
+        return sequence_logps(reference, batch, autocast, average)
+    with disabled_lora(model):
+        return sequence_logps(model, batch, autocast, average)
+
+
+@torch.no_grad()
+def precompute_reference(
+    model: nn.Module,
+    pairs: Sequence[EncodedPair],
+    batch_size: int,
+    pad_id: int,
+    average: bool = False,
+    reference: nn.Module | None = None,
+) -> list[EncodedPair]:
+    """``pairs`` with ``ref_chosen`` / ``ref_rejected`` filled in (evaluation mode, float32)."""
+    device = next(model.parameters()).device
+    net = reference if reference is not None else model
+    was_training = net.training
+    net.eval()
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = [replace(p, ref_chosen=None) for p in pairs[start : start + batch_size]]
+        batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
+        logps = reference_logps(model, batch, average=average, reference=reference).tolist()
+        B = len(chunk)
+        out += [
+            replace(p, ref_chosen=logps[i], ref_rejected=logps[B + i]) for i, p in enumerate(chunk)
+        ]
+    net.train(was_training)
+    return out
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+class DPOLoss:
+    """The trainer's loss function: ``(model, batch, autocast, keep) -> (summed loss, pairs)``.
+
+    It also keeps running sums of the implicit rewards, separately for training and
+    evaluation batches (``model.training``), which the trainer reads through ``metrics``.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        reference: nn.Module | None = None,
+    ):
+        dpo_loss(*torch.zeros(4, 1), beta, label_smoothing, loss_type)  # validates the settings
+        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.reference = reference
+        self._sums: dict[bool, torch.Tensor | None] = {True: None, False: None}
+
+    def __call__(self, model, batch, autocast=nullcontext, keep: float = 1.0):
+        average = self.loss_type == "ipo"  # IPO compares per-token means (TRL's convention)
+        logps = sequence_logps(model, batch, autocast, average)  # (2B,)
+        if "ref_logps" in batch:
+            ref = batch["ref_logps"]
+        else:
+            ref = reference_logps(model, batch, autocast, average, self.reference)
+        B = logps.shape[0] // 2
+        losses, chosen, rejected = dpo_loss(
+            logps[:B], logps[B:], ref[:B], ref[B:], self.beta, self.label_smoothing, self.loss_type
+        )
+        sums = torch.stack(
+            [chosen.sum(), rejected.sum(), (chosen > rejected).sum().float(), chosen.new_tensor(B)]
+        )
+        previous = self._sums[model.training]
+        self._sums[model.training] = sums if previous is None else previous + sums
+        return losses.sum(), logps.new_tensor(B, dtype=torch.int64)  # count: a tensor, no sync
+
+    def metrics(self, training: bool) -> dict[str, float]:
+        """Means since the last call: rewards of chosen and rejected, margin, accuracy."""
+        sums, self._sums[training] = self._sums[training], None
+        if sums is None:
+            return {}
+        chosen, rejected, wins, n = sums.tolist()
+        return {
+            "rewards_chosen": chosen / n,
+            "rewards_rejected": rejected / n,
+            "margin": (chosen - rejected) / n,
+            "reward_accuracy": wins / n,
+        }
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class DPOResult:
+    train: TrainResult
+    method: str
+    trainable: int
+    total: int
+    pairs: dict[str, int]
+    """How many train / val pairs were used, and how many were skipped."""
+    out_dir: Path
+    last: dict[str, float] = field(default_factory=dict)
+    """The last logged training metrics (loss, rewards, margin, reward accuracy)."""
+    val: dict[str, float] = field(default_factory=dict)
+    """The last validation metrics (val_loss, val_margin, val_reward_accuracy, ...)."""
+    model_dir: Path | None = None
+    adapter_dir: Path | None = None
+    plot: Path | None = None
+    lm: Any = None
+    """The tuned model (LoRA merged) with its tokenizer and chat template, ready to generate."""
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ConfigError(
+            f"method={method!r} is not one of {', '.join(METHODS)}{closest(str(method), METHODS)}"
+        )
+
+
+def dpo(
+    model: str = "smollm2",
+    data: str = "prefs.jsonl",
+    val_data: str | None = None,
+    beta: float = 0.1,
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid",
+    label_smoothing: float = 0.0,
+    method: Literal["full", "lora"] = "lora",
+    reference: str | None = None,
+    precompute_reference_logps: bool = True,
+    max_len: int = 256,
+    lora_r: int = 8,
+    lora_alpha: float = 16.0,
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    config: TrainConfig | None = None,
+    callbacks: Sequence[Callable[[dict[str, Any]], None]] | None = None,
+) -> DPOResult:
+    """Tune a model on preference pairs with DPO (or IPO).
+
+    Args:
+        model: anything ``lmlab.load`` takes (a checkpoint, an HF folder, "smollm2").
+        data: preference JSONL (``prompt``, ``chosen``, ``rejected``).
+        val_data: held-out preference JSONL (validation loss, rewards and accuracy).
+        beta: the strength of the pull toward the reference (DPO's beta, IPO's tau).
+        loss_type: "sigmoid" (DPO) or "ipo".
+        label_smoothing: conservative DPO's probability that a label is flipped (sigmoid only).
+        method: "full" (every weight) or "lora" (reference = LoRA switched off).
+        reference: a different reference model (anything ``lmlab.load`` takes); by
+            default the starting model.
+        precompute_reference_logps: compute the reference's log-probabilities once before
+            training (default) instead of at every step.
+        max_len: conversations are cut to this many tokens (a pair left with no reply token
+            is skipped with a warning).
+        lora_r, lora_alpha, lora_targets: LoRA's rank, scale and target layers.
+        config: the trainer's settings (out_dir, max_steps, lr, batch_size = pairs per step).
+        callbacks: called with every logged event (see ``lmlab.train.train``).
+    """
+    from lmlab import api
+    from lmlab.data.instructions import template_for
+    from lmlab.finetune import trainable_parameters
+    from lmlab.finetune.run import prepare_method
+
+    config = config or TrainConfig(out_dir="runs/dpo", max_steps=200, lr=5e-6, min_lr=5e-7)
+    _check_method(method)
+    if label_smoothing and loss_type != "sigmoid":
+        raise ConfigError(f"label_smoothing={label_smoothing} applies to loss_type='sigmoid' only")
+    loss_fn = DPOLoss(beta, loss_type, label_smoothing)
+    lm = api.load(model, dtype="float32", keep_quantized=False)
+    template = template_for(lm.tokenizer, lm.chat_template)
+    pad_id = lm.tokenizer.eos_id if lm.tokenizer.eos_id is not None else 0
+    train_pairs, skipped = encode_pairs(load_preferences(data), lm.tokenizer, template, max_len)
+    if not train_pairs:
+        raise DataError(f"{data}: no usable preference pair (every one was skipped)")
+    val_pairs: list[EncodedPair] = []
+    if val_data is not None:
+        val_pairs, val_skipped = encode_pairs(
+            load_preferences(val_data), lm.tokenizer, template, max_len
+        )
+        skipped += val_skipped
+
+    net = lm.model.train()
+    ref_model = None
+    if reference is not None:
+        ref_model = api.load(reference, dtype="float32", keep_quantized=False).model
+    elif method == "full" and not precompute_reference_logps:
+        ref_model = copy.deepcopy(net)
+    if ref_model is not None:
+        ref_model = ref_model.to(next(net.parameters()).device).eval().requires_grad_(False)
+    net = prepare_method(net, method, lora_r, lora_alpha, lora_targets)
+    if precompute_reference_logps:
+        # Before any update, the policy (LoRA off, or the untouched weights) is the reference.
+        average = loss_type == "ipo"
+        size = config.batch_size
+        train_pairs = precompute_reference(net, train_pairs, size, pad_id, average, ref_model)
+        val_pairs = precompute_reference(net, val_pairs, size, pad_id, average, ref_model)
+        ref_model = None
+    loss_fn.reference = ref_model
+    trainable, total, _ = trainable_parameters(net)
+    supervised = Supervised(
+        PairBatches(train_pairs, config.batch_size, config.seed, pad_id),
+        loss_fn,
+        fixed_pair_batches(val_pairs, config.batch_size, pad_id) if val_pairs else None,
+    )
+    result = train(
+        net, None, None, config, tokenizer=lm.tokenizer, supervised=supervised, callbacks=callbacks
+    )
+
+    out = Path(config.out_dir)
+    done = DPOResult(
+        result,
+        method,
+        trainable,
+        total,
+        {"train": len(train_pairs), "val": len(val_pairs), "skipped": skipped},
+        out,
+        lm=lm,
+    )
+    records = read_metrics(out / "metrics.jsonl")
+    trains = [r for r in records if r.get("event") == "train"]
+    evals = [r for r in records if r.get("event") == "eval"]
+    keep = ("step", "loss", *METRICS)
+    done.last = {k: trains[-1][k] for k in keep if trains and k in trains[-1]}
+    val_keep = ("step", "val_loss", *(f"val_{k}" for k in METRICS))
+    done.val = {k: evals[-1][k] for k in val_keep if evals and k in evals[-1]}
+    done.plot = out / "dpo.png"
+    plot_dpo(out / "metrics.jsonl", done.plot)
+    _write_model(done, net, lm, method)
+    return done
+
+
+def _write_model(done: DPOResult, net: nn.Module, lm: Any, method: str) -> None:
+    from lmlab.checkpoint.io import save_checkpoint
+    from lmlab.finetune import save_adapter, unload_lora
+
+    if method == "lora":
+        done.adapter_dir = done.out_dir / "adapter"
+        save_adapter(net, done.adapter_dir)
+        net = unload_lora(net, merge=True)
+    lm.model = net.eval()
+    done.model_dir = done.out_dir / "model"
+    save_checkpoint(done.model_dir, net, tokenizer=lm.tokenizer)
+    if lm.chat_template is not None:
+        from lmlab.checkpoint.hf import save_chat_template
+
+        save_chat_template(lm.chat_template, done.model_dir)
+
+
+def plot_dpo(metrics_path: str | Path, png_path: str | Path) -> None:
+    """Implicit rewards, margin and reward accuracy against step (train and validation)."""
+    from matplotlib.figure import Figure
+
+    records = read_metrics(metrics_path)
+    fig = Figure(figsize=(12, 3.5), dpi=100)
+    axes = fig.subplots(1, 3)
+    panels = [
+        (("rewards_chosen", "rewards_rejected"), "implicit reward (beta log ratio)"),
+        (("margin",), "reward margin (chosen - rejected)"),
+        (("reward_accuracy",), "reward accuracy"),
+    ]
+    for ax, (keys, title) in zip(axes, panels):
+        for key in keys:
+            for event, prefix, style in (("train", "", "-"), ("eval", "val_", "o--")):
+                points = [
+                    (r["step"], r[prefix + key])
+                    for r in records
+                    if r.get("event") == event and r.get(prefix + key) is not None
+                ]
+                if points:
+                    label = f"{'validation' if prefix else 'train'} {key.replace('rewards_', '')}"
+                    ax.plot(*zip(*points), style, label=label, markersize=3, linewidth=1)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_lines():
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png_path)
+
+
+def run_summary(result: DPOResult) -> list[str]:
+    """Lines the CLI prints."""
+    from lmlab.finetune.run import share
+
+    r = result.train
+    lines = [
+        f"dpo ({result.method}): trained {share(result.trainable, result.total)} for "
+        f"{r.step} steps in {r.wall_time_s:.0f} s",
+        f"pairs: {result.pairs['train']} train, {result.pairs['val']} validation, "
+        f"{result.pairs['skipped']} skipped",
+    ]
+    if result.last:
+        lines.append(
+            "last step: loss {loss:.4f}, margin {margin:.4f}, reward accuracy "
+            "{reward_accuracy:.2f}".format(**{k: float("nan") for k in METRICS} | result.last)
+        )
+    if result.val:
+        v = result.val
+        lines.append(
+            f"validation: loss {v.get('val_loss', float('nan')):.4f}, reward accuracy "
+            f"{v.get('val_reward_accuracy', float('nan')):.2f} (held-out pairs)"
+        )
+    if result.plot:
+        lines.append(f"plot: {result.plot}")
+    if result.adapter_dir:
+        lines.append(f"adapter: {result.adapter_dir}")
+    if result.model_dir:
+        lines.append(f"model: {result.model_dir} (lmlab chat --model {result.model_dir})")
+    return lines

@@ -1,0 +1,29 @@
+"""``lmlab reward``: train a reward model on preference pairs
+(``lmlab.align.reward.train_reward_model``)."""
+
+from __future__ import annotations
+
+from jsonargparse import ArgumentParser
+
+from lmlab.align.reward import run_summary, train_reward_model
+from lmlab.train import TrainConfig
+
+
+def add_arguments(parser: ArgumentParser) -> None:
+    parser.add_function_arguments(train_reward_model, skip={"config"}, as_group=False)
+    parser.add_class_arguments(TrainConfig, "train", help="the trainer's settings")
+    parser.set_defaults(
+        {
+            "train.out_dir": "runs/reward",
+            "train.lr": 1e-5,
+            "train.min_lr": 1e-6,
+            "train.max_steps": 200,
+        }
+    )
+
+
+def run(args) -> None:
+    options = {k: v for k, v in vars(args).items() if k not in ("train", "config", "__path__")}
+    result = train_reward_model(**options, config=TrainConfig(**vars(args.train)))
+    for line in run_summary(result):
+        print(line)

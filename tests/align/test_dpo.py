@@ -1,0 +1,227 @@
+"""DPO through the trainer: sequence log-probs, log 2 at the start, learning, exact resume,
+written model, CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import lmlab
+from lmlab.align.dpo import (
+    DPOLoss,
+    collate_pairs,
+    dpo,
+    encode_pairs,
+    precompute_reference,
+    sequence_logps,
+)
+from lmlab.checkpoint.io import save_checkpoint
+from lmlab.cli.main import main
+from lmlab.data import BPETokenizer
+from lmlab.data.instructions import IGNORE, EncodedExample, collate, template_for
+from lmlab.data.preferences import PreferencePair, load_preferences, write_preferences
+from lmlab.data.tasks import generate_tasks
+from lmlab.models import build_model, get_preset
+from lmlab.train import TrainConfig
+
+
+def _pairs(n, seed):
+    """Reverse-a-word prompts: chosen the reversed word, rejected the word unchanged."""
+    rows = generate_tasks(["reverse"], n, seed=seed)
+    return [
+        PreferencePair(f"{r['instruction']}\n\n{r['input']}", r["output"], r["input"])
+        for r in rows
+        if r["output"] != r["input"]
+    ]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dpo")
+    train_pairs, val_pairs = _pairs(24, 0), _pairs(8, 1)
+    write_preferences(train_pairs, root / "prefs.jsonl")
+    write_preferences(val_pairs, root / "val.jsonl")
+    text = "\n".join(f"{p.prompt} {p.chosen} {p.rejected}" for p in train_pairs + val_pairs)
+    tok = BPETokenizer.train(text + " ### Instruction: Response:", 300)
+    torch.manual_seed(0)
+    model = build_model(
+        {**get_preset("gpt-char-tiny"), "vocab_size": tok.vocab_size, "n_layers": 1, "d_model": 64}
+        | {"n_heads": 4, "d_ff": 128}
+    )
+    save_checkpoint(root / "base", model.eval(), tokenizer=tok)
+    return root
+
+
+def config(root, name, **kw):
+    base = dict(
+        out_dir=str(root / name),
+        max_steps=20,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=0,
+        lr_schedule="constant",
+        eval_interval=10,
+        ckpt_interval=1000,
+        log_interval=1,
+        precision="fp32",
+        progress=False,
+        spike_factor=None,
+        seed=0,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def test_sequence_logps_sums_reply_tokens_only():
+    torch.manual_seed(0)
+    model = build_model({**get_preset("gpt-char-tiny"), "vocab_size": 11, "n_layers": 1}).eval()
+    examples = [
+        EncodedExample([1, 2, 3, 4], [IGNORE, IGNORE, 3, 4]),
+        EncodedExample([5, 6], [IGNORE, 6]),
+    ]
+    batch = collate(examples, pad_id=0)
+    logps = sequence_logps(model, batch)
+    with torch.no_grad():
+        a = model(torch.tensor([[1, 2, 3, 4]]))[0].log_softmax(-1)
+        b = model(torch.tensor([[5, 6]]))[0].log_softmax(-1)
+    expected = torch.stack([a[1, 3] + a[2, 4], b[0, 6]])
+    torch.testing.assert_close(logps, expected, atol=1e-5, rtol=1e-5)
+    averaged = sequence_logps(model, batch, average=True)
+    torch.testing.assert_close(averaged, expected / torch.tensor([2.0, 1.0]), atol=1e-5, rtol=1e-5)
+
+
+def test_initial_loss_is_log_2_and_rewards_zero(setup):
+    """A fresh policy equals its reference: every log-ratio is 0, so each pair's loss is
+    -log sigmoid(0) = log 2 = 0.6931 and both implicit rewards are 0."""
+    lm = lmlab.load(str(setup / "base"))
+    template = template_for(lm.tokenizer, lm.chat_template)
+    pairs, skipped = encode_pairs(load_preferences(setup / "prefs.jsonl"), lm.tokenizer, template)
+    assert skipped == 0
+    pairs = precompute_reference(lm.model, pairs, batch_size=5, pad_id=0)
+    loss_fn = DPOLoss(beta=0.1)
+    lm.model.train()
+    loss_sum, n = loss_fn(lm.model, collate_pairs(pairs[:8], pad_id=0))
+    assert n == 8
+    assert (loss_sum / n).item() == pytest.approx(math.log(2), abs=1e-5)
+    metrics = loss_fn.metrics(training=True)
+    assert metrics["margin"] == pytest.approx(0.0, abs=1e-5)
+    assert loss_fn.metrics(training=True) == {}  # read and reset
+
+
+def _train_accuracy(policy, base, pairs, tokenizer, template):
+    """Fraction of training pairs where the policy's implicit reward prefers the chosen reply."""
+    encoded, _ = encode_pairs(pairs, tokenizer, template)
+    batch = collate_pairs(encoded, pad_id=0)
+    with torch.no_grad():
+        ratio = sequence_logps(policy.eval(), batch) - sequence_logps(base.eval(), batch)
+    B = len(encoded)
+    return (ratio[:B] > ratio[B:]).float().mean().item(), (ratio[:B] - ratio[B:]).mean().item()
+
+
+@pytest.mark.parametrize("method", [pytest.param("full", marks=pytest.mark.slow), "lora"])
+def test_dpo_learns_to_prefer_the_chosen_replies(setup, method):
+    lr = 3e-3 if method == "full" else 2e-2
+    result = dpo(
+        str(setup / "base"),
+        str(setup / "prefs.jsonl"),
+        val_data=str(setup / "val.jsonl"),
+        beta=0.5,
+        method=method,
+        lora_targets=("q_proj", "v_proj", "up_proj", "down_proj"),
+        config=config(setup, f"learn-{method}", lr=lr),
+    )
+    first = result.train.train_losses[0][1]
+    assert first == pytest.approx(math.log(2), abs=1e-5)  # the policy starts as the reference
+    base = lmlab.load(str(setup / "base"))
+    template = template_for(base.tokenizer, base.chat_template)
+    pairs = load_preferences(setup / "prefs.jsonl")
+    acc, margin = _train_accuracy(result.lm.model, base.model, pairs, base.tokenizer, template)
+    assert acc >= 0.9 and margin > 0.5, (acc, margin)
+    assert result.train.train_losses[-1][1] < 0.5 * math.log(2)
+    assert set(result.last) >= {"loss", "margin", "reward_accuracy", "rewards_chosen"}
+    assert "val_reward_accuracy" in result.val and "val_margin" in result.val
+    assert (setup / f"learn-{method}" / "dpo.png").stat().st_size > 0
+    reloaded = lmlab.load(str(result.model_dir))  # merged: a plain lmlab checkpoint
+    acc2, _ = _train_accuracy(reloaded.model, base.model, pairs, base.tokenizer, template)
+    assert acc2 == acc
+    if method == "lora":
+        assert (result.adapter_dir / "adapter.safetensors").is_file()
+        assert 0 < result.trainable < result.total
+
+
+def test_metrics_are_logged_every_step(setup):
+    result = dpo(
+        str(setup / "base"),
+        str(setup / "prefs.jsonl"),
+        val_data=str(setup / "val.jsonl"),
+        method="full",
+        loss_type="ipo",
+        config=config(setup, "ipo", max_steps=4, eval_interval=2),
+    )
+    records = [json.loads(line) for line in open(result.out_dir / "metrics.jsonl")]
+    trains = [r for r in records if r["event"] == "train"]
+    evals = [r for r in records if r["event"] == "eval"]
+    assert [r["step"] for r in trains] == [1, 2, 3, 4]
+    for r in trains:
+        assert r["margin"] == pytest.approx(r["rewards_chosen"] - r["rewards_rejected"], abs=1e-6)
+        assert 0.0 <= r["reward_accuracy"] <= 1.0
+    assert [r["step"] for r in evals] == [2, 4] and all("val_margin" in r for r in evals)
+    # IPO's loss at the start: (0 - 1 / (2 beta))^2 = 25 for beta = 0.1
+    assert trains[0]["loss"] == pytest.approx(25.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("precompute", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_dpo_resume_is_exact(setup, precompute):
+    """K = 8 steps uninterrupted vs a crash after step 5 (checkpoint at 4) and a resume:
+    losses of steps 5..8 and the final weights are bit-exact in float32 (RELIABILITY 1)."""
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_5(event):
+        if event["event"] == "train" and event["step"] == 5:
+            raise Crash
+
+    tag = "pre" if precompute else "live"
+    kw = dict(method="lora", precompute_reference_logps=precompute)
+    full = dpo(
+        str(setup / "base"),
+        str(setup / "prefs.jsonl"),
+        config=config(setup, f"full-{tag}", max_steps=8, ckpt_interval=4),
+        **kw,
+    )
+    with pytest.raises(Crash):
+        dpo(
+            str(setup / "base"),
+            str(setup / "prefs.jsonl"),
+            config=config(setup, f"resumed-{tag}", max_steps=8, ckpt_interval=4),
+            callbacks=[crash_at_5],
+            **kw,
+        )
+    resumed = dpo(
+        str(setup / "base"),
+        str(setup / "prefs.jsonl"),
+        config=config(setup, f"resumed-{tag}", max_steps=8, ckpt_interval=4, resume="auto"),
+        **kw,
+    )
+    assert resumed.train.train_losses == full.train.train_losses[4:]
+    a, b = full.lm.model.state_dict(), resumed.lm.model.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_cli_dpo_prints_a_summary_and_bad_data_is_one_line(setup, tmp_path, capsys):
+    argv = ["dpo", "--model", str(setup / "base"), "--data", str(setup / "prefs.jsonl")]
+    argv += ["--val_data", str(setup / "val.jsonl"), "--beta", "0.2", "--loss_type", "sigmoid"]
+    argv += ["--method", "lora", "--train.out_dir", str(tmp_path / "cli")]
+    argv += ["--train.max_steps", "2", "--train.eval_interval", "2", "--train.progress", "false"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "dpo (lora): trained" in out and "validation:" in out and "model:" in out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "chosen": "y"}\n')
+    argv = ["dpo", "--model", str(setup / "base"), "--data", str(bad)]
+    assert main([*argv, "--train.out_dir", str(tmp_path / "o")]) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err
+    assert main([*argv, "--method", "magic"]) == 2
