@@ -291,7 +291,8 @@ def test_cli_ppo_runs_on_task_rows(tmp_path, capsys):
     from lmlab.checkpoint.io import save_checkpoint
     from lmlab.cli.main import main
 
-    tokenizer = CharTokenizer.train("0123456789 +-*?.:#\nWhatisAnswrhenumbroly")
+    # digits, the questions and the plain template's "### Instruction:" / "### Response:"
+    tokenizer = CharTokenizer.train("0123456789 +-*?.:#\nWhatisAnswrhenumbrolyIRcp")
     torch.manual_seed(0)
     spec = {
         **get_preset("gpt-char-tiny"),
@@ -323,4 +324,13 @@ def test_cli_ppo_runs_on_task_rows(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "PPO: 1 iterations" in out and str(tmp_path / "run" / "model") in out
     assert main(args + ["--reward", "rm_dir"] + flags) == 2
-    assert "reward='rm_dir' is not supported yet" in capsys.readouterr().err
+    assert "neither 'task' nor a reward-model directory" in capsys.readouterr().err
+
+    # A reward model scores the completions instead (here a fresh one: all rewards 0).
+    import lmlab
+    from lmlab.align.reward import reward_model_from, save_reward_model
+
+    save_reward_model(reward_model_from(lmlab.load(tmp_path / "model")), tmp_path / "rm")
+    flags[-1] = str(tmp_path / "run-rm")
+    assert main(args + ["--reward", str(tmp_path / "rm")] + flags) == 0
+    assert "PPO: 1 iterations" in capsys.readouterr().out

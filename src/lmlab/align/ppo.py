@@ -271,19 +271,32 @@ def ppo_from_files(
         model: anything ``lmlab.load`` takes (a checkpoint, an HF folder, "smollm2").
         prompts: JSONL rows of the bundled verifiable tasks (``task``, ``instruction``,
             optional ``input``, ``output``); each row's user message is a prompt.
-        reward: "task" (1.0 when ``lmlab.data.tasks.check`` accepts the completion, else 0).
+        reward: "task" (1.0 when ``lmlab.data.tasks.check`` accepts the completion, else 0),
+            or the directory of a reward model (``lmlab reward``), which scores each
+            (prompt, completion); rows then need only a ``prompt`` (or an instruction).
         config: the PPO settings.
     """
     from lmlab.data.instructions import read_rows
 
-    if reward != "task":
-        # TODO(Preference tuning): a reward-model directory, once align/reward.py lands.
+    if reward == "task":
+        expected = "'task', 'instruction', 'output'"
+        rows = [row for _, row in read_rows(prompts, "task rows", expected)]
+        return ppo(model, [row_prompt(r) for r in rows], task_reward(rows), config)
+    if not Path(reward).is_dir():
         raise ConfigError(
-            f"reward={reward!r} is not supported yet: use reward='task' (the bundled tasks' "
-            "checker); reward models will be accepted once lmlab.align.reward lands"
+            f"reward={reward!r} is neither 'task' nor a reward-model directory (lmlab reward "
+            "writes one)"
         )
-    rows = [row for _, row in read_rows(prompts, "task rows", "'task', 'instruction', 'output'")]
-    return ppo(model, [row_prompt(r) for r in rows], task_reward(rows), config)
+    from lmlab.align.reward import load_reward_model
+
+    scorer = load_reward_model(reward)
+    rows = [row for _, row in read_rows(prompts, "prompt rows", "'prompt' or 'instruction'")]
+    texts = [r["prompt"] if isinstance(r.get("prompt"), str) else row_prompt(r) for r in rows]
+
+    def reward_fn(prompts: list[str], completions: list[str]) -> list[float]:
+        return scorer.score(list(zip(prompts, completions))).tolist()
+
+    return ppo(model, texts, reward_fn, config)
 
 
 # ----------------------------------------------------------------------------- scoring
