@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lmlab.align.losses import dpo_loss
+from lmlab.align.losses import PairStats, dpo_loss
 from lmlab.data.instructions import IGNORE, EncodedExample, Example, collate, encode_example
 from lmlab.data.preferences import PreferencePair, load_preferences
 from lmlab.errors import ConfigError, DataError, closest
@@ -225,7 +225,7 @@ class DPOLoss:
         dpo_loss(*torch.zeros(4, 1), beta, label_smoothing, loss_type)  # validates the settings
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.reference = reference
-        self._sums: dict[bool, torch.Tensor | None] = {True: None, False: None}
+        self.stats = PairStats("reward_accuracy")
 
     def __call__(self, model, batch, autocast=nullcontext, keep: float = 1.0):
         average = self.loss_type == "ipo"  # IPO compares per-token means (TRL's convention)
@@ -238,25 +238,12 @@ class DPOLoss:
         losses, chosen, rejected = dpo_loss(
             logps[:B], logps[B:], ref[:B], ref[B:], self.beta, self.label_smoothing, self.loss_type
         )
-        sums = torch.stack(
-            [chosen.sum(), rejected.sum(), (chosen > rejected).sum().float(), chosen.new_tensor(B)]
-        )
-        previous = self._sums[model.training]
-        self._sums[model.training] = sums if previous is None else previous + sums
+        self.stats.add(model.training, chosen, rejected)
         return losses.sum(), logps.new_tensor(B, dtype=torch.int64)  # count: a tensor, no sync
 
     def metrics(self, training: bool) -> dict[str, float]:
         """Means since the last call: rewards of chosen and rejected, margin, accuracy."""
-        sums, self._sums[training] = self._sums[training], None
-        if sums is None:
-            return {}
-        chosen, rejected, wins, n = sums.tolist()
-        return {
-            "rewards_chosen": chosen / n,
-            "rewards_rejected": rejected / n,
-            "margin": (chosen - rejected) / n,
-            "reward_accuracy": wins / n,
-        }
+        return self.stats.means(training)
 
 
 # ----------------------------------------------------------------------------- the run

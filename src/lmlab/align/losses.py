@@ -92,3 +92,34 @@ def dpo_loss(
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+class PairStats:
+    """Running sums over batches of (chosen, rejected) rewards, kept apart for training
+    and evaluation batches, for the trainer's log (a loss's ``metrics`` method).
+
+    ``add`` stays on the device (no host sync per step); ``means`` returns the mean
+    rewards, their margin and the share of pairs ranked right since its last call.
+    """
+
+    def __init__(self, accuracy_name: str = "accuracy"):
+        self.accuracy_name = accuracy_name
+        self._sums: dict[bool, torch.Tensor | None] = {True: None, False: None}
+
+    def add(self, training: bool, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
+        c, r = chosen.detach(), rejected.detach()
+        sums = torch.stack([c.sum(), r.sum(), (c > r).sum().float(), c.new_tensor(c.numel())])
+        previous = self._sums[training]
+        self._sums[training] = sums if previous is None else previous + sums
+
+    def means(self, training: bool) -> dict[str, float]:
+        sums, self._sums[training] = self._sums[training], None
+        if sums is None:
+            return {}
+        chosen, rejected, wins, n = sums.tolist()
+        return {
+            "rewards_chosen": chosen / n,
+            "rewards_rejected": rejected / n,
+            "margin": (chosen - rejected) / n,
+            self.accuracy_name: wins / n,
+        }

@@ -41,6 +41,7 @@ from lmlab.align.dpo import (
     prompt_messages,
 )
 from lmlab.align.heads import hidden_size
+from lmlab.align.losses import PairStats
 from lmlab.data.instructions import Example, collate, encode_example, template_for
 from lmlab.data.preferences import PreferencePair, Prompt, load_preferences
 from lmlab.errors import CheckpointError, ConfigError, DataError, closest
@@ -88,32 +89,18 @@ class RewardLoss:
     the pairwise accuracy since the last call (training and evaluation kept apart)."""
 
     def __init__(self):
-        self._sums: dict[bool, torch.Tensor | None] = {True: None, False: None}
+        self.stats = PairStats("accuracy")
 
     def __call__(self, model, batch, autocast=nullcontext, keep: float = 1.0):
         rewards = sequence_rewards(model, batch, autocast)  # (2B,)
         B = rewards.shape[0] // 2
         chosen, rejected = rewards[:B], rewards[B:]
         losses = -F.logsigmoid(chosen - rejected)  # (B,) Bradley-Terry
-        d = chosen.detach(), rejected.detach()
-        sums = torch.stack(
-            [d[0].sum(), d[1].sum(), (d[0] > d[1]).sum().float(), d[0].new_tensor(B)]
-        )
-        previous = self._sums[model.training]
-        self._sums[model.training] = sums if previous is None else previous + sums
+        self.stats.add(model.training, chosen, rejected)
         return losses.sum(), rewards.new_tensor(B, dtype=torch.int64)
 
     def metrics(self, training: bool) -> dict[str, float]:
-        sums, self._sums[training] = self._sums[training], None
-        if sums is None:
-            return {}
-        chosen, rejected, wins, n = sums.tolist()
-        return {
-            "rewards_chosen": chosen / n,
-            "rewards_rejected": rejected / n,
-            "margin": (chosen - rejected) / n,
-            "accuracy": wins / n,
-        }
+        return self.stats.means(training)
 
 
 # ----------------------------------------------------------------------------- the model
