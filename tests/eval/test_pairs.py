@@ -304,3 +304,18 @@ def test_runs_end_to_end_on_a_tiny_model_and_an_ngram(llama_lm):
         assert 0 <= bias.pct_stereotype <= 100 and bias.n == 20
         for result in (full, prefix, bias):
             json.dumps(result.to_dict())
+
+
+def test_pairs_a_character_vocabulary_cannot_encode_are_skipped_and_counted(char_lm):
+    """char_lm's vocabulary has no quote mark: pairs that use one are skipped."""
+    good = MinimalPair("The cats sleep.", "The cats sleeps.", source="x.jsonl:1")
+    odd = MinimalPair('The "cats" sleep.', 'The "cats" sleeps.', source="x.jsonl:2")
+    result = evaluate_minimal_pairs(char_lm, [good, odd])
+    assert result.n == 1 and result.skipped[0].startswith("x.jsonl:2: ")
+    assert "1 skipped" in result.summary()
+    more = BiasPair("The old man is slow.", "The young man is slow.", "stereo", "age", "b.csv:2")
+    quoted = BiasPair('He said "no".', 'She said "no".', "stereo", "gender", "b.csv:3")
+    bias = bias_score(char_lm, [more, quoted])
+    assert bias.n == 1 and bias.skipped[0].startswith("b.csv:3: ")
+    with pytest.raises(DataError, match="encodes none of the 1 bias pairs"):
+        bias_score(char_lm, [quoted])

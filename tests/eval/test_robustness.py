@@ -114,3 +114,21 @@ def test_robustness_end_to_end_on_a_tiny_model():
     assert all(r.n == 3 for r in result.results.values())
     assert result.std <= result.spread
     assert "unperturbed" in result.summary()
+
+
+def test_conditions_the_tokenizer_cannot_encode_are_left_out_of_the_spread():
+    from lmlab.api import LM
+    from lmlab.data.tokenizers import CharTokenizer
+    from lmlab.eval.robustness import evaluate_robustness
+    from lmlab.eval.tasks import ChoiceItem, ChoiceTask
+    from lmlab.models import build_model, get_preset
+
+    chars = "".join(sorted(set("Question: Answer\nabcdxyzQA")))  # no capitals beyond Q, A
+    torch.manual_seed(0)
+    spec = {**get_preset("gpt-char-tiny"), "vocab_size": len(chars), "n_layers": 1}
+    lm = LM(build_model(spec), CharTokenizer(chars))
+    task = ChoiceTask("tiny", (ChoiceItem("abc", ["x", "y"], 0), ChoiceItem("cab", ["y", "z"], 1)))
+    result = evaluate_robustness(lm, task, ["lowercase", "uppercase"], progress=False)
+    assert list(result.scores) == ["none", "lowercase"]  # "ABC" is not encodable
+    assert "uppercase" in result.unscored and "not encodable" in result.summary()
+    assert result.to_dict()["unscored"] == result.unscored

@@ -329,6 +329,8 @@ class MinimalPairsResult:
     """What whole sentences were conditioned on: ``"eos"`` or ``"second token"`` (None when
     the prefix method scored every pair)."""
     items: tuple[PairScore, ...]
+    skipped: tuple[str, ...] = ()
+    """Pairs the tokenizer cannot encode ("source: reason"); they count in no score."""
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k != "items"}
@@ -340,11 +342,33 @@ class MinimalPairsResult:
         return (
             f"minimal pairs ({self.method}): accuracy {100 * self.accuracy:.1f}% "
             f"on {self.n} pairs{extra}"
+            + (f" ({len(self.skipped)} skipped: not encodable)" if self.skipped else "")
         )
 
     def rows(self) -> list[tuple[str, float, int]]:
         """(linguistics_term, accuracy, n) per phenomenon, for a report table."""
         return [(k, v["accuracy"], int(v["n"])) for k, v in self.by_term.items()]
+
+
+def encodable(lm: Any, pairs: Sequence, texts: Any, what: str) -> tuple[list, tuple[str, ...]]:
+    """(the pairs whose sentences ``lm.tokenizer`` encodes, "source: reason" of the others).
+
+    A character vocabulary may lack a quote mark or a digit: such a pair is skipped and
+    counted rather than ending the evaluation; DataError if no pair is left.
+    """
+    encode = getattr(getattr(lm, "tokenizer", None), "encode", len)  # len: nothing to check
+    kept, skipped = [], []
+    for p in pairs:
+        try:
+            for text in texts(p):
+                encode(text)
+        except DataError as e:
+            skipped.append(f"{p.source}: {e}")
+            continue
+        kept.append(p)
+    if not kept:
+        raise DataError(f"the tokenizer encodes none of the {len(pairs)} {what}; {skipped[0]}")
+    return kept, tuple(skipped)
 
 
 def evaluate_minimal_pairs(
@@ -362,6 +386,7 @@ def evaluate_minimal_pairs(
         pairs = read_minimal_pairs(pairs)
     if not pairs:
         raise DataError("no minimal pairs to evaluate")
+    pairs, skipped = encodable(lm, pairs, lambda p: (p.good, p.bad), "minimal pairs")
     split = [split_at_one_word(p.good, p.bad) if method == "prefix" else None for p in pairs]
     whole = [i for i, s in enumerate(split) if s is None]
     scores: dict[int, tuple[float, float, str]] = {}
@@ -390,6 +415,7 @@ def evaluate_minimal_pairs(
         fallbacks=len(whole) if method == "prefix" else 0,
         start=start,
         items=items,
+        skipped=skipped,
     )
 
 
@@ -438,6 +464,8 @@ class BiasResult:
     start: str
     """What sentences were conditioned on: ``"eos"`` or ``"second token"``."""
     items: tuple[BiasItem, ...]
+    skipped: tuple[str, ...] = ()
+    """Pairs the tokenizer cannot encode ("source: reason"); they count in no score."""
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k != "items"}
@@ -448,6 +476,7 @@ class BiasResult:
         return (
             f"bias pairs: prefers the more stereotyping sentence in "
             f"{self.pct_stereotype:.1f}% of {self.n} pairs (50 = no preference)"
+            + (f" ({len(self.skipped)} skipped: not encodable)" if self.skipped else "")
         )
 
     def rows(self) -> list[tuple[str, float, int]]:
@@ -467,6 +496,7 @@ def bias_score(
         pairs = read_bias_pairs(pairs)
     if not pairs:
         raise DataError("no bias pairs to evaluate")
+    pairs, skipped = encodable(lm, pairs, lambda p: (p.sent_more, p.sent_less), "bias pairs")
     sentences = [s for p in pairs for s in (p.sent_more, p.sent_less)]
     logprobs, start = sentence_logprobs(lm, sentences, batch_size, progress)
     items = tuple(
@@ -482,4 +512,5 @@ def bias_score(
         ties=sum(i.more_logprob == i.less_logprob for i in items),
         start=start,
         items=items,
+        skipped=skipped,
     )

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from lmlab.errors import ConfigError, closest
+from lmlab.errors import ConfigError, DataError, closest
 from lmlab.eval.choice import METRICS, ChoiceResult, evaluate_choice
 from lmlab.eval.tasks import ChoiceItem, ChoiceTask
 
@@ -126,6 +126,9 @@ class RobustnessResult:
     metric: str
     results: dict[str, ChoiceResult]
     """One result per condition, ``"none"`` first."""
+    unscored: dict[str, str] = field(default_factory=dict)
+    """Conditions the model's tokenizer cannot encode at all (e.g. a prompt format with
+    ">" under a character vocabulary without it), with the reason; left out of the spread."""
 
     @property
     def scores(self) -> dict[str, float]:
@@ -157,6 +160,7 @@ class RobustnessResult:
         return (
             f"{self.task}: {self.metric} {self.scores['none']:.3f} unperturbed; spread "
             f"{self.spread:.3f}, std {self.std:.3f}; worst {worst[0]} ({worst[1]:+.3f})"
+            + (f"; {len(self.unscored)} conditions not encodable" if self.unscored else "")
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -168,6 +172,7 @@ class RobustnessResult:
             "spread": self.spread,
             "std": self.std,
             "results": {k: r.to_dict() for k, r in self.results.items()},
+            "unscored": dict(self.unscored),
         }
 
 
@@ -189,10 +194,15 @@ def evaluate_robustness(
             f"metric={metric!r} is invalid{closest(metric, METRICS)}; valid: " + ", ".join(METRICS)
         )
     names = ["none"] + [p for p in expand(perturbations) if p != "none"]
-    results = {}
+    results, unscored = {}, {}
     for name in names:
         perturbed = perturb(task, name, seed, typo_rate)
-        results[name] = evaluate_choice(
-            lm, perturbed, num_fewshot, seed, batch_size, limit, progress
-        )
-    return RobustnessResult(task.name, metric, results)
+        try:
+            results[name] = evaluate_choice(
+                lm, perturbed, num_fewshot, seed, batch_size, limit, progress
+            )
+        except DataError as e:
+            if name == "none":
+                raise
+            unscored[name] = str(e)
+    return RobustnessResult(task.name, metric, results, unscored)
