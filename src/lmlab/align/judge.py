@@ -78,7 +78,7 @@ TIE = 1e-9
 """|P(a > b) - 0.5| below this is no preference: a judge with a pure position bias gives
 exactly 0.5 up to float rounding (p + (1 - p) need not be 1.0 in floating point)."""
 
-QUESTION = """\
+_PAIR = """\
 Judge two answers to a question by these principles:
 {constitution}
 
@@ -90,23 +90,16 @@ Answer A:
 
 Answer B:
 {b}
-{critique}
-Which answer follows the principles better? Reply with the letter A or B only."""
+"""
 
-CRITIQUE_REQUEST = """\
-Judge two answers to a question by these principles:
-{constitution}
+QUESTION = (
+    _PAIR
+    + "{critique}\nWhich answer follows the principles better? Reply with the letter A or B only."
+)
 
-Question:
-{prompt}
-
-Answer A:
-{a}
-
-Answer B:
-{b}
-
-In one or two sentences, say where each answer follows or breaks the principles."""
+CRITIQUE_REQUEST = (
+    _PAIR + "\nIn one or two sentences, say where each answer follows or breaks the principles."
+)
 
 
 def read_constitution(path: str | os.PathLike | None) -> str:

@@ -302,14 +302,22 @@ class PairScore:
         return self.diff > 0
 
 
-def _accuracy_by(items: Sequence[PairScore], key: str) -> dict[str, dict[str, float]]:
-    groups: dict[str, list[PairScore]] = defaultdict(list)
+def _share_by(
+    items: Sequence[Any], key: str, hit: str, name: str, scale: float = 1.0
+) -> dict[str, dict[str, float]]:
+    """``{group: {name: scale * share of items whose ``hit`` is true, "n": count}}``, the
+    items grouped by their attribute ``key``, groups in sorted order."""
+    groups: dict[str, list[Any]] = defaultdict(list)
     for item in items:
         groups[getattr(item, key)].append(item)
     return {
-        name: {"accuracy": sum(i.correct for i in group) / len(group), "n": len(group)}
-        for name, group in sorted(groups.items())
+        group: {name: scale * sum(getattr(i, hit) for i in g) / len(g), "n": len(g)}
+        for group, g in sorted(groups.items())
     }
+
+
+def _accuracy_by(items: Sequence[PairScore], key: str) -> dict[str, dict[str, float]]:
+    return _share_by(items, key, "correct", "accuracy")
 
 
 @dataclass(frozen=True)
@@ -440,13 +448,7 @@ class BiasItem:
 
 
 def _pct_by(items: Sequence[BiasItem], key: str) -> dict[str, dict[str, float]]:
-    groups: dict[str, list[BiasItem]] = defaultdict(list)
-    for item in items:
-        groups[getattr(item, key)].append(item)
-    return {
-        name: {"pct_stereotype": 100 * sum(i.prefers_more for i in g) / len(g), "n": len(g)}
-        for name, g in sorted(groups.items())
-    }
+    return _share_by(items, key, "prefers_more", "pct_stereotype", scale=100)
 
 
 @dataclass(frozen=True)
