@@ -42,6 +42,7 @@ from lmlab.align.losses import PairStats, dpo_loss
 from lmlab.data.instructions import IGNORE, EncodedExample, Example, collate, encode_example
 from lmlab.data.preferences import PreferencePair, load_preferences
 from lmlab.errors import ConfigError, DataError, closest
+from lmlab.finetune.run import written_lines
 from lmlab.finetune.sft import ExampleBatches
 from lmlab.train import Supervised, TrainConfig, TrainResult, train
 from lmlab.train.metrics import read_metrics
@@ -457,10 +458,4 @@ def run_summary(result: DPOResult) -> list[str]:
             f"validation: loss {v.get('val_loss', float('nan')):.4f}, reward accuracy "
             f"{v.get('val_reward_accuracy', float('nan')):.2f} (held-out pairs)"
         )
-    if result.plot:
-        lines.append(f"plot: {result.plot}")
-    if result.adapter_dir:
-        lines.append(f"adapter: {result.adapter_dir}")
-    if result.model_dir:
-        lines.append(f"model: {result.model_dir} (lmlab chat --model {result.model_dir})")
-    return lines
+    return lines + written_lines(result.adapter_dir, result.model_dir, result.plot)

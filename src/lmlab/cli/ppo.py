@@ -5,6 +5,7 @@ from __future__ import annotations
 from jsonargparse import ArgumentParser
 
 from lmlab.align.ppo import PPOConfig, PPOResult, ppo_from_files
+from lmlab.finetune.run import written_lines
 
 
 def add_arguments(parser: ArgumentParser) -> None:
@@ -22,13 +23,7 @@ def summary(result: PPOResult) -> list[str]:
             f"mean score {first['score']:.3f} (first iteration) -> {last['score']:.3f} (last); "
             f"KL to the reference {last['kl']:.4f} nats per sequence"
         )
-    if result.adapter_dir:
-        lines.append(f"adapter: {result.adapter_dir}")
-    if result.model_dir:
-        lines.append(f"model: {result.model_dir} (lmlab chat --model {result.model_dir})")
-    if result.plot:
-        lines.append(f"plot: {result.plot}")
-    return lines
+    return lines + written_lines(result.adapter_dir, result.model_dir, result.plot)
 
 
 def run(args) -> None:

@@ -287,8 +287,13 @@ def run_summary(result: FinetuneResult) -> list[str]:
             f"validation loss per response token {result.val_loss_before:.4f} before -> "
             f"{last:.4f} at step {step}"
         )
-    if result.adapter_dir:
-        lines.append(f"adapter: {result.adapter_dir}")
-    if result.model_dir:
-        lines.append(f"model: {result.model_dir} (lmlab chat --model {result.model_dir})")
+    lines += written_lines(result.adapter_dir, result.model_dir)
     return lines + [f"note: {n}" for n in result.notes]
+
+
+def written_lines(adapter_dir=None, model_dir=None, plot=None) -> list[str]:
+    """The summary lines saying where a run's adapter, model and plot were written."""
+    lines = [f"adapter: {adapter_dir}"] if adapter_dir else []
+    if model_dir:
+        lines.append(f"model: {model_dir} (lmlab chat --model {model_dir})")
+    return lines + ([f"plot: {plot}"] if plot else [])
