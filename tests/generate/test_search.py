@@ -676,3 +676,55 @@ def test_sequence_logprob_helper_is_right():
     # Guard for the helper the beam tests rely on: a bigram with known probabilities.
     model = myopic_model()
     assert math.isclose(sequence_logprob(model, [0], [2, 3]), math.log(0.4 * 0.9), rel_tol=1e-2)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+class FlagSpy(CachedHashLM):
+    """Records, per forward, how many tokens it got and whether oneDNN was on."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.table.data = self.table.data.to(dtype)
+        self.onednn: list[tuple[int, bool]] = []
+
+    def forward(self, ids, mask=None, cache=None):
+        self.onednn.append((ids.numel(), torch._C._get_mkldnn_enabled()))
+        return super().forward(ids, mask, cache).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_bf16_one_token_steps_bypass_onednn_and_the_setting_is_restored(dtype):
+    # bfloat16 batch-1 steps use torch's own matrix-vector kernel (twice as fast as
+    # oneDNN's here, bench/decode.py); the prompt, batches and float32 keep oneDNN.
+    model = FlagSpy(dtype)
+    generate_ids(model, [[1, 2, 3]], GREEDY)
+    assert model.onednn[0] == (3, True)
+    assert all(on == (dtype != torch.bfloat16) for n, on in model.onednn[1:])
+    model.onednn.clear()
+    generate_ids(model, [[1, 2, 3], [4]], GREEDY)
+    assert all(on for n, on in model.onednn)
+    assert torch._C._get_mkldnn_enabled()
+
+
+def test_onednn_setting_survives_a_failing_step():
+    class Failing(FlagSpy):
+        def forward(self, ids, mask=None, cache=None):
+            if ids.numel() == 1:
+                raise RuntimeError("boom")
+            return super().forward(ids, mask, cache)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        generate_ids(Failing(torch.bfloat16), [[1, 2, 3]], GREEDY)
+    assert torch._C._get_mkldnn_enabled()
+
+
+def test_bf16_gpt_decodes_like_float32():
+    torch.manual_seed(0)
+    model = build_model(tiny_spec()).eval()
+    params = SamplingParams(temperature=0, max_new_tokens=12)
+    prompt = [[1, 2, 3, 4]]
+    want = generate_ids(model, prompt, params)
+    got = generate_ids(model.to(torch.bfloat16), prompt, params)
+    assert sum(a == b for a, b in zip(want[0], got[0])) >= 10

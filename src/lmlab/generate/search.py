@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -85,6 +86,7 @@ class _Runner:
         self.length = T  # slots filled per row, padding included
         self.fed = 0  # slots the cache holds
         self.cache = model.new_cache(B, T + max_new) if hasattr(model, "new_cache") else None
+        self.matvec = _native_matvec(model)
         vocab = model.config.vocab_size
         self.seen = seen_tokens(self.ids[:, :T], vocab, self.mask[:, :T]) if seen else None
 
@@ -124,13 +126,42 @@ class _Runner:
         # Decoding always runs the model in eval mode (no dropout). A model left in training
         # mode is switched for the call and back, so the caller's mode survives.
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
-        if not self.model.training:
-            return self.model(ids, **kwargs)
-        self.model.eval()
-        try:
-            return self.model(ids, **kwargs)
-        finally:
-            self.model.train()
+        with _onednn(enabled=not (self.matvec and ids.numel() == 1)):
+            if not self.model.training:
+                return self.model(ids, **kwargs)
+            self.model.eval()
+            try:
+                return self.model(ids, **kwargs)
+            finally:
+                self.model.train()
+
+
+def _native_matvec(model: nn.Module) -> bool:
+    """Whether one-token steps should bypass oneDNN: bfloat16 weights on the CPU.
+
+    A batch-1 decoding step multiplies every weight matrix by one vector. For bfloat16 on
+    the CPU, torch's own matrix-vector kernel reads the weights about twice as fast as
+    oneDNN's (``bench/decode.py``); for two or more rows oneDNN's matrix product is faster,
+    and float32 is the same either way.
+    """
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype == torch.bfloat16 and p.device.type == "cpu"
+    return False
+
+
+@contextmanager
+def _onednn(enabled: bool) -> Iterator[None]:
+    """Turn torch's oneDNN (mkldnn) kernels on or off for a block, restoring the setting."""
+    before = torch._C._get_mkldnn_enabled()
+    if before == enabled:
+        yield
+        return
+    torch._C._set_mkldnn_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(before)
 
 
 def _device(model: nn.Module) -> torch.device:
