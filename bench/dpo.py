@@ -39,6 +39,7 @@ from lmlab.data.instructions import (
     template_for,
 )
 from lmlab.data.preferences import write_preferences
+from lmlab.data.tasks import generate_tasks
 from lmlab.finetune.run import task_accuracy
 from lmlab.train import TrainConfig
 
@@ -62,6 +63,23 @@ def mean_token_kl(policy, reference, tokenizer, template, rows, replies) -> floa
     return total / max(count, 1)
 
 
+def fresh_rows(rows, n: int, exclude: list[str]) -> list[dict]:
+    """``n`` new rows of the prompt rows' task, none asked in ``rows`` or the ``exclude``
+    files, from the task generator with a seed the lesson's splits do not use."""
+    seen = {(r["instruction"], r.get("input", "")) for r in rows}
+    for path in exclude:
+        seen |= {(r["instruction"], r.get("input", "")) for r in read_jsonl(path)}
+    tasks = sorted({r["task"] for r in rows})
+    fresh = [
+        r
+        for r in generate_tasks(tasks, n + len(seen), seed=1000)
+        if (r["instruction"], r.get("input", "")) not in seen
+    ]
+    if len(fresh) < n:
+        raise SystemExit(f"only {len(fresh)} fresh prompts could be drawn; asked for {n}")
+    return fresh[:n]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -71,6 +89,23 @@ def main() -> None:
     ap.add_argument("--test_data", default="runs/align/test.jsonl")
     ap.add_argument("--out", default="runs/align/dpo")
     ap.add_argument("--pairs", type=int, default=300, help="prompts to sample pairs from")
+    ap.add_argument(
+        "--fresh",
+        type=int,
+        default=0,
+        help="this many more prompts from the task generator (seed 1000), none of which is "
+        "in --exclude",
+    )
+    ap.add_argument(
+        "--exclude",
+        default="runs/align/sft_train.jsonl,runs/align/prompts.jsonl,runs/align/test.jsonl",
+        help="files whose prompts --fresh must not repeat (SFT data, prompts, test)",
+    )
+    ap.add_argument(
+        "--reference_if_all_wrong",
+        action="store_true",
+        help="a prompt whose k replies are all wrong pairs the reference answer with one",
+    )
     ap.add_argument("--k", type=int, default=4, help="samples per prompt")
     ap.add_argument(
         "--source",
@@ -99,6 +134,8 @@ def main() -> None:
     lm = lmlab.load(args.model, dtype="float32", keep_quantized=False)
     test_rows = read_jsonl(args.test_data)[: args.test]
     prompt_rows = read_jsonl(args.prompts)[: args.pairs]
+    if args.fresh:
+        prompt_rows += fresh_rows(prompt_rows, args.fresh, args.exclude.split(","))
     before, _ = task_accuracy(lm, test_rows, args.max_new_tokens)
     t_sample = time.perf_counter()
     if args.source == "reference":
@@ -113,12 +150,14 @@ def main() -> None:
             temperature=args.temperature,
             max_new_tokens=args.max_new_tokens,
             progress=True,
+            reference_if_all_wrong=args.reference_if_all_wrong,
         )
         print(
             f"sampled {args.k} replies for {sampled.prompts} prompts in "
             f"{time.perf_counter() - t_sample:.0f} s: {sampled.accuracy:.1%} right; "
             f"{sampled.with_pair} prompts gave a pair, {sampled.all_right} all right, "
             f"{sampled.all_wrong} all wrong"
+            + (" (paired with the reference)" if args.reference_if_all_wrong else "")
         )
         pairs = sampled.pairs
     if not pairs:
@@ -176,7 +215,8 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     print(
-        f"| {args.model} | {len(prompt_rows)} ({args.source}) | {len(pairs)} | {result.train.step} | "
+        f"| {args.model} | {len(prompt_rows)} ({args.source}"
+        f"{', reference if all wrong' if args.reference_if_all_wrong else ''}) | {len(pairs)} | {result.train.step} | "
         f"{args.beta} | {len(test_rows)} | {before:.3f} | {after:.3f} | {kl:.4f} | {wall:.0f} |"
     )
 

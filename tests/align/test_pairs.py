@@ -129,3 +129,21 @@ def test_sampled_pairs_with_a_real_tiny_model_is_seeded(tmp_path):
     assert a.with_pair + a.all_right + a.all_wrong == 6
     assert a.replies != sampled_pairs(lm, rows, k=2, seed=2, max_new_tokens=3).replies
     assert PLAIN_TEMPLATE is not None
+
+
+def test_sampled_pairs_can_pair_the_reference_with_a_mistake_when_all_replies_are_wrong():
+    rows = [
+        {"task": "arithmetic", "instruction": "What is 1 + 1?", "input": "", "output": "2"},
+        {"task": "arithmetic", "instruction": "What is 2 + 2?", "input": "", "output": "4"},
+        {"task": "arithmetic", "instruction": "What is 3 + 3?", "input": "", "output": "6"},
+    ]
+    rendered = [PLAIN_TEMPLATE_RENDER(r["instruction"]) for r in rows]
+    answers = {
+        rendered[0]: ["3", "2"],  # mixed: the sampled right reply is chosen
+        rendered[1]: ["4", "4"],  # all right: still no pair
+        rendered[2]: ["5", "7"],  # all wrong: the reference over the first mistake
+    }
+    result = sampled_pairs(ScriptedLM(answers, k=2), rows, k=2, reference_if_all_wrong=True)
+    assert (result.with_pair, result.all_right, result.all_wrong) == (2, 1, 1)
+    got = [(p.chosen, p.rejected, p.meta["source"]) for p in result.pairs]
+    assert got == [("2", "3", "sampled"), ("6", "5", "reference")]

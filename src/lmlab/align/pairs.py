@@ -131,7 +131,8 @@ class SampledPairs:
     prompts: int
     """Prompts asked."""
     with_pair: int
-    """Prompts that gave a pair (at least one right and one wrong reply)."""
+    """Prompts that gave a pair: a right and a wrong reply (or, with
+    ``reference_if_all_wrong``, any wrong reply)."""
     all_right: int
     all_wrong: int
     accuracy: float
@@ -151,8 +152,16 @@ def sampled_pairs(
     max_new_tokens: int = 16,
     batch_size: int = 16,
     progress: bool = False,
+    reference_if_all_wrong: bool = False,
 ) -> SampledPairs:
     """On-policy pairs: ``k`` sampled replies per prompt, graded with ``check``.
+
+    A prompt with a right and a wrong reply gives one pair (the first right one over the
+    first wrong one). With ``reference_if_all_wrong``, a prompt whose k replies are all
+    wrong gives one too: the row's reference answer over the first wrong reply (meta
+    ``source="reference"``), so the prompts the model cannot yet answer also teach it, as
+    in iterative reasoning preference optimisation (Pang et al. 2024), which pairs the
+    gold answer with the model's own mistake.
 
     ``lm``: an ``lmlab.api.LM`` (model, tokenizer, chat template). Each row is asked as
     SFT renders it (``template.render(prompt, add_generation_prompt=True)``); the k
@@ -193,13 +202,16 @@ def sampled_pairs(
         right_total += sum(grades)
         if all(grades):
             all_right += 1
-        elif not any(grades):
+            continue
+        if not any(grades):
             all_wrong += 1
-        else:
-            chosen = answers[grades.index(True)]
-            rejected = answers[grades.index(False)]
-            meta = {"task": task, "source": "sampled", "reference": row["output"]}
-            pairs.append(PreferencePair(prompt, chosen, rejected, meta))
+            if not reference_if_all_wrong:
+                continue
+        source = "sampled" if any(grades) else "reference"
+        chosen = answers[grades.index(True)] if any(grades) else row["output"]
+        rejected = answers[grades.index(False)]
+        meta = {"task": task, "source": source, "reference": row["output"]}
+        pairs.append(PreferencePair(prompt, chosen, rejected, meta))
     return SampledPairs(
         pairs,
         len(rows),
