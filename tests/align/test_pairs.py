@@ -75,12 +75,15 @@ class ScriptedLM:
         return [f" {self.answers[p][i % self.k]}\n" for i, p in enumerate(prompts)]
 
 
+THREE_SUMS = [
+    {"task": "arithmetic", "instruction": "What is 1 + 1?", "input": "", "output": "2"},
+    {"task": "arithmetic", "instruction": "What is 2 + 2?", "input": "", "output": "4"},
+    {"task": "arithmetic", "instruction": "What is 3 + 3?", "input": "", "output": "6"},
+]
+
+
 def test_sampled_pairs_pairs_a_right_with_a_wrong_reply():
-    rows = [
-        {"task": "arithmetic", "instruction": "What is 1 + 1?", "input": "", "output": "2"},
-        {"task": "arithmetic", "instruction": "What is 2 + 2?", "input": "", "output": "4"},
-        {"task": "arithmetic", "instruction": "What is 3 + 3?", "input": "", "output": "6"},
-    ]
+    rows = THREE_SUMS
     rendered = [PLAIN_TEMPLATE_RENDER(r["instruction"]) for r in rows]
     answers = {
         rendered[0]: ["3", "2", "2"],  # mixed: a pair ("2" over "3")
@@ -132,11 +135,7 @@ def test_sampled_pairs_with_a_real_tiny_model_is_seeded(tmp_path):
 
 
 def test_sampled_pairs_can_pair_the_reference_with_a_mistake_when_all_replies_are_wrong():
-    rows = [
-        {"task": "arithmetic", "instruction": "What is 1 + 1?", "input": "", "output": "2"},
-        {"task": "arithmetic", "instruction": "What is 2 + 2?", "input": "", "output": "4"},
-        {"task": "arithmetic", "instruction": "What is 3 + 3?", "input": "", "output": "6"},
-    ]
+    rows = THREE_SUMS
     rendered = [PLAIN_TEMPLATE_RENDER(r["instruction"]) for r in rows]
     answers = {
         rendered[0]: ["3", "2"],  # mixed: the sampled right reply is chosen
