@@ -38,7 +38,7 @@ from lmlab.data.instructions import (
     read_jsonl,
     template_for,
 )
-from lmlab.data.preferences import write_preferences
+from lmlab.data.preferences import load_preferences, write_preferences
 from lmlab.data.tasks import generate_tasks
 from lmlab.finetune.run import task_accuracy
 from lmlab.train import TrainConfig
@@ -61,6 +61,14 @@ def mean_token_kl(policy, reference, tokenizer, template, rows, replies) -> floa
         total += (logp.exp() * (logp - logq)).sum().item()
         count += int(scored.sum())
     return total / max(count, 1)
+
+
+def heldout_reward(lm, rows, args) -> float:
+    """The mean task reward of replies sampled at temperature 1 to the held-out prompts
+    (``--reward_k`` per prompt, the same seed for every model): what RLHF optimises."""
+    return sampled_pairs(
+        lm, rows, k=args.reward_k, seed=7, max_new_tokens=args.max_new_tokens
+    ).accuracy
 
 
 def fresh_rows(rows, n: int, exclude: list[str]) -> list[dict]:
@@ -102,6 +110,16 @@ def main() -> None:
         help="files whose prompts --fresh must not repeat (SFT data, prompts, test)",
     )
     ap.add_argument(
+        "--pairs_file",
+        default=None,
+        help="train on this preference JSONL (an earlier run's pairs.jsonl) instead of sampling",
+    )
+    ap.add_argument(
+        "--lora_targets",
+        default="q_proj,k_proj,v_proj,o_proj",
+        help="comma-separated linear layers LoRA adapts",
+    )
+    ap.add_argument(
         "--reference_if_all_wrong",
         action="store_true",
         help="a prompt whose k replies are all wrong pairs the reference answer with one",
@@ -115,6 +133,7 @@ def main() -> None:
     )
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--test", type=int, default=100, help="held-out rows to grade")
+    ap.add_argument("--reward_k", type=int, default=4, help="sampled replies per held-out prompt")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=5e-5)
@@ -137,8 +156,12 @@ def main() -> None:
     if args.fresh:
         prompt_rows += fresh_rows(prompt_rows, args.fresh, args.exclude.split(","))
     before, _ = task_accuracy(lm, test_rows, args.max_new_tokens)
+    reward_before = heldout_reward(lm, test_rows, args)
     t_sample = time.perf_counter()
-    if args.source == "reference":
+    if args.pairs_file:
+        pairs = load_preferences(args.pairs_file)
+        print(f"{len(pairs)} pairs from {args.pairs_file}")
+    elif args.source == "reference":
         pairs = reference_pairs(prompt_rows, seed=args.seed)
         print(f"{len(pairs)} reference pairs (right answer vs a near miss)")
     else:
@@ -186,11 +209,12 @@ def main() -> None:
         method="lora",
         lora_r=args.lora_r,
         lora_alpha=2.0 * args.lora_r,
-        lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+        lora_targets=tuple(args.lora_targets.split(",")),
         max_len=128,
         config=config,
     )
     after, answers = task_accuracy(result.lm, test_rows, args.max_new_tokens)
+    reward_after = heldout_reward(result.lm, test_rows, args)
     reference = lmlab.load(args.model, dtype="float32", keep_quantized=False)
     template = template_for(reference.tokenizer, reference.chat_template)
     kl = mean_token_kl(
@@ -209,15 +233,22 @@ def main() -> None:
         f"{last.get('reward_accuracy', float('nan')):.2f}; plot {result.plot}"
     )
     print()
-    print(
-        "| model | prompts | pairs | steps | beta | test rows | accuracy before | "
-        "accuracy after | KL/token to ref | wall s |"
+    data = (
+        f"from {args.pairs_file}"
+        if args.pairs_file
+        else f"{len(prompt_rows)} prompts ({args.source}"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    if not args.pairs_file:
+        data += ", reference if all wrong)" if args.reference_if_all_wrong else ")"
     print(
-        f"| {args.model} | {len(prompt_rows)} ({args.source}"
-        f"{', reference if all wrong' if args.reference_if_all_wrong else ''}) | {len(pairs)} | {result.train.step} | "
-        f"{args.beta} | {len(test_rows)} | {before:.3f} | {after:.3f} | {kl:.4f} | {wall:.0f} |"
+        "| model | data | pairs | steps | lr | beta | test rows | accuracy before | "
+        "accuracy after | sampled reward before | after | KL/token to ref | wall s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        f"| {args.model} | {data} | {len(pairs)} | {result.train.step} | {args.lr} | "
+        f"{args.beta} | {len(test_rows)} | {before:.3f} | {after:.3f} | {reward_before:.3f} | "
+        f"{reward_after:.3f} | {kl:.4f} | {wall:.0f} |"
     )
 
 

@@ -4,6 +4,7 @@ From the SFT model (``runs/align/sft/model``), PPO with LoRA on the task prompts
 (``runs/align/prompts.jsonl``) with the verifiable reward (1 when ``lmlab.data.tasks.check``
 accepts the completion, else 0). Measures greedy accuracy on the held-out rows
 (``runs/align/test.jsonl``, ``lmlab.finetune.run.task_accuracy``) before and after, the
+mean reward of 4 replies sampled per held-out prompt (what PPO maximises), the
 KL to the reference (the SFT model) on the last iterations' rollouts, and wall time; writes
 the score/KL plot to ``<out>/ppo.png``. Prints a Markdown table.
 
@@ -29,6 +30,7 @@ def main() -> None:
     ap.add_argument("--prompts", default="runs/align/prompts.jsonl")
     ap.add_argument("--test", default="runs/align/test.jsonl")
     ap.add_argument("--n-test", type=int, default=100, help="held-out rows to grade")
+    ap.add_argument("--reward-k", type=int, default=4, help="sampled replies per held-out prompt")
     ap.add_argument("--iterations", type=int, default=40)
     ap.add_argument("--time-budget", type=float, default=None, help="seconds of PPO at most")
     ap.add_argument("--batch-size", type=int, default=8, help="prompts per rollout")
@@ -45,6 +47,7 @@ def main() -> None:
     import torch
 
     import lmlab
+    from lmlab.align.pairs import sampled_pairs
     from lmlab.align.ppo import PPOConfig, ppo, row_prompt, task_reward
     from lmlab.data.instructions import read_jsonl
     from lmlab.finetune.run import task_accuracy
@@ -57,6 +60,15 @@ def main() -> None:
     t = time.perf_counter()
     before, _ = task_accuracy(lm, test, max_new_tokens=args.max_new_tokens)
     eval_s = time.perf_counter() - t
+
+    def heldout_reward(model) -> float:
+        # The mean reward of replies sampled at temperature 1 (the same seed for both
+        # models): the quantity PPO maximises, measured on prompts it never saw.
+        return sampled_pairs(
+            model, test, k=args.reward_k, seed=7, max_new_tokens=args.max_new_tokens
+        ).accuracy
+
+    reward_before = heldout_reward(lm)
     config = PPOConfig(
         batch_size=args.batch_size,
         samples_per_prompt=args.samples,
@@ -80,6 +92,7 @@ def main() -> None:
     result = ppo(lm, [row_prompt(r) for r in rows], task_reward(rows), config)
     ppo_s = time.perf_counter() - t
     after, _ = task_accuracy(result.lm, test, max_new_tokens=args.max_new_tokens)
+    reward_after = heldout_reward(result.lm)
     last = result.metrics[-min(5, len(result.metrics)) :]
     kl = sum(r["kl"] for r in last) / len(last)
     first_score, last_score = result.metrics[0]["score"], result.metrics[-1]["score"]
@@ -90,12 +103,12 @@ def main() -> None:
     )
     print(
         "| iterations | PPO time | rollout score (first -> last) | KL to the start (nats/seq) "
-        "| accuracy before | accuracy after |"
+        "| accuracy before | accuracy after | sampled reward before | after |"
     )
-    print("| --: | --: | --: | --: | --: | --: |")
+    print("| --: | --: | --: | --: | --: | --: | --: | --: |")
     print(
         f"| {result.iterations} | {ppo_s / 60:.1f} min | {first_score:.2f} -> {last_score:.2f} | "
-        f"{kl:.3f} | {before:.2f} | {after:.2f} |"
+        f"{kl:.3f} | {before:.2f} | {after:.2f} | {reward_before:.3f} | {reward_after:.3f} |"
     )
 
 
