@@ -139,6 +139,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--loss_type", default="sigmoid", choices=["sigmoid", "ipo"])
+    ap.add_argument(
+        "--rpo_alpha", type=float, default=None, help="add the chosen replies' NLL (RPO)"
+    )
     ap.add_argument("--lora_r", type=int, default=16)
     ap.add_argument("--max_new_tokens", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
@@ -206,6 +209,7 @@ def main() -> None:
         str(out / "pairs.jsonl"),
         beta=args.beta,
         loss_type=args.loss_type,
+        rpo_alpha=args.rpo_alpha,
         method="lora",
         lora_r=args.lora_r,
         lora_alpha=2.0 * args.lora_r,
@@ -246,7 +250,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print(
-        f"| {args.model} | {data} | {len(pairs)} | {result.train.step} | {args.lr} | "
+        f"| {args.model} | {data}{f', rpo_alpha {args.rpo_alpha}' if args.rpo_alpha else ''} | {len(pairs)} | {result.train.step} | {args.lr} | "
         f"{args.beta} | {len(test_rows)} | {before:.3f} | {after:.3f} | {reward_before:.3f} | "
         f"{reward_after:.3f} | {kl:.4f} | {wall:.0f} |"
     )

@@ -22,6 +22,7 @@ from lmlab.data import BPETokenizer
 from lmlab.data.instructions import IGNORE, EncodedExample, collate, template_for
 from lmlab.data.preferences import PreferencePair, load_preferences, write_preferences
 from lmlab.data.tasks import generate_tasks
+from lmlab.errors import ConfigError
 from lmlab.models import build_model, get_preset
 from lmlab.train import TrainConfig
 
@@ -106,6 +107,29 @@ def test_initial_loss_is_log_2_and_rewards_zero(setup):
     metrics = loss_fn.metrics(training=True)
     assert metrics["margin"] == pytest.approx(0.0, abs=1e-5)
     assert loss_fn.metrics(training=True) == {}  # read and reset
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_rpo_adds_the_chosen_replies_token_mean_nll_per_pair(setup, loss_type):
+    """RPO's loss = the DPO (or IPO) loss + alpha * B * NLL, with NLL the cross-entropy of
+    the chosen replies' tokens averaged over the batch's chosen tokens (TRL's nll_loss,
+    added to each pair's loss before TRL's mean)."""
+    lm = lmlab.load(str(setup / "base"))
+    template = template_for(lm.tokenizer, lm.chat_template)
+    pairs, _ = encode_pairs(load_preferences(setup / "prefs.jsonl"), lm.tokenizer, template)
+    pairs = precompute_reference(lm.model, pairs, batch_size=5, pad_id=0)
+    batch = collate_pairs(pairs[:6], pad_id=0)
+    lm.model.eval()
+    plain, n = DPOLoss(beta=0.1, loss_type=loss_type)(lm.model, batch)
+    rpo, _ = DPOLoss(beta=0.1, loss_type=loss_type, rpo_alpha=0.5)(lm.model, batch)
+    with torch.no_grad():
+        logits = lm.model(batch["ids"][:6])[:, :-1]
+    nll = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), batch["labels"][:6, 1:].flatten(), ignore_index=IGNORE
+    )
+    assert rpo.item() == pytest.approx(plain.item() + 0.5 * 6 * nll.item(), rel=1e-5)
+    with pytest.raises(ConfigError, match="rpo_alpha"):
+        DPOLoss(rpo_alpha=-1.0)
 
 
 def _train_accuracy(policy, base, pairs, tokenizer, template):

@@ -222,10 +222,13 @@ class DPOLoss:
         loss_type: str = "sigmoid",
         label_smoothing: float = 0.0,
         reference: nn.Module | None = None,
+        rpo_alpha: float | None = None,
     ):
         dpo_loss(*torch.zeros(4, 1), beta, label_smoothing, loss_type)  # validates the settings
+        if rpo_alpha is not None and not rpo_alpha >= 0:
+            raise ConfigError(f"rpo_alpha={rpo_alpha} is invalid: must be >= 0 (or None: off)")
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
-        self.reference = reference
+        self.reference, self.rpo_alpha = reference, rpo_alpha
         self.stats = PairStats("reward_accuracy")
 
     def __call__(self, model, batch, autocast=nullcontext, keep: float = 1.0):
@@ -240,7 +243,14 @@ class DPOLoss:
             logps[:B], logps[B:], ref[:B], ref[B:], self.beta, self.label_smoothing, self.loss_type
         )
         self.stats.add(model.training, chosen, rejected)
-        return losses.sum(), logps.new_tensor(B, dtype=torch.int64)  # count: a tensor, no sync
+        loss = losses.sum()
+        if self.rpo_alpha:
+            # RPO (Pang et al. 2024; TRL's rpo_alpha): plus alpha times the chosen replies'
+            # negative log-likelihood per token, a batch mean added to every pair's loss.
+            counts = (batch["labels"][:B, 1:] != IGNORE).sum(-1)  # (B,) reply tokens
+            summed = logps[:B] * counts if average else logps[:B]
+            loss = loss + self.rpo_alpha * B * (-summed.sum() / counts.sum().clamp(min=1))
+        return loss, logps.new_tensor(B, dtype=torch.int64)  # count: a tensor, no sync
 
     def metrics(self, training: bool) -> dict[str, float]:
         """Means since the last call: rewards of chosen and rejected, margin, accuracy."""
@@ -284,6 +294,7 @@ def dpo(
     beta: float = 0.1,
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid",
     label_smoothing: float = 0.0,
+    rpo_alpha: float | None = None,
     method: Literal["full", "lora"] = "lora",
     reference: str | None = None,
     precompute_reference_logps: bool = True,
@@ -303,6 +314,8 @@ def dpo(
         beta: the strength of the pull toward the reference (DPO's beta, IPO's tau).
         loss_type: "sigmoid" (DPO) or "ipo".
         label_smoothing: conservative DPO's probability that a label is flipped (sigmoid only).
+        rpo_alpha: RPO (Pang et al. 2024, TRL's ``rpo_alpha``): add this times the chosen
+            replies' negative log-likelihood per token to the loss; None (default) is off.
         method: "full" (every weight) or "lora" (reference = LoRA switched off).
         reference: a different reference model (anything ``lmlab.load`` takes); by
             default the starting model.
@@ -323,7 +336,7 @@ def dpo(
     _check_method(method)
     if label_smoothing and loss_type != "sigmoid":
         raise ConfigError(f"label_smoothing={label_smoothing} applies to loss_type='sigmoid' only")
-    loss_fn = DPOLoss(beta, loss_type, label_smoothing)
+    loss_fn = DPOLoss(beta, loss_type, label_smoothing, rpo_alpha=rpo_alpha)
     lm = api.load(model, dtype="float32", keep_quantized=False)
     template = template_for(lm.tokenizer, lm.chat_template)
     pad_id = lm.tokenizer.eos_id if lm.tokenizer.eos_id is not None else 0
