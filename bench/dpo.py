@@ -39,8 +39,8 @@ from lmlab.data.instructions import (
     template_for,
 )
 from lmlab.data.preferences import load_preferences, write_preferences
-from lmlab.data.tasks import generate_tasks
-from lmlab.finetune.run import task_accuracy
+from lmlab.data.tasks import generate_tasks, write_jsonl
+from lmlab.finetune.run import finetune, task_accuracy
 from lmlab.train import TrainConfig
 
 
@@ -140,6 +140,11 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--loss_type", default="sigmoid", choices=["sigmoid", "ipo"])
     ap.add_argument(
+        "--chosen_sft",
+        action="store_true",
+        help="instead of DPO, supervised tuning on the chosen replies (RPO's control)",
+    )
+    ap.add_argument(
         "--rpo_alpha", type=float, default=None, help="add the chosen replies' NLL (RPO)"
     )
     ap.add_argument("--lora_r", type=int, default=16)
@@ -204,12 +209,7 @@ def main() -> None:
         seed=args.seed,
         resume="auto",
     )
-    result = dpo(
-        args.model,
-        str(out / "pairs.jsonl"),
-        beta=args.beta,
-        loss_type=args.loss_type,
-        rpo_alpha=args.rpo_alpha,
+    lora = dict(
         method="lora",
         lora_r=args.lora_r,
         lora_alpha=2.0 * args.lora_r,
@@ -217,6 +217,21 @@ def main() -> None:
         max_len=128,
         config=config,
     )
+    if args.chosen_sft:
+        # The control for RPO's NLL term: supervised tuning on the chosen replies alone,
+        # with the same LoRA, steps and learning rate, and no rejected replies.
+        rows = [{"instruction": p.prompt, "input": "", "output": p.chosen} for p in pairs]
+        write_jsonl(rows, out / "chosen.jsonl")
+        result = finetune(args.model, str(out / "chosen.jsonl"), val_fraction=0.0, **lora)
+    else:
+        result = dpo(
+            args.model,
+            str(out / "pairs.jsonl"),
+            beta=args.beta,
+            loss_type=args.loss_type,
+            rpo_alpha=args.rpo_alpha,
+            **lora,
+        )
     after, answers = task_accuracy(result.lm, test_rows, args.max_new_tokens)
     reward_after = heldout_reward(result.lm, test_rows, args)
     reference = lmlab.load(args.model, dtype="float32", keep_quantized=False)
@@ -230,12 +245,13 @@ def main() -> None:
         answers,
     )
     wall = time.perf_counter() - t0
-    last = result.last
-    print(
-        f"DPO: {result.train.step} steps, final loss {last.get('loss', float('nan')):.4f}, "
-        f"margin {last.get('margin', float('nan')):.3f}, reward accuracy "
-        f"{last.get('reward_accuracy', float('nan')):.2f}; plot {result.plot}"
-    )
+    if not args.chosen_sft:
+        last = result.last
+        print(
+            f"DPO: {result.train.step} steps, final loss {last.get('loss', float('nan')):.4f}, "
+            f"margin {last.get('margin', float('nan')):.3f}, reward accuracy "
+            f"{last.get('reward_accuracy', float('nan')):.2f}; plot {result.plot}"
+        )
     print()
     data = (
         f"from {args.pairs_file}"
@@ -244,13 +260,17 @@ def main() -> None:
     )
     if not args.pairs_file:
         data += ", reference if all wrong)" if args.reference_if_all_wrong else ")"
+    if args.rpo_alpha:
+        data += f", rpo_alpha {args.rpo_alpha}"
+    if args.chosen_sft:
+        data += ", SFT on the chosen replies only"
     print(
         "| model | data | pairs | steps | lr | beta | test rows | accuracy before | "
         "accuracy after | sampled reward before | after | KL/token to ref | wall s |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print(
-        f"| {args.model} | {data}{f', rpo_alpha {args.rpo_alpha}' if args.rpo_alpha else ''} | {len(pairs)} | {result.train.step} | {args.lr} | "
+        f"| {args.model} | {data} | {len(pairs)} | {result.train.step} | {args.lr} | "
         f"{args.beta} | {len(test_rows)} | {before:.3f} | {after:.3f} | {reward_before:.3f} | "
         f"{reward_after:.3f} | {kl:.4f} | {wall:.0f} |"
     )
