@@ -687,6 +687,7 @@ class FlagSpy(CachedHashLM):
     def __init__(self, dtype):
         super().__init__()
         self.table.data = self.table.data.to(dtype)
+        self.proj = nn.Linear(2, 2, dtype=dtype)  # the switch looks at linear layers
         self.onednn: list[tuple[int, bool]] = []
 
     def forward(self, ids, mask=None, cache=None):
@@ -728,3 +729,14 @@ def test_bf16_gpt_decodes_like_float32():
     want = generate_ids(model, prompt, params)
     got = generate_ids(model.to(torch.bfloat16), prompt, params)
     assert sum(a == b for a, b in zip(want[0], got[0])) >= 10
+
+
+def test_quantized_and_float32_models_keep_onednn_for_one_token_steps():
+    from lmlab.generate.search import _native_matvec
+    from lmlab.quant import quantize_model
+
+    model = build_model(tiny_spec())
+    assert not _native_matvec(model)  # float32
+    assert _native_matvec(model.to(torch.bfloat16))
+    quantize_model(model, "int8")
+    assert not _native_matvec(model)
