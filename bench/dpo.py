@@ -30,7 +30,7 @@ import torch
 
 import lmlab
 from lmlab.align.dpo import dpo
-from lmlab.align.pairs import reference_pairs, sampled_pairs
+from lmlab.align.pairs import reference_pairs, sampled_pairs, sampled_reward
 from lmlab.data.instructions import (
     Example,
     encode_example,
@@ -61,14 +61,6 @@ def mean_token_kl(policy, reference, tokenizer, template, rows, replies) -> floa
         total += (logp.exp() * (logp - logq)).sum().item()
         count += int(scored.sum())
     return total / max(count, 1)
-
-
-def heldout_reward(lm, rows, args) -> float:
-    """The mean task reward of replies sampled at temperature 1 to the held-out prompts
-    (``--reward_k`` per prompt, the same seed for every model): what RLHF optimises."""
-    return sampled_pairs(
-        lm, rows, k=args.reward_k, seed=7, max_new_tokens=args.max_new_tokens
-    ).accuracy
 
 
 def fresh_rows(rows, n: int, exclude: list[str]) -> list[dict]:
@@ -164,7 +156,7 @@ def main() -> None:
     if args.fresh:
         prompt_rows += fresh_rows(prompt_rows, args.fresh, args.exclude.split(","))
     before, _ = task_accuracy(lm, test_rows, args.max_new_tokens)
-    reward_before = heldout_reward(lm, test_rows, args)
+    reward_before = sampled_reward(lm, test_rows, args.reward_k, max_new_tokens=args.max_new_tokens)
     t_sample = time.perf_counter()
     if args.pairs_file:
         pairs = load_preferences(args.pairs_file)
@@ -233,7 +225,9 @@ def main() -> None:
             **lora,
         )
     after, answers = task_accuracy(result.lm, test_rows, args.max_new_tokens)
-    reward_after = heldout_reward(result.lm, test_rows, args)
+    reward_after = sampled_reward(
+        result.lm, test_rows, args.reward_k, max_new_tokens=args.max_new_tokens
+    )
     reference = lmlab.load(args.model, dtype="float32", keep_quantized=False)
     template = template_for(reference.tokenizer, reference.chat_template)
     kl = mean_token_kl(

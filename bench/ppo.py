@@ -47,7 +47,7 @@ def main() -> None:
     import torch
 
     import lmlab
-    from lmlab.align.pairs import sampled_pairs
+    from lmlab.align.pairs import sampled_reward
     from lmlab.align.ppo import PPOConfig, ppo, row_prompt, task_reward
     from lmlab.data.instructions import read_jsonl
     from lmlab.finetune.run import task_accuracy
@@ -61,14 +61,9 @@ def main() -> None:
     before, _ = task_accuracy(lm, test, max_new_tokens=args.max_new_tokens)
     eval_s = time.perf_counter() - t
 
-    def heldout_reward(model) -> float:
-        # The mean reward of replies sampled at temperature 1 (the same seed for both
-        # models): the quantity PPO maximises, measured on prompts it never saw.
-        return sampled_pairs(
-            model, test, k=args.reward_k, seed=7, max_new_tokens=args.max_new_tokens
-        ).accuracy
-
-    reward_before = heldout_reward(lm)
+    # The mean reward of 4 replies sampled per held-out prompt, the same draws for both
+    # models: what PPO maximises, on prompts it never saw.
+    reward_before = sampled_reward(lm, test, args.reward_k, max_new_tokens=args.max_new_tokens)
     config = PPOConfig(
         batch_size=args.batch_size,
         samples_per_prompt=args.samples,
@@ -92,7 +87,9 @@ def main() -> None:
     result = ppo(lm, [row_prompt(r) for r in rows], task_reward(rows), config)
     ppo_s = time.perf_counter() - t
     after, _ = task_accuracy(result.lm, test, max_new_tokens=args.max_new_tokens)
-    reward_after = heldout_reward(result.lm)
+    reward_after = sampled_reward(
+        result.lm, test, args.reward_k, max_new_tokens=args.max_new_tokens
+    )
     last = result.metrics[-min(5, len(result.metrics)) :]
     kl = sum(r["kl"] for r in last) / len(last)
     first_score, last_score = result.metrics[0]["score"], result.metrics[-1]["score"]

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 import lmlab
-from lmlab.align.pairs import near_misses, reference_pairs, row_prompt, sampled_pairs
+from lmlab.align.pairs import (
+    near_misses,
+    reference_pairs,
+    row_prompt,
+    sampled_pairs,
+    sampled_reward,
+)
 from lmlab.checkpoint.io import save_checkpoint
 from lmlab.data import BPETokenizer
 from lmlab.data.instructions import PLAIN_TEMPLATE, example_from_row
@@ -146,3 +152,11 @@ def test_sampled_pairs_can_pair_the_reference_with_a_mistake_when_all_replies_ar
     assert (result.with_pair, result.all_right, result.all_wrong) == (2, 1, 1)
     got = [(p.chosen, p.rejected, p.meta["source"]) for p in result.pairs]
     assert got == [("2", "3", "sampled"), ("6", "5", "reference")]
+
+
+def test_sampled_reward_is_the_share_of_right_replies_with_the_given_draws():
+    rendered = [PLAIN_TEMPLATE_RENDER(r["instruction"]) for r in THREE_SUMS]
+    answers = {rendered[0]: ["3", "2"], rendered[1]: ["4", "4"], rendered[2]: ["5", "7"]}
+    lm = ScriptedLM(answers, k=2)
+    assert sampled_reward(lm, THREE_SUMS, k=2, seed=3, temperature=0.5) == pytest.approx(3 / 6)
+    assert [(c["seed"], c["temperature"]) for c in lm.calls] == [(3 * 1_000_003, 0.5)]

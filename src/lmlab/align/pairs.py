@@ -203,13 +203,14 @@ def sampled_pairs(
         if all(grades):
             all_right += 1
             continue
-        if not any(grades):
+        right = any(grades)
+        if not right:
             all_wrong += 1
             if not reference_if_all_wrong:
                 continue
-        source = "sampled" if any(grades) else "reference"
-        chosen = answers[grades.index(True)] if any(grades) else row["output"]
+        chosen = answers[grades.index(True)] if right else row["output"]
         rejected = answers[grades.index(False)]
+        source = "sampled" if right else "reference"
         meta = {"task": task, "source": source, "reference": row["output"]}
         pairs.append(PreferencePair(prompt, chosen, rejected, meta))
     return SampledPairs(
@@ -221,3 +222,13 @@ def sampled_pairs(
         right_total / max(len(rows) * k, 1),
         replies,
     )
+
+
+def sampled_reward(
+    lm: Any, rows: Sequence[Mapping[str, Any]], k: int = 4, seed: int = 7, **sampling: Any
+) -> float:
+    """The mean checker score of ``k`` replies sampled per row (temperature 1 unless
+    ``sampling`` says otherwise): the reward RLHF maximises, for held-out prompts. The same
+    seed gives every model the same random draws. ``sampling``: ``sampled_pairs``'s
+    temperature, top_p, top_k, max_new_tokens, batch_size."""
+    return sampled_pairs(lm, rows, k=k, seed=seed, **sampling).accuracy

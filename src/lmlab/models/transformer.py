@@ -164,9 +164,8 @@ class Attention(nn.Module):
     ``hook_pattern`` can read or edit it. The explicit path runs when ``explicit`` is set
     or when a hook is registered on ``hook_pattern``, and also for bf16 training on a CPU,
     where it is the faster one: torch 2.13's CPU flash-attention backward in bf16 takes
-    3.6x as long as in fp32; the explicit path with its added mask and bf16 softmax trains
-    gpt-char-tiny about 1.7-1.8x as fast as a plain float32 loop, against 1.4x with
-    flash attention in bf16 (bench/train_throughput.py).
+    3.6x as long as in fp32; with the explicit path gpt-char-tiny trains about 1.7-1.8x as
+    fast as a plain float32 loop (bench/train_throughput.py).
     """
 
     def __init__(self, config: TransformerConfig, layer: int):
