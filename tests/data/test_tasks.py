@@ -12,6 +12,7 @@ from lmlab.data.tasks import (
     check_exact,
     generate_splits,
     generate_tasks,
+    mixed_demonstrators,
     write_jsonl,
 )
 from lmlab.errors import ConfigError, DataError
@@ -148,3 +149,29 @@ def test_accuracy():
         accuracy([], [])
     with pytest.raises(DataError, match="missing 'task'"):
         accuracy([{"output": "1"}], ["1"])
+
+
+def test_mixed_demonstrators_answer_a_share_in_a_sentence_the_checkers_reject():
+    rows = generate_tasks(ALL, 40, seed=0)
+    mixed = mixed_demonstrators(rows, share=0.25, seed=3)
+    chatty = [m for m in mixed if m["demonstrator"] == "chatty"]
+    assert len(chatty) == 10  # exactly round(share * n), not a coin per row
+    for row, m in zip(rows, mixed):
+        assert {k: v for k, v in m.items() if k not in ("output", "demonstrator")} == {
+            k: v for k, v in row.items() if k != "output"
+        }
+        if m["demonstrator"] == "chatty":
+            assert m["output"] == f"The answer is {row['output']}."
+            assert not check(row["task"], m["output"], row["output"])
+        else:
+            assert m["output"] == row["output"] and check(row["task"], m["output"], row["output"])
+    assert mixed_demonstrators(rows, share=0.25, seed=3) == mixed  # seeded
+    assert mixed_demonstrators(rows, share=0.25, seed=4) != mixed
+    assert rows[0]["output"] != "" and "demonstrator" not in rows[0]  # the input is untouched
+    assert all(m["demonstrator"] == "terse" for m in mixed_demonstrators(rows, share=0))
+    with pytest.raises(ConfigError, match=r"share=1.5 is invalid: must be a number in \[0, 1\]"):
+        mixed_demonstrators(rows, share=1.5)
+    with pytest.raises(ConfigError, match="must contain {output}"):
+        mixed_demonstrators(rows, sentence="Done.")
+    with pytest.raises(DataError, match="row 0 has no 'output'"):
+        mixed_demonstrators([{"instruction": "x"}])

@@ -320,6 +320,42 @@ def _distinct_rows(task: Task, n: int, seed: int) -> list[Row]:
     return rows
 
 
+def mixed_demonstrators(
+    rows: Sequence[Mapping[str, Any]],
+    share: float = 0.5,
+    seed: int = 0,
+    sentence: str = "The answer is {output}.",
+) -> list[Row]:
+    """SFT data from two demonstrators: a ``share`` of the rows (chosen with a seeded
+    shuffle, exactly ``round(share * len(rows))``) answered in a sentence, the rest as the
+    task asks. Each row gets ``"demonstrator": "terse"`` or ``"chatty"``.
+
+    A model fine-tuned on the mixture answers both ways, and the checkers reject the
+    sentence (the instruction says "the number only"), so it is a model that can do the
+    task but often does not: the case preference tuning is for (lesson 9).
+
+        {"instruction": "What is 4 * 5? ...", "output": "20"}
+            -> chatty: {..., "output": "The answer is 20.", "demonstrator": "chatty"}
+    """
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
+        raise ConfigError(f"share={share!r} is invalid: must be a number in [0, 1]")
+    if "{output}" not in sentence:
+        raise ConfigError(f"sentence={sentence!r} is invalid: it must contain {{output}}")
+    order = list(range(len(rows)))
+    random.Random(f"{seed}:demonstrators").shuffle(order)
+    chatty = set(order[: round(share * len(rows))])
+    mixed = []
+    for i, row in enumerate(rows):
+        if "output" not in row:
+            raise DataError(f"row {i} has no 'output': {dict(row)!r}")
+        out = dict(row)
+        if i in chatty:
+            out["output"] = sentence.format(output=row["output"])
+        out["demonstrator"] = "chatty" if i in chatty else "terse"
+        mixed.append(out)
+    return mixed
+
+
 # ----------------------------------------------------------------------------- files, scores
 
 
