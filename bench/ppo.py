@@ -10,6 +10,7 @@ the score/KL plot to ``<out>/ppo.png``. Prints a Markdown table.
 
 Usage: python bench/ppo.py [--model runs/align/sft/model] [--iterations 40]
            [--time-budget 1800] [--batch-size 8] [--samples 4] [--lr 1e-4] [--out DIR]
+           [--advantage-estimator gae|rloo] [--max-new-tokens 8]
 
 A quick end-to-end check (a minute or two on 2 CPU cores):
     python bench/ppo.py --iterations 2 --batch-size 2 --samples 2 --n-test 4 \\
@@ -39,6 +40,12 @@ def main() -> None:
     ap.add_argument("--ppo-epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--kl-coef", type=float, default=0.05)
+    ap.add_argument(
+        "--advantage-estimator",
+        default="gae",
+        choices=["gae", "rloo"],
+        help="value head and GAE, or the leave-one-out baseline of the prompt's other samples",
+    )
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--out", default="runs/align/ppo")
     ap.add_argument("--threads", type=int, default=None)
@@ -72,6 +79,7 @@ def main() -> None:
         minibatch_size=args.batch_size * args.samples // 2 or 1,
         lr=args.lr,
         kl_coef=args.kl_coef,
+        advantage_estimator=args.advantage_estimator,
         method="lora",
         lora_r=args.lora_r,
         lora_alpha=2.0 * args.lora_r,
@@ -94,7 +102,8 @@ def main() -> None:
     kl = sum(r["kl"] for r in last) / len(last)
     first_score, last_score = result.metrics[0]["score"], result.metrics[-1]["score"]
     print(
-        f"{args.model}: PPO with LoRA (r={args.lora_r}) on {len(rows)} task prompts, "
+        f"{args.model}: PPO ({args.advantage_estimator} advantages) with LoRA "
+        f"(r={args.lora_r}) on {len(rows)} task prompts, "
         f"{args.batch_size} x {args.samples} completions per iteration; held-out accuracy on "
         f"{len(test)} rows (greedy, {eval_s:.0f} s per evaluation); plot: {result.plot}"
     )

@@ -10,6 +10,7 @@ from lmlab.align.rl import (
     FixedKLController,
     gae,
     kl_penalty,
+    leave_one_out_baseline,
     policy_loss,
     token_rewards,
     value_loss,
@@ -98,6 +99,37 @@ def test_token_rewards_hand_worked_example():
     close(rewards, [[-0.05, 0.9, 0.0]])
 
 
+def test_leave_one_out_baseline_hand_worked_example():
+    close(leave_one_out_baseline(torch.tensor([1.0, 0, 0, 1, 1, 1]), 3), [0, 0.5, 0.5, 1, 1, 1])
+    with pytest.raises(ConfigError, match="k >= 2"):
+        leave_one_out_baseline(torch.ones(4), 1)
+    with pytest.raises(ConfigError, match="multiple of k"):
+        leave_one_out_baseline(torch.ones(5), 2)
+
+
+def test_rloo_advantages_are_the_centred_score_plus_kl_to_go(tmp_path):
+    # TRL's RLOO convention written out for one rollout: per-token rewards -kl_coef * KL,
+    # the score less the mean of the prompt's other samples added at the last token, then
+    # summed to the end of the reply (gamma 1, no value head), then whitened.
+    config = small_config(
+        tmp_path, advantage_estimator="rloo", samples_per_prompt=2, batch_size=2, kl_coef=0.5
+    )
+    from lmlab.align.ppo import _Run
+
+    run = _Run(tiny_lm(), PROMPTS, starts_with_a, config)
+    run.model.lm_head.weight.data.add_(0.3 * torch.randn_like(run.model.lm_head.weight))
+    rollout = run._rollout()
+    scores, kl, mask = rollout["scores"], rollout["kl"], rollout["mask"]
+    other = scores.reshape(-1, 2).flip(1).reshape(-1)  # with k=2 the baseline is the other one
+    expected = torch.zeros_like(kl)
+    for n in range(kl.shape[0]):
+        length = int(mask[n].sum())
+        for t in range(length):
+            expected[n, t] = -0.5 * kl[n, t:length].sum() + scores[n] - other[n]
+    close(rollout["advantages"], whiten(expected, mask))
+    assert rollout["values"] is None
+
+
 def test_adaptive_kl_controller_hand_worked_example_and_state():
     ctl = AdaptiveKLController(0.1, target=6.0, horizon=10000)
     ctl.update(12.0, n_steps=1000)
@@ -160,9 +192,11 @@ def without_time(records):
 
 
 @pytest.mark.slow
-def test_ppo_learns_an_easy_reward_with_finite_kl(tmp_path):
+@pytest.mark.parametrize("estimator", ["gae", "rloo"])
+def test_ppo_learns_an_easy_reward_with_finite_kl(tmp_path, estimator):
     # Reward 1 when the first generated character is "a" (1 of 8, so ~0.125 at random).
-    result = ppo(tiny_lm(), PROMPTS, starts_with_a, small_config(tmp_path, iterations=12))
+    config = small_config(tmp_path, iterations=12, advantage_estimator=estimator)
+    result = ppo(tiny_lm(), PROMPTS, starts_with_a, config)
     scores = [r["score"] for r in result.metrics]
     assert len(scores) == 12
     assert sum(scores[:3]) / 3 < 0.3
@@ -261,11 +295,17 @@ def test_time_budget_stops_the_run_and_still_writes_the_model(tmp_path):
         ("kl_kind", "k9"),
         ("method", "lorra"),
         ("time_budget_s", -5.0),
+        ("advantage_estimator", "grpo"),
     ],
 )
 def test_bad_config_values_name_the_field(field, value):
     with pytest.raises(ConfigError, match=f"PPOConfig.{field}="):
         PPOConfig(**{field: value})
+
+
+def test_rloo_needs_two_samples_per_prompt():
+    with pytest.raises(ConfigError, match="'rloo' needs samples_per_prompt >= 2"):
+        PPOConfig(advantage_estimator="rloo", samples_per_prompt=1)
 
 
 def test_method_error_suggests_the_closest():

@@ -15,7 +15,10 @@ Each iteration (Ziegler et al. 2019; Ouyang et al. 2022, InstructGPT; Schulman e
    head's estimates (``nn.Linear(D, 1)`` on the policy's last hidden state);
 4. GAE advantages (whitened) and returns, then ``ppo_epochs`` passes of shuffled
    minibatches with the clipped policy and value losses (``lmlab.align.rl``), gradient
-   clipping and AdamW;
+   clipping and AdamW. With ``advantage_estimator="rloo"`` there is no value head: a
+   sample's advantage is its score less the mean score of the same prompt's other samples
+   (Ahmadian et al. 2024), plus the KL penalties to the end of the reply, as in TRL's
+   ``RLOOTrainer`` and OpenRLHF's ``--advantage_estimator rloo``;
 5. the KL coefficient is updated (fixed, or adaptive toward ``kl_target``).
 
 Dropout is off throughout (as in TRL), so before the first update the recomputed
@@ -57,6 +60,7 @@ from lmlab.align.rl import (
     entropy_from_logits,
     gae,
     kl_penalty,
+    leave_one_out_baseline,
     masked_mean,
     policy_loss,
     token_rewards,
@@ -69,6 +73,7 @@ log = logging.getLogger(__name__)
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 METHODS = ("full", "lora")
+ESTIMATORS = ("gae", "rloo")
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,11 @@ class PPOConfig:
     2019); None keeps it fixed."""
     kl_horizon: int = 10000
     """Adaptive control's horizon, in sequences."""
+    advantage_estimator: Literal["gae", "rloo"] = "gae"
+    """"gae": the value head and GAE (the classic RLHF PPO). "rloo": no value head; each
+    sample's score minus the mean score of the same prompt's other samples (RLOO's
+    leave-one-out baseline, Ahmadian et al. 2024), plus the per-token KL penalties, summed
+    to the end of the reply (lam = 1). Needs samples_per_prompt >= 2."""
     whiten_advantages: bool = True
     """Normalise the advantages of each rollout to mean 0 and standard deviation 1."""
     entropy: bool = True
@@ -180,6 +190,16 @@ class PPOConfig:
         for name, (value, allowed, ok) in checks.items():
             if not _real(value) or not ok(value):
                 raise ConfigError(f"PPOConfig.{name}={value!r} is invalid: must be {allowed}")
+        if self.advantage_estimator not in ESTIMATORS:
+            raise ConfigError(
+                f"PPOConfig.advantage_estimator={self.advantage_estimator!r} is not one of "
+                f"{', '.join(ESTIMATORS)}{closest(str(self.advantage_estimator), ESTIMATORS)}"
+            )
+        if self.advantage_estimator == "rloo" and self.samples_per_prompt < 2:
+            raise ConfigError(
+                f"PPOConfig.advantage_estimator='rloo' needs samples_per_prompt >= 2 (the "
+                f"baseline is the other samples of the same prompt); got {self.samples_per_prompt}"
+            )
         if self.kl_target is not None and (not _real(self.kl_target) or self.kl_target <= 0):
             raise ConfigError(
                 f"PPOConfig.kl_target={self.kl_target!r} is invalid: must be > 0 or None (fixed)"
@@ -559,14 +579,21 @@ class _Run:
         ids, mask = ids.to(self.device), mask.to(self.device)
         prompt_lens = torch.tensor([len(p) for p in prompt_ids], device=self.device)
         with torch.no_grad():
+            head = self._value_head()
             logp, values, entropy = score_tokens(
-                self.model, self.value_head, ids, prompt_lens, R, config.temperature, config.entropy
+                self.model, head, ids, prompt_lens, R, config.temperature, config.entropy
             )
             ref_logp = self._reference_logp(ids, prompt_lens, R)
             kl = kl_penalty(logp, ref_logp, config.kl_kind) * mask
             score_t = torch.tensor(scores, device=self.device)
             rewards = token_rewards(score_t, kl, mask, self.kl_ctl.value)
-            advantages, returns = gae(rewards, values, mask, config.gamma, config.lam)
+            if head is not None:
+                advantages, returns = gae(rewards, values, mask, config.gamma, config.lam)
+            else:  # rloo: the score less the prompt's other samples' mean, summed to the end
+                baseline = leave_one_out_baseline(score_t, config.samples_per_prompt)
+                centred = token_rewards(score_t - baseline, kl, mask, self.kl_ctl.value)
+                zeros = torch.zeros_like(centred)
+                advantages, returns = gae(centred, zeros, mask, config.gamma, 1.0)
             if config.whiten_advantages:
                 advantages = whiten(advantages, mask)
         return {
@@ -584,6 +611,10 @@ class _Run:
             "entropy": entropy,
             "kl_coef": self.kl_ctl.value,
         }
+
+    def _value_head(self) -> nn.Module | None:
+        """The value head, or None when the advantages need none (rloo)."""
+        return self.value_head if self.config.advantage_estimator == "gae" else None
 
     def _reference_logp(self, ids, prompt_lens, R) -> torch.Tensor:
         from lmlab.finetune import disabled_lora
@@ -606,7 +637,7 @@ class _Run:
                 mask = rollout["mask"][b]
                 logp, values, _ = score_tokens(
                     self.model,
-                    self.value_head,
+                    self._value_head(),
                     rollout["ids"][b],
                     rollout["prompt_lens"][b],
                     rollout["R"],
@@ -615,9 +646,12 @@ class _Run:
                 pg, clip_fraction, approx_kl = policy_loss(
                     logp, rollout["logp"][b], rollout["advantages"][b], mask, config.clip_eps
                 )
-                vf = value_loss(
-                    values, rollout["values"][b], rollout["returns"][b], mask, config.clip_value
-                )
+                if values is None:  # rloo: no value head to train
+                    vf = torch.zeros((), device=pg.device)
+                else:
+                    vf = value_loss(
+                        values, rollout["values"][b], rollout["returns"][b], mask, config.clip_value
+                    )
                 loss = pg + config.vf_coef * vf
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()

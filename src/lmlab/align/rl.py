@@ -166,6 +166,26 @@ def token_rewards(
     return rewards
 
 
+def leave_one_out_baseline(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """RLOO's baseline [B] (Kool et al. 2019; Ahmadian et al. 2024): rows come in runs of
+    ``k`` samples of the same prompt, and each row's baseline is the mean score of the
+    other ``k - 1``. ``scores - baseline`` is an unbiased advantage that needs no value
+    head, and is 0 for a prompt whose samples all scored the same.
+
+        scores [1, 0, 0, 1, 1, 1], k 3
+        prompt 1: sum 1 -> (1 - 1) / 2 = 0, (1 - 0) / 2 = .5, .5
+        prompt 2: sum 3 -> (3 - 1) / 2 = 1 each
+        -> [0, .5, .5, 1, 1, 1]
+    """
+    if k < 2 or scores.shape[0] % k:
+        raise ConfigError(
+            f"a leave-one-out baseline needs k >= 2 samples per prompt and a multiple of k "
+            f"rows; got k={k} and {scores.shape[0]} rows"
+        )
+    groups = scores.reshape(-1, k)
+    return ((groups.sum(dim=1, keepdim=True) - groups) / (k - 1)).reshape(-1)
+
+
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of the softmax of ``logits`` [..., V] -> [...]."""
     logp = torch.log_softmax(logits, dim=-1)
