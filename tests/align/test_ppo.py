@@ -197,6 +197,7 @@ def test_ppo_learns_an_easy_reward_with_finite_kl(tmp_path, estimator):
     # Reward 1 when the first generated character is "a" (1 of 8, so ~0.125 at random).
     config = small_config(tmp_path, iterations=12, advantage_estimator=estimator)
     result = ppo(tiny_lm(), PROMPTS, starts_with_a, config)
+    assert (result.value_head is None) == (estimator == "rloo")
     scores = [r["score"] for r in result.metrics]
     assert len(scores) == 12
     assert sum(scores[:3]) / 3 < 0.3

@@ -238,6 +238,7 @@ class PPOResult:
     adapter_dir: Path | None = None
     checkpoint: Path | None = None
     value_head: nn.Module | None = None
+    """The trained value head (None with ``advantage_estimator="rloo"``, which has none)."""
     lm: Any = None
     """The trained model with its tokenizer and chat template (LoRA merged in)."""
     plot: Path | None = None
@@ -537,7 +538,7 @@ class _Run:
             self.out_dir,
             time.perf_counter() - t_start,
             checkpoint=checkpoint,
-            value_head=self.value_head,
+            value_head=self._value_head(),
         )
         result.plot = self.out_dir / "ppo.png"
         plot_ppo(records, result.plot)
