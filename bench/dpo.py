@@ -8,7 +8,9 @@ arithmetic):
    of ``runs/align/prompts.jsonl``, graded exactly; a prompt with a right and a wrong
    reply gives one pair (``lmlab.align.pairs.sampled_pairs``);
 3. DPO with LoRA (the reference is the same model with LoRA switched off), reference
-   log-probabilities precomputed once;
+   log-probabilities precomputed once; every ``--eval_every`` steps it logs the implicit
+   rewards and the per-token KL to the reference on ``--val`` held-out reference pairs
+   (fresh prompts from the generator, right answer vs a near miss);
 4. held-out accuracy after, and the mean per-token KL(policy || reference) over the
    policy's greedy replies to the test prompts (how far DPO moved the model);
 5. wall time; the reward / margin / accuracy plot is ``<out>/dpo.png``.
@@ -29,10 +31,11 @@ from pathlib import Path
 import torch
 
 import lmlab
-from lmlab.align.dpo import dpo
+from lmlab.align.dpo import dpo, reply_kl
 from lmlab.align.pairs import reference_pairs, sampled_pairs, sampled_reward
 from lmlab.data.instructions import (
     Example,
+    collate,
     encode_example,
     example_from_row,
     read_jsonl,
@@ -46,20 +49,24 @@ from lmlab.train import TrainConfig
 
 @torch.no_grad()
 def mean_token_kl(policy, reference, tokenizer, template, rows, replies) -> float:
-    """Mean over reply tokens of KL(policy || reference) of the next-token distributions."""
+    """Mean over reply tokens of KL(policy || reference) of the next-token distributions
+    (``lmlab.align.dpo.reply_kl``), each row's reply rendered after its prompt."""
+    examples = [
+        encode_example(
+            Example(
+                (*example_from_row(row).messages[:-1], {"role": "assistant", "content": reply})
+            ),
+            tokenizer,
+            template,
+        )
+        for row, reply in zip(rows, replies)
+    ]
+    pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
     total, count = 0.0, 0
-    for row, reply in zip(rows, replies):
-        messages = list(example_from_row(row).messages[:-1])
-        messages.append({"role": "assistant", "content": reply})
-        enc = encode_example(Example(tuple(messages)), tokenizer, template)
-        ids = torch.tensor([enc.ids])
-        scored = torch.tensor(enc.labels[1:]) != -100  # (T-1,) positions predicting the reply
-        if not scored.any():
-            continue
-        logp = policy(ids)[0, :-1][scored].float().log_softmax(-1)  # (N, V)
-        logq = reference(ids)[0, :-1][scored].float().log_softmax(-1)
-        total += (logp.exp() * (logp - logq)).sum().item()
-        count += int(scored.sum())
+    for start in range(0, len(examples), 16):
+        batch = collate(examples[start : start + 16], pad_id)
+        kl, n = reply_kl(policy, batch, reference=reference)
+        total, count = total + kl.item(), count + int(n)
     return total / max(count, 1)
 
 
@@ -116,6 +123,14 @@ def main() -> None:
         action="store_true",
         help="a prompt whose k replies are all wrong pairs the reference answer with one",
     )
+    ap.add_argument(
+        "--val",
+        type=int,
+        default=50,
+        help="held-out reference pairs (fresh prompts, right vs near miss) on which DPO logs "
+        "validation rewards and KL to the reference every --eval_every steps; 0: none",
+    )
+    ap.add_argument("--eval_every", type=int, default=10)
     ap.add_argument("--k", type=int, default=4, help="samples per prompt")
     ap.add_argument(
         "--source",
@@ -153,8 +168,15 @@ def main() -> None:
     lm = lmlab.load(args.model, dtype="float32", keep_quantized=False)
     test_rows = read_jsonl(args.test_data)[: args.test]
     prompt_rows = read_jsonl(args.prompts)[: args.pairs]
+    exclude = [*args.exclude.split(","), args.test_data]
     if args.fresh:
-        prompt_rows += fresh_rows(prompt_rows, args.fresh, args.exclude.split(","))
+        prompt_rows += fresh_rows(prompt_rows, args.fresh, exclude)
+    val_data = None
+    if args.val:  # prompts in no other set, for watching the drift during training only
+        val_data = str(out / "val_pairs.jsonl")
+        write_preferences(
+            reference_pairs(fresh_rows(prompt_rows, args.val, exclude), seed=args.seed), val_data
+        )
     before, _ = task_accuracy(lm, test_rows, args.max_new_tokens)
     reward_before = sampled_reward(lm, test_rows, args.reward_k, max_new_tokens=args.max_new_tokens)
     t_sample = time.perf_counter()
@@ -194,7 +216,7 @@ def main() -> None:
         lr=args.lr,
         min_lr=args.lr / 10,
         warmup_steps=min(10, args.steps // 10),
-        eval_interval=max(args.steps, 1),
+        eval_interval=max(min(args.eval_every, args.steps), 1),
         ckpt_interval=max(args.steps, 1),
         log_interval=1,
         precision="fp32",
@@ -219,6 +241,7 @@ def main() -> None:
         result = dpo(
             args.model,
             str(out / "pairs.jsonl"),
+            val_data=val_data,
             beta=args.beta,
             loss_type=args.loss_type,
             rpo_alpha=args.rpo_alpha,

@@ -1,6 +1,7 @@
 """DPO through the trainer: sequence log-probs, log 2 at the start, learning, exact resume,
 written model, CLI."""
 
+import copy
 import json
 import math
 
@@ -14,6 +15,7 @@ from lmlab.align.dpo import (
     dpo,
     encode_pairs,
     precompute_reference,
+    reply_kl,
     sequence_logps,
 )
 from lmlab.checkpoint.io import save_checkpoint
@@ -23,6 +25,7 @@ from lmlab.data.instructions import IGNORE, EncodedExample, collate, template_fo
 from lmlab.data.preferences import PreferencePair, load_preferences, write_preferences
 from lmlab.data.tasks import generate_tasks
 from lmlab.errors import ConfigError
+from lmlab.finetune import LoRAConfig, apply_lora, lora_layers
 from lmlab.models import build_model, get_preset
 from lmlab.train import TrainConfig
 
@@ -73,14 +76,20 @@ def config(root, name, **kw):
     return TrainConfig(**{**base, **kw})
 
 
-def test_sequence_logps_sums_reply_tokens_only():
+def _tiny_batch():
+    """A tiny GPT and a batch of two rows whose replies are tokens 3, 4 and 6: position 1
+    of row 0 predicts 3, position 2 predicts 4, position 0 of row 1 predicts 6."""
     torch.manual_seed(0)
     model = build_model({**get_preset("gpt-char-tiny"), "vocab_size": 11, "n_layers": 1}).eval()
     examples = [
         EncodedExample([1, 2, 3, 4], [IGNORE, IGNORE, 3, 4]),
         EncodedExample([5, 6], [IGNORE, 6]),
     ]
-    batch = collate(examples, pad_id=0)
+    return model, collate(examples, pad_id=0)
+
+
+def test_sequence_logps_sums_reply_tokens_only():
+    model, batch = _tiny_batch()
     logps = sequence_logps(model, batch)
     with torch.no_grad():
         a = model(torch.tensor([[1, 2, 3, 4]]))[0].log_softmax(-1)
@@ -89,6 +98,29 @@ def test_sequence_logps_sums_reply_tokens_only():
     torch.testing.assert_close(logps, expected, atol=1e-5, rtol=1e-5)
     averaged = sequence_logps(model, batch, average=True)
     torch.testing.assert_close(averaged, expected / torch.tensor([2.0, 1.0]), atol=1e-5, rtol=1e-5)
+
+
+def test_reply_kl_sums_the_exact_kl_over_reply_tokens_only():
+    """At each labelled position, sum_v p(v) (log p(v) - log q(v)); a fresh LoRA (B = 0)
+    is its own reference, so 0; with the update on it equals the sum against a copy of
+    the base model, and passing that copy as ``reference`` gives the same."""
+    base, batch = _tiny_batch()
+    policy = apply_lora(copy.deepcopy(base), LoRAConfig(r=2, targets=("q_proj", "v_proj")))
+    kl, n = reply_kl(policy, batch)
+    assert n.item() == 3 and kl.item() == 0.0
+    for layer in lora_layers(policy).values():
+        torch.nn.init.normal_(layer.lora_B, std=0.5)
+    kl, n = reply_kl(policy, batch)
+    expected = 0.0
+    with torch.no_grad():
+        for ids, positions in (([1, 2, 3, 4], [1, 2]), ([5, 6], [0])):
+            p = policy(torch.tensor([ids]))[0, positions].log_softmax(-1)
+            q = base(torch.tensor([ids]))[0, positions].log_softmax(-1)
+            expected += (p.exp() * (p - q)).sum().item()
+    assert expected > 1e-3  # the update moved the model
+    assert kl.item() == pytest.approx(expected, rel=1e-5)  # float32 sums in another order
+    kl_ref, _ = reply_kl(policy, batch, reference=base)
+    assert kl_ref.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_initial_loss_is_log_2_and_rewards_zero(setup):
@@ -164,6 +196,15 @@ def test_dpo_learns_to_prefer_the_chosen_replies(setup, method):
     assert result.train.train_losses[-1][1] < 0.5 * math.log(2)
     assert set(result.last) >= {"loss", "margin", "reward_accuracy", "rewards_chosen"}
     assert "val_reward_accuracy" in result.val and "val_margin" in result.val
+    if method == "lora":
+        # The last evaluation ran on the final weights: its KL is the direct one of the
+        # tuned model (merged now, so float32 rounding differs) against the base.
+        val, _ = encode_pairs(load_preferences(setup / "val.jsonl"), base.tokenizer, template)
+        kl, n = reply_kl(result.lm.model.eval(), collate_pairs(val, 0), reference=base.model)
+        assert result.val["val_kl"] > 1e-3
+        assert result.val["val_kl"] == pytest.approx((kl / n).item(), rel=1e-3)
+    else:  # full, reference log-probs precomputed: no reference weights kept to compare
+        assert "val_kl" not in result.val
     assert (setup / f"learn-{method}" / "dpo.png").stat().st_size > 0
     reloaded = lmlab.load(str(result.model_dir))  # merged: a plain lmlab checkpoint
     acc2, _ = _train_accuracy(reloaded.model, base.model, pairs, base.tokenizer, template)

@@ -20,8 +20,9 @@ IPO (``loss_type="ipo"``) uses per-token averaged log-probabilities, as TRL does
 Training runs through the lmlab trainer (``Supervised``), so checkpoints, guards and an
 exact resume come with it. Each logged step also carries the implicit rewards
 beta * log(pi / pi_ref) of chosen and rejected replies, their margin and the reward
-accuracy (chosen reward > rejected reward); validation the same (``val_`` prefix);
-``dpo.png`` plots them. At the end the model is written like ``finetune`` does.
+accuracy (chosen reward > rejected reward); validation the same (``val_`` prefix), plus
+``val_kl``: the mean per-token KL(pi || pi_ref) of the next-token distributions over the
+validation replies (``reply_kl``), how far the policy has drifted. ``dpo.png`` plots them. At the end the model is written like ``finetune`` does.
 Parity of the loss with TRL: ``tests/align/test_losses.py``.
 """
 
@@ -50,7 +51,7 @@ from lmlab.train.metrics import read_metrics
 log = logging.getLogger(__name__)
 
 METHODS = ("full", "lora")
-METRICS = ("rewards_chosen", "rewards_rejected", "margin", "reward_accuracy")
+METRICS = ("rewards_chosen", "rewards_rejected", "margin", "reward_accuracy", "kl")
 
 
 # ----------------------------------------------------------------------------- data
@@ -180,6 +181,35 @@ def reference_logps(
 
 
 @torch.no_grad()
+def reply_kl(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    autocast=nullcontext,
+    reference: nn.Module | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(pi || pi_ref) of the next-token distributions, summed over every row's labelled
+    tokens, and the number of those tokens (two scalars, on the device: no host sync).
+
+    At a reply position t: sum over v of pi(v | <t) * (log pi(v | <t) - log ref(v | <t)),
+    the exact KL of that step (not a one-sample estimate). The reference is ``reference``
+    if given, else ``model`` with its LoRA update off. ``batch`` as ``sequence_logps``.
+    """
+    from lmlab.finetune.lora import disabled_lora
+
+    with autocast():
+        logits = model(batch["ids"])  # (N, T, V)
+        if reference is not None:
+            ref_logits = reference(batch["ids"])
+        else:
+            with disabled_lora(model):
+                ref_logits = model(batch["ids"])
+    scored = batch["labels"][:, 1:] != IGNORE  # (N, T-1): position t predicts token t + 1
+    logp = logits[:, :-1][scored].float().log_softmax(-1)  # (n, V)
+    logq = ref_logits[:, :-1][scored].float().log_softmax(-1)
+    return (logp.exp() * (logp - logq)).sum(), scored.sum()
+
+
+@torch.no_grad()
 def precompute_reference(
     model: nn.Module,
     pairs: Sequence[EncodedPair],
@@ -230,6 +260,10 @@ class DPOLoss:
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.reference, self.rpo_alpha = reference, rpo_alpha
         self.stats = PairStats("reward_accuracy")
+        self.track_kl = False
+        """Measure ``reply_kl`` on evaluation batches (needs ``reference`` or a LoRA model
+        whose update can be switched off); ``dpo`` turns it on where it can."""
+        self._kl: torch.Tensor | None = None  # [summed KL, token count] since the last read
 
     def __call__(self, model, batch, autocast=nullcontext, keep: float = 1.0):
         average = self.loss_type == "ipo"  # IPO compares per-token means (TRL's convention)
@@ -243,6 +277,9 @@ class DPOLoss:
             logps[:B], logps[B:], ref[:B], ref[B:], self.beta, self.label_smoothing, self.loss_type
         )
         self.stats.add(model.training, chosen, rejected)
+        if self.track_kl and not model.training:
+            kl = torch.stack(reply_kl(model, batch, autocast, self.reference)).float()
+            self._kl = kl if self._kl is None else self._kl + kl
         loss = losses.sum()
         if self.rpo_alpha:
             # RPO (Pang et al. 2024; TRL's rpo_alpha): plus alpha times the chosen replies'
@@ -253,8 +290,13 @@ class DPOLoss:
         return loss, logps.new_tensor(B, dtype=torch.int64)  # count: a tensor, no sync
 
     def metrics(self, training: bool) -> dict[str, float]:
-        """Means since the last call: rewards of chosen and rejected, margin, accuracy."""
-        return self.stats.means(training)
+        """Means since the last call: rewards of chosen and rejected, margin, accuracy;
+        in evaluation also ``kl`` (nats per reply token) when ``track_kl`` is on."""
+        means = self.stats.means(training)
+        if not training and self._kl is not None:
+            total, count = self._kl.tolist()
+            means["kl"], self._kl = total / max(count, 1), None
+        return means
 
 
 # ----------------------------------------------------------------------------- the run
@@ -367,6 +409,10 @@ def dpo(
         val_pairs = precompute_reference(net, val_pairs, size, pad_id, average, ref_model)
         ref_model = None
     loss_fn.reference = ref_model
+    # The drift on the validation replies: against the reference model, or the policy with
+    # its LoRA off (the starting model); a full fine-tune with precomputed reference
+    # log-probabilities keeps no reference weights to compare with.
+    loss_fn.track_kl = ref_model is not None or method == "lora"
     trainable, total, _ = trainable_parameters(net)
     supervised = Supervised(
         PairBatches(train_pairs, config.batch_size, config.seed, pad_id),
@@ -418,16 +464,18 @@ def _write_model(done: DPOResult, net: nn.Module, lm: Any, method: str) -> None:
 
 
 def plot_dpo(metrics_path: str | Path, png_path: str | Path) -> None:
-    """Implicit rewards, margin and reward accuracy against step (train and validation)."""
+    """Implicit rewards, margin and reward accuracy (train and validation) and the
+    validation KL to the reference, against step."""
     from matplotlib.figure import Figure
 
     records = read_metrics(metrics_path)
-    fig = Figure(figsize=(12, 3.5), dpi=100)
-    axes = fig.subplots(1, 3)
+    fig = Figure(figsize=(15, 3.5), dpi=100)
+    axes = fig.subplots(1, 4)
     panels = [
         (("rewards_chosen", "rewards_rejected"), "implicit reward (beta log ratio)"),
         (("margin",), "reward margin (chosen - rejected)"),
         (("reward_accuracy",), "reward accuracy"),
+        (("kl",), "KL to the reference (nats per reply token)"),
     ]
     for ax, (keys, title) in zip(axes, panels):
         for key in keys:
@@ -470,5 +518,6 @@ def run_summary(result: DPOResult) -> list[str]:
         lines.append(
             f"validation: loss {v.get('val_loss', float('nan')):.4f}, reward accuracy "
             f"{v.get('val_reward_accuracy', float('nan')):.2f} (held-out pairs)"
+            + (f", KL to the reference {v['val_kl']:.4f} nats/token" if "val_kl" in v else "")
         )
     return lines + written_lines(result.adapter_dir, result.model_dir, result.plot)
