@@ -235,6 +235,33 @@ def test_metrics_are_logged_every_step(setup):
     assert trains[0]["loss"] == pytest.approx(25.0, abs=1e-3)
 
 
+@pytest.mark.parametrize("precompute", [True, False])
+def test_val_kl_is_measured_only_against_the_reference_itself(setup, precompute):
+    """A separate reference model: compared with live (precompute off), so val_kl is the
+    KL to it, > 0 even at step 0 of a LoRA whose base is another model; with precomputed
+    log-probabilities its weights are gone, and the LoRA-off policy is not the reference,
+    so no val_kl is logged rather than a KL to the wrong model."""
+    lm = lmlab.load(str(setup / "base"))
+    with torch.no_grad():  # another model of the same shape
+        for param in lm.model.parameters():
+            param.add_(0.2 * torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
+    save_checkpoint(setup / f"other-{precompute}", lm.model.eval(), tokenizer=lm.tokenizer)
+    result = dpo(
+        str(setup / "base"),
+        str(setup / "prefs.jsonl"),
+        val_data=str(setup / "val.jsonl"),
+        reference=str(setup / f"other-{precompute}"),
+        precompute_reference_logps=precompute,
+        config=config(
+            setup, f"ref-{precompute}", max_steps=2, eval_interval=2, lr=1e-9, min_lr=0.0
+        ),
+    )
+    if precompute:
+        assert "val_kl" not in result.val
+    else:
+        assert result.val["val_kl"] > 0.01  # lr 1e-9: the policy is still the base, not `other`
+
+
 @pytest.mark.parametrize("precompute", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_dpo_resume_is_exact(setup, precompute):
     """K = 8 steps uninterrupted vs a crash after step 5 (checkpoint at 4) and a resume:

@@ -22,7 +22,8 @@ exact resume come with it. Each logged step also carries the implicit rewards
 beta * log(pi / pi_ref) of chosen and rejected replies, their margin and the reward
 accuracy (chosen reward > rejected reward); validation the same (``val_`` prefix), plus
 ``val_kl``: the mean per-token KL(pi || pi_ref) of the next-token distributions over the
-validation replies (``reply_kl``), how far the policy has drifted. ``dpo.png`` plots them. At the end the model is written like ``finetune`` does.
+validation replies, chosen and rejected (``reply_kl``), how far the policy has drifted.
+``dpo.png`` plots them. At the end the model is written like ``finetune`` does.
 Parity of the loss with TRL: ``tests/align/test_losses.py``.
 """
 
@@ -410,9 +411,9 @@ def dpo(
         ref_model = None
     loss_fn.reference = ref_model
     # The drift on the validation replies: against the reference model, or the policy with
-    # its LoRA off (the starting model); a full fine-tune with precomputed reference
-    # log-probabilities keeps no reference weights to compare with.
-    loss_fn.track_kl = ref_model is not None or method == "lora"
+    # its LoRA off when that is the reference. With precomputed log-probabilities, a full
+    # fine-tune or a separate reference keeps no reference weights to compare with.
+    loss_fn.track_kl = ref_model is not None or (method == "lora" and reference is None)
     trainable, total, _ = trainable_parameters(net)
     supervised = Supervised(
         PairBatches(train_pairs, config.batch_size, config.seed, pad_id),
