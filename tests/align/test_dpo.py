@@ -237,14 +237,15 @@ def test_metrics_are_logged_every_step(setup):
 
 @pytest.mark.parametrize("precompute", [True, False])
 def test_val_kl_is_measured_only_against_the_reference_itself(setup, precompute):
-    """A separate reference model: compared with live (precompute off), so val_kl is the
-    KL to it, > 0 even at step 0 of a LoRA whose base is another model; with precomputed
-    log-probabilities its weights are gone, and the LoRA-off policy is not the reference,
-    so no val_kl is logged rather than a KL to the wrong model."""
+    """A reference model other than the policy's base. Kept live (precompute off), val_kl
+    is the KL to it, > 0 although the policy has barely moved from its base. Precomputed,
+    its weights are gone and the LoRA-off policy is not the reference, so no val_kl is
+    logged rather than a KL to the wrong model."""
     lm = lmlab.load(str(setup / "base"))
+    noise = torch.Generator().manual_seed(1)
     with torch.no_grad():  # another model of the same shape
         for param in lm.model.parameters():
-            param.add_(0.2 * torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
+            param.add_(0.2 * torch.randn(param.shape, generator=noise))
     save_checkpoint(setup / f"other-{precompute}", lm.model.eval(), tokenizer=lm.tokenizer)
     result = dpo(
         str(setup / "base"),
