@@ -46,6 +46,10 @@ def inference_kernel_applies(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled())
 
 
+# The group sizes torch's int4 CPU kernel (_weight_int4pack_mm_for_cpu) accepts.
+GROUP_SIZES = (32, 64, 128, 256)
+
+
 class Int4Linear(nn.Module):
     """y = x W^T + b with W in 4 bits (see the module docstring); inference only.
 
@@ -93,9 +97,11 @@ class Int4Linear(nn.Module):
             z = -1 + 8 s = -0.19921875 -> q = [0, 5, 10, 15]
         """
         K = linear.in_features
-        if group_size < 1 or K % group_size:
+        if group_size not in GROUP_SIZES or K % group_size:
             raise ConfigError(
-                f"Int4Linear.from_float: group_size={group_size} must divide in_features={K}"
+                f"Int4Linear.from_float: group_size={group_size} must be one of "
+                f"{', '.join(map(str, GROUP_SIZES))} (the int4 kernel's) and divide "
+                f"in_features={K}"
             )
         w = linear.weight.detach().float().view(linear.out_features, K // group_size, -1)
         lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (N, K/G)
