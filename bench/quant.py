@@ -91,10 +91,11 @@ def row(name: str, tokens: int, new_tokens: int, threads: int, source: str = "sm
 
     import lmlab
     from lmlab.checkpoint.io import WEIGHTS_FILE, save_checkpoint
+    from lmlab.checkpoint.quantized import save_quantized
     from lmlab.data import load_corpus
     from lmlab.eval.perplexity import perplexity
     from lmlab.generate import SamplingParams, generate_ids
-    from lmlab.quant import model_size_bytes, quantize_model, save_quantized
+    from lmlab.quant import model_size_bytes, quantize_model
 
     lm = lmlab.load(source, dtype="float32", keep_quantized=False)
     model = lm.model

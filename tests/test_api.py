@@ -137,7 +137,7 @@ def test_load_minilm_embeds_sentences_and_refuses_to_generate():
     assert e.shape == (3, 384)
     torch.testing.assert_close(e.norm(dim=1), torch.ones(3))  # normalised
     assert e[0] @ e[1] > 0.5 > e[0] @ e[2]  # paraphrases are close, unrelated text is not
-    with pytest.raises(ConfigError, match="this is an encoder .*use embed"):
+    with pytest.raises(ConfigError, match="is an encoder .*use it for embeddings"):
         lm.generate("hello")
 
 

@@ -6,6 +6,6 @@
 """
 
 from lmlab.api import LM, load, train
+from lmlab.version import __version__
 
-__version__ = "0.1.0"
-__all__ = ["LM", "load", "train"]
+__all__ = ["LM", "__version__", "load", "train"]

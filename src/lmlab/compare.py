@@ -371,7 +371,7 @@ def markdown_report(results: list[ModelResult], table: str, settings: dict[str, 
 
 def plot_curves(results: list[ModelResult], png_path: str | Path) -> None:
     """Validation loss against wall-clock seconds, one line (or point) per model."""
-    from matplotlib.figure import Figure  # a bare Figure renders with Agg
+    from matplotlib.figure import Figure  # deferred: slow to import, only for plots
 
     fig = Figure(figsize=(7, 4.5), dpi=100)
     ax = fig.add_subplot()

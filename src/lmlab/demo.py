@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmlab.api import LM, load, train
+from lmlab.data import read_tokens
 from lmlab.eval.perplexity import token_nll
 from lmlab.train import TrainConfig, TrainResult
 
@@ -84,7 +85,6 @@ def demo(
     config = TrainConfig(out_dir=out_dir, seed=seed, resume="auto", progress=progress, **settings)
     result = train("gpt-char-tiny", "tinyshakespeare", "char", config=config)
     lm = load(out_dir)
-    from lmlab.data import read_tokens
 
     val_ids = read_tokens(Path(out_dir) / "data" / "val.bin")
     loss = val_loss(lm, val_ids, config.seq_len)

@@ -8,6 +8,8 @@ subclass also derives from the builtin a Python user would catch (``ValueError``
 
 from __future__ import annotations
 
+import difflib
+
 
 class LMLabError(Exception):
     """Base class: a message meant for the user, naming what is wrong and what is valid."""
@@ -35,7 +37,5 @@ class DecodingError(LMLabError, ValueError):
 
 def closest(name: str, valid: list[str] | tuple[str, ...]) -> str:
     """A hint like ``" (did you mean 'top_p'?)"`` for an unknown name, or ``""``."""
-    import difflib
-
     match = difflib.get_close_matches(name, list(valid), n=1)
     return f" (did you mean {match[0]!r}?)" if match else ""

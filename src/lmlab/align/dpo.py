@@ -41,11 +41,23 @@ import torch
 from torch import nn
 
 from lmlab.align.losses import PairStats, dpo_loss
-from lmlab.data.instructions import IGNORE, EncodedExample, Example, collate, encode_example
+from lmlab.checkpoint.hf import save_chat_template
+from lmlab.checkpoint.io import save_checkpoint
+from lmlab.data.instructions import (
+    IGNORE,
+    EncodedExample,
+    Example,
+    collate,
+    encode_example,
+    template_for,
+)
 from lmlab.data.preferences import PreferencePair, load_preferences
 from lmlab.errors import ConfigError, DataError, closest
-from lmlab.finetune.run import written_lines
+from lmlab.finetune import save_adapter, trainable_parameters, unload_lora
+from lmlab.finetune.lora import disabled_lora
+from lmlab.finetune.run import prepare_method, share, written_lines
 from lmlab.finetune.sft import ExampleBatches
+from lmlab.lm import load
 from lmlab.train import Supervised, TrainConfig, TrainResult, train
 from lmlab.train.metrics import read_metrics
 
@@ -173,8 +185,6 @@ def reference_logps(
 ) -> torch.Tensor:
     """``sequence_logps`` of the reference [N]: ``reference`` if given, else ``model`` with
     its LoRA update off (a model with no LoRA layers is then its own reference)."""
-    from lmlab.finetune.lora import disabled_lora
-
     if reference is not None:
         return sequence_logps(reference, batch, autocast, average)
     with disabled_lora(model):
@@ -195,8 +205,6 @@ def reply_kl(
     the exact KL of that step (not a one-sample estimate). The reference is ``reference``
     if given, else ``model`` with its LoRA update off. ``batch`` as ``sequence_logps``.
     """
-    from lmlab.finetune.lora import disabled_lora
-
     with autocast():
         logits = model(batch["ids"])  # (N, T, V)
         if reference is not None:
@@ -370,17 +378,12 @@ def dpo(
         config: the trainer's settings (out_dir, max_steps, lr, batch_size = pairs per step).
         callbacks: called with every logged event (see ``lmlab.train.train``).
     """
-    from lmlab import api
-    from lmlab.data.instructions import template_for
-    from lmlab.finetune import trainable_parameters
-    from lmlab.finetune.run import prepare_method
-
     config = config or TrainConfig(out_dir="runs/dpo", max_steps=200, lr=5e-6, min_lr=5e-7)
     _check_method(method)
     if label_smoothing and loss_type != "sigmoid":
         raise ConfigError(f"label_smoothing={label_smoothing} applies to loss_type='sigmoid' only")
     loss_fn = DPOLoss(beta, loss_type, label_smoothing, rpo_alpha=rpo_alpha)
-    lm = api.load(model, dtype="float32", keep_quantized=False)
+    lm = load(model, dtype="float32", keep_quantized=False)
     template = template_for(lm.tokenizer, lm.chat_template)
     pad_id = lm.tokenizer.eos_id if lm.tokenizer.eos_id is not None else 0
     train_pairs, skipped = encode_pairs(load_preferences(data), lm.tokenizer, template, max_len)
@@ -396,7 +399,7 @@ def dpo(
     net = lm.model.train()
     ref_model = None
     if reference is not None:
-        ref_model = api.load(reference, dtype="float32", keep_quantized=False).model
+        ref_model = load(reference, dtype="float32", keep_quantized=False).model
     elif method == "full" and not precompute_reference_logps:
         ref_model = copy.deepcopy(net)
     if ref_model is not None:
@@ -448,8 +451,6 @@ def dpo(
 
 
 def _write_model(done: DPOResult, net: nn.Module, lm: Any, method: str) -> None:
-    from lmlab.checkpoint.io import save_checkpoint
-    from lmlab.finetune import save_adapter, unload_lora
 
     if method == "lora":
         done.adapter_dir = done.out_dir / "adapter"
@@ -459,15 +460,13 @@ def _write_model(done: DPOResult, net: nn.Module, lm: Any, method: str) -> None:
     done.model_dir = done.out_dir / "model"
     save_checkpoint(done.model_dir, net, tokenizer=lm.tokenizer)
     if lm.chat_template is not None:
-        from lmlab.checkpoint.hf import save_chat_template
-
         save_chat_template(lm.chat_template, done.model_dir)
 
 
 def plot_dpo(metrics_path: str | Path, png_path: str | Path) -> None:
     """Implicit rewards, margin and reward accuracy (train and validation) and the
     validation KL to the reference, against step."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # deferred: slow to import, only for plots
 
     records = read_metrics(metrics_path)
     fig = Figure(figsize=(15, 3.5), dpi=100)
@@ -500,8 +499,6 @@ def plot_dpo(metrics_path: str | Path, png_path: str | Path) -> None:
 
 def run_summary(result: DPOResult) -> list[str]:
     """Lines the CLI prints."""
-    from lmlab.finetune.run import share
-
     r = result.train
     lines = [
         f"dpo ({result.method}): trained {share(result.trainable, result.total)} for "

@@ -64,6 +64,7 @@ from lmlab.data.tasks import check
 from lmlab.errors import ConfigError, DataError, DataNotFoundError
 from lmlab.eval.scoring import encode_pair, score_token_pairs
 from lmlab.generate import SamplingParams, generate_text
+from lmlab.lm import load
 
 DEFAULT_CONSTITUTION = """\
 1. The answer is correct: every fact, number and step in it is true.
@@ -320,8 +321,6 @@ def judge(
         params: the policy's decoding settings (temperature, max_new_tokens, ...).
         progress: show a progress bar.
     """
-    from lmlab.api import load
-
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ConfigError(f"limit={limit!r} is invalid: must be None or an integer >= 1")
     principles = read_constitution(constitution)

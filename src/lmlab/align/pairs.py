@@ -163,7 +163,7 @@ def sampled_pairs(
     in iterative reasoning preference optimisation (Pang et al. 2024), which pairs the
     gold answer with the model's own mistake.
 
-    ``lm``: an ``lmlab.api.LM`` (model, tokenizer, chat template). Each row is asked as
+    ``lm``: an ``lmlab.LM`` (model, tokenizer, chat template). Each row is asked as
     SFT renders it (``template.render(prompt, add_generation_prompt=True)``); the k
     samples of a prompt come from one batch, seeded by ``(seed, batch number)``, so the
     result depends only on the arguments. ``batch_size`` prompts (times k) per batch.

@@ -53,6 +53,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmlab.align.heads import hidden_size, logits_and_hidden
+from lmlab.align.reward import load_reward_model
 from lmlab.align.rl import (
     KL_KINDS,
     AdaptiveKLController,
@@ -67,7 +68,25 @@ from lmlab.align.rl import (
     value_loss,
     whiten,
 )
-from lmlab.errors import ConfigError, DataError, closest
+from lmlab.checkpoint.hf import save_chat_template
+from lmlab.checkpoint.io import (
+    checkpoint_dir,
+    latest_checkpoint,
+    list_checkpoints,
+    load_train_state,
+    load_weights,
+    rotate_checkpoints,
+    save_checkpoint,
+)
+from lmlab.data.instructions import example_from_row, read_rows, template_for
+from lmlab.data.tasks import check
+from lmlab.errors import CheckpointError, ConfigError, DataError, closest
+from lmlab.fileio import atomic_write_json
+from lmlab.finetune import LoRAConfig, apply_lora, disabled_lora, save_adapter, unload_lora
+from lmlab.generate import SamplingParams, generate
+from lmlab.lm import LM, load
+from lmlab.models.contract import require_gradients
+from lmlab.train.metrics import MetricsLog, read_metrics, truncate_after_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -249,8 +268,6 @@ class PPOResult:
 
 def row_prompt(row: Mapping[str, Any]) -> str:
     """The user message of a task row (instruction, and input when there is one)."""
-    from lmlab.data.instructions import example_from_row
-
     messages = example_from_row(row).messages
     return next(m["content"] for m in reversed(messages) if m["role"] == "user")
 
@@ -259,8 +276,6 @@ def task_reward(rows: Sequence[Mapping[str, Any]]) -> RewardFn:
     """A reward function for rows of the bundled verifiable tasks (``lmlab.data.tasks``):
     1.0 when ``check(row["task"], completion, row["output"])`` accepts the completion,
     else 0.0. The rows are found by their prompt, ``row_prompt(row)``."""
-    from lmlab.data.tasks import check
-
     by_prompt: dict[str, Mapping[str, Any]] = {}
     for i, row in enumerate(rows):
         for key in ("task", "output"):
@@ -297,8 +312,6 @@ def ppo_from_files(
             (prompt, completion); rows then need only a ``prompt`` (or an instruction).
         config: the PPO settings.
     """
-    from lmlab.data.instructions import read_rows
-
     if reward == "task":
         expected = "'task', 'instruction', 'output'"
         rows = [row for _, row in read_rows(prompts, "task rows", expected)]
@@ -308,7 +321,6 @@ def ppo_from_files(
             f"reward={reward!r} is neither 'task' nor a reward-model directory (lmlab reward "
             "writes one)"
         )
-    from lmlab.align.reward import load_reward_model
 
     scorer = load_reward_model(reward)
     rows = [row for _, row in read_rows(prompts, "prompt rows", "'prompt' or 'instruction'")]
@@ -400,17 +412,16 @@ def ppo(
     """Train ``model`` with PPO against ``reward_fn`` on ``prompts``.
 
     Args:
-        model: an ``lmlab.api.LM`` (model, tokenizer, chat template) or anything
+        model: an ``lmlab.LM`` (model, tokenizer, chat template) or anything
             ``lmlab.load`` takes (loaded in float32). Its model is trained in place.
         prompts: user requests (with ``config.chat_template``) or raw prompt texts.
         reward_fn: ``reward_fn(prompts, completions) -> list[float]``, one finite score
             per completion (``prompts`` are the strings given here, repeated per sample).
         config: the settings (``PPOConfig``).
     """
-    from lmlab import api
-
     config = config or PPOConfig()
-    lm = model if isinstance(model, api.LM) else api.load(model, dtype="float32")
+    lm = model if isinstance(model, LM) else load(model, dtype="float32")
+    require_gradients(lm.model, "PPO")
     if not prompts or not all(isinstance(p, str) and p for p in prompts):
         raise DataError("prompts must be a non-empty list of non-empty strings")
     prompts = list(prompts)
@@ -422,7 +433,6 @@ class _Run:
     """One PPO run's state and plumbing; the maths is in ``lmlab.align.rl``."""
 
     def __init__(self, lm, prompts: list[str], reward_fn: RewardFn, config: PPOConfig):
-        from lmlab.finetune import LoRAConfig, apply_lora
 
         self.lm, self.prompts, self.reward_fn, self.config = lm, prompts, reward_fn, config
         self.out_dir = Path(config.out_dir)
@@ -466,7 +476,6 @@ class _Run:
     def _render(self, prompts: list[str]) -> list[str]:
         if not self.config.chat_template:
             return prompts
-        from lmlab.data.instructions import template_for
 
         template = template_for(self.tokenizer, self.lm.chat_template)
         return [
@@ -477,8 +486,6 @@ class _Run:
     # ------------------------------------------------------------------------- main loop
 
     def train(self) -> PPOResult:
-        from lmlab.fileio import atomic_write_json
-        from lmlab.train.metrics import MetricsLog, read_metrics, truncate_after_checkpoint
 
         config = self.config
         checkpoint = self._resume_source()
@@ -546,7 +553,6 @@ class _Run:
         return result
 
     def _rollout(self) -> dict[str, Any]:
-        from lmlab.generate import SamplingParams, generate
 
         config = self.config
         index = [i for i in self.order.next_batch() for _ in range(config.samples_per_prompt)]
@@ -618,7 +624,6 @@ class _Run:
         return self.value_head if self.config.advantage_estimator == "gae" else None
 
     def _reference_logp(self, ids, prompt_lens, R) -> torch.Tensor:
-        from lmlab.finetune import disabled_lora
 
         t = self.config.temperature
         if self.reference is not None:
@@ -687,7 +692,6 @@ class _Run:
     # ------------------------------------------------------------------------- checkpoints
 
     def _resume_source(self) -> Path | None:
-        from lmlab.checkpoint.io import latest_checkpoint, list_checkpoints
 
         if self.config.resume:
             return latest_checkpoint(self.out_dir)
@@ -699,7 +703,6 @@ class _Run:
         return None
 
     def _save(self) -> Path:
-        from lmlab.checkpoint.io import checkpoint_dir, rotate_checkpoints, save_checkpoint
 
         state = {
             "iteration": self.iteration,
@@ -726,8 +729,6 @@ class _Run:
         return path
 
     def _restore(self, ckpt: Path) -> None:
-        from lmlab.checkpoint.io import load_train_state, load_weights
-        from lmlab.errors import CheckpointError
 
         state = load_train_state(ckpt)
         if state.get("n_prompts") != len(self.prompts):
@@ -755,8 +756,6 @@ class _Run:
             ) from e
 
     def _write_model(self, result: PPOResult) -> None:
-        from lmlab.checkpoint.io import save_checkpoint
-        from lmlab.finetune import save_adapter, unload_lora
 
         net = self.model
         if self.config.method == "lora":
@@ -767,8 +766,6 @@ class _Run:
         result.model_dir = self.out_dir / "model"
         save_checkpoint(result.model_dir, net, tokenizer=self.tokenizer)
         if self.lm.chat_template is not None:
-            from lmlab.checkpoint.hf import save_chat_template
-
             save_chat_template(self.lm.chat_template, result.model_dir)
 
 
@@ -791,7 +788,7 @@ def _step_of(checkpoint: Path) -> int:
 
 def plot_ppo(records: list[dict[str, Any]], png_path: str | Path) -> None:
     """Mean score and KL to the reference against iteration, saved as a PNG."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # deferred: slow to import, only for plots
 
     fig = Figure(figsize=(6, 4), dpi=100)
     ax = fig.add_subplot()

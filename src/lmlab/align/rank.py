@@ -60,6 +60,7 @@ from lmlab.data.preferences import PreferenceLog, PreferencePair
 from lmlab.errors import ConfigError, DataError, DataNotFoundError
 from lmlab.fileio import atomic_write_json
 from lmlab.generate import SamplingParams, generate_text
+from lmlab.lm import load
 
 EXPECTED_PROMPTS = (
     "expected 'prompt' (a string) or 'instruction' (with optional 'input' and 'system')"
@@ -441,8 +442,6 @@ def rank(
         params: decoding settings (temperature, top_p, max_new_tokens, ...); seed is set
             per prompt.
     """
-    from lmlab.api import load
-
     items = read_prompts(prompts)
     lm = load(model, dtype=dtype)
     session = RankingSession(lm, items, out, samples, seed, params, ask, show)

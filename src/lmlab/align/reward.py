@@ -42,9 +42,16 @@ from lmlab.align.dpo import (
 )
 from lmlab.align.heads import hidden_size
 from lmlab.align.losses import PairStats
-from lmlab.data.instructions import Example, collate, encode_example, template_for
+from lmlab.checkpoint.hf import save_chat_template
+from lmlab.checkpoint.io import load_weights, read_config, resolve_checkpoint, save_checkpoint
+from lmlab.data.instructions import EncodedExample, Example, collate, encode_example, template_for
 from lmlab.data.preferences import PreferencePair, Prompt, load_preferences
+from lmlab.data.tokenizers import load_tokenizer
 from lmlab.errors import CheckpointError, ConfigError, DataError, closest
+from lmlab.finetune import unload_lora
+from lmlab.finetune.run import prepare_method
+from lmlab.lm import load, template_beside
+from lmlab.models import build_model
 from lmlab.train import Supervised, TrainConfig, TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -132,8 +139,6 @@ class RewardModel:
         self, items: Sequence[str | tuple[Prompt, str]], batch_size: int = 16
     ) -> torch.Tensor:
         """Rewards [N] float32 (on CPU) of texts or (prompt, reply) pairs (PPO's reward)."""
-        from lmlab.data.instructions import EncodedExample
-
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
@@ -171,9 +176,6 @@ def reward_accuracy(
 
 def save_reward_model(rm: RewardModel, directory: str | Path) -> Path:
     """Write ``rm`` as a checkpoint directory (atomic): weights, config, tokenizer, template."""
-    from lmlab.checkpoint.hf import save_chat_template
-    from lmlab.checkpoint.io import save_checkpoint
-
     path = save_checkpoint(
         directory,
         rm.model,
@@ -187,12 +189,6 @@ def save_reward_model(rm: RewardModel, directory: str | Path) -> Path:
 
 def load_reward_model(directory: str | Path) -> RewardModel:
     """Rebuild a reward model saved by ``save_reward_model`` (config + safetensors only)."""
-    import json
-
-    from lmlab.api import _template_from_config
-    from lmlab.checkpoint.io import load_weights, read_config, resolve_checkpoint
-    from lmlab.data.tokenizers import load_tokenizer
-    from lmlab.models import build_model
 
     ckpt = resolve_checkpoint(directory)
     config = read_config(ckpt)
@@ -203,11 +199,7 @@ def load_reward_model(directory: str | Path) -> RewardModel:
         )
     model = add_scalar_head(build_model(config["model"]))
     load_weights(model, ckpt)
-    tok_config = Path(ckpt) / "tokenizer_config.json"
-    template = None
-    if tok_config.is_file():
-        template = _template_from_config(json.loads(tok_config.read_text("utf-8")))
-    return RewardModel(model.eval(), load_tokenizer(ckpt), template)
+    return RewardModel(model.eval(), load_tokenizer(ckpt), template_beside(ckpt))
 
 
 # ----------------------------------------------------------------------------- training
@@ -252,16 +244,12 @@ def train_reward_model(
 
     Writes ``out_dir/checkpoints`` (resumable) and ``out_dir/model`` (``load_reward_model``).
     """
-    from lmlab import api
-    from lmlab.finetune import unload_lora
-    from lmlab.finetune.run import prepare_method
-
     if method not in METHODS:
         raise ConfigError(
             f"method={method!r} is not one of {', '.join(METHODS)}{closest(str(method), METHODS)}"
         )
     config = config or TrainConfig(out_dir="runs/reward", max_steps=200, lr=1e-5, min_lr=1e-6)
-    lm = api.load(model, dtype="float32", keep_quantized=False)
+    lm = load(model, dtype="float32", keep_quantized=False)
     rm = reward_model_from(lm)
     template = template_for(lm.tokenizer, lm.chat_template)
     pad_id = rm._pad_id()

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from lmlab.checkpoint.hf import load_converted
+from lmlab.checkpoint.hf import load_converted, read_hf_config, read_hf_weights
 from lmlab.data.tokenizers import HFTokenizer
 from lmlab.errors import CheckpointError
 from lmlab.models import build_model
@@ -267,8 +267,6 @@ def load_hf_encoder(
     the model's ``config.pooling``), ``normalize`` and ``max_length`` (from a
     sentence-transformers folder), and ``dropped`` (source tensors with no counterpart).
     """
-    from lmlab.checkpoint.hf import read_hf_config, read_hf_weights
-
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{str(directory)!r} has no config.json; it is not a BERT folder")

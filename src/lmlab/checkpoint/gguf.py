@@ -54,6 +54,7 @@ from lmlab.checkpoint.hf import convert_hf_state_dict, load_converted, spec_from
 from lmlab.data.tokenizers import BPETokenizer
 from lmlab.errors import CheckpointError, DataNotFoundError
 from lmlab.models import build_model
+from lmlab.quant.int4 import Float32Head, Int4Linear, int4_kernel_available
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -695,8 +696,6 @@ def keep_4bit(model: nn.Module, g: GGUFFile, head: torch.Tensor | None = None) -
     ``head`` (the float32 output matrix) becomes a ``Float32Head``: float32 logits, so
     greedy decoding does not choose between near-ties by bf16 rounding.
     """
-    from lmlab.quant.int4 import Float32Head, Int4Linear
-
     Q = gguf.GGMLQuantizationType
     heads = {"attn_q.weight": model.config.n_heads, "attn_k.weight": model.config.kv_heads}
     done = []
@@ -743,8 +742,6 @@ def load_gguf(
     if dtype is not None:
         model = model.to(dtype)
     if keep_quantized is None:
-        from lmlab.quant.int4 import int4_kernel_available
-
         keep_quantized = dtype == torch.bfloat16 and int4_kernel_available()
     head = hf_state.get("lm_head.weight", hf_state["model.embed_tokens.weight"])
     quantized = keep_4bit(model, g, head) if keep_quantized else []

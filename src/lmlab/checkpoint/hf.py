@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lmlab.checkpoint.io import read_safetensors_header
+from lmlab.data.tokenizers import load_tokenizer
 from lmlab.errors import CheckpointError
 from lmlab.fileio import atomic_write_json
 from lmlab.models import build_model, model_spec
@@ -457,8 +458,6 @@ def load_hf(
     model.to(dtype or torch.float32).eval()
     tokenizer = None
     if (directory / "tokenizer.json").is_file():
-        from lmlab.data.tokenizers import load_tokenizer
-
         tokenizer = load_tokenizer(directory)
     tok_config = {}
     if (directory / "tokenizer_config.json").is_file():

@@ -33,6 +33,8 @@ import os
 import shutil
 import uuid
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +43,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from lmlab.data.tokenizers import load_tokenizer
 from lmlab.errors import CheckpointError
-from lmlab.models import build_model, model_spec
+from lmlab.models import base_model, build_model, model_spec
 
 CHECKPOINTS_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
@@ -63,6 +66,36 @@ _FLOAT_DTYPES = {
 def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
     """Where the checkpoint of ``step`` lives in a run: ``run_dir/checkpoints/step-00000100``."""
     return Path(run_dir) / CHECKPOINTS_DIR / f"step-{step:08d}"
+
+
+# ----------------------------------------------------------------------------- structures
+
+
+@dataclass(frozen=True)
+class Structure:
+    """Something a higher layer builds around a plain family model (LoRA layers, adapters, a
+    soft prompt: ``lmlab.finetune.peft``), as config.json records it under one key."""
+
+    describe: Callable[[nn.Module], Any]
+    """model -> the JSON entry describing it, or a falsy value when the model has none."""
+    rebuild: Callable[[nn.Module, Any, str], nn.Module]
+    """(plain model, entry, where for errors) -> the model with the structure rebuilt."""
+
+
+# config.json key -> Structure. Filled once by the layer that owns the structure when it is
+# imported (``lmlab.finetune`` registers "peft"; ``import lmlab`` imports it), so that this
+# layer saves and rebuilds it without importing anything above itself.
+_STRUCTURES: dict[str, Structure] = {}
+
+
+def register_structure(
+    key: str,
+    describe: Callable[[nn.Module], Any],
+    rebuild: Callable[[nn.Module, Any, str], nn.Module],
+) -> None:
+    """Let checkpoints record (``describe``) and rebuild (``rebuild``) a structure under
+    ``key`` in config.json."""
+    _STRUCTURES[key] = Structure(describe, rebuild)
 
 
 # ----------------------------------------------------------------------------- saving
@@ -86,16 +119,15 @@ def save_checkpoint(
     ``extra_config`` entries are added at the top level of config.json. An existing
     checkpoint at ``path`` is replaced.
     """
-    from lmlab.finetune.peft import base_model, peft_spec
-
     path = Path(path)
     config = {
         "model": model_spec(base_model(model)),
         "tokenizer": _tokenizer_config(tokenizer),
         **(extra_config or {}),
     }
-    if peft := peft_spec(model):
-        config["peft"] = peft
+    for key, structure in _STRUCTURES.items():
+        if entry := structure.describe(model):
+            config[key] = entry
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -309,10 +341,9 @@ def load_model(
         raise CheckpointError(
             f"{str(ckpt / CONFIG_FILE)!r}: cannot build the model from its spec: {e}"
         ) from e
-    if config.get("peft"):
-        from lmlab.finetune.peft import apply_peft
-
-        model = apply_peft(model, config["peft"], where=str(ckpt / CONFIG_FILE))
+    for key, structure in _STRUCTURES.items():
+        if config.get(key):
+            model = structure.rebuild(model, config[key], str(ckpt / CONFIG_FILE))
     if dtype is None:
         dtype = _saved_float_dtype(ckpt / WEIGHTS_FILE)
     if dtype is not None:
@@ -321,8 +352,6 @@ def load_model(
     model.eval()
     tokenizer = None
     if (ckpt / TOKENIZER_FILE).is_file():
-        from lmlab.data.tokenizers import load_tokenizer
-
         tokenizer = load_tokenizer(ckpt)
     return model, tokenizer, config
 

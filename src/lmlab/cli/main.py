@@ -7,6 +7,7 @@ problem and exits with status 2; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 import traceback
@@ -45,8 +46,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> tuple[ArgumentParser, dict[str, Callable]]:
-    import importlib
-
     # Config fields are documented by the string right under them: show those in --help.
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
 

@@ -202,7 +202,7 @@ class ChatTemplate:
         ``gguf_file`` is a path or an open ``gguf.GGUFReader`` (opening SmolLM2's file
         takes seconds: a loader that has one should pass it).
         """
-        import gguf
+        import gguf  # deferred: only GGUF files need the reader
 
         if isinstance(gguf_file, gguf.GGUFReader):
             reader = gguf_file

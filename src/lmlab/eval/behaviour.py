@@ -55,6 +55,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
+from tqdm.auto import tqdm
+
 from lmlab.errors import ConfigError
 from lmlab.eval.scoring import score_continuations
 from lmlab.eval.text import normalize_answer
@@ -486,8 +488,6 @@ def run_suite(
 ) -> SuiteResult:
     """Run every test of ``suite`` on ``lm``: each distinct prompt is predicted once per
     predictor, then each test checks its cases."""
-    from tqdm.auto import tqdm
-
     if not isinstance(suite, Suite):
         suite = Suite("suite", tuple(suite))
     if not suite.tests:

@@ -193,7 +193,7 @@ def reliability_diagram(
     """Save a reliability diagram (PNG) of a ``ChoiceResult``: the accuracy of each
     confidence bin as a bar, the diagonal of perfect calibration, each bar's count above
     it and the ECE in the title. Returns the path."""
-    from matplotlib.figure import Figure  # a bare Figure renders with Agg
+    from matplotlib.figure import Figure  # deferred: slow to import, only for plots
 
     cal = calibration(result, n_bins, binning)
     fig = Figure(figsize=(4.5, 4.5))

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import csv
 import io
-import itertools
 import json
 import math
 import os
@@ -35,77 +34,15 @@ from dataclasses import asdict, astuple, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from lmlab.errors import ConfigError, DataError
 from lmlab.fileio import atomic_write_json, atomic_write_text
 
-
-@torch.inference_mode()
-def token_nll(
-    model: nn.Module,
-    ids: Sequence[int] | torch.Tensor,
-    stride: int | None = None,
-    batch_size: int = 16,
-    context: int | None = None,
-) -> torch.Tensor:
-    """Surprisal in nats of every token after the first: float32 [N - 1].
-
-    A window holds ``context + 1`` tokens: ``context`` inputs, each predicting the next.
-    ``context`` defaults to the model's ``max_seq_len`` (families without a fixed context,
-    such as recurrent models and n-grams, then score the whole text in one pass; give
-    ``context`` to score them in windows like the others). ``stride`` (how far each window
-    moves, 1..context) defaults to half the context, so every scored token sees at least
-    half a window of left context; ``stride=context`` gives non-overlapping windows,
-    exactly the training windows. The model runs in eval mode (no dropout).
-    """
-    if isinstance(ids, np.ndarray):  # e.g. a read-only memmap of uint16 token ids
-        ids = torch.from_numpy(ids.astype(np.int64))
-    ids = torch.as_tensor(ids, dtype=torch.long).flatten()
-    n = ids.numel()
-    if n < 2:
-        raise ConfigError(f"perplexity needs at least 2 tokens, got {n}")
-    # parameters or, for count-based models (n-grams), buffers
-    device = next(itertools.chain(model.parameters(), model.buffers())).device
-    context = min(context or getattr(model.config, "max_seq_len", None) or n - 1, n - 1)
-    window = context + 1
-    stride = stride or max(context // 2, 1)
-    if not 1 <= stride <= context:
-        raise ConfigError(f"stride={stride} is invalid: must be in [1, {context}] (the context)")
-    # Window w covers ids[start : start + window] and scores its targets from `first` on.
-    starts = list(range(0, max(n - window, 0) + 1, stride))
-    if starts[-1] + window < n:
-        starts.append(n - window)
-    out = torch.empty(n - 1, dtype=torch.float32)
-    scored = 1  # ids[0] has no prediction
-    was_training = model.training
-    model.eval()
-    try:
-        for b in range(0, len(starts), batch_size):
-            chunk = starts[b : b + batch_size]
-            x = torch.stack([ids[s : s + window] for s in chunk]).to(device)  # (B, W)
-            logits = model(x[:, :-1]).float()  # (B, W - 1, V)
-            nll = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").cpu()
-            for row, s in enumerate(chunk):
-                end = s + window  # targets ids[s + 1 : end] are at nll[row, 0 : window - 1]
-                if end <= scored:
-                    continue
-                out[scored - 1 : end - 1] = nll[row, scored - s - 1 :]
-                scored = end
-    finally:
-        model.train(was_training)
-    return out
-
-
-def perplexity(
-    model: nn.Module, ids: Sequence[int] | torch.Tensor, stride: int | None = None
-) -> float:
-    """exp(mean surprisal) of ``ids`` under ``model``; see ``token_nll``."""
-    return math.exp(token_nll(model, ids, stride).mean().item())
-
+# The sliding-window scorer lives with decoding (the LM handle below eval uses it); it is
+# re-exported here, where readers of evaluation look for it.
+from lmlab.generate.likelihood import perplexity as perplexity
+from lmlab.generate.likelihood import token_nll as token_nll
 
 # ----------------------------------------------------------------------------- surprisal of text
 
@@ -367,7 +304,7 @@ def plot_surprisal(
     """Bar chart of the bits of each scored token (the first ``max_tokens``), labelled with
     the tokens, with the mean as a dashed line; saved as a PNG."""
     # A bare Figure renders with Agg and leaves pyplot's global backend alone.
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # deferred: slow to import, only for plots
 
     shown = result.tokens[:max_tokens]
     bits = [t.bits for t in shown]

@@ -39,17 +39,25 @@ from typing import Any
 import torch
 
 from lmlab.errors import ConfigError, DataError
+from lmlab.eval.calibration import reliability_diagram
+from lmlab.eval.robustness import evaluate_robustness
 from lmlab.eval.run import (
     BETTER,
     TaskRun,
     _check_settings,
     _plain,
+    detect_kind,
     md_cell,
     parse_tasks,
     run_task,
     short_name,
 )
+from lmlab.eval.tasks import load_task
 from lmlab.fileio import atomic_write_json, atomic_write_text
+from lmlab.generate import SamplingParams
+from lmlab.generate.search import generate
+from lmlab.lm import load
+from lmlab.version import __version__
 
 DEFAULT_TASKS: tuple[str, ...] = (
     "world-facts",
@@ -126,9 +134,6 @@ def decode_speed(
 ) -> dict[str, Any]:
     """Greedy decoding speed: ``{"tokens", "seconds", "tokens_per_s"}`` (one warm-up call
     first). A model with a short context decodes ``max_seq_len - 1`` tokens at most."""
-    from lmlab.generate import SamplingParams
-    from lmlab.generate.search import generate
-
     context = getattr(lm.model.config, "max_seq_len", None)
     if context is not None:
         new_tokens = min(new_tokens, context - 1)
@@ -190,8 +195,6 @@ def report(
         seed: picks few-shot examples and perturbations.
         decode_tokens: new tokens decoded to measure the decode speed.
     """
-    import lmlab
-    from lmlab.eval.run import detect_kind
 
     models = split_list(models)
     if not models:
@@ -216,7 +219,7 @@ def report(
     out = Path(out_dir)
     reports = []
     for model, name in zip(models, names):
-        lm = lmlab.load(model, dtype=dtype)
+        lm = load(model, dtype=dtype)
         runs = [run_task(lm, t, num_fewshot, limit, batch_size, seed) for t in task_list]
         rob = None
         if robustness_task is not None:
@@ -235,8 +238,6 @@ def report(
 def _robustness(
     lm: Any, task: str, num_fewshot: int, limit: int | None, batch_size: int, seed: int
 ) -> dict[str, Any]:
-    from lmlab.eval.robustness import evaluate_robustness
-    from lmlab.eval.tasks import load_task
 
     try:
         r = evaluate_robustness(
@@ -361,7 +362,6 @@ def _note(settings: dict[str, Any]) -> str:
 
 
 def _write_model(rep: ModelReport, folder: Path) -> None:
-    from lmlab.eval.calibration import reliability_diagram
 
     folder.mkdir(parents=True, exist_ok=True)
     plots = []
@@ -410,11 +410,8 @@ def _write_model(rep: ModelReport, folder: Path) -> None:
     rep.files["json"] = str(folder / "results.json")
     atomic_write_text(folder / "report.md", "\n".join(md))
     atomic_write_text(folder / "report.html", _page(title, sections))
-    import lmlab
 
-    atomic_write_json(
-        folder / "results.json", {"lmlab_version": lmlab.__version__, **rep.to_dict()}
-    )
+    atomic_write_json(folder / "results.json", {"lmlab_version": __version__, **rep.to_dict()})
 
 
 # --------------------------------------------------------------------------- comparison
@@ -451,7 +448,7 @@ def comparison_table(reports: Sequence[ModelReport]) -> str:
 
 def comparison_plot(reports: Sequence[ModelReport], path: str | Path) -> Path:
     """One panel per task, a bar per model (its headline score); failed runs are left out."""
-    from matplotlib.figure import Figure  # a bare Figure renders with Agg
+    from matplotlib.figure import Figure  # deferred: slow to import, only for plots
 
     tasks = list(dict.fromkeys(run.task for rep in reports for run in rep.runs))
     cols = min(3, len(tasks))

@@ -39,8 +39,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmlab.data import load_corpus, split_text
 from lmlab.data.instructions import read_rows
 from lmlab.errors import ConfigError, DataError, DataNotFoundError, DecodingError, closest
+from lmlab.eval.behaviour import default_suite, run_suite
+from lmlab.eval.calibration import calibration
+from lmlab.eval.choice import evaluate_choice
+from lmlab.eval.generation import GENERATION_TASKS, evaluate_generation, load_generation_task
+from lmlab.eval.pairs import bias_score, evaluate_minimal_pairs, read_bias_pairs, read_minimal_pairs
+from lmlab.eval.perplexity import surprisal
+from lmlab.eval.tasks import list_tasks, load_task
+from lmlab.fileio import atomic_write_json
+from lmlab.lm import load
+from lmlab.version import __version__
 
 KINDS = ("choice", "generation", "minimal_pairs", "bias_pairs", "behaviour", "perplexity")
 SPECIAL_TASKS: dict[str, str] = {
@@ -75,9 +86,6 @@ TASK_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 
 def task_names() -> list[str]:
     """Every task name ``run_task`` takes besides a file."""
-    from lmlab.eval.generation import GENERATION_TASKS
-    from lmlab.eval.tasks import list_tasks
-
     return [*list_tasks(), *SPECIAL_TASKS, *GENERATION_TASKS]
 
 
@@ -85,9 +93,6 @@ def detect_kind(task: str | os.PathLike) -> str:
     """The kind of a task name or file (one of ``KINDS``), from the rules of the module
     docstring: ``"world-facts" -> "choice"``, ``"pairs.csv"`` with a ``sent_more`` column
     -> ``"bias_pairs"``. An unknown name is a ``ConfigError`` naming the closest valid one."""
-    from lmlab.eval.generation import GENERATION_TASKS
-    from lmlab.eval.tasks import list_tasks
-
     key = str(task)
     if key in list_tasks():
         return "choice"
@@ -229,7 +234,6 @@ def md_cell(text: str) -> str:
 
 
 def _perplexity_text() -> str:
-    from lmlab.data import load_corpus, split_text
 
     return split_text(load_corpus("tinyshakespeare"), 0.1)[1][:PERPLEXITY_CHARS]
 
@@ -244,11 +248,6 @@ def _check_settings(num_fewshot: int, limit: int | None, batch_size: int) -> Non
 
 def _load(task: str, kind: str, num_fewshot: int, limit: int | None) -> Any:
     """Read the task's data (errors in the data propagate: they are the user's to fix)."""
-    from lmlab.eval.behaviour import default_suite
-    from lmlab.eval.generation import load_generation_task
-    from lmlab.eval.pairs import read_bias_pairs, read_minimal_pairs
-    from lmlab.eval.tasks import load_task
-
     bundled = task in SPECIAL_TASKS
     if kind == "choice":
         return load_task(task)
@@ -276,13 +275,6 @@ def _score(
     batch_size: int, seed: int, progress: bool,
 ) -> tuple[dict[str, float], int, list[str], dict[str, Any], Any]:  # fmt: skip
     """-> (scores, n, skipped, details, result object) of one evaluation."""
-    from lmlab.eval.behaviour import run_suite
-    from lmlab.eval.calibration import calibration
-    from lmlab.eval.choice import evaluate_choice
-    from lmlab.eval.generation import evaluate_generation
-    from lmlab.eval.pairs import bias_score, evaluate_minimal_pairs
-    from lmlab.eval.perplexity import surprisal
-
     if kind == "choice":
         r = evaluate_choice(lm, data, num_fewshot, seed, batch_size, limit, progress)
         cal = calibration(r)
@@ -412,14 +404,12 @@ def evaluate(
         dtype: the weights' dtype: auto (bf16 where the CPU computes it natively),
             float32 or bfloat16.
     """
-    import lmlab
-    from lmlab.fileio import atomic_write_json
 
     names = parse_tasks(tasks)
     _check_settings(num_fewshot, limit, batch_size)
     for name in names:  # a misspelt task fails before the model loads
         detect_kind(name)
-    lm = lmlab.load(model, dtype=dtype)
+    lm = load(model, dtype=dtype)
     runs = [run_task(lm, t, num_fewshot, limit, batch_size, seed) for t in names]
     if out is not None:
         atomic_write_json(
@@ -433,12 +423,11 @@ def results_dict(
     batch_size: int, seed: int, dtype: str,
 ) -> dict[str, Any]:  # fmt: skip
     """What ``evaluate`` writes: model, settings, lmlab version and the runs."""
-    import lmlab
 
     return {
         "model": str(model),
         "name": short_name(model),
-        "lmlab_version": lmlab.__version__,
+        "lmlab_version": __version__,
         "settings": {
             "num_fewshot": num_fewshot,
             "limit": limit,

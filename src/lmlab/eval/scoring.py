@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lmlab.errors import ConfigError
+from lmlab.models.contract import require_causal_lm
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ def score_token_pairs(
     progress: bool = False,
 ) -> list[Continuation]:
     """``score_continuations`` on already tokenized (context ids, continuation ids)."""
+    require_causal_lm(model, "scoring continuations")
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size} is invalid: must be >= 1")
     window = getattr(getattr(model, "config", None), "max_seq_len", None)

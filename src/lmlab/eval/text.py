@@ -127,7 +127,7 @@ def bleu(predictions: Sequence[str], references: References, **options: Any) -> 
 
         bleu(["the cat sat on the mat"], ["the cat sat on the mat"]).score  ->  100.0
     """
-    from sacrebleu.metrics import BLEU
+    from sacrebleu.metrics import BLEU  # deferred: sacrebleu is slow to import
 
     predictions = _check_predictions(predictions)
     refs = _reference_lists(references, len(predictions))
@@ -139,7 +139,7 @@ def bleu(predictions: Sequence[str], references: References, **options: Any) -> 
 def sentence_bleu(prediction: str, references: str | Sequence[str], **options: Any) -> Score:
     """BLEU of one sentence; ``effective_order=True`` by default (sacrebleu's advice for
     single sentences: n-gram orders longer than the sentence are left out, not zero)."""
-    from sacrebleu.metrics import BLEU
+    from sacrebleu.metrics import BLEU  # deferred: sacrebleu is slow to import
 
     (prediction,) = _check_predictions([prediction])
     (refs,) = _reference_lists([references], 1)
@@ -165,7 +165,7 @@ def chrf(predictions: Sequence[str], references: References, **options: Any) -> 
     ``options``: ``char_order`` (6), ``word_order`` (0; 2 gives chrF++), ``beta`` (2),
     ``lowercase``, ``whitespace``, ``eps_smoothing``.
     """
-    from sacrebleu.metrics import CHRF
+    from sacrebleu.metrics import CHRF  # deferred: sacrebleu is slow to import
 
     predictions = _check_predictions(predictions)
     refs = _reference_lists(references, len(predictions))
@@ -175,7 +175,7 @@ def chrf(predictions: Sequence[str], references: References, **options: Any) -> 
 
 def sentence_chrf(prediction: str, references: str | Sequence[str], **options: Any) -> Score:
     """chrF of one sentence against its reference(s)."""
-    from sacrebleu.metrics import CHRF
+    from sacrebleu.metrics import CHRF  # deferred: sacrebleu is slow to import
 
     (prediction,) = _check_predictions([prediction])
     (refs,) = _reference_lists([references], 1)
@@ -212,7 +212,7 @@ def rouge(
     with several references keeps, per type, the reference with the best F1
     (``RougeScorer.score_multi``).
     """
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer  # deferred: pulls in nltk and absl
 
     predictions = _check_predictions(predictions)
     refs = _reference_lists(references, len(predictions))

@@ -24,6 +24,7 @@ from lmlab.finetune.lora import (
     unload_lora,
     unmerge_lora,
 )
+from lmlab.finetune.peft import apply_peft, peft_spec  # importing it registers PEFT checkpoints
 from lmlab.finetune.prompts import PrefixTuning, PromptTuning
 from lmlab.finetune.selective import (
     apply_bitfit,
@@ -33,6 +34,8 @@ from lmlab.finetune.selective import (
 )
 
 __all__ = [
+    "apply_peft",
+    "peft_spec",
     "Adapter",
     "LoRAConfig",
     "LoRALinear",

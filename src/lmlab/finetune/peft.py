@@ -10,7 +10,9 @@ config.json keeps ``"model"``, the spec of the plain lmlab model inside, and add
 
 ``lmlab.checkpoint.io.load_model`` builds the plain model, applies these in order with
 ``apply_peft``, then loads the weights, whose names are the wrapped model's. BitFit and
-named subsets change what trains, not the structure: they need no entry.
+named subsets change what trains, not the structure: they need no entry. checkpoint/ sits
+below finetune/, so this module registers the two functions with it
+(``register_structure``) instead of being imported by it.
 """
 
 from __future__ import annotations
@@ -19,19 +21,15 @@ from typing import Any
 
 from torch import nn
 
+from lmlab.checkpoint.io import register_structure
 from lmlab.errors import CheckpointError
 from lmlab.finetune.adapters import WithAdapter, apply_adapters
 from lmlab.finetune.lora import LoRAConfig, apply_lora, lora_config, lora_layers
 from lmlab.finetune.prompts import PrefixTuning, PromptTuning
+from lmlab.models import base_model
 
 _WRAPPERS = (PromptTuning, PrefixTuning)
-
-
-def base_model(model: nn.Module) -> nn.Module:
-    """The plain lmlab model inside soft-prompt wrappers (the model itself otherwise)."""
-    while isinstance(model, _WRAPPERS):
-        model = model.model
-    return model
+__all__ = ["apply_peft", "base_model", "peft_spec"]
 
 
 def peft_spec(model: nn.Module) -> list[dict[str, Any]]:
@@ -101,3 +99,6 @@ def apply_peft(model: nn.Module, spec: list[dict[str, Any]], where: str = "peft"
                 "prompt, prefix"
             )
     return model
+
+
+register_structure("peft", peft_spec, apply_peft)

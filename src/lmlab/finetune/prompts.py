@@ -99,6 +99,11 @@ class PromptTuning(nn.Module):
         return self.prompt.shape[0]
 
     @property
+    def wrapped(self) -> nn.Module:
+        """The model inside (the model contract's way to find its family)."""
+        return self.model
+
+    @property
     def config(self):
         """The base model's config with the room the virtual tokens take out of max_seq_len."""
         base = self.model.config
@@ -182,6 +187,11 @@ class PrefixTuning(nn.Module):
                 nn.Linear(cfg.d_model, hidden), nn.Tanh(), nn.Linear(hidden, L * 2 * Hkv * Dh)
             )
             self.to(device=weight.device, dtype=weight.dtype)
+
+    @property
+    def wrapped(self) -> nn.Module:
+        """The model inside (the model contract's way to find its family)."""
+        return self.model
 
     @torch.no_grad()
     def _model_keys_values(self, n: int) -> torch.Tensor:

@@ -27,7 +27,35 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lmlab.checkpoint.hf import save_chat_template
+from lmlab.checkpoint.io import save_checkpoint
+from lmlab.data.instructions import (
+    encode_dataset,
+    example_from_row,
+    load_examples,
+    split_examples,
+    template_for,
+)
+from lmlab.data.instructions import pack as pack_examples
+from lmlab.data.tasks import accuracy
 from lmlab.errors import ConfigError, closest
+from lmlab.finetune import (
+    LoRAConfig,
+    PrefixTuning,
+    PromptTuning,
+    apply_adapters,
+    apply_bitfit,
+    apply_lora,
+    apply_selective,
+    save_adapter,
+    trainable_parameters,
+    unload_lora,
+)
+from lmlab.finetune.sft import ExampleBatches, fixed_batches, kl_sft_loss, sft_loss
+from lmlab.lm import load
+from lmlab.models.contract import require_gradients
+from lmlab.models.transformer import Transformer
+from lmlab.quant.quantize import quantize_model
 from lmlab.train import Supervised, TrainConfig, TrainResult, train
 
 METHODS = ("full", "kl", "lora", "qlora", "adapter", "prompt", "prefix", "bitfit", "selective")
@@ -49,7 +77,7 @@ class FinetuneResult:
     adapter_dir: Path | None = None
     notes: list[str] = field(default_factory=list)
     lm: Any = None
-    """The fine-tuned model with its tokenizer and chat template (an ``lmlab.api.LM``; for
+    """The fine-tuned model with its tokenizer and chat template (an ``lmlab.LM``; for
     LoRA, merged), ready to generate."""
 
 
@@ -74,16 +102,7 @@ def prepare_method(
     """Apply ``method`` to ``model`` (freezing what does not train) -> the model to train:
     ``model`` itself changed in place, or a soft-prompt wrapper around it (prompt, prefix).
     """
-    from lmlab.finetune import (
-        LoRAConfig,
-        PrefixTuning,
-        PromptTuning,
-        apply_adapters,
-        apply_bitfit,
-        apply_lora,
-        apply_selective,
-    )
-
+    require_gradients(model, f"fine-tuning ({method})")
     _check_method(method)
     if method in ("full", "kl"):
         return model.requires_grad_(True)
@@ -99,8 +118,6 @@ def prepare_method(
     if method == "adapter":
         return apply_adapters(model, bottleneck=bottleneck)
     if method == "qlora":
-        from lmlab.quant.quantize import quantize_model
-
         model = quantize_model(model, "nf4")
     return apply_lora(model, LoRAConfig(r=lora_r, alpha=lora_alpha, targets=tuple(lora_targets)))
 
@@ -148,20 +165,9 @@ def finetune(
         select: glob patterns of the parameters that train (selective), e.g. "*norm*".
         config: the trainer's settings (out_dir, max_steps, lr, batch_size, ...).
     """
-    from lmlab import api
-    from lmlab.checkpoint.io import save_checkpoint
-    from lmlab.data.instructions import (
-        encode_dataset,
-        load_examples,
-        split_examples,
-        template_for,
-    )
-    from lmlab.finetune import save_adapter, trainable_parameters, unload_lora
-    from lmlab.finetune.sft import ExampleBatches, fixed_batches, kl_sft_loss, sft_loss
-
     config = config or TrainConfig(out_dir="runs/finetune", max_steps=200, lr=1e-4)
     _check_method(method)
-    lm = api.load(model, dtype="float32", keep_quantized=False)
+    lm = load(model, dtype="float32", keep_quantized=False)
     template = template_for(lm.tokenizer, lm.chat_template)
     examples = load_examples(data)
     if val_data is not None:
@@ -170,9 +176,6 @@ def finetune(
         train_examples, val_examples, _ = split_examples(examples, val_fraction, 0.0, config.seed)
     train_enc, skipped = encode_dataset(train_examples, lm.tokenizer, template, max_len)
     if pack:
-        from lmlab.data.instructions import pack as pack_examples
-        from lmlab.models.transformer import Transformer
-
         if method in _WRAPPING:
             raise ConfigError(
                 f"pack=True does not combine with method={method!r} (the soft prompt would "
@@ -233,8 +236,6 @@ def finetune(
     done.model_dir = out / "model"
     save_checkpoint(done.model_dir, net, tokenizer=lm.tokenizer)
     if lm.chat_template is not None:
-        from lmlab.checkpoint.hf import save_chat_template
-
         save_chat_template(lm.chat_template, done.model_dir)
     return done
 
@@ -243,9 +244,6 @@ def task_accuracy(lm, rows, max_new_tokens: int = 16) -> tuple[float, list[str]]
     """Greedy answers of ``lm`` to task rows (``lmlab.data.tasks``), graded exactly ->
     (accuracy, answers). Each row is asked as one user turn of the model's chat template
     (or the plain template)."""
-    from lmlab.data.instructions import example_from_row, template_for
-    from lmlab.data.tasks import accuracy
-
     template = template_for(lm.tokenizer, lm.chat_template)
     prompts = [
         template.render(list(example_from_row(row).messages[:-1]), add_generation_prompt=True)

@@ -37,6 +37,8 @@ from torch import nn
 from lmlab.errors import DecodingError
 from lmlab.generate.params import SamplingParams, check_ids
 from lmlab.generate.processors import process_logits, seen_tokens
+from lmlab.models.contract import require_causal_lm
+from lmlab.quant import Int4Linear, Int8Linear, NF4Linear
 
 Piece = TypeVar("Piece")
 
@@ -146,8 +148,6 @@ def _native_matvec(model: nn.Module) -> bool:
     and float32 is the same either way. A model with 4-, 8-bit or NF4 layers keeps oneDNN:
     torch's 4-bit CPU kernel was about 10% slower without it (``bench/smollm2.py``).
     """
-    from lmlab.quant import Int4Linear, Int8Linear, NF4Linear
-
     bf16 = False
     for module in model.modules():
         if isinstance(module, (Int4Linear, Int8Linear, NF4Linear)):
@@ -489,6 +489,7 @@ def generate(
     Raises DecodingError, before any tensor is built, for out-of-range ids, an empty
     prompt, or a prompt that does not fit the context (unless ``truncate_prompt``).
     """
+    require_causal_lm(model, "generating text")
     params = _check_params(params)
     if params.stop and tokenizer is None:
         raise DecodingError(
@@ -560,6 +561,7 @@ class Stream(Generic[Piece]):
 def _start_stream(model, prompt, params, tokenizer):
     """Validate eagerly (errors surface at the call, not at the first next()) and build the
     sampler of a one-prompt stream."""
+    require_causal_lm(model, "streaming text")
     params = _check_params(params)
     if params.num_beams > 1:
         raise DecodingError(

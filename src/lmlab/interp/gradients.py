@@ -48,10 +48,7 @@ def vanishing_gradients(
 def plot_vanishing_gradients(png: str | os.PathLike, **kwargs) -> dict[str, torch.Tensor]:
     """Plot ``vanishing_gradients(**kwargs)`` on a log scale, relative to the last step, and
     save it as ``png``. Returns the norms."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # deferred: slow to import, only for plots
 
     norms = vanishing_gradients(**kwargs)
     fig = Figure(figsize=(6.4, 4))

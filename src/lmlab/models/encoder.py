@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.errors import ConfigError
+from lmlab.models.contract import Abilities
 from lmlab.models.layers import HookPoint
 from lmlab.models.registry import register_family
 
@@ -217,6 +218,8 @@ class MLMHead(nn.Module):
 
 class Encoder(nn.Module):
     """Token ids [B, T] -> contextual hidden states [B, T, D] (see the module docstring)."""
+
+    abilities = Abilities("encoder", hooks=True)
 
     def __init__(self, config: EncoderConfig):
         super().__init__()

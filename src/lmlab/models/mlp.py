@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from lmlab.errors import ConfigError
+from lmlab.models.contract import Abilities
 from lmlab.models.layers import HookPoint
 from lmlab.models.registry import register_family
 
@@ -132,6 +133,8 @@ class BagConfig:
 class Bigram(nn.Module):
     """Token ids [B, T] -> next-token logits [B, T, V] from the current token alone."""
 
+    abilities = Abilities("causal_lm", hooks=True)
+
     def __init__(self, config: BigramConfig):
         super().__init__()
         self.config = config
@@ -152,6 +155,8 @@ class Bigram(nn.Module):
 
 class MLP(nn.Module):
     """Bengio et al. (2003): y = b + W x + U tanh(d + H x), x = the window's embeddings."""
+
+    abilities = Abilities("causal_lm", hooks=True)
 
     def __init__(self, config: MLPConfig):
         super().__init__()
@@ -191,6 +196,8 @@ class MLP(nn.Module):
 
 class Bag(nn.Module):
     """Token ids [B, T] -> logits [B, T, V] from the sum or mean of embeddings so far."""
+
+    abilities = Abilities("causal_lm", hooks=True)
 
     def __init__(self, config: BagConfig):
         super().__init__()

@@ -66,6 +66,7 @@ import torch
 from torch import nn
 
 from lmlab.errors import ConfigError
+from lmlab.models.contract import Abilities
 from lmlab.models.registry import register_family
 
 SMOOTHINGS = ("mle", "add_k", "kneser_ney", "modified_kneser_ney", "backoff")
@@ -206,6 +207,8 @@ def _rows(
 
 class NGramLM(nn.Module):
     """Token ids [B, T] -> next-token log-probabilities [B, T, V]; ``fit`` before use."""
+
+    abilities = Abilities("causal_lm", gradients=False)
 
     def __init__(self, config: NGramConfig):
         super().__init__()

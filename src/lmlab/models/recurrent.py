@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.errors import ConfigError
+from lmlab.models.contract import Abilities
 from lmlab.models.layers import HookPoint
 from lmlab.models.registry import register_family
 
@@ -149,6 +150,8 @@ class LayerHooks(nn.Module):
 
 class RecurrentLM(nn.Module):
     """Token ids [B, T] -> next-token logits [B, T, V] through a stack of recurrent layers."""
+
+    abilities = Abilities("causal_lm", cache=True, hooks=True)
 
     def __init__(self, config: RecurrentConfig):
         super().__init__()

@@ -15,26 +15,23 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
 from torch import nn
 
 from lmlab.errors import ConfigError, closest
 
-# family name -> (config dataclass, model class); filled by register_family at import time
-# of each family module (see _load_families), never mutated afterwards.
+# family name -> (config dataclass, model class); filled by register_family when each family
+# module is imported (lmlab.models' __init__ imports them all), never mutated afterwards.
 _FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {}
 
 
 def register_family(name: str, config_cls: type, model_cls: type[nn.Module]) -> None:
+    """Make ``name`` buildable from a spec; the class learns its family name (for errors)."""
     _FAMILIES[name] = (config_cls, model_cls)
-
-
-def _load_families() -> None:
-    # Importing a family module registers it; kept here so registry users need one import.
-    from lmlab.models import encoder, mlp, ngram, recurrent, transformer  # noqa: F401
+    model_cls.family = name
 
 
 def families() -> list[str]:
-    _load_families()
     return sorted(_FAMILIES)
 
 
@@ -46,8 +43,6 @@ def build_model(spec: dict[str, Any], empty: bool = False) -> nn.Module:
     random numbers first would cost seconds.
     """
     if empty:
-        import torch
-
         with torch.device("meta"):
             model = build_model(spec)
         shared: dict[int, list[str]] = {}  # to_empty unties tied weights: re-tie them
@@ -59,7 +54,6 @@ def build_model(spec: dict[str, Any], empty: bool = False) -> nn.Module:
                 owner, _, leaf = name.rpartition(".")
                 setattr(model.get_submodule(owner), leaf, model.get_parameter(first))
         return model
-    _load_families()
     spec = dict(spec)
     family = spec.pop("family", None)
     if family not in _FAMILIES:
@@ -84,7 +78,6 @@ def make_config(config_cls: type, fields: dict[str, Any], where: str = "config")
 
 def model_spec(model: nn.Module) -> dict[str, Any]:
     """The spec that rebuilds ``model`` (its family name and config fields)."""
-    _load_families()
     for name, (_, model_cls) in _FAMILIES.items():
         if type(model) is model_cls:
             return {"family": name, **dataclasses.asdict(model.config)}

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.errors import ConfigError
+from lmlab.models.contract import Abilities
 from lmlab.models.layers import HookPoint, RMSNorm, segment_mask, segment_positions
 from lmlab.models.registry import register_family
 
@@ -301,6 +302,8 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     """Token ids [B, T] -> next-token logits [B, T, V]."""
+
+    abilities = Abilities("causal_lm", cache=True, hooks=True)
 
     def __init__(self, config: TransformerConfig):
         super().__init__()

@@ -1,14 +1,15 @@
-"""Weight quantization: layers that keep weights in fewer bits and compute with them."""
+"""Weight quantization: layers that keep weights in fewer bits and compute with them.
+
+Saving and loading a quantized model: ``lmlab.checkpoint.quantized``.
+"""
 
 from lmlab.quant.int4 import Float32Head, Int4Linear, int4_kernel_available
 from lmlab.quant.int8 import Int8Linear, int8_kernel_available
 from lmlab.quant.nf4 import NF4_CODE, NF4Linear, normal_float_code
 from lmlab.quant.quantize import (
-    load_quantized,
     model_size_bytes,
     quantization_config,
     quantize_model,
-    save_quantized,
 )
 
 __all__ = [
@@ -19,10 +20,8 @@ __all__ = [
     "NF4Linear",
     "int4_kernel_available",
     "int8_kernel_available",
-    "load_quantized",
     "model_size_bytes",
     "normal_float_code",
     "quantization_config",
     "quantize_model",
-    "save_quantized",
 ]

@@ -13,15 +13,12 @@ Embeddings are never quantized, and ``lm_head`` is skipped by default: in many m
 either store that matrix twice or quantize the embedding too, and the logits are where
 rounding hurts most (see ``Float32Head``).
 
-A quantized model saves as an lmlab checkpoint directory (``lmlab.checkpoint.io``:
-config.json, model.safetensors, COMPLETE, written atomically; never pickled) whose
-config.json has an extra ``"quantization"`` entry:
+A quantized model saves as an lmlab checkpoint directory whose config.json has an extra
+``"quantization"`` entry (``quantization_config`` here; the files are written and read by
+``lmlab.checkpoint.quantized``, where weight formats live):
 
     {"method": "nf4", "options": {"block_size": 64, "double_quant": true,
      "double_block": 256}, "layers": ["blocks.0.attn.q_proj", ...]}
-
-``load_quantized`` builds the model from its spec without initialising it, swaps in the
-listed layers built from the file's tensors, and fills everything else.
 
     >>> model = build_model({**get_preset("llama-small"), "vocab_size": 64})
     >>> before = model_size_bytes(model)
@@ -29,31 +26,19 @@ listed layers built from the file's tensors, and fills everything else.
     >>> model_size_bytes(model) < before / 2
     True
 
-Tests: tests/quant/test_quantize.py (logits stay close, the model shrinks, save then load
-is bit-exact, corrupt files are named).
+Tests: tests/quant/test_quantize.py (logits stay close, the model shrinks) and
+tests/checkpoint/test_quantized.py (save then load is bit-exact, corrupt files are named).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from lmlab.checkpoint.io import (
-    WEIGHTS_FILE,
-    load_weights,
-    read_config,
-    read_safetensors_header,
-    resolve_checkpoint,
-    save_checkpoint,
-)
-from lmlab.errors import CheckpointError, ConfigError, closest
-from lmlab.models import build_model
+from lmlab.errors import ConfigError, closest
 from lmlab.quant.int4 import Int4Linear
 from lmlab.quant.int8 import Int8Linear
 from lmlab.quant.nf4 import NF4Linear
@@ -122,13 +107,13 @@ def quantize_model(
     if targets is not None and not chosen:
         raise ConfigError(f"no nn.Linear layer of the model matches targets {list(targets)}")
     for name in chosen:
-        _set_submodule(model, name, cls.from_float(model.get_submodule(name), **options))
+        set_submodule(model, name, cls.from_float(model.get_submodule(name), **options))
     if dtype is not None:
         _cast_dense(model, dtype)
     return model
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     owner, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(owner) if owner else model, leaf, module)
 
@@ -184,138 +169,3 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
         )
     entry, names = next(iter(found.values()))
     return {**entry, "layers": names}
-
-
-def save_quantized(
-    model: nn.Module, directory: str | os.PathLike, tokenizer: Any | None = None
-) -> Path:
-    """Save a quantized lmlab model (and its tokenizer) as a checkpoint directory.
-
-    Atomic: written in a temporary directory renamed into place. Returns the path.
-    """
-    config = quantization_config(model)
-    return save_checkpoint(directory, model, tokenizer, extra_config={"quantization": config})
-
-
-def load_quantized(directory: str | os.PathLike) -> tuple[nn.Module, Any | None, dict[str, Any]]:
-    """Rebuild a model saved by ``save_quantized`` -> ``(model, tokenizer or None, config)``.
-
-    Every tensor keeps the dtype it was saved in, so save then load is bit-exact. A file
-    that is truncated or corrupt, lacks a tensor or holds one of the wrong shape raises a
-    ``CheckpointError`` naming the file and the tensor.
-    """
-    ckpt = resolve_checkpoint(directory)
-    config = read_config(ckpt)
-    file = ckpt / WEIGHTS_FILE
-    quant = config.get("quantization")
-    if not isinstance(quant, dict) or quant.get("method") not in METHODS:
-        raise CheckpointError(
-            f"{str(ckpt / 'config.json')!r} has no valid 'quantization' entry "
-            f"(method one of {', '.join(METHODS)}); is it a quantized checkpoint?"
-        )
-    try:
-        model = build_model(config["model"], empty=True)
-    except Exception as e:
-        raise CheckpointError(
-            f"{str(ckpt / 'config.json')!r}: cannot build the model from its spec: {e}"
-        ) from e
-    header = read_safetensors_header(file)
-    method, options = quant["method"], dict(quant.get("options", {}))
-    try:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in quant.get("layers", []):
-                dense = _dense_layer(model, name, ckpt)
-                prefix = name + "."
-                stored = {
-                    key[len(prefix) :]: f.get_tensor(key)
-                    for key in header
-                    if key.startswith(prefix) and "." not in key[len(prefix) :]
-                }
-                try:
-                    layer = _rebuild(method, options, dense, stored)
-                except (ConfigError, KeyError, TypeError) as e:
-                    raise CheckpointError(
-                        f"{str(file)!r}: cannot rebuild quantized layer {name!r} "
-                        f"({method}) from its tensors {sorted(stored)}: {e}"
-                    ) from e
-                _set_submodule(model, name, layer)
-            # Dense tensors take their saved dtype (load_weights would cast to the model's).
-            for name, tensor in model.state_dict(keep_vars=True).items():
-                saved = header.get(name, {}).get("dtype")
-                if saved in _SAFETENSORS_DTYPES and tensor.is_floating_point():
-                    _retype(model, name, _SAFETENSORS_DTYPES[saved])
-    except CheckpointError:
-        raise
-    except Exception as e:  # safetensors' own errors on a corrupt file
-        raise CheckpointError(f"cannot read weights from {str(file)!r}: {e}") from e
-    load_weights(model, ckpt)  # checks every name, shape and extra tensor, then copies
-    model.eval()
-    tokenizer = None
-    if (ckpt / "tokenizer.json").is_file():
-        from lmlab.data.tokenizers import load_tokenizer
-
-        tokenizer = load_tokenizer(ckpt)
-    return model, tokenizer, config
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-}
-
-
-def _dense_layer(model: nn.Module, name: str, ckpt: Path) -> nn.Linear:
-    try:
-        dense = model.get_submodule(name)
-    except AttributeError:
-        dense = None
-    if type(dense) is not nn.Linear:
-        raise CheckpointError(
-            f"{str(ckpt / 'config.json')!r} lists quantized layer {name!r}, but the model "
-            "built from its spec has no nn.Linear of that name"
-        )
-    return dense
-
-
-def _rebuild(
-    method: str, options: dict[str, Any], dense: nn.Linear, stored: dict[str, torch.Tensor]
-) -> nn.Module:
-    """A quantized layer with the shape of ``dense``, from its saved tensors."""
-    bias = stored.get("bias")
-    if (bias is None) != (dense.bias is None):
-        raise ConfigError("the saved layer and the model disagree on having a bias")
-    N, K = dense.out_features, dense.in_features
-    if method == "int8":
-        layer = Int8Linear(stored["qweight"], stored["scale"], bias)
-    elif method == "int4":
-        packed = stored["qweight"]  # (N, K/2): low nibble first, as Int4Linear stores it
-        q = torch.stack([packed & 0x0F, packed >> 4], dim=-1).view(packed.shape[0], -1)
-        layer = Int4Linear(q, stored["scale"], stored["zero"], bias)
-    else:
-        tensors = {k: v for k, v in stored.items() if k != "bias"}
-        layer = NF4Linear(
-            K,
-            N,
-            bias=bias,
-            block_size=options["block_size"],
-            double_block=options["double_block"],
-            **tensors,
-        )
-    if (layer.out_features, layer.in_features) != (N, K):
-        raise ConfigError(
-            f"its weight is {layer.out_features}x{layer.in_features}, the model's {N}x{K}"
-        )
-    return layer
-
-
-def _retype(model: nn.Module, name: str, dtype: torch.dtype) -> None:
-    owner, _, leaf = name.rpartition(".")
-    module = model.get_submodule(owner) if owner else model
-    if leaf in module._parameters:
-        p = module._parameters[leaf]
-        if p.dtype != dtype:
-            p.data = p.data.to(dtype)
-    elif module._buffers.get(leaf) is not None and module._buffers[leaf].dtype != dtype:
-        module._buffers[leaf] = module._buffers[leaf].to(dtype)

@@ -84,7 +84,7 @@ def truncate_after_checkpoint(path: str | os.PathLike, step: int) -> None:
 def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> None:
     """Train and validation loss against step, from metrics.jsonl, saved as a PNG."""
     # A bare Figure renders with Agg and leaves pyplot's global backend alone.
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # deferred: slow to import, only for plots
 
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if r.get("event") == "train" and r["loss"]]

