@@ -291,3 +291,14 @@ def test_minilm_sentence_embeddings_match_transformers(minilm):
     assert got.shape == (len(TEXTS), 384)
     distance = 1 - (got * expected).sum(-1)
     assert distance.abs().max().item() < 1e-4, distance
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
+    ref = transformers.BertModel(tiny_bert_config())
+    with torch.no_grad():
+        ref.encoder.layer[0].attention.self.key.bias[1] = float("nan")
+    folder = write_folder(tmp_path / "nan", ref)
+    with pytest.raises(CheckpointError, match="non-finite weights") as caught:
+        load_hf_encoder(folder)
+    assert "model.safetensors" in str(caught.value)
+    assert "encoder.layer.0.attention.self.key.bias" in str(caught.value)

@@ -665,3 +665,27 @@ def test_smollm2_4bit_is_as_faithful_as_bf16_weights(smollm):
             assert len(info["quantized"]) == (210 if kept else 0)
             agree[kept] = (m(ids)[0].argmax(-1) == reference).float().mean().item()
     assert agree[True] >= 0.9 and agree[True] >= agree[False] - 0.05, agree
+
+
+# ----------------------------------------------------------------------------- item 29
+
+
+def test_non_finite_weights_are_refused_naming_the_tensors(tmp_path):
+    hf = tiny_llama()
+    with torch.no_grad():
+        hf.model.layers[0].mlp.down_proj.weight[1, 1] = float("nan")
+    path = write_llama_gguf(tmp_path / "nan.gguf", hf)
+    with pytest.raises(CheckpointError, match="non-finite weights") as caught:
+        load_gguf(path)
+    assert str(path) in str(caught.value) and "blk.0.ffn_down.weight" in str(caught.value)
+
+
+def test_non_finite_quantized_scale_is_refused(tmp_path):
+    hf = tiny_llama()
+    raw = gguf.quants.quantize(hf.model.layers[1].mlp.up_proj.weight.detach().numpy(), Q.Q8_0)
+    raw[0, :2] = np.frombuffer(np.float16(np.inf).tobytes(), dtype=np.uint8)  # a block's scale
+    path = write_llama_gguf(
+        tmp_path / "inf-scale.gguf", hf, override={"blk.1.ffn_up.weight": (raw, Q.Q8_0)}
+    )
+    with pytest.raises(CheckpointError, match=r"non-finite weights .*blk\.1\.ffn_up\.weight"):
+        load_gguf(path)

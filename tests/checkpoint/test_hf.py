@@ -211,3 +211,23 @@ def test_wrong_shape_or_dtype_for_the_config_names_file_and_tensor(tmp_path):
     save_file(bad_dtype, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match="'model.norm.weight' has dtype torch.int32"):
         load_hf(tmp_path)
+
+
+# ----------------------------------------------------------------------------- item 29
+
+
+@pytest.mark.parametrize("shards", [False, True])
+def test_non_finite_weights_are_refused_naming_file_and_tensors(tmp_path, shards):
+    hf = tiny("llama")
+    with torch.no_grad():
+        hf.model.layers[1].self_attn.v_proj.weight[0, 0] = float("nan")
+        hf.lm_head.weight[2, 2] = float("-inf")
+    hf.save_pretrained(tmp_path, max_shard_size="20KB" if shards else "1GB")
+    with pytest.raises(CheckpointError, match="non-finite weights") as caught:
+        load_hf(tmp_path)
+    message = str(caught.value)
+    assert "\n" not in message and str(tmp_path) in message and ".safetensors" in message
+    assert "model.layers.1.self_attn.v_proj.weight" in message or "lm_head.weight" in message
+    if not shards:  # one file: both tensors named at once
+        assert "model.layers.1.self_attn.v_proj.weight" in message
+        assert "lm_head.weight" in message

@@ -335,3 +335,24 @@ class _Payload:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+# ----------------------------------------------------------------------------- item 29
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensors(tmp_path, bad):
+    model = tiny_model()
+    with torch.no_grad():
+        model.blocks[1].mlp.up_proj.weight[3, 4] = bad
+        model.norm.weight[0] = -bad
+    path = save_checkpoint(tmp_path / "ckpt", model)
+    with pytest.raises(CheckpointError) as caught:
+        load_model(path)
+    message = str(caught.value)
+    assert "\n" not in message and str(path / WEIGHTS_FILE) in message
+    assert "non-finite weights (NaN or inf) in 2 tensor(s)" in message
+    assert "blocks.1.mlp.up_proj.weight" in message and "'norm.weight'" not in message
+    assert "norm.weight" in message
+    with pytest.raises(CheckpointError, match="non-finite"):
+        load_weights(tiny_model(), path)  # init_from and resume read the same way

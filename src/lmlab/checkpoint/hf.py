@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lmlab.checkpoint.io import read_safetensors_header
+from lmlab.checkpoint.io import check_finite, is_finite, read_safetensors_header
 from lmlab.errors import CheckpointError
 from lmlab.fileio import atomic_write_json
 from lmlab.models import build_model, model_spec
@@ -379,6 +379,7 @@ def read_hf_weights(
             raise
         except Exception as e:  # safetensors' own errors on a corrupt file
             raise CheckpointError(f"cannot read weights from {str(file)!r}: {e}") from e
+        check_finite(file, [n for n in header if not is_finite(state[n])])
     return state, sources
 
 
@@ -413,6 +414,7 @@ def _read_pickled(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise CheckpointError(f"{str(file)!r} is not a state dict (names -> tensors)")
+    check_finite(file, [n for n, t in state.items() if not is_finite(t)])
     return state, dict.fromkeys(state, file)
 
 

@@ -360,6 +360,7 @@ def load_weights(model: nn.Module, ckpt: str | os.PathLike) -> None:
     # Buffers whose size depends on the data (an n-gram's count tables) take the stored shape.
     variable = set(getattr(model, "variable_shape_buffers", ()))
     used = set()
+    nonfinite = []
     try:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for names in source.values():
@@ -369,19 +370,44 @@ def load_weights(model: nn.Module, ckpt: str | os.PathLike) -> None:
                         f"{str(file)!r} has no tensor {names[0]!r}, which the model needs"
                     )
                 used.add(stored)
-                if names[0] in variable:
-                    _replace_buffer(model, names[0], f.get_tensor(stored), file)
+                tensor = f.get_tensor(stored)
+                if not is_finite(tensor):
+                    nonfinite.append(stored)  # not copied; the load fails below
+                elif names[0] in variable:
+                    _replace_buffer(model, names[0], tensor, file)
                 else:
-                    _copy_into(state[names[0]], f.get_tensor(stored), stored, file)
+                    _copy_into(state[names[0]], tensor, stored, file)
     except CheckpointError:
         raise
     except Exception as e:  # safetensors' own errors on a corrupt file
         raise CheckpointError(f"cannot read weights from {str(file)!r}: {e}") from e
+    check_finite(file, nonfinite)
     unexpected = sorted(set(header) - used)
     if unexpected:
         raise CheckpointError(
             f"{str(file)!r} has tensors the model does not have: {', '.join(unexpected[:5])}"
             + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
+        )
+
+
+def is_finite(tensor: torch.Tensor) -> bool:
+    """True unless a floating-point ``tensor`` holds a NaN or an infinity (one pass)."""
+    return not tensor.dtype.is_floating_point or bool(torch.isfinite(tensor).all())
+
+
+def check_finite(file: str | os.PathLike, nonfinite: list[str]) -> None:
+    """Refuse weights with NaN or inf: a ``CheckpointError`` naming ``file`` and the tensors
+    in ``nonfinite`` (names found by ``is_finite``), or nothing when the list is empty.
+
+    Such weights load silently but every logit they touch is NaN: sampling then fails
+    deep inside ``torch.multinomial`` and greedy decoding prints nothing.
+    """
+    if nonfinite:
+        names = ", ".join(nonfinite[:5])
+        more = f" and {len(nonfinite) - 5} more" if len(nonfinite) > 5 else ""
+        raise CheckpointError(
+            f"{str(file)!r} holds non-finite weights (NaN or inf) in {len(nonfinite)} "
+            f"tensor(s): {names}{more}; refusing to load a model whose outputs would be NaN"
         )
 
 
