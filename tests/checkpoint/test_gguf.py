@@ -689,3 +689,54 @@ def test_non_finite_quantized_scale_is_refused(tmp_path):
     )
     with pytest.raises(CheckpointError, match=r"non-finite weights .*blk\.1\.ffn_up\.weight"):
         load_gguf(path)
+
+
+# ----------------------------------------------------------------------------- item 30
+
+
+def _lying_metadata(tmp_path, **config):
+    """A tiny 2-layer Llama's tensors under metadata (block_count, feed_forward_length,
+    head counts, ...) that ``config`` overrides: a small file describing another model."""
+    hf = tiny_llama()
+    for key, value in config.items():
+        setattr(hf.config, key, value)
+    return write_llama_gguf(tmp_path / "lying.gguf", hf)
+
+
+def _fail_if_called(*args, **kwargs):
+    raise AssertionError("the model was built or a tensor dequantized before the check")
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"num_hidden_layers": 50_000_000}, r"block_count is 50000000, but .* 2 block\(s\)"),
+        (
+            {"intermediate_size": 2**30},
+            r"'blk\.0\.ffn_gate\.weight' has shape \(96, 64\), the metadata implies "
+            r"\(1073741824, 64\) \(llama\.feed_forward_length 1073741824",
+        ),
+        ({"hidden_size": 196_608}, "token_embd.weight has width 64, but embedding_length"),
+        (
+            {"num_attention_heads": 4},  # head size 16, not 8: k and v should be (32, 64)
+            r"'blk\.0\.attn_k\.weight' has shape \(16, 64\), .*head_count_kv 2, head size 16",
+        ),
+    ],
+    ids=["block_count", "feed_forward_length", "embedding_length", "head_count"],
+)
+def test_metadata_describing_another_model_is_refused_before_allocating(
+    tmp_path, monkeypatch, config, message
+):
+    path = _lying_metadata(tmp_path, **config)
+    assert path.stat().st_size < 1 << 20
+    monkeypatch.setattr("lmlab.checkpoint.gguf.build_model", _fail_if_called)
+    monkeypatch.setattr("lmlab.checkpoint.gguf.GGUFFile.dequantize", _fail_if_called)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match=message) as caught:
+            load_gguf(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+    assert peak < 4 << 20  # nothing sized by the lying metadata was allocated

@@ -10,7 +10,8 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from hf_models import tiny_llama
+import lmlab.checkpoint.hf
+from hf_models import built_on_meta_only, tiny_llama
 from lmlab.checkpoint.hf import is_hf_directory, load_hf, save_hf
 from lmlab.data.tokenizers import BPETokenizer
 from lmlab.errors import CheckpointError
@@ -231,3 +232,34 @@ def test_non_finite_weights_are_refused_naming_file_and_tensors(tmp_path, shards
     if not shards:  # one file: both tensors named at once
         assert "model.layers.1.self_attn.v_proj.weight" in message
         assert "lm_head.weight" in message
+
+
+# ----------------------------------------------------------------------------- item 30
+
+
+@pytest.mark.parametrize(
+    ("kind", "change", "message"),
+    [
+        (
+            "llama",
+            {"hidden_size": 196_608},
+            r"'model.embed_tokens.weight' has shape \(97, 64\), but config.json implies "
+            r"\(97, 196608\)",
+        ),
+        ("llama", {"intermediate_size": 2**30}, r"mlp.gate_proj.weight' has shape \(96, 64\)"),
+        ("llama", {"num_hidden_layers": 50_000_000}, "50000000-layer model, but the weights hold"),
+        ("gpt2", {"n_embd": 196_608}, r"'transformer.wte.weight' has shape \(97, 48\)"),
+        ("gpt2", {"n_positions": 2**31}, r"'transformer.wpe.weight' has shape \(64, 48\)"),
+    ],
+    ids=["hidden_size", "intermediate_size", "num_hidden_layers", "n_embd", "n_positions"],
+)
+def test_config_promising_a_larger_model_is_refused_before_building(
+    tmp_path, monkeypatch, kind, change, message
+):
+    tiny(kind).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))
+    built_on_meta_only(monkeypatch, lmlab.checkpoint.hf)
+    with pytest.raises(CheckpointError, match=message) as caught:
+        load_hf(tmp_path)
+    assert str(tmp_path) in str(caught.value) and "\n" not in str(caught.value)
