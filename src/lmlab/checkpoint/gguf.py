@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from lmlab.checkpoint.hf import convert_hf_state_dict, load_converted, spec_from_hf_config
-from lmlab.checkpoint.io import check_finite, is_finite
+from lmlab.checkpoint.io import check_finite, check_tokenizer_fits, is_finite
 from lmlab.data.tokenizers import BPETokenizer
 from lmlab.errors import CheckpointError, DataNotFoundError
 from lmlab.models import build_model
@@ -811,6 +811,7 @@ def load_gguf(
     head = hf_state.get("lm_head.weight", hf_state["model.embed_tokens.weight"])
     quantized = keep_4bit(model, g, head) if keep_quantized else []
     tokenizer = gguf_tokenizer(g)
+    check_tokenizer_fits(tokenizer, model, str(g.path))
     tokens = g.metadata.get("tokenizer.ggml.tokens", [])
 
     def token(key: str) -> str | None:

@@ -24,7 +24,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lmlab.checkpoint.io import check_finite, is_finite, read_safetensors_header
+from lmlab.checkpoint.io import (
+    check_finite,
+    check_tokenizer_fits,
+    is_finite,
+    read_safetensors_header,
+)
 from lmlab.errors import CheckpointError
 from lmlab.fileio import atomic_write_json
 from lmlab.models import build_model, model_spec
@@ -393,9 +398,10 @@ def safetensors_files(directory: str | os.PathLike) -> list[Path]:
 
 
 def stored_shapes(directory: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str, Path]]:
-    """``name -> (shape, dtype as torch prints it, file)`` of every tensor of an HF folder's safetensors,
-    from the headers alone (checked against the file sizes; no tensor is read). Empty for
-    a folder whose weights are a ``pytorch_model.bin``, which has no header to read."""
+    """``name -> (shape, dtype as torch prints it, file)`` of every tensor in an HF
+    folder's safetensors, from the headers alone (checked against the file sizes; no
+    tensor is read). Empty for a folder whose weights are a ``pytorch_model.bin``, which
+    has no header to read."""
     found: dict[str, tuple[tuple[int, ...], str, Path]] = {}
     for file in safetensors_files(directory):
         for name, entry in read_safetensors_header(file).items():
@@ -517,7 +523,9 @@ def load_hf(
     """An HF decoder folder (GPT-2, Llama, Mistral, Qwen2) -> (model, tokenizer, info).
 
     The model is lmlab's transformer in eval mode, in ``dtype`` (default float32); the
-    tokenizer comes from ``tokenizer.json`` (None if absent); ``info`` holds the spec
+    tokenizer comes from ``tokenizer.json``, GPT-2's ``vocab.json`` + ``merges.txt`` or a
+    SentencePiece ``tokenizer.model`` (``find_tokenizer``; None when there is none), and
+    must fit the model's vocabulary (``check_tokenizer_fits``); ``info`` holds the spec
     (``"model"``), the HF config and the folder's ``tokenizer_config.json``.
     """
     directory = Path(directory)
@@ -538,11 +546,10 @@ def load_hf(
     except CheckpointError as e:
         raise CheckpointError(f"{str(directory)!r}: {e}") from e
     model.to(dtype or torch.float32).eval()
-    tokenizer = None
-    if (directory / "tokenizer.json").is_file():
-        from lmlab.data.tokenizers import load_tokenizer
+    from lmlab.data.tokenizers import find_tokenizer
 
-        tokenizer = load_tokenizer(directory)
+    tokenizer = find_tokenizer(directory)
+    check_tokenizer_fits(tokenizer, model, str(directory))
     tok_config = {}
     if (directory / "tokenizer_config.json").is_file():
         try:

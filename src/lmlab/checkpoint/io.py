@@ -319,12 +319,31 @@ def load_model(
         model.to(dtype)
     load_weights(model, ckpt)
     model.eval()
-    tokenizer = None
-    if (ckpt / TOKENIZER_FILE).is_file():
-        from lmlab.data.tokenizers import load_tokenizer
+    from lmlab.data.tokenizers import find_tokenizer
 
-        tokenizer = load_tokenizer(ckpt)
+    tokenizer = find_tokenizer(ckpt)
+    check_tokenizer_fits(tokenizer, model, str(ckpt))
     return model, tokenizer, config
+
+
+def check_tokenizer_fits(tokenizer: Any | None, model: nn.Module, where: str) -> None:
+    """Refuse, at load, a tokenizer that can emit ids the model has no embedding row for.
+
+    A tokenizer with more ids than the model's ``vocab_size`` belongs to another model:
+    its ids ``vocab_size`` and up would fail at the first forward pass that meets one
+    (an index error deep in the embedding). The error names both numbers. Fewer ids than
+    rows is accepted: embedding tables are often padded for speed (nanoGPT's GPT-2:
+    50,304 rows for 50,257 tokens; Qwen2.5: 151,936 for 151,665), and such a model is
+    used with its tokenizer every day.
+    """
+    rows = getattr(getattr(model, "config", None), "vocab_size", None)
+    ids = getattr(tokenizer, "vocab_size", None)
+    if isinstance(rows, int) and isinstance(ids, int) and ids > rows:
+        raise CheckpointError(
+            f"{where!r}: the tokenizer has {ids} token ids but the model's vocab_size is "
+            f"{rows}: ids {rows}..{ids - 1} have no embedding row, so this tokenizer does not "
+            "belong to this model"
+        )
 
 
 def read_config(ckpt: str | os.PathLike) -> dict[str, Any]:
