@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lmlab
-from lmlab.api import load, model_spec_from, prepare_data, train
+from lmlab.api import export_hf, load, model_spec_from, prepare_data, train
 from lmlab.errors import ConfigError, DataNotFoundError, DecodingError
 from lmlab.models import build_model, get_preset
 from lmlab.train import TrainConfig
@@ -206,3 +206,6 @@ def test_a_folder_with_gpt2_vocab_and_merges_or_sentencepiece_generates(tmp_path
     lm = load(folder)
     assert lm.tokenizer.kind == "sentencepiece" and lm.tokenizer.vocab_size == 20
     assert isinstance(lm.generate("to be", max_new_tokens=3, temperature=0), str)
+    out, notes = export_hf(folder, tmp_path / "exported")  # the tokenizer travels along
+    assert notes == [] and (out / "tokenizer.model").is_file()
+    assert load(out).tokenizer.encode("to be or not") == lm.tokenizer.encode("to be or not")

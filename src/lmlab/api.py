@@ -201,7 +201,7 @@ def export_hf(model: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[Pat
     notes = []
     if lm.tokenizer is None:
         notes.append("the model has no tokenizer, so none was written")
-    elif getattr(lm.tokenizer, "kind", None) != "bpe":
+    elif getattr(lm.tokenizer, "kind", None) not in ("bpe", "sentencepiece"):
         notes.append(
             f"the {lm.tokenizer.kind} tokenizer has no Hugging Face form and was not "
             "written; encode text with lmlab (lmlab.data.load_tokenizer) for this model"

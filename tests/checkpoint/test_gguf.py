@@ -106,9 +106,10 @@ def add_tokenizer(w, pre="gpt-2"):
     w.add_chat_template(CHAT_TEMPLATE)
 
 
-def write_llama_gguf(path, hf, qtype=Q.F32, pre="gpt-2", override=None, drop=()):
+def write_llama_gguf(path, hf, qtype=Q.F32, pre="gpt-2", override=None, drop=(), tokenizer=True):
     """hf's weights in a GGUF as llama.cpp's converter writes them: q/k permuted, 1-D
-    tensors (norms) in F32, matrices in ``qtype``; ``override`` maps names to raw tensors."""
+    tensors (norms) in F32, matrices in ``qtype``; ``override`` maps names to raw tensors;
+    ``tokenizer=False`` leaves the tokenizer out (a model saved alone)."""
     cfg = hf.config
     w = gguf.GGUFWriter(str(path), arch="llama")
     w.add_name("tiny llama")
@@ -121,7 +122,8 @@ def write_llama_gguf(path, hf, qtype=Q.F32, pre="gpt-2", override=None, drop=())
     w.add_rope_freq_base(cfg.rope_theta if hasattr(cfg, "rope_theta") else 500.0)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    add_tokenizer(w, pre)
+    if tokenizer:
+        add_tokenizer(w, pre)
     override = override or {}
     for hf_name, t in hf.state_dict().items():
         if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -747,3 +749,14 @@ def test_a_token_list_longer_than_the_embedding_is_refused(tmp_path):
     path = write_llama_gguf(tmp_path / "short-embedding.gguf", hf)
     with pytest.raises(CheckpointError, match=f"has {len(TOKENS)} token ids .* {len(TOKENS) - 3}"):
         load_gguf(path)
+
+
+def test_a_file_without_tokenizer_loads_for_token_ids(tmp_path):
+    hf = tiny_llama()
+    model, tokenizer, info = load_gguf(
+        write_llama_gguf(tmp_path / "bare.gguf", hf, tokenizer=False)
+    )
+    assert tokenizer is None and info["eos_token"] is None
+    ids = torch.randint(0, len(TOKENS), (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=ATOL, rtol=RTOL)

@@ -785,8 +785,11 @@ def load_gguf(
     path: str | os.PathLike[str],
     dtype: torch.dtype | None = None,
     keep_quantized: bool | None = None,
-) -> tuple[nn.Module, BPETokenizer, dict[str, Any]]:
+) -> tuple[nn.Module, BPETokenizer | None, dict[str, Any]]:
     """``(model, tokenizer, info)`` from a GGUF file: lmlab's transformer in eval mode.
+
+    The tokenizer is None when the file has no ``tokenizer.ggml.model`` (a model saved
+    alone, for work on token ids).
 
     The model holds the dequantized weights in float32 (or ``dtype``). With
     ``keep_quantized`` the linear layers stored as Q4_0/Q4_1 stay 4-bit (``Int4Linear``,
@@ -810,7 +813,7 @@ def load_gguf(
         keep_quantized = dtype == torch.bfloat16 and int4_kernel_available()
     head = hf_state.get("lm_head.weight", hf_state["model.embed_tokens.weight"])
     quantized = keep_4bit(model, g, head) if keep_quantized else []
-    tokenizer = gguf_tokenizer(g)
+    tokenizer = gguf_tokenizer(g) if "tokenizer.ggml.model" in g.metadata else None
     check_tokenizer_fits(tokenizer, model, str(g.path))
     tokens = g.metadata.get("tokenizer.ggml.tokens", [])
 

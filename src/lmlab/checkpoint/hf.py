@@ -297,6 +297,8 @@ HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 HF_PICKLE = "pytorch_model.bin"
+HF_TOKENIZER_KINDS = ("bpe", "sentencepiece")
+"""Tokenizer kinds with a Hugging Face file form (tokenizer.json, tokenizer.model)."""
 # config.json keys that ask a loader to import Python code shipped with the checkpoint.
 REMOTE_CODE_KEYS = ("auto_map", "trust_remote_code", "custom_pipelines")
 
@@ -569,7 +571,7 @@ def save_hf(
     """Write an lmlab decoder as an HF folder that ``transformers`` loads with
     ``AutoModelForCausalLM.from_pretrained(directory)``: config.json, model.safetensors
     (float32, the tied output matrix stored once) and, for a BPE tokenizer, tokenizer.json
-    and tokenizer_config.json (with the ``chat_template``'s source and special tokens when
+    (a SentencePiece one: tokenizer.model) and tokenizer_config.json (with the ``chat_template``'s source and special tokens when
     given). Each file is written atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -581,7 +583,7 @@ def save_hf(
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, directory / HF_WEIGHTS)
     atomic_write_json(directory / HF_CONFIG, {**cfg, "torch_dtype": "float32"})
-    if tokenizer is not None and getattr(tokenizer, "kind", None) == "bpe":
+    if tokenizer is not None and getattr(tokenizer, "kind", None) in HF_TOKENIZER_KINDS:
         tokenizer.save(directory)
         if chat_template is not None:
             save_chat_template(chat_template, directory)
