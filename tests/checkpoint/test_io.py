@@ -379,3 +379,12 @@ def test_a_tokenizer_that_does_not_belong_to_the_model_is_refused_at_load(
     with pytest.raises(CheckpointError, match=message) as caught:
         load_model(path)
     assert str(path) in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn]
+)
+def test_is_finite_sees_nan_in_every_float_dtype_and_ignores_integers(dtype):
+    assert io.is_finite(torch.ones(3, dtype=dtype))
+    assert not io.is_finite(torch.tensor([1.0, float("nan")]).to(dtype))
+    assert io.is_finite(torch.tensor([-1, 2**40]))

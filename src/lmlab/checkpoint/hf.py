@@ -399,6 +399,24 @@ def safetensors_files(directory: str | os.PathLike) -> list[Path]:
     )
 
 
+# safetensors dtype names -> how torch prints them, so that one message fits both sources.
+_SAFETENSORS_DTYPES = {
+    "F64": "torch.float64",
+    "F32": "torch.float32",
+    "F16": "torch.float16",
+    "BF16": "torch.bfloat16",
+    "F8_E4M3": "torch.float8_e4m3fn",
+    "F8_E5M2": "torch.float8_e5m2",
+    "I64": "torch.int64",
+    "I32": "torch.int32",
+    "I16": "torch.int16",
+    "I8": "torch.int8",
+    "U8": "torch.uint8",
+    "BOOL": "torch.bool",
+}
+_FLOAT_DTYPE_NAMES = tuple(v for v in _SAFETENSORS_DTYPES.values() if "float" in v)
+
+
 def stored_shapes(directory: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str, Path]]:
     """``name -> (shape, dtype as torch prints it, file)`` of every tensor in an HF
     folder's safetensors, from the headers alone (checked against the file sizes; no
@@ -410,21 +428,6 @@ def stored_shapes(directory: str | os.PathLike) -> dict[str, tuple[tuple[int, ..
             dtype = _SAFETENSORS_DTYPES.get(entry["dtype"], entry["dtype"])
             found.setdefault(name, (tuple(entry["shape"]), dtype, file))
     return found
-
-
-# safetensors dtype names -> how torch prints them, so that one message fits both sources.
-_SAFETENSORS_DTYPES = {
-    "F64": "torch.float64",
-    "F32": "torch.float32",
-    "F16": "torch.float16",
-    "BF16": "torch.bfloat16",
-    "I64": "torch.int64",
-    "I32": "torch.int32",
-    "I16": "torch.int16",
-    "I8": "torch.int8",
-    "U8": "torch.uint8",
-    "BOOL": "torch.bool",
-}
 
 
 def check_config_against_weights(
@@ -465,9 +468,6 @@ def check_config_against_weights(
             raise CheckpointError(
                 f"{str(file)!r}: tensor {name!r} has dtype {dtype}; weights must be floating point"
             )
-
-
-_FLOAT_DTYPE_NAMES = ("torch.float64", "torch.float32", "torch.float16", "torch.bfloat16")
 
 
 def _decoder_hf_shapes(spec: dict[str, Any]) -> dict[str, tuple[int, ...]]:

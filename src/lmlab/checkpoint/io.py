@@ -363,6 +363,8 @@ def load_weights(model: nn.Module, ckpt: str | os.PathLike) -> None:
 
     Every tensor of the model must be in the file with the same shape, and the file may
     hold nothing else; otherwise a ``CheckpointError`` names the file and the tensor.
+    Tensors holding NaN or inf are refused too, all named in one error (after the finite
+    ones were copied: a caller that catches it must not use ``model``).
     Floating-point tensors are cast to the model's dtype. Parameters keep their identity
     (an optimizer built on them stays valid) and tied weights stay tied.
     """
@@ -411,7 +413,11 @@ def load_weights(model: nn.Module, ckpt: str | os.PathLike) -> None:
 
 def is_finite(tensor: torch.Tensor) -> bool:
     """True unless a floating-point ``tensor`` holds a NaN or an infinity (one pass)."""
-    return not tensor.dtype.is_floating_point or bool(torch.isfinite(tensor).all())
+    if not tensor.dtype.is_floating_point:
+        return True
+    if tensor.element_size() == 1:  # float8: isfinite is not implemented for e4m3fn
+        tensor = tensor.to(torch.float16)  # exact, NaN stays NaN
+    return bool(torch.isfinite(tensor).all())
 
 
 def check_finite(file: str | os.PathLike, nonfinite: list[str]) -> None:
