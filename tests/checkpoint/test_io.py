@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from hf_models import built_on_meta_only
 from lmlab.checkpoint import io
 from lmlab.checkpoint.io import (
     COMPLETE_FILE,
@@ -388,3 +389,28 @@ def test_is_finite_sees_nan_in_every_float_dtype_and_ignores_integers(dtype):
     assert io.is_finite(torch.ones(3, dtype=dtype))
     assert not io.is_finite(torch.tensor([1.0, float("nan")]).to(dtype))
     assert io.is_finite(torch.tensor([-1, 2**40]))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"d_model": 196_608},
+            r"'tok_emb.weight' has shape \(32, 32\), but the model config.json describes "
+            r"expects \(32, 196608\)",
+        ),
+        ({"n_layers": 50_000_000}, "describes a 50000000-layer model, but .* holds only"),
+    ],
+    ids=["d_model", "n_layers"],
+)
+def test_a_spec_promising_a_larger_model_is_refused_before_building(
+    tmp_path, monkeypatch, change, message
+):
+    path = save_checkpoint(tmp_path / "ckpt", tiny_model())
+    config = json.loads((path / CONFIG_FILE).read_text())
+    config["model"].update(change)
+    (path / CONFIG_FILE).write_text(json.dumps(config))
+    built_on_meta_only(monkeypatch, io)
+    with pytest.raises(CheckpointError, match=message) as caught:
+        load_model(path)
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)

@@ -303,6 +303,7 @@ def load_model(
     """
     ckpt = resolve_checkpoint(path)
     config = read_config(ckpt)
+    check_spec_against_weights(config["model"], ckpt / WEIGHTS_FILE)
     try:
         model = build_model(config["model"])
     except Exception as e:
@@ -344,6 +345,38 @@ def check_tokenizer_fits(tokenizer: Any | None, model: nn.Module, where: str) ->
             f"{rows}: ids {rows}..{ids - 1} have no embedding row, so this tokenizer does not "
             "belong to this model"
         )
+
+
+def check_spec_against_weights(spec: dict[str, Any], file: Path) -> None:
+    """Refuse a config.json whose model spec describes another model than ``file`` holds,
+    before the model is built: each tensor of the spec's model that the file stores must
+    have the stored shape. The spec's model is built on the meta device (shapes, no
+    memory) after bounding its layer count by the number of stored tensors, so a spec
+    promising ``d_model`` 196,608 or 50,000,000 layers over a small file fails at once.
+    A spec that cannot be built is left to ``build_model``, which says why.
+    """
+    header = read_safetensors_header(file)
+    layers = spec.get("n_layers")
+    if isinstance(layers, int) and layers > len(header):
+        raise CheckpointError(
+            f"{str(file.parent / CONFIG_FILE)!r} describes a {layers}-layer model, but "
+            f"{str(file)!r} holds only {len(header)} tensors: it does not describe these weights"
+        )
+    try:
+        with torch.device("meta"):
+            model = build_model(spec)
+    except Exception:
+        return  # load_model's own build names the problem with the spec
+    variable = set(getattr(model, "variable_shape_buffers", ()))
+    for name, tensor in model.state_dict().items():
+        if name in header and name not in variable:
+            stored = tuple(header[name]["shape"])
+            if stored != tuple(tensor.shape):
+                raise CheckpointError(
+                    f"{str(file)!r}: tensor {name!r} has shape {stored}, but the model "
+                    f"config.json describes expects {tuple(tensor.shape)}: it does not "
+                    "describe these weights"
+                )
 
 
 def read_config(ckpt: str | os.PathLike) -> dict[str, Any]:
