@@ -93,7 +93,7 @@ class LM:
         """The tokenizer, or a ConfigError naming the model when it has none."""
         from lmlab.data.tokenizers import require_tokenizer
 
-        return require_tokenizer(self.tokenizer, self.config.get("path", "?"), what)
+        return require_tokenizer(self.tokenizer, self.config.get("path", "(built in memory)"), what)
 
     def embed(self, texts: str | list[str], normalize: bool = True) -> torch.Tensor:
         """Sentence embeddings [N, D] of an encoder (BERT, MiniLM), pooled the way the model
