@@ -69,3 +69,19 @@ def tiny_wordpiece(words: list[str], padding: bool = False) -> tokenizers.Tokeni
         tok.enable_padding(length=12, pad_id=0, pad_token="[PAD]")
         tok.enable_truncation(max_length=12)
     return tok
+
+
+def built_on_meta_only(monkeypatch, module):
+    """Make ``module.build_model`` fail the test when it builds real tensors (shapes on the
+    meta device are free), and reading tensor data fail too: what a check must precede."""
+    real = module.build_model
+
+    def guarded(spec, *args, **kwargs):
+        assert torch.get_default_device().type == "meta", "the model was built before the check"
+        return real(spec, *args, **kwargs)
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("tensors were read before the config was checked")
+
+    monkeypatch.setattr(module, "build_model", guarded)
+    monkeypatch.setattr("lmlab.checkpoint.hf.read_hf_weights", no_read)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lmlab
-from lmlab.api import load, model_spec_from, prepare_data, train
+from lmlab.api import export_hf, load, model_spec_from, prepare_data, train
 from lmlab.errors import ConfigError, DataNotFoundError, DecodingError
 from lmlab.models import build_model, get_preset
 from lmlab.train import TrainConfig
@@ -158,3 +158,54 @@ def test_export_cli_writes_a_folder_transformers_loads(tmp_path, capsys):
     ids = torch.tensor([tok.encode("to be or not")])
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model(ids), atol=1e-5, rtol=1e-5)
+
+
+def _bare_hf_folder(tmp_path, vocab_size=300):
+    """A random Llama-layout HF folder with weights and config.json but no tokenizer."""
+    from lmlab.checkpoint.hf import save_hf
+
+    torch.manual_seed(0)
+    model = build_model({**get_preset("llama-small"), "vocab_size": vocab_size, "n_layers": 1})
+    return save_hf(model.eval(), tmp_path / "bare"), model
+
+
+def test_a_folder_without_tokenizer_loads_for_token_ids_and_text_needs_one(tmp_path):
+    folder, model = _bare_hf_folder(tmp_path)
+    lm = load(folder)
+    assert lm.tokenizer is None
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids), model(ids))
+    for call in (lambda: lm.generate("to be"), lambda: lm.perplexity("to be")):
+        with pytest.raises(ConfigError, match="works on text, but model .* has no tokenizer") as e:
+            call()
+        assert str(folder) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="has no tokenizer"):
+        lm.stream("to be")
+
+
+def test_a_folder_with_gpt2_vocab_and_merges_or_sentencepiece_generates(tmp_path):
+    import io
+
+    import sentencepiece
+
+    from lmlab.data.tokenizers import BPETokenizer
+
+    text = "to be or not to be, that is the question " * 20
+    folder, _ = _bare_hf_folder(tmp_path)
+    BPETokenizer.train(text, 300).tokenizer.model.save(str(folder))  # vocab.json, merges.txt
+    lm = load(folder)
+    assert lm.tokenizer.kind == "bpe" and lm.tokenizer.eos_token == "<|endoftext|>"
+    assert isinstance(lm.generate("to be", max_new_tokens=3, temperature=0), str)
+    folder, _ = _bare_hf_folder(tmp_path / "spm", vocab_size=20)
+    spm = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(text.split(", ")), model_writer=spm, vocab_size=20, minloglevel=2
+    )
+    (folder / "tokenizer.model").write_bytes(spm.getvalue())
+    lm = load(folder)
+    assert lm.tokenizer.kind == "sentencepiece" and lm.tokenizer.vocab_size == 20
+    assert isinstance(lm.generate("to be", max_new_tokens=3, temperature=0), str)
+    out, notes = export_hf(folder, tmp_path / "exported")  # the tokenizer travels along
+    assert notes == [] and (out / "tokenizer.model").is_file()
+    assert load(out).tokenizer.encode("to be or not") == lm.tokenizer.encode("to be or not")

@@ -32,7 +32,13 @@ LAYERS = [
 ]
 RANK = {unit: row for row, units in enumerate(LAYERS) for unit in units}
 # Third-party modules that may be imported inside a function, and why.
-DEFERRED = {"matplotlib": "plots", "sacrebleu": "BLEU", "rouge_score": "ROUGE", "gguf": "GGUF"}
+DEFERRED = {
+    "matplotlib": "plots",
+    "sacrebleu": "BLEU",
+    "rouge_score": "ROUGE",
+    "gguf": "GGUF",
+    "sentencepiece": "tokenizer.model files",
+}
 
 
 def unit_of(path: Path) -> str:

@@ -54,7 +54,9 @@ def export_hf(model: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[Pat
     lm = load(model)
     out = save_hf(lm.model, out_dir, lm.tokenizer, lm.chat_template)
     notes = []
-    if getattr(lm.tokenizer, "kind", None) != "bpe":
+    if lm.tokenizer is None:
+        notes.append("the model has no tokenizer, so none was written")
+    elif getattr(lm.tokenizer, "kind", None) not in ("bpe", "sentencepiece"):
         notes.append(
             f"the {lm.tokenizer.kind} tokenizer has no Hugging Face form and was not "
             "written; encode text with lmlab (lmlab.data.load_tokenizer) for this model"

@@ -31,6 +31,20 @@ def atomic_write_json(file: str | os.PathLike, obj: Any, indent: int = 2) -> Non
     atomic_write_text(file, json.dumps(obj, indent=indent) + "\n")
 
 
+def atomic_write_bytes(file: str | os.PathLike, data: bytes) -> None:
+    file = Path(file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, file)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def _umask() -> int:
     mask = os.umask(0)  # reading the umask means setting it: put it straight back
     os.umask(mask)

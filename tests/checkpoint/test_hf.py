@@ -10,7 +10,8 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from hf_models import tiny_llama
+import lmlab.checkpoint.hf
+from hf_models import built_on_meta_only, tiny_llama
 from lmlab.checkpoint.hf import is_hf_directory, load_hf, save_hf
 from lmlab.data.tokenizers import BPETokenizer
 from lmlab.errors import CheckpointError
@@ -210,4 +211,65 @@ def test_wrong_shape_or_dtype_for_the_config_names_file_and_tensor(tmp_path):
     bad_dtype["model.norm.weight"] = torch.ones(64, dtype=torch.int32)
     save_file(bad_dtype, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match="'model.norm.weight' has dtype torch.int32"):
+        load_hf(tmp_path)
+
+
+# ----------------------------------------------------------------------------- item 29
+
+
+@pytest.mark.parametrize("shards", [False, True])
+def test_non_finite_weights_are_refused_naming_file_and_tensors(tmp_path, shards):
+    hf = tiny("llama")
+    with torch.no_grad():
+        hf.model.layers[1].self_attn.v_proj.weight[0, 0] = float("nan")
+        hf.lm_head.weight[2, 2] = float("-inf")
+    hf.save_pretrained(tmp_path, max_shard_size="20KB" if shards else "1GB")
+    with pytest.raises(CheckpointError, match="non-finite weights") as caught:
+        load_hf(tmp_path)
+    message = str(caught.value)
+    assert "\n" not in message and str(tmp_path) in message and ".safetensors" in message
+    assert "model.layers.1.self_attn.v_proj.weight" in message or "lm_head.weight" in message
+    if not shards:  # one file: both tensors named at once
+        assert "model.layers.1.self_attn.v_proj.weight" in message
+        assert "lm_head.weight" in message
+
+
+# ----------------------------------------------------------------------------- item 30
+
+
+@pytest.mark.parametrize(
+    ("kind", "change", "message"),
+    [
+        (
+            "llama",
+            {"hidden_size": 196_608},
+            r"'model.embed_tokens.weight' has shape \(97, 64\), but config.json implies "
+            r"\(97, 196608\)",
+        ),
+        ("llama", {"intermediate_size": 2**30}, r"mlp.gate_proj.weight' has shape \(96, 64\)"),
+        ("llama", {"num_hidden_layers": 50_000_000}, "50000000-layer model, but the weights hold"),
+        ("gpt2", {"n_embd": 196_608}, r"'transformer.wte.weight' has shape \(97, 48\)"),
+        ("gpt2", {"n_positions": 2**31}, r"'transformer.wpe.weight' has shape \(64, 48\)"),
+    ],
+    ids=["hidden_size", "intermediate_size", "num_hidden_layers", "n_embd", "n_positions"],
+)
+def test_config_promising_a_larger_model_is_refused_before_building(
+    tmp_path, monkeypatch, kind, change, message
+):
+    tiny(kind).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))
+    built_on_meta_only(monkeypatch, lmlab.checkpoint.hf)
+    with pytest.raises(CheckpointError, match=message) as caught:
+        load_hf(tmp_path)
+    assert str(tmp_path) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path):
+    text = "to be or not to be, that is the question " * 20
+    tok = BPETokenizer.train(text, 300)
+    model = build_model({**get_preset("llama-small"), "vocab_size": tok.vocab_size - 5})
+    save_hf(model.eval(), tmp_path, tok)
+    match = f"tokenizer has {tok.vocab_size} token ids but the model's vocab_size is "
+    with pytest.raises(CheckpointError, match=match + f"{tok.vocab_size - 5}"):
         load_hf(tmp_path)

@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from hf_models import built_on_meta_only
 from lmlab.checkpoint import io
 from lmlab.checkpoint.io import (
     COMPLETE_FILE,
@@ -335,3 +336,81 @@ class _Payload:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+# ----------------------------------------------------------------------------- item 29
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensors(tmp_path, bad):
+    model = tiny_model()
+    with torch.no_grad():
+        model.blocks[1].mlp.up_proj.weight[3, 4] = bad
+        model.norm.weight[0] = -bad
+    path = save_checkpoint(tmp_path / "ckpt", model)
+    with pytest.raises(CheckpointError) as caught:
+        load_model(path)
+    message = str(caught.value)
+    assert "\n" not in message and str(path / WEIGHTS_FILE) in message
+    assert "non-finite weights (NaN or inf) in 2 tensor(s)" in message
+    assert "blocks.1.mlp.up_proj.weight" in message and "'norm.weight'" not in message
+    assert "norm.weight" in message
+    with pytest.raises(CheckpointError, match="non-finite"):
+        load_weights(tiny_model(), path)  # init_from and resume read the same way
+
+
+@pytest.mark.parametrize(
+    ("n_chars", "message"),
+    [
+        (40, r"tokenizer has 40 token ids but the model's vocab_size is 32: ids 32\.\.39 have no"),
+        (30, None),  # two padding rows: normal (nanoGPT pads GPT-2's 50,257 to 50,304)
+        (8, None),
+    ],
+)
+def test_a_tokenizer_that_does_not_belong_to_the_model_is_refused_at_load(
+    tmp_path, n_chars, message
+):
+    from lmlab.data.tokenizers import CharTokenizer
+
+    chars = "".join(chr(ord("A") + i) for i in range(n_chars))
+    path = save_checkpoint(tmp_path / "ckpt", tiny_model(), tokenizer=CharTokenizer(chars))
+    if message is None:
+        assert load_model(path)[1].vocab_size == n_chars
+        return
+    with pytest.raises(CheckpointError, match=message) as caught:
+        load_model(path)
+    assert str(path) in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn]
+)
+def test_is_finite_sees_nan_in_every_float_dtype_and_ignores_integers(dtype):
+    assert io.is_finite(torch.ones(3, dtype=dtype))
+    assert not io.is_finite(torch.tensor([1.0, float("nan")]).to(dtype))
+    assert io.is_finite(torch.tensor([-1, 2**40]))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"d_model": 196_608},
+            r"'tok_emb.weight' has shape \(32, 32\), but the model config.json describes "
+            r"expects \(32, 196608\)",
+        ),
+        ({"n_layers": 50_000_000}, "describes a 50000000-layer model, but .* holds only"),
+    ],
+    ids=["d_model", "n_layers"],
+)
+def test_a_spec_promising_a_larger_model_is_refused_before_building(
+    tmp_path, monkeypatch, change, message
+):
+    path = save_checkpoint(tmp_path / "ckpt", tiny_model())
+    config = json.loads((path / CONFIG_FILE).read_text())
+    config["model"].update(change)
+    (path / CONFIG_FILE).write_text(json.dumps(config))
+    built_on_meta_only(monkeypatch, io)
+    with pytest.raises(CheckpointError, match=message) as caught:
+        load_model(path)
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)

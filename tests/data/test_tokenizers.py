@@ -16,8 +16,11 @@ from lmlab.data.tokenizers import (
     ByteTokenizer,
     CharTokenizer,
     HFTokenizer,
+    SentencePieceTokenizer,
     Tokenizer,
+    find_tokenizer,
     load_tokenizer,
+    require_tokenizer,
     train_tokenizer,
 )
 from lmlab.errors import ConfigError, DataError, DataNotFoundError
@@ -431,3 +434,77 @@ def test_hf_tokenizer_save_then_load_gives_identical_ids_and_keeps_the_file(
 def test_hf_tokenizer_decode_rejects_ids_outside_the_vocabulary(wordpiece_dir):
     with pytest.raises(DataError, match="token id 18"):
         load_tokenizer(wordpiece_dir).decode([2, 18])
+
+
+# ---- older layouts: GPT-2's vocab.json + merges.txt, SentencePiece --------------------------
+
+
+def test_gpt2_vocab_and_merges_match_the_tokenizer_and_transformers(bpe, shakespeare, tmp_path):
+    bpe.tokenizer.model.save(str(tmp_path))  # writes exactly GPT-2's vocab.json + merges.txt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merges.txt", "vocab.json"]
+    tok = find_tokenizer(tmp_path)
+    assert isinstance(tok, BPETokenizer) and tok.vocab_size == bpe.vocab_size
+    assert tok.eos_token == "<|endoftext|>" and tok.eos_id == bpe.eos_id == 0
+    text = shakespeare[:3000] + TRICKY + "<|endoftext|>next"
+    assert tok.encode(text) == bpe.encode(text)
+    assert tok.decode(tok.encode(text)) == text
+    reference = transformers.GPT2Tokenizer.from_pretrained(tmp_path)
+    assert tok.encode(text) == reference.encode(text)
+
+
+def test_gpt2_vocab_without_merges_is_named(bpe, tmp_path):
+    bpe.tokenizer.model.save(str(tmp_path))
+    (tmp_path / "merges.txt").unlink()
+    with pytest.raises(DataNotFoundError, match="merges.txt' does not exist"):
+        find_tokenizer(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_model(shakespeare):
+    """A small SentencePiece BPE model trained on Tiny Shakespeare, as bytes."""
+    import io
+
+    import sentencepiece
+
+    out = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(shakespeare[:50_000].splitlines()),
+        model_writer=out,
+        vocab_size=400,  # 256 byte pieces, 3 control tokens, the rest merges
+        model_type="bpe",
+        byte_fallback=True,  # any character encodes, as in Llama's tokenizer
+        minloglevel=2,
+    )
+    return out.getvalue()
+
+
+def test_sentencepiece_model_matches_the_library_and_round_trips(sentencepiece_model, tmp_path):
+    import sentencepiece
+
+    (tmp_path / "tokenizer.model").write_bytes(sentencepiece_model)
+    tok = find_tokenizer(tmp_path)
+    assert isinstance(tok, SentencePieceTokenizer) and tok.vocab_size == 400
+    assert tok.eos_id == 2  # sentencepiece's default </s>
+    reference = sentencepiece.SentencePieceProcessor(model_proto=sentencepiece_model)
+    text = "ROMEO: But soft, what light through yonder window breaks? é 🙂"
+    assert tok.encode(text) == reference.encode(text) and tok.encode(text)[0] != reference.bos_id()
+    assert tok.decode(tok.encode(text)) == text
+    with pytest.raises(DataError, match="outside the sentencepiece tokenizer's vocabulary"):
+        tok.decode([400])
+    tok.save(tmp_path / "saved")
+    assert find_tokenizer(tmp_path / "saved").encode(text) == tok.encode(text)
+
+
+def test_broken_sentencepiece_file_is_named(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(b"not a model")
+    with pytest.raises(DataError, match="tokenizer.model' is not a valid SentencePiece model"):
+        find_tokenizer(tmp_path)
+
+
+def test_a_folder_without_tokenizer_has_none_and_text_needs_one(tmp_path):
+    assert find_tokenizer(tmp_path) is None
+    with pytest.raises(ConfigError) as caught:
+        require_tokenizer(None, "models/bare", "generate")
+    message = str(caught.value)
+    assert message.startswith("generate works on text, but model 'models/bare' has no tokenizer")
+    assert "tokenizer.json, vocab.json + merges.txt, tokenizer.model" in message

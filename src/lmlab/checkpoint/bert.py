@@ -25,7 +25,15 @@ from typing import Any
 
 import torch
 
-from lmlab.checkpoint.hf import load_converted, read_hf_config, read_hf_weights
+from lmlab.checkpoint.hf import (
+    check_config_against_weights,
+    load_converted,
+    read_hf_config,
+    read_hf_weights,
+    state_shapes,
+    stored_shapes,
+)
+from lmlab.checkpoint.io import check_tokenizer_fits
 from lmlab.data.tokenizers import HFTokenizer
 from lmlab.errors import CheckpointError
 from lmlab.models import build_model
@@ -216,6 +224,14 @@ def convert_bert_state_dict(
     return {k: v.contiguous() for k, v in ours.items()}
 
 
+def _bert_hf_shapes(spec: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Hugging Face names (``bert.`` prefix removed) -> shapes that ``spec`` implies."""
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        shapes = {k: tuple(v.shape) for k, v in build_model(spec).state_dict().items()}
+    key_map = _key_map(spec["n_layers"], spec.get("mlm_head", False))
+    return {hf: shapes[ours] for ours, hf in key_map.items()}
+
+
 def _hf_name(spec: dict[str, Any], name: str) -> str:
     """The Hugging Face name of lmlab tensor ``name`` (for error messages)."""
     if name == "mlm.bias":
@@ -271,13 +287,21 @@ def load_hf_encoder(
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{str(directory)!r} has no config.json; it is not a BERT folder")
     # The same checks as every HF folder: remote code ignored, headers validated, shards,
-    # pickled weights only through weights_only.
+    # pickled weights only through weights_only, and the config checked against the
+    # headers before any tensor is read or the model built.
     hf_config = read_hf_config(directory)
-    hf_state, _ = read_hf_weights(directory)
+    stored, hf_state = stored_shapes(directory), None
+    if not stored:  # pytorch_model.bin has no header: read it (weights_only) to see shapes
+        hf_state, sources = read_hf_weights(directory)
+        stored = state_shapes(hf_state, sources)
+    stored = {_normalise_name(k): v for k, v in stored.items()}
     settings = _sentence_settings(directory)
-    mlm_head = any(_normalise_name(k).startswith("cls.predictions.") for k in hf_state)
+    mlm_head = any(k.startswith("cls.predictions.") for k in stored)
     spec = spec_from_bert_config(hf_config, mlm_head=mlm_head)
     spec["pooling"] = settings["pooling"]
+    check_config_against_weights(spec, stored, repr(str(directory)), _bert_hf_shapes)
+    if hf_state is None:
+        hf_state, _ = read_hf_weights(directory)
     state = convert_bert_state_dict(spec, hf_state)
     model = build_model(spec)
     if dtype is None:
@@ -289,6 +313,7 @@ def load_hf_encoder(
     tokenizer = None
     if (directory / "tokenizer.json").is_file():
         tokenizer = HFTokenizer.from_file(directory / "tokenizer.json")
+    check_tokenizer_fits(tokenizer, model, str(directory))
     dropped = sorted(k for k in hf_state if _normalise_name(k).startswith(DROPPED))
     info = {"spec": spec, **settings, "dropped": dropped, "source": str(directory)}
     return model.eval(), tokenizer, info

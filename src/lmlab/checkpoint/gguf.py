@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from lmlab.checkpoint.hf import convert_hf_state_dict, load_converted, spec_from_hf_config
+from lmlab.checkpoint.io import check_finite, check_tokenizer_fits, is_finite
 from lmlab.data.tokenizers import BPETokenizer
 from lmlab.errors import CheckpointError, DataNotFoundError
 from lmlab.models import build_model
@@ -408,9 +409,71 @@ def _hf_name(name: str, n_layers: int) -> str | None:
         return _TOP_NAMES[name]
     parts = name.split(".", 2)
     if len(parts) == 3 and parts[0] == "blk" and parts[2] in _BLOCK_NAMES:
-        if parts[1] in {str(i) for i in range(n_layers)}:  # "blk.01" is not layer 1
+        if _block_index(parts[1]) < n_layers:
             return f"model.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}"
     return None
+
+
+def _block_index(text: str) -> int | float:
+    """``"3" -> 3``; anything that is not a canonical decimal (``"01"``, ``"x"``) -> inf."""
+    if text.isascii() and text.isdigit() and str(int(text)) == text:
+        return int(text)
+    return math.inf
+
+
+def check_metadata_against_tensors(g: GGUFFile, cfg: dict[str, Any]) -> None:
+    """Refuse a file whose metadata describes another model than the tensors it holds.
+
+    Runs before anything is allocated or dequantized, in time and memory proportional to
+    the number of tensors (which ``read_gguf`` bounded by the file's size): a 37 KB file
+    claiming ``block_count`` 50,000,000 or ``feed_forward_length`` 2**30 fails here, in
+    milliseconds, instead of building a model of that size. ``cfg`` is
+    ``hf_config_from_gguf(g)``. Each tensor present must have the shape the metadata
+    implies (its byte size was checked against its shape and type by ``read_gguf``)::
+
+        token_embd, output      (V, D)      attn_q, attn_output (H*Dh, D), (D, H*Dh)
+        *_norm                  (D,)        attn_k, attn_v      (KV*Dh, D)
+        ffn_gate, ffn_up        (F, D)      ffn_down            (D, F)
+    """
+    where, arch = str(g.path), g.metadata["general.architecture"]
+    n_layers = cfg["num_hidden_layers"]
+    blocks = {_block_index(n.split(".")[1]) for n in g.tensors if n.startswith("blk.")}
+    blocks.discard(math.inf)
+    if not 1 <= n_layers <= len(blocks):
+        raise CheckpointError(
+            f"{where!r}: metadata {arch}.block_count is {n_layers}, but the file holds the "
+            f"tensors of {len(blocks)} block(s): the metadata does not describe this file"
+        )
+    D, F, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    H, KV, Dh = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    heads = f"{arch}.attention.head_count {H}, head size {Dh}"
+    kv_heads = f"{arch}.attention.head_count_kv {KV}, head size {Dh}"
+    ff = f"{arch}.feed_forward_length {F}"
+    width = f"{arch}.embedding_length {D}"
+    expected: dict[str, tuple[tuple[int, ...], str]] = {
+        "token_embd.weight": ((V, D), width),
+        "output.weight": ((V, D), f"{width}, {V} token embedding rows"),
+        "output_norm.weight": ((D,), width),
+        "attn_norm.weight": ((D,), width),
+        "ffn_norm.weight": ((D,), width),
+        "attn_q.weight": ((H * Dh, D), f"{heads}, {width}"),
+        "attn_k.weight": ((KV * Dh, D), f"{kv_heads}, {width}"),
+        "attn_v.weight": ((KV * Dh, D), f"{kv_heads}, {width}"),
+        "attn_output.weight": ((D, H * Dh), f"{heads}, {width}"),
+        "ffn_gate.weight": ((F, D), f"{ff}, {width}"),
+        "ffn_up.weight": ((F, D), f"{ff}, {width}"),
+        "ffn_down.weight": ((D, F), f"{ff}, {width}"),
+    }
+    for name, t in g.tensors.items():
+        leaf = name.split(".", 2)[2] if name.startswith("blk.") and name.count(".") >= 2 else name
+        if leaf not in expected or (name.startswith("blk.") != (leaf in _BLOCK_NAMES)):
+            continue  # unknown names are gguf_to_hf's to report
+        want, why = expected[leaf]
+        if t.shape != want:
+            raise CheckpointError(
+                f"{where!r}: tensor {name!r} has shape {t.shape}, the metadata implies {want} "
+                f"({why}): the metadata does not describe this file"
+            )
 
 
 def _meta(g: GGUFFile, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
@@ -508,6 +571,7 @@ def gguf_to_hf(
     """
     g = path if isinstance(path, GGUFFile) else read_gguf(path)
     cfg = hf_config_from_gguf(g)
+    check_metadata_against_tensors(g, cfg)  # before any loop or allocation the metadata sizes
     n_layers = cfg["num_hidden_layers"]
     names = {name: _hf_name(name, n_layers) for name in g.tensors}
     unknown = sorted(n for n, hf in names.items() if hf is None)
@@ -528,18 +592,16 @@ def gguf_to_hf(
         raise CheckpointError(_type_message(g.path, bad))
     heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
     state = {}
+    nonfinite = []
     for name, hf_name in names.items():
         w = g.dequantize(name)
+        if not is_finite(w):  # NaN or inf in the values, or in a quantized block's scale
+            nonfinite.append(name)
         proj = hf_name.split(".")[-2]
         if proj in heads:  # q and k come permuted for llama.cpp's rotary layout
-            expected = (heads[proj] * cfg["head_dim"], cfg["hidden_size"])
-            if tuple(w.shape) != expected:
-                raise CheckpointError(
-                    f"{str(g.path)!r}: tensor {name!r} has shape {tuple(w.shape)}, the "
-                    f"metadata implies {expected}"
-                )
             w = unpermute_rotary(w, heads[proj])
         state[hf_name] = w
+    check_finite(g.path, nonfinite)
     return cfg, state
 
 
@@ -722,8 +784,11 @@ def load_gguf(
     path: str | os.PathLike[str],
     dtype: torch.dtype | None = None,
     keep_quantized: bool | None = None,
-) -> tuple[nn.Module, BPETokenizer, dict[str, Any]]:
+) -> tuple[nn.Module, BPETokenizer | None, dict[str, Any]]:
     """``(model, tokenizer, info)`` from a GGUF file: lmlab's transformer in eval mode.
+
+    The tokenizer is None when the file has no ``tokenizer.ggml.model`` (a model saved
+    alone, for work on token ids).
 
     The model holds the dequantized weights in float32 (or ``dtype``). With
     ``keep_quantized`` the linear layers stored as Q4_0/Q4_1 stay 4-bit (``Int4Linear``,
@@ -745,7 +810,8 @@ def load_gguf(
         keep_quantized = dtype == torch.bfloat16 and int4_kernel_available()
     head = hf_state.get("lm_head.weight", hf_state["model.embed_tokens.weight"])
     quantized = keep_4bit(model, g, head) if keep_quantized else []
-    tokenizer = gguf_tokenizer(g)
+    tokenizer = gguf_tokenizer(g) if "tokenizer.ggml.model" in g.metadata else None
+    check_tokenizer_fits(tokenizer, model, str(g.path))
     tokens = g.metadata.get("tokenizer.ggml.tokens", [])
 
     def token(key: str) -> str | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lmlab.checkpoint.io import read_safetensors_header
-from lmlab.data.tokenizers import load_tokenizer
+from lmlab.checkpoint.io import (
+    check_finite,
+    check_tokenizer_fits,
+    is_finite,
+    read_safetensors_header,
+)
+from lmlab.data.tokenizers import find_tokenizer
 from lmlab.errors import CheckpointError
 from lmlab.fileio import atomic_write_json
 from lmlab.models import build_model, model_spec
@@ -292,6 +298,8 @@ HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 HF_PICKLE = "pytorch_model.bin"
+HF_TOKENIZER_KINDS = ("bpe", "sentencepiece")
+"""Tokenizer kinds with a Hugging Face file form (tokenizer.json, tokenizer.model)."""
 # config.json keys that ask a loader to import Python code shipped with the checkpoint.
 REMOTE_CODE_KEYS = ("auto_map", "trust_remote_code", "custom_pipelines")
 
@@ -353,17 +361,9 @@ def read_hf_weights(
     tensor or a plain container, so a payload in the file never runs.
     """
     directory = Path(directory)
-    if (directory / HF_INDEX).is_file():
-        files = _shards(directory)
-    elif (directory / HF_WEIGHTS).is_file():
-        files = [directory / HF_WEIGHTS]
-    elif (directory / HF_PICKLE).is_file():
+    files = safetensors_files(directory)
+    if not files:
         return _read_pickled(directory / HF_PICKLE)
-    else:
-        raise CheckpointError(
-            f"{str(directory)!r} has no weights: looked for {HF_WEIGHTS}, {HF_INDEX} and "
-            f"{HF_PICKLE}"
-        )
     state: dict[str, torch.Tensor] = {}
     sources: dict[str, Path] = {}
     for file in files:
@@ -380,7 +380,109 @@ def read_hf_weights(
             raise
         except Exception as e:  # safetensors' own errors on a corrupt file
             raise CheckpointError(f"cannot read weights from {str(file)!r}: {e}") from e
+        check_finite(file, [n for n in header if not is_finite(state[n])])
     return state, sources
+
+
+def safetensors_files(directory: str | os.PathLike) -> list[Path]:
+    """The safetensors files of an HF model folder: ``model.safetensors`` or the shards
+    that ``model.safetensors.index.json`` lists; an empty list when the folder has only
+    ``pytorch_model.bin``. A folder with no weights at all is a ``CheckpointError``."""
+    directory = Path(directory)
+    if (directory / HF_INDEX).is_file():
+        return _shards(directory)
+    if (directory / HF_WEIGHTS).is_file():
+        return [directory / HF_WEIGHTS]
+    if (directory / HF_PICKLE).is_file():
+        return []
+    raise CheckpointError(
+        f"{str(directory)!r} has no weights: looked for {HF_WEIGHTS}, {HF_INDEX} and {HF_PICKLE}"
+    )
+
+
+# safetensors dtype names -> how torch prints them, so that one message fits both sources.
+_SAFETENSORS_DTYPES = {
+    "F64": "torch.float64",
+    "F32": "torch.float32",
+    "F16": "torch.float16",
+    "BF16": "torch.bfloat16",
+    "F8_E4M3": "torch.float8_e4m3fn",
+    "F8_E5M2": "torch.float8_e5m2",
+    "I64": "torch.int64",
+    "I32": "torch.int32",
+    "I16": "torch.int16",
+    "I8": "torch.int8",
+    "U8": "torch.uint8",
+    "BOOL": "torch.bool",
+}
+_FLOAT_DTYPE_NAMES = tuple(v for v in _SAFETENSORS_DTYPES.values() if "float" in v)
+
+
+def stored_shapes(directory: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str, Path]]:
+    """``name -> (shape, dtype as torch prints it, file)`` of every tensor in an HF
+    folder's safetensors, from the headers alone (checked against the file sizes; no
+    tensor is read). Empty for a folder whose weights are a ``pytorch_model.bin``, which
+    has no header to read."""
+    found: dict[str, tuple[tuple[int, ...], str, Path]] = {}
+    for file in safetensors_files(directory):
+        for name, entry in read_safetensors_header(file).items():
+            dtype = _SAFETENSORS_DTYPES.get(entry["dtype"], entry["dtype"])
+            found.setdefault(name, (tuple(entry["shape"]), dtype, file))
+    return found
+
+
+def check_config_against_weights(
+    spec: dict[str, Any],
+    stored: dict[str, tuple[tuple[int, ...], str, Path]],
+    where: str,
+    hf_shapes: Callable[[dict[str, Any]], dict[str, tuple[int, ...]]],
+) -> None:
+    """Refuse a config.json that describes another model than the weights hold, before
+    the model is built: every tensor the spec implies that the files hold must have the
+    implied shape and a floating dtype. ``stored`` is ``stored_shapes`` (or the same from
+    a loaded state dict); ``hf_shapes(spec)`` gives the HF names and shapes the spec
+    implies. A config promising a hidden size of 196,608 over a small file thus fails in
+    milliseconds instead of allocating that model. The layer count is bounded first by the
+    number of stored tensors (each layer has several), so that computing the expected
+    names takes time proportional to the file's header. Missing and leftover tensors are
+    left to the converter, which names them.
+    """
+    if not 0 <= spec["n_layers"] <= len(stored):
+        raise CheckpointError(
+            f"{where}: config.json describes a {spec['n_layers']}-layer model, but the "
+            f"weights hold only {len(stored)} tensors: the config does not describe these files"
+        )
+    try:
+        expected = hf_shapes(spec)
+    except (ValueError, TypeError) as e:  # the spec itself is invalid (a config field)
+        raise CheckpointError(f"{where}: config.json describes no valid model: {e}") from e
+    for name, want in expected.items():
+        if name not in stored:
+            continue
+        shape, dtype, file = stored[name]
+        if shape != tuple(want):
+            raise CheckpointError(
+                f"{str(file)!r}: tensor {name!r} has shape {shape}, but config.json implies "
+                f"{tuple(want)}: the config does not describe these weights"
+            )
+        if dtype not in _FLOAT_DTYPE_NAMES:
+            raise CheckpointError(
+                f"{str(file)!r}: tensor {name!r} has dtype {dtype}; weights must be floating point"
+            )
+
+
+def _decoder_hf_shapes(spec: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """HF names -> shapes of the decoder ``spec`` (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        _, expected = to_hf(build_model(spec))
+    return {name: tuple(t.shape) for name, t in expected.items()}
+
+
+def state_shapes(
+    state: dict[str, torch.Tensor], sources: dict[str, Path]
+) -> dict[str, tuple[tuple[int, ...], str, Path]]:
+    """``stored_shapes`` of tensors already read (``read_hf_weights``' two results)."""
+    return {n: (tuple(t.shape), str(t.dtype), sources[n]) for n, t in state.items()}
 
 
 def _shards(directory: Path) -> list[Path]:
@@ -414,26 +516,8 @@ def _read_pickled(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise CheckpointError(f"{str(file)!r} is not a state dict (names -> tensors)")
+    check_finite(file, [n for n, t in state.items() if not is_finite(t)])
     return state, dict.fromkeys(state, file)
-
-
-def _check_against_model(
-    model: nn.Module, state: dict[str, torch.Tensor], sources: dict[str, Path]
-) -> None:
-    """Every tensor the model needs has its shape, and a float dtype, in the files."""
-    with torch.device("meta"):  # the HF names and shapes, without copying any weights
-        _, expected = to_hf(build_model(model_spec(model)))
-    for name, want in expected.items():
-        if name not in state:
-            continue  # convert_hf_state_dict names what is missing
-        got = state[name]
-        where = f"{str(sources[name])!r}: tensor {name!r}"
-        if tuple(got.shape) != tuple(want.shape):
-            raise CheckpointError(
-                f"{where} has shape {tuple(got.shape)}, but config.json implies {tuple(want.shape)}"
-            )
-        if not got.dtype.is_floating_point:
-            raise CheckpointError(f"{where} has dtype {got.dtype}; weights must be floating point")
 
 
 def load_hf(
@@ -442,23 +526,31 @@ def load_hf(
     """An HF decoder folder (GPT-2, Llama, Mistral, Qwen2) -> (model, tokenizer, info).
 
     The model is lmlab's transformer in eval mode, in ``dtype`` (default float32); the
-    tokenizer comes from ``tokenizer.json`` (None if absent); ``info`` holds the spec
+    tokenizer comes from ``tokenizer.json``, GPT-2's ``vocab.json`` + ``merges.txt`` or a
+    SentencePiece ``tokenizer.model`` (``find_tokenizer``; None when there is none), and
+    must fit the model's vocabulary (``check_tokenizer_fits``); ``info`` holds the spec
     (``"model"``), the HF config and the folder's ``tokenizer_config.json``.
     """
     directory = Path(directory)
     cfg = read_hf_config(directory)
     spec = spec_from_hf_config(cfg)
-    state, sources = read_hf_weights(directory)
+    # The headers first, so that a config promising a far larger model than the files
+    # hold fails before any tensor is read or the model is built.
+    stored, state = stored_shapes(directory), None
+    if not stored:  # pytorch_model.bin has no header: read it (weights_only) to see shapes
+        state, sources = read_hf_weights(directory)
+        stored = state_shapes(state, sources)
+    check_config_against_weights(spec, stored, repr(str(directory)), _decoder_hf_shapes)
+    if state is None:
+        state, _ = read_hf_weights(directory)
     model = build_model(spec, empty=True)  # load_converted fills every tensor (or fails)
-    _check_against_model(model, state, sources)
     try:
         load_converted(model, convert_hf_state_dict(state, spec))
     except CheckpointError as e:
         raise CheckpointError(f"{str(directory)!r}: {e}") from e
     model.to(dtype or torch.float32).eval()
-    tokenizer = None
-    if (directory / "tokenizer.json").is_file():
-        tokenizer = load_tokenizer(directory)
+    tokenizer = find_tokenizer(directory)
+    check_tokenizer_fits(tokenizer, model, str(directory))
     tok_config = {}
     if (directory / "tokenizer_config.json").is_file():
         try:
@@ -478,7 +570,7 @@ def save_hf(
     """Write an lmlab decoder as an HF folder that ``transformers`` loads with
     ``AutoModelForCausalLM.from_pretrained(directory)``: config.json, model.safetensors
     (float32, the tied output matrix stored once) and, for a BPE tokenizer, tokenizer.json
-    and tokenizer_config.json (with the ``chat_template``'s source and special tokens when
+    (a SentencePiece one: tokenizer.model) and tokenizer_config.json (with the ``chat_template``'s source and special tokens when
     given). Each file is written atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -490,7 +582,7 @@ def save_hf(
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, directory / HF_WEIGHTS)
     atomic_write_json(directory / HF_CONFIG, {**cfg, "torch_dtype": "float32"})
-    if tokenizer is not None and getattr(tokenizer, "kind", None) == "bpe":
+    if tokenizer is not None and getattr(tokenizer, "kind", None) in HF_TOKENIZER_KINDS:
         tokenizer.save(directory)
         if chat_template is not None:
             save_chat_template(chat_template, directory)

@@ -43,7 +43,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lmlab.data.tokenizers import load_tokenizer
+from lmlab.data.tokenizers import find_tokenizer
 from lmlab.errors import CheckpointError
 from lmlab.models import base_model, build_model, model_spec
 
@@ -335,6 +335,7 @@ def load_model(
     """
     ckpt = resolve_checkpoint(path)
     config = read_config(ckpt)
+    check_spec_against_weights(config["model"], ckpt / WEIGHTS_FILE)
     try:
         model = build_model(config["model"])
     except Exception as e:
@@ -350,10 +351,61 @@ def load_model(
         model.to(dtype)
     load_weights(model, ckpt)
     model.eval()
-    tokenizer = None
-    if (ckpt / TOKENIZER_FILE).is_file():
-        tokenizer = load_tokenizer(ckpt)
+    tokenizer = find_tokenizer(ckpt)
+    check_tokenizer_fits(tokenizer, model, str(ckpt))
     return model, tokenizer, config
+
+
+def check_tokenizer_fits(tokenizer: Any | None, model: nn.Module, where: str) -> None:
+    """Refuse, at load, a tokenizer that can emit ids the model has no embedding row for.
+
+    A tokenizer with more ids than the model's ``vocab_size`` belongs to another model:
+    its ids ``vocab_size`` and up would fail at the first forward pass that meets one
+    (an index error deep in the embedding). The error names both numbers. Fewer ids than
+    rows is accepted: embedding tables are often padded for speed (nanoGPT's GPT-2:
+    50,304 rows for 50,257 tokens; Qwen2.5: 151,936 for 151,665), and such a model is
+    used with its tokenizer every day.
+    """
+    rows = getattr(getattr(model, "config", None), "vocab_size", None)
+    ids = getattr(tokenizer, "vocab_size", None)
+    if isinstance(rows, int) and isinstance(ids, int) and ids > rows:
+        raise CheckpointError(
+            f"{where!r}: the tokenizer has {ids} token ids but the model's vocab_size is "
+            f"{rows}: ids {rows}..{ids - 1} have no embedding row, so this tokenizer does not "
+            "belong to this model"
+        )
+
+
+def check_spec_against_weights(spec: dict[str, Any], file: Path) -> None:
+    """Refuse a config.json whose model spec describes another model than ``file`` holds,
+    before the model is built: each tensor of the spec's model that the file stores must
+    have the stored shape. The spec's model is built on the meta device (shapes, no
+    memory) after bounding its layer count by the number of stored tensors, so a spec
+    promising ``d_model`` 196,608 or 50,000,000 layers over a small file fails at once.
+    A spec that cannot be built is left to ``build_model``, which says why.
+    """
+    header = read_safetensors_header(file)
+    layers = spec.get("n_layers")
+    if isinstance(layers, int) and layers > len(header):
+        raise CheckpointError(
+            f"{str(file.parent / CONFIG_FILE)!r} describes a {layers}-layer model, but "
+            f"{str(file)!r} holds only {len(header)} tensors: it does not describe these weights"
+        )
+    try:
+        with torch.device("meta"):
+            model = build_model(spec)
+    except Exception:
+        return  # load_model's own build names the problem with the spec
+    variable = set(getattr(model, "variable_shape_buffers", ()))
+    for name, tensor in model.state_dict().items():
+        if name in header and name not in variable:
+            stored = tuple(header[name]["shape"])
+            if stored != tuple(tensor.shape):
+                raise CheckpointError(
+                    f"{str(file)!r}: tensor {name!r} has shape {stored}, but the model "
+                    f"config.json describes expects {tuple(tensor.shape)}: it does not "
+                    "describe these weights"
+                )
 
 
 def read_config(ckpt: str | os.PathLike) -> dict[str, Any]:
@@ -373,6 +425,8 @@ def load_weights(model: nn.Module, ckpt: str | os.PathLike) -> None:
 
     Every tensor of the model must be in the file with the same shape, and the file may
     hold nothing else; otherwise a ``CheckpointError`` names the file and the tensor.
+    Tensors holding NaN or inf are refused too, all named in one error (after the finite
+    ones were copied: a caller that catches it must not use ``model``).
     Floating-point tensors are cast to the model's dtype. Parameters keep their identity
     (an optimizer built on them stays valid) and tied weights stay tied.
     """
@@ -389,6 +443,7 @@ def load_weights(model: nn.Module, ckpt: str | os.PathLike) -> None:
     # Buffers whose size depends on the data (an n-gram's count tables) take the stored shape.
     variable = set(getattr(model, "variable_shape_buffers", ()))
     used = set()
+    nonfinite = []
     try:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for names in source.values():
@@ -398,19 +453,48 @@ def load_weights(model: nn.Module, ckpt: str | os.PathLike) -> None:
                         f"{str(file)!r} has no tensor {names[0]!r}, which the model needs"
                     )
                 used.add(stored)
-                if names[0] in variable:
-                    _replace_buffer(model, names[0], f.get_tensor(stored), file)
+                tensor = f.get_tensor(stored)
+                if not is_finite(tensor):
+                    nonfinite.append(stored)  # not copied; the load fails below
+                elif names[0] in variable:
+                    _replace_buffer(model, names[0], tensor, file)
                 else:
-                    _copy_into(state[names[0]], f.get_tensor(stored), stored, file)
+                    _copy_into(state[names[0]], tensor, stored, file)
     except CheckpointError:
         raise
     except Exception as e:  # safetensors' own errors on a corrupt file
         raise CheckpointError(f"cannot read weights from {str(file)!r}: {e}") from e
+    check_finite(file, nonfinite)
     unexpected = sorted(set(header) - used)
     if unexpected:
         raise CheckpointError(
             f"{str(file)!r} has tensors the model does not have: {', '.join(unexpected[:5])}"
             + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
+        )
+
+
+def is_finite(tensor: torch.Tensor) -> bool:
+    """True unless a floating-point ``tensor`` holds a NaN or an infinity (one pass)."""
+    if not tensor.dtype.is_floating_point:
+        return True
+    if tensor.element_size() == 1:  # float8: isfinite is not implemented for e4m3fn
+        tensor = tensor.to(torch.float16)  # exact, NaN stays NaN
+    return bool(torch.isfinite(tensor).all())
+
+
+def check_finite(file: str | os.PathLike, nonfinite: list[str]) -> None:
+    """Refuse weights with NaN or inf: a ``CheckpointError`` naming ``file`` and the tensors
+    in ``nonfinite`` (names found by ``is_finite``), or nothing when the list is empty.
+
+    Such weights load silently but every logit they touch is NaN: sampling then fails
+    deep inside ``torch.multinomial`` and greedy decoding prints nothing.
+    """
+    if nonfinite:
+        names = ", ".join(nonfinite[:5])
+        more = f" and {len(nonfinite) - 5} more" if len(nonfinite) > 5 else ""
+        raise CheckpointError(
+            f"{str(file)!r} holds non-finite weights (NaN or inf) in {len(nonfinite)} "
+            f"tensor(s): {names}{more}; refusing to load a model whose outputs would be NaN"
         )
 
 

@@ -13,6 +13,13 @@ or ``None``), and how to save itself as ``tokenizer.json`` in a directory.
 - ``HFTokenizer``: any other model of a Hugging Face ``tokenizer.json`` (BERT's WordPiece,
   Unigram, WordLevel), loaded, not trained; it adds what an encoder needs: the template
   (``[CLS] text [SEP]``), padded batches with an attention mask, and the special ids.
+- ``SentencePieceTokenizer``: a SentencePiece ``tokenizer.model`` (Llama 1 and 2, Mistral,
+  T5), run by the ``sentencepiece`` library, loaded, not trained.
+
+``find_tokenizer`` reads whichever layout a model folder has: ``tokenizer.json``, GPT-2's
+older ``vocab.json`` + ``merges.txt``, or ``tokenizer.model``; a folder with none has no
+tokenizer (None), and ``require_tokenizer`` turns that into one clear error when text is
+needed.
 
 Character and byte tokenizers are written here because they are a few lines each; BPE
 training is the ``tokenizers`` library's job, so there is no parity test to write: it
@@ -43,9 +50,15 @@ import tokenizers
 
 from lmlab.data.corpus import text_blocks
 from lmlab.errors import ConfigError, DataError, DataNotFoundError, closest
-from lmlab.fileio import atomic_write_json, atomic_write_text
+from lmlab.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 TOKENIZER_FILE = "tokenizer.json"
+GPT2_VOCAB_FILE, GPT2_MERGES_FILE = "vocab.json", "merges.txt"
+SENTENCEPIECE_FILE = "tokenizer.model"
+TOKENIZER_LAYOUTS = (
+    f"{TOKENIZER_FILE}, {GPT2_VOCAB_FILE} + {GPT2_MERGES_FILE}, {SENTENCEPIECE_FILE}"
+)
+"""The tokenizer files ``find_tokenizer`` looks for in a model folder, in that order."""
 # Beside a BPE tokenizer.json, as in Hugging Face model folders: tokenizer.json has no
 # field for "this special token ends a document", tokenizer_config.json does.
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -283,6 +296,44 @@ class BPETokenizer(Tokenizer):
         except DataError as e:
             raise DataError(f"{str(path)!r}: {e}") from e
 
+    @classmethod
+    def from_vocab_merges(
+        cls, vocab_file: str | os.PathLike[str], merges_file: str | os.PathLike[str]
+    ) -> BPETokenizer:
+        """GPT-2's older pair of files: ``vocab.json`` (token -> id, tokens spelled in the
+        byte alphabet, ``"Ġthe"``) and ``merges.txt`` (one merge per line, ``"Ġ t"``).
+
+        They hold the BPE model only; the rest is GPT-2's byte-level scheme (its regex
+        pre-tokenizer, no prefix space, byte-level decoding), which is what
+        transformers' ``GPT2Tokenizer`` applies to them. The end-of-document token is
+        the ``eos_token`` of a ``tokenizer_config.json`` beside them, else
+        ``<|endoftext|>`` when the vocabulary has it; it is special, so written in text
+        it encodes to its one id.
+        """
+        vocab_file, merges_file = Path(vocab_file), Path(merges_file)
+        for file in (vocab_file, merges_file):
+            if not file.is_file():
+                raise DataNotFoundError(f"tokenizer file {str(file)!r} does not exist")
+        try:
+            model = tokenizers.models.BPE.from_file(str(vocab_file), str(merges_file))
+        except Exception as e:  # the Rust side raises a bare Exception for a bad file
+            raise DataError(
+                f"{str(vocab_file)!r} and {str(merges_file)!r} are not a valid BPE vocabulary "
+                f"and merge list: {e}"
+            ) from e
+        tok = tokenizers.Tokenizer(model)
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = tokenizers.decoders.ByteLevel()
+        eos_token = _config_eos_token(vocab_file.parent / TOKENIZER_CONFIG_FILE)
+        if eos_token is None and tok.token_to_id("<|endoftext|>") is not None:
+            eos_token = "<|endoftext|>"
+        if eos_token is not None:
+            tok.add_special_tokens([tokenizers.AddedToken(eos_token, special=True)])
+        try:
+            return cls(tok, eos_token=eos_token)
+        except DataError as e:
+            raise DataError(f"{str(vocab_file)!r}: {e}") from e
+
     def encode(self, text: str) -> list[int]:
         _check_str(text)
         try:
@@ -461,6 +512,90 @@ class HFTokenizer(Tokenizer):
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.model_type}, vocab_size={self.vocab_size})"
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model (``tokenizer.model``: Llama 1 and 2, Mistral, T5) with the
+    lmlab interface, run by the ``sentencepiece`` library (Kudo and Richardson 2018).
+
+    ``encode`` gives the text's own ids, with no BOS or EOS added (as every lmlab
+    tokenizer does); ``decode`` drops control tokens (BOS, EOS). ``eos_id`` is the
+    model's end-of-sentence id, None when it has none. ``save`` writes the model file
+    back as ``tokenizer.model``, where ``find_tokenizer`` looks for it.
+    """
+
+    kind = "sentencepiece"
+
+    def __init__(self, model_proto: bytes, source: str = SENTENCEPIECE_FILE) -> None:
+        try:
+            import sentencepiece  # deferred: only tokenizer.model files need it
+        except ImportError as e:  # a declared dependency; missing only in a broken install
+            raise DataError(
+                f"{source!r} is a SentencePiece model, which needs the sentencepiece "
+                "package: pip install sentencepiece"
+            ) from e
+        self.model_proto = bytes(model_proto)
+        self.processor = sentencepiece.SentencePieceProcessor()
+        try:
+            self.processor.LoadFromSerializedProto(self.model_proto)
+        except Exception as e:  # a RuntimeError from the C++ side
+            raise DataError(f"{source!r} is not a valid SentencePiece model: {e}") from e
+        self.vocab_size = self.processor.get_piece_size()
+        eos = self.processor.eos_id()
+        self.eos_id = eos if 0 <= eos < self.vocab_size else None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> SentencePieceTokenizer:
+        path = Path(path)
+        if not path.is_file():
+            raise DataNotFoundError(f"tokenizer file {str(path)!r} does not exist")
+        return cls(path.read_bytes(), source=str(path))
+
+    def encode(self, text: str) -> list[int]:
+        _check_str(text)
+        _utf8(text)  # name a lone surrogate rather than let the C++ side reject it
+        return self.processor.encode(text, out_type=int)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = _checked_ids(ids, self.vocab_size, self.kind).tolist()
+        return self.processor.decode(ids)
+
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        atomic_write_bytes(Path(directory) / SENTENCEPIECE_FILE, self.model_proto)
+
+    def __repr__(self) -> str:
+        return f"SentencePieceTokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
+def find_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer | None:
+    """The tokenizer of a model folder, from the first layout it has, or None.
+
+    ``tokenizer.json`` (lmlab's or Hugging Face's: ``load_tokenizer``), else GPT-2's
+    ``vocab.json`` + ``merges.txt`` (``BPETokenizer.from_vocab_merges``), else a
+    SentencePiece ``tokenizer.model``. None means the folder has no tokenizer: its model
+    works on token ids only (``require_tokenizer`` says so when text is needed).
+    """
+    directory = Path(directory)
+    if (directory / TOKENIZER_FILE).is_file():
+        return load_tokenizer(directory)
+    vocab, merges = directory / GPT2_VOCAB_FILE, directory / GPT2_MERGES_FILE
+    if vocab.is_file() or merges.is_file():
+        return BPETokenizer.from_vocab_merges(vocab, merges)  # names the one that is missing
+    if (directory / SENTENCEPIECE_FILE).is_file():
+        return SentencePieceTokenizer.from_file(directory / SENTENCEPIECE_FILE)
+    return None
+
+
+def require_tokenizer(tokenizer: Tokenizer | None, model: str, what: str) -> Tokenizer:
+    """``tokenizer``, or a ``ConfigError`` saying that ``what`` (e.g. ``"generate"``) needs
+    text and that ``model`` (its path or name) has no tokenizer."""
+    if tokenizer is None:
+        raise ConfigError(
+            f"{what} works on text, but model {model!r} has no tokenizer (none of "
+            f"{TOKENIZER_LAYOUTS}): it works on token ids only (lm.model(ids), "
+            "lmlab.generate.generate_ids); add a tokenizer file to the folder for text"
+        )
+    return tokenizer
 
 
 TOKENIZER_KINDS: tuple[str, ...] = ("char", "byte", "bpe")
