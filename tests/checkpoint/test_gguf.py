@@ -484,20 +484,27 @@ CORRUPTIONS = {
 }
 
 
+def raised_with_peak(call, message):
+    """Run ``call``, which must raise a CheckpointError matching ``message``
+    -> (the error, the peak bytes Python allocated meanwhile)."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match=message) as caught:
+            call()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return caught.value, peak
+
+
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
 def test_corrupt_gguf_is_rejected_cleanly(small_gguf, corruption):
     edit, message = CORRUPTIONS[corruption]
     data = bytearray(small_gguf.read_bytes())
     edit(data)
     small_gguf.write_bytes(bytes(data))
-    tracemalloc.start()
-    try:
-        with pytest.raises(CheckpointError, match=message) as caught:
-            read_gguf(small_gguf)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert str(small_gguf) in str(caught.value)
+    error, peak = raised_with_peak(lambda: read_gguf(small_gguf), message)
+    assert str(small_gguf) in str(error)
     assert peak < 1 << 20  # nothing sized by the corrupt count was allocated
 
 
@@ -733,14 +740,8 @@ def test_metadata_describing_another_model_is_refused_before_allocating(
     assert path.stat().st_size < 1 << 20
     monkeypatch.setattr("lmlab.checkpoint.gguf.build_model", _fail_if_called)
     monkeypatch.setattr("lmlab.checkpoint.gguf.GGUFFile.dequantize", _fail_if_called)
-    tracemalloc.start()
-    try:
-        with pytest.raises(CheckpointError, match=message) as caught:
-            load_gguf(path)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+    error, peak = raised_with_peak(lambda: load_gguf(path), message)
+    assert str(path) in str(error) and "\n" not in str(error)
     assert peak < 4 << 20  # nothing sized by the lying metadata was allocated
 
 
