@@ -27,24 +27,17 @@ from lmlab.checkpoint.io import load_model, resolve_checkpoint
 from lmlab.checkpoint.pretrained import PRETRAINED, is_pretrained_name, pretrained_path
 from lmlab.data.chat import ChatTemplate
 from lmlab.data.tokenizers import require_tokenizer
+from lmlab.devices import parse_dtype, resolve_device
 from lmlab.errors import ConfigError, DataNotFoundError
 from lmlab.generate import SamplingParams, generate_text, stream_text
 from lmlab.generate.likelihood import perplexity
 from lmlab.models.contract import abilities, require_causal_lm
-from lmlab.train.trainer import bf16_supported
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
 
 
 def default_dtype(device: torch.device | str = "cpu") -> torch.dtype:
-    """bfloat16 where the device computes it natively (this repo's CPUs: AVX-512 BF16),
-    else float32: the dtype ``load(..., dtype="auto")`` picks for inference."""
-    return torch.bfloat16 if bf16_supported(torch.device(device)) else torch.float32
+    """bfloat16 where the device computes it natively (CPUs with AVX-512 BF16 or AMX,
+    Ampere GPUs), else float32: the dtype ``load(..., dtype="auto")`` picks for inference."""
+    return parse_dtype("auto", device)
 
 
 @dataclass
@@ -99,6 +92,7 @@ def load(
     path: str | os.PathLike,
     dtype: Literal["float32", "bfloat16", "auto"] | None = None,
     keep_quantized: bool | None = None,
+    device: str = "auto",
 ) -> LM:
     """Load a model with its tokenizer (and chat template, where it has one).
 
@@ -120,15 +114,16 @@ def load(
 
     ``keep_quantized`` (GGUF only): keep Q4_0/Q4_1 weights in 4 bits (``lmlab.quant``),
     computing in bf16 -- as faithful to the file as bf16 weights and about 2.5x faster to
-    decode than float32. None means yes when the dtype is bf16 (``"auto"`` on this CPU).
+    decode than float32. None means yes when the dtype is bf16 on a CPU (the 4-bit kernel
+    is torch's CPU one).
+
+    ``device``: ``auto`` (CUDA, then MPS, then the CPU), ``cpu``, ``cuda``, ``cuda:N`` or
+    ``mps``. Files are read on the CPU and the model is moved there once built.
     """
-    torch_dtype = None
-    if dtype == "auto":
-        torch_dtype = default_dtype()
-    elif dtype is not None:
-        if dtype not in _DTYPES:
-            raise ConfigError(f"dtype={dtype!r} is invalid; valid: float32, bfloat16, auto")
-        torch_dtype = _DTYPES[dtype]
+    target = resolve_device(device)
+    torch_dtype = parse_dtype(dtype, target)
+    if keep_quantized is None and target.type != "cpu":
+        keep_quantized = False
     source = _resolve_source(path)
     template = None
     if source.suffix == ".gguf" and source.is_file():
@@ -148,6 +143,7 @@ def load(
     else:
         model, tokenizer, config = load_model(source, dtype=torch_dtype)
         template = template_beside(resolve_checkpoint(source))
+    model.to(target)
     # No tokenizer: the model still works on token ids; text methods say what is missing.
     return LM(model, tokenizer, {"path": str(source), **config}, chat_template=template)
 

@@ -301,6 +301,7 @@ def judge(
     critique: bool = False,
     limit: int | None = None,
     dtype: Literal["float32", "bfloat16", "auto"] | None = None,
+    device: str = "auto",
     params: SamplingParams | None = None,
     progress: bool = True,
 ) -> JudgeSummary:
@@ -318,6 +319,7 @@ def judge(
         critique: let the judge write a short critique before choosing (slower).
         limit: judge only the first ``limit`` prompts of the file.
         dtype: dtype of both models (``lmlab.load``).
+        device: where the model runs: auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N, mps.
         params: the policy's decoding settings (temperature, max_new_tokens, ...).
         progress: show a progress bar.
     """
@@ -325,8 +327,8 @@ def judge(
         raise ConfigError(f"limit={limit!r} is invalid: must be None or an integer >= 1")
     principles = read_constitution(constitution)
     items = read_prompts(prompts)[:limit]
-    judge_lm = load(model, dtype=dtype)
-    policy_lm = judge_lm if policy == model else load(policy, dtype=dtype)
+    judge_lm = load(model, dtype=dtype, device=device)
+    policy_lm = judge_lm if policy == model else load(policy, dtype=dtype, device=device)
     return judge_prompts(
         judge_lm,
         policy_lm,

@@ -424,6 +424,7 @@ def rank(
     samples: int = 4,
     seed: int = 0,
     dtype: Literal["float32", "bfloat16", "auto"] | None = None,
+    device: str = "auto",
     params: SamplingParams | None = None,
     ask: Callable[[str], str] = input,
     show: Callable[[str], None] = print,
@@ -439,10 +440,11 @@ def rank(
         samples: replies per prompt (>= 2).
         seed: base seed; each prompt samples with ``prompt_seed(seed, prompt_id)``.
         dtype: the model's dtype (``lmlab.load``): float32, bfloat16, auto, or None.
+        device: where the model runs: auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N, mps.
         params: decoding settings (temperature, top_p, max_new_tokens, ...); seed is set
             per prompt.
     """
     items = read_prompts(prompts)
-    lm = load(model, dtype=dtype)
+    lm = load(model, dtype=dtype, device=device)
     session = RankingSession(lm, items, out, samples, seed, params, ask, show)
     return session.run()

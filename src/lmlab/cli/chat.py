@@ -52,12 +52,18 @@ def add_arguments(parser: ArgumentParser) -> None:
         help="float32, bfloat16, auto (bf16 where the CPU/GPU computes it natively) or null "
         "(as saved)",
     )
+    parser.add_argument(
+        "--device",
+        type=str,
+        default="auto",
+        help="where the model runs: auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N, mps",
+    )
     parser.add_class_arguments(SamplingParams, nested_key=None)
     parser.set_defaults(max_new_tokens=256)
 
 
 def run(args) -> None:
-    lm = api.load(args.model, dtype=args.dtype)
+    lm = api.load(args.model, dtype=args.dtype, device=args.device)
     if lm.chat_template is None:
         raise ConfigError(
             f"model {args.model!r} has no chat template: lmlab chat needs an instruction-tuned "

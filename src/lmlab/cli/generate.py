@@ -24,12 +24,18 @@ def add_arguments(parser: ArgumentParser) -> None:
     parser.add_argument(
         "--no_stream", type=bool, default=False, help="print the text only when done"
     )
+    parser.add_argument(
+        "--device",
+        type=str,
+        default="auto",
+        help="where the model runs: auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N, mps",
+    )
     parser.add_class_arguments(SamplingParams, nested_key=None)
     parser.set_defaults(max_new_tokens=200)
 
 
 def run(args) -> None:
-    lm = api.load(args.ckpt, dtype=args.dtype)
+    lm = api.load(args.ckpt, dtype=args.dtype, device=args.device)
     names = {f.name for f in dataclasses.fields(SamplingParams)}
     decoding = {k: v for k, v in vars(args).items() if k in names}
     print(args.prompt, end="", flush=True)

@@ -42,11 +42,12 @@ def run(args) -> None:
     summary = rank(
         args.model,
         args.prompts,
-        args.out,
-        args.samples,
-        args.seed,
-        args.dtype,
-        decoding_params(args),
+        out=args.out,
+        samples=args.samples,
+        seed=args.seed,
+        dtype=args.dtype,
+        device=args.device,
+        params=decoding_params(args),
     )
     state = "stopped" if summary.quit else "done"
     print(

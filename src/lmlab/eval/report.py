@@ -173,6 +173,7 @@ def report(
     limit: int | None = None,
     robustness_task: str | None = "world-facts",
     dtype: str = "auto",
+    device: str = "auto",
     batch_size: int = 16,
     seed: int = 0,
     decode_tokens: int = DECODE_TOKENS,
@@ -191,6 +192,7 @@ def report(
         limit: evaluate only the first ``limit`` items of each task (and of robustness).
         robustness_task: the multiple-choice task to perturb; None skips robustness.
         dtype: the weights' dtype: auto, float32 or bfloat16.
+        device: where the model runs: auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N, mps.
         batch_size: requests scored together.
         seed: picks few-shot examples and perturbations.
         decode_tokens: new tokens decoded to measure the decode speed.
@@ -219,7 +221,7 @@ def report(
     out = Path(out_dir)
     reports = []
     for model, name in zip(models, names):
-        lm = load(model, dtype=dtype)
+        lm = load(model, dtype=dtype, device=device)
         runs = [run_task(lm, t, num_fewshot, limit, batch_size, seed) for t in task_list]
         rob = None
         if robustness_task is not None:

@@ -389,6 +389,7 @@ def evaluate(
     seed: int = 0,
     out: str | None = None,
     dtype: str = "auto",
+    device: str = "auto",
 ) -> list[TaskRun]:
     """Load ``model`` (anything ``lmlab.load`` takes, or ``"smollm2"``) and run each task.
 
@@ -403,13 +404,14 @@ def evaluate(
         out: write the runs as JSON here (model, settings, lmlab version, runs).
         dtype: the weights' dtype: auto (bf16 where the CPU computes it natively),
             float32 or bfloat16.
+        device: where the model runs: auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N, mps.
     """
 
     names = parse_tasks(tasks)
     _check_settings(num_fewshot, limit, batch_size)
     for name in names:  # a misspelt task fails before the model loads
         detect_kind(name)
-    lm = load(model, dtype=dtype)
+    lm = load(model, dtype=dtype, device=device)
     runs = [run_task(lm, t, num_fewshot, limit, batch_size, seed) for t in names]
     if out is not None:
         atomic_write_json(

@@ -51,6 +51,7 @@ from lmlab.checkpoint.io import (
     rotate_checkpoints,
     save_checkpoint,
 )
+from lmlab.devices import bf16_supported
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.fileio import atomic_write_json
 from lmlab.models import base_model, model_spec
@@ -596,39 +597,6 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 
 # ----------------------------------------------------------------------------- precision
-
-
-def bf16_supported(device: torch.device | str) -> bool:
-    """Whether bf16 autocast runs natively on ``device``.
-
-    CUDA: the GPU reports it (Ampere and newer). CPU: the instruction set has bf16
-    arithmetic (x86 AVX512-BF16 or AMX, ARM BF16), read from /proc/cpuinfo on Linux and
-    asked of oneDNN elsewhere. Other devices: no.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    flags = _cpu_flags()
-    if flags is not None:
-        return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def _cpu_flags() -> set[str] | None:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    flags: set[str] = set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags.update(line.split(":", 1)[1].split())
-    return flags
 
 
 def resolve_precision(precision: str, device: torch.device) -> bool:

@@ -1,0 +1,129 @@
+"""Devices and dtypes: the one place that turns ``device="auto"`` into a torch device.
+
+Every command and API function that runs a model takes ``device`` (``auto``, ``cpu``,
+``cuda``, ``cuda:N``, ``mps``) and resolves it here; ``auto`` picks CUDA, then Apple's
+MPS, then the CPU. A device that is not there is an error naming what is:
+
+    >>> resolve_device("auto")          # on a laptop without a GPU
+    device(type='cpu')
+    >>> resolve_device("cuda:3")        # on a machine with one GPU
+    ConfigError: device='cuda:3' is not available: this machine has cuda:0; valid: auto, cpu, ...
+
+``bf16_supported`` says whether bf16 runs natively (the dtype ``"auto"`` picks), and
+``parse_dtype`` reads the dtype names the command line takes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import torch
+
+from lmlab.errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def available_devices() -> list[str]:
+    """The devices this machine has, e.g. ``["cpu", "cuda:0"]``."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if _mps_available():
+        found.append("mps")
+    return found
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` (or None) -> CUDA if present, else MPS, else CPU; a named device is checked
+    against what the machine has (one ConfigError line naming what is available)."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("mps" if _mps_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device={device!r} is invalid; valid: {', '.join(DEVICES)}")
+    ok = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available()
+        and (parsed.index is None or parsed.index < torch.cuda.device_count()),
+        "mps": _mps_available(),
+    }[parsed.type]
+    if not ok:
+        raise ConfigError(
+            f"device={device!r} is not available: this machine has "
+            f"{', '.join(available_devices())}; valid: {', '.join(DEVICES)}"
+        )
+    if parsed.type == "cuda" and parsed.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return parsed
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: torch.device | str = "cpu"):
+    """A dtype name (float32/fp32, bfloat16/bf16, auto) -> torch dtype; None stays None
+    (the caller's default). ``auto`` is bf16 where ``device`` computes it natively."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if bf16_supported(device) else torch.float32
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is invalid; valid: float32, bfloat16, auto")
+    return DTYPES[dtype]
+
+
+def bf16_supported(device: torch.device | str) -> bool:
+    """Whether bf16 runs natively on ``device``.
+
+    CUDA: the GPU reports it (Ampere and newer). CPU: the instruction set has bf16
+    arithmetic (x86 AVX512-BF16 or AMX, ARM BF16), read from /proc/cpuinfo on Linux and
+    asked of oneDNN elsewhere. Other devices: no.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    flags = _cpu_flags()
+    if flags is not None:
+        return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _cpu_flags() -> set[str] | None:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return flags
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device a model's parameters (or, for count-based models, buffers) are on."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")

@@ -1,0 +1,113 @@
+"""lmlab.devices: device and dtype names, and models loaded onto a chosen device.
+
+The CPU tests run everywhere; the ``gpu`` tests run the same paths on CUDA and skip
+without one (tests/conftest.py). Which device ``auto`` picks is tested by pretending
+CUDA or MPS is there.
+"""
+
+import pytest
+import torch
+
+import lmlab
+from lmlab import devices
+from lmlab.checkpoint.io import save_checkpoint
+from lmlab.data.tokenizers import CharTokenizer
+from lmlab.errors import ConfigError
+from lmlab.models import build_model, get_preset
+
+
+def test_auto_picks_cuda_then_mps_then_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(devices, "_mps_available", lambda: False)
+    assert devices.resolve_device("auto") == torch.device("cpu")
+    assert devices.resolve_device(None) == torch.device("cpu")
+    monkeypatch.setattr(devices, "_mps_available", lambda: True)
+    assert devices.resolve_device("auto") == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert devices.resolve_device("auto") == torch.device("cuda", 0)
+
+
+def test_a_device_that_is_missing_or_misspelt_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(devices, "_mps_available", lambda: False)
+    with pytest.raises(
+        ConfigError, match=r"device='cuda:1' is not available: this machine has cpu;"
+    ):
+        devices.resolve_device("cuda:1")
+    with pytest.raises(ConfigError, match=r"device='mps' is not available"):
+        devices.resolve_device("mps")
+    for bad in ("tpu", "gpu", "cuda:x", ""):
+        with pytest.raises(ConfigError, match="is invalid; valid: auto, cpu, cuda, cuda:N, mps"):
+            devices.resolve_device(bad)
+    assert devices.resolve_device("cpu") == torch.device("cpu")
+    assert devices.resolve_device(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_dtype_names(monkeypatch):
+    assert devices.parse_dtype("fp32") is torch.float32
+    assert devices.parse_dtype("bfloat16") is torch.bfloat16
+    assert devices.parse_dtype(None) is None
+    monkeypatch.setattr(devices, "bf16_supported", lambda device: True)
+    assert devices.parse_dtype("auto") is torch.bfloat16
+    monkeypatch.setattr(devices, "bf16_supported", lambda device: False)
+    assert devices.parse_dtype("auto") is torch.float32
+    with pytest.raises(ConfigError, match="dtype='half' is invalid"):
+        devices.parse_dtype("half")
+    assert devices.bf16_supported("meta") is False
+
+
+def tiny_checkpoint(tmp_path):
+    tok = CharTokenizer.train("abcdefgh ")
+    spec = {**get_preset("gpt-char-tiny"), "vocab_size": tok.vocab_size, "n_layers": 1}
+    return save_checkpoint(tmp_path / "ckpt", build_model(spec), tokenizer=tok)
+
+
+def test_load_puts_the_model_on_the_device_asked_for(tmp_path, monkeypatch):
+    path = tiny_checkpoint(tmp_path)
+    lm = lmlab.load(path, device="cpu")
+    assert devices.model_device(lm.model) == torch.device("cpu")
+    with pytest.raises(ConfigError, match="device='cuda:7' is not available"):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        lmlab.load(path, device="cuda:7")
+
+
+@pytest.mark.gpu
+def test_load_generate_and_score_on_cuda(tmp_path):
+    path = tiny_checkpoint(tmp_path)
+    cpu = lmlab.load(path, device="cpu")
+    gpu = lmlab.load(path, device="cuda")
+    assert devices.model_device(gpu.model).type == "cuda"
+    # same greedy text; perplexities agree to float32 rounding across devices
+    assert gpu.generate("abc", max_new_tokens=8) == cpu.generate("abc", max_new_tokens=8)
+    assert gpu.perplexity("abcdefgh abc") == pytest.approx(cpu.perplexity("abcdefgh abc"), rel=1e-4)
+
+
+@pytest.mark.gpu
+def test_train_on_cuda_and_resume_on_cpu(tmp_path):
+    from lmlab.train import TrainConfig
+
+    config = TrainConfig(
+        out_dir=str(tmp_path / "run"),
+        max_steps=4,
+        batch_size=2,
+        seq_len=16,
+        progress=False,
+        eval_interval=2,
+        ckpt_interval=2,
+    )
+    result = lmlab.train(
+        data=str(tiny_corpus(tmp_path)),
+        config=config,
+        model_overrides={"n_layers": 1},
+        device="cuda",
+    )
+    assert result.step == 4
+    lm = lmlab.load(tmp_path / "run", device="cpu")
+    assert devices.model_device(lm.model).type == "cpu"
+
+
+def tiny_corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("to be or not to be, that is the question. " * 40)
+    return path
