@@ -47,6 +47,7 @@ from lmlab.generate import SamplingParams, generate_text, stream_text
 from lmlab.models import build_model, get_preset
 from lmlab.train import TrainConfig, TrainResult
 from lmlab.train import train as _train_loop
+from lmlab.train.run import RunLock, ensure_run_dir
 from lmlab.train.trainer import bf16_supported
 
 _DTYPES = {
@@ -314,14 +315,19 @@ def train(
     """
     config = config or TrainConfig()
     spec = model_spec_from(model, model_overrides)  # a bad preset fails before any work
-    tok, train_ids, val_ids = prepare_data(
-        data, config.out_dir, tokenizer, vocab_size, val_fraction
-    )
-    net = build_model({**spec, "vocab_size": tok.vocab_size})
-    if hasattr(net, "fit") and not any(p.requires_grad for p in net.parameters()):
-        return _fit_count_model(net, train_ids, val_ids, config, tok)
-    result = _train_loop(net, train_ids, val_ids, config, tokenizer=tok)
-    return result
+    # One writer per run folder, from the data preparation on (the trainer takes it again).
+    with RunLock(ensure_run_dir(config.out_dir)):
+        tok, train_ids, val_ids = prepare_data(
+            data, config.out_dir, tokenizer, vocab_size, val_fraction
+        )
+        # The run's seed fixes the initial weights too (reliability item 31), without
+        # touching the caller's global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            net = build_model({**spec, "vocab_size": tok.vocab_size})
+        if hasattr(net, "fit") and not any(p.requires_grad for p in net.parameters()):
+            return _fit_count_model(net, train_ids, val_ids, config, tok)
+        return _train_loop(net, train_ids, val_ids, config, tokenizer=tok)
 
 
 def _fit_count_model(net, train_ids, val_ids, config: TrainConfig, tok) -> TrainResult:

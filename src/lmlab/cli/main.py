@@ -8,6 +8,7 @@ problem and exits with status 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -101,9 +102,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"lmlab: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\nlmlab: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)  # lmlab.train.run.Interrupted: SIGTERM
+        name = "interrupted" if signum == signal.SIGINT else f"terminated ({e})"
+        print(f"\nlmlab: {name}", file=sys.stderr)
+        return 128 + signum
     return 0
 
 
