@@ -232,14 +232,29 @@ def _chat_template(template: str, bos_token: str | None, eos_token: str | None):
 
 
 def model_spec_from(model: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A model spec from a preset name or a JSON/YAML file holding a spec, plus overrides."""
+    """A model spec from a preset name, a JSON/YAML file holding a spec, or a run's
+    config.json (the model that run trained), plus overrides."""
     path = Path(model)
     if path.suffix in (".json", ".yaml", ".yml"):
         if not path.is_file():
             raise ConfigError(f"model spec file {model!r} does not exist")
         import yaml
 
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML too
+        try:
+            spec = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML too
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"model spec file {model!r} is not a text file (byte {e.start} is not UTF-8)"
+            ) from e
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or type(e).__name__
+            raise ConfigError(
+                f"model spec file {model!r} is not valid JSON/YAML{where}: {problem}"
+            ) from e
+        if isinstance(spec, dict) and isinstance(spec.get("model"), dict):
+            spec = spec["model"]  # a run's config.json: the model it trained
         if not isinstance(spec, dict) or "family" not in spec:
             raise ConfigError(
                 f"{model!r} must hold a mapping with a 'family' key and config fields"

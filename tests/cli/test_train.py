@@ -1,0 +1,97 @@
+"""``lmlab train``: seeds, resuming with the run's own settings, one-line errors."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmlab.checkpoint.io import latest_checkpoint
+from lmlab.cli.main import main
+
+TINY = '{"d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32, "max_seq_len": 16, "dropout": 0.1}'
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("to be or not to be, that is the question. " * 40)
+    return path
+
+
+def train_flags(corpus, out_dir, *extra):
+    return [
+        "train",
+        "--data",
+        str(corpus),
+        "--model_overrides",
+        TINY,
+        "--train.out_dir",
+        str(out_dir),
+        "--train.batch_size",
+        "2",
+        "--train.seq_len",
+        "16",
+        "--train.warmup_steps",
+        "1",
+        "--train.progress",
+        "false",
+        "--train.precision",
+        "fp32",
+        *extra,
+    ]
+
+
+def weights(run_dir):
+    return load_file(latest_checkpoint(run_dir) / "model.safetensors")
+
+
+def one_line_error(capsys, *parts):
+    err = capsys.readouterr().err
+    assert err.startswith("lmlab: error:") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for part in parts:
+        assert part in err, err
+    return err
+
+
+# ----------------------------------------------------------------------------- seeds (31)
+
+
+def test_the_same_seed_gives_bit_identical_weights(corpus, tmp_path):
+    """Item 31: initialisation, data order and dropout all follow --train.seed."""
+    for name, seed in (("a", "7"), ("b", "7"), ("c", "8")):
+        flags = train_flags(corpus, tmp_path / name, "--train.max_steps", "3")
+        assert main([*flags, "--train.seed", seed]) == 0
+    a, b, c = (weights(tmp_path / name) for name in "abc")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- one-line errors
+
+
+def test_an_out_dir_that_is_a_file_or_cannot_be_created_is_one_line(corpus, tmp_path, capsys):
+    file = tmp_path / "taken.txt"
+    file.write_text("not a folder")
+    assert main(train_flags(corpus, file, "--train.max_steps", "1")) == 2
+    one_line_error(capsys, "taken.txt", "is a file")
+    assert main(train_flags(corpus, file / "run", "--train.max_steps", "1")) == 2
+    one_line_error(capsys, "cannot be created")
+    assert file.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "problem"),
+    [
+        ("spec.json", b'{"family": "transformer",', "not valid JSON/YAML"),
+        ("spec.yaml", b"family: [transformer\nd_model: 8\n", "not valid JSON/YAML"),
+        ("spec.yaml", b"\x00\xff\xfe\x89PNG\r\n\x1a\n" * 8, "not a text file"),
+        ("spec.yml", b"- family\n- transformer\n", "must hold a mapping"),
+    ],
+)
+def test_a_malformed_model_spec_file_is_one_line(corpus, tmp_path, capsys, name, content, problem):
+    spec = tmp_path / name
+    spec.write_bytes(content)
+    flags = train_flags(corpus, tmp_path / "run", "--train.max_steps", "1", "--model", str(spec))
+    assert main(flags) == 2
+    one_line_error(capsys, name, problem)
