@@ -241,10 +241,17 @@ def model_spec_from(model: str, overrides: dict[str, Any] | None = None) -> dict
         import yaml
 
         try:
-            spec = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML too
+            text = path.read_text(encoding="utf-8")
+            # JSON is YAML too, but YAML reads JSON's 1e-05 as a string: JSON by JSON rules.
+            spec = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         except UnicodeDecodeError as e:
             raise ConfigError(
                 f"model spec file {model!r} is not a text file (byte {e.start} is not UTF-8)"
+            ) from e
+        except json.JSONDecodeError as e:
+            raise ConfigError(
+                f"model spec file {model!r} is not valid JSON/YAML at line {e.lineno}, "
+                f"column {e.colno}: {e.msg}"
             ) from e
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)

@@ -1,11 +1,14 @@
 """``lmlab train``: seeds, resuming with the run's own settings, one-line errors."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from lmlab.checkpoint.io import latest_checkpoint
 from lmlab.cli.main import main
+from lmlab.train.metrics import read_metrics
 
 TINY = '{"d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32, "max_seq_len": 16, "dropout": 0.1}'
 
@@ -95,3 +98,60 @@ def test_a_malformed_model_spec_file_is_one_line(corpus, tmp_path, capsys, name,
     flags = train_flags(corpus, tmp_path / "run", "--train.max_steps", "1", "--model", str(spec))
     assert main(flags) == 2
     one_line_error(capsys, name, problem)
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+@pytest.fixture
+def short_run(corpus, tmp_path):
+    """A 4-step run with settings far from the defaults (batch 2, lr 0.01, its own data)."""
+    out = tmp_path / "run"
+    flags = ["--train.max_steps", "4", "--train.ckpt_interval", "2", "--train.lr", "0.01"]
+    assert main(train_flags(corpus, out, *flags, "--train.seed", "3")) == 0
+    return out
+
+
+def test_resume_continues_with_the_runs_recorded_settings(short_run, capsys):
+    """Regression: a batch-8, 20-step run resumed with only --train.resume auto continued
+    at the default batch 32 towards 1,000 steps (and on the default data)."""
+    capsys.readouterr()
+    code = main(
+        ["train", "--train.out_dir", str(short_run), "--train.resume", "auto"]
+        + ["--train.max_steps", "6", "--train.progress", "false"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "resuming" in out and "recorded settings" in out and "max_steps 4 -> 6" in out
+    record = json.loads((short_run / "config.json").read_text())["train"]
+    assert (record["batch_size"], record["lr"], record["seed"]) == (2, 0.01, 3)
+    assert record["max_steps"] == 6 and record["resume"] == "auto"
+    resumed = [e for e in read_metrics(short_run / "metrics.jsonl") if e["event"] == "resume"]
+    assert [(e["step"], e["changed"]) for e in resumed] == [(4, {"max_steps": [4, 6]})]
+    assert latest_checkpoint(short_run).name == "step-00000006"
+
+
+def test_resume_accepts_the_same_model_and_data_given_again(short_run, corpus, capsys):
+    flags = train_flags(corpus, short_run, "--train.resume", "auto", "--train.max_steps", "5")
+    assert main([*flags, "--model", "gpt-char-tiny"]) == 0, capsys.readouterr().err
+    assert latest_checkpoint(short_run).name == "step-00000005"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--data", "other.txt"], "--data 'other.txt' cannot change mid-run"),
+        (["--tokenizer", "byte"], "--tokenizer 'byte' cannot change mid-run"),
+        (["--model_overrides", '{"d_model": 32}'], "d_model: 16 there, 32 here"),
+        (["--model", "bigram-char"], "the model cannot change mid-run"),
+        (["--train.seed", "9"], "seed=9 cannot change mid-run (the run has seed=3)"),
+        (["--train.seq_len", "8"], "seq_len=8 cannot change mid-run"),
+    ],
+)
+def test_resume_refuses_what_cannot_change_mid_run(short_run, capsys, flags, message):
+    before = (short_run / "config.json").read_text()
+    capsys.readouterr()
+    args = ["train", "--train.out_dir", str(short_run), "--train.resume", "auto", *flags]
+    assert main(args) == 2
+    one_line_error(capsys, message)
+    assert (short_run / "config.json").read_text() == before

@@ -7,6 +7,7 @@ problem and exits with status 2; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import signal
 import sys
@@ -92,11 +93,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         args = parser.parse_args(argv)
+        runner, extra = runners[args.command], {}
+        if "given" in inspect.signature(runner).parameters:
+            # What the flags (and --config) named, defaults aside: a resumed run keeps its
+            # recorded settings for the rest.
+            extra["given"] = parser.parse_args(argv, defaults=False).get(args.command)
     except Exception as e:  # argparse errors: a bad flag or value
         print(f"lmlab: error: {e}", file=sys.stderr)
         return 2
     try:
-        runners[args.command](getattr(args, args.command))
+        runner(getattr(args, args.command), **extra)
     except LMLabError as e:
         if debug:
             traceback.print_exc()
