@@ -58,11 +58,13 @@ class TrainConfig:
     keep_best: bool = False
     """Also keep the checkpoint with the lowest validation loss (evaluated at each save)."""
     seed: int = 1337
-    """Seeds the data order and, for a fresh run, torch's global RNG (dropout)."""
+    """Seeds the data order and, for a fresh run, torch's global RNG (dropout); ``lmlab
+    train`` (``lmlab.api.train``) seeds the model's initial weights with it too."""
     resume: str = "never"
     """"never": start fresh (out_dir must hold no checkpoint); "auto": resume from the newest
     complete checkpoint in out_dir if there is one, else start fresh; or a checkpoint or
-    run directory to resume from."""
+    run directory to resume from. ``lmlab train`` resumes with the settings the run recorded
+    (flags given replace only what they name)."""
     init_from: str | None = None
     """Checkpoint or run directory whose weights start a fresh run (not with resume)."""
     log_interval: int = 10

@@ -114,6 +114,14 @@ def pid_alive(pid: int, start_ticks: int | None = None) -> bool:
     return True
 
 
+def _is_me(owner: dict[str, Any], me: dict[str, Any]) -> bool:
+    """The lock names this very process (not an earlier one that had the same pid)."""
+    if (owner.get("pid"), owner.get("host")) != (me["pid"], me["host"]):
+        return False
+    ticks = owner.get("start_ticks")
+    return ticks is None or me["start_ticks"] is None or ticks == me["start_ticks"]
+
+
 class RunLock:
     """``out_dir/run.lock``: which process (pid, host) writes into this run folder.
 
@@ -155,10 +163,7 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 owner = self.owner()
-                if owner is not None and (owner.get("pid"), owner.get("host")) == (
-                    me["pid"],
-                    me["host"],
-                ):
+                if owner is not None and _is_me(owner, me):
                     self.nested = True  # held by this process already: not ours to free
                     return
                 self._take_over_or_refuse(owner)
@@ -214,7 +219,7 @@ class RunLock:
             moved = json.loads(aside.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             moved = None
-        if owner is not None and moved != owner:
+        if moved != owner:
             os.rename(aside, self.path)
             raise RunInUse(f"run directory {where!r} was just taken by another process")
         aside.unlink(missing_ok=True)

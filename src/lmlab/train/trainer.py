@@ -15,7 +15,13 @@ The loop syncs with the device once per step (one ``.tolist()`` of loss and grad
 norm, which the guards need); logging, evaluation and checkpoints happen at their
 intervals. A checkpoint (``lmlab.checkpoint.io``) holds everything a bit-exact resume
 needs: weights, optimizer state, RNG states, data position, guard state and counters (the
-schedule is a pure function of the step). Ctrl-C saves a checkpoint and re-raises.
+schedule is a pure function of the step). The run folder (its lock, config.json,
+metrics.jsonl, checkpoint rotation, the resume source and the stop signals) belongs to
+``lmlab.train.run.RunDir``; Ctrl-C and SIGTERM save a checkpoint and re-raise.
+
+``train`` reads in that order: check the inputs, own the folder, set up (``_Loop.start``:
+restore or seed, record), then ``_Loop.run``: ``train_step`` (with the out-of-memory
+back-off), ``log``, ``evaluate``, ``save`` at their intervals.
 """
 
 from __future__ import annotations
@@ -130,14 +136,13 @@ def train(
     """
     spec = _check_inputs(model, train_tokens, val_tokens, config, supervised)
     run = RunDir(config.out_dir, callbacks or ())
-    with run.owned():
+    with run.owned(), run.stop_signals() as stop:
         # A crash between the two renames of a checkpoint replace is repaired before choosing.
         run.clean()
         resume_from = run.resume_source(config.resume)
         loop = _Loop(model, spec, train_tokens, val_tokens, config, tokenizer, supervised, run)
         loop.start(resume_from)
-        with run.stop_signals() as stop:
-            return loop.run(stop)
+        return loop.run(stop)
 
 
 def _check_inputs(model, train_tokens, val_tokens, config: TrainConfig, supervised) -> dict:
@@ -163,8 +168,9 @@ def _check_inputs(model, train_tokens, val_tokens, config: TrainConfig, supervis
 
 
 class _Loop:
-    """One training run in memory: setup (``__init__``, ``start``), the step (``step``),
-    and what happens at intervals (``log``, ``evaluate``, ``save``)."""
+    """One training run in memory: setup (``__init__``, ``start``), the step
+    (``train_step``, ``back_off``, ``skipped``), and what happens at intervals (``log``,
+    ``evaluate``, ``save``, and ``save_interrupted`` on Ctrl-C or SIGTERM)."""
 
     def __init__(
         self, model, spec, train_tokens, val_tokens, config, tokenizer, supervised, run: RunDir
