@@ -825,3 +825,41 @@ def test_out_of_memory_with_one_row_left_and_other_errors_propagate(make_toy, tm
         with pytest.raises(error, match="shapes cannot"):
             train(model, DATA, VAL, settings(tmp_path, f"b-{error.__name__}"))
         assert events(settings(tmp_path, f"b-{error.__name__}"), "oom") == []
+
+
+def test_out_of_memory_on_supervised_batches_needs_their_split(make_toy, tmp_path):
+    """Only the loss knows which rows belong together (DPO's chosen and rejected halves):
+    supervised batches are cut after an out-of-memory error only with ``Supervised.split``."""
+
+    class Windows:
+        def __init__(self):
+            self.windows = TrainBatches(DATA, 4, 8, seed=0)
+
+        def next_batch(self):
+            return {"ids": self.windows.next_batch()}
+
+        def state_dict(self):
+            return self.windows.state_dict()
+
+        def load_state_dict(self, state):
+            self.windows.load_state_dict(state)
+
+    def loss(model, batch, autocast, keep=1.0):
+        total, count = trainer_module._next_token_loss(model, batch["ids"], autocast)
+        return total, torch.tensor(count)
+
+    def split(batch, n):
+        return [({"ids": part}, w) for part, w in trainer_module.split_rows(batch["ids"], n)]
+
+    config = settings(tmp_path, "a", max_steps=4, batch_size=4)
+    want = train(make_toy(), None, None, config, supervised=Supervised(Windows(), loss))
+    model = make_toy()
+    model.register_forward_pre_hook(out_of_memory_above(2))
+    config = settings(tmp_path, "b", max_steps=4, batch_size=4)
+    got = train(model, None, None, config, supervised=Supervised(Windows(), loss, split=split))
+    assert [s for s, _ in got.train_losses] == [s for s, _ in want.train_losses]
+    assert [v for _, v in got.train_losses] == pytest.approx([v for _, v in want.train_losses])
+    model = make_toy()
+    model.register_forward_pre_hook(out_of_memory_above(2))
+    with pytest.raises(torch.OutOfMemoryError):
+        train(model, None, None, settings(tmp_path, "c"), supervised=Supervised(Windows(), loss))

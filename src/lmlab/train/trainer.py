@@ -100,11 +100,16 @@ class Supervised:
     loss with a ``metrics(training: bool) -> dict[str, float]`` method adds those numbers
     to the logged ``train`` and ``eval`` events (DPO's rewards and accuracy).
     ``val``: fixed validation batches, or None.
+    ``split(batch, n)``: the batch cut into ``n`` smaller ones as ``[(part, weight)]``, the
+    weights making ``sum(weight * loss(part))`` the batch's loss; the trainer uses it after
+    an out-of-memory error (None: such an error stops the run, since only the loss knows
+    which rows belong together, e.g. DPO's chosen and rejected halves).
     """
 
     batches: Any
     loss: Callable[..., tuple[torch.Tensor, Any]]
     val: list[dict[str, torch.Tensor]] | None = None
+    split: Callable[[Any, int], list[tuple[Any, float]]] | None = None
 
 
 def train(
@@ -185,8 +190,10 @@ class _Loop:
         self.optimizer = build_optimizer(model, config)
         self.val = None
         self.supervised = supervised is not None
+        self.split_batch = split_rows
         if supervised is not None:
             self.batches, self.loss_of = supervised.batches, supervised.loss
+            self.split_batch = supervised.split
             if supervised.val is not None:
                 self.val = [_to_device(batch, device) for batch in supervised.val]
         else:
@@ -352,6 +359,7 @@ class _Loop:
                     keep,
                     self.loss_of,
                     self.split,
+                    self.split_batch,
                 )
                 break
             except Exception as e:
@@ -379,6 +387,9 @@ class _Loop:
     def back_off(self, error: BaseException) -> None:
         """After an out-of-memory error: rewind the step, halve the micro-batch (reliability
         item 13), or re-raise when it is a single row already."""
+        if self.split_batch is None:
+            log.error("out of memory: these batches cannot be split (Supervised.split is None)")
+            raise error
         if math.ceil(self.config.batch_size / self.split) <= 1:
             raise error  # one row per micro-batch already: nothing left to halve
         self.optimizer.zero_grad(set_to_none=True)
@@ -535,7 +546,15 @@ def _next_token_loss(model, window, autocast, keep=1.0) -> tuple[torch.Tensor, i
 
 
 def _accumulate_gradients(
-    model, batches, grad_accum, device, autocast, keep=1.0, loss_of=_next_token_loss, split=1
+    model,
+    batches,
+    grad_accum,
+    device,
+    autocast,
+    keep=1.0,
+    loss_of=_next_token_loss,
+    split=1,
+    split_batch=None,
 ) -> tuple[torch.Tensor, torch.Tensor | int]:
     """Forward and backward over ``grad_accum`` micro-batches -> (mean loss, tokens).
 
@@ -545,14 +564,15 @@ def _accumulate_gradients(
     returns a summed loss and the number of tokens it sums over.
 
     ``split`` > 1 (after an out-of-memory error) cuts each drawn batch into that many
-    parts along its rows, each weighted by its share of the rows: the same windows and
-    the same loss per step (exactly so when every row has the same number of tokens, as
-    in a token stream), in less memory.
+    parts with ``split_batch(batch, split) -> [(part, weight)]`` (``split_rows`` for
+    token windows): the same windows and the same loss per step, in less memory.
     """
     total, counted = None, 0
     for _ in range(grad_accum):
-        for batch, weight in _parts(batches.next_batch(), split):
-            loss_sum, count = loss_of(model, _to_device(batch, device), autocast, keep)
+        batch = batches.next_batch()
+        parts = [(batch, None)] if split == 1 else split_batch(batch, split)
+        for part, weight in parts:
+            loss_sum, count = loss_of(model, _to_device(part, device), autocast, keep)
             loss = loss_sum / count if weight is None else loss_sum / count * weight
             (loss / grad_accum).backward()
             total = loss.detach() if total is None else total + loss.detach()
@@ -560,19 +580,15 @@ def _accumulate_gradients(
     return (total / grad_accum if grad_accum > 1 else total), counted
 
 
-def _parts(batch, split: int):
-    """(part, share of the rows) for ``split`` parts of a batch's rows; (batch, None) for 1."""
-    if split == 1:
-        yield batch, None
-        return
-    tensors = batch if isinstance(batch, dict) else {None: batch}
-    rows = len(next(iter(tensors.values())))
-    pieces = {k: torch.tensor_split(v, split) for k, v in tensors.items()}
-    for i in range(split):
-        part = {k: v[i] for k, v in pieces.items()}
-        n = len(next(iter(part.values())))
-        if n:
-            yield (part if isinstance(batch, dict) else part[None]), n / rows
+def split_rows(batch: torch.Tensor, n: int) -> list[tuple[torch.Tensor, float]]:
+    """A [B, T+1] window batch cut into ``n`` row blocks, each weighted by its share of the
+    rows: every window has T targets, so the weighted mean losses add up to the batch's.
+
+    >>> [(part.shape[0], w) for part, w in split_rows(torch.zeros(5, 3), 2)]
+    [(3, 0.6), (2, 0.4)]
+    """
+    rows = batch.shape[0]
+    return [(part, part.shape[0] / rows) for part in torch.tensor_split(batch, n) if len(part)]
 
 
 def is_out_of_memory(error: BaseException) -> bool:
