@@ -4,6 +4,7 @@ Two tests start a real second process (``python -m lmlab train`` on a bigram mod
 seconds each); it trains "forever" until the test sends it SIGTERM.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -17,9 +18,18 @@ import pytest
 
 from lmlab.checkpoint.io import checkpoint_dir, list_checkpoints
 from lmlab.cli.main import main
+from lmlab.errors import ConfigError
 from lmlab.train import TrainConfig, train
 from lmlab.train.metrics import read_metrics
-from lmlab.train.run import LOCK_FILE, RunDir, RunInUse, RunLock, StopSignals
+from lmlab.train.run import (
+    LOCK_FILE,
+    RunDir,
+    RunInUse,
+    RunLock,
+    StopSignals,
+    ensure_run_dir,
+    resume_settings,
+)
 
 DATA = (np.arange(1200) % 15).astype(np.uint16)
 FLAGS = [
@@ -225,3 +235,29 @@ def test_a_signal_inside_the_update_waits_for_its_end():
             seen.append("updated")
     assert seen == ["updated"]
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_resume_settings_keep_the_record_and_replace_only_what_is_given():
+    recorded = {
+        **dataclasses.asdict(TrainConfig(out_dir="a", batch_size=8, max_steps=20, lr=0.01)),
+        "a_field_of_another_version": 1,
+    }
+    config, changed = resume_settings(
+        TrainConfig, recorded, {"max_steps": 40}, fixed=("seed",), keep={"resume": "auto"}
+    )
+    assert (config.batch_size, config.max_steps, config.lr) == (8, 40, 0.01)
+    assert config.resume == "auto" and config.betas == (0.9, 0.95)
+    assert changed == {"max_steps": (20, 40)}
+    with pytest.raises(ConfigError, match="seed=5 cannot change mid-run \\(the run has seed=1337"):
+        resume_settings(TrainConfig, recorded, {"seed": 5}, fixed=("seed",))
+    same = resume_settings(TrainConfig, recorded, {"seed": 1337, "betas": [0.9, 0.95]}, ("seed",))
+    assert same[1] == {}  # naming the recorded value is no change
+
+
+def test_ensure_run_dir_says_why_a_path_cannot_be_a_run_folder(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        ensure_run_dir(tmp_path / "file")
+    with pytest.raises(ConfigError, match="cannot be created"):
+        ensure_run_dir(tmp_path / "file" / "run")
+    assert ensure_run_dir(tmp_path / "a" / "b").is_dir()
