@@ -155,3 +155,15 @@ def test_resume_refuses_what_cannot_change_mid_run(short_run, capsys, flags, mes
     assert main(args) == 2
     one_line_error(capsys, message)
     assert (short_run / "config.json").read_text() == before
+
+
+def test_resume_from_another_runs_checkpoint_takes_its_settings(short_run, tmp_path, capsys):
+    """--train.resume PATH into a new out_dir: the checkpoint's recorded settings apply."""
+    ckpt = latest_checkpoint(short_run)
+    out = tmp_path / "continued"
+    args = ["train", "--data", str(tmp_path / "corpus.txt"), "--train.out_dir", str(out)]
+    assert main([*args, "--train.resume", str(ckpt), "--train.max_steps", "5"]) == 0
+    record = json.loads((out / "config.json").read_text())
+    assert (record["train"]["batch_size"], record["train"]["seed"]) == (2, 3)
+    assert record["model"]["d_model"] == 16
+    assert latest_checkpoint(out).name == "step-00000005"

@@ -16,7 +16,7 @@ from typing import Any
 from jsonargparse import ArgumentParser
 
 from lmlab import api
-from lmlab.checkpoint.io import latest_checkpoint
+from lmlab.checkpoint.io import CONFIG_FILE, latest_checkpoint, resolve_checkpoint
 from lmlab.errors import ConfigError
 from lmlab.train import TrainConfig
 from lmlab.train.run import RUN_CONFIG_FILE, read_json, resume_settings
@@ -70,7 +70,13 @@ def resume_options(
     ``given``: what the command line named, nested as parsed (``{"train": {...}, ...}``).
     """
     out_dir = Path(config.out_dir)
-    record = read_json(out_dir / RUN_CONFIG_FILE)
+    record_file = out_dir / RUN_CONFIG_FILE
+    record = read_json(record_file)
+    if record is None and config.resume != "auto" and Path(config.resume).exists():
+        # Another folder's checkpoint: the settings it was trained with travel in it.
+        record_file = resolve_checkpoint(config.resume) / CONFIG_FILE
+        saved = read_json(record_file) or {}
+        record = {"model": saved.get("model"), "train": saved.get("train_config")}
     if record is None or not isinstance(record.get("train"), dict):
         return None
     given_train = {k: v for k, v in (given.get("train") or {}).items() if k != "resume"}
@@ -98,7 +104,7 @@ def resume_options(
         if "model" in given or "model_overrides" in given:
             _same_model(options, recorded_model, out_dir)
         # the recorded spec itself, whatever preset or file it came from
-        options["model"], options["model_overrides"] = str(out_dir / RUN_CONFIG_FILE), None
+        options["model"], options["model_overrides"] = str(record_file), None
     ckpt = latest_checkpoint(out_dir) if config.resume == "auto" else config.resume
     what = f"resuming {str(out_dir)!r}" if ckpt else f"restarting {str(out_dir)!r} (no checkpoint)"
     note = f"{what} with its recorded settings"
