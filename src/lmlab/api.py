@@ -47,7 +47,7 @@ from lmlab.generate import SamplingParams, generate_text, stream_text
 from lmlab.models import build_model, get_preset
 from lmlab.train import TrainConfig, TrainResult
 from lmlab.train import train as _train_loop
-from lmlab.train.run import RunLock, ensure_run_dir
+from lmlab.train.run import RunLock, StopSignals, ensure_run_dir
 from lmlab.train.trainer import bf16_supported
 
 _DTYPES = {
@@ -326,6 +326,10 @@ def train(
 ) -> TrainResult:
     """Train a model on a corpus: tokenize it, build the model, run the trainer.
 
+    The run owns ``config.out_dir`` from the data preparation on (one writer per folder,
+    ``lmlab.train.run``), and ``config.seed`` fixes the initial weights as well as the data
+    order and dropout: the same call twice gives bit-identical weights.
+
     Args:
         model: a preset name (``lmlab.models.PRESETS``) or a JSON/YAML spec file.
         data: ``"tinyshakespeare"``, a text file, or a folder of ``.txt`` files.
@@ -337,8 +341,9 @@ def train(
     """
     config = config or TrainConfig()
     spec = model_spec_from(model, model_overrides)  # a bad preset fails before any work
-    # One writer per run folder, from the data preparation on (the trainer takes it again).
-    with RunLock(ensure_run_dir(config.out_dir)):
+    # One writer per run folder, from the data preparation on (the trainer takes it again);
+    # SIGTERM while preparing stops cleanly too (the lock goes with the process).
+    with RunLock(ensure_run_dir(config.out_dir)), StopSignals():
         tok, train_ids, val_ids = prepare_data(
             data, config.out_dir, tokenizer, vocab_size, val_fraction
         )
