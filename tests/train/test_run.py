@@ -28,6 +28,7 @@ from lmlab.train.run import (
     RunLock,
     StopSignals,
     ensure_run_dir,
+    resume_mode,
     resume_settings,
 )
 
@@ -264,3 +265,9 @@ def test_ensure_run_dir_says_why_a_path_cannot_be_a_run_folder(tmp_path):
     with pytest.raises(ConfigError, match="cannot be created"):
         ensure_run_dir(tmp_path / "file" / "run")
     assert ensure_run_dir(tmp_path / "a" / "b").is_dir()
+
+
+def test_resume_mode_maps_a_commands_bool_to_the_one_vocabulary(tmp_path):
+    assert [resume_mode(r) for r in (True, False, "auto", "never")] == ["auto", "never"] * 2
+    run = RunDir(tmp_path / "run")
+    assert run.resume_source(resume_mode(True)) is None  # auto with nothing yet: fresh

@@ -85,7 +85,13 @@ def resume_options(
         record["train"],
         given_train,
         fixed=FIXED_ON_RESUME,
-        keep={"out_dir": config.out_dir, "resume": config.resume, "init_from": None},
+        # the progress bar is a matter of this terminal, not of the run
+        keep={
+            "out_dir": config.out_dir,
+            "resume": config.resume,
+            "init_from": None,
+            "progress": config.progress,
+        },
     )
     options = dict(options)
     source = read_json(out_dir / "data" / "source.json") or {}

@@ -414,6 +414,14 @@ def read_json(file: Path) -> dict[str, Any] | None:
 # ----------------------------------------------------------------------------- resuming
 
 
+def resume_mode(resume: bool | str) -> str:
+    """The one vocabulary from a command's own: True -> "auto", False -> "never" (PPO's
+    ``resume: bool``); strings ("never", "auto", a path) pass through."""
+    if isinstance(resume, bool):
+        return "auto" if resume else "never"
+    return resume
+
+
 def resume_settings(
     config_type: type,
     recorded: dict[str, Any],
