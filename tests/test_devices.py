@@ -83,11 +83,10 @@ def test_load_generate_and_score_on_cuda(tmp_path):
     assert gpu.perplexity("abcdefgh abc") == pytest.approx(cpu.perplexity("abcdefgh abc"), rel=1e-4)
 
 
-@pytest.mark.gpu
-def test_train_on_cuda_and_resume_on_cpu(tmp_path):
+def train_config(tmp_path, **kw):
     from lmlab.train import TrainConfig
 
-    config = TrainConfig(
+    base = dict(
         out_dir=str(tmp_path / "run"),
         max_steps=4,
         batch_size=2,
@@ -95,16 +94,54 @@ def test_train_on_cuda_and_resume_on_cpu(tmp_path):
         progress=False,
         eval_interval=2,
         ckpt_interval=2,
+        precision="fp32",
     )
+    return TrainConfig(**{**base, **kw})
+
+
+def test_training_on_a_missing_device_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="device='cuda' is not available"):
+        lmlab.train(
+            data=str(tiny_corpus(tmp_path)),
+            config=train_config(tmp_path, device="cuda"),
+            model_overrides={"n_layers": 1},
+        )
     result = lmlab.train(
         data=str(tiny_corpus(tmp_path)),
-        config=config,
+        config=train_config(tmp_path, device="cpu"),
         model_overrides={"n_layers": 1},
-        device="cuda",
     )
     assert result.step == 4
+
+
+@pytest.mark.gpu
+def test_train_on_cuda_and_resume_on_cpu(tmp_path):
+    """A run trained on the GPU resumes on the CPU (checkpoints load onto any device) and
+    ends where an uninterrupted CPU continuation of the same checkpoint ends."""
+    corpus = str(tiny_corpus(tmp_path))
+    result = lmlab.train(
+        data=corpus, config=train_config(tmp_path, device="cuda"), model_overrides={"n_layers": 1}
+    )
+    assert result.step == 4
+    resumed = lmlab.train(
+        data=corpus,
+        model_overrides={"n_layers": 1},
+        config=train_config(tmp_path, device="cpu", max_steps=6, resume="auto"),
+    )
+    assert resumed.step == 6
     lm = lmlab.load(tmp_path / "run", device="cpu")
     assert devices.model_device(lm.model).type == "cpu"
+
+
+@pytest.mark.gpu
+def test_bf16_autocast_trains_on_cuda(tmp_path):
+    result = lmlab.train(
+        data=str(tiny_corpus(tmp_path)),
+        model_overrides={"n_layers": 1},
+        config=train_config(tmp_path, device="cuda", precision="bf16"),
+    )
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.val_losses)
 
 
 def tiny_corpus(tmp_path):

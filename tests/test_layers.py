@@ -17,6 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lmlab"
 # Lowest first. The README's layout section states the same order.
 LAYERS = [
     {"errors", "fileio", "version"},
+    {"devices", "seeds"},
     {"models"},
     {"data", "quant"},
     {"checkpoint"},

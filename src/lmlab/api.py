@@ -37,8 +37,10 @@ from lmlab.fileio import atomic_write_json
 from lmlab.generate.likelihood import token_nll
 from lmlab.lm import LM, default_dtype, load
 from lmlab.models import build_model, get_preset, require_causal_lm
+from lmlab.seeds import seeded
 from lmlab.train import TrainConfig, TrainResult
 from lmlab.train import train as _train_loop
+from lmlab.train.run import RunLock, StopSignals, ensure_run_dir
 
 __all__ = ["LM", "default_dtype", "export_hf", "load", "model_spec_from", "prepare_data", "train"]
 
@@ -68,12 +70,34 @@ def export_hf(model: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[Pat
 
 
 def model_spec_from(model: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A model spec from a preset name or a JSON/YAML file holding a spec, plus overrides."""
+    """A model spec from a preset name, a JSON/YAML file holding a spec, or a run's
+    config.json (the model that run trained), plus overrides."""
     path = Path(model)
     if path.suffix in (".json", ".yaml", ".yml"):
         if not path.is_file():
             raise ConfigError(f"model spec file {model!r} does not exist")
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML too
+        try:
+            text = path.read_text(encoding="utf-8")
+            # JSON is YAML too, but YAML reads JSON's 1e-05 as a string: JSON by JSON rules.
+            spec = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"model spec file {model!r} is not a text file (byte {e.start} is not UTF-8)"
+            ) from e
+        except json.JSONDecodeError as e:
+            raise ConfigError(
+                f"model spec file {model!r} is not valid JSON/YAML at line {e.lineno}, "
+                f"column {e.colno}: {e.msg}"
+            ) from e
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or type(e).__name__
+            raise ConfigError(
+                f"model spec file {model!r} is not valid JSON/YAML{where}: {problem}"
+            ) from e
+        if isinstance(spec, dict) and isinstance(spec.get("model"), dict):
+            spec = spec["model"]  # a run's config.json: the model it trained
         if not isinstance(spec, dict) or "family" not in spec:
             raise ConfigError(
                 f"{model!r} must hold a mapping with a 'family' key and config fields"
@@ -138,6 +162,10 @@ def train(
 ) -> TrainResult:
     """Train a model on a corpus: tokenize it, build the model, run the trainer.
 
+    The run owns ``config.out_dir`` from the data preparation on (one writer per folder,
+    ``lmlab.train.run``), and ``config.seed`` fixes the initial weights as well as the data
+    order and dropout: the same call twice gives bit-identical weights.
+
     Args:
         model: a preset name (``lmlab.models.PRESETS``) or a JSON/YAML spec file.
         data: ``"tinyshakespeare"``, a text file, or a folder of ``.txt`` files.
@@ -149,15 +177,20 @@ def train(
     """
     config = config or TrainConfig()
     spec = model_spec_from(model, model_overrides)  # a bad preset fails before any work
-    tok, train_ids, val_ids = prepare_data(
-        data, config.out_dir, tokenizer, vocab_size, val_fraction
-    )
-    net = build_model({**spec, "vocab_size": tok.vocab_size})
-    require_causal_lm(net, "lmlab train (next-token prediction)")
-    if hasattr(net, "fit") and not any(p.requires_grad for p in net.parameters()):
-        return _fit_count_model(net, train_ids, val_ids, config, tok)
-    result = _train_loop(net, train_ids, val_ids, config, tokenizer=tok)
-    return result
+    # One writer per run folder, from the data preparation on (the trainer takes it again);
+    # SIGTERM while preparing stops cleanly too (the lock goes with the process).
+    with RunLock(ensure_run_dir(config.out_dir)), StopSignals():
+        tok, train_ids, val_ids = prepare_data(
+            data, config.out_dir, tokenizer, vocab_size, val_fraction
+        )
+        # The run's seed fixes the initial weights too (reliability item 31), without
+        # touching the caller's global RNG.
+        with seeded(config.seed):
+            net = build_model({**spec, "vocab_size": tok.vocab_size})
+        require_causal_lm(net, "lmlab train (next-token prediction)")
+        if hasattr(net, "fit") and not any(p.requires_grad for p in net.parameters()):
+            return _fit_count_model(net, train_ids, val_ids, config, tok)
+        return _train_loop(net, train_ids, val_ids, config, tokenizer=tok)
 
 
 def _fit_count_model(net, train_ids, val_ids, config: TrainConfig, tok) -> TrainResult:

@@ -768,3 +768,98 @@ def test_a_supervised_loss_with_metrics_adds_them_to_train_and_eval_events(tmp_p
     train(make_gpt(dropout=0.0), None, None, config, supervised=Supervised(Batches(), loss, val))
     assert [(e["step"], e["calls"]) for e in events(config, "train")] == [(2, 4.0), (4, 4.0)]
     assert [(e["step"], e["val_calls"]) for e in events(config, "eval")] == [(4, 3.0)]
+
+
+# ----------------------------------------------------------------------------- out of memory (13)
+
+
+def out_of_memory_above(rows, error=torch.OutOfMemoryError):
+    """A forward pre-hook that fails like an allocator for training batches over ``rows``."""
+
+    def hook(module, args):
+        if module.training and args[0].shape[0] > rows:
+            raise error("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    return hook
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError, RuntimeError])
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_losses(make_toy, tmp_path, error):
+    """Batch 8 fails until it is cut into micro-batches of 2 (two halvings); each step
+    still sees the same 8 windows, so the losses equal the run that never ran out of
+    memory. Tolerance: the same float32 terms summed in another order (rtol 1e-5)."""
+    config = dict(max_steps=6, batch_size=8, grad_accum=2, ckpt_interval=3)
+    reference = make_toy()
+    want = train(reference, DATA, VAL, settings(tmp_path, "a", **config))
+    model = make_toy()
+    model.register_forward_pre_hook(out_of_memory_above(2, error))
+    got = train(model, DATA, VAL, settings(tmp_path, "b", **config))
+    assert [s for s, _ in got.train_losses] == [s for s, _ in want.train_losses]
+    torch.testing.assert_close(
+        torch.tensor([loss for _, loss in got.train_losses]),
+        torch.tensor([loss for _, loss in want.train_losses]),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    assert [s for s, _ in got.val_losses] == [s for s, _ in want.val_losses]
+    assert [v for _, v in got.val_losses] == pytest.approx([v for _, v in want.val_losses], 1e-5)
+    for (name, a), b in zip(reference.state_dict().items(), model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    ooms = events(settings(tmp_path, "b"), "oom")
+    assert [(e["step"], e["micro_batch"], e["grad_accum"]) for e in ooms] == [(0, 4, 4), (0, 2, 8)]
+
+
+def test_out_of_memory_with_one_row_left_and_other_errors_propagate(make_toy, tmp_path):
+    model = make_toy()
+    model.register_forward_pre_hook(out_of_memory_above(0))  # even one row is too many
+    with pytest.raises(torch.OutOfMemoryError):
+        train(model, DATA, VAL, settings(tmp_path, "a", batch_size=4))
+    assert len(events(settings(tmp_path, "a"), "oom")) == 2  # 4 -> 2 -> 1 row, then give up
+    for error in (ValueError, RuntimeError):  # a RuntimeError that is not about memory
+        model = make_toy()
+
+        def fail(module, args, error=error):
+            raise error("mat1 and mat2 shapes cannot be multiplied")
+
+        model.register_forward_pre_hook(fail)
+        with pytest.raises(error, match="shapes cannot"):
+            train(model, DATA, VAL, settings(tmp_path, f"b-{error.__name__}"))
+        assert events(settings(tmp_path, f"b-{error.__name__}"), "oom") == []
+
+
+def test_out_of_memory_on_supervised_batches_needs_their_split(make_toy, tmp_path):
+    """Only the loss knows which rows belong together (DPO's chosen and rejected halves):
+    supervised batches are cut after an out-of-memory error only with ``Supervised.split``."""
+
+    class Windows:
+        def __init__(self):
+            self.windows = TrainBatches(DATA, 4, 8, seed=0)
+
+        def next_batch(self):
+            return {"ids": self.windows.next_batch()}
+
+        def state_dict(self):
+            return self.windows.state_dict()
+
+        def load_state_dict(self, state):
+            self.windows.load_state_dict(state)
+
+    def loss(model, batch, autocast, keep=1.0):
+        total, count = trainer_module._next_token_loss(model, batch["ids"], autocast)
+        return total, torch.tensor(count)
+
+    def split(batch, n):
+        return [({"ids": part}, w) for part, w in trainer_module.split_rows(batch["ids"], n)]
+
+    config = settings(tmp_path, "a", max_steps=4, batch_size=4)
+    want = train(make_toy(), None, None, config, supervised=Supervised(Windows(), loss))
+    model = make_toy()
+    model.register_forward_pre_hook(out_of_memory_above(2))
+    config = settings(tmp_path, "b", max_steps=4, batch_size=4)
+    got = train(model, None, None, config, supervised=Supervised(Windows(), loss, split=split))
+    assert [s for s, _ in got.train_losses] == [s for s, _ in want.train_losses]
+    assert [v for _, v in got.train_losses] == pytest.approx([v for _, v in want.train_losses])
+    model = make_toy()
+    model.register_forward_pre_hook(out_of_memory_above(2))
+    with pytest.raises(torch.OutOfMemoryError):
+        train(model, None, None, settings(tmp_path, "c"), supervised=Supervised(Windows(), loss))

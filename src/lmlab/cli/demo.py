@@ -7,7 +7,7 @@ import textwrap
 
 from jsonargparse import ArgumentParser
 
-from lmlab.demo import demo
+from lmlab.demo import demo, plan_demo
 
 
 def add_arguments(parser: ArgumentParser) -> None:
@@ -16,17 +16,16 @@ def add_arguments(parser: ArgumentParser) -> None:
 
 def run(args) -> None:
     options = {k: v for k, v in vars(args).items() if k not in ("config", "__path__")}
+    # What was found in out_dir and what will be done, before minutes of training.
+    plan = plan_demo(options["out_dir"], options["max_steps"], options["seed"])
+    print(plan.message)
     result = demo(**options)
     train = result.train
     print()
     if train.train_losses:
         print(
-            f"trained gpt-char-tiny for {train.step} steps ({train.wall_time_s:.0f} s, "
+            f"trained gpt-char-tiny to step {train.step} ({train.wall_time_s:.0f} s, "
             f"{train.tokens_per_s:,.0f} tokens/s)"
-        )
-    else:
-        print(
-            f"found the finished run in {result.out_dir} ({train.step} steps): delete it to retrain"
         )
     print(
         f"validation loss {result.val_loss:.4f} nats/char, perplexity {result.val_perplexity:.2f} "

@@ -8,7 +8,9 @@ problem and exits with status 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -90,19 +92,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         args = parser.parse_args(argv)
+        runner, extra = runners[args.command], {}
+        if "given" in inspect.signature(runner).parameters:
+            # What the flags (and --config) named, defaults aside: a resumed run keeps its
+            # recorded settings for the rest.
+            extra["given"] = parser.parse_args(argv, defaults=False).get(args.command)
     except Exception as e:  # argparse errors: a bad flag or value
         print(f"lmlab: error: {e}", file=sys.stderr)
         return 2
     try:
-        runners[args.command](getattr(args, args.command))
+        runner(getattr(args, args.command), **extra)
     except LMLabError as e:
         if debug:
             traceback.print_exc()
         print(f"lmlab: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\nlmlab: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)  # lmlab.train.run.Interrupted: SIGTERM
+        name = "interrupted" if signum == signal.SIGINT else f"terminated ({e})"
+        print(f"\nlmlab: {name}", file=sys.stderr)
+        return 128 + signum
     return 0
 
 

@@ -6,6 +6,16 @@
 
 from lmlab.train.config import TrainConfig
 from lmlab.train.guards import TrainingDiverged
+from lmlab.train.run import Interrupted, RunDir, RunInUse
 from lmlab.train.trainer import Supervised, TrainResult, train
 
-__all__ = ["Supervised", "TrainConfig", "TrainResult", "TrainingDiverged", "train"]
+__all__ = [
+    "Interrupted",
+    "RunDir",
+    "RunInUse",
+    "Supervised",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDiverged",
+    "train",
+]

@@ -47,6 +47,9 @@ class TrainConfig:
     """Clip the global gradient norm to this value; None: no clipping."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """bf16 autocast (weights stay float32), fp32, or auto: bf16 where the device supports it."""
+    device: str = "auto"
+    """Where the run trains: auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps.
+    The model moves there before training; a run may resume on another device."""
     eval_interval: int = 250
     """Compute the validation loss every this many steps (and at the end)."""
     eval_batches: int = 20
@@ -58,11 +61,13 @@ class TrainConfig:
     keep_best: bool = False
     """Also keep the checkpoint with the lowest validation loss (evaluated at each save)."""
     seed: int = 1337
-    """Seeds the data order and, for a fresh run, torch's global RNG (dropout)."""
+    """Seeds the data order and, for a fresh run, torch's global RNG (dropout); ``lmlab
+    train`` (``lmlab.api.train``) seeds the model's initial weights with it too."""
     resume: str = "never"
     """"never": start fresh (out_dir must hold no checkpoint); "auto": resume from the newest
     complete checkpoint in out_dir if there is one, else start fresh; or a checkpoint or
-    run directory to resume from."""
+    run directory to resume from. ``lmlab train`` resumes with the settings the run recorded
+    (flags given replace only what they name)."""
     init_from: str | None = None
     """Checkpoint or run directory whose weights start a fresh run (not with resume)."""
     log_interval: int = 10

@@ -7,7 +7,9 @@ Events, each with ``"event"`` and ``"step"`` (optimizer steps applied so far)::
     {"event": "eval", "step": 250, "val_loss": 1.9, "val_ppl": 6.7}
     {"event": "skip", "step": 37, "reason": "nonfinite_loss", "loss": null, "grad_norm": null}
     {"event": "checkpoint", "step": 500, "path": "runs/x/checkpoints/step-00000500"}
-    {"event": "resume", "step": 500, "from": "runs/x/checkpoints/step-00000500"}
+    {"event": "resume", "step": 500, "from": "runs/x/checkpoints/step-00000500",
+     "changed": {"max_steps": [1000, 2000]}}     # "changed": only when settings changed
+    {"event": "oom", "step": 12, "micro_batch": 16, "grad_accum": 2}  # out of memory: halved
 
 Non-finite numbers are written as null (JSON has no NaN).
 """

@@ -15,7 +15,13 @@ The loop syncs with the device once per step (one ``.tolist()`` of loss and grad
 norm, which the guards need); logging, evaluation and checkpoints happen at their
 intervals. A checkpoint (``lmlab.checkpoint.io``) holds everything a bit-exact resume
 needs: weights, optimizer state, RNG states, data position, guard state and counters (the
-schedule is a pure function of the step). Ctrl-C saves a checkpoint and re-raises.
+schedule is a pure function of the step). The run folder (its lock, config.json,
+metrics.jsonl, checkpoint rotation, the resume source and the stop signals) belongs to
+``lmlab.train.run.RunDir``; Ctrl-C and SIGTERM save a checkpoint and re-raise.
+
+``train`` reads in that order: check the inputs, own the folder, set up (``_Loop.start``:
+restore or seed, record), then ``_Loop.run``: ``train_step`` (with the out-of-memory
+back-off), ``log``, ``evaluate``, ``save`` at their intervals.
 """
 
 from __future__ import annotations
@@ -41,26 +47,21 @@ from tqdm.auto import tqdm
 
 from lmlab.checkpoint.io import (
     checkpoint_dir,
-    latest_checkpoint,
-    list_checkpoints,
     load_train_state,
     load_weights,
     read_config,
-    remove_stale_temporaries,
     resolve_checkpoint,
-    rotate_checkpoints,
-    save_checkpoint,
 )
-from lmlab.devices import bf16_supported
+from lmlab.devices import bf16_supported, resolve_device
 from lmlab.errors import CheckpointError, ConfigError
-from lmlab.fileio import atomic_write_json
 from lmlab.models import base_model, model_spec
 from lmlab.train.batches import Tokens, TrainBatches, fixed_batches
 from lmlab.train.config import TrainConfig
 from lmlab.train.guards import StepGuard, TrainingDiverged
-from lmlab.train.metrics import MetricsLog, plot_losses, truncate_after_checkpoint
+from lmlab.train.metrics import plot_losses, truncate_after_checkpoint
 from lmlab.train.objectives import keep_probability, mix_inputs
 from lmlab.train.optim import build_optimizer, lr_at
+from lmlab.train.run import METRICS_FILE, RunDir, StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +100,16 @@ class Supervised:
     loss with a ``metrics(training: bool) -> dict[str, float]`` method adds those numbers
     to the logged ``train`` and ``eval`` events (DPO's rewards and accuracy).
     ``val``: fixed validation batches, or None.
+    ``split(batch, n)``: the batch cut into ``n`` smaller ones as ``[(part, weight)]``, the
+    weights making ``sum(weight * loss(part))`` the batch's loss; the trainer uses it after
+    an out-of-memory error (None: such an error stops the run, since only the loss knows
+    which rows belong together, e.g. DPO's chosen and rejected halves).
     """
 
     batches: Any
     loss: Callable[..., tuple[torch.Tensor, Any]]
     val: list[dict[str, torch.Tensor]] | None = None
+    split: Callable[[Any, int], list[tuple[Any, float]]] | None = None
 
 
 def train(
@@ -120,22 +126,36 @@ def train(
     train_tokens / val_tokens: 1-D integer arrays (numpy, np.memmap or torch) of token
     ids; val_tokens may be None (no evaluation). ``supervised`` replaces both (pass None
     for them) with batches of examples and their own loss: fine-tuning (``Supervised``).
-    The model trains on the device its
-    parameters are on. ``callbacks`` are called with every event written to metrics.jsonl
+    The model moves to ``config.device`` (``auto``: CUDA, then MPS, then the CPU) and
+    trains there. ``callbacks`` are called with every event written to metrics.jsonl
     (see ``lmlab.train.metrics``), after it is written; an exception raised by one stops
     the run as a crash would.
 
-    Ctrl-C (KeyboardInterrupt) saves a checkpoint, then re-raises. Between steps the saved
-    state is exact; in the middle of a step, the step's batches and RNG are rewound so that
-    a resume replays it; inside the optimizer update itself nothing is saved (the weights
-    may be half-updated) and the previous checkpoint stays the newest.
+    The run owns ``out_dir`` while it trains (``lmlab.train.run``: a second process gets
+    ``RunInUse``). Ctrl-C (KeyboardInterrupt) and SIGTERM (``Interrupted``) save a
+    checkpoint, then re-raise. Between steps the saved state is exact; in the middle of a
+    step, the step's batches and RNG are rewound so that a resume replays it; a signal
+    that arrives inside the optimizer update waits for the update to end. An out-of-memory
+    error in a step halves the micro-batch and doubles the accumulation (same batch, same
+    loss) and retries the step.
     """
-    out_dir = Path(config.out_dir)
+    spec = _check_inputs(model, train_tokens, val_tokens, config, supervised)
+    model.to(resolve_device(config.device))
+    run = RunDir(config.out_dir, callbacks or ())
+    with run.owned(), run.stop_signals() as stop:
+        # A crash between the two renames of a checkpoint replace is repaired before choosing.
+        run.clean()
+        resume_from = run.resume_source(config.resume)
+        loop = _Loop(model, spec, train_tokens, val_tokens, config, tokenizer, supervised, run)
+        loop.start(resume_from)
+        return loop.run(stop)
+
+
+def _check_inputs(model, train_tokens, val_tokens, config: TrainConfig, supervised) -> dict:
+    """The model's spec, after checking that model, data and settings fit together."""
     spec = model_spec(base_model(model))  # fails early for a model that cannot be saved
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("the model has no trainable parameters")
-    device = params[0].device
     max_len = getattr(model.config, "max_seq_len", None)
     if supervised is not None:
         if train_tokens is not None or val_tokens is not None:
@@ -150,197 +170,370 @@ def train(
             f"TrainConfig.seq_len={config.seq_len} is invalid: the model's context "
             f"(max_seq_len) is {max_len}; use seq_len <= {max_len}"
         )
-    # A crash between the two renames of a checkpoint replace is repaired before choosing.
-    remove_stale_temporaries(out_dir)
-    resume_from = _resume_source(config)
+    return spec
 
-    optimizer = build_optimizer(model, config)
-    val = None
-    if supervised is not None:
-        batches, loss_of = supervised.batches, supervised.loss
-        if supervised.val is not None:
-            val = [_to_device(batch, device) for batch in supervised.val]
-    else:
-        batches = TrainBatches(train_tokens, config.batch_size, config.seq_len, config.seed)
-        loss_of = _next_token_loss
-        if val_tokens is not None:
-            val = fixed_batches(val_tokens, config.batch_size, config.seq_len, config.eval_batches)
-            val = [window.to(device) for window in val]
-    guard = StepGuard(
-        config.spike_factor, config.spike_window, config.spike_warmup, config.grad_spike_factor
-    )
-    step, tokens_seen = 0, 0
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if resume_from is not None:
-        step, tokens_seen = _restore(resume_from, model, optimizer, batches, guard, spec)
-        truncate_after_checkpoint(out_dir / "metrics.jsonl", step)
-    else:
-        if config.init_from is not None:
-            load_weights(model, resolve_checkpoint(config.init_from))
-        torch.manual_seed(config.seed)
 
-    # The compiled module shares the model's parameters; checkpoints still use `model`.
-    forward = torch.compile(model) if config.compile else model
-    use_bf16 = resolve_precision(config.precision, device)
-    autocast = (
-        functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
-        if use_bf16
-        else contextlib.nullcontext
-    )
-    atomic_write_json(
-        out_dir / "config.json",
-        {
-            "model": spec,
-            "tokenizer": tokenizer.to_config() if hasattr(tokenizer, "to_config") else None,
-            "train": dataclasses.asdict(config),
-            "resolved": {
-                "precision": "bf16" if use_bf16 else "fp32",
-                "device": str(device),
-                "parameters": sum(p.numel() for p in params),
-            },
-        },
-    )
-    run = _Run(
-        model, optimizer, batches, loss_of, guard, config, tokenizer, device, callbacks or ()
-    )
-    run.metrics = MetricsLog(out_dir / "metrics.jsonl")
-    result = TrainResult(step=step)
-    if resume_from is not None:
-        run.emit({"event": "resume", "step": step, "from": str(resume_from)})
-        run.last_saved = step
-        result.checkpoint = resume_from
+class _Loop:
+    """One training run in memory: setup (``__init__``, ``start``), the step
+    (``train_step``, ``back_off``, ``skipped``), and what happens at intervals (``log``,
+    ``evaluate``, ``save``, and ``save_interrupted`` on Ctrl-C or SIGTERM)."""
 
-    tokens_per_step = config.batch_size * config.seq_len * config.grad_accum
-    # A time-budgeted run counts seconds (its step count is unknown in advance); the
-    # others count steps.
-    by_time = config.time_budget_s is not None
-    bar = tqdm(
-        total=config.time_budget_s if by_time else config.max_steps,
-        initial=0 if by_time else step,
-        disable=not config.progress,
-        unit="s" if by_time else "step",
-        bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s [{elapsed}<{remaining}{postfix}]"
-        if by_time
-        else None,
-    )
-    model.train()
-    t_start = t_log = run.t_start = time.perf_counter()
-    tokens_at_start = tokens_at_log = tokens_seen
-    since_log: list[float] = []
-    # A run resumed when already finished evaluates nothing again (nothing changed).
-    last_eval = step if resume_from is not None and step >= config.max_steps else None
-    in_step = applying = False
-    step_start_data, step_start_rng = batches.state_dict(), None
-    try:
-        while step < config.max_steps:
-            if config.time_budget_s and time.perf_counter() - t_start >= config.time_budget_s:
-                result.stop_reason = "time_budget"
-                break
-            in_step = True
-            step_start_data, step_start_rng = batches.state_dict(), _torch_rng(device)
-            lr = lr_at(step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            keep = keep_probability(step, config.objective, config.ss_k, config.ss_c, config.ss_min)
-            loss, counted = _accumulate_gradients(
-                forward, batches, config.grad_accum, device, autocast, keep, loss_of
+    def __init__(
+        self, model, spec, train_tokens, val_tokens, config, tokenizer, supervised, run: RunDir
+    ):
+        self.model = model
+        self.spec = spec
+        self.config = config
+        self.tokenizer = tokenizer
+        self.run_dir = run
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.device = device = self.params[0].device
+        self.optimizer = build_optimizer(model, config)
+        self.val = None
+        self.supervised = supervised is not None
+        self.split_batch = split_rows
+        if supervised is not None:
+            self.batches, self.loss_of = supervised.batches, supervised.loss
+            self.split_batch = supervised.split
+            if supervised.val is not None:
+                self.val = [_to_device(batch, device) for batch in supervised.val]
+        else:
+            self.batches = TrainBatches(
+                train_tokens, config.batch_size, config.seq_len, config.seed
             )
-            grad_norm = _grad_norm(params, config.grad_clip)
-            # The step's one sync: the guards need loss and norm on the host (and supervised
-            # batches count their labelled tokens).
-            numbers = [loss, grad_norm.to(loss)] + ([counted.to(loss)] if supervised else [])
-            loss_value, norm_value, *count = torch.stack(numbers).tolist()
-            tokens_seen += int(count[0]) if supervised else tokens_per_step
-            skip = guard.check(step, loss_value, norm_value)
-            if skip is None:
-                applying = True
-                optimizer.step()
-                step += 1
-            # One statement: an interrupt before it sees applying (no save) or in_step.
-            in_step = applying = False
-            optimizer.zero_grad(set_to_none=True)
-
-            if skip is not None:
-                event = {
-                    "event": "skip",
-                    "step": step,
-                    "reason": skip,
-                    "loss": loss_value,
-                    "grad_norm": norm_value,
-                }
-                result.skipped.append(event)
-                log.warning("step %d skipped: %s (loss %s)", step + 1, skip, loss_value)
-                run.emit(event)
-                if guard.nonfinite_in_a_row >= config.max_nonfinite:
-                    last = result.checkpoint or "none yet"
-                    raise TrainingDiverged(
-                        f"training diverged: {guard.nonfinite_in_a_row} steps in a row had a "
-                        f"non-finite loss or gradient (after step {step}); no checkpoint was "
-                        f"written from this state (last checkpoint: {last}). Try a lower lr "
-                        f"(now {config.lr}) or gradient clipping (grad_clip={config.grad_clip})"
-                    )
-                continue
-
-            result.train_losses.append((step, loss_value))
-            since_log.append(loss_value)
-            bar.update(min(time.perf_counter() - t_start, bar.total) - bar.n if by_time else 1)
-            if step % config.log_interval == 0 or step == config.max_steps:
-                now = time.perf_counter()
-                rate = (tokens_seen - tokens_at_log) / max(now - t_log, 1e-9)
-                run.emit(
-                    {
-                        "event": "train",
-                        "step": step,
-                        "loss": sum(since_log) / len(since_log),
-                        "lr": lr,
-                        "grad_norm": norm_value,
-                        "tokens": tokens_seen,
-                        "tokens_per_s": rate,
-                        "elapsed_s": now - t_start,
-                        **_loss_metrics(loss_of, training=True),
-                    }
+            self.loss_of = _next_token_loss
+            if val_tokens is not None:
+                val = fixed_batches(
+                    val_tokens, config.batch_size, config.seq_len, config.eval_batches
                 )
-                bar.set_postfix(
-                    step=step, loss=f"{since_log[-1]:.3f}", tok_s=f"{rate:.0f}", refresh=False
-                )
-                since_log.clear()
-                t_log, tokens_at_log = now, tokens_seen
-            want_best = config.keep_best and step % config.ckpt_interval == 0
-            if val is not None and (step % config.eval_interval == 0 or want_best):
-                result.val_losses.append((step, run.evaluate(val, step, autocast)))
-                last_eval = step
-            if step % config.ckpt_interval == 0:
-                val_loss = result.val_losses[-1][1] if last_eval == step else None
-                result.checkpoint = run.save(step, tokens_seen, val_loss)
+                self.val = [_to_device(window, device) for window in val]
+        self.guard = StepGuard(
+            config.spike_factor, config.spike_window, config.spike_warmup, config.grad_spike_factor
+        )
+        # The compiled module shares the model's parameters; checkpoints still use `model`.
+        self.forward = torch.compile(model) if config.compile else model
+        self.use_bf16 = resolve_precision(config.precision, device)
+        self.autocast = (
+            functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
+            if self.use_bf16
+            else contextlib.nullcontext
+        )
+        self.step, self.tokens_seen = 0, 0
+        self.split = 1  # micro-batches per drawn batch: doubled at each out-of-memory error
+        self.result = TrainResult(step=0)
+        self.last_eval: int | None = None
+        self.in_step = self.applying = False
+        self.step_start: tuple[dict, dict | None] = (self.batches.state_dict(), None)
 
-        if val is not None and last_eval != step and step > 0:
-            result.val_losses.append((step, run.evaluate(val, step, autocast)))
-            last_eval = step
-        if run.last_saved != step:
-            val_loss = result.val_losses[-1][1] if last_eval == step else None
-            result.checkpoint = run.save(step, tokens_seen, val_loss)
-    except KeyboardInterrupt:
-        if applying:
-            log.error("interrupted inside the optimizer update: no checkpoint saved")
+    # ------------------------------------------------------------------------- setup
+
+    def start(self, resume_from: Path | None) -> None:
+        """Restore a checkpoint (or seed a fresh run), record the config, open the log."""
+        config, run = self.config, self.run_dir
+        if resume_from is not None:
+            self.step, self.tokens_seen = _restore(
+                resume_from, self.model, self.optimizer, self.batches, self.guard, self.spec
+            )
+            truncate_after_checkpoint(run.path / METRICS_FILE, self.step)
+        else:
+            if config.init_from is not None:
+                load_weights(self.model, resolve_checkpoint(config.init_from))
+            torch.manual_seed(config.seed)
+        previous = (run.recorded() or {}).get("train") or {}
+        run.record(
+            {
+                "model": self.spec,
+                "tokenizer": self.tokenizer.to_config()
+                if hasattr(self.tokenizer, "to_config")
+                else None,
+                "train": dataclasses.asdict(config),
+                "resolved": {
+                    "precision": "bf16" if self.use_bf16 else "fp32",
+                    "device": str(self.device),
+                    "parameters": sum(p.numel() for p in self.params),
+                },
+            }
+        )
+        run.open_metrics()
+        self.result.step = self.step
+        if resume_from is not None:
+            event = {"event": "resume", "step": self.step, "from": str(resume_from)}
+            changed = _changed_settings(previous, dataclasses.asdict(config))
+            if changed:
+                event["changed"] = changed
+                log.info("resuming with changed settings: %s", changed)
+            self.emit(event)
+            run.last_saved = self.step
+            self.result.checkpoint = resume_from
+            # A run resumed when already finished evaluates nothing again (nothing changed).
+            if self.step >= config.max_steps:
+                self.last_eval = self.step
+
+    def emit(self, record: dict[str, Any]) -> None:
+        self.run_dir.emit(record)
+
+    # ------------------------------------------------------------------------- the loop
+
+    def run(self, stop: StopSignals) -> TrainResult:
+        config, result = self.config, self.result
+        tokens_per_step = config.batch_size * config.seq_len * config.grad_accum
+        bar = self._progress_bar()
+        self.model.train()
+        self.t_start = self.t_log = time.perf_counter()
+        tokens_at_start = self.tokens_at_log = self.tokens_seen
+        self.since_log: list[float] = []
+        try:
+            while self.step < config.max_steps:
+                if config.time_budget_s and self._elapsed() >= config.time_budget_s:
+                    result.stop_reason = "time_budget"
+                    break
+                lr, loss, grad_norm, skip = self.train_step(stop, tokens_per_step)
+                if skip is not None:
+                    self.skipped(skip, loss, grad_norm)
+                    continue
+                result.train_losses.append((self.step, loss))
+                self.since_log.append(loss)
+                by_time = config.time_budget_s is not None
+                bar.update(min(self._elapsed(), bar.total) - bar.n if by_time else 1)
+                if self.step % config.log_interval == 0 or self.step == config.max_steps:
+                    self.log(lr, grad_norm, bar)
+                want_best = config.keep_best and self.step % config.ckpt_interval == 0
+                if self.val is not None and (self.step % config.eval_interval == 0 or want_best):
+                    self.evaluate()
+                if self.step % config.ckpt_interval == 0:
+                    self.save()
+            if self.val is not None and self.last_eval != self.step and self.step > 0:
+                self.evaluate()
+            if self.run_dir.last_saved != self.step:
+                self.save()
+        except KeyboardInterrupt:
+            self.save_interrupted()
             raise
-        if in_step:  # replay the interrupted step on resume: same batches, same dropout
-            batches.load_state_dict(step_start_data)
-            _set_torch_rng(step_start_rng, device)
-        optimizer.zero_grad(set_to_none=True)
-        if run.last_saved != step:
-            log.warning("interrupted: saving a checkpoint at step %d", step)
-            run.save(step, tokens_seen, None)
-        plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
-        raise
-    finally:
-        bar.close()
-        run.metrics.close()
+        finally:
+            bar.close()
+        plot_losses(self.run_dir.path / METRICS_FILE, self.run_dir.path / "loss.png")
+        result.step = self.step
+        result.wall_time_s = self._elapsed()
+        result.tokens_per_s = (self.tokens_seen - tokens_at_start) / max(result.wall_time_s, 1e-9)
+        return result
 
-    plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
-    result.step = step
-    result.wall_time_s = time.perf_counter() - t_start
-    result.tokens_per_s = (tokens_seen - tokens_at_start) / max(result.wall_time_s, 1e-9)
-    return result
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self.t_start
+
+    def _progress_bar(self):
+        # A time-budgeted run counts seconds (its step count is unknown in advance); the
+        # others count steps.
+        config = self.config
+        by_time = config.time_budget_s is not None
+        return tqdm(
+            total=config.time_budget_s if by_time else config.max_steps,
+            initial=0 if by_time else self.step,
+            disable=not config.progress,
+            unit="s" if by_time else "step",
+            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s [{elapsed}<{remaining}{postfix}]"
+            if by_time
+            else None,
+        )
+
+    # ------------------------------------------------------------------------- the step
+
+    def train_step(self, stop: StopSignals, tokens_per_step: int):
+        """One optimizer step -> (lr, loss, grad norm, None) when applied, or the guard's
+        reason to skip it in place of None (the batches are consumed either way)."""
+        config, optimizer = self.config, self.optimizer
+        self.in_step = True
+        self.step_start = (self.batches.state_dict(), _torch_rng(self.device))
+        lr = lr_at(self.step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        keep = keep_probability(
+            self.step, config.objective, config.ss_k, config.ss_c, config.ss_min
+        )
+        while True:
+            try:
+                loss, counted = _accumulate_gradients(
+                    self.forward,
+                    self.batches,
+                    config.grad_accum,
+                    self.device,
+                    self.autocast,
+                    keep,
+                    self.loss_of,
+                    self.split,
+                    self.split_batch,
+                )
+                break
+            except Exception as e:
+                if not is_out_of_memory(e):
+                    raise
+                self.back_off(e)
+        grad_norm = _grad_norm(self.params, config.grad_clip)
+        # The step's one sync: the guards need loss and norm on the host (and supervised
+        # batches count their labelled tokens).
+        numbers = [loss, grad_norm.to(loss)] + ([counted.to(loss)] if self.supervised else [])
+        loss_value, norm_value, *count = torch.stack(numbers).tolist()
+        self.tokens_seen += int(count[0]) if self.supervised else tokens_per_step
+        skip = self.guard.check(self.step, loss_value, norm_value)
+        if skip is None:
+            with stop.deferred():  # a signal now is raised after the update, at a step edge
+                self.applying = True
+                optimizer.step()
+                self.step += 1
+                # One statement: an interrupt before it sees applying (no save) or in_step.
+                self.in_step = self.applying = False
+        self.in_step = False
+        optimizer.zero_grad(set_to_none=True)
+        return lr, loss_value, norm_value, skip
+
+    def back_off(self, error: BaseException) -> None:
+        """After an out-of-memory error: rewind the step, halve the micro-batch (reliability
+        item 13), or re-raise when it is a single row already."""
+        if self.split_batch is None:
+            log.error("out of memory: these batches cannot be split (Supervised.split is None)")
+            raise error
+        if math.ceil(self.config.batch_size / self.split) <= 1:
+            raise error  # one row per micro-batch already: nothing left to halve
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.batches.load_state_dict(self.step_start[0])
+        _set_torch_rng(self.step_start[1], self.device)
+        before = math.ceil(self.config.batch_size / self.split)
+        self.split *= 2
+        micro = math.ceil(self.config.batch_size / self.split)
+        accum = self.config.grad_accum * self.split
+        log.warning(
+            "out of memory in step %d: micro-batch %d -> %d rows, accumulation %d -> %d "
+            "(the same batch per step); retrying the step",
+            self.step + 1,
+            before,
+            micro,
+            accum // 2,
+            accum,
+        )
+        self.emit({"event": "oom", "step": self.step, "micro_batch": micro, "grad_accum": accum})
+
+    def skipped(self, reason: str, loss: float, grad_norm: float) -> None:
+        config, step = self.config, self.step
+        event = {
+            "event": "skip",
+            "step": step,
+            "reason": reason,
+            "loss": loss,
+            "grad_norm": grad_norm,
+        }
+        self.result.skipped.append(event)
+        log.warning("step %d skipped: %s (loss %s)", step + 1, reason, loss)
+        self.emit(event)
+        if self.guard.nonfinite_in_a_row >= config.max_nonfinite:
+            last = self.result.checkpoint or "none yet"
+            raise TrainingDiverged(
+                f"training diverged: {self.guard.nonfinite_in_a_row} steps in a row had a "
+                f"non-finite loss or gradient (after step {step}); no checkpoint was "
+                f"written from this state (last checkpoint: {last}). Try a lower lr "
+                f"(now {config.lr}) or gradient clipping (grad_clip={config.grad_clip})"
+            )
+
+    # ------------------------------------------------------------------------- log, eval, save
+
+    def log(self, lr: float, grad_norm: float, bar) -> None:
+        now = time.perf_counter()
+        rate = (self.tokens_seen - self.tokens_at_log) / max(now - self.t_log, 1e-9)
+        self.emit(
+            {
+                "event": "train",
+                "step": self.step,
+                "loss": sum(self.since_log) / len(self.since_log),
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": self.tokens_seen,
+                "tokens_per_s": rate,
+                "elapsed_s": now - self.t_start,
+                **_loss_metrics(self.loss_of, training=True),
+            }
+        )
+        bar.set_postfix(
+            step=self.step, loss=f"{self.since_log[-1]:.3f}", tok_s=f"{rate:.0f}", refresh=False
+        )
+        self.since_log.clear()
+        self.t_log, self.tokens_at_log = now, self.tokens_seen
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss per token over the fixed validation batches (nats per token)."""
+        self.model.eval()
+        total, count = 0.0, 0
+        for batch in self.val:
+            loss_sum, n = self.loss_of(self.model, batch, self.autocast)
+            total += loss_sum.item()
+            count += int(n)
+        self.model.train()
+        val_loss = total / count
+        ppl = math.exp(val_loss) if val_loss < 700 else math.inf
+        self.emit(
+            {
+                "event": "eval",
+                "step": self.step,
+                "val_loss": val_loss,
+                "val_ppl": ppl,
+                "elapsed_s": self._elapsed(),  # for loss-against-time plots
+                **{f"val_{k}": v for k, v in _loss_metrics(self.loss_of, training=False).items()},
+            }
+        )
+        self.result.val_losses.append((self.step, val_loss))
+        self.last_eval = self.step
+        return val_loss
+
+    def save(self, with_val: bool = True) -> Path:
+        """Checkpoint the current state as ``step``, rotate, and log it."""
+        step, config = self.step, self.config
+        if not _all_finite(self.model):
+            raise TrainingDiverged(
+                f"the model's parameters are not finite at step {step}; refusing to write a "
+                "checkpoint from this state"
+            )
+        val_loss = self.result.val_losses[-1][1] if with_val and self.last_eval == step else None
+        train_state = {
+            "step": step,
+            "tokens_seen": self.tokens_seen,
+            "optimizer": self.optimizer.state_dict(),
+            # The schedule is lr_at(step, config): its whole state is the step counter.
+            "scheduler": {"schedule": config.lr_schedule, "step": step},
+            "rng": _rng_state(self.device),
+            "data": self.batches.state_dict(),
+            "guard": self.guard.state_dict(),
+        }
+        extra = {
+            "train": {"step": step, "tokens_seen": self.tokens_seen, "val_loss": val_loss},
+            "train_config": dataclasses.asdict(config),
+        }
+        path = self.run_dir.save(
+            checkpoint_dir(self.run_dir.path, step),
+            self.model,
+            step,
+            tokenizer=self.tokenizer,
+            train_state=train_state,
+            extra_config=extra,
+            keep_last=config.keep_last,
+            keep_best=config.keep_best,
+        )
+        self.result.checkpoint = path
+        return path
+
+    def save_interrupted(self) -> None:
+        """Ctrl-C or SIGTERM: save the exact state (rewinding a step begun), unless the
+        interrupt came inside the optimizer update."""
+        if self.applying:
+            log.error("interrupted inside the optimizer update: no checkpoint saved")
+            return
+        if self.in_step:  # replay the interrupted step on resume: same batches, same dropout
+            self.batches.load_state_dict(self.step_start[0])
+            _set_torch_rng(self.step_start[1], self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.run_dir.last_saved != self.step:
+            log.warning("interrupted: saving a checkpoint at step %d", self.step)
+            self.save(with_val=False)
+        plot_losses(self.run_dir.path / METRICS_FILE, self.run_dir.path / "loss.png")
 
 
 def _next_token_loss(model, window, autocast, keep=1.0) -> tuple[torch.Tensor, int]:
@@ -354,7 +547,15 @@ def _next_token_loss(model, window, autocast, keep=1.0) -> tuple[torch.Tensor, i
 
 
 def _accumulate_gradients(
-    model, batches, grad_accum, device, autocast, keep=1.0, loss_of=_next_token_loss
+    model,
+    batches,
+    grad_accum,
+    device,
+    autocast,
+    keep=1.0,
+    loss_of=_next_token_loss,
+    split=1,
+    split_batch=None,
 ) -> tuple[torch.Tensor, torch.Tensor | int]:
     """Forward and backward over ``grad_accum`` micro-batches -> (mean loss, tokens).
 
@@ -362,16 +563,40 @@ def _accumulate_gradients(
     summed gradient that of the mean over all micro-batches (equal sizes), i.e. of one
     batch of batch_size * grad_accum rows. ``loss_of(model, batch, autocast, keep)``
     returns a summed loss and the number of tokens it sums over.
+
+    ``split`` > 1 (after an out-of-memory error) cuts each drawn batch into that many
+    parts with ``split_batch(batch, split) -> [(part, weight)]`` (``split_rows`` for
+    token windows): the same windows and the same loss per step, in less memory.
     """
     total, counted = None, 0
     for _ in range(grad_accum):
-        batch = _to_device(batches.next_batch(), device)
-        loss_sum, count = loss_of(model, batch, autocast, keep)
-        loss = loss_sum / count
-        (loss / grad_accum).backward()
-        total = loss.detach() if total is None else total + loss.detach()
-        counted = counted + count
+        batch = batches.next_batch()
+        parts = [(batch, None)] if split == 1 else split_batch(batch, split)
+        for part, weight in parts:
+            loss_sum, count = loss_of(model, _to_device(part, device), autocast, keep)
+            loss = loss_sum / count if weight is None else loss_sum / count * weight
+            (loss / grad_accum).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+            counted = counted + count
     return (total / grad_accum if grad_accum > 1 else total), counted
+
+
+def split_rows(batch: torch.Tensor, n: int) -> list[tuple[torch.Tensor, float]]:
+    """A [B, T+1] window batch cut into ``n`` row blocks, each weighted by its share of the
+    rows: every window has T targets, so the weighted mean losses add up to the batch's.
+
+    >>> [(part.shape[0], w) for part, w in split_rows(torch.zeros(5, 3), 2)]
+    [(3, 0.6), (2, 0.4)]
+    """
+    rows = batch.shape[0]
+    return [(part, part.shape[0] / rows) for part in torch.tensor_split(batch, n) if len(part)]
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """An allocator's out-of-memory error (CUDA, MPS, CPU), not any other failure."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
 
 
 def _loss_metrics(loss_of, training: bool) -> dict[str, float]:
@@ -386,9 +611,12 @@ def _loss_metrics(loss_of, training: bool) -> dict[str, float]:
 
 
 def _to_device(batch, device):
-    """A tensor, or a dict of tensors (supervised batches), on ``device``."""
+    """A tensor, or a dict of tensors (supervised batches), on ``device``; bound for a GPU,
+    each goes through pinned memory so that the copy overlaps the computation."""
     if isinstance(batch, dict):
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if device.type == "cuda" and batch.device.type == "cpu":
+        batch = batch.pin_memory()
     return batch.to(device, non_blocking=True)
 
 
@@ -402,95 +630,6 @@ def _grad_norm(params: list[nn.Parameter], grad_clip: float | None) -> torch.Ten
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
-# ----------------------------------------------------------------------------- the run
-
-
-class _Run:
-    """What saving, evaluating and logging share; the loop itself is in ``train``."""
-
-    def __init__(
-        self, model, optimizer, batches, loss_of, guard, config, tokenizer, device, callbacks
-    ):
-        self.model = model
-        self.optimizer = optimizer
-        self.batches = batches
-        self.loss_of = loss_of  # (model, batch, autocast) -> (summed loss, tokens)
-        self.guard = guard
-        self.config = config
-        self.tokenizer = tokenizer
-        self.device = device
-        self.callbacks = callbacks
-        self.metrics: MetricsLog | None = None
-        self.last_saved: int | None = None
-        self.out_dir = Path(config.out_dir)
-
-    def emit(self, record: dict[str, Any]) -> None:
-        self.metrics.write(record)
-        for callback in self.callbacks:
-            callback(record)
-
-    @torch.no_grad()
-    def evaluate(self, val: list, step: int, autocast) -> float:
-        """Mean loss per token over the fixed validation batches (nats per token)."""
-        self.model.eval()
-        total, count = 0.0, 0
-        for batch in val:
-            loss_sum, n = self.loss_of(self.model, batch, autocast)
-            total += loss_sum.item()
-            count += int(n)
-        self.model.train()
-        val_loss = total / count
-        ppl = math.exp(val_loss) if val_loss < 700 else math.inf
-        elapsed = time.perf_counter() - self.t_start  # for loss-against-time plots
-        self.emit(
-            {
-                "event": "eval",
-                "step": step,
-                "val_loss": val_loss,
-                "val_ppl": ppl,
-                "elapsed_s": elapsed,
-                **{f"val_{k}": v for k, v in _loss_metrics(self.loss_of, training=False).items()},
-            }
-        )
-        return val_loss
-
-    def save(self, step: int, tokens_seen: int, val_loss: float | None) -> Path:
-        """Checkpoint the current state as ``step``, rotate, and log it."""
-        if not _all_finite(self.model):
-            raise TrainingDiverged(
-                f"the model's parameters are not finite at step {step}; refusing to write a "
-                "checkpoint from this state"
-            )
-        train_state = {
-            "step": step,
-            "tokens_seen": tokens_seen,
-            "optimizer": self.optimizer.state_dict(),
-            # The schedule is lr_at(step, config): its whole state is the step counter.
-            "scheduler": {"schedule": self.config.lr_schedule, "step": step},
-            "rng": _rng_state(self.device),
-            "data": self.batches.state_dict(),
-            "guard": self.guard.state_dict(),
-        }
-        extra = {
-            "train": {"step": step, "tokens_seen": tokens_seen, "val_loss": val_loss},
-            "train_config": dataclasses.asdict(self.config),
-        }
-        path = save_checkpoint(
-            checkpoint_dir(self.out_dir, step),
-            self.model,
-            tokenizer=self.tokenizer,
-            train_state=train_state,
-            extra_config=extra,
-        )
-        self.last_saved = step
-        if self.config.keep_last is not None:
-            rotate_checkpoints(
-                self.out_dir, self.config.keep_last, 1 if self.config.keep_best else None
-            )
-        self.emit({"event": "checkpoint", "step": step, "path": str(path)})
-        return path
-
-
 def _all_finite(model: nn.Module) -> bool:
     checks = [torch.isfinite(p).all() for p in model.parameters()]
     return bool(torch.stack(checks).all()) if checks else True
@@ -499,27 +638,14 @@ def _all_finite(model: nn.Module) -> bool:
 # ----------------------------------------------------------------------------- resume
 
 
-def _resume_source(config: TrainConfig) -> Path | None:
-    """The checkpoint to resume from, None for a fresh run, or a clear error."""
-    out_dir = Path(config.out_dir)
-    if config.resume == "never":
-        if list_checkpoints(out_dir):
-            raise ConfigError(
-                f"out_dir {str(out_dir)!r} already holds checkpoints of an earlier run; use "
-                "resume='auto' to continue it, or choose another out_dir"
-            )
-        return None
-    if config.resume == "auto":
-        return latest_checkpoint(out_dir)  # None: nothing yet, start fresh
-    if not Path(config.resume).exists():
-        raise CheckpointError(
-            f"resume={config.resume!r}: no such checkpoint or run directory; give an "
-            "existing path, resume='auto' (continue out_dir if possible) or 'never'"
-        )
-    try:
-        return resolve_checkpoint(config.resume)
-    except CheckpointError as e:
-        raise CheckpointError(f"resume={config.resume!r}: nothing to resume: {e}") from e
+def _changed_settings(before: dict[str, Any], now: dict[str, Any]) -> dict[str, list]:
+    """{field: [recorded, now]} of the settings a resumed run changed (resume itself aside)."""
+    same = lambda a, b: json.loads(json.dumps(a)) == json.loads(json.dumps(b))  # noqa: E731
+    return {
+        k: [before[k], v]
+        for k, v in now.items()
+        if k in before and k != "resume" and not same(before[k], v)
+    }
 
 
 def _restore(ckpt: Path, model, optimizer, batches, guard, spec) -> tuple[int, int]:
