@@ -51,10 +51,10 @@ from lmlab.data.instructions import (
     template_for,
 )
 from lmlab.data.preferences import PreferencePair, load_preferences
-from lmlab.errors import ConfigError, DataError, closest
+from lmlab.errors import ConfigError, DataError
 from lmlab.finetune import trainable_parameters
 from lmlab.finetune.lora import LoRAConfig, disabled_lora
-from lmlab.finetune.run import prepare_method, write_tuned_model
+from lmlab.finetune.run import check_method, prepare_method, write_tuned_model
 from lmlab.finetune.sft import supervised_data
 from lmlab.lm import LM, load
 from lmlab.train import TrainConfig, TrainResult, train
@@ -309,13 +309,6 @@ class DPOResult:
     """The tuned model (LoRA merged) with its tokenizer and chat template, ready to generate."""
 
 
-def _check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ConfigError(
-            f"method={method!r} is not one of {', '.join(METHODS)}{closest(str(method), METHODS)}"
-        )
-
-
 def dpo(
     model: str = "smollm2",
     data: str = "prefs.jsonl",
@@ -355,7 +348,7 @@ def dpo(
         callbacks: called with every logged event (see ``lmlab.train.train``).
     """
     config = config or TrainConfig(out_dir="runs/dpo", max_steps=200, lr=5e-6, min_lr=5e-7)
-    _check_method(method)
+    check_method(method, METHODS)
     if label_smoothing and loss_type != "sigmoid":
         raise ConfigError(f"label_smoothing={label_smoothing} applies to loss_type='sigmoid' only")
     loss_fn = DPOLoss(beta, loss_type, label_smoothing, rpo_alpha=rpo_alpha)

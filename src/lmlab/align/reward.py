@@ -41,9 +41,9 @@ from lmlab.checkpoint.io import load_weights, read_config, resolve_checkpoint, s
 from lmlab.data.instructions import EncodedExample, Example, collate, encode_example, template_for
 from lmlab.data.preferences import PreferencePair, Prompt, load_preferences
 from lmlab.data.tokenizers import load_tokenizer
-from lmlab.errors import CheckpointError, ConfigError, DataError, closest
+from lmlab.errors import CheckpointError, DataError
 from lmlab.finetune import LoRAConfig, unload_lora
-from lmlab.finetune.run import prepare_method
+from lmlab.finetune.run import check_method, prepare_method
 from lmlab.finetune.sft import supervised_data
 from lmlab.lm import load, template_beside
 from lmlab.models import build_model
@@ -237,10 +237,7 @@ def train_reward_model(
 
     Writes ``out_dir/checkpoints`` (resumable) and ``out_dir/model`` (``load_reward_model``).
     """
-    if method not in METHODS:
-        raise ConfigError(
-            f"method={method!r} is not one of {', '.join(METHODS)}{closest(str(method), METHODS)}"
-        )
+    check_method(method, METHODS)
     config = config or TrainConfig(out_dir="runs/reward", max_steps=200, lr=1e-5, min_lr=1e-6)
     lm = load(model, dtype="float32", keep_quantized=False)
     rm = reward_model_from(lm)

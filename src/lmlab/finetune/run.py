@@ -82,10 +82,12 @@ class FinetuneResult:
     LoRA, merged), ready to generate."""
 
 
-def _check_method(method: str) -> None:
-    if method not in METHODS:
+def check_method(method: str, methods: tuple[str, ...] = METHODS) -> None:
+    """Raise ConfigError naming the valid ``methods`` (and the closest) unless ``method``
+    is one of them."""
+    if method not in methods:
         raise ConfigError(
-            f"method={method!r} is not one of {', '.join(METHODS)}{closest(str(method), METHODS)}"
+            f"method={method!r} is not one of {', '.join(methods)}{closest(str(method), methods)}"
         )
 
 
@@ -102,7 +104,7 @@ def prepare_method(
     ``model`` itself changed in place, or a soft-prompt wrapper around it (prompt, prefix).
     """
     require_gradients(model, f"fine-tuning ({method})")
-    _check_method(method)
+    check_method(method)
     if method in ("full", "kl"):
         return model.requires_grad_(True)
     if method == "bitfit":
@@ -163,7 +165,7 @@ def finetune(
         config: the trainer's settings (out_dir, max_steps, lr, batch_size, ...).
     """
     config = config or TrainConfig(out_dir="runs/finetune", max_steps=200, lr=1e-4)
-    _check_method(method)
+    check_method(method)
     lm = load(model, dtype="float32", keep_quantized=False)
     if pack:
         _check_packable(method, lm.model)
