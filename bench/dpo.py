@@ -43,6 +43,7 @@ from lmlab.data.instructions import (
 )
 from lmlab.data.preferences import load_preferences, write_preferences
 from lmlab.data.tasks import generate_tasks, write_jsonl
+from lmlab.finetune import LoRAConfig
 from lmlab.finetune.run import finetune, task_accuracy
 from lmlab.train import TrainConfig
 
@@ -114,9 +115,10 @@ def main() -> None:
         help="train on this preference JSONL (an earlier run's pairs.jsonl) instead of sampling",
     )
     ap.add_argument(
-        "--lora_targets",
+        "--lora.targets",
+        dest="lora_targets",
         default="q_proj,k_proj,v_proj,o_proj",
-        help="comma-separated linear layers LoRA adapts",
+        help="linear layers LoRA adapts, comma-separated (or '[q_proj,v_proj]' as lmlab takes)",
     )
     ap.add_argument(
         "--reference_if_all_wrong",
@@ -154,7 +156,7 @@ def main() -> None:
     ap.add_argument(
         "--rpo_alpha", type=float, default=None, help="add the chosen replies' NLL (RPO)"
     )
-    ap.add_argument("--lora_r", type=int, default=16)
+    ap.add_argument("--lora.r", dest="lora_r", type=int, default=16, help="LoRA's rank")
     ap.add_argument("--max_new_tokens", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
@@ -223,11 +225,10 @@ def main() -> None:
         seed=args.seed,
         resume="auto",
     )
+    targets = tuple(args.lora_targets.strip("[]").split(","))
     lora = dict(
         method="lora",
-        lora_r=args.lora_r,
-        lora_alpha=2.0 * args.lora_r,
-        lora_targets=tuple(args.lora_targets.split(",")),
+        lora=LoRAConfig(r=args.lora_r, alpha=2.0 * args.lora_r, targets=targets),
         max_len=128,
         config=config,
     )

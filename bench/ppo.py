@@ -57,6 +57,7 @@ def main() -> None:
     from lmlab.align.pairs import sampled_reward
     from lmlab.align.ppo import PPOConfig, ppo, row_prompt, task_reward
     from lmlab.data.instructions import read_jsonl
+    from lmlab.finetune import LoRAConfig
     from lmlab.finetune.run import task_accuracy
 
     if args.threads:
@@ -81,9 +82,9 @@ def main() -> None:
         kl_coef=args.kl_coef,
         advantage_estimator=args.advantage_estimator,
         method="lora",
-        lora_r=args.lora_r,
-        lora_alpha=2.0 * args.lora_r,
-        lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+        lora=LoRAConfig(
+            r=args.lora_r, alpha=2.0 * args.lora_r, targets=("q_proj", "k_proj", "v_proj", "o_proj")
+        ),
         iterations=args.iterations,
         time_budget_s=args.time_budget,
         checkpoint_every=10,

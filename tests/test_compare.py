@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lmlab.cli.main import main
-from lmlab.compare import Budget, compare, parse_budget, resolve_model
+from lmlab.compare import Budget, compare, parse_budget, resolve_model, resolve_models, train_config
 from lmlab.errors import ConfigError
 
 WORDS = "to be or not that is the question whether tis nobler in the mind to suffer".split()
@@ -54,6 +54,18 @@ def test_resolve_model_names():
     assert resolve_model("mlp-char")[0] == "mlp-char"
     with pytest.raises(ConfigError, match="did you mean 'lstm'"):
         resolve_model("lstn")
+
+
+def test_resolve_models_and_the_training_settings_of_a_budget(tmp_path):
+    assert list(resolve_models(" ngram, lstm ,")) == ["ngram", "lstm"]
+    with pytest.raises(ConfigError, match="models is empty"):
+        resolve_models(" , ")
+    # 2M tokens in batches of 32 x 128 = 4096 tokens: 488 steps, evaluated every 48.
+    tokens = train_config(parse_budget("2M tok"), tmp_path, 32, 128, 2e-3, 0, None, False)
+    assert (tokens.max_steps, tokens.eval_interval, tokens.lr_schedule) == (488, 48, "cosine")
+    assert tokens.min_lr == pytest.approx(2e-4) and tokens.time_budget_s is None
+    timed = train_config(parse_budget("90s"), tmp_path, 32, 128, 2e-3, 0, 7, False)
+    assert (timed.time_budget_s, timed.eval_interval, timed.lr_schedule) == (90.0, 7, "constant")
 
 
 def test_compare_rejects_bad_names_before_work(tmp_path, corpus):

@@ -215,24 +215,14 @@ def compare(
         vocab_size: BPE vocabulary size.
         progress: show progress bars.
     """
-    names = [m.strip() for m in models.split(",")] if isinstance(models, str) else list(models)
-    names = [m for m in names if m]
-    if not names:
-        raise ConfigError("models is empty; give at least one, e.g. 'ngram,lstm,gpt'")
-    specs = dict(resolve_model(m) for m in names)  # bad names fail before any work
-    if len(specs) != len(names):
-        raise ConfigError(f"models={names} names a model twice")
+    specs = resolve_models(models)  # bad names fail before any work
     plan = parse_budget(budget)
-    if plan.kind == "tokens":
-        max_steps = max(1, int(plan.value) // (batch_size * seq_len))
-        time_budget_s = None
-        default_interval = max(1, max_steps // 10)
-    else:
-        max_steps, time_budget_s, default_interval = 10**9, plan.value, 100
-
     out = Path(out_dir)
     tok, train_ids, val_ids = prepare_data(data, out, tokenizer, vocab_size)
     tok.encode(prompt)  # a prompt the tokenizer cannot encode fails before any training
+    sampling = SamplingParams(
+        max_new_tokens=sample_tokens, temperature=temperature, seed=seed, truncate_prompt=True
+    )
     results = []
     for name, spec in specs.items():
         spec = {**spec, "vocab_size": tok.vocab_size}
@@ -241,70 +231,14 @@ def compare(
         torch.manual_seed(seed)
         model = build_model(spec)
         if spec["family"] == "ngram":
-            t0 = time.perf_counter()
-            model.fit(train_ids.astype(np.int64))  # a writable copy of the memmap
-            fit_s = time.perf_counter() - t0
-            save_checkpoint(run_dir / "checkpoint", model, tok, extra_config={"fit_s": fit_s})
-            steps, wall, rate, curve = 0, fit_s, len(train_ids) / max(fit_s, 1e-9), []
+            run = fit_ngram(model, train_ids, tok, run_dir)
         else:
-            config = TrainConfig(
-                out_dir=str(run_dir),
-                max_steps=max_steps,
-                time_budget_s=time_budget_s,
-                batch_size=batch_size,
-                seq_len=seq_len,
-                lr=lr,
-                min_lr=lr / 10,
-                lr_schedule="cosine" if plan.kind == "tokens" else "constant",
-                warmup_steps=min(100, max(max_steps // 10, 1)),
-                eval_interval=eval_interval or default_interval,
-                eval_batches=10,
-                ckpt_interval=10**9,  # only the final checkpoint
-                keep_last=1,
-                log_interval=min(10, eval_interval or default_interval),
-                seed=seed,
-                resume="never",
-                progress=progress,
+            config = train_config(
+                plan, run_dir, batch_size, seq_len, lr, seed, eval_interval, progress
             )
-            trained = train_loop(model, train_ids, val_ids, config, tokenizer=tok)
-            steps, wall, rate = trained.step, trained.wall_time_s, trained.tokens_per_s
-            curve = eval_curve(run_dir / "metrics.jsonl")
-        size, unit = model_size(model)
-        context = getattr(model.config, "max_seq_len", None) or seq_len
-        window = min(seq_len, context)
-        loss = token_nll(model, val_ids, stride=window, context=window).mean().item()
-        params = SamplingParams(
-            max_new_tokens=sample_tokens,
-            temperature=temperature,
-            seed=seed,
-            truncate_prompt=True,
-        )
-        sample = generate_text(model, tok, prompt, params)
-        if spec["family"] == "ngram":
-            curve = [(wall, loss)]
-        results.append(
-            ModelResult(
-                name=name,
-                spec=spec,
-                size=size,
-                size_unit=unit,
-                steps=steps,
-                wall_time_s=wall,
-                tokens_per_s=rate,
-                val_loss=loss,
-                val_perplexity=math.exp(loss) if loss < 700 else math.inf,
-                sample=sample,
-                run_dir=str(run_dir),
-                curve=curve,
-            )
-        )
+            run = train_model(model, train_ids, val_ids, tok, config)
+        results.append(evaluate(name, spec, model, run, val_ids, tok, seq_len, prompt, sampling))
 
-    table = markdown_table(results)
-    files = {
-        "markdown": out / "compare.md",
-        "json": out / "compare.json",
-        "plot": out / "compare.png",
-    }
     settings = {
         "data": str(data),
         "tokenizer": tokenizer,
@@ -319,10 +253,148 @@ def compare(
         "train_tokens": len(train_ids),
         "val_tokens": len(val_ids),
     }
+    table = markdown_table(results)
+    return CompareResult(results, out, table, write_comparison(results, table, settings, out))
+
+
+def resolve_models(models: str | Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Model names (a list, or one comma-separated string) -> {label: model spec}.
+
+    Raises ConfigError for no model, an unknown one or one named twice.
+    """
+    names = [m.strip() for m in models.split(",")] if isinstance(models, str) else list(models)
+    names = [m for m in names if m]
+    if not names:
+        raise ConfigError("models is empty; give at least one, e.g. 'ngram,lstm,gpt'")
+    specs = dict(resolve_model(m) for m in names)
+    if len(specs) != len(names):
+        raise ConfigError(f"models={names} names a model twice")
+    return specs
+
+
+def train_config(
+    plan: Budget,
+    run_dir: Path,
+    batch_size: int,
+    seq_len: int,
+    lr: float,
+    seed: int,
+    eval_interval: int | None,
+    progress: bool,
+) -> TrainConfig:
+    """The trainer's settings for one model of the comparison, from scratch.
+
+    A token budget is a number of steps with warmup and cosine decay to lr/10, evaluated
+    every tenth of the run; a time budget runs at a constant lr until the time is up,
+    evaluated every 100 steps. Only the final checkpoint is kept.
+    """
+    if plan.kind == "tokens":
+        max_steps = max(1, int(plan.value) // (batch_size * seq_len))
+        time_budget_s = None
+        default_interval = max(1, max_steps // 10)
+    else:
+        max_steps, time_budget_s, default_interval = 10**9, plan.value, 100
+    interval = eval_interval or default_interval
+    return TrainConfig(
+        out_dir=str(run_dir),
+        max_steps=max_steps,
+        time_budget_s=time_budget_s,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lr=lr,
+        min_lr=lr / 10,
+        lr_schedule="cosine" if plan.kind == "tokens" else "constant",
+        warmup_steps=min(100, max(max_steps // 10, 1)),
+        eval_interval=interval,
+        eval_batches=10,
+        ckpt_interval=10**9,  # only the final checkpoint
+        keep_last=1,
+        log_interval=min(10, interval),
+        seed=seed,
+        resume="never",
+        progress=progress,
+    )
+
+
+@dataclass(frozen=True)
+class Run:
+    """Where and how one model's training (or fitting) went."""
+
+    run_dir: Path
+    steps: int
+    """Optimizer steps (0 for the n-gram, which is fitted)."""
+    wall_time_s: float
+    tokens_per_s: float
+    curve: list[tuple[float, float]]
+    """(wall-clock seconds, validation loss) of every evaluation during training."""
+
+
+def fit_ngram(model: nn.Module, train_ids: np.ndarray, tok: Any, run_dir: Path) -> Run:
+    """Fit the count-based model to the training ids (timed) and save it as a checkpoint."""
+    t0 = time.perf_counter()
+    model.fit(train_ids.astype(np.int64))  # a writable copy of the memmap
+    fit_s = time.perf_counter() - t0
+    save_checkpoint(run_dir / "checkpoint", model, tok, extra_config={"fit_s": fit_s})
+    return Run(run_dir, 0, fit_s, len(train_ids) / max(fit_s, 1e-9), [])
+
+
+def train_model(
+    model: nn.Module, train_ids: np.ndarray, val_ids: np.ndarray, tok: Any, config: TrainConfig
+) -> Run:
+    """Train ``model`` with the lmlab trainer; its curve comes from the run's metrics."""
+    trained = train_loop(model, train_ids, val_ids, config, tokenizer=tok)
+    run_dir = Path(config.out_dir)
+    curve = eval_curve(run_dir / "metrics.jsonl")
+    return Run(run_dir, trained.step, trained.wall_time_s, trained.tokens_per_s, curve)
+
+
+def evaluate(
+    name: str,
+    spec: dict[str, Any],
+    model: nn.Module,
+    run: Run,
+    val_ids: np.ndarray,
+    tok: Any,
+    seq_len: int,
+    prompt: str,
+    sampling: SamplingParams,
+) -> ModelResult:
+    """Score a trained model on the whole validation split (windows of ``seq_len`` tokens,
+    or its context if shorter) and sample a continuation of ``prompt``."""
+    size, unit = model_size(model)
+    context = getattr(model.config, "max_seq_len", None) or seq_len
+    window = min(seq_len, context)
+    loss = token_nll(model, val_ids, stride=window, context=window).mean().item()
+    sample = generate_text(model, tok, prompt, sampling)
+    return ModelResult(
+        name=name,
+        spec=spec,
+        size=size,
+        size_unit=unit,
+        steps=run.steps,
+        wall_time_s=run.wall_time_s,
+        tokens_per_s=run.tokens_per_s,
+        val_loss=loss,
+        val_perplexity=math.exp(loss) if loss < 700 else math.inf,
+        sample=sample,
+        run_dir=str(run.run_dir),
+        curve=[(run.wall_time_s, loss)] if spec["family"] == "ngram" else run.curve,
+    )
+
+
+def write_comparison(
+    results: list[ModelResult], table: str, settings: dict[str, Any], out: Path
+) -> dict[str, Path]:
+    """Write compare.md (table and samples), compare.json and compare.png under ``out``."""
+    files = {
+        "markdown": out / "compare.md",
+        "json": out / "compare.json",
+        "plot": out / "compare.png",
+    }
     files["markdown"].write_text(markdown_report(results, table, settings), encoding="utf-8")
     atomic_write_json(files["json"], {**settings, "models": [asdict(r) for r in results]})
     plot_curves(results, files["plot"])
-    return CompareResult(results, out, table, files)
+    return files
 
 
 def eval_curve(metrics_path: Path) -> list[tuple[float, float]]:

@@ -14,6 +14,7 @@ from lmlab.align.dpo import (
     collate_pairs,
     dpo,
     encode_pairs,
+    last_metrics,
     precompute_reference,
     reply_kl,
     sequence_logps,
@@ -183,7 +184,7 @@ def test_dpo_learns_to_prefer_the_chosen_replies(setup, method):
         val_data=str(setup / "val.jsonl"),
         beta=0.5,
         method=method,
-        lora_targets=("q_proj", "v_proj", "up_proj", "down_proj"),
+        lora=LoRAConfig(targets=("q_proj", "v_proj", "up_proj", "down_proj")),
         config=config(setup, f"learn-{method}", lr=lr),
     )
     first = result.train.train_losses[0][1]
@@ -302,6 +303,20 @@ def test_dpo_resume_is_exact(setup, precompute):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_last_metrics_are_the_last_train_and_eval_events(tmp_path):
+    events = [
+        {"event": "train", "step": 1, "loss": 0.7, "margin": 0.0, "lr": 1e-3},
+        {"event": "eval", "step": 1, "val_loss": 0.69, "val_kl": 0.01},
+        {"event": "train", "step": 2, "loss": 0.6, "margin": 0.2, "reward_accuracy": 1.0},
+        {"event": "checkpoint", "step": 2, "path": "x"},
+    ]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+    last, val = last_metrics(path)
+    assert last == {"step": 2, "loss": 0.6, "margin": 0.2, "reward_accuracy": 1.0}
+    assert val == {"step": 1, "val_loss": 0.69, "val_kl": 0.01}
 
 
 def test_cli_dpo_prints_a_summary_and_bad_data_is_one_line(setup, tmp_path, capsys):

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 
@@ -19,6 +20,7 @@ from lmlab.align.rl import (
 from lmlab.api import LM
 from lmlab.data.tokenizers import CharTokenizer
 from lmlab.errors import CheckpointError, ConfigError
+from lmlab.finetune import LoRAConfig
 from lmlab.models import build_model, get_preset
 
 # ----------------------------------------------------------------------------- the maths
@@ -221,7 +223,7 @@ def test_ppo_learns_an_easy_reward_with_finite_kl(tmp_path, estimator):
 def test_lr_zero_leaves_the_policy_unchanged_and_kl_zero(tmp_path, method):
     lm = tiny_lm()
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    config = small_config(tmp_path, lr=0.0, method=method, iterations=2, lora_r=2)
+    config = small_config(tmp_path, lr=0.0, method=method, iterations=2, lora=LoRAConfig(r=2))
     result = ppo(lm, PROMPTS, starts_with_a, config)
     for record in result.metrics:
         assert record["kl"] == 0.0 and record["approx_kl"] == 0.0
@@ -240,7 +242,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, metho
     # Exact resume (RELIABILITY item 1): 4 iterations straight vs Ctrl-C during the rollout
     # of iteration 3 (a checkpoint is saved at 2), then resume -> the same metrics and
     # bit-identical final weights and value head.
-    extra = dict(method=method, lora_r=2, lr=1e-2, checkpoint_every=3, kl_target=1.0)
+    extra = dict(method=method, lora=LoRAConfig(r=2), lr=1e-2, checkpoint_every=3, kl_target=1.0)
     straight = ppo(tiny_lm(), PROMPTS, starts_with_a, small_config(tmp_path / "a", **extra))
 
     calls = []
@@ -304,6 +306,16 @@ def test_bad_config_values_name_the_field(field, value):
         PPOConfig(**{field: value})
 
 
+def test_the_recorded_config_rebuilds_the_same_config(tmp_path):
+    """config.json and every checkpoint record ``asdict(config)``: read back from JSON, the
+    nested LoRA settings become a LoRAConfig again."""
+    config = small_config(tmp_path, method="lora", lora=LoRAConfig(r=2, targets=("q_proj",)))
+    record = json.loads(json.dumps(dataclasses.asdict(config)))
+    assert PPOConfig(**record) == config
+    with pytest.raises(ConfigError, match="LoRAConfig.r=0"):
+        PPOConfig(lora={"r": 0})
+
+
 def test_rloo_needs_two_samples_per_prompt():
     with pytest.raises(ConfigError, match="'rloo' needs samples_per_prompt >= 2"):
         PPOConfig(advantage_estimator="rloo", samples_per_prompt=1)
@@ -359,11 +371,14 @@ def test_cli_ppo_runs_on_task_rows(tmp_path, capsys):
     flags = [
         "--ppo.iterations", "1", "--ppo.batch_size", "2", "--ppo.max_new_tokens", "2",
         "--ppo.method", "full", "--ppo.chat_template", "false", "--ppo.progress", "false",
+        "--ppo.lora.r", "2", "--ppo.lora.targets", "[q_proj]",
         "--ppo.out_dir", str(tmp_path / "run"),
     ]  # fmt: skip
     assert main(args + flags) == 0
     out = capsys.readouterr().out
     assert "PPO: 1 iterations" in out and str(tmp_path / "run" / "model") in out
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert recorded["lora"] == {"r": 2, "alpha": 16.0, "dropout": 0.0, "targets": ["q_proj"]}
     assert main(args + ["--reward", "rm_dir"] + flags) == 2
     assert "neither 'task' nor a reward-model directory" in capsys.readouterr().err
 

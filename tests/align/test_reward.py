@@ -22,6 +22,7 @@ from lmlab.data.instructions import EncodedExample, collate
 from lmlab.data.preferences import PreferencePair, load_preferences, write_preferences
 from lmlab.data.tasks import generate_tasks
 from lmlab.errors import CheckpointError
+from lmlab.finetune import LoRAConfig
 from lmlab.models import build_model, get_preset
 from lmlab.train import TrainConfig
 
@@ -129,7 +130,7 @@ def test_reward_model_with_lora_trains_the_head_and_the_adapter(setup):
         str(setup / "prefs.jsonl"),
         val_data=str(setup / "val.jsonl"),
         method="lora",
-        lora_targets=("q_proj", "v_proj", "up_proj", "down_proj"),
+        lora=LoRAConfig(targets=("q_proj", "v_proj", "up_proj", "down_proj")),
         config=config(setup, "lora", lr=1e-2),
     )
     assert result.accuracy_after >= 0.8, result.accuracy_after

@@ -1,5 +1,7 @@
 """``finetune`` and ``lmlab finetune`` end to end on a tiny model and a bundled task."""
 
+import json
+
 import pytest
 import torch
 
@@ -84,9 +86,13 @@ def test_cli_finetune_prints_a_summary(setup, capsys):
     argv = ["finetune", "--model", str(setup / "base"), "--data", str(setup / "tasks.jsonl")]
     argv += ["--method", "lora", "--max_len", "64", "--train.out_dir", str(setup / "cli")]
     argv += ["--train.max_steps", "4", "--train.eval_interval", "2", "--train.progress", "false"]
+    argv += ["--lora.r", "4", "--lora.targets", "[q_proj,k_proj]"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "lora: trained" in out and "adapter:" in out and "model:" in out
+    adapter = json.loads((setup / "cli" / "adapter" / "adapter_config.json").read_text())
+    names = {target.rsplit(".", 1)[-1] for target in adapter["targets"]}
+    assert adapter["r"] == 4 and names == {"q_proj", "k_proj"}
 
 
 def test_unknown_method_and_bad_data_are_one_line_errors(setup, tmp_path, capsys):

@@ -85,6 +85,23 @@ def test_example_batches_are_deterministic_and_resumable():
     assert all(torch.equal(x, y) for x, y in zip(rest, [c.next_batch()["ids"] for _ in range(3)]))
 
 
+def test_example_batches_take_their_collate_function():
+    """Preference pairs (or anything) batch through the same resumable sampler."""
+
+    def as_ids(items, pad_id):
+        return {"ids": torch.tensor(items) + pad_id}
+
+    a = ExampleBatches(list(range(10)), 4, seed=3, pad_id=100, collate_fn=as_ids)
+    first = a.next_batch()["ids"]
+    assert len(set(first.tolist())) == 4 and all(100 <= i < 110 for i in first.tolist())
+    state = a.state_dict()
+    b = ExampleBatches(list(range(10)), 4, seed=3, pad_id=100, collate_fn=as_ids)
+    b.load_state_dict(state)
+    assert torch.equal(a.next_batch()["ids"], b.next_batch()["ids"])
+    val = fixed_batches(list(range(5)), 2, 0, collate_fn=as_ids)
+    assert [v["ids"].tolist() for v in val] == [[0, 1], [2, 3], [4]]
+
+
 def settings(tmp_path, name, **kw):
     base = dict(
         out_dir=str(tmp_path / name),

@@ -72,7 +72,7 @@ CASES |= {
         for k in ("llama", "mistral", "qwen2")
     },
     "peft-lora": lambda tmp_path: apply_lora(transformer(), LoRAConfig(r=2, targets=("q_proj",))),
-    "peft-qlora": lambda tmp_path: prepare_method(transformer(), "qlora", lora_r=2),
+    "peft-qlora": lambda tmp_path: prepare_method(transformer(), "qlora", LoRAConfig(r=2)),
     "peft-adapter": lambda tmp_path: apply_adapters(transformer(), bottleneck=4),
     "peft-prompt": lambda tmp_path: PromptTuning(transformer(), n_tokens=3),
     "peft-prefix": lambda tmp_path: PrefixTuning(transformer(), n_tokens=3),

@@ -23,7 +23,7 @@ beta * log(pi / pi_ref) of chosen and rejected replies, their margin and the rew
 accuracy (chosen reward > rejected reward); validation the same (``val_`` prefix), plus
 ``val_kl``: the mean per-token KL(pi || pi_ref) of the next-token distributions over the
 validation replies, chosen and rejected (``reply_kl``), how far the policy has drifted.
-``dpo.png`` plots them. At the end the model is written like ``finetune`` does.
+``dpo.png`` plots them (``lmlab.align.plots``). At the end the model is written like ``finetune`` does.
 Parity of the loss with TRL: ``tests/align/test_losses.py``.
 """
 
@@ -41,8 +41,7 @@ import torch
 from torch import nn
 
 from lmlab.align.losses import PairStats, dpo_loss
-from lmlab.checkpoint.hf import save_chat_template
-from lmlab.checkpoint.io import save_checkpoint
+from lmlab.align.plots import plot_dpo
 from lmlab.data.instructions import (
     IGNORE,
     EncodedExample,
@@ -52,13 +51,13 @@ from lmlab.data.instructions import (
     template_for,
 )
 from lmlab.data.preferences import PreferencePair, load_preferences
-from lmlab.errors import ConfigError, DataError, closest
-from lmlab.finetune import save_adapter, trainable_parameters, unload_lora
-from lmlab.finetune.lora import disabled_lora
-from lmlab.finetune.run import prepare_method, share, written_lines
-from lmlab.finetune.sft import ExampleBatches
-from lmlab.lm import load
-from lmlab.train import Supervised, TrainConfig, TrainResult, train
+from lmlab.errors import ConfigError, DataError
+from lmlab.finetune import trainable_parameters
+from lmlab.finetune.lora import LoRAConfig, disabled_lora
+from lmlab.finetune.run import check_method, prepare_method, write_tuned_model
+from lmlab.finetune.sft import supervised_data
+from lmlab.lm import LM, load
+from lmlab.train import TrainConfig, TrainResult, train
 from lmlab.train.metrics import read_metrics
 
 log = logging.getLogger(__name__)
@@ -130,27 +129,6 @@ def collate_pairs(pairs: Sequence[EncodedPair], pad_id: int) -> dict[str, torch.
         refs = [p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs]
         batch["ref_logps"] = torch.tensor(refs, dtype=torch.float32)
     return batch
-
-
-class PairBatches(ExampleBatches):
-    """Shuffled batches of pairs, resumable at ``(epoch, index)`` like ``ExampleBatches``."""
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        if self.index + self.batch_size > len(self.examples):
-            self.epoch, self.index = self.epoch + 1, 0
-            self._order = self._permutation(self.epoch)
-        picked = self._order[self.index : self.index + self.batch_size].tolist()
-        self.index += self.batch_size
-        return collate_pairs([self.examples[i] for i in picked], self.pad_id)
-
-
-def fixed_pair_batches(
-    pairs: Sequence[EncodedPair], batch_size: int, pad_id: int
-) -> list[dict[str, torch.Tensor]]:
-    """Validation batches: every pair, in order."""
-    return [
-        collate_pairs(pairs[i : i + batch_size], pad_id) for i in range(0, len(pairs), batch_size)
-    ]
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -331,13 +309,6 @@ class DPOResult:
     """The tuned model (LoRA merged) with its tokenizer and chat template, ready to generate."""
 
 
-def _check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ConfigError(
-            f"method={method!r} is not one of {', '.join(METHODS)}{closest(str(method), METHODS)}"
-        )
-
-
 def dpo(
     model: str = "smollm2",
     data: str = "prefs.jsonl",
@@ -350,9 +321,7 @@ def dpo(
     reference: str | None = None,
     precompute_reference_logps: bool = True,
     max_len: int = 256,
-    lora_r: int = 8,
-    lora_alpha: float = 16.0,
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    lora: LoRAConfig = LoRAConfig(),
     config: TrainConfig | None = None,
     callbacks: Sequence[Callable[[dict[str, Any]], None]] | None = None,
 ) -> DPOResult:
@@ -374,41 +343,25 @@ def dpo(
             training (default) instead of at every step.
         max_len: conversations are cut to this many tokens (a pair left with no reply token
             is skipped with a warning).
-        lora_r, lora_alpha, lora_targets: LoRA's rank, scale and target layers.
+        lora: LoRA's rank, scale, dropout and target layers (method "lora").
         config: the trainer's settings (out_dir, max_steps, lr, batch_size = pairs per step).
         callbacks: called with every logged event (see ``lmlab.train.train``).
     """
     config = config or TrainConfig(out_dir="runs/dpo", max_steps=200, lr=5e-6, min_lr=5e-7)
-    _check_method(method)
+    check_method(method, METHODS)
     if label_smoothing and loss_type != "sigmoid":
         raise ConfigError(f"label_smoothing={label_smoothing} applies to loss_type='sigmoid' only")
     loss_fn = DPOLoss(beta, loss_type, label_smoothing, rpo_alpha=rpo_alpha)
     lm = load(model, dtype="float32", keep_quantized=False)
-    template = template_for(lm.tokenizer, lm.chat_template)
     pad_id = lm.tokenizer.eos_id if lm.tokenizer.eos_id is not None else 0
-    train_pairs, skipped = encode_pairs(load_preferences(data), lm.tokenizer, template, max_len)
-    if not train_pairs:
-        raise DataError(f"{data}: no usable preference pair (every one was skipped)")
-    val_pairs: list[EncodedPair] = []
-    if val_data is not None:
-        val_pairs, val_skipped = encode_pairs(
-            load_preferences(val_data), lm.tokenizer, template, max_len
-        )
-        skipped += val_skipped
+    train_pairs, val_pairs, skipped = load_pairs(lm, data, val_data, max_len)
 
     net = lm.model.train()
-    ref_model = None
-    if reference is not None:
-        ref_model = load(reference, dtype="float32", keep_quantized=False).model
-    elif method == "full" and not precompute_reference_logps:
-        ref_model = copy.deepcopy(net)
-    if ref_model is not None:
-        ref_model = ref_model.to(next(net.parameters()).device).eval().requires_grad_(False)
-    net = prepare_method(net, method, lora_r, lora_alpha, lora_targets)
+    ref_model = reference_model(net, reference, method, precompute_reference_logps)
+    net = prepare_method(net, method, lora)
     if precompute_reference_logps:
         # Before any update, the policy (LoRA off, or the untouched weights) is the reference.
-        average = loss_type == "ipo"
-        size = config.batch_size
+        average, size = loss_type == "ipo", config.batch_size
         train_pairs = precompute_reference(net, train_pairs, size, pad_id, average, ref_model)
         val_pairs = precompute_reference(net, val_pairs, size, pad_id, average, ref_model)
         ref_model = None
@@ -418,104 +371,63 @@ def dpo(
     # fine-tune or a separate reference keeps no reference weights to compare with.
     loss_fn.track_kl = ref_model is not None or (method == "lora" and reference is None)
     trainable, total, _ = trainable_parameters(net)
-    supervised = Supervised(
-        PairBatches(train_pairs, config.batch_size, config.seed, pad_id),
-        loss_fn,
-        fixed_pair_batches(val_pairs, config.batch_size, pad_id) if val_pairs else None,
-    )
+    supervised = supervised_data(train_pairs, val_pairs, loss_fn, config, pad_id, collate_pairs)
     result = train(
         net, None, None, config, tokenizer=lm.tokenizer, supervised=supervised, callbacks=callbacks
     )
 
     out = Path(config.out_dir)
-    done = DPOResult(
-        result,
-        method,
-        trainable,
-        total,
-        {"train": len(train_pairs), "val": len(val_pairs), "skipped": skipped},
-        out,
-        lm=lm,
-    )
-    records = read_metrics(out / "metrics.jsonl")
-    trains = [r for r in records if r.get("event") == "train"]
-    evals = [r for r in records if r.get("event") == "eval"]
-    keep = ("step", "loss", *METRICS)
-    done.last = {k: trains[-1][k] for k in keep if trains and k in trains[-1]}
-    val_keep = ("step", "val_loss", *(f"val_{k}" for k in METRICS))
-    done.val = {k: evals[-1][k] for k in val_keep if evals and k in evals[-1]}
+    counts = {"train": len(train_pairs), "val": len(val_pairs), "skipped": skipped}
+    done = DPOResult(result, method, trainable, total, counts, out, lm=lm)
+    done.last, done.val = last_metrics(out / "metrics.jsonl")
     done.plot = out / "dpo.png"
     plot_dpo(out / "metrics.jsonl", done.plot)
-    _write_model(done, net, lm, method)
+    done.adapter_dir, done.model_dir = write_tuned_model(net, lm, out, method)
     return done
 
 
-def _write_model(done: DPOResult, net: nn.Module, lm: Any, method: str) -> None:
+def load_pairs(
+    lm: LM, data: str, val_data: str | None, max_len: int
+) -> tuple[list[EncodedPair], list[EncodedPair], int]:
+    """The training and validation pairs, encoded with ``lm``'s tokenizer and chat template,
+    and how many of both were skipped. Raises DataError when no training pair is usable."""
+    template = template_for(lm.tokenizer, lm.chat_template)
+    train_pairs, skipped = encode_pairs(load_preferences(data), lm.tokenizer, template, max_len)
+    if not train_pairs:
+        raise DataError(f"{data}: no usable preference pair (every one was skipped)")
+    val_pairs: list[EncodedPair] = []
+    if val_data is not None:
+        val_pairs, val_skipped = encode_pairs(
+            load_preferences(val_data), lm.tokenizer, template, max_len
+        )
+        skipped += val_skipped
+    return train_pairs, val_pairs, skipped
 
-    if method == "lora":
-        done.adapter_dir = done.out_dir / "adapter"
-        save_adapter(net, done.adapter_dir)
-        net = unload_lora(net, merge=True)
-    lm.model = net.eval()
-    done.model_dir = done.out_dir / "model"
-    save_checkpoint(done.model_dir, net, tokenizer=lm.tokenizer)
-    if lm.chat_template is not None:
-        save_chat_template(lm.chat_template, done.model_dir)
+
+def reference_model(
+    net: nn.Module, reference: str | None, method: str, precompute: bool
+) -> nn.Module | None:
+    """The frozen reference kept beside the policy ``net``: the ``reference`` model when one
+    is named, a copy of ``net`` for a full fine-tune computing it live, else None (the
+    reference is then ``net`` itself with its LoRA update off, or precomputed)."""
+    ref_model = None
+    if reference is not None:
+        ref_model = load(reference, dtype="float32", keep_quantized=False).model
+    elif method == "full" and not precompute:
+        ref_model = copy.deepcopy(net)
+    if ref_model is None:
+        return None
+    return ref_model.to(next(net.parameters()).device).eval().requires_grad_(False)
 
 
-def plot_dpo(metrics_path: str | Path, png_path: str | Path) -> None:
-    """Implicit rewards, margin and reward accuracy (train and validation) and the
-    validation KL to the reference, against step."""
-    from matplotlib.figure import Figure  # deferred: slow to import, only for plots
-
+def last_metrics(metrics_path: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """The last logged training metrics (step, loss, rewards, margin, reward accuracy) and
+    the last validation ones (their ``val_`` forms), from a run's metrics.jsonl."""
     records = read_metrics(metrics_path)
-    fig = Figure(figsize=(15, 3.5), dpi=100)
-    axes = fig.subplots(1, 4)
-    panels = [
-        (("rewards_chosen", "rewards_rejected"), "implicit reward (beta log ratio)"),
-        (("margin",), "reward margin (chosen - rejected)"),
-        (("reward_accuracy",), "reward accuracy"),
-        (("kl",), "KL to the reference (nats per reply token)"),
-    ]
-    for ax, (keys, title) in zip(axes, panels):
-        for key in keys:
-            for event, prefix, style in (("train", "", "-"), ("eval", "val_", "o--")):
-                points = [
-                    (r["step"], r[prefix + key])
-                    for r in records
-                    if r.get("event") == event and r.get(prefix + key) is not None
-                ]
-                if points:
-                    label = f"{'validation' if prefix else 'train'} {key.replace('rewards_', '')}"
-                    ax.plot(*zip(*points), style, label=label, markersize=3, linewidth=1)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if ax.get_lines():
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png_path)
-
-
-def run_summary(result: DPOResult) -> list[str]:
-    """Lines the CLI prints."""
-    r = result.train
-    lines = [
-        f"dpo ({result.method}): trained {share(result.trainable, result.total)} for "
-        f"{r.step} steps in {r.wall_time_s:.0f} s",
-        f"pairs: {result.pairs['train']} train, {result.pairs['val']} validation, "
-        f"{result.pairs['skipped']} skipped",
-    ]
-    if result.last:
-        lines.append(
-            "last step: loss {loss:.4f}, margin {margin:.4f}, reward accuracy "
-            "{reward_accuracy:.2f}".format(**{k: float("nan") for k in METRICS} | result.last)
-        )
-    if result.val:
-        v = result.val
-        lines.append(
-            f"validation: loss {v.get('val_loss', float('nan')):.4f}, reward accuracy "
-            f"{v.get('val_reward_accuracy', float('nan')):.2f} (held-out pairs)"
-            + (f", KL to the reference {v['val_kl']:.4f} nats/token" if "val_kl" in v else "")
-        )
-    return lines + written_lines(result.adapter_dir, result.model_dir, result.plot)
+    trains = [r for r in records if r.get("event") == "train"]
+    evals = [r for r in records if r.get("event") == "eval"]
+    keep = ("step", "loss", *METRICS)
+    last = {k: trains[-1][k] for k in keep if trains and k in trains[-1]}
+    val_keep = ("step", "val_loss", *(f"val_{k}" for k in METRICS))
+    val = {k: evals[-1][k] for k in val_keep if evals and k in evals[-1]}
+    return last, val

@@ -27,7 +27,7 @@ temperature-scaled distribution the rollout sampled from (top-p truncation is no
 modelled, as in TRL).
 
 ``out_dir`` gets ``metrics.jsonl`` (one ``"ppo"`` event per iteration), ``ppo.png``
-(score and KL against iteration), ``checkpoints/`` (atomic, every ``checkpoint_every``
+(score and KL against iteration, ``lmlab.align.plots``), ``checkpoints/`` (atomic, every ``checkpoint_every``
 iterations and on Ctrl-C; ``resume=True`` continues exactly: policy, value head, optimizer,
 KL controller, shuffling generator, prompt order and counter), ``adapter/`` for LoRA and
 ``model/`` (an lmlab checkpoint, LoRA merged in, loadable by ``lmlab.load``).
@@ -53,6 +53,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmlab.align.heads import hidden_size, logits_and_hidden
+from lmlab.align.plots import plot_ppo
 from lmlab.align.reward import load_reward_model
 from lmlab.align.rl import (
     KL_KINDS,
@@ -68,7 +69,6 @@ from lmlab.align.rl import (
     value_loss,
     whiten,
 )
-from lmlab.checkpoint.hf import save_chat_template
 from lmlab.checkpoint.io import (
     checkpoint_dir,
     latest_checkpoint,
@@ -82,7 +82,8 @@ from lmlab.data.instructions import example_from_row, read_rows, template_for
 from lmlab.data.tasks import check
 from lmlab.errors import CheckpointError, ConfigError, DataError, closest
 from lmlab.fileio import atomic_write_json
-from lmlab.finetune import LoRAConfig, apply_lora, disabled_lora, save_adapter, unload_lora
+from lmlab.finetune import LoRAConfig, apply_lora, disabled_lora
+from lmlab.finetune.run import write_tuned_model
 from lmlab.generate import SamplingParams, generate
 from lmlab.lm import LM, load
 from lmlab.models.contract import require_gradients
@@ -145,12 +146,8 @@ class PPOConfig:
     """Log the policy's mean per-token entropy on the rollouts."""
     method: Literal["full", "lora"] = "lora"
     """Train every weight (reference = a frozen copy) or LoRA (reference = LoRA off)."""
-    lora_r: int = 8
-    """LoRA rank."""
-    lora_alpha: float = 16.0
-    """LoRA scale (the update is multiplied by alpha / r)."""
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-    """Linear layers LoRA adapts."""
+    lora: LoRAConfig = LoRAConfig()
+    """LoRA's rank, scale, dropout and target layers (method "lora")."""
     chat_template: bool = True
     """Ask each prompt as one user turn of the model's chat template (or the plain one);
     False feeds the prompt text to the model as it is."""
@@ -173,10 +170,8 @@ class PPOConfig:
     """Show a progress bar."""
 
     def __post_init__(self):
-        if isinstance(self.lora_targets, (list, str)):
-            targets = self.lora_targets
-            targets = (targets,) if isinstance(targets, str) else tuple(targets)
-            object.__setattr__(self, "lora_targets", targets)
+        if isinstance(self.lora, Mapping):  # from JSON (a checkpoint's config record)
+            object.__setattr__(self, "lora", LoRAConfig(**self.lora))
         positive_ints = (
             "batch_size",
             "samples_per_prompt",
@@ -184,7 +179,6 @@ class PPOConfig:
             "ppo_epochs",
             "minibatch_size",
             "kl_horizon",
-            "lora_r",
             "iterations",
             "checkpoint_every",
             "keep_last",
@@ -204,7 +198,6 @@ class PPOConfig:
             "clip_eps": (self.clip_eps, "in (0, 1)", lambda v: 0 < v < 1),
             "gamma": (self.gamma, "in [0, 1]", lambda v: 0 <= v <= 1),
             "lam": (self.lam, "in [0, 1]", lambda v: 0 <= v <= 1),
-            "lora_alpha": (self.lora_alpha, "> 0", lambda v: v > 0),
         }
         for name, (value, allowed, ok) in checks.items():
             if not _real(value) or not ok(value):
@@ -446,10 +439,7 @@ class _Run:
             torch.manual_seed(config.seed)
             if config.method == "lora":
                 self.reference = None
-                targets = tuple(config.lora_targets)
-                apply_lora(
-                    net, LoRAConfig(r=config.lora_r, alpha=config.lora_alpha, targets=targets)
-                )
+                apply_lora(net, config.lora)
             else:
                 self.reference = copy.deepcopy(net).eval().requires_grad_(False)
                 net.requires_grad_(True)
@@ -549,7 +539,10 @@ class _Run:
         )
         result.plot = self.out_dir / "ppo.png"
         plot_ppo(records, result.plot)
-        self._write_model(result)
+        result.adapter_dir, result.model_dir = write_tuned_model(
+            self.model, self.lm, self.out_dir, self.config.method
+        )
+        result.lm = self.lm
         return result
 
     def _rollout(self) -> dict[str, Any]:
@@ -755,19 +748,6 @@ class _Run:
                 f"(different method or settings?): {e}"
             ) from e
 
-    def _write_model(self, result: PPOResult) -> None:
-
-        net = self.model
-        if self.config.method == "lora":
-            result.adapter_dir = save_adapter(net, self.out_dir / "adapter")
-            net = unload_lora(net, merge=True)
-        self.lm.model = net.eval()
-        result.lm = self.lm
-        result.model_dir = self.out_dir / "model"
-        save_checkpoint(result.model_dir, net, tokenizer=self.tokenizer)
-        if self.lm.chat_template is not None:
-            save_chat_template(self.lm.chat_template, result.model_dir)
-
 
 @torch.no_grad()
 def _fingerprint(model: nn.Module) -> list[float]:
@@ -786,29 +766,10 @@ def _step_of(checkpoint: Path) -> int:
     return int(checkpoint.name.removeprefix("step-"))
 
 
-def plot_ppo(records: list[dict[str, Any]], png_path: str | Path) -> None:
-    """Mean score and KL to the reference against iteration, saved as a PNG."""
-    from matplotlib.figure import Figure  # deferred: slow to import, only for plots
-
-    fig = Figure(figsize=(6, 4), dpi=100)
-    ax = fig.add_subplot()
-    steps = [r["step"] for r in records]
-    ax.plot(steps, [r["score"] for r in records], "o-", color="C0", markersize=3)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("mean score", color="C0")
-    ax.grid(alpha=0.3)
-    twin = ax.twinx()
-    twin.plot(steps, [r["kl"] for r in records], "s--", color="C1", markersize=3)
-    twin.set_ylabel("KL to the reference (nats per sequence)", color="C1")
-    fig.tight_layout()
-    fig.savefig(png_path)
-
-
 __all__ = [
     "PPOConfig",
     "PPOResult",
     "PromptOrder",
-    "plot_ppo",
     "ppo",
     "ppo_from_files",
     "row_prompt",

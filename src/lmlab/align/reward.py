@@ -33,13 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.align.dpo import (
-    EncodedPair,
-    PairBatches,
-    encode_pairs,
-    fixed_pair_batches,
-    prompt_messages,
-)
+from lmlab.align.dpo import collate_pairs, load_pairs, prompt_messages
 from lmlab.align.heads import hidden_size
 from lmlab.align.losses import PairStats
 from lmlab.checkpoint.hf import save_chat_template
@@ -47,12 +41,13 @@ from lmlab.checkpoint.io import load_weights, read_config, resolve_checkpoint, s
 from lmlab.data.instructions import EncodedExample, Example, collate, encode_example, template_for
 from lmlab.data.preferences import PreferencePair, Prompt, load_preferences
 from lmlab.data.tokenizers import load_tokenizer
-from lmlab.errors import CheckpointError, ConfigError, DataError, closest
-from lmlab.finetune import unload_lora
-from lmlab.finetune.run import prepare_method
+from lmlab.errors import CheckpointError, DataError
+from lmlab.finetune import LoRAConfig, unload_lora
+from lmlab.finetune.run import check_method, prepare_method
+from lmlab.finetune.sft import supervised_data
 from lmlab.lm import load, template_beside
 from lmlab.models import build_model
-from lmlab.train import Supervised, TrainConfig, TrainResult, train
+from lmlab.train import TrainConfig, TrainResult, train
 
 log = logging.getLogger(__name__)
 
@@ -226,9 +221,7 @@ def train_reward_model(
     val_data: str | None = None,
     method: Literal["full", "lora"] = "full",
     max_len: int = 256,
-    lora_r: int = 8,
-    lora_alpha: float = 16.0,
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    lora: LoRAConfig = LoRAConfig(),
     config: TrainConfig | None = None,
 ) -> RewardResult:
     """Train a reward model on preference pairs (Bradley-Terry) and save it.
@@ -239,37 +232,25 @@ def train_reward_model(
         val_data: held-out pairs: validation loss during training, accuracy at the end.
         method: "full" (every weight) or "lora" (LoRA on the trunk; the head trains fully).
         max_len: conversations are cut to this many tokens.
-        lora_r, lora_alpha, lora_targets: LoRA's rank, scale and target layers.
+        lora: LoRA's rank, scale, dropout and target layers (method "lora").
         config: the trainer's settings (out_dir, max_steps, lr, batch_size = pairs per step).
 
     Writes ``out_dir/checkpoints`` (resumable) and ``out_dir/model`` (``load_reward_model``).
     """
-    if method not in METHODS:
-        raise ConfigError(
-            f"method={method!r} is not one of {', '.join(METHODS)}{closest(str(method), METHODS)}"
-        )
+    check_method(method, METHODS)
     config = config or TrainConfig(out_dir="runs/reward", max_steps=200, lr=1e-5, min_lr=1e-6)
     lm = load(model, dtype="float32", keep_quantized=False)
     rm = reward_model_from(lm)
-    template = template_for(lm.tokenizer, lm.chat_template)
     pad_id = rm._pad_id()
-    train_pairs, skipped = encode_pairs(load_preferences(data), lm.tokenizer, template, max_len)
-    if not train_pairs:
-        raise DataError(f"{data}: no usable preference pair (every one was skipped)")
+    train_pairs, val_pairs, skipped = load_pairs(lm, data, val_data, max_len)
     held_out = load_preferences(val_data) if val_data is not None else []
-    val_pairs: list[EncodedPair] = []
-    if held_out:
-        val_pairs, val_skipped = encode_pairs(held_out, lm.tokenizer, template, max_len)
-        skipped += val_skipped
     rm.max_len = max_len
 
-    net = prepare_method(rm.model.train(), method, lora_r, lora_alpha, lora_targets)
+    net = prepare_method(rm.model.train(), method, lora)
     net.lm_head.requires_grad_(True)  # the new head always trains
     before = reward_accuracy(rm, held_out) if held_out else None
-    supervised = Supervised(
-        PairBatches(train_pairs, config.batch_size, config.seed, pad_id),
-        RewardLoss(),
-        fixed_pair_batches(val_pairs, config.batch_size, pad_id) if val_pairs else None,
+    supervised = supervised_data(
+        train_pairs, val_pairs, RewardLoss(), config, pad_id, collate_pairs
     )
     result = train(net, None, None, config, tokenizer=lm.tokenizer, supervised=supervised)
     if method == "lora":
@@ -290,23 +271,3 @@ def train_reward_model(
         done.last = {"step": result.train_losses[-1][0], "loss": result.train_losses[-1][1]}
     done.model_dir = save_reward_model(rm, out / "model")
     return done
-
-
-def run_summary(result: RewardResult) -> list[str]:
-    """Lines the CLI prints."""
-    r = result.train
-    lines = [
-        f"reward model ({result.method}): {r.step} steps in {r.wall_time_s:.0f} s",
-        f"pairs: {result.pairs['train']} train, {result.pairs['val']} held out, "
-        f"{result.pairs['skipped']} skipped",
-    ]
-    if result.last:
-        lines.append(f"final training loss {result.last['loss']:.4f} (log 2 = 0.6931 at the start)")
-    if result.accuracy_after is not None:
-        lines.append(
-            f"held-out pairwise accuracy {result.accuracy_before:.3f} before -> "
-            f"{result.accuracy_after:.3f} after"
-        )
-    if result.model_dir:
-        lines.append(f"model: {result.model_dir} (lmlab.align.reward.load_reward_model)")
-    return lines

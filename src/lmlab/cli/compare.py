@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from jsonargparse import ArgumentParser
 
+from lmlab.cli.args import options
 from lmlab.compare import compare
 
 
@@ -13,13 +14,12 @@ def add_arguments(parser: ArgumentParser) -> None:
 
 
 def run(args) -> None:
-    options = {k: v for k, v in vars(args).items() if k not in ("config", "__path__")}
-    result = compare(**options)
+    result = compare(**options(args))
     print()
     print(result.table)
     print()
     for r in result.models:
-        print(f"{r.name}: {options['prompt']}{r.sample}".replace("\n", " ")[:120])
+        print(f"{r.name}: {args.prompt}{r.sample}".replace("\n", " ")[:120])
     print()
     print(
         f"saved: {result.files['markdown']} (table and samples), {result.files['json']}, "

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from jsonargparse import ArgumentParser
 
-from lmlab.align.dpo import dpo, run_summary
+from lmlab.align.dpo import dpo
+from lmlab.cli.args import options
+from lmlab.cli.summaries import dpo_summary
+from lmlab.finetune import LoRAConfig
 from lmlab.train import TrainConfig
 
 
@@ -22,7 +25,8 @@ def add_arguments(parser: ArgumentParser) -> None:
 
 
 def run(args) -> None:
-    options = {k: v for k, v in vars(args).items() if k not in ("train", "config", "__path__")}
-    result = dpo(**options, config=TrainConfig(**vars(args.train)))
-    for line in run_summary(result):
+    lora = LoRAConfig(**options(args.lora))
+    train = TrainConfig(**options(args.train))
+    result = dpo(**options(args, skip=("train", "lora")), lora=lora, config=train)
+    for line in dpo_summary(result):
         print(line)

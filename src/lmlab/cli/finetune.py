@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from jsonargparse import ArgumentParser
 
-from lmlab.finetune.run import finetune, run_summary
+from lmlab.cli.args import options
+from lmlab.cli.summaries import finetune_summary
+from lmlab.finetune import LoRAConfig
+from lmlab.finetune.run import finetune
 from lmlab.train import TrainConfig
 
 
@@ -17,7 +20,8 @@ def add_arguments(parser: ArgumentParser) -> None:
 
 
 def run(args) -> None:
-    options = {k: v for k, v in vars(args).items() if k not in ("train", "config", "__path__")}
-    result = finetune(**options, config=TrainConfig(**vars(args.train)))
-    for line in run_summary(result):
+    lora = LoRAConfig(**options(args.lora))
+    train = TrainConfig(**options(args.train))
+    result = finetune(**options(args, skip=("train", "lora")), lora=lora, config=train)
+    for line in finetune_summary(result):
         print(line)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from jsonargparse import ArgumentParser
 
-from lmlab.align.ppo import PPOConfig, PPOResult, ppo_from_files
-from lmlab.finetune.run import written_lines
+from lmlab.align.ppo import PPOConfig, ppo_from_files
+from lmlab.cli.args import options
+from lmlab.cli.summaries import ppo_summary
+from lmlab.finetune import LoRAConfig
 
 
 def add_arguments(parser: ArgumentParser) -> None:
@@ -13,21 +15,9 @@ def add_arguments(parser: ArgumentParser) -> None:
     parser.add_class_arguments(PPOConfig, "ppo", help="the PPO settings")
 
 
-def summary(result: PPOResult) -> list[str]:
-    """Lines the CLI prints."""
-    lines = [f"PPO: {result.iterations} iterations in {result.wall_time_s:.0f} s"]
-    if result.metrics:
-        last = result.metrics[-1]
-        first = result.metrics[0]
-        lines.append(
-            f"mean score {first['score']:.3f} (first iteration) -> {last['score']:.3f} (last); "
-            f"KL to the reference {last['kl']:.4f} nats per sequence"
-        )
-    return lines + written_lines(result.adapter_dir, result.model_dir, result.plot)
-
-
 def run(args) -> None:
-    options = {k: v for k, v in vars(args).items() if k not in ("ppo", "config", "__path__")}
-    result = ppo_from_files(**options, config=PPOConfig(**vars(args.ppo)))
-    for line in summary(result):
+    lora = LoRAConfig(**options(args.ppo.lora))
+    config = PPOConfig(**options(args.ppo, skip=("lora",)), lora=lora)
+    result = ppo_from_files(**options(args, skip=("ppo",)), config=config)
+    for line in ppo_summary(result):
         print(line)

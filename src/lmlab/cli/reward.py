@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from jsonargparse import ArgumentParser
 
-from lmlab.align.reward import run_summary, train_reward_model
+from lmlab.align.reward import train_reward_model
+from lmlab.cli.args import options
+from lmlab.cli.summaries import reward_summary
+from lmlab.finetune import LoRAConfig
 from lmlab.train import TrainConfig
 
 
@@ -23,7 +26,8 @@ def add_arguments(parser: ArgumentParser) -> None:
 
 
 def run(args) -> None:
-    options = {k: v for k, v in vars(args).items() if k not in ("train", "config", "__path__")}
-    result = train_reward_model(**options, config=TrainConfig(**vars(args.train)))
-    for line in run_summary(result):
+    lora = LoRAConfig(**options(args.lora))
+    train = TrainConfig(**options(args.train))
+    result = train_reward_model(**options(args, skip=("train", "lora")), lora=lora, config=train)
+    for line in reward_summary(result):
         print(line)

@@ -30,6 +30,7 @@ from torch import nn
 from lmlab.checkpoint.hf import save_chat_template
 from lmlab.checkpoint.io import save_checkpoint
 from lmlab.data.instructions import (
+    EncodedExample,
     encode_dataset,
     example_from_row,
     load_examples,
@@ -51,12 +52,12 @@ from lmlab.finetune import (
     trainable_parameters,
     unload_lora,
 )
-from lmlab.finetune.sft import ExampleBatches, fixed_batches, kl_sft_loss, sft_loss
-from lmlab.lm import load
+from lmlab.finetune.sft import kl_sft_loss, sft_loss, supervised_data
+from lmlab.lm import LM, load
 from lmlab.models.contract import require_gradients
 from lmlab.models.transformer import Transformer
 from lmlab.quant.quantize import quantize_model
-from lmlab.train import Supervised, TrainConfig, TrainResult, train
+from lmlab.train import TrainConfig, TrainResult, train
 
 METHODS = ("full", "kl", "lora", "qlora", "adapter", "prompt", "prefix", "bitfit", "selective")
 _WRAPPING = ("prompt", "prefix")  # methods that wrap the model (no packed rows)
@@ -81,19 +82,19 @@ class FinetuneResult:
     LoRA, merged), ready to generate."""
 
 
-def _check_method(method: str) -> None:
-    if method not in METHODS:
+def check_method(method: str, methods: tuple[str, ...] = METHODS) -> None:
+    """Raise ConfigError naming the valid ``methods`` (and the closest) unless ``method``
+    is one of them."""
+    if method not in methods:
         raise ConfigError(
-            f"method={method!r} is not one of {', '.join(METHODS)}{closest(str(method), METHODS)}"
+            f"method={method!r} is not one of {', '.join(methods)}{closest(str(method), methods)}"
         )
 
 
 def prepare_method(
     model: nn.Module,
     method: str,
-    lora_r: int = 8,
-    lora_alpha: float = 16.0,
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    lora: LoRAConfig = LoRAConfig(),
     bottleneck: int = 64,
     n_virtual: int = 20,
     prompt_init: list[int] | None = None,
@@ -103,7 +104,7 @@ def prepare_method(
     ``model`` itself changed in place, or a soft-prompt wrapper around it (prompt, prefix).
     """
     require_gradients(model, f"fine-tuning ({method})")
-    _check_method(method)
+    check_method(method)
     if method in ("full", "kl"):
         return model.requires_grad_(True)
     if method == "bitfit":
@@ -119,7 +120,7 @@ def prepare_method(
         return apply_adapters(model, bottleneck=bottleneck)
     if method == "qlora":
         model = quantize_model(model, "nf4")
-    return apply_lora(model, LoRAConfig(r=lora_r, alpha=lora_alpha, targets=tuple(lora_targets)))
+    return apply_lora(model, lora)
 
 
 def finetune(
@@ -133,9 +134,7 @@ def finetune(
     max_len: int = 256,
     pack: bool = False,
     beta: float = 0.1,
-    lora_r: int = 8,
-    lora_alpha: float = 16.0,
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    lora: LoRAConfig = LoRAConfig(),
     bottleneck: int = 64,
     n_virtual: int = 20,
     prompt_init: str | None = None,
@@ -157,7 +156,7 @@ def finetune(
             padding tokens, so faster epochs); each example still attends only to itself
             and positions restart at each (transformers only).
         beta: the KL weight of method "kl".
-        lora_r, lora_alpha, lora_targets: LoRA's rank, scale and target layers.
+        lora: LoRA's rank, scale, dropout and target layers (methods lora and qlora).
         bottleneck: the adapters' hidden width.
         n_virtual: number of soft-prompt tokens (prompt) or prefix slots (prefix).
         prompt_init: text whose token embeddings start the soft prompt (prompt; its
@@ -166,8 +165,63 @@ def finetune(
         config: the trainer's settings (out_dir, max_steps, lr, batch_size, ...).
     """
     config = config or TrainConfig(out_dir="runs/finetune", max_steps=200, lr=1e-4)
-    _check_method(method)
+    check_method(method)
     lm = load(model, dtype="float32", keep_quantized=False)
+    if pack:
+        _check_packable(method, lm.model)
+    train_enc, val_enc, skipped = load_encoded(lm, data, val_data, val_fraction, max_len, config)
+    if pack:
+        train_enc = pack_examples(train_enc, max_len)
+    pad_id = lm.tokenizer.eos_id if lm.tokenizer.eos_id is not None else 0
+
+    net = lm.model.train()
+    reference = copy.deepcopy(net).eval() if method == "kl" else None
+    init_ids = lm.tokenizer.encode(prompt_init) if prompt_init else None
+    net = prepare_method(net, method, lora, bottleneck, n_virtual, init_ids, select)
+    trainable, total, _ = trainable_parameters(net)
+    loss = kl_sft_loss(reference, beta) if method == "kl" else sft_loss
+    supervised = supervised_data(train_enc, val_enc, loss, config, pad_id)
+    before = _mean_loss(net, loss, supervised.val) if supervised.val else None
+    result = train(net, None, None, config, tokenizer=lm.tokenizer, supervised=supervised)
+
+    out = Path(config.out_dir)
+    counts = {"train": len(train_enc), "val": len(val_enc), "skipped": skipped}
+    done = FinetuneResult(result, method, trainable, total, counts, out, before, lm=lm)
+    done.adapter_dir, done.model_dir = write_tuned_model(net, lm, out, method)
+    if method == "qlora":
+        done.notes.append(
+            "QLoRA's base is NF4: the adapter (adapter/) applies to the float model too; "
+            "no merged float checkpoint is written"
+        )
+    return done
+
+
+def _check_packable(method: str, model: nn.Module) -> None:
+    """Packed rows need a transformer (to mask attention between examples) and no soft
+    prompt (it would precede only a row's first example)."""
+    if method in _WRAPPING:
+        raise ConfigError(
+            f"pack=True does not combine with method={method!r} (the soft prompt would "
+            "precede only the first packed example); use pack=False"
+        )
+    if not isinstance(model, Transformer):
+        raise ConfigError(
+            f"pack=True needs a transformer (it masks attention between packed examples); "
+            f"{type(model).__name__} cannot: use pack=False"
+        )
+
+
+def load_encoded(
+    lm: LM,
+    data: str,
+    val_data: str | None,
+    val_fraction: float,
+    max_len: int,
+    config: TrainConfig,
+) -> tuple[list[EncodedExample], list[EncodedExample], int]:
+    """Training and validation examples encoded through ``lm``'s chat template, and how
+    many of both were skipped. Without ``val_data``, ``val_fraction`` of ``data`` is held
+    out (a split seeded by ``config.seed``)."""
     template = template_for(lm.tokenizer, lm.chat_template)
     examples = load_examples(data)
     if val_data is not None:
@@ -175,69 +229,31 @@ def finetune(
     else:
         train_examples, val_examples, _ = split_examples(examples, val_fraction, 0.0, config.seed)
     train_enc, skipped = encode_dataset(train_examples, lm.tokenizer, template, max_len)
-    if pack:
-        if method in _WRAPPING:
-            raise ConfigError(
-                f"pack=True does not combine with method={method!r} (the soft prompt would "
-                "precede only the first packed example); use pack=False"
-            )
-        if not isinstance(lm.model, Transformer):
-            raise ConfigError(
-                f"pack=True needs a transformer (it masks attention between packed examples); "
-                f"{type(lm.model).__name__} cannot: use pack=False"
-            )
-        train_enc = pack_examples(train_enc, max_len)
     val_enc, val_skipped = encode_dataset(val_examples, lm.tokenizer, template, max_len)
-    pad_id = lm.tokenizer.eos_id if lm.tokenizer.eos_id is not None else 0
+    return train_enc, val_enc, skipped + val_skipped
 
-    net = lm.model.train()
-    reference = copy.deepcopy(net).eval() if method == "kl" else None
-    init_ids = lm.tokenizer.encode(prompt_init) if prompt_init else None
-    net = prepare_method(
-        net, method, lora_r, lora_alpha, lora_targets, bottleneck, n_virtual, init_ids, select
-    )
-    trainable, total, _ = trainable_parameters(net)
-    loss = kl_sft_loss(reference, beta) if method == "kl" else sft_loss
-    data_source = Supervised(
-        ExampleBatches(train_enc, config.batch_size, config.seed, pad_id),
-        loss,
-        fixed_batches(val_enc, config.batch_size, pad_id) if val_enc else None,
-    )
-    before = _mean_loss(net, loss, data_source.val) if data_source.val else None
-    result = train(net, None, None, config, tokenizer=lm.tokenizer, supervised=data_source)
 
-    out = Path(config.out_dir)
-    done = FinetuneResult(
-        result,
-        method,
-        trainable,
-        total,
-        {
-            "train": len(train_enc),
-            "val": len(val_enc),
-            "skipped": skipped + val_skipped,
-        },
-        out,
-        val_loss_before=before,
-        lm=lm,
-    )
+def write_tuned_model(
+    net: nn.Module, lm: LM, out_dir: Path, method: str
+) -> tuple[Path | None, Path | None]:
+    """Write a tuned ``net`` under ``out_dir``, hand it to ``lm`` -> (adapter_dir, model_dir).
+
+    LoRA and QLoRA write ``adapter/`` (A and B only, ``load_adapter``); LoRA is then merged
+    in, and every method but QLoRA (whose base is NF4) writes ``model/``: an lmlab
+    checkpoint with the tokenizer and chat template (``lmlab.load``, ``lmlab chat``).
+    """
+    adapter_dir = model_dir = None
     if method in ("lora", "qlora"):
-        done.adapter_dir = out / "adapter"
-        save_adapter(net, done.adapter_dir)
+        adapter_dir = save_adapter(net, out_dir / "adapter")
     if method == "lora":
         net = unload_lora(net, merge=True)
     lm.model = net.eval()
-    if method == "qlora":
-        done.notes.append(
-            "QLoRA's base is NF4: the adapter (adapter/) applies to the float model too; "
-            "no merged float checkpoint is written"
-        )
-        return done
-    done.model_dir = out / "model"
-    save_checkpoint(done.model_dir, net, tokenizer=lm.tokenizer)
-    if lm.chat_template is not None:
-        save_chat_template(lm.chat_template, done.model_dir)
-    return done
+    if method != "qlora":
+        model_dir = out_dir / "model"
+        save_checkpoint(model_dir, net, tokenizer=lm.tokenizer)
+        if lm.chat_template is not None:
+            save_chat_template(lm.chat_template, model_dir)
+    return adapter_dir, model_dir
 
 
 def task_accuracy(lm, rows, max_new_tokens: int = 16) -> tuple[float, list[str]]:
@@ -264,34 +280,3 @@ def _mean_loss(model: nn.Module, loss, batches) -> float:
         total, count = total + loss_sum.item(), count + int(n)
     model.train(was_training)
     return total / count
-
-
-def share(trainable: int, total: int) -> str:
-    return f"{trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
-
-
-def run_summary(result: FinetuneResult) -> list[str]:
-    """Lines the CLI prints."""
-    r = result.train
-    lines = [
-        f"{result.method}: trained {share(result.trainable, result.total)} for {r.step} steps "
-        f"in {r.wall_time_s:.0f} s",
-        f"examples: {result.examples['train']} train, {result.examples['val']} validation, "
-        f"{result.examples['skipped']} skipped (no response token left after max_len)",
-    ]
-    if r.val_losses and result.val_loss_before is not None:
-        step, last = r.val_losses[-1]
-        lines.append(
-            f"validation loss per response token {result.val_loss_before:.4f} before -> "
-            f"{last:.4f} at step {step}"
-        )
-    lines += written_lines(result.adapter_dir, result.model_dir)
-    return lines + [f"note: {n}" for n in result.notes]
-
-
-def written_lines(adapter_dir=None, model_dir=None, plot=None) -> list[str]:
-    """The summary lines saying where a run's adapter, model and plot were written."""
-    lines = [f"adapter: {adapter_dir}"] if adapter_dir else []
-    if model_dir:
-        lines.append(f"model: {model_dir} (lmlab chat --model {model_dir})")
-    return lines + ([f"plot: {plot}"] if plot else [])

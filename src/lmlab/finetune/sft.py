@@ -22,13 +22,19 @@ rest: optimizer, schedule, accumulation, guards, checkpoints and exact resume.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.data.instructions import IGNORE, EncodedExample, collate
+from lmlab.data.instructions import IGNORE, collate
 from lmlab.errors import ConfigError, DataError
+from lmlab.train import Supervised, TrainConfig
+
+Collate = Callable[[Sequence[Any], int], dict[str, torch.Tensor]]
+"""``collate_fn(examples, pad_id) -> batch``: ``collate`` for SFT examples, ``collate_pairs``
+(``lmlab.align.dpo``) for preference pairs."""
 
 
 class ExampleBatches:
@@ -37,16 +43,24 @@ class ExampleBatches:
     Each epoch is a permutation of the examples drawn from a generator seeded by
     ``(seed, epoch)`` alone; the last incomplete batch of an epoch is dropped (unless the
     data has fewer examples than a batch: then every batch is the whole, reshuffled).
+    ``collate_fn`` turns the picked examples into a batch (SFT examples by default).
     """
 
-    def __init__(self, examples: Sequence[EncodedExample], batch_size: int, seed: int, pad_id: int):
+    def __init__(
+        self,
+        examples: Sequence[Any],
+        batch_size: int,
+        seed: int,
+        pad_id: int,
+        collate_fn: Collate = collate,
+    ):
         if not examples:
             raise DataError("no training examples (after skipping the unusable ones)")
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size} is invalid: must be >= 1")
         self.examples = list(examples)
         self.batch_size = min(batch_size, len(self.examples))
-        self.seed, self.pad_id = seed, pad_id
+        self.seed, self.pad_id, self.collate_fn = seed, pad_id, collate_fn
         self.epoch, self.index = 0, 0
         self._order = self._permutation(0)
 
@@ -60,7 +74,7 @@ class ExampleBatches:
             self._order = self._permutation(self.epoch)
         picked = self._order[self.index : self.index + self.batch_size].tolist()
         self.index += self.batch_size
-        return collate([self.examples[i] for i in picked], self.pad_id)
+        return self.collate_fn([self.examples[i] for i in picked], self.pad_id)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}
@@ -71,12 +85,32 @@ class ExampleBatches:
 
 
 def fixed_batches(
-    examples: Sequence[EncodedExample], batch_size: int, pad_id: int
+    examples: Sequence[Any], batch_size: int, pad_id: int, collate_fn: Collate = collate
 ) -> list[dict[str, torch.Tensor]]:
     """Validation batches: the examples in order, every one of them, in batches."""
     return [
-        collate(examples[i : i + batch_size], pad_id) for i in range(0, len(examples), batch_size)
+        collate_fn(examples[i : i + batch_size], pad_id)
+        for i in range(0, len(examples), batch_size)
     ]
+
+
+def supervised_data(
+    train_examples: Sequence[Any],
+    val_examples: Sequence[Any],
+    loss: Callable,
+    config: TrainConfig,
+    pad_id: int,
+    collate_fn: Collate = collate,
+) -> Supervised:
+    """What the trainer's ``supervised=`` takes: shuffled, resumable training batches of
+    ``config.batch_size`` examples, ``loss``, and the validation batches (None without
+    validation examples)."""
+    size = config.batch_size
+    return Supervised(
+        ExampleBatches(train_examples, size, config.seed, pad_id, collate_fn),
+        loss,
+        fixed_batches(val_examples, size, pad_id, collate_fn) if val_examples else None,
+    )
 
 
 def _shifted(model: nn.Module, batch: dict[str, torch.Tensor], autocast):
