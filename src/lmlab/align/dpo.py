@@ -57,6 +57,7 @@ from lmlab.finetune.lora import LoRAConfig, disabled_lora
 from lmlab.finetune.run import check_method, prepare_method, write_tuned_model
 from lmlab.finetune.sft import supervised_data
 from lmlab.lm import LM, load
+from lmlab.seeds import seeded
 from lmlab.train import TrainConfig, TrainResult, train
 from lmlab.train.metrics import read_metrics
 
@@ -305,7 +306,7 @@ class DPOResult:
     model_dir: Path | None = None
     adapter_dir: Path | None = None
     plot: Path | None = None
-    lm: Any = None
+    lm: LM | None = None
     """The tuned model (LoRA merged) with its tokenizer and chat template, ready to generate."""
 
 
@@ -352,13 +353,14 @@ def dpo(
     if label_smoothing and loss_type != "sigmoid":
         raise ConfigError(f"label_smoothing={label_smoothing} applies to loss_type='sigmoid' only")
     loss_fn = DPOLoss(beta, loss_type, label_smoothing, rpo_alpha=rpo_alpha)
-    lm = load(model, dtype="float32", keep_quantized=False)
+    lm = load(model, dtype="float32", keep_quantized=False, device=config.device)
     pad_id = lm.tokenizer.eos_id if lm.tokenizer.eos_id is not None else 0
     train_pairs, val_pairs, skipped = load_pairs(lm, data, val_data, max_len)
 
     net = lm.model.train()
     ref_model = reference_model(net, reference, method, precompute_reference_logps)
-    net = prepare_method(net, method, lora)
+    with seeded(config.seed):  # the LoRA weights: the run's seed fixes them
+        net = prepare_method(net, method, lora)
     if precompute_reference_logps:
         # Before any update, the policy (LoRA off, or the untouched weights) is the reference.
         average, size = loss_type == "ipo", config.batch_size
@@ -412,7 +414,9 @@ def reference_model(
     reference is then ``net`` itself with its LoRA update off, or precomputed)."""
     ref_model = None
     if reference is not None:
-        ref_model = load(reference, dtype="float32", keep_quantized=False).model
+        device = next(net.parameters()).device
+        ref_model = load(reference, dtype="float32", keep_quantized=False, device=str(device))
+        ref_model = ref_model.model
     elif method == "full" and not precompute:
         ref_model = copy.deepcopy(net)
     if ref_model is None:

@@ -34,6 +34,7 @@ from lmlab.data.instructions import example_from_row, template_for
 from lmlab.data.preferences import PreferencePair, Prompt
 from lmlab.data.tasks import check
 from lmlab.errors import ConfigError, DataError
+from lmlab.lm import LM
 
 
 def row_prompt(row: Mapping[str, Any]) -> Prompt:
@@ -142,7 +143,7 @@ class SampledPairs:
 
 
 def sampled_pairs(
-    lm: Any,
+    lm: LM,
     rows: Sequence[Mapping[str, Any]],
     k: int = 4,
     seed: int = 0,
@@ -225,7 +226,7 @@ def sampled_pairs(
 
 
 def sampled_reward(
-    lm: Any, rows: Sequence[Mapping[str, Any]], k: int = 4, seed: int = 7, **sampling: Any
+    lm: LM, rows: Sequence[Mapping[str, Any]], k: int = 4, seed: int = 7, **sampling: Any
 ) -> float:
     """The mean checker score of ``k`` replies sampled per row (temperature 1 unless
     ``sampling`` says otherwise): the reward RLHF maximises, for held-out prompts. The same

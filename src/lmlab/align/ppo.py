@@ -251,7 +251,7 @@ class PPOResult:
     checkpoint: Path | None = None
     value_head: nn.Module | None = None
     """The trained value head (None with ``advantage_estimator="rloo"``, which has none)."""
-    lm: Any = None
+    lm: LM | None = None
     """The trained model with its tokenizer and chat template (LoRA merged in)."""
     plot: Path | None = None
 

@@ -60,7 +60,7 @@ from lmlab.data.preferences import PreferenceLog, PreferencePair
 from lmlab.errors import ConfigError, DataError, DataNotFoundError
 from lmlab.fileio import atomic_write_json
 from lmlab.generate import SamplingParams, generate_text
-from lmlab.lm import load
+from lmlab.lm import LM, load
 
 EXPECTED_PROMPTS = (
     "expected 'prompt' (a string) or 'instruction' (with optional 'input' and 'system')"
@@ -162,7 +162,7 @@ def prompt_seed(seed: int, prompt_id: str) -> int:
     return int.from_bytes(digest[:7], "big")
 
 
-def reply_params(lm: Any, params: SamplingParams) -> SamplingParams:
+def reply_params(lm: LM, params: SamplingParams) -> SamplingParams:
     """``params`` plus the stop ids of a chat turn: the tokenizer's ``eos_id`` and the
     template's end-of-turn token when it is one token (``<|im_end|>`` for ChatML)."""
     template = template_for(lm.tokenizer, lm.chat_template)
@@ -175,14 +175,14 @@ def reply_params(lm: Any, params: SamplingParams) -> SamplingParams:
     return dataclasses.replace(params, eos_id=eos, stop_ids=tuple(dict.fromkeys(stop_ids)))
 
 
-def render_prompt(lm: Any, messages: Sequence[Mapping[str, str]]) -> str:
+def render_prompt(lm: LM, messages: Sequence[Mapping[str, str]]) -> str:
     """The text the model reads: ``messages`` through its chat template, ready to reply."""
     template = template_for(lm.tokenizer, lm.chat_template)
     return template.render([dict(m) for m in messages], add_generation_prompt=True)
 
 
 def sample_replies(
-    lm: Any, messages: Sequence[Mapping[str, str]], n: int, params: SamplingParams
+    lm: LM, messages: Sequence[Mapping[str, str]], n: int, params: SamplingParams
 ) -> list[str]:
     """``n`` replies of ``lm`` to the conversation ``messages``: one batch of ``n`` copies
     of the rendered prompt, each row sampling its own tokens from ``params.seed``'s
@@ -288,7 +288,7 @@ class RankingSession:
 
     def __init__(
         self,
-        lm: Any,
+        lm: LM,
         items: Sequence[PromptItem],
         out: str | os.PathLike,
         samples: int = 4,

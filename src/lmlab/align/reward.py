@@ -45,8 +45,9 @@ from lmlab.errors import CheckpointError, DataError
 from lmlab.finetune import LoRAConfig, unload_lora
 from lmlab.finetune.run import check_method, prepare_method
 from lmlab.finetune.sft import supervised_data
-from lmlab.lm import load, template_beside
+from lmlab.lm import LM, load, template_beside
 from lmlab.models import build_model
+from lmlab.seeds import seeded
 from lmlab.train import TrainConfig, TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ class RewardModel:
         return eos if eos is not None else 0
 
 
-def reward_model_from(lm: Any) -> RewardModel:
+def reward_model_from(lm: LM) -> RewardModel:
     """A reward model from any ``lmlab.load``-ed decoder (``LM``): its lm_head replaced."""
     return RewardModel(add_scalar_head(lm.model), lm.tokenizer, lm.chat_template)
 
@@ -239,14 +240,15 @@ def train_reward_model(
     """
     check_method(method, METHODS)
     config = config or TrainConfig(out_dir="runs/reward", max_steps=200, lr=1e-5, min_lr=1e-6)
-    lm = load(model, dtype="float32", keep_quantized=False)
-    rm = reward_model_from(lm)
+    lm = load(model, dtype="float32", keep_quantized=False, device=config.device)
+    with seeded(config.seed):  # the new head (and LoRA weights): the run's seed fixes them
+        rm = reward_model_from(lm)
+        net = prepare_method(rm.model.train(), method, lora)
     pad_id = rm._pad_id()
     train_pairs, val_pairs, skipped = load_pairs(lm, data, val_data, max_len)
     held_out = load_preferences(val_data) if val_data is not None else []
     rm.max_len = max_len
 
-    net = prepare_method(rm.model.train(), method, lora)
     net.lm_head.requires_grad_(True)  # the new head always trains
     before = reward_accuracy(rm, held_out) if held_out else None
     supervised = supervised_data(

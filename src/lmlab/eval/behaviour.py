@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 from lmlab.errors import ConfigError
 from lmlab.eval.scoring import score_continuations
 from lmlab.eval.text import normalize_answer
+from lmlab.lm import LM
 
 # ----------------------------------------------------------------------------- predictors
 
@@ -75,7 +76,7 @@ class Prediction:
 
 
 class Predictor(Protocol):
-    def predict(self, lm: Any, prompts: Sequence[str], batch_size: int) -> list[Prediction]: ...
+    def predict(self, lm: LM, prompts: Sequence[str], batch_size: int) -> list[Prediction]: ...
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class Labels:
         if len(set(names)) != len(names):
             raise ConfigError(f"Labels.choices={self.choices!r} repeats a label")
 
-    def predict(self, lm: Any, prompts: Sequence[str], batch_size: int = 16) -> list[Prediction]:
+    def predict(self, lm: LM, prompts: Sequence[str], batch_size: int = 16) -> list[Prediction]:
         requests = [(p, c) for p in prompts for c in self.choices]
         scores = score_continuations(lm, requests, batch_size)
         k = len(self.choices)
@@ -123,7 +124,7 @@ class Generate:
                 f"Generate.max_new_tokens={self.max_new_tokens!r} is invalid: must be >= 1"
             )
 
-    def predict(self, lm: Any, prompts: Sequence[str], batch_size: int = 16) -> list[Prediction]:
+    def predict(self, lm: LM, prompts: Sequence[str], batch_size: int = 16) -> list[Prediction]:
         out = []
         for b in range(0, len(prompts), batch_size):
             texts = lm.generate(
@@ -480,7 +481,7 @@ def _short(example: dict[str, Any], width: int = 80) -> str:
 
 
 def run_suite(
-    lm: Any,
+    lm: LM,
     suite: Suite | Sequence[Any],
     batch_size: int = 16,
     max_examples: int = 3,

@@ -46,6 +46,7 @@ import numpy as np
 from lmlab.errors import ConfigError, DataError
 from lmlab.eval.scoring import score_continuations
 from lmlab.eval.tasks import ChoiceItem, ChoiceTask
+from lmlab.lm import LM
 
 METRICS = ("acc", "acc_norm", "acc_bytes", "acc_tokens")
 FEWSHOT_SEPARATOR = "\n\n"
@@ -220,7 +221,7 @@ class ChoiceResult:
 
 
 def evaluate_choice(
-    lm: Any,
+    lm: LM,
     task: ChoiceTask,
     num_fewshot: int = 0,
     seed: int = 0,

@@ -52,6 +52,7 @@ from lmlab.data.instructions import read_rows
 from lmlab.errors import ConfigError, DataError, DataNotFoundError
 from lmlab.eval.text import check_metrics, exact_match, text_scores, token_f1
 from lmlab.generate import SamplingParams
+from lmlab.lm import LM
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 
@@ -238,7 +239,7 @@ class GenerationResult:
 
 
 def evaluate_generation(
-    lm: Any,
+    lm: LM,
     rows: Sequence[GenerationRow | Mapping[str, Any]] | str | os.PathLike,
     metrics: Sequence[str] = DEFAULT_METRICS,
     max_new_tokens: int = 32,

@@ -62,6 +62,7 @@ from typing import Any, Literal
 from lmlab.data.instructions import read_rows
 from lmlab.errors import ConfigError, DataError, DataNotFoundError
 from lmlab.eval.scoring import score_continuations, score_token_pairs
+from lmlab.lm import LM
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 MINIMAL_PAIRS_FILE = TASKS_DIR / "minimal_pairs.jsonl"
@@ -253,7 +254,7 @@ def split_at_one_word(good: str, bad: str) -> tuple[str, str, str] | None:
 
 
 def sentence_logprobs(
-    lm: Any, sentences: Sequence[str], batch_size: int = 16, progress: bool = False
+    lm: LM, sentences: Sequence[str], batch_size: int = 16, progress: bool = False
 ) -> tuple[list[float], str]:
     """Total log-probability (nats) of each sentence, and what it was conditioned on.
 
@@ -358,7 +359,7 @@ class MinimalPairsResult:
         return [(k, v["accuracy"], int(v["n"])) for k, v in self.by_term.items()]
 
 
-def encodable(lm: Any, pairs: Sequence, texts: Any, what: str) -> tuple[list, tuple[str, ...]]:
+def encodable(lm: LM, pairs: Sequence, texts: Any, what: str) -> tuple[list, tuple[str, ...]]:
     """(the pairs whose sentences ``lm.tokenizer`` encodes, "source: reason" of the others).
 
     A character vocabulary may lack a quote mark or a digit: such a pair is skipped and
@@ -380,7 +381,7 @@ def encodable(lm: Any, pairs: Sequence, texts: Any, what: str) -> tuple[list, tu
 
 
 def evaluate_minimal_pairs(
-    lm: Any,
+    lm: LM,
     pairs: Sequence[MinimalPair] | str | os.PathLike | None = None,
     method: Literal["full", "prefix"] = "full",
     batch_size: int = 16,
@@ -487,7 +488,7 @@ class BiasResult:
 
 
 def bias_score(
-    lm: Any,
+    lm: LM,
     pairs: Sequence[BiasPair] | str | os.PathLike | None = None,
     batch_size: int = 16,
     progress: bool = False,

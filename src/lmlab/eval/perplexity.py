@@ -43,6 +43,7 @@ from lmlab.fileio import atomic_write_json, atomic_write_text
 # re-exported here, where readers of evaluation look for it.
 from lmlab.generate.likelihood import perplexity as perplexity
 from lmlab.generate.likelihood import token_nll as token_nll
+from lmlab.lm import LM
 
 # ----------------------------------------------------------------------------- surprisal of text
 
@@ -182,7 +183,7 @@ CSV_COLUMNS = tuple(f.name for f in fields(TokenSurprisal))
 
 
 def surprisal(
-    lm: Any,
+    lm: LM,
     text: str,
     stride: int | None = None,
     prefix_id: int | None = None,
@@ -236,7 +237,7 @@ def surprisal(
 
 
 def bits_per_byte(
-    lm: Any,
+    lm: LM,
     text: str,
     stride: int | None = None,
     prefix_id: int | None = None,
@@ -247,7 +248,7 @@ def bits_per_byte(
 
 
 def bits_per_character(
-    lm: Any,
+    lm: LM,
     text: str,
     stride: int | None = None,
     prefix_id: int | None = None,

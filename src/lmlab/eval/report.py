@@ -56,7 +56,7 @@ from lmlab.eval.tasks import load_task
 from lmlab.fileio import atomic_write_json, atomic_write_text
 from lmlab.generate import SamplingParams
 from lmlab.generate.search import generate
-from lmlab.lm import load
+from lmlab.lm import LM, load
 from lmlab.version import __version__
 
 DEFAULT_TASKS: tuple[str, ...] = (
@@ -130,7 +130,7 @@ def peak_rss_bytes() -> int:
 
 
 def decode_speed(
-    lm: Any, prompt: str = DECODE_PROMPT, new_tokens: int = DECODE_TOKENS
+    lm: LM, prompt: str = DECODE_PROMPT, new_tokens: int = DECODE_TOKENS
 ) -> dict[str, Any]:
     """Greedy decoding speed: ``{"tokens", "seconds", "tokens_per_s"}`` (one warm-up call
     first). A model with a short context decodes ``max_seq_len - 1`` tokens at most."""
@@ -148,7 +148,7 @@ def decode_speed(
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
-def efficiency(lm: Any, decode_tokens: int = DECODE_TOKENS) -> dict[str, Any]:
+def efficiency(lm: LM, decode_tokens: int = DECODE_TOKENS) -> dict[str, Any]:
     """Parameters, their memory, decode speed and peak RSS (see the module docstring)."""
     out: dict[str, Any] = dict(model_memory(lm.model))
     first = next(iter(lm.model.parameters()), None)
@@ -238,7 +238,7 @@ def report(
 
 
 def _robustness(
-    lm: Any, task: str, num_fewshot: int, limit: int | None, batch_size: int, seed: int
+    lm: LM, task: str, num_fewshot: int, limit: int | None, batch_size: int, seed: int
 ) -> dict[str, Any]:
 
     try:

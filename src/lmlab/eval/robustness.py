@@ -35,6 +35,7 @@ import numpy as np
 from lmlab.errors import ConfigError, DataError, closest
 from lmlab.eval.choice import METRICS, ChoiceResult, evaluate_choice
 from lmlab.eval.tasks import ChoiceItem, ChoiceTask
+from lmlab.lm import LM
 
 PERTURBATIONS = ("lowercase", "uppercase", "typos", "shuffle_choices", "prompt_format")
 PROMPT_VARIANTS = {
@@ -177,7 +178,7 @@ class RobustnessResult:
 
 
 def evaluate_robustness(
-    lm: Any,
+    lm: LM,
     task: ChoiceTask,
     perturbations: Sequence[str] = PERTURBATIONS,
     seed: int = 0,

@@ -50,7 +50,7 @@ from lmlab.eval.pairs import bias_score, evaluate_minimal_pairs, read_bias_pairs
 from lmlab.eval.perplexity import surprisal
 from lmlab.eval.tasks import list_tasks, load_task
 from lmlab.fileio import atomic_write_json
-from lmlab.lm import load
+from lmlab.lm import LM, load
 from lmlab.version import __version__
 
 KINDS = ("choice", "generation", "minimal_pairs", "bias_pairs", "behaviour", "perplexity")
@@ -271,7 +271,7 @@ def _load(task: str, kind: str, num_fewshot: int, limit: int | None) -> Any:
 
 
 def _score(
-    lm: Any, task: str, kind: str, data: Any, num_fewshot: int, limit: int | None,
+    lm: LM, task: str, kind: str, data: Any, num_fewshot: int, limit: int | None,
     batch_size: int, seed: int, progress: bool,
 ) -> tuple[dict[str, float], int, list[str], dict[str, Any], Any]:  # fmt: skip
     """-> (scores, n, skipped, details, result object) of one evaluation."""
@@ -305,7 +305,7 @@ def _score(
 
 
 def run_task(
-    lm: Any,
+    lm: LM,
     task: str,
     num_fewshot: int = 0,
     limit: int | None = None,

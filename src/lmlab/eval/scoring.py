@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lmlab.errors import ConfigError
+from lmlab.lm import LM
 from lmlab.models.contract import require_causal_lm
 
 
@@ -68,7 +69,7 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
 
 
 def score_continuations(
-    lm: Any,
+    lm: LM,
     requests: Sequence[tuple[str, str]],
     batch_size: int = 16,
     progress: bool = False,

@@ -22,7 +22,7 @@ import copy
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -57,6 +57,7 @@ from lmlab.lm import LM, load
 from lmlab.models.contract import require_gradients
 from lmlab.models.transformer import Transformer
 from lmlab.quant.quantize import quantize_model
+from lmlab.seeds import seeded
 from lmlab.train import TrainConfig, TrainResult, train
 
 METHODS = ("full", "kl", "lora", "qlora", "adapter", "prompt", "prefix", "bitfit", "selective")
@@ -77,7 +78,7 @@ class FinetuneResult:
     model_dir: Path | None = None
     adapter_dir: Path | None = None
     notes: list[str] = field(default_factory=list)
-    lm: Any = None
+    lm: LM | None = None
     """The fine-tuned model with its tokenizer and chat template (an ``lmlab.LM``; for
     LoRA, merged), ready to generate."""
 
@@ -166,7 +167,7 @@ def finetune(
     """
     config = config or TrainConfig(out_dir="runs/finetune", max_steps=200, lr=1e-4)
     check_method(method)
-    lm = load(model, dtype="float32", keep_quantized=False)
+    lm = load(model, dtype="float32", keep_quantized=False, device=config.device)
     if pack:
         _check_packable(method, lm.model)
     train_enc, val_enc, skipped = load_encoded(lm, data, val_data, val_fraction, max_len, config)
@@ -177,7 +178,8 @@ def finetune(
     net = lm.model.train()
     reference = copy.deepcopy(net).eval() if method == "kl" else None
     init_ids = lm.tokenizer.encode(prompt_init) if prompt_init else None
-    net = prepare_method(net, method, lora, bottleneck, n_virtual, init_ids, select)
+    with seeded(config.seed):  # LoRA, adapter, soft-prompt weights: the run's seed fixes them
+        net = prepare_method(net, method, lora, bottleneck, n_virtual, init_ids, select)
     trainable, total, _ = trainable_parameters(net)
     loss = kl_sft_loss(reference, beta) if method == "kl" else sft_loss
     supervised = supervised_data(train_enc, val_enc, loss, config, pad_id)
