@@ -53,7 +53,6 @@ def add_arguments(parser: ArgumentParser) -> None:
         "(as saved)",
     )
     parser.add_class_arguments(SamplingParams, nested_key=None)
-    parser.set_defaults(max_new_tokens=256)
 
 
 def run(args) -> None:

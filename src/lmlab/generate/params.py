@@ -26,10 +26,13 @@ from typing import Any
 
 from lmlab.errors import DecodingError, closest
 
+DEFAULT_MAX_NEW_TOKENS = 200
+"""The one default for new tokens: the library, ``lmlab generate`` and ``lmlab chat``."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 64
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     """Most tokens to generate per prompt (the stop token, if one is hit, included). Prompt
     + output may outgrow the model's context: the window then slides (the oldest tokens
     drop out of view), as in nanoGPT."""
