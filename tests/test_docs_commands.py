@@ -16,11 +16,14 @@ Each command runs in-process (``lmlab.cli.main.main``) in its block's own workin
 with its budgets rewritten down (``shrink``: training steps, batch sizes, the new tokens of
 a pretrained model; never the number of new tokens of the small trained models, whose
 default outgrowing the context is one of the failures this test is here for). What a reader
-would already have is provided when the folder lacks it: a model path such as
-``runs/demo`` is a copy of a one-step ``gpt-char-tiny`` run trained once for the module,
-and a user file (``my_texts/``, ``my_run.yaml``, ``my_task.jsonl``, ...) a tiny one of the
-right kind. Commands that load a pretrained model package skip, with the reason, when the
-package is not installed; those and the long-running commands are marked slow.
+would already have is provided when the folder lacks it: a model folder that an earlier
+command of the block writes is made by running that command; another model path such as
+``runs/demo`` is a copy of a one-step ``gpt-char-tiny`` run trained once for the module or,
+for the commands that need an instruction-tuned model (chat, rank, judge, reward, dpo,
+ppo), a one-step LoRA fine-tune of SmolLM2 as lesson 9 makes; a user file (``my_texts/``,
+``my_run.yaml``, ``my_task.jsonl``, ...) is a tiny one of the right kind. Commands that
+need a pretrained model package skip, with the reason, when it is not installed; those and
+the long-running commands are marked slow.
 """
 
 from __future__ import annotations
@@ -155,8 +158,12 @@ COMMANDS = documented_commands()
 # ----------------------------------------------------------------------------- tiny budgets
 
 TRAINS = ("train", "finetune", "dpo", "reward")
-TINY_TRANSFORMER = '{"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "max_seq_len": 32}'
+# The presets' own context (gpt-char-tiny: 128 characters), so the default new tokens
+# outgrow it exactly as they do for a reader.
+TINY_TRANSFORMER = '{"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64}'
 OUT_FLAGS = ("--train.out_dir", "--ppo.out_dir", "--out_dir")
+# commands that need an instruction-tuned model (a chat template, a tokenizer for any text)
+INSTRUCTED = {"chat", "rank", "judge", "reward", "dpo", "ppo"}
 SLOW = {"demo", "compare", "finetune", "dpo", "ppo", "reward", "judge", "rank", "eval", "report"}
 # flag -> commands whose value for it names a model to read (a path, or a pretrained name)
 MODEL_FLAGS = {
@@ -201,8 +208,8 @@ def shrink(argv: list[str]) -> list[str]:
         if command == "train":
             argv = _set(argv, "--train.seq_len", "32")
             if _model_flag(argv) in (None, "gpt-char-tiny", "llama-small"):
-                # A tiny shape (and context) for the transformer presets: past its context
-                # each new token reruns the model on the whole window. The resume line
+                # A tiny width for the transformer presets: past its context each new
+                # token reruns the model on the whole window. The resume line
                 # (no --model: the preset default) takes it too, to match what it resumes.
                 argv = _set(argv, "--model_overrides", TINY_TRANSFORMER)
     elif command == "ppo":
@@ -255,6 +262,8 @@ def _model_values(argv: list[str]) -> list[str]:
 
 
 def needs_package(argv: list[str]) -> str | None:
+    if argv[0] in INSTRUCTED:  # a stand-in instruction model is made from SmolLM2
+        argv = argv + ["--model", "smollm2"]
     for value in _model_values(argv):
         entry = PRETRAINED.get(value.lower())
         if entry is not None and importlib.util.find_spec(entry.package) is None:
@@ -263,10 +272,11 @@ def needs_package(argv: list[str]) -> str | None:
 
 
 def heavy(command: Command) -> bool:
-    """Slow: the long commands, a pretrained model, an n-gram fit on the whole corpus (tens
-    of seconds), and a command reading what a slow one of its block writes."""
+    """Slow: the long commands, those that need an instruction-tuned model (SmolLM2), an
+    n-gram fit on the whole corpus (tens of seconds), and a command reading what a slow one
+    of its block writes."""
     argv = normalise_flags(command.step.argv)
-    if argv[0] in SLOW or "ngram" in command.step.text:
+    if argv[0] in SLOW | INSTRUCTED or "ngram" in command.step.text:
         return True
     if any(v.lower() in PRETRAINED for v in _model_values(argv)):
         return True
@@ -297,7 +307,7 @@ def marks(command: Command) -> list:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    """A one-step run of a tiny gpt-char-tiny (``shrink``'s shape, a 32-character context)
+    """A one-step run of a tiny gpt-char-tiny (``shrink``'s width, its 128-character context)
     on Tiny Shakespeare: stands in for every documented run folder a command reads but its
     block does not make (runs/demo, runs/gpt, ...)."""
     root = tmp_path_factory.mktemp("tiny-run")
@@ -366,6 +376,8 @@ def provide(command: Command, argv: list[str], folder: Path, tiny_run: Path) -> 
         producer = _producer(command, [value])
         if producer is not None:
             run(producer, folder, tiny_run)
+        elif argv[0] in INSTRUCTED and path.name == "model":
+            make_instructed(folder, path.parent)
         if not path.exists():
             shutil.copytree(tiny_run, path)
     for arg in argv:
@@ -374,6 +386,18 @@ def provide(command: Command, argv: list[str], folder: Path, tiny_run: Path) -> 
             if path.is_file():
                 path.unlink()
             USER_FILES[arg](path)
+
+
+def make_instructed(folder: Path, out_dir: Path) -> None:
+    """An instruction-tuned model at ``out_dir/model``, made as lesson 9 makes its SFT
+    model: SmolLM2 with LoRA on arithmetic (one step here)."""
+    from lmlab.data.tasks import generate_tasks, write_jsonl
+
+    data = folder / "sft_rows.jsonl"
+    write_jsonl(generate_tasks(["arithmetic"], 8), str(data))
+    argv = ["finetune", "--model", "smollm2", "--method", "lora", "--data", str(data)]
+    argv += ["--max_len", "96", "--train.out_dir", str(out_dir)]
+    assert main(_set(shrink(argv), "--train.max_steps", "1")) == 0
 
 
 @contextlib.contextmanager
