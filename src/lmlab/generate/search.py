@@ -16,24 +16,27 @@ tokens as its prompts run one at a time. A model with a cache (``new_cache``) re
 prompt once and then one token per step; a model without one recomputes the whole prefix
 each step.
 
-Past the context. A model with a context window (``config.max_seq_len``: the transformers,
+Past the context: a model with a context window (``config.max_seq_len``: the transformers,
 whose learned or rotary positions stop there) may still generate more than it holds
 (nanoGPT's loop): once prompt + output outgrow ``max_seq_len`` tokens the window slides,
 and each further token is predicted from the last ``max_seq_len`` tokens alone, the oldest
 dropping out of view. The cache cannot follow: every cached key was computed with tokens
 in view that the window has since dropped, so from then on each step reruns the model on
-the window (as nanoGPT does), and greedy output equals the textbook reference "crop the
-ids to the last max_seq_len, run the model, take the argmax". ``Generation.slid`` says how
-many tokens dropped out. A prompt longer than the context is still an error, unless
-``truncate_prompt`` cuts it (``Generation.truncated``). Models without a window
-(``max_seq_len`` None: n-grams, MLPs, recurrent nets) read as far back as they read.
+the window (as nanoGPT does: a forward over max_seq_len tokens per new token), and greedy
+output equals the textbook reference "crop the ids to the last max_seq_len, run the model,
+take the argmax". ``Generation.slid`` says how many tokens dropped out. A prompt longer
+than the context is still an error, unless ``truncate_prompt`` cuts it
+(``Generation.truncated``). Models without a window (``max_seq_len`` None: recurrent nets,
+the MLPs, n-grams unless given one) read as far back as they always do.
 
 Decoding never samples from a distribution that is not one: logits with NaN or inf (a
 model whose weights or activations are not finite), or a row that processing left with no
 finite logit, raise DecodingError naming the step, rather than failing inside
-``torch.multinomial`` or letting argmax pick an arbitrary token. Random draws come from a ``torch.Generator`` seeded with ``params.seed``, never
-the global RNG: the same prompts and seed give the same output. The rows of a batch draw
-from that one generator, so a sampled row depends on its batch (a greedy row never does).
+``torch.multinomial`` or letting argmax pick an arbitrary token.
+
+Random draws come from a ``torch.Generator`` seeded with ``params.seed``, never the global
+RNG: the same prompts and seed give the same output. The rows of a batch draw from that one
+generator, so a sampled row depends on its batch (a greedy row never does).
 
 Parity: ``tests/generate/test_search.py`` compares greedy and beam search token for token
 with transformers' ``generate`` on tiny random GPT-2 and Llama models.
