@@ -93,15 +93,53 @@ def test_generate_streams_with_dashed_flags(run_dir, capsys):
         (["--top_p", "0"], "top_p"),
         (["--temperature", "-1"], "temperature"),
         (["--num_beams", "0"], "num_beams"),
-        (["--max_new_tokens", "100"], "context"),
+        (["--max_new_tokens", "0"], "max_new_tokens"),
+        ([], "truncate_prompt=True"),
     ],
 )
 def test_bad_decoding_settings_exit_2_with_one_line(run_dir, capsys, args, message):
-    code = main(["generate", "--ckpt", str(run_dir), *args, "to be"])
+    prompt = "to be" if args else "to be or not " * 3  # 39 characters > the context of 32
+    code = main(["generate", "--ckpt", str(run_dir), *args, prompt])
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("lmlab: error:") and message in err and err.count("\n") == 1
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("beams", ["1", "3"])
+def test_generate_past_the_context_slides_with_one_note(run_dir, capsys, beams):
+    args = ["--max_new_tokens", "60", "--num_beams", beams, "--seed", "0", "to be"]
+    assert main(["generate", "--ckpt", str(run_dir), *args]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("to be") and len(out.rstrip("\n")) >= len("to be") + 30
+    # 5 prompt + 59 fed tokens, of which the model holds 32: 32 dropped out of view.
+    assert err.count("\n") == 1 and "context of 32 tokens" in err and "32 oldest" in err
+
+
+def test_generate_short_of_the_context_prints_no_note(run_dir, capsys):
+    assert main(["generate", "--ckpt", str(run_dir), "--max_new_tokens", "20", "to be"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_truncated_prompt_says_how_many_tokens_were_dropped(run_dir, capsys):
+    prompt = "to be or not " * 3  # 39 characters
+    args = ["--truncate_prompt", "true", "--max_new_tokens", "4", "--temperature", "0"]
+    assert main(["generate", "--ckpt", str(run_dir), *args, prompt]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(prompt)
+    lines = err.splitlines()
+    assert "first 7 tokens were dropped" in lines[0] and "context of 32" in lines[0]
+    assert len(lines) == 2 and "3 oldest" in lines[1]  # 32 + 3 fed tokens - 32
+
+
+def test_generate_and_chat_share_the_librarys_default_max_new_tokens():
+    from lmlab.cli.main import build_parser
+    from lmlab.generate import SamplingParams
+
+    parser, _ = build_parser()
+    generate = parser.parse_args(["generate", "x"]).generate
+    chat = parser.parse_args(["chat", "--model", "m"]).chat
+    assert generate.max_new_tokens == chat.max_new_tokens == SamplingParams().max_new_tokens
 
 
 def test_user_errors_exit_2(tmp_path, capsys):

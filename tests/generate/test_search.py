@@ -442,40 +442,6 @@ def test_stream_rejects_beam_search_and_bad_input_at_call_time():
         stream_text(model, CharTokenizer(), "ak", SamplingParams())
 
 
-# ----------------------------------------------------------------------------- context window
-
-
-def test_prompt_longer_than_the_context_is_an_error_naming_the_lengths():
-    model = HashLM(max_seq_len=8)
-    with pytest.raises(DecodingError) as err:
-        generate_ids(model, [[1, 2], [1, 2, 3, 4, 5, 6]], SamplingParams(max_new_tokens=4))
-    message = str(err.value)
-    for part in ["prompt 1 has 6 tokens", "max_new_tokens=4", "10 > ", "context of 8", "truncate"]:
-        assert part in message, message
-    assert model.calls == []
-    with pytest.raises(DecodingError, match="max_new_tokens=8 leaves no room"):
-        generate_ids(model, [[1]], SamplingParams(max_new_tokens=8, truncate_prompt=True))
-
-
-def test_truncation_keeps_the_end_of_the_prompt_and_is_marked():
-    model = CachedHashLM(max_seq_len=8)
-    params = SamplingParams(max_new_tokens=4, temperature=0, truncate_prompt=True)
-    out = generate(model, [[1, 2, 3, 4, 5, 6], [7, 8]], params)
-    assert out.truncated == [2, 0] and out.prompt_lengths == [4, 2]
-    assert out.ids == generate_ids(model, [[3, 4, 5, 6], [7, 8]], params)
-    stream = stream_ids(model, [1, 2, 3, 4, 5, 6], params)
-    assert stream.truncated == 2 and list(stream) == out.ids[0]
-
-
-def test_transformer_context_is_enforced_before_the_model_runs():
-    model = build_model(tiny_spec(max_seq_len=16)).eval()
-    with pytest.raises(DecodingError, match="12 tokens and max_new_tokens=8: 20 > "):
-        generate_ids(model, [list(range(12))], SamplingParams(max_new_tokens=8))
-    params = SamplingParams(max_new_tokens=8, temperature=0, truncate_prompt=True)
-    out = generate(model, [list(range(12))], params)
-    assert out.truncated == [4] and len(out.ids[0]) == 8
-
-
 # ----------------------------------------------------------------------------- invalid input
 
 
@@ -740,3 +706,144 @@ def test_quantized_and_float32_models_keep_onednn_for_one_token_steps():
     assert _native_matvec(model.to(torch.bfloat16))
     quantize_model(model, "int8")
     assert not _native_matvec(model)
+
+
+# ----------------------------------------------------------------------------- context window
+
+
+def test_prompt_longer_than_the_context_is_an_error_naming_the_lengths():
+    model = HashLM(max_seq_len=8)
+    with pytest.raises(DecodingError) as err:
+        generate_ids(model, [[1, 2], list(range(1, 10))], SamplingParams(max_new_tokens=4))
+    message = str(err.value)
+    for part in ["prompt 1 has 9 tokens", "context of 8", "truncate_prompt=True"]:
+        assert part in message, message
+    assert model.calls == []
+
+
+def test_truncation_keeps_the_end_of_the_prompt_and_is_marked():
+    model = CachedHashLM(max_seq_len=8)
+    params = SamplingParams(max_new_tokens=4, temperature=0, truncate_prompt=True)
+    long = list(range(10))
+    out = generate(model, [long, [7, 8]], params)
+    assert out.truncated == [2, 0] and out.prompt_lengths == [8, 2]
+    assert out.ids == generate_ids(model, [long[2:], [7, 8]], params)
+    stream = stream_ids(model, long, params)
+    assert stream.truncated == 2 and list(stream) == out.ids[0]
+
+
+def naive_cropped_greedy(model, prompt, n):
+    """nanoGPT's loop: crop the ids to the last max_seq_len, run the model, take the argmax."""
+    ids, context = list(prompt), model.config.max_seq_len
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids[-context:]]))[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+def test_hash_model_past_the_context_slides_the_window():
+    # The hash model reads its whole input, so its output shows exactly what it was fed.
+    for cls in [HashLM, CachedHashLM]:
+        model = cls(max_seq_len=7)  # the longest prompt fills it
+        params = SamplingParams(temperature=0, max_new_tokens=10)
+        out = generate(model, PROMPTS, params)
+        assert out.ids == [naive_cropped_greedy(model, p, 10) for p in PROMPTS]
+        assert out.truncated == [0, 0, 0] and out.slid == [9, 3, 6]  # prompt + 9 fed - 7
+        assert max(T for _, T in model.calls) <= 7
+
+
+@pytest.mark.parametrize("variant", VARIANTS.values(), ids=VARIANTS.keys())
+def test_transformer_greedy_past_the_context_matches_cropping_the_ids(variant):
+    model = peaky(tiny_spec(max_seq_len=16, **variant))
+    params = SamplingParams(temperature=0, max_new_tokens=30)
+    expected = [naive_cropped_greedy(model, p, 30) for p in T_PROMPTS]
+    out = generate(model, T_PROMPTS, params)  # batched, left-padded, cached
+    assert out.ids == expected
+    assert out.slid == [8 + 30 - 1 - 16, 3 + 30 - 1 - 16, 5 + 30 - 1 - 16]
+    assert [generate_ids(model, [p], params)[0] for p in T_PROMPTS] == expected
+    assert generate_ids(NoCache(model), T_PROMPTS, params) == expected
+    stream = stream_ids(model, T_PROMPTS[0], params)
+    assert list(stream) == expected[0] and stream.slid == out.slid[0]
+
+
+@pytest.mark.parametrize("variant", VARIANTS.values(), ids=VARIANTS.keys())
+def test_transformer_sampling_and_beam_search_past_the_context(variant):
+    model = peaky(tiny_spec(max_seq_len=12, **variant))
+    for params in [
+        SamplingParams(max_new_tokens=20, seed=0, top_p=0.9),
+        SamplingParams(max_new_tokens=14, num_beams=3),
+    ]:
+        out = generate(model, T_PROMPTS, params)
+        assert all(len(row) == params.max_new_tokens for row in out.ids)
+        assert out.slid == [len(p) + params.max_new_tokens - 1 - 12 for p in T_PROMPTS]
+        assert generate_ids(NoCache(model), T_PROMPTS, params) == out.ids
+        alone = [generate_ids(model, [p], params)[0] for p in T_PROMPTS]
+        if params.num_beams > 1:  # (a sampled row depends on its batch)
+            assert alone == out.ids
+
+
+def test_transformer_prompt_longer_than_the_context_is_refused_or_truncated():
+    model = build_model(tiny_spec(max_seq_len=16)).eval()
+    with pytest.raises(DecodingError, match="has 20 tokens, more than the model's context of 16"):
+        generate_ids(model, [list(range(20))], SamplingParams(max_new_tokens=8))
+    params = SamplingParams(max_new_tokens=8, temperature=0, truncate_prompt=True)
+    out = generate(model, [list(range(20))], params)
+    assert out.truncated == [4] and len(out.ids[0]) == 8 and out.slid == [7]
+    assert out.ids[0] == naive_cropped_greedy(model, list(range(4, 20)), 8)
+
+
+def test_models_without_a_context_never_slide():
+    model = CachedHashLM()  # max_seq_len None
+    out = generate(model, PROMPTS, SamplingParams(temperature=0, max_new_tokens=40))
+    assert out.slid == [0, 0, 0] and out.truncated == [0, 0, 0]
+    assert out.ids[0] == naive_greedy(model, PROMPTS[0], 40)
+
+
+# ----------------------------------------------------------------------------- non-finite logits
+
+
+def nan_transformer():
+    """A tiny transformer with one NaN weight: every logit it computes is NaN."""
+    model = build_model(tiny_spec()).eval()
+    with torch.no_grad():
+        model.blocks[0].mlp.up_proj.weight[0, 0] = float("nan")
+    return model
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0, max_new_tokens=4),
+        SamplingParams(seed=0, max_new_tokens=4),
+        SamplingParams(seed=0, max_new_tokens=4, top_k=5, top_p=0.9, repetition_penalty=1.2),
+        SamplingParams(num_beams=3, max_new_tokens=4),
+    ],
+    ids=["greedy", "sampling", "filtered", "beam"],
+)
+def test_nan_weights_raise_a_decoding_error_naming_the_step(params):
+    model = nan_transformer()
+    message = "decoding step 1: the model's next-token logits for prompt 0 contain NaN"
+    with pytest.raises(DecodingError, match=message):
+        generate_ids(model, [[1, 2, 3]], params)
+    if params.num_beams == 1:
+        with pytest.raises(DecodingError, match=message):
+            list(stream_ids(model, [1, 2, 3], params))
+
+
+def test_non_finite_logits_name_the_step_and_the_prompt():
+    table = 5 * torch.eye(10).roll(1, dims=1)  # successor model: 0 -> 1 -> 2 ...
+    table[5, 2] = float("nan")
+    model = TableLM(table)
+    with pytest.raises(DecodingError, match="step 3: .* prompt 1 contain NaN"):
+        generate_ids(model, [[0], [3]], SamplingParams(temperature=0, max_new_tokens=6))
+    table[5] = float("-inf")
+    with pytest.raises(DecodingError, match="step 3: .* prompt 1 logit -inf"):
+        generate_ids(TableLM(table), [[0], [3]], SamplingParams(seed=0, max_new_tokens=6))
+    table[5] = float("inf")
+    with pytest.raises(DecodingError, match="step 3: .* prompt 0 contain inf"):
+        generate_ids(TableLM(table), [[3]], SamplingParams(num_beams=2, max_new_tokens=6))
+
+
+def test_logits_that_overflow_after_temperature_are_an_error_not_a_sample():
+    model = TableLM(torch.tensor([[1e36, 0.0, -1e36]] * 3))
+    with pytest.raises(DecodingError, match="step 1: no token of prompt 0 .* overflow"):
+        generate_ids(model, [[0]], SamplingParams(temperature=1e-3, seed=0, max_new_tokens=2))

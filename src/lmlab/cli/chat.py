@@ -59,7 +59,6 @@ def add_arguments(parser: ArgumentParser) -> None:
         help="where the model runs: auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N, mps",
     )
     parser.add_class_arguments(SamplingParams, nested_key=None)
-    parser.set_defaults(max_new_tokens=256)
 
 
 def run(args) -> None:

@@ -1,4 +1,9 @@
-"""``lmlab generate``: continue a prompt with a trained model, with any decoding method."""
+"""``lmlab generate``: continue a prompt with a trained model, with any decoding method.
+
+The text goes to stdout; a note on stderr says when the prompt was cut to fit the model's
+context (``--truncate_prompt true``) and when the text outgrew the context, so that the
+window slid and the oldest tokens dropped out of view.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import sys
 from jsonargparse import ArgumentParser
 
 from lmlab import api
-from lmlab.generate import SamplingParams
+from lmlab.generate import SamplingParams, generate
 
 
 def add_arguments(parser: ArgumentParser) -> None:
@@ -31,20 +36,46 @@ def add_arguments(parser: ArgumentParser) -> None:
         help="where the model runs: auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N, mps",
     )
     parser.add_class_arguments(SamplingParams, nested_key=None)
-    parser.set_defaults(max_new_tokens=200)
 
 
 def run(args) -> None:
     lm = api.load(args.ckpt, dtype=args.dtype, device=args.device)
     names = {f.name for f in dataclasses.fields(SamplingParams)}
     decoding = {k: v for k, v in vars(args).items() if k in names}
-    print(args.prompt, end="", flush=True)
-    if (
-        args.no_stream or decoding["num_beams"] > 1
-    ):  # beam search knows its best beam only at the end
-        print(lm.generate(args.prompt, **decoding))
+    context = getattr(lm.model.config, "max_seq_len", None)
+    if decoding["num_beams"] > 1:  # beam search knows its best beam only at the end
+        params = SamplingParams.from_dict(decoding)
+        result = generate(lm.model, [args.prompt], params, tokenizer=lm.tokenizer)
+        _note_truncated(result.truncated[0], context)
+        print(args.prompt + result.texts[0])
+        _note_slid(result.slid[0], context)
         return
-    for piece in lm.stream(args.prompt, **decoding):
+    stream = lm.stream(args.prompt, **decoding)
+    _note_truncated(stream.truncated, context)
+    print(args.prompt, end="", flush=True)
+    if args.no_stream:
+        sys.stdout.write("".join(stream))
+    for piece in stream:
         sys.stdout.write(piece)
         sys.stdout.flush()
     print()
+    _note_slid(stream.slid, context)
+
+
+def _note_truncated(dropped: int, context: int | None) -> None:
+    if dropped:
+        print(
+            f"lmlab: note: the prompt is longer than the model's context of {context} tokens: "
+            f"its first {dropped} tokens were dropped (--truncate_prompt)",
+            file=sys.stderr,
+        )
+
+
+def _note_slid(slid: int, context: int | None) -> None:
+    if slid:
+        print(
+            f"lmlab: note: the text outgrew the model's context of {context} tokens, so the "
+            f"window slid: the {slid} oldest tokens dropped out of view, and each later token "
+            f"was predicted from the last {context} alone",
+            file=sys.stderr,
+        )

@@ -26,11 +26,16 @@ from typing import Any
 
 from lmlab.errors import DecodingError, closest
 
+DEFAULT_MAX_NEW_TOKENS = 200
+"""The one default for new tokens: the library, ``lmlab generate`` and ``lmlab chat``."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 64
-    """Most tokens to generate per prompt (the stop token, if one is hit, included)."""
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    """Most tokens to generate per prompt (the stop token, if one is hit, included). Prompt
+    + output may outgrow the model's context: the window then slides (the oldest tokens
+    drop out of view), as in nanoGPT."""
     temperature: float = 1.0
     """Divides the logits before sampling: < 1 sharpens, > 1 flattens; 0 means greedy."""
     top_k: int = 0
@@ -63,8 +68,9 @@ class SamplingParams:
     """CTRL's penalty (Keskar et al. 2019) on every token already in the prompt or output:
     a positive logit is divided by it, a negative one multiplied; 1 = off."""
     truncate_prompt: bool = False
-    """When prompt + max_new_tokens exceeds the model's context, drop the oldest prompt
-    tokens (and report how many) instead of raising an error."""
+    """When the prompt itself is longer than the model's context (max_seq_len), keep only
+    its last max_seq_len tokens (and report how many were dropped) instead of raising an
+    error."""
 
     def __post_init__(self):
         # Accept lists (JSON, YAML) and a bare string for the tuple fields; store tuples so the

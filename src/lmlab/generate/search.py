@@ -14,9 +14,29 @@ Prompts of different lengths are decoded together: they are left-padded and the 
 a mask (False on padding) from which it works out positions, so a batch gives the same
 tokens as its prompts run one at a time. A model with a cache (``new_cache``) reads the
 prompt once and then one token per step; a model without one recomputes the whole prefix
-each step. Random draws come from a ``torch.Generator`` seeded with ``params.seed``, never
-the global RNG: the same prompts and seed give the same output. The rows of a batch draw
-from that one generator, so a sampled row depends on its batch (a greedy row never does).
+each step.
+
+Past the context: a model with a context window (``config.max_seq_len``: the transformers,
+whose learned or rotary positions stop there) may still generate more than it holds
+(nanoGPT's loop): once prompt + output outgrow ``max_seq_len`` tokens the window slides,
+and each further token is predicted from the last ``max_seq_len`` tokens alone, the oldest
+dropping out of view. The cache cannot follow: every cached key was computed with tokens
+in view that the window has since dropped, so from then on each step reruns the model on
+the window (as nanoGPT does: a forward over max_seq_len tokens per new token), and greedy
+output equals the textbook reference "crop the ids to the last max_seq_len, run the model,
+take the argmax". ``Generation.slid`` says how many tokens dropped out. A prompt longer
+than the context is still an error, unless ``truncate_prompt`` cuts it
+(``Generation.truncated``). Models without a window (``max_seq_len`` None: recurrent nets,
+the MLPs, n-grams unless given one) read as far back as they always do.
+
+Decoding never samples from a distribution that is not one: logits with NaN or inf (a
+model whose weights or activations are not finite), or a row that processing left with no
+finite logit, raise DecodingError naming the step, rather than failing inside
+``torch.multinomial`` or letting argmax pick an arbitrary token.
+
+Random draws come from a ``torch.Generator`` seeded with ``params.seed``, never the global
+RNG: the same prompts and seed give the same output. The rows of a batch draw from that one
+generator, so a sampled row depends on its batch (a greedy row never does).
 
 Parity: ``tests/generate/test_search.py`` compares greedy and beam search token for token
 with transformers' ``generate`` on tiny random GPT-2 and Llama models.
@@ -24,6 +44,7 @@ with transformers' ``generate`` on tiny random GPT-2 and Llama models.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -58,6 +79,9 @@ class Generation:
     """Prompt tokens dropped from the left to fit the context (truncate_prompt); 0 = none."""
     prompt_lengths: list[int]
     """Prompt tokens the model actually saw (after truncation)."""
+    slid: list[int] = dataclasses.field(default_factory=list)
+    """Tokens (prompt first, then output) that dropped out of the model's context window as
+    prompt + output outgrew max_seq_len; 0 = the whole sequence stayed in view."""
     texts: list[str] | None = None
     """Decoded new text, cut before the first stop string (only with a tokenizer)."""
 
@@ -70,7 +94,9 @@ class _Runner:
 
     ``ids`` [B, T + max_new] holds the prompts (left-padded to T) followed by the tokens
     appended so far; with a cache only the tokens it does not hold yet are fed, otherwise the
-    whole prefix is recomputed. Rows can be reordered (beam search).
+    whole prefix is recomputed. Once the slots outgrow the model's context (``max_seq_len``)
+    only the last ``max_seq_len`` slots are fed, without the cache. Rows can be reordered
+    (beam search).
     """
 
     @torch.inference_mode()
@@ -79,6 +105,7 @@ class _Runner:
         B, T = len(prompts), max(len(p) for p in prompts)
         self.model = model
         self.prompt_len = T
+        self.context = _context(model)
         self.ids = torch.zeros(B, T + max_new, dtype=torch.long, device=device)
         self.ids[:, :T] = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)
         pad = torch.tensor([T - len(p) for p in prompts], device=device)
@@ -87,14 +114,24 @@ class _Runner:
         self.padded = any(len(p) < T for p in prompts)
         self.length = T  # slots filled per row, padding included
         self.fed = 0  # slots the cache holds
-        self.cache = model.new_cache(B, T + max_new) if hasattr(model, "new_cache") else None
+        # The cache holds at most the context: past it, the window slides without the cache.
+        size = T + max_new if self.context is None else min(T + max_new, self.context)
+        self.cache = model.new_cache(B, size) if hasattr(model, "new_cache") else None
         self.matvec = _native_matvec(model)
-        vocab = model.config.vocab_size
-        self.seen = seen_tokens(self.ids[:, :T], vocab, self.mask[:, :T]) if seen else None
+        self.vocab = model.config.vocab_size
+        self.seen = seen_tokens(self.ids[:, :T], self.vocab, self.mask[:, :T]) if seen else None
 
     def next_logits(self) -> torch.Tensor:
         """Logits [B, V] for the token after everything appended so far."""
-        if self.cache is None:
+        if self.context is not None and self.length > self.context:
+            # The window slides: the model reads the last max_seq_len slots (a row still
+            # shorter than that keeps its padding masked). Keys cached so far were computed
+            # with the dropped tokens in view, so the cache is of no more use.
+            self.cache = None
+            start = self.length - self.context
+            mask = self.mask[:, start : self.length] if self.padded else None
+            logits = self._call(self.ids[:, start : self.length], mask=mask)
+        elif self.cache is None:
             mask = self.mask[:, : self.length] if self.padded else None
             logits = self._call(self.ids[:, : self.length], mask=mask)
         else:
@@ -102,6 +139,11 @@ class _Runner:
             mask = self.mask[:, : self.length] if self.padded and self.fed == 0 else None
             logits = self._call(self.ids[:, self.fed : self.length], mask=mask, cache=self.cache)
             self.fed = self.length
+        if logits.shape[-1] != self.vocab:
+            raise DecodingError(
+                f"the model returned outputs of width {logits.shape[-1]}, not next-token logits "
+                f"over its vocabulary of {self.vocab}: it cannot generate (an encoder?)"
+            )
         return logits[:, -1]  # (B, V)
 
     def append(self, tokens: torch.Tensor) -> None:
@@ -172,6 +214,50 @@ def _onednn(enabled: bool) -> Iterator[None]:
         torch._C._set_mkldnn_enabled(before)
 
 
+def _context(model: nn.Module) -> int | None:
+    """The model's context window in tokens (``config.max_seq_len``), or None: no limit."""
+    return getattr(model.config, "max_seq_len", None)
+
+
+def _slid(context: int | None, prompt_length: int, n_new: int) -> int:
+    """Tokens out of view when the last of ``n_new`` new tokens was chosen: the model then
+    read prompt + n_new - 1 tokens, of which it holds ``context``."""
+    return 0 if context is None else max(0, prompt_length + n_new - 1 - context)
+
+
+def _check_distribution(logits: torch.Tensor, processed: torch.Tensor, step: int, beams: int = 1):
+    """Raise DecodingError unless every row of the model's ``logits`` [B, V] is free of NaN
+    and +inf and keeps a finite value, and so does ``processed`` [B, V] (the logits a token
+    is chosen from). ``step`` (from 1) and the row's prompt (row // beams) name the place.
+
+    One reduction per tensor and one host sync: a row's max is NaN if the row holds a NaN,
+    +inf if it holds +inf, and -inf if every token is ruled out.
+    """
+    raw, chosen = logits.amax(dim=-1), processed.amax(dim=-1)  # (B,) each
+    bad = ~(torch.isfinite(raw) & torch.isfinite(chosen))
+    if not bool(bad.any()):
+        return
+    row = int(bad.nonzero()[0, 0])
+    prompt = row // beams
+    if bool(logits[row].isnan().any() | logits[row].isposinf().any()):
+        what = "NaN" if bool(logits[row].isnan().any()) else "inf"
+        raise DecodingError(
+            f"decoding step {step}: the model's next-token logits for prompt {prompt} contain "
+            f"{what}, so there is no distribution to choose from; its weights or activations "
+            "are not finite (a diverged run, or a corrupt checkpoint)"
+        )
+    if bool(logits[row].isneginf().all()):
+        raise DecodingError(
+            f"decoding step {step}: the model gives every next token of prompt {prompt} "
+            "logit -inf (probability 0), so there is no distribution to choose from"
+        )
+    raise DecodingError(
+        f"decoding step {step}: no token of prompt {prompt} is left with a finite logit after "
+        "repetition_penalty, temperature, top_k and top_p (every token ruled out, or logits "
+        "that overflow, e.g. at a tiny temperature)"
+    )
+
+
 def _device(model: nn.Module) -> torch.device:
     for tensor in itertools.chain(model.parameters(), model.buffers()):
         return tensor.device
@@ -237,9 +323,12 @@ class _Sampler:
 
     def _choose(self, logits: torch.Tensor) -> torch.Tensor:
         if self.generator is None:  # greedy: temperature, top-k and top-p keep the argmax
-            return process_logits(logits, self.params, self.runner.seen).argmax(dim=-1)
-        probs = process_logits(logits.float(), self.params, self.runner.seen).softmax(dim=-1)
-        return torch.multinomial(probs, 1, generator=self.generator).view(-1)
+            processed = process_logits(logits, self.params, self.runner.seen)
+            _check_distribution(logits, processed, self.steps + 1)
+            return processed.argmax(dim=-1)
+        processed = process_logits(logits.float(), self.params, self.runner.seen)
+        _check_distribution(logits, processed, self.steps + 1)
+        return torch.multinomial(processed.softmax(dim=-1), 1, generator=self.generator).view(-1)
 
     def _check_text(self, tokens: torch.Tensor) -> None:
         done = self.done.tolist()
@@ -312,7 +401,9 @@ def _beam_search(
     for step in range(max_new):
         if step:
             logits = runner.next_logits()
-        logp = process_logits(logits.float(), params, runner.seen).log_softmax(dim=-1)
+        processed = process_logits(logits.float(), params, runner.seen)
+        _check_distribution(logits, processed, step + 1, beams=N)
+        logp = processed.log_softmax(dim=-1)
         total = (scores.view(B * N, 1) + logp).view(B, N * V)  # sum of log p per candidate
         top_scores, top_index = (t.tolist() for t in total.topk(K, dim=-1))  # (B, K) each
         n = step + 1  # new tokens in each candidate
@@ -397,10 +488,10 @@ def _encode(prompts, tokenizer) -> list[list[int]]:
 def _fit_prompts(
     model: nn.Module, prompts: list[list[int]], params: SamplingParams
 ) -> tuple[list[list[int]], list[int]]:
-    """Check every prompt; left-truncate to the context when asked. -> (prompts, dropped)."""
+    """Check every prompt; left-truncate one longer than the context when asked.
+    -> (prompts, dropped). Prompt + output may outgrow the context: the window slides."""
     vocab = model.config.vocab_size
-    context = getattr(model.config, "max_seq_len", None)
-    max_new = params.max_new_tokens
+    context = _context(model)
     fitted, dropped = [], []
     for i, prompt in enumerate(prompts):
         name = f"prompt {i}" if len(prompts) > 1 else "prompt"
@@ -411,22 +502,14 @@ def _fit_prompts(
             )
         check_ids(prompt, vocab, name)
         cut = 0
-        if context is not None and len(prompt) + max_new > context:
-            room = context - max_new
-            if room < 1:
-                raise DecodingError(
-                    f"max_new_tokens={max_new} leaves no room for a prompt in the model's "
-                    f"context of {context} tokens (max_seq_len); use max_new_tokens <= "
-                    f"{context - 1}"
-                )
+        if context is not None and len(prompt) > context:
             if not params.truncate_prompt:
                 raise DecodingError(
-                    f"{name} has {len(prompt)} tokens and max_new_tokens={max_new}: "
-                    f"{len(prompt) + max_new} > the model's context of {context} tokens "
-                    f"(max_seq_len); shorten the prompt, lower max_new_tokens, or set "
-                    f"truncate_prompt=True to keep only the last {room} prompt tokens"
+                    f"{name} has {len(prompt)} tokens, more than the model's context of "
+                    f"{context} tokens (max_seq_len); shorten it, or set truncate_prompt=True "
+                    f"to keep only its last {context} tokens"
                 )
-            cut = len(prompt) - room
+            cut = len(prompt) - context
         fitted.append(prompt[cut:])
         dropped.append(cut)
     return fitted, dropped
@@ -487,7 +570,9 @@ def generate(
     tokenizer (duck-typed: ``encode(str) -> list[int]``, ``decode(list[int]) -> str``,
     optional ``eos_id``) the result also carries ``texts`` and stop strings apply.
     Raises DecodingError, before any tensor is built, for out-of-range ids, an empty
-    prompt, or a prompt that does not fit the context (unless ``truncate_prompt``).
+    prompt, or a prompt longer than the context (unless ``truncate_prompt``); and, at the
+    step it happens, for logits that are not finite. Prompt + output may outgrow the
+    context: the window slides (``slid`` in the result says by how many tokens).
     """
     require_causal_lm(model, "generating text")
     params = _check_params(params)
@@ -506,7 +591,9 @@ def generate(
         while not sampler.finished:
             sampler.step()
         ids, reasons = sampler.result()
-    out = Generation(ids, reasons, dropped, [len(p) for p in prompts])
+    context = _context(model)
+    slid = [_slid(context, len(p), len(row)) for p, row in zip(prompts, ids)]
+    out = Generation(ids, reasons, dropped, [len(p) for p in prompts], slid)
     if tokenizer is not None:
         out.texts = []
         for i, row in enumerate(ids):
@@ -540,13 +627,15 @@ def generate_text(
 class Stream(Generic[Piece]):
     """An iterator over one prompt's output as it is produced.
 
-    ``truncated`` and ``prompt_length`` are known at once; ``ids`` grows as tokens come;
+    ``truncated`` and ``prompt_length`` are known at once; ``ids`` grows as tokens come, and
+    ``slid`` with them (tokens dropped out of the context window, as ``Generation.slid``);
     ``finish_reason`` ("stop" or "length") is set once the iterator is exhausted.
     """
 
-    def __init__(self, truncated: int, prompt_length: int):
+    def __init__(self, truncated: int, prompt_length: int, context: int | None = None):
         self.truncated = truncated
         self.prompt_length = prompt_length
+        self.context = context
         self.ids: list[int] = []
         self.finish_reason: str | None = None
         self._pieces: Iterator[Piece] = iter(())
@@ -556,6 +645,11 @@ class Stream(Generic[Piece]):
 
     def __next__(self) -> Piece:
         return next(self._pieces)
+
+    @property
+    def slid(self) -> int:
+        """Tokens that dropped out of the context window so far (0: none)."""
+        return _slid(self.context, self.prompt_length, len(self.ids))
 
 
 def _start_stream(model, prompt, params, tokenizer):
@@ -579,7 +673,7 @@ def _start_stream(model, prompt, params, tokenizer):
         raise DecodingError("stream_ids takes one prompt: a list of token ids")
     (prompt,), (dropped,) = _fit_prompts(model, [list(prompt)], params)
     sampler = _Sampler(model, [prompt], params, stop_ids, _text_stop(tokenizer, params.stop))
-    return sampler, Stream(dropped, len(prompt)), stop_ids, params
+    return sampler, Stream(dropped, len(prompt), _context(model)), stop_ids, params
 
 
 def stream_ids(
