@@ -133,8 +133,8 @@ def demo(
     Args:
         out_dir: the run directory (checkpoints, metrics.jsonl, loss.png, samples.md).
         prompt: the text every decoding method continues.
-        max_new_tokens: characters generated per method (prompt + these must fit the
-            128-character context).
+        max_new_tokens: characters generated per method (past the 128-character context
+            the window slides: the oldest characters drop out).
         max_steps: override the demo's training steps (fewer for a quick look); None
             keeps those of a run found in out_dir.
         seed: seeds training and sampling.
