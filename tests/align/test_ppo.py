@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lmlab.align.ppo import PPOConfig, ppo, row_prompt, task_reward
+from lmlab.align.ppo import PPOConfig, _Run, ppo, row_prompt, task_reward
 from lmlab.align.rl import (
     AdaptiveKLController,
     FixedKLController,
@@ -22,6 +22,7 @@ from lmlab.data.tokenizers import CharTokenizer
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.finetune import LoRAConfig
 from lmlab.models import build_model, get_preset
+from lmlab.train.run import RunDir
 
 # ----------------------------------------------------------------------------- the maths
 # Each example is the hand-worked one in the function's docstring. Tolerances: 1e-6 for
@@ -116,9 +117,7 @@ def test_rloo_advantages_are_the_centred_score_plus_kl_to_go(tmp_path):
     config = small_config(
         tmp_path, advantage_estimator="rloo", samples_per_prompt=2, batch_size=2, kl_coef=0.5
     )
-    from lmlab.align.ppo import _Run
-
-    run = _Run(tiny_lm(), PROMPTS, starts_with_a, config)
+    run = _Run(tiny_lm(), PROMPTS, starts_with_a, config, RunDir(config.out_dir))
     run.model.lm_head.weight.data.add_(0.3 * torch.randn_like(run.model.lm_head.weight))
     rollout = run._rollout()
     scores, kl, mask = rollout["scores"], rollout["kl"], rollout["mask"]
@@ -182,7 +181,7 @@ def small_config(tmp_path, **overrides) -> PPOConfig:
         lr=3e-3,
         method="full",
         chat_template=False,
-        iterations=4,
+        max_steps=4,
         out_dir=str(tmp_path / "run"),
         progress=False,
     )
@@ -197,7 +196,7 @@ def without_time(records):
 @pytest.mark.parametrize("estimator", ["gae", "rloo"])
 def test_ppo_learns_an_easy_reward_with_finite_kl(tmp_path, estimator):
     # Reward 1 when the first generated character is "a" (1 of 8, so ~0.125 at random).
-    config = small_config(tmp_path, iterations=12, advantage_estimator=estimator)
+    config = small_config(tmp_path, max_steps=12, advantage_estimator=estimator)
     result = ppo(tiny_lm(), PROMPTS, starts_with_a, config)
     assert (result.value_head is None) == (estimator == "rloo")
     scores = [r["score"] for r in result.metrics]
@@ -223,7 +222,7 @@ def test_ppo_learns_an_easy_reward_with_finite_kl(tmp_path, estimator):
 def test_lr_zero_leaves_the_policy_unchanged_and_kl_zero(tmp_path, method):
     lm = tiny_lm()
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    config = small_config(tmp_path, lr=0.0, method=method, iterations=2, lora=LoRAConfig(r=2))
+    config = small_config(tmp_path, lr=0.0, method=method, max_steps=2, lora=LoRAConfig(r=2))
     result = ppo(lm, PROMPTS, starts_with_a, config)
     for record in result.metrics:
         assert record["kl"] == 0.0 and record["approx_kl"] == 0.0
@@ -242,7 +241,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, metho
     # Exact resume (RELIABILITY item 1): 4 iterations straight vs Ctrl-C during the rollout
     # of iteration 3 (a checkpoint is saved at 2), then resume -> the same metrics and
     # bit-identical final weights and value head.
-    extra = dict(method=method, lora=LoRAConfig(r=2), lr=1e-2, checkpoint_every=3, kl_target=1.0)
+    extra = dict(method=method, lora=LoRAConfig(r=2), lr=1e-2, ckpt_interval=3, kl_target=1.0)
     straight = ppo(tiny_lm(), PROMPTS, starts_with_a, small_config(tmp_path / "a", **extra))
 
     calls = []
@@ -259,7 +258,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, metho
     assert (tmp_path / "b" / "run" / "checkpoints" / "step-00000002").is_dir()
     with pytest.raises(ConfigError, match="resume"):
         ppo(tiny_lm(), PROMPTS, starts_with_a, config)
-    resumed_config = small_config(tmp_path / "b", resume=True, **extra)
+    resumed_config = small_config(tmp_path / "b", resume="auto", **extra)
     if method == "full":  # the starting model is the reference: another one is refused
         with pytest.raises(CheckpointError, match="other weights"):
             ppo(tiny_lm(seed=1), PROMPTS, starts_with_a, resumed_config)
@@ -278,7 +277,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, metho
 
 
 def test_time_budget_stops_the_run_and_still_writes_the_model(tmp_path):
-    config = small_config(tmp_path, iterations=50, time_budget_s=1e-9)
+    config = small_config(tmp_path, max_steps=50, time_budget_s=1e-9)
     result = ppo(tiny_lm(), PROMPTS, starts_with_a, config)
     assert result.iterations == 0 and result.metrics == [] and result.checkpoint is None
     assert (result.model_dir / "COMPLETE").is_file()
@@ -298,6 +297,10 @@ def test_time_budget_stops_the_run_and_still_writes_the_model(tmp_path):
         ("kl_kind", "k9"),
         ("method", "lorra"),
         ("time_budget_s", -5.0),
+        ("max_steps", 0),
+        ("ckpt_interval", 0),
+        ("keep_last", 0),
+        ("resume", ""),
         ("advantage_estimator", "grpo"),
     ],
 )
@@ -369,7 +372,7 @@ def test_cli_ppo_runs_on_task_rows(tmp_path, capsys):
     )
     args = ["ppo", "--model", str(tmp_path / "model"), "--prompts", str(rows)]
     flags = [
-        "--ppo.iterations", "1", "--ppo.batch_size", "2", "--ppo.max_new_tokens", "2",
+        "--ppo.max_steps", "1", "--ppo.batch_size", "2", "--ppo.max_new_tokens", "2",
         "--ppo.method", "full", "--ppo.chat_template", "false", "--ppo.progress", "false",
         "--ppo.lora.r", "2", "--ppo.lora.targets", "[q_proj]",
         "--ppo.out_dir", str(tmp_path / "run"),
@@ -378,7 +381,7 @@ def test_cli_ppo_runs_on_task_rows(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "PPO: 1 iterations" in out and str(tmp_path / "run" / "model") in out
     recorded = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert recorded["lora"] == {"r": 2, "alpha": 16.0, "dropout": 0.0, "targets": ["q_proj"]}
+    assert recorded["ppo"]["lora"] == {"r": 2, "alpha": 16.0, "dropout": 0.0, "targets": ["q_proj"]}
     assert main(args + ["--reward", "rm_dir"] + flags) == 2
     assert "neither 'task' nor a reward-model directory" in capsys.readouterr().err
 
