@@ -1,6 +1,12 @@
 import dataclasses
 import json
 import math
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,11 +24,14 @@ from lmlab.align.rl import (
     whiten,
 )
 from lmlab.api import LM
+from lmlab.checkpoint.io import checkpoint_dir, list_checkpoints
 from lmlab.data.tokenizers import CharTokenizer
+from lmlab.devices import model_device
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.finetune import LoRAConfig
 from lmlab.models import build_model, get_preset
-from lmlab.train.run import RunDir
+from lmlab.train.metrics import read_metrics
+from lmlab.train.run import LOCK_FILE, RunDir, RunInUse
 
 # ----------------------------------------------------------------------------- the maths
 # Each example is the hand-worked one in the function's docstring. Tolerances: 1e-6 for
@@ -343,9 +352,10 @@ def test_task_reward_grades_rows_by_their_prompt():
 # ----------------------------------------------------------------------------- CLI
 
 
-def test_cli_ppo_runs_on_task_rows(tmp_path, capsys):
+def task_run_files(tmp_path) -> tuple[Path, Path]:
+    """A tiny char model that can read arithmetic questions, and 4 task rows -> (model
+    checkpoint, rows.jsonl)."""
     from lmlab.checkpoint.io import save_checkpoint
-    from lmlab.cli.main import main
 
     # digits, the questions and the plain template's "### Instruction:" / "### Response:"
     tokenizer = CharTokenizer.train("0123456789 +-*?.:#\nWhatisAnswrhenumbrolyIRcp")
@@ -370,13 +380,24 @@ def test_cli_ppo_runs_on_task_rows(tmp_path, capsys):
             for i in range(4)
         )
     )
-    args = ["ppo", "--model", str(tmp_path / "model"), "--prompts", str(rows)]
-    flags = [
-        "--ppo.max_steps", "1", "--ppo.batch_size", "2", "--ppo.max_new_tokens", "2",
+    return tmp_path / "model", rows
+
+
+def cli_flags(out_dir, max_steps: int = 1) -> list[str]:
+    return [
+        "--ppo.max_steps", str(max_steps), "--ppo.batch_size", "2", "--ppo.max_new_tokens", "2",
         "--ppo.method", "full", "--ppo.chat_template", "false", "--ppo.progress", "false",
-        "--ppo.lora.r", "2", "--ppo.lora.targets", "[q_proj]",
-        "--ppo.out_dir", str(tmp_path / "run"),
+        "--ppo.lora.r", "2", "--ppo.lora.targets", "[q_proj]", "--ppo.device", "cpu",
+        "--ppo.out_dir", str(out_dir),
     ]  # fmt: skip
+
+
+def test_cli_ppo_runs_on_task_rows(tmp_path, capsys):
+    from lmlab.cli.main import main
+
+    model, rows = task_run_files(tmp_path)
+    args = ["ppo", "--model", str(model), "--prompts", str(rows)]
+    flags = cli_flags(tmp_path / "run")
     assert main(args + flags) == 0
     out = capsys.readouterr().out
     assert "PPO: 1 iterations" in out and str(tmp_path / "run" / "model") in out
@@ -393,3 +414,169 @@ def test_cli_ppo_runs_on_task_rows(tmp_path, capsys):
     flags[-1] = str(tmp_path / "run-rm")
     assert main(args + ["--reward", str(tmp_path / "rm")] + flags) == 0
     assert "PPO: 1 iterations" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- the run folder
+
+
+def start_ppo(model, rows, out_dir) -> subprocess.Popen:
+    """`lmlab ppo` in another process, "forever" until the test stops it; waits until it
+    has finished an iteration."""
+    args = ["ppo", "--model", str(model), "--prompts", str(rows)]
+    flags = [*cli_flags(out_dir, max_steps=100_000_000), "--ppo.ckpt_interval", "100000000"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmlab", *args, *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not any(e["event"] == "ppo" for e in read_metrics(out_dir / "metrics.jsonl")):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the PPO process did not start: {proc.communicate()}")
+        time.sleep(0.1)
+    return proc
+
+
+def test_sigterm_saves_a_checkpoint_a_second_writer_is_refused_and_the_run_resumes(
+    tmp_path, capsys
+):
+    """A real `lmlab ppo` process (reliability item 28 and SIGTERM, as the trainer's test in
+    tests/train/test_run.py): while it runs, a second PPO run into its folder (fresh or
+    resuming) is refused naming the owner and writes nothing; SIGTERM saves a checkpoint
+    at the last finished iteration and exits 128 + 15; `--ppo.resume auto` continues."""
+    from lmlab.cli.main import main
+
+    model, rows = task_run_files(tmp_path)
+    out = tmp_path / "run"
+    proc = start_ppo(model, rows, out)
+    try:
+        config_before = (out / "config.json").read_text()
+        for resume in ("never", "auto"):
+            second = PPOConfig(out_dir=str(out), resume=resume, device="cpu", progress=False)
+            with pytest.raises(RunInUse, match=f"pid {proc.pid} on host {socket.gethostname()}"):
+                ppo(str(model), ["What is 1 + 1?"], starts_with_a, second)
+        assert (out / "config.json").read_text() == config_before
+        assert proc.poll() is None  # the owner runs on
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err and "terminated" in err
+    events = read_metrics(out / "metrics.jsonl")
+    done = [e["step"] for e in events if e["event"] == "ppo"]
+    [stopped] = [e["step"] for e in events if e["event"] == "checkpoint"]
+    assert stopped == done[-1]  # an iteration's updates and record are never cut in two
+    assert [p.name for p in list_checkpoints(out)] == [checkpoint_dir(out, stopped).name]
+    assert not (out / LOCK_FILE).exists()  # the lock went with the process
+
+    args = ["ppo", "--model", str(model), "--prompts", str(rows)]
+    flags = cli_flags(out, max_steps=stopped + 1)
+    assert main([*args, *flags, "--ppo.resume", "auto"]) == 0, capsys.readouterr().err
+    events = read_metrics(out / "metrics.jsonl")
+    assert [e["step"] for e in events if e["event"] == "resume"] == [stopped]
+    assert [e["step"] for e in events if e["event"] == "ppo"] == list(range(1, stopped + 2))
+    assert list_checkpoints(out)[-1] == checkpoint_dir(out, stopped + 1)
+
+
+def test_resume_auto_with_nothing_to_resume_starts_fresh(tmp_path):
+    fresh = ppo(tiny_lm(), PROMPTS, starts_with_a, small_config(tmp_path / "a", max_steps=1))
+    config = small_config(tmp_path / "b", max_steps=1, resume="auto")
+    auto = ppo(tiny_lm(), PROMPTS, starts_with_a, config)
+    assert auto.iterations == 1
+    assert [e["event"] for e in read_metrics(Path(config.out_dir) / "metrics.jsonl")] == [
+        "ppo",
+        "checkpoint",
+    ]
+    a, b = fresh.lm.model.state_dict(), auto.lm.model.state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_bogus_resume_path_is_one_clear_error(tmp_path, capsys):
+    from lmlab.cli.main import main
+
+    missing = str(tmp_path / "no-such-run")
+    with pytest.raises(CheckpointError, match="no such checkpoint or run directory"):
+        ppo(tiny_lm(), PROMPTS, starts_with_a, small_config(tmp_path, resume=missing))
+    (tmp_path / "empty").mkdir()
+    empty = small_config(tmp_path, resume=str(tmp_path / "empty"))
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        ppo(tiny_lm(), PROMPTS, starts_with_a, empty)
+    assert list_checkpoints(tmp_path / "run") == []
+    # The CLI: one line naming the path, exit status 2.
+    model, rows = task_run_files(tmp_path)
+    args = ["ppo", "--model", str(model), "--prompts", str(rows), *cli_flags(tmp_path / "cli")]
+    assert main([*args, "--ppo.resume", missing]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and missing in err and "no such checkpoint" in err
+
+
+def test_a_checkpoint_of_another_command_is_not_resumed(tmp_path):
+    from lmlab.checkpoint.io import save_checkpoint
+
+    lm = tiny_lm()
+    save_checkpoint(tmp_path / "plain", lm.model, tokenizer=TOKENIZER, train_state={"step": 3})
+    config = small_config(tmp_path, resume=str(tmp_path / "plain"))
+    with pytest.raises(CheckpointError, match="not a PPO checkpoint"):
+        ppo(lm, PROMPTS, starts_with_a, config)
+
+
+def test_resume_true_and_false_still_mean_auto_and_never():
+    assert PPOConfig(resume=True).resume == "auto"
+    assert PPOConfig(resume=False).resume == "never"
+
+
+def test_the_seed_reproduces_the_run_bit_for_bit(tmp_path):
+    """Reliability item 31: LoRA's init, the sampling and the shuffling all come from the
+    config's seed, whatever torch's global RNG holds before the run."""
+
+    def lora_run(seed: int, global_seed: int, name: str):
+        lm = tiny_lm()
+        torch.manual_seed(global_seed)
+        config = small_config(
+            tmp_path / name, method="lora", lora=LoRAConfig(r=2), max_steps=2, seed=seed
+        )
+        return ppo(lm, PROMPTS, starts_with_a, config).lm.model.state_dict()
+
+    def lora_init(seed: int, global_seed: int):
+        lm = tiny_lm()
+        torch.manual_seed(global_seed)
+        config = small_config(tmp_path / "init", method="lora", lora=LoRAConfig(r=2), seed=seed)
+        _Run(lm, PROMPTS, starts_with_a, config, RunDir(config.out_dir))
+        return {k: v for k, v in lm.model.state_dict().items() if "lora_a" in k.lower()}
+
+    first, again, other = lora_init(0, 1), lora_init(0, 2), lora_init(1, 1)
+    assert first and first.keys() == again.keys() == other.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not any(torch.equal(first[k], other[k]) for k in first)
+
+    a, b, c = lora_run(0, 1, "a"), lora_run(0, 2, "b"), lora_run(1, 1, "c")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(a[name], c[name]) for name in a)
+
+
+def test_a_missing_device_is_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="device='cuda:7' is not available"):
+        ppo(tiny_lm(), PROMPTS, starts_with_a, small_config(tmp_path, device="cuda:7"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_ppo_trains_on_cuda_and_resumes_on_the_cpu(tmp_path, method):
+    config = small_config(
+        tmp_path, method=method, lora=LoRAConfig(r=2), max_steps=2, ckpt_interval=1, device="cuda"
+    )
+    result = ppo(tiny_lm(), PROMPTS, starts_with_a, config)
+    assert model_device(result.lm.model).type == "cuda"
+    assert result.value_head.weight.device.type == "cuda"
+    assert all(math.isfinite(r["kl"]) for r in result.metrics)
+    resumed_config = dataclasses.replace(config, device="cpu", resume="auto", max_steps=3)
+    resumed = ppo(tiny_lm(), PROMPTS, starts_with_a, resumed_config)
+    assert resumed.iterations == 3 and model_device(resumed.lm.model).type == "cpu"
