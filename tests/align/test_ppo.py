@@ -475,9 +475,17 @@ def test_sigterm_saves_a_checkpoint_a_second_writer_is_refused_and_the_run_resum
     assert [p.name for p in list_checkpoints(out)] == [checkpoint_dir(out, stopped).name]
     assert not (out / LOCK_FILE).exists()  # the lock went with the process
 
-    args = ["ppo", "--model", str(model), "--prompts", str(rows)]
-    flags = cli_flags(out, max_steps=stopped + 1)
-    assert main([*args, *flags, "--ppo.resume", "auto"]) == 0, capsys.readouterr().err
+    # The resume names only the folder: model, prompts, reward and settings are the run's.
+    resume = ["ppo", "--ppo.out_dir", str(out), "--ppo.resume", "auto"]
+    assert main([*resume, "--ppo.seed", "5"]) == 2
+    assert "seed=5 cannot change mid-run" in capsys.readouterr().err
+    assert main([*resume, "--ppo.max_steps", str(stopped + 1)]) == 0, capsys.readouterr().err
+    assert f"resuming {str(out)!r} with its recorded settings; changed: max_steps" in (
+        capsys.readouterr().out
+    )
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["source"]["model"] == str(model)
+    assert recorded["ppo"]["max_new_tokens"] == 2 and recorded["ppo"]["resume"] == "auto"
     events = read_metrics(out / "metrics.jsonl")
     assert [e["step"] for e in events if e["event"] == "resume"] == [stopped]
     assert [e["step"] for e in events if e["event"] == "ppo"] == list(range(1, stopped + 2))

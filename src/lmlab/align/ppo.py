@@ -323,11 +323,16 @@ def ppo_from_files(
             or the directory of a reward model (``lmlab reward``), which scores each
             (prompt, completion); rows then need only a ``prompt`` (or an instruction).
         config: the PPO settings.
+
+    ``model``, ``prompts`` and ``reward`` are recorded in ``config.json`` (``"source"``), so
+    that ``lmlab ppo --ppo.resume`` finds them again.
     """
+    config = config or PPOConfig()
+    source = {"model": str(model), "prompts": str(prompts), "reward": str(reward)}
     if reward == "task":
         expected = "'task', 'instruction', 'output'"
         rows = [row for _, row in read_rows(prompts, "task rows", expected)]
-        return ppo(model, [row_prompt(r) for r in rows], task_reward(rows), config)
+        return ppo(model, [row_prompt(r) for r in rows], task_reward(rows), config, source=source)
     if not Path(reward).is_dir():
         raise ConfigError(
             f"reward={reward!r} is neither 'task' nor a reward-model directory (lmlab reward "
@@ -335,13 +340,14 @@ def ppo_from_files(
         )
 
     scorer = load_reward_model(reward)
+    scorer.model.to(resolve_device(config.device))  # scored where the policy samples
     rows = [row for _, row in read_rows(prompts, "prompt rows", "'prompt' or 'instruction'")]
     texts = [r["prompt"] if isinstance(r.get("prompt"), str) else row_prompt(r) for r in rows]
 
     def reward_fn(prompts: list[str], completions: list[str]) -> list[float]:
         return scorer.score(list(zip(prompts, completions))).tolist()
 
-    return ppo(model, texts, reward_fn, config)
+    return ppo(model, texts, reward_fn, config, source=source)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -421,6 +427,7 @@ def ppo(
     reward_fn: RewardFn,
     config: PPOConfig | None = None,
     callbacks: Sequence[Callable[[dict[str, Any]], None]] | None = None,
+    source: Mapping[str, str] | None = None,
 ) -> PPOResult:
     """Train ``model`` with PPO against ``reward_fn`` on ``prompts``.
 
@@ -433,6 +440,8 @@ def ppo(
             per completion (``prompts`` are the strings given here, repeated per sample).
         config: the settings (``PPOConfig``).
         callbacks: called with every event written to metrics.jsonl, after it is written.
+        source: what the run is made from (``ppo_from_files``: model, prompts, reward),
+            recorded in config.json beside the settings.
 
     The run owns ``config.out_dir`` while it trains (``lmlab.train.run``: a second process
     gets ``RunInUse``). Ctrl-C (KeyboardInterrupt) and SIGTERM (``Interrupted``) save a
@@ -455,7 +464,7 @@ def ppo(
         run.clean()  # a crashed save's temporaries, before choosing what to resume
         resume_from = run.resume_source(config.resume)
         loop = _Run(lm, list(prompts), reward_fn, config, run)
-        loop.start(resume_from)
+        loop.start(resume_from, source)
         return loop.train(stop)
 
 
@@ -515,7 +524,7 @@ class _Run:
 
     # ------------------------------------------------------------------------- setup
 
-    def start(self, resume_from: Path | None) -> None:
+    def start(self, resume_from: Path | None, source: Mapping[str, str] | None = None) -> None:
         """Restore a checkpoint (or start fresh), record the config, open the log."""
         run, metrics_path = self.run_dir, self.out_dir / METRICS_FILE
         if resume_from is not None:
@@ -526,6 +535,7 @@ class _Run:
         run.record(
             {
                 "ppo": dataclasses.asdict(self.config),
+                "source": dict(source) if source is not None else None,
                 "resolved": {
                     "device": str(self.device),
                     "parameters": sum(p.numel() for p in self.params),
