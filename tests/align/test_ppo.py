@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import math
+import os
 import signal
 import socket
 import subprocess
@@ -31,7 +32,7 @@ from lmlab.errors import CheckpointError, ConfigError
 from lmlab.finetune import LoRAConfig
 from lmlab.models import build_model, get_preset
 from lmlab.train.metrics import read_metrics
-from lmlab.train.run import LOCK_FILE, RunDir, RunInUse
+from lmlab.train.run import LOCK_FILE, Interrupted, RunDir, RunInUse
 
 # ----------------------------------------------------------------------------- the maths
 # Each example is the hand-worked one in the function's docstring. Tolerances: 1e-6 for
@@ -490,6 +491,35 @@ def test_sigterm_saves_a_checkpoint_a_second_writer_is_refused_and_the_run_resum
     assert [e["step"] for e in events if e["event"] == "resume"] == [stopped]
     assert [e["step"] for e in events if e["event"] == "ppo"] == list(range(1, stopped + 2))
     assert list_checkpoints(out)[-1] == checkpoint_dir(out, stopped + 1)
+
+
+def test_a_sigterm_inside_the_updates_waits_for_their_end_then_saves(tmp_path, monkeypatch):
+    """SIGTERM sent as iteration 2's optimizer updates begin is raised only after the
+    iteration ends (its updates, counter and record); its state is saved, and the resumed
+    run ends bit for bit where an uninterrupted one does."""
+    straight = ppo(tiny_lm(), PROMPTS, starts_with_a, small_config(tmp_path / "a"))
+    update = _Run._update
+
+    def terminated_in_iteration_2(self, rollout):
+        if self.iteration == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return update(self, rollout)
+
+    config = small_config(tmp_path / "b", ckpt_interval=100)
+    with monkeypatch.context() as patch:
+        patch.setattr(_Run, "_update", terminated_in_iteration_2)
+        with pytest.raises(Interrupted):
+            ppo(tiny_lm(), PROMPTS, starts_with_a, config)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handlers are put back
+    out = Path(config.out_dir)
+    events = read_metrics(out / "metrics.jsonl")
+    assert [e["step"] for e in events if e["event"] == "ppo"] == [1, 2]
+    assert [p.name for p in list_checkpoints(out)] == [checkpoint_dir(out, 2).name]
+    resumed = ppo(tiny_lm(), PROMPTS, starts_with_a, dataclasses.replace(config, resume="auto"))
+    assert without_time(resumed.metrics) == without_time(straight.metrics)
+    a, b = straight.lm.model.state_dict(), resumed.lm.model.state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
 
 
 def test_resume_auto_with_nothing_to_resume_starts_fresh(tmp_path):
