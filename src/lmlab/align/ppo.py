@@ -193,10 +193,12 @@ class PPOConfig:
         )
         for name in positive_ints:
             value = getattr(self, name)
-            if name == "keep_last" and value is None:
+            optional = name == "keep_last"  # None keeps every checkpoint
+            if optional and value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"PPOConfig.{name}={value!r} is invalid: must be an integer >= 1")
+                allowed = "an integer >= 1" + (" or None" if optional else "")
+                raise ConfigError(f"PPOConfig.{name}={value!r} is invalid: must be {allowed}")
         if not isinstance(self.resume, str) or not self.resume:
             raise ConfigError(
                 f'PPOConfig.resume={self.resume!r} is invalid: "never", "auto" or a '
