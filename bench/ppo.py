@@ -8,12 +8,14 @@ mean reward of 4 replies sampled per held-out prompt (what PPO maximises), the
 KL to the reference (the SFT model) on the last iterations' rollouts, and wall time; writes
 the score/KL plot to ``<out>/ppo.png``. Prints a Markdown table.
 
-Usage: python bench/ppo.py [--model runs/align/sft/model] [--iterations 40]
+Usage: python bench/ppo.py [--model runs/align/sft/model] [--max-steps 40]
            [--time-budget 1800] [--batch-size 8] [--samples 4] [--lr 1e-4] [--out DIR]
-           [--advantage-estimator gae|rloo] [--max-new-tokens 8]
+           [--advantage-estimator gae|rloo] [--max-new-tokens 8] [--device auto]
+
+The run continues its out_dir when it holds checkpoints (``resume="auto"``).
 
 A quick end-to-end check (a minute or two on 2 CPU cores):
-    python bench/ppo.py --iterations 2 --batch-size 2 --samples 2 --n-test 4 \\
+    python bench/ppo.py --max-steps 2 --batch-size 2 --samples 2 --n-test 4 \\
         --ppo-epochs 1 --out /tmp/ppo-check
 """
 
@@ -32,7 +34,7 @@ def main() -> None:
     ap.add_argument("--test", default="runs/align/test.jsonl")
     ap.add_argument("--n-test", type=int, default=100, help="held-out rows to grade")
     ap.add_argument("--reward-k", type=int, default=4, help="sampled replies per held-out prompt")
-    ap.add_argument("--iterations", type=int, default=40)
+    ap.add_argument("--max-steps", type=int, default=40, help="PPO iterations in all")
     ap.add_argument("--time-budget", type=float, default=None, help="seconds of PPO at most")
     ap.add_argument("--batch-size", type=int, default=8, help="prompts per rollout")
     ap.add_argument("--samples", type=int, default=4, help="completions per prompt")
@@ -49,6 +51,7 @@ def main() -> None:
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--out", default="runs/align/ppo")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     args = ap.parse_args()
 
     import torch
@@ -64,7 +67,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     rows = read_jsonl(args.prompts)
     test = read_jsonl(args.test)[: args.n_test]
-    lm = lmlab.load(args.model, dtype="float32", keep_quantized=False)
+    lm = lmlab.load(args.model, dtype="float32", keep_quantized=False, device=args.device)
     t = time.perf_counter()
     before, _ = task_accuracy(lm, test, max_new_tokens=args.max_new_tokens)
     eval_s = time.perf_counter() - t
@@ -85,12 +88,13 @@ def main() -> None:
         lora=LoRAConfig(
             r=args.lora_r, alpha=2.0 * args.lora_r, targets=("q_proj", "k_proj", "v_proj", "o_proj")
         ),
-        iterations=args.iterations,
+        max_steps=args.max_steps,
         time_budget_s=args.time_budget,
-        checkpoint_every=10,
+        ckpt_interval=10,
         out_dir=args.out,
-        resume=True,
+        resume="auto",
         seed=0,
+        device=args.device,
     )
     t = time.perf_counter()
     result = ppo(lm, [row_prompt(r) for r in rows], task_reward(rows), config)

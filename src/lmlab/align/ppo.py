@@ -1,7 +1,7 @@
 """PPO for RLHF: improve a language model against a reward, held near where it started.
 
     result = ppo(lmlab.load("runs/align/sft/model"), prompts, task_reward(rows),
-                 PPOConfig(iterations=50, method="lora", out_dir="runs/align/ppo"))
+                 PPOConfig(max_steps=50, method="lora", out_dir="runs/align/ppo"))
 
 Each iteration (Ziegler et al. 2019; Ouyang et al. 2022, InstructGPT; Schulman et al. 2017):
 
@@ -26,14 +26,20 @@ log-probs equal the rollout's and the ratio is exactly 1. Log-probs are those of
 temperature-scaled distribution the rollout sampled from (top-p truncation is not
 modelled, as in TRL).
 
-``out_dir`` gets ``metrics.jsonl`` (one ``"ppo"`` event per iteration), ``ppo.png``
-(score and KL against iteration, ``lmlab.align.plots``), ``checkpoints/`` (atomic, every ``checkpoint_every``
-iterations and on Ctrl-C; ``resume=True`` continues exactly: policy, value head, optimizer,
-KL controller, shuffling generator, prompt order and counter), ``adapter/`` for LoRA and
-``model/`` (an lmlab checkpoint, LoRA merged in, loadable by ``lmlab.load``).
+``out_dir`` is a run folder as the trainer's (``lmlab.train.run.RunDir``: one writer at a
+time, ``config.json``, ``metrics.jsonl`` with one ``"ppo"`` event per iteration,
+``checkpoints/`` saved atomically every ``ckpt_interval`` iterations, at the end and on
+Ctrl-C or SIGTERM, the ``keep_last`` newest kept). PPO's step is an iteration: ``max_steps``
+counts iterations. ``resume="auto"`` (or a path) continues exactly: policy, value head,
+optimizer, KL controller, shuffling generator, prompt order and counter. The folder also
+gets ``ppo.png`` (score and KL against iteration, ``lmlab.align.plots``), ``adapter/`` for
+LoRA and ``model/`` (an lmlab checkpoint, LoRA merged in, loadable by ``lmlab.load``).
+The seed makes a run reproducible bit for bit: LoRA's init (under ``lmlab.seeds.seeded``),
+the sampling (seed, iteration), the minibatch shuffling and the prompt order.
 
-Tests: ``tests/align/test_ppo.py`` (hand-worked maths, exact resume, lr=0 invariance,
-learning a simple reward on a tiny model).
+Tests: ``tests/align/test_ppo.py`` (hand-worked maths, exact resume, SIGTERM and a second
+writer on a real subprocess, the seed, lr=0 invariance, learning a simple reward on a tiny
+model).
 """
 
 from __future__ import annotations
@@ -69,25 +75,19 @@ from lmlab.align.rl import (
     value_loss,
     whiten,
 )
-from lmlab.checkpoint.io import (
-    checkpoint_dir,
-    latest_checkpoint,
-    list_checkpoints,
-    load_train_state,
-    load_weights,
-    rotate_checkpoints,
-    save_checkpoint,
-)
+from lmlab.checkpoint.io import checkpoint_dir, load_train_state, load_weights
 from lmlab.data.instructions import example_from_row, read_rows, template_for
 from lmlab.data.tasks import check
+from lmlab.devices import model_device, resolve_device
 from lmlab.errors import CheckpointError, ConfigError, DataError, closest
-from lmlab.fileio import atomic_write_json
 from lmlab.finetune import LoRAConfig, apply_lora, disabled_lora
 from lmlab.finetune.run import write_tuned_model
 from lmlab.generate import SamplingParams, generate
 from lmlab.lm import LM, load
 from lmlab.models.contract import require_gradients
-from lmlab.train.metrics import MetricsLog, read_metrics, truncate_after_checkpoint
+from lmlab.seeds import seeded
+from lmlab.train.metrics import read_metrics, truncate_after_checkpoint
+from lmlab.train.run import METRICS_FILE, RunDir, StopSignals, resume_mode
 
 log = logging.getLogger(__name__)
 
@@ -152,26 +152,34 @@ class PPOConfig:
     """Ask each prompt as one user turn of the model's chat template (or the plain one);
     False feeds the prompt text to the model as it is."""
     seed: int = 0
-    """Seeds the rollouts, the minibatch shuffling, the prompt order and LoRA's init."""
+    """Seeds the whole run: LoRA's init, the rollouts' sampling, the minibatch shuffling and
+    the prompt order (the same seed gives bit-identical weights)."""
+    device: str = "auto"
+    """Where the run trains: auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps.
+    The model is loaded (or moved) there; a run may resume on another device."""
     out_dir: str = "runs/ppo"
-    """Where metrics, checkpoints, the plot and the final model go."""
-    iterations: int = 20
-    """Rollout-and-update iterations to run in all (a resumed run counts the earlier ones)."""
+    """Where config.json, metrics, checkpoints, the plot and the final model go."""
+    max_steps: int = 20
+    """Iterations to run in all, a resumed run counting the earlier ones. PPO's step is one
+    iteration (a rollout, then ppo_epochs passes of optimizer updates over it)."""
     time_budget_s: float | None = None
     """Also stop after this many seconds (of this process) when set."""
-    checkpoint_every: int = 10
-    """Write a checkpoint every this many iterations (and at the end, and on Ctrl-C)."""
-    keep_last: int = 2
-    """Checkpoints kept (older ones are deleted)."""
-    resume: bool = False
-    """Continue from the newest complete checkpoint in out_dir (a fresh start if none);
-    False refuses an out_dir that already holds checkpoints."""
+    ckpt_interval: int = 10
+    """Save a checkpoint every this many iterations (and at the end, on Ctrl-C and SIGTERM)."""
+    keep_last: int | None = 2
+    """Keep this many newest checkpoints; None keeps all."""
+    resume: str = "never"
+    """"never": start fresh (out_dir must hold no checkpoint); "auto": resume from the newest
+    complete checkpoint in out_dir if there is one, else start fresh; or a checkpoint or
+    run directory to resume from. True and False (the older spelling) mean "auto" and
+    "never"."""
     progress: bool = True
     """Show a progress bar."""
 
     def __post_init__(self):
         if isinstance(self.lora, Mapping):  # from JSON (a checkpoint's config record)
             object.__setattr__(self, "lora", LoRAConfig(**self.lora))
+        object.__setattr__(self, "resume", resume_mode(self.resume))
         positive_ints = (
             "batch_size",
             "samples_per_prompt",
@@ -179,14 +187,27 @@ class PPOConfig:
             "ppo_epochs",
             "minibatch_size",
             "kl_horizon",
-            "iterations",
-            "checkpoint_every",
+            "max_steps",
+            "ckpt_interval",
             "keep_last",
         )
         for name in positive_ints:
             value = getattr(self, name)
+            optional = name == "keep_last"  # None keeps every checkpoint
+            if optional and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"PPOConfig.{name}={value!r} is invalid: must be an integer >= 1")
+                allowed = "an integer >= 1" + (" or None" if optional else "")
+                raise ConfigError(f"PPOConfig.{name}={value!r} is invalid: must be {allowed}")
+        if not isinstance(self.resume, str) or not self.resume:
+            raise ConfigError(
+                f'PPOConfig.resume={self.resume!r} is invalid: "never", "auto" or a '
+                "checkpoint or run directory"
+            )
+        if not isinstance(self.device, str) or not self.device:
+            raise ConfigError(
+                f"PPOConfig.device={self.device!r} is invalid: auto, cpu, cuda, cuda:N or mps"
+            )
         non_negative = ("lr", "max_grad_norm", "vf_coef", "kl_coef", "clip_value")
         for name in non_negative:
             value = getattr(self, name)
@@ -304,11 +325,16 @@ def ppo_from_files(
             or the directory of a reward model (``lmlab reward``), which scores each
             (prompt, completion); rows then need only a ``prompt`` (or an instruction).
         config: the PPO settings.
+
+    ``model``, ``prompts`` and ``reward`` are recorded in ``config.json`` (``"source"``), so
+    that ``lmlab ppo --ppo.resume`` finds them again.
     """
+    config = config or PPOConfig()
+    source = {"model": str(model), "prompts": str(prompts), "reward": str(reward)}
     if reward == "task":
         expected = "'task', 'instruction', 'output'"
         rows = [row for _, row in read_rows(prompts, "task rows", expected)]
-        return ppo(model, [row_prompt(r) for r in rows], task_reward(rows), config)
+        return ppo(model, [row_prompt(r) for r in rows], task_reward(rows), config, source=source)
     if not Path(reward).is_dir():
         raise ConfigError(
             f"reward={reward!r} is neither 'task' nor a reward-model directory (lmlab reward "
@@ -316,13 +342,14 @@ def ppo_from_files(
         )
 
     scorer = load_reward_model(reward)
+    scorer.model.to(resolve_device(config.device))  # scored where the policy samples
     rows = [row for _, row in read_rows(prompts, "prompt rows", "'prompt' or 'instruction'")]
     texts = [r["prompt"] if isinstance(r.get("prompt"), str) else row_prompt(r) for r in rows]
 
     def reward_fn(prompts: list[str], completions: list[str]) -> list[float]:
         return scorer.score(list(zip(prompts, completions))).tolist()
 
-    return ppo(model, texts, reward_fn, config)
+    return ppo(model, texts, reward_fn, config, source=source)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -401,42 +428,64 @@ def ppo(
     prompts: Sequence[str],
     reward_fn: RewardFn,
     config: PPOConfig | None = None,
+    callbacks: Sequence[Callable[[dict[str, Any]], None]] | None = None,
+    source: Mapping[str, str] | None = None,
 ) -> PPOResult:
     """Train ``model`` with PPO against ``reward_fn`` on ``prompts``.
 
     Args:
         model: an ``lmlab.LM`` (model, tokenizer, chat template) or anything
-            ``lmlab.load`` takes (loaded in float32). Its model is trained in place.
+            ``lmlab.load`` takes (loaded in float32). Its model moves to ``config.device``
+            and is trained there, in place.
         prompts: user requests (with ``config.chat_template``) or raw prompt texts.
         reward_fn: ``reward_fn(prompts, completions) -> list[float]``, one finite score
             per completion (``prompts`` are the strings given here, repeated per sample).
         config: the settings (``PPOConfig``).
+        callbacks: called with every event written to metrics.jsonl, after it is written.
+        source: what the run is made from (``ppo_from_files``: model, prompts, reward),
+            recorded in config.json beside the settings.
+
+    The run owns ``config.out_dir`` while it trains (``lmlab.train.run``: a second process
+    gets ``RunInUse``). Ctrl-C (KeyboardInterrupt) and SIGTERM (``Interrupted``) save a
+    checkpoint, then re-raise; one that arrives inside an iteration's optimizer updates
+    waits for them to end, and one during a rollout rewinds the prompt order so that a
+    resume replays it.
     """
     config = config or PPOConfig()
-    lm = model if isinstance(model, LM) else load(model, dtype="float32")
+    device = resolve_device(config.device)
+    if isinstance(model, LM):
+        lm = model
+        lm.model.to(device)
+    else:
+        lm = load(model, dtype="float32", device=str(device))
     require_gradients(lm.model, "PPO")
     if not prompts or not all(isinstance(p, str) and p for p in prompts):
         raise DataError("prompts must be a non-empty list of non-empty strings")
-    prompts = list(prompts)
-    run = _Run(lm, prompts, reward_fn, config)
-    return run.train()
+    run = RunDir(config.out_dir, callbacks or ())
+    with run.owned(), run.stop_signals() as stop:
+        run.clean()  # a crashed save's temporaries, before choosing what to resume
+        resume_from = run.resume_source(config.resume)
+        loop = _Run(lm, list(prompts), reward_fn, config, run)
+        loop.start(resume_from, source)
+        return loop.train(stop)
 
 
 class _Run:
-    """One PPO run's state and plumbing; the maths is in ``lmlab.align.rl``."""
+    """One PPO run's state and plumbing; the maths is in ``lmlab.align.rl`` and the run
+    folder (lock, config.json, metrics.jsonl, checkpoints, signals) in ``lmlab.train.run``.
+    """
 
-    def __init__(self, lm, prompts: list[str], reward_fn: RewardFn, config: PPOConfig):
-
+    def __init__(self, lm, prompts: list[str], reward_fn: RewardFn, config: PPOConfig, run: RunDir):
         self.lm, self.prompts, self.reward_fn, self.config = lm, prompts, reward_fn, config
-        self.out_dir = Path(config.out_dir)
+        self.run_dir = run
+        self.out_dir = run.path
         net = lm.model.eval()
-        self.device = next(net.parameters()).device
+        self.device = model_device(net)
         self.tokenizer = lm.tokenizer
         self.prompt_ids = [self.tokenizer.encode(t) for t in self._render(prompts)]
         self.eos_id = getattr(self.tokenizer, "eos_id", None)
-        # Seeded, without touching the global generator: LoRA's A init and the value head.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
+        # LoRA's A init and the value head draw from the config's seed, not the caller's RNG.
+        with seeded(config.seed):
             if config.method == "lora":
                 self.reference = None
                 apply_lora(net, config.lora)
@@ -462,6 +511,8 @@ class _Run:
         self.order = PromptOrder(len(prompts), config.batch_size, config.seed)
         self.shuffle = torch.Generator().manual_seed(config.seed)
         self.iteration = 0
+        self.updating = False
+        self.checkpoint: Path | None = None
 
     def _render(self, prompts: list[str]) -> list[str]:
         if not self.config.chat_template:
@@ -473,68 +524,76 @@ class _Run:
             for p in prompts
         ]
 
+    # ------------------------------------------------------------------------- setup
+
+    def start(self, resume_from: Path | None, source: Mapping[str, str] | None = None) -> None:
+        """Restore a checkpoint (or start fresh), record the config, open the log."""
+        run, metrics_path = self.run_dir, self.out_dir / METRICS_FILE
+        if resume_from is not None:
+            self._restore(resume_from)
+            truncate_after_checkpoint(metrics_path, self.iteration)
+        else:
+            metrics_path.unlink(missing_ok=True)  # no events of an earlier, checkpointless run
+        run.record(
+            {
+                "ppo": dataclasses.asdict(self.config),
+                "source": dict(source) if source is not None else None,
+                "resolved": {
+                    "device": str(self.device),
+                    "parameters": sum(p.numel() for p in self.params),
+                },
+            }
+        )
+        run.open_metrics()
+        if resume_from is not None:
+            run.emit({"event": "resume", "step": self.iteration, "from": str(resume_from)})
+            run.last_saved = self.iteration
+        self.checkpoint = resume_from
+
     # ------------------------------------------------------------------------- main loop
 
-    def train(self) -> PPOResult:
-
-        config = self.config
-        checkpoint = self._resume_source()
-        metrics_path = self.out_dir / "metrics.jsonl"
-        if checkpoint is not None:
-            self._restore(checkpoint)
-            truncate_after_checkpoint(metrics_path, self.iteration)
-        elif metrics_path.exists():
-            metrics_path.unlink()  # a fresh run: no events of an earlier, checkpointless one
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.out_dir / "config.json", dataclasses.asdict(config))
-        self.metrics = MetricsLog(metrics_path)
-        if checkpoint is not None:
-            self.metrics.write({"event": "resume", "step": self.iteration, "from": str(checkpoint)})
+    def train(self, stop: StopSignals) -> PPOResult:
+        """Iterate (rollout, then the updates) to ``max_steps``; save at intervals and at
+        the end; on Ctrl-C or SIGTERM save and re-raise."""
+        config, run = self.config, self.run_dir
         t_start = time.perf_counter()
         bar = tqdm(
-            total=config.iterations, initial=self.iteration, disable=not config.progress, unit="it"
+            total=config.max_steps, initial=self.iteration, disable=not config.progress, unit="it"
         )
-        updating = False
+        self.updating = False
         order_state = self.order.state_dict()  # at the start of the current iteration
         try:
-            while self.iteration < config.iterations:
+            while self.iteration < config.max_steps:
                 if config.time_budget_s and time.perf_counter() - t_start >= config.time_budget_s:
                     break
                 rollout = self._rollout()
-                updating = True
-                stats = self._update(rollout)
-                updating = False
-                self.iteration += 1
-                order_state = self.order.state_dict()
-                record = self._record(rollout, stats, time.perf_counter() - t_start)
-                self.metrics.write(record)
+                # A signal now waits for the iteration's end: its updates, counter and record.
+                with stop.deferred():
+                    self.updating = True
+                    stats = self._update(rollout)
+                    self.iteration += 1
+                    order_state = self.order.state_dict()
+                    self.updating = False
+                    record = self._record(rollout, stats, time.perf_counter() - t_start)
+                    run.emit(record)
                 bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}")
                 bar.update(1)
-                if self.iteration % config.checkpoint_every == 0:
-                    checkpoint = self._save()
-            if self.iteration > 0 and (
-                checkpoint is None or _step_of(checkpoint) != self.iteration
-            ):
-                checkpoint = self._save()
-        except KeyboardInterrupt:
-            if updating:
-                log.error("interrupted inside an update: no checkpoint saved from this state")
-            else:
-                # The rollout changed nothing but the prompt order: rewind it and save.
-                self.order.load_state_dict(order_state)
-                log.warning("interrupted: saving a checkpoint at iteration %d", self.iteration)
+                if self.iteration % config.ckpt_interval == 0:
+                    self._save()
+            if self.iteration > 0 and run.last_saved != self.iteration:
                 self._save()
+        except KeyboardInterrupt:
+            self._save_interrupted(order_state)
             raise
         finally:
             bar.close()
-            self.metrics.close()
-        records = [r for r in read_metrics(metrics_path) if r.get("event") == "ppo"]
+        records = [r for r in read_metrics(self.out_dir / METRICS_FILE) if r.get("event") == "ppo"]
         result = PPOResult(
             self.iteration,
             records,
             self.out_dir,
             time.perf_counter() - t_start,
-            checkpoint=checkpoint,
+            checkpoint=self.checkpoint,
             value_head=self._value_head(),
         )
         result.plot = self.out_dir / "ppo.png"
@@ -544,6 +603,20 @@ class _Run:
         )
         result.lm = self.lm
         return result
+
+    def _save_interrupted(self, order_state: dict[str, int]) -> None:
+        """Ctrl-C or SIGTERM: save the state at the last iteration's end, unless the
+        interrupt came inside the updates (possible only where signals are not deferred:
+        outside the main thread, or a KeyboardInterrupt raised by the code itself)."""
+        if self.updating:
+            log.error("interrupted inside an update: no checkpoint saved from this state")
+            return
+        # A rollout begun changed nothing but the prompt order: rewind it, so a resume
+        # replays the same prompts.
+        self.order.load_state_dict(order_state)
+        if self.run_dir.last_saved != self.iteration:
+            log.warning("interrupted: saving a checkpoint at iteration %d", self.iteration)
+            self._save()
 
     def _rollout(self) -> dict[str, Any]:
 
@@ -684,19 +757,9 @@ class _Run:
 
     # ------------------------------------------------------------------------- checkpoints
 
-    def _resume_source(self) -> Path | None:
-
-        if self.config.resume:
-            return latest_checkpoint(self.out_dir)
-        if list_checkpoints(self.out_dir):
-            raise ConfigError(
-                f"out_dir {str(self.out_dir)!r} already holds checkpoints of an earlier run; "
-                "use resume=True to continue it, or choose another out_dir"
-            )
-        return None
-
     def _save(self) -> Path:
-
+        """Checkpoint the state at the end of an iteration (``checkpoints/step-N``, N the
+        iteration), rotate, and log it."""
         state = {
             "iteration": self.iteration,
             "optimizer": self.optimizer.state_dict(),
@@ -707,23 +770,28 @@ class _Run:
             "n_prompts": len(self.prompts),
             "start_fingerprint": self.fingerprint,
         }
-        path = save_checkpoint(
+        self.checkpoint = self.run_dir.save(
             checkpoint_dir(self.out_dir, self.iteration),
             self.model,
+            self.iteration,
             tokenizer=self.tokenizer,
             train_state=state,
             extra_config={
                 "ppo": {"iteration": self.iteration},
                 "ppo_config": dataclasses.asdict(self.config),
             },
+            keep_last=self.config.keep_last,
         )
-        rotate_checkpoints(self.out_dir, self.config.keep_last)
-        self.metrics.write({"event": "checkpoint", "step": self.iteration, "path": str(path)})
-        return path
+        return self.checkpoint
 
     def _restore(self, ckpt: Path) -> None:
 
         state = load_train_state(ckpt)
+        if "iteration" not in state:
+            raise CheckpointError(
+                f"cannot resume from {str(ckpt)!r}: it is not a PPO checkpoint (no iteration "
+                "in its training state); give a checkpoint or run directory of lmlab ppo"
+            )
         if state.get("n_prompts") != len(self.prompts):
             raise CheckpointError(
                 f"cannot resume from {str(ckpt)!r}: it ran on {state.get('n_prompts')} prompts, "
@@ -760,10 +828,6 @@ def _fingerprint(model: nn.Module) -> list[float]:
 
 def _strip_eos(ids: list[int], eos_id: int | None) -> list[int]:
     return ids[:-1] if ids and eos_id is not None and ids[-1] == eos_id else ids
-
-
-def _step_of(checkpoint: Path) -> int:
-    return int(checkpoint.name.removeprefix("step-"))
 
 
 __all__ = [

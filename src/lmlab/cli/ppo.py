@@ -1,13 +1,28 @@
-"""``lmlab ppo``: PPO against a reward on task prompts (``lmlab.align.ppo.ppo_from_files``)."""
+"""``lmlab ppo``: PPO against a reward on task prompts (``lmlab.align.ppo.ppo_from_files``).
+
+With ``--ppo.resume`` (auto or a path) the run continues with the settings, model, prompts
+and reward it recorded in ``out_dir/config.json``, not the defaults, as ``lmlab train``
+does: the flags given on the resume command replace only what they name (and are
+recorded), and a setting that cannot change mid-run (the seed, the method, LoRA's
+settings) is refused in one line.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 from jsonargparse import ArgumentParser
 
 from lmlab.align.ppo import PPOConfig, ppo_from_files
+from lmlab.checkpoint.io import CONFIG_FILE, latest_checkpoint, resolve_checkpoint
 from lmlab.cli.args import options
 from lmlab.cli.summaries import ppo_summary
 from lmlab.finetune import LoRAConfig
+from lmlab.train.run import RUN_CONFIG_FILE, read_json, resume_settings
+
+# PPOConfig fields a resumed run cannot change: they fix its weights' layout and its draws.
+FIXED_ON_RESUME = ("seed", "method", "lora")
 
 
 def add_arguments(parser: ArgumentParser) -> None:
@@ -15,9 +30,56 @@ def add_arguments(parser: ArgumentParser) -> None:
     parser.add_class_arguments(PPOConfig, "ppo", help="the PPO settings")
 
 
-def run(args) -> None:
+def run(args, given=None) -> None:
     lora = LoRAConfig(**options(args.ppo.lora))
     config = PPOConfig(**options(args.ppo, skip=("lora",)), lora=lora)
-    result = ppo_from_files(**options(args, skip=("ppo",)), config=config)
+    inputs = options(args, skip=("ppo",))
+    if config.resume != "never":
+        given = given.as_dict() if hasattr(given, "as_dict") else dict(given or {})
+        restored = resume_options(inputs, config, given)
+        if restored is not None:
+            inputs, config, note = restored
+            print(note)
+    result = ppo_from_files(**inputs, config=config)
     for line in ppo_summary(result):
         print(line)
+
+
+def resume_options(
+    inputs: dict[str, Any], config: PPOConfig, given: dict[str, Any]
+) -> tuple[dict[str, Any], PPOConfig, str] | None:
+    """The inputs (model, prompts, reward), settings and a one-line note for resuming the
+    run in ``config.out_dir`` as it recorded them, or None when it recorded none.
+
+    ``given``: what the command line named, nested as parsed (``{"ppo": {...}, ...}``).
+    """
+    out_dir = Path(config.out_dir)
+    record = read_json(out_dir / RUN_CONFIG_FILE)
+    if record is None and config.resume != "auto" and Path(config.resume).exists():
+        # Another folder's checkpoint: the settings it was trained with travel in it.
+        saved = read_json(resolve_checkpoint(config.resume) / CONFIG_FILE) or {}
+        record = {"ppo": saved.get("ppo_config")}
+    if record is None or not isinstance(record.get("ppo"), dict):
+        return None
+    recorded = record["ppo"]
+    given_ppo = {k: v for k, v in (given.get("ppo") or {}).items() if k != "resume"}
+    if isinstance(given_ppo.get("lora"), dict) and isinstance(recorded.get("lora"), dict):
+        given_ppo["lora"] = {**recorded["lora"], **given_ppo["lora"]}  # a flag names one field
+    config, changed = resume_settings(
+        PPOConfig,
+        recorded,
+        given_ppo,
+        fixed=FIXED_ON_RESUME,
+        # the progress bar is a matter of this terminal, not of the run
+        keep={"out_dir": config.out_dir, "resume": config.resume, "progress": config.progress},
+    )
+    inputs = dict(inputs)
+    for name, value in (record.get("source") or {}).items():
+        if name in inputs and name not in given:
+            inputs[name] = value
+    ckpt = latest_checkpoint(out_dir) if config.resume == "auto" else config.resume
+    what = f"resuming {str(out_dir)!r}" if ckpt else f"restarting {str(out_dir)!r} (no checkpoint)"
+    note = f"{what} with its recorded settings"
+    if changed:
+        note += "; changed: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+    return inputs, config, note
