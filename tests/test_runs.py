@@ -14,6 +14,7 @@ import torch
 
 import lmlab
 from lmlab.align.dpo import dpo
+from lmlab.align.ppo import PPOConfig, ppo
 from lmlab.align.reward import train_reward_model
 from lmlab.checkpoint.io import save_checkpoint
 from lmlab.data import BPETokenizer
@@ -99,7 +100,32 @@ COMMANDS = {
             str(root / "base"), str(root / "prefs.jsonl"), method="lora", lora=LORA, config=cfg
         ).lm.model
     ),
+    "ppo": lambda root, cfg: (
+        ppo(
+            str(root / "base"),
+            ["Reverse the word: cat", "Reverse the word: dog", "Say hello"],
+            lambda prompts, completions: [sum(map(ord, c)) % 7 / 7 for c in completions],
+            PPOConfig(
+                out_dir=cfg.out_dir,
+                max_steps=cfg.max_steps,
+                ckpt_interval=cfg.ckpt_interval,
+                resume=cfg.resume,
+                seed=cfg.seed,
+                method="lora",
+                lora=LORA,
+                batch_size=2,
+                samples_per_prompt=2,
+                max_new_tokens=3,
+                minibatch_size=4,
+                ppo_epochs=1,
+                chat_template=False,
+                progress=False,
+            ),
+        ).lm.model
+    ),
 }
+# The events a command logs once per step (an optimizer step, or PPO's iteration).
+STEP_EVENTS = ("train", "ppo")
 
 
 def weights(model):
@@ -121,7 +147,7 @@ def test_crash_and_resume_equals_an_uninterrupted_run(command, data, tmp_path, m
 
     def crash_at_step(self, record):
         emit(self, record)
-        if record.get("event") == "train" and record.get("step") == CRASH:
+        if record.get("event") in STEP_EVENTS and record.get("step") == CRASH:
             raise RuntimeError("simulated crash")
 
     monkeypatch.setattr(RunDir, "emit", crash_at_step)
@@ -134,7 +160,8 @@ def test_crash_and_resume_equals_an_uninterrupted_run(command, data, tmp_path, m
     # checkpoint, the crashed run's later log lines dropped, every step logged once.
     records = read_metrics(tmp_path / "crashed" / "metrics.jsonl")
     assert [r["step"] for r in records if r["event"] == "resume"] == [SAVED]
-    assert [r["step"] for r in records if r["event"] == "train"] == list(range(1, STEPS + 1))
+    steps = [r["step"] for r in records if r["event"] in STEP_EVENTS]
+    assert steps == list(range(1, STEPS + 1))
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
