@@ -220,7 +220,7 @@ def shrink(argv: list[str]) -> list[str]:
                 argv = _set(argv, "--model_overrides", TINY_TRANSFORMER)
     elif command == "ppo":
         for flag, value in [
-            ("--ppo.iterations", "1"),
+            ("--ppo.max_steps", "1"),
             ("--ppo.time_budget_s", None),
             ("--ppo.batch_size", "2"),
             ("--ppo.samples_per_prompt", "2"),

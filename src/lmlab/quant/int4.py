@@ -46,7 +46,8 @@ def inference_kernel_applies(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled())
 
 
-# The group sizes torch's int4 CPU kernel (_weight_int4pack_mm_for_cpu) accepts.
+# The group sizes torch's int4 CPU kernel (_weight_int4pack_mm_for_cpu) accepts; other
+# sizes compute with the dequantized weight.
 GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -97,11 +98,9 @@ class Int4Linear(nn.Module):
             z = -1 + 8 s = -0.19921875 -> q = [0, 5, 10, 15]
         """
         K = linear.in_features
-        if group_size not in GROUP_SIZES or K % group_size:
+        if group_size < 1 or K % group_size:
             raise ConfigError(
-                f"Int4Linear.from_float: group_size={group_size} must be one of "
-                f"{', '.join(map(str, GROUP_SIZES))} (the int4 kernel's) and divide "
-                f"in_features={K}"
+                f"Int4Linear.from_float: group_size={group_size} must divide in_features={K}"
             )
         w = linear.weight.detach().float().view(linear.out_features, K // group_size, -1)
         lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (N, K/G)
@@ -126,7 +125,8 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        if inference_kernel_applies(x) and int4_kernel_available():
+        kernel = int4_kernel_available() and self.group_size in GROUP_SIZES
+        if inference_kernel_applies(x) and kernel:
             if self._packed is None:
                 self._packed = torch._convert_weight_to_int4pack_for_cpu(self.unpacked(), 1)
                 # (K/G, N, 2): each group's scale and zero, as the kernel wants them
