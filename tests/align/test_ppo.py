@@ -440,6 +440,7 @@ def start_ppo(model, rows, out_dir) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow  # real processes
 def test_sigterm_saves_a_checkpoint_a_second_writer_is_refused_and_the_run_resumes(
     tmp_path, capsys
 ):

@@ -107,6 +107,7 @@ def stop(proc: subprocess.Popen) -> tuple[int, str]:
     return proc.returncode, err
 
 
+@pytest.mark.slow  # four real processes, about 10 s
 def test_a_second_writer_is_refused_naming_the_owner(corpus, tmp_path):
     """Two real processes: while one trains, another run (fresh or resuming) into the same
     folder gets one line naming the owner, and its start-up cleanup touches nothing."""
