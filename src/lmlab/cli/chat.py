@@ -21,6 +21,7 @@ import sys
 from jsonargparse import ArgumentParser
 
 from lmlab import api
+from lmlab.cli.args import add_model_arguments
 from lmlab.errors import ConfigError, LMLabError
 from lmlab.generate import SamplingParams
 from lmlab.generate.chat import ChatSession
@@ -45,19 +46,7 @@ def add_arguments(parser: ArgumentParser) -> None:
         help="one-shot mode: print the reply to this message and exit (repeat for several "
         "turns); without it, chat interactively (or read stdin as one message when piped)",
     )
-    parser.add_argument(
-        "--dtype",
-        type=str | None,
-        default="auto",
-        help="float32, bfloat16, auto (bf16 where the CPU/GPU computes it natively) or null "
-        "(as saved)",
-    )
-    parser.add_argument(
-        "--device",
-        type=str,
-        default="auto",
-        help="where the model runs: auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N, mps",
-    )
+    add_model_arguments(parser)
     parser.add_class_arguments(SamplingParams, nested_key=None)
 
 

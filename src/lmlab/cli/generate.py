@@ -13,27 +13,16 @@ import sys
 from jsonargparse import ArgumentParser
 
 from lmlab import api
+from lmlab.cli.args import add_model_arguments
 from lmlab.generate import SamplingParams, generate
 
 
 def add_arguments(parser: ArgumentParser) -> None:
     parser.add_argument("prompt", type=str, help="the text to continue")
     parser.add_argument("--ckpt", type=str, default="runs/demo", help="checkpoint or run directory")
-    parser.add_argument(
-        "--dtype",
-        type=str | None,
-        default="auto",
-        help="float32, bfloat16, auto (bf16 where the CPU/GPU computes it natively: about "
-        "1.6x faster decoding) or null (as saved)",
-    )
+    add_model_arguments(parser)
     parser.add_argument(
         "--no_stream", type=bool, default=False, help="print the text only when done"
-    )
-    parser.add_argument(
-        "--device",
-        type=str,
-        default="auto",
-        help="where the model runs: auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N, mps",
     )
     parser.add_class_arguments(SamplingParams, nested_key=None)
 

@@ -15,8 +15,8 @@ from typing import Any
 from jsonargparse import ArgumentParser
 
 from lmlab.align.ppo import PPOConfig, ppo_from_files
-from lmlab.checkpoint.io import CONFIG_FILE, latest_checkpoint, resolve_checkpoint
-from lmlab.cli.args import options
+from lmlab.checkpoint.io import CONFIG_FILE, resolve_checkpoint
+from lmlab.cli.args import options, resume_note, resumed
 from lmlab.cli.summaries import ppo_summary
 from lmlab.finetune import LoRAConfig
 from lmlab.train.run import RUN_CONFIG_FILE, read_json, resume_settings
@@ -33,13 +33,7 @@ def add_arguments(parser: ArgumentParser) -> None:
 def run(args, given=None) -> None:
     lora = LoRAConfig(**options(args.ppo.lora))
     config = PPOConfig(**options(args.ppo, skip=("lora",)), lora=lora)
-    inputs = options(args, skip=("ppo",))
-    if config.resume != "never":
-        given = given.as_dict() if hasattr(given, "as_dict") else dict(given or {})
-        restored = resume_options(inputs, config, given)
-        if restored is not None:
-            inputs, config, note = restored
-            print(note)
+    inputs, config = resumed(options(args, skip=("ppo",)), config, given, resume_options)
     result = ppo_from_files(**inputs, config=config)
     for line in ppo_summary(result):
         print(line)
@@ -77,9 +71,4 @@ def resume_options(
     for name, value in (record.get("source") or {}).items():
         if name in inputs and name not in given:
             inputs[name] = value
-    ckpt = latest_checkpoint(out_dir) if config.resume == "auto" else config.resume
-    what = f"resuming {str(out_dir)!r}" if ckpt else f"restarting {str(out_dir)!r} (no checkpoint)"
-    note = f"{what} with its recorded settings"
-    if changed:
-        note += "; changed: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
-    return inputs, config, note
+    return inputs, config, resume_note(out_dir, config.resume, changed)

@@ -16,7 +16,8 @@ from typing import Any
 from jsonargparse import ArgumentParser
 
 from lmlab import api
-from lmlab.checkpoint.io import CONFIG_FILE, latest_checkpoint, resolve_checkpoint
+from lmlab.checkpoint.io import CONFIG_FILE, resolve_checkpoint
+from lmlab.cli.args import resume_note, resumed
 from lmlab.errors import ConfigError
 from lmlab.train import TrainConfig
 from lmlab.train.run import RUN_CONFIG_FILE, read_json, resume_settings
@@ -34,12 +35,7 @@ def add_arguments(parser: ArgumentParser) -> None:
 def run(args, given=None) -> None:
     options = {k: v for k, v in vars(args).items() if k not in ("train", "config", "__path__")}
     config = TrainConfig(**vars(args.train))
-    if config.resume != "never":
-        given = given.as_dict() if hasattr(given, "as_dict") else dict(given or {})
-        restored = resume_options(options, config, given)
-        if restored is not None:
-            options, config, note = restored
-            print(note)
+    options, config = resumed(options, config, given, resume_options)
     result = api.train(**options, config=config)
     if result.step == 0 and result.val_losses:  # a count-based model: fitted, not trained
         loss = result.val_losses[-1][1]
@@ -111,12 +107,7 @@ def resume_options(
             _same_model(options, recorded_model, out_dir)
         # the recorded spec itself, whatever preset or file it came from
         options["model"], options["model_overrides"] = str(record_file), None
-    ckpt = latest_checkpoint(out_dir) if config.resume == "auto" else config.resume
-    what = f"resuming {str(out_dir)!r}" if ckpt else f"restarting {str(out_dir)!r} (no checkpoint)"
-    note = f"{what} with its recorded settings"
-    if changed:
-        note += "; changed: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
-    return options, config, note
+    return options, config, resume_note(out_dir, config.resume, changed)
 
 
 def _same_model(options: dict[str, Any], recorded: dict[str, Any], out_dir: Path) -> None:
