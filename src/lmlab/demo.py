@@ -12,6 +12,7 @@ the run's own trains on and states the learning-rate change that brings.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -127,6 +128,7 @@ def demo(
     max_steps: int | None = None,
     seed: int = 1337,
     progress: bool = True,
+    device: str = "auto",
 ) -> DemoResult:
     """Train ``gpt-char-tiny`` on Tiny Shakespeare and sample from it four ways.
 
@@ -139,12 +141,14 @@ def demo(
             keeps those of a run found in out_dir.
         seed: seeds training and sampling.
         progress: show the training progress bar.
+        device: where it trains and samples: auto (CUDA, then MPS, then the CPU), cpu,
+            cuda, cuda:N, mps.
     """
     plan = plan_demo(out_dir, max_steps, seed, progress)
     log.info("%s", plan.message)
-    config = plan.config
+    config = dataclasses.replace(plan.config, device=device)
     result = train("gpt-char-tiny", "tinyshakespeare", "char", config=config)
-    lm = load(out_dir)
+    lm = load(out_dir, device=device)
 
     val_ids = read_tokens(Path(out_dir) / "data" / "val.bin")
     loss = val_loss(lm, val_ids, config.seq_len)
