@@ -1,8 +1,15 @@
-"""Small lmlab models shared by several test files (import: ``from builders import ...``)."""
+"""Small lmlab models and run helpers shared by several test files (import:
+``from builders import ...``)."""
 
+import subprocess
+import sys
+import time
+
+import pytest
 import torch
 
 from lmlab.models import build_model, get_preset
+from lmlab.train.metrics import read_metrics
 
 
 def tiny_llama(seed=0):
@@ -17,3 +24,21 @@ def logits(model, seed=1):
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         return model(ids).float()
+
+
+def start_lmlab(argv, out_dir, event):
+    """``lmlab *argv`` in another process, left running for the test to stop; returns once
+    the run has logged its first ``event`` ("train", "ppo") in out_dir/metrics.jsonl."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmlab", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not any(e["event"] == event for e in read_metrics(out_dir / "metrics.jsonl")):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"lmlab {argv[0]} did not start: {proc.communicate()}")
+        time.sleep(0.1)
+    return proc

@@ -5,13 +5,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from builders import start_lmlab
 from lmlab.align.ppo import PPOConfig, _Run, ppo, row_prompt, task_reward
 from lmlab.align.rl import (
     AdaptiveKLController,
@@ -425,19 +424,7 @@ def start_ppo(model, rows, out_dir) -> subprocess.Popen:
     has finished an iteration."""
     args = ["ppo", "--model", str(model), "--prompts", str(rows)]
     flags = [*cli_flags(out_dir, max_steps=100_000_000), "--ppo.ckpt_interval", "100000000"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lmlab", *args, *flags],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 120
-    while not any(e["event"] == "ppo" for e in read_metrics(out_dir / "metrics.jsonl")):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the PPO process did not start: {proc.communicate()}")
-        time.sleep(0.1)
-    return proc
+    return start_lmlab([*args, *flags], out_dir, "ppo")
 
 
 @pytest.mark.slow  # real processes

@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 
+from builders import start_lmlab
 from lmlab.checkpoint.io import checkpoint_dir, list_checkpoints
 from lmlab.cli.main import main
 from lmlab.errors import ConfigError
@@ -82,19 +83,7 @@ def corpus(tmp_path):
 def start_training(corpus, out_dir) -> subprocess.Popen:
     """`lmlab train` in another process, stopped by the test; waits until it has trained."""
     args = ["--data", str(corpus), "--train.out_dir", str(out_dir), "--train.max_steps"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lmlab", "train", *args, "100000000", *FLAGS],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 120
-    while not any(e["event"] == "train" for e in read_metrics(out_dir / "metrics.jsonl")):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the training process did not start: {proc.communicate()}")
-        time.sleep(0.1)
-    return proc
+    return start_lmlab(["train", *args, "100000000", *FLAGS], out_dir, "train")
 
 
 def stop(proc: subprocess.Popen) -> tuple[int, str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from jsonargparse import ArgumentParser
 
 from lmlab.align.judge import agreement, judge
-from lmlab.cli.rank import add_decoding_arguments, decoding_params
+from lmlab.cli.rank import add_decoding_arguments, with_decoding
 from lmlab.data.preferences import load_preferences
 
 
@@ -16,21 +16,7 @@ def add_arguments(parser: ArgumentParser) -> None:
 
 
 def run(args) -> None:
-    summary = judge(
-        args.model,
-        args.prompts,
-        args.policy,
-        out=args.out,
-        samples=args.samples,
-        seed=args.seed,
-        constitution=args.constitution,
-        critique=args.critique,
-        limit=args.limit,
-        dtype=args.dtype,
-        device=args.device,
-        params=decoding_params(args),
-        progress=args.progress,
-    )
+    summary = judge(**with_decoding(args))
     print(
         f"judged {summary.prompts} prompts: wrote {summary.pairs} pairs to {summary.out} "
         f"({summary.ties} left out: identical replies or no preference)"

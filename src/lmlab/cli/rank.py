@@ -8,6 +8,7 @@ import dataclasses
 from jsonargparse import ArgumentParser
 
 from lmlab.align.rank import rank
+from lmlab.cli.args import options
 from lmlab.generate import SamplingParams
 
 # Decoding flags that make sense for sampling several replies (the seed is set per prompt).
@@ -28,9 +29,16 @@ def add_decoding_arguments(parser: ArgumentParser) -> None:
     parser.set_defaults(max_new_tokens=128)
 
 
+DECODING_FLAGS = {f.name for f in dataclasses.fields(SamplingParams)} - DECODING_SKIP
+
+
 def decoding_params(args) -> SamplingParams:
-    names = {f.name for f in dataclasses.fields(SamplingParams)} - DECODING_SKIP
-    return SamplingParams.from_dict({k: v for k, v in vars(args).items() if k in names})
+    return SamplingParams.from_dict({k: v for k, v in vars(args).items() if k in DECODING_FLAGS})
+
+
+def with_decoding(args) -> dict:
+    """The command's own flags as keyword arguments, its decoding flags as ``params``."""
+    return {**options(args, skip=DECODING_FLAGS), "params": decoding_params(args)}
 
 
 def add_arguments(parser: ArgumentParser) -> None:
@@ -39,16 +47,7 @@ def add_arguments(parser: ArgumentParser) -> None:
 
 
 def run(args) -> None:
-    summary = rank(
-        args.model,
-        args.prompts,
-        out=args.out,
-        samples=args.samples,
-        seed=args.seed,
-        dtype=args.dtype,
-        device=args.device,
-        params=decoding_params(args),
-    )
+    summary = rank(**with_decoding(args))
     state = "stopped" if summary.quit else "done"
     print(
         f"\n{state}: ranked {summary.ranked} prompts, skipped {summary.skipped}, "
