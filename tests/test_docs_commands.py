@@ -1,4 +1,4 @@
-"""Every ``lmlab ...`` command shown in README.md and docs/lessons/*.md runs, on a tiny budget.
+"""Every ``lmlab ...`` command in README.md, docs/results.md and docs/lessons runs, tiny.
 
 A newcomer copies these lines first, so a documented command must not fail. This test reads
 them from the documents themselves, so a new or edited line is tested without anyone
@@ -46,7 +46,11 @@ from lmlab.checkpoint.pretrained import PRETRAINED
 from lmlab.cli.main import main, normalise_flags
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs" / "lessons").glob("*.md"))]
+DOCS = [
+    ROOT / "README.md",
+    ROOT / "docs" / "results.md",
+    *sorted((ROOT / "docs" / "lessons").glob("*.md")),
+]
 
 # ----------------------------------------------------------------------------- reading the docs
 
