@@ -55,7 +55,7 @@ TRAIN_STATE_FILE = "train_state.pt"
 COMPLETE_FILE = "COMPLETE"
 
 # safetensors dtype names of floating-point tensors, for choosing the loaded model's dtype.
-_FLOAT_DTYPES = {
+FLOAT_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
     "BF16": torch.bfloat16,
@@ -609,7 +609,7 @@ def _checked_entry(file: Path, name: str, entry: Any) -> tuple[int, int]:
 def _saved_float_dtype(file: Path) -> torch.dtype | None:
     """The one floating dtype of the saved tensors, or None when they are mixed."""
     found = {entry.get("dtype") for entry in read_safetensors_header(file).values()}
-    floats = {_FLOAT_DTYPES[d] for d in found if d in _FLOAT_DTYPES}
+    floats = {FLOAT_DTYPES[d] for d in found if d in FLOAT_DTYPES}
     return floats.pop() if len(floats) == 1 else None
 
 

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from torch import nn
 
 from lmlab.checkpoint.io import (
+    FLOAT_DTYPES,
     WEIGHTS_FILE,
     load_weights,
     read_config,
@@ -94,8 +95,8 @@ def load_quantized(directory: str | os.PathLike) -> tuple[nn.Module, Any | None,
             # Dense tensors take their saved dtype (load_weights would cast to the model's).
             for name, tensor in model.state_dict(keep_vars=True).items():
                 saved = header.get(name, {}).get("dtype")
-                if saved in _SAFETENSORS_DTYPES and tensor.is_floating_point():
-                    _retype(model, name, _SAFETENSORS_DTYPES[saved])
+                if saved in FLOAT_DTYPES and tensor.is_floating_point():
+                    _retype(model, name, FLOAT_DTYPES[saved])
     except CheckpointError:
         raise
     except Exception as e:  # safetensors' own errors on a corrupt file
@@ -106,14 +107,6 @@ def load_quantized(directory: str | os.PathLike) -> tuple[nn.Module, Any | None,
     if (ckpt / "tokenizer.json").is_file():
         tokenizer = load_tokenizer(ckpt)
     return model, tokenizer, config
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-}
 
 
 def _dense_layer(model: nn.Module, name: str, ckpt: Path) -> nn.Linear:

@@ -16,7 +16,6 @@ token_nll against direct cross-entropy of the whole window.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab.devices import model_device
 from lmlab.errors import ConfigError
 from lmlab.models.contract import require_causal_lm
 
@@ -54,8 +54,7 @@ def token_nll(
     n = ids.numel()
     if n < 2:
         raise ConfigError(f"perplexity needs at least 2 tokens, got {n}")
-    # parameters or, for count-based models (n-grams), buffers
-    device = next(itertools.chain(model.parameters(), model.buffers())).device
+    device = model_device(model)
     context = min(context or getattr(model.config, "max_seq_len", None) or n - 1, n - 1)
     window = context + 1
     stride = stride or max(context // 2, 1)

@@ -45,7 +45,6 @@ with transformers' ``generate`` on tiny random GPT-2 and Llama models.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -55,6 +54,7 @@ from typing import Generic, TypeVar
 import torch
 from torch import nn
 
+from lmlab.devices import model_device
 from lmlab.errors import DecodingError
 from lmlab.generate.params import SamplingParams, check_ids
 from lmlab.generate.processors import process_logits, seen_tokens
@@ -101,7 +101,7 @@ class _Runner:
 
     @torch.inference_mode()
     def __init__(self, model: nn.Module, prompts: list[list[int]], max_new: int, seen: bool):
-        device = _device(model)
+        device = model_device(model)
         B, T = len(prompts), max(len(p) for p in prompts)
         self.model = model
         self.prompt_len = T
@@ -256,12 +256,6 @@ def _check_distribution(logits: torch.Tensor, processed: torch.Tensor, step: int
         "repetition_penalty, temperature, top_k and top_p (every token ruled out, or logits "
         "that overflow, e.g. at a tiny temperature)"
     )
-
-
-def _device(model: nn.Module) -> torch.device:
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _generator(seed: int | None, device: torch.device) -> torch.Generator:
