@@ -144,18 +144,24 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_heads, self.d_head).transpose(1, 2)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         dropout = self.dropout if self.training else 0.0
-        if self.explicit or self.hook_pattern._forward_hooks:
-            scores = (q / math.sqrt(self.d_head)) @ k.transpose(-2, -1)  # (B, H, T, T)
-            if bias is not None:
-                scores = scores + bias
-            pattern = self.hook_pattern(scores.float().softmax(dim=-1).to(q.dtype))
+        if self.explicit or self.hook_pattern.edited():
+            pattern = self.hook_pattern(self._pattern(q, k, bias))
             if dropout:
                 pattern = F.dropout(pattern, dropout)
             z = pattern @ v  # (B, H, T, Dh)
         else:
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+            if self.hook_pattern._forward_hooks:  # read-only hooks: show the pattern
+                self.hook_pattern(self._pattern(q, k, bias))
         z = self.hook_z(z.transpose(1, 2))  # (B, T, H, Dh)
         return self.o_proj(z.reshape(B, T, self.n_heads * self.d_head))
+
+    def _pattern(self, q, k, bias):
+        """softmax(q k^T / sqrt(Dh) + bias) over the keys: [B, H, T, T]."""
+        scores = (q / math.sqrt(self.d_head)) @ k.transpose(-2, -1)  # (B, H, T, T)
+        if bias is not None:
+            scores = scores + bias
+        return scores.float().softmax(dim=-1).to(q.dtype)
 
 
 class MLP(nn.Module):

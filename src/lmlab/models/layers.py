@@ -15,7 +15,20 @@ from torch import nn
 
 
 class HookPoint(nn.Module):
-    """Identity on a named activation, so hooks can read or replace it."""
+    """Identity on a named activation, so hooks can read or replace it.
+
+    ``readers`` counts the hooks that promise to only read (``lmlab.interp.hooks`` registers
+    them so): a model may then keep its fast path and hand the hook a copy of what the slow
+    path would have made (the attention pattern), so reading changes no output bit.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.readers = 0
+
+    def edited(self) -> bool:
+        """True when some hook registered here may replace the activation."""
+        return len(self._forward_hooks) > self.readers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x

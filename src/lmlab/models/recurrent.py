@@ -212,10 +212,11 @@ class RecurrentLM(nn.Module):
 
     def _run(self, x, state, mask, record: list | None = None):
         """-> (top layer's hidden states [B, T, H], (h [L, B, H], c [L, B, H] or None))."""
-        hooked = any(layer.hook_hidden._forward_hooks for layer in self.layers)
-        if self.config.fused and mask is None and record is None and not hooked:
-            return self._fused(x, state)
-        return self._explicit(x, state, mask, record)
+        if not self.config.fused or mask is not None or record is not None:
+            return self._explicit(x, state, mask, record)
+        if any(layer.hook_hidden._forward_hooks for layer in self.layers[:-1]):
+            return self._fused_by_layer(x, state)
+        return self._fused(x, state)
 
     def _fused(self, x, state):
         if state is not None and self.config.cell != "lstm":
@@ -224,6 +225,34 @@ class RecurrentLM(nn.Module):
         h, c = final if self.config.cell == "lstm" else (final, None)
         out = self.layers[-1].hook_hidden(out)
         return out, (h, c)
+
+    def _fused_by_layer(self, x, state):
+        """The fused kernel one layer at a time, so each layer's hook sees (and may edit) its
+        hidden states: the same numbers, to the bit, as the stacked call."""
+        lstm, L = self.config.cell == "lstm", self.config.n_layers
+        single = FUSED[self.config.cell](
+            self.config.d_model, self.config.d_model, 1, batch_first=True
+        )
+        finals_h, finals_c = [], []
+        for k in range(L):
+            params = {
+                f"{name}_l0": getattr(self.rnn, f"{name}_l{k}")
+                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+            }
+            layer_state = None
+            if state is not None:
+                layer_state = (
+                    (state[0][k : k + 1], state[1][k : k + 1]) if lstm else state[0][k : k + 1]
+                )
+            x, final = torch.func.functional_call(single, params, (x, layer_state))
+            h, c = final if lstm else (final, None)
+            finals_h.append(h[0])
+            finals_c.append(c[0] if lstm else None)
+            x = self.layers[k].hook_hidden(x)  # (B, T, H)
+            if k < L - 1:
+                x = F.dropout(x, self.config.dropout, self.training)  # as torch's modules do
+        c_out = torch.stack(finals_c) if lstm else None
+        return x, (torch.stack(finals_h), c_out)
 
     def _explicit(self, x, state, mask, record):
         """The cells applied step by step, layer by layer. ``record``, if a list, receives the

@@ -163,7 +163,8 @@ class Attention(nn.Module):
     Two paths give the same result: the fast one calls ``scaled_dot_product_attention``;
     the explicit one materialises the attention pattern [B, H, T, S] so that
     ``hook_pattern`` can read or edit it. The explicit path runs when ``explicit`` is set
-    or when a hook is registered on ``hook_pattern``, and also for bf16 training on a CPU,
+    or when a hook that may edit it is registered on ``hook_pattern`` (a read-only hook gets
+    the pattern computed beside the fast path, so reading changes nothing), and also for bf16 training on a CPU,
     where it is the faster one: torch 2.13's CPU flash-attention backward in bf16 takes
     3.6x as long as in fp32; with the explicit path gpt-char-tiny trains about 1.7-1.8x as
     fast as a plain float32 loop (bench/train_throughput.py).
@@ -206,7 +207,7 @@ class Attention(nn.Module):
             k = cache.k[self.layer][:, :, : start + T]  # (B, Hkv, S, Dh)
             v = cache.v[self.layer][:, :, : start + T]
         dropout = self.dropout if self.training else 0.0
-        if self.explicit or self.hook_pattern._forward_hooks or _bf16_cpu_training(q):
+        if self.explicit or self.hook_pattern.edited() or _bf16_cpu_training(q):
             z = self._explicit(q, k, v, attn_mask, dropout)
         else:
             z = F.scaled_dot_product_attention(
@@ -218,16 +219,23 @@ class Attention(nn.Module):
                 is_causal=attn_mask is None and T > 1 and cache is None,
                 enable_gqa=self.n_kv_heads != self.n_heads,
             )
+            if self.hook_pattern._forward_hooks:  # read-only hooks: show the pattern
+                self.hook_pattern(self._pattern(q, k, attn_mask))
         z = self.hook_z(z.transpose(1, 2))  # (B, T, H, Dh)
         return self.o_proj(z.reshape(B, T, self.n_heads * self.d_head))
 
     def _explicit(self, q, k, v, attn_mask, dropout):
         """softmax(q k^T / sqrt(Dh) + mask) v, with the pattern passed through hook_pattern."""
-        groups = self.n_heads // self.n_kv_heads
-        k = k.repeat_interleave(
-            groups, dim=1
-        )  # (B, H, S, Dh): each kv head serves `groups` q heads
-        v = v.repeat_interleave(groups, dim=1)
+        pattern = self.hook_pattern(self._pattern(q, k, attn_mask))
+        if dropout:
+            pattern = F.dropout(pattern, dropout)
+        v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, H, S, Dh)
+        return pattern @ v  # (B, H, T, Dh)
+
+    def _pattern(self, q, k, attn_mask):
+        """The attention pattern softmax(q k^T / sqrt(Dh) + mask): [B, H, T, S]."""
+        # (B, H, S, Dh): each kv head serves n_heads // n_kv_heads query heads
+        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         T, S = q.shape[2], k.shape[2]
         scores = (q / math.sqrt(self.d_head)) @ k.transpose(-2, -1)  # (B, H, T, S)
         if attn_mask is None:  # plain causal: query i (at slot S - T + i) sees slots <= its own
@@ -237,11 +245,7 @@ class Attention(nn.Module):
         # masked_fill and a float32 softmax, and bf16 training on the CPU runs the attention
         # about twice as fast, with no masked_fill or casts to differentiate.
         bias = torch.zeros(attn_mask.shape, dtype=scores.dtype, device=q.device)
-        scores = scores + bias.masked_fill_(~attn_mask, float("-inf"))
-        pattern = self.hook_pattern(scores.softmax(dim=-1))
-        if dropout:
-            pattern = F.dropout(pattern, dropout)
-        return pattern @ v  # (B, H, T, Dh)
+        return (scores + bias.masked_fill_(~attn_mask, float("-inf"))).softmax(dim=-1)
 
 
 def _bf16_cpu_training(q: torch.Tensor) -> bool:
