@@ -24,7 +24,7 @@ LAYERS = [
     {"generate", "train"},
     {"lm"},
     {"finetune"},
-    {"eval", "interp"},
+    {"eval", "interp", "prompting"},
     {"align"},
     {"api"},
     {"compare", "demo"},
