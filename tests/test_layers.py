@@ -39,6 +39,7 @@ DEFERRED = {
     "rouge_score": "ROUGE",
     "gguf": "GGUF",
     "sentencepiece": "tokenizer.model files",
+    "ctypes": "the sandbox's child loads it to isolate itself, then forgets it",
 }
 
 
