@@ -175,6 +175,7 @@ OUT_FLAGS = ("--train.out_dir", "--ppo.out_dir", "--out_dir")
 # commands that need an instruction-tuned model (a chat template, a tokenizer for any text)
 INSTRUCTED = {"chat", "rank", "judge", "reward", "dpo", "ppo"}
 SLOW = {"demo", "compare", "finetune", "dpo", "ppo", "reward", "judge", "rank", "eval", "report"}
+SLOW |= {"prompt", "icl"}
 # flag -> commands whose value for it names a model to read (a path, or a pretrained name)
 MODEL_FLAGS = {
     "--ckpt": {"generate"},
@@ -250,6 +251,12 @@ def shrink(argv: list[str]) -> list[str]:
         argv = _set(_set(argv, "--samples", "2"), "--max_new_tokens", "4")
     elif command == "chat" or (command == "generate" and pretrained):
         argv = _set(argv, "--max_new_tokens", "8")
+    elif command == "prompt":
+        for flag, value in [("--n", "2"), ("--samples", "2"), ("--max_tokens", "8")]:
+            argv = _set(argv, flag, value)
+    elif command == "icl":
+        for flag, value in [("--ks", "0,1"), ("--seeds", "0"), ("--formats", "qa")]:
+            argv = _set(argv, flag, value)
     return argv
 
 

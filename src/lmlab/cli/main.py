@@ -44,6 +44,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "evaluate a model on tasks (multiple choice, pairs, perplexity, ...)",
     ),
     "report": ("lmlab.cli.report", "evaluation reports of one or more models, side by side"),
+    "prompt": (
+        "lmlab.cli.prompt",
+        "direct, chain of thought, self-consistency and PAL compared on word problems",
+    ),
+    "icl": ("lmlab.cli.icl", "in-context learning: accuracy against k and prompt format"),
 }
 
 

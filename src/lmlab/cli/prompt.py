@@ -1,0 +1,68 @@
+"""``lmlab prompt``: direct, chain-of-thought, self-consistency and PAL answering compared
+on generated word problems (PAL's programs run in the sandbox)."""
+
+from __future__ import annotations
+
+from jsonargparse import ArgumentParser
+
+from lmlab import api
+from lmlab.cli.args import add_model_arguments
+from lmlab.prompting.models import LMCompleter, OpenAICompleter
+from lmlab.prompting.reasoning import METHODS
+from lmlab.prompting.runs import compare_methods
+
+
+def add_arguments(parser: ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        type=str,
+        default="smollm2",
+        help="anything lmlab.load takes (or the model name at --base_url)",
+    )
+    parser.add_argument(
+        "--base_url",
+        type=str | None,
+        default=None,
+        help="an OpenAI-compatible endpoint (.../v1) instead of a local model",
+    )
+    parser.add_argument(
+        "--methods",
+        type=str,
+        default=",".join(METHODS),
+        help=f"comma-separated, of: {', '.join(METHODS)}",
+    )
+    parser.add_argument("--n", type=int, default=200, help="word problems (generated, seeded)")
+    parser.add_argument(
+        "--shots", type=int, default=4, help="worked examples in each prompt (0: zero-shot)"
+    )
+    parser.add_argument(
+        "--samples", type=int, default=5, help="chains of thought per question for self-consistency"
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=0.7, help="sampling temperature for self-consistency"
+    )
+    parser.add_argument("--max_tokens", type=int, default=160)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=str, default="runs/prompt")
+    add_model_arguments(parser)
+
+
+def run(args) -> None:
+    if args.base_url:
+        model = OpenAICompleter(args.base_url, args.model)
+    else:
+        model = LMCompleter(api.load(args.model, dtype=args.dtype, device=args.device), args.model)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    summary = compare_methods(
+        model, args.out, methods, args.n, args.shots, args.samples, args.temperature,
+        args.max_tokens, args.seed, args.batch_size,
+    )  # fmt: skip
+    print(f"{'method':18s} {'strict':>18s} {'flexible':>18s}")
+    for method, s in summary["methods"].items():
+        cells = [
+            f"{s[h]['accuracy']:.3f} [{s[h]['ci95'][0]:.2f}, {s[h]['ci95'][1]:.2f}]"
+            for h in ("strict", "flexible")
+        ]
+        print(f"{method:18s} {cells[0]:>18s} {cells[1]:>18s}")
+    print(f"wrote {args.out}/methods.json, attempts.jsonl and methods.png")

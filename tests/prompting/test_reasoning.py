@@ -1,0 +1,111 @@
+"""Direct, chain-of-thought, self-consistency and PAL answering with a scripted model."""
+
+import pytest
+
+from lmlab.errors import ConfigError
+from lmlab.prompting.reasoning import (
+    ZERO_SHOT_COT,
+    bootstrap_interval,
+    build_prompt,
+    maj_curve,
+    solve,
+    summarise,
+)
+
+PROBLEMS = [
+    {"question": "Ann has 3 pens and buys 4. How many?", "answer": "7"},
+    {"question": "Bo had 10 cards and gave away 6. How many?", "answer": "4"},
+]
+
+
+class Scripted:
+    """Replies by the question at the end of the prompt; a list of replies is served in
+    turn (for sampling)."""
+
+    name = "scripted"
+
+    def __init__(self, replies):
+        self.replies, self.calls = replies, []
+
+    def complete(self, prompts, max_tokens=256, temperature=0.0, stop=(), seed=None):
+        self.calls.append(
+            {"n": len(prompts), "temperature": temperature, "stop": stop, "seed": seed}
+        )
+        out = []
+        for p in prompts:
+            question = next(q for q in self.replies if q in p.rsplit("Question:", 1)[-1])
+            reply = self.replies[question]
+            out.append(reply.pop(0) if isinstance(reply, list) else reply)
+        return out
+
+
+def test_prompts_have_the_shape_each_method_asks_for():
+    direct = build_prompt("Q?", "direct", shots=2)
+    assert direct.count("Question:") == 3 and direct.endswith("Question: Q?\nAnswer:")
+    cot = build_prompt("Q?", "cot", shots=2)
+    assert cot.count("The answer is") == 2
+    assert build_prompt("Q?", "cot", shots=0) == f"Question: Q?\nAnswer: {ZERO_SHOT_COT}"
+    pal = build_prompt("Q?", "pal", shots=2)
+    assert pal.count("def solution():") == 2 and pal.endswith("Question: Q?\n```python\n")
+    with pytest.raises(ConfigError, match="unknown method 'tot'"):
+        build_prompt("Q?", "tot")
+
+
+def test_direct_reads_a_bare_number_strictly_and_any_number_flexibly():
+    model = Scripted(
+        {PROBLEMS[0]["question"]: "7\nQuestion", PROBLEMS[1]["question"]: "He has 4 left"}
+    )
+    a, b = solve(model, PROBLEMS, "direct", progress=False)
+    assert (a.strict, a.flexible, a.correct()) == ("7", "7", True)
+    assert (b.strict, b.flexible) == (None, "4") and b.correct("flexible") and not b.correct()
+    assert model.calls[0]["temperature"] == 0.0 and model.calls[0]["n"] == 2
+
+
+def test_cot_and_self_consistency_vote_on_final_answers():
+    q0, q1 = PROBLEMS[0]["question"], PROBLEMS[1]["question"]
+    model = Scripted({q0: "3 + 4 = 7. The answer is 7.", q1: "10 - 6 = 4, so 4"})
+    a, b = solve(model, PROBLEMS, "cot", progress=False)
+    assert a.correct() and not b.correct() and b.correct("flexible")
+    replies = {
+        q0: ["The answer is 8.", "The answer is 7.", "The answer is 7."],
+        q1: ["The answer is 4.", "so 5", "The answer is 6."],
+    }
+    model = Scripted(replies)
+    a, b = solve(model, PROBLEMS, "self-consistency", samples=3, temperature=0.7, progress=False)
+    assert a.votes == ["8", "7", "7"] and a.strict == "7" and a.correct()
+    assert b.strict == "4" and b.flexible == "4"
+    assert {c["temperature"] for c in model.calls} == {0.7}
+    assert len({c["seed"] for c in model.calls}) == 3  # a different seed per draw
+    assert maj_curve([a, b]) == [0.5, 0.5, 1.0]
+
+
+def test_pal_runs_the_models_program_in_the_sandbox():
+    q0, q1 = PROBLEMS[0]["question"], PROBLEMS[1]["question"]
+    model = Scripted(
+        {
+            q0: "def solution():\n    return 3 + 4\n",
+            q1: "import os\ndef solution():\n    os.system('echo hi')\n    return 4\n",
+        }
+    )
+    a, b = solve(model, PROBLEMS, "pal", progress=False)
+    assert a.correct() and a.program_status == "ok" and "return 3 + 4" in a.program
+    assert b.strict is None and b.program_status == "error"
+    assert "```" in model.calls[0]["stop"]
+    assert summarise([a, b])["programs"] == {"error": 1, "ok": 1}
+
+
+def test_bootstrap_interval_brackets_the_mean_and_is_seeded():
+    correct = [True] * 30 + [False] * 70
+    lo, hi = bootstrap_interval(correct, seed=1)
+    assert lo < 0.3 < hi and 0.15 < lo and hi < 0.45
+    assert (lo, hi) == bootstrap_interval(correct, seed=1)
+    assert bootstrap_interval([True] * 5) == (1.0, 1.0)
+    summary = summarise(
+        solve(
+            Scripted({p["question"]: p["answer"] for p in PROBLEMS}),
+            PROBLEMS,
+            "direct",
+            progress=False,
+        )
+    )
+    assert summary["strict"]["accuracy"] == 1.0 and summary["n"] == 2

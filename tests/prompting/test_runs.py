@@ -1,0 +1,54 @@
+"""The experiments behind ``lmlab prompt`` and ``lmlab icl`` write their tables and figures."""
+
+import json
+
+from lmlab.data.word_problems import word_problems
+from lmlab.prompting.runs import compare_methods, icl_sweep
+from prompting.test_models import byte_lm
+
+
+class Oracle:
+    """Answers every word problem correctly, in each method's form."""
+
+    name = "oracle"
+
+    def __init__(self):
+        self.answers = {p["question"]: p for p in word_problems(6, seed=0)}
+
+    def complete(self, prompts, max_tokens=256, temperature=0.0, stop=(), seed=None):
+        out = []
+        for prompt in prompts:
+            question = prompt.rsplit("Question: ", 1)[-1].split("\n")[0]
+            p = self.answers[question]
+            if prompt.endswith("```python\n"):
+                out.append(p["program"] + "\n")
+            elif "The answer is" in prompt:
+                out.append(" " + p["rationale"])
+            else:
+                out.append(" " + p["answer"])
+        return out
+
+
+def test_compare_methods_writes_summary_attempts_and_figure(tmp_path):
+    summary = compare_methods(Oracle(), tmp_path, n=6, shots=2, samples=3)
+    for method in ("direct", "cot", "self-consistency", "pal"):
+        assert summary["methods"][method]["strict"]["accuracy"] == 1.0, method
+    assert summary["methods"]["self-consistency"]["maj_at_k"]["strict"] == [1.0, 1.0, 1.0]
+    assert summary["methods"]["pal"]["programs"] == {"ok": 6}
+    assert json.loads((tmp_path / "methods.json").read_text()) == summary
+    rows = (tmp_path / "attempts.jsonl").read_text().splitlines()
+    assert len(rows) == 4 * 6 and (tmp_path / "methods.png").stat().st_size > 10_000
+
+
+def test_icl_sweep_covers_every_format_k_and_seed(tmp_path):
+    table = icl_sweep(byte_lm(), tmp_path, ks=(0, 2), formats=("qa", "arrow"), seeds=(0, 1))
+    cells = {(r["format"], r["k"], r["seed"]) for r in table["rows"]}
+    assert cells == {
+        ("qa", 0, 0),
+        ("qa", 2, 0),
+        ("qa", 2, 1),
+        ("arrow", 0, 0),
+        ("arrow", 2, 0),
+        ("arrow", 2, 1),
+    }
+    assert (tmp_path / "icl.png").stat().st_size > 10_000
