@@ -46,11 +46,21 @@ _BERT_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh
 DROPPED = ("pooler.", "cls.seq_relationship.", "embeddings.position_ids")
 
 
-def spec_from_bert_config(hf_config: dict[str, Any], mlm_head: bool = False) -> dict[str, Any]:
+def spec_from_bert_config(
+    hf_config: dict[str, Any],
+    mlm_head: bool = False,
+    pooler: bool = False,
+    nsp_head: bool = False,
+    head: str = "none",
+) -> dict[str, Any]:
     """An lmlab ``encoder`` spec from a Hugging Face BERT ``config.json`` dict.
 
-    ``mlm_head`` adds the masked-LM head (for ``BertForMaskedLM`` weights). Dropout is 0:
-    the imported model is for inference (the config's dropout rates are training settings).
+    ``mlm_head`` adds the masked-LM head (for ``BertForMaskedLM`` weights); ``pooler``,
+    ``nsp_head`` and ``head`` ("sequence", "token", "span") the pooler and heads of
+    ``BertForPreTraining``, ``BertForSequenceClassification``,
+    ``BertForTokenClassification`` and ``BertForQuestionAnswering`` (``n_labels`` from the
+    config's ``id2label``/``num_labels``). Dropout is 0: the imported model is for inference
+    (the config's dropout rates are training settings).
     """
     cfg = hf_config
     kind = cfg.get("model_type")
@@ -107,7 +117,25 @@ def spec_from_bert_config(hf_config: dict[str, Any], mlm_head: bool = False) -> 
         pooling="mean",
         mlm_head=mlm_head,
         init_std=cfg.get("initializer_range", 0.02),
+        pooler=pooler,
+        nsp_head=nsp_head,
+        head=head,
+        n_labels=len(cfg["id2label"]) if "id2label" in cfg else cfg.get("num_labels", 2),
     )
+
+
+def _head_keys(spec: dict[str, Any]) -> dict[str, str]:
+    """lmlab name -> Hugging Face name of the pooler and the NSP and fine-tuning heads."""
+    m = {}
+    for flag, ours, theirs in (
+        (spec.get("pooler", False), "pooler", "pooler.dense"),
+        (spec.get("nsp_head", False), "nsp", "cls.seq_relationship"),
+        (spec.get("head", "none") in ("sequence", "token"), "head", "classifier"),
+        (spec.get("head", "none") == "span", "head", "qa_outputs"),
+    ):
+        if flag:
+            m[f"{ours}.weight"], m[f"{ours}.bias"] = f"{theirs}.weight", f"{theirs}.bias"
+    return m
 
 
 def _key_map(n_layers: int, mlm_head: bool) -> dict[str, str]:
@@ -179,7 +207,8 @@ def convert_bert_state_dict(
         return state[name]
 
     ours: dict[str, torch.Tensor] = {}
-    for name, hf_name in _key_map(spec["n_layers"], spec.get("mlm_head", False)).items():
+    key_map = {**_key_map(spec["n_layers"], spec.get("mlm_head", False)), **_head_keys(spec)}
+    for name, hf_name in key_map.items():
         ours[name] = take(hf_name)
     if spec.get("mlm_head", False):
         # BertLMPredictionHead's decoder.bias and bias are one Parameter under two names;
@@ -204,7 +233,9 @@ def convert_bert_state_dict(
                     "cls.predictions.decoder.weight differs from the word embeddings; lmlab's "
                     "masked-LM head ties them, so untied decoders are not supported"
                 )
-    leftover = sorted(k for k in set(state) - used if not k.startswith(DROPPED))
+    leftover = sorted(
+        k for k in set(state) - used if not k.startswith(DROPPED) or k in key_map.values()
+    )
     if leftover:
         raise CheckpointError(
             f"unexpected tensors in the checkpoint: {', '.join(leftover[:8])}"
@@ -228,7 +259,7 @@ def _bert_hf_shapes(spec: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Hugging Face names (``bert.`` prefix removed) -> shapes that ``spec`` implies."""
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         shapes = {k: tuple(v.shape) for k, v in build_model(spec).state_dict().items()}
-    key_map = _key_map(spec["n_layers"], spec.get("mlm_head", False))
+    key_map = {**_key_map(spec["n_layers"], spec.get("mlm_head", False)), **_head_keys(spec)}
     return {hf: shapes[ours] for ours, hf in key_map.items()}
 
 
@@ -236,7 +267,8 @@ def _hf_name(spec: dict[str, Any], name: str) -> str:
     """The Hugging Face name of lmlab tensor ``name`` (for error messages)."""
     if name == "mlm.bias":
         return "cls.predictions.bias"
-    return _key_map(spec["n_layers"], spec.get("mlm_head", False)).get(name, name)
+    key_map = {**_key_map(spec["n_layers"], spec.get("mlm_head", False)), **_head_keys(spec)}
+    return key_map.get(name, name)
 
 
 def _read_json(file: Path) -> Any:

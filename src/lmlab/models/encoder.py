@@ -69,6 +69,18 @@ class EncoderConfig:
     token embedding matrix as output projection plus a bias); see ``mlm_logits``."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation of weights (BERT's initializer_range)."""
+    pooler: bool = False
+    """Carry BERT's pooler: tanh(dense(hidden of [CLS])), the input of the NSP and
+    sequence-classification heads (``pooled``)."""
+    nsp_head: bool = False
+    """Carry the next-sentence-prediction head: 2 logits (is next, is random) from the
+    pooled [CLS] (``nsp_logits``); needs ``pooler``."""
+    head: Literal["none", "sequence", "token", "span"] = "none"
+    """A fine-tuning head (``head_logits``): ``sequence`` classification from the pooled
+    [CLS] (needs ``pooler``), ``token`` classification of every position (NER), or
+    ``span`` start/end logits for extractive question answering."""
+    n_labels: int = 2
+    """Classes of the sequence or token head."""
 
     def __post_init__(self):
         def bad(field: str, value, allowed: str):
@@ -101,8 +113,23 @@ class EncoderConfig:
         for field, allowed in (("activation", ("gelu", "gelu_tanh")), ("pooling", ("mean", "cls"))):
             if getattr(self, field) not in allowed:
                 bad(field, getattr(self, field), f"choose one of {', '.join(allowed)}")
-        if not isinstance(self.mlm_head, bool):
-            bad("mlm_head", self.mlm_head, "must be true or false")
+        for field in ("mlm_head", "pooler", "nsp_head"):
+            if not isinstance(getattr(self, field), bool):
+                bad(field, getattr(self, field), "must be true or false")
+        if self.head not in ("none", "sequence", "token", "span"):
+            bad("head", self.head, "choose one of none, sequence, token, span")
+        if (self.nsp_head or self.head == "sequence") and not self.pooler:
+            bad(
+                "pooler",
+                self.pooler,
+                "the NSP and sequence heads read the pooled [CLS]: set pooler=true",
+            )
+        if (
+            isinstance(self.n_labels, bool)
+            or not isinstance(self.n_labels, int)
+            or self.n_labels < 1
+        ):
+            bad("n_labels", self.n_labels, "must be a positive integer")
 
     @property
     def head_size(self) -> int:
@@ -237,6 +264,12 @@ class Encoder(nn.Module):
         self.emb_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.mlm = MLMHead(config) if config.mlm_head else None
+        D = config.d_model
+        self.pooler = nn.Linear(D, D) if config.pooler else None
+        self.nsp = nn.Linear(D, 2) if config.nsp_head else None
+        outputs = {"none": 0, "sequence": config.n_labels, "token": config.n_labels, "span": 2}
+        self.head = nn.Linear(D, outputs[config.head]) if config.head != "none" else None
+        self.head_dropout = nn.Dropout(config.dropout)
         self.hook_embed = HookPoint()  # (B, T, D) token embeddings
         self.hook_pos_embed = HookPoint()  # (B, T, D) position embeddings
         self.hook_type_embed = HookPoint()  # (B, T, D) token-type embeddings
@@ -307,6 +340,34 @@ class Encoder(nn.Module):
                 "with mlm_head=True or load a checkpoint that has one (BertForMaskedLM)"
             )
         return self.mlm(hidden, self.tok_emb.weight)
+
+    def pooled(self, hidden: torch.Tensor) -> torch.Tensor:
+        """BERT's pooled output: tanh(dense(hidden[:, 0])) -> [B, D]."""
+        if self.pooler is None:
+            raise ConfigError("this encoder has no pooler (EncoderConfig.pooler=False)")
+        return torch.tanh(self.pooler(hidden[:, 0]))
+
+    def nsp_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-sentence prediction logits [B, 2]: index 0 "B follows A", 1 "B is random"."""
+        if self.nsp is None:
+            raise ConfigError("this encoder has no NSP head (EncoderConfig.nsp_head=False)")
+        return self.nsp(self.pooled(hidden))
+
+    def head_logits(self, hidden: torch.Tensor):
+        """The fine-tuning head on hidden states [B, T, D]: ``sequence`` -> [B, n_labels];
+        ``token`` -> [B, T, n_labels]; ``span`` -> (start [B, T], end [B, T])."""
+        kind = self.config.head
+        if self.head is None:
+            raise ConfigError(
+                "this encoder has no fine-tuning head (EncoderConfig.head='none'); build it with "
+                "head='sequence', 'token' or 'span'"
+            )
+        if kind == "sequence":
+            return self.head(self.head_dropout(self.pooled(hidden)))
+        if kind == "token":
+            return self.head(self.head_dropout(hidden))
+        start, end = self.head(hidden).unbind(dim=-1)
+        return start, end
 
 
 def pool(
