@@ -66,14 +66,12 @@ def compare_methods(
 
 
 def plot_methods(summary: dict[str, Any], path: str | os.PathLike) -> None:
-    import matplotlib  # plots only
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # deferred: slow to import, only for plots
 
     methods = summary["methods"]
     curve = methods.get("self-consistency", {}).get("maj_at_k")
-    fig, axes = plt.subplots(1, 2 if curve else 1, figsize=(11 if curve else 6, 4), squeeze=False)
+    fig = Figure(figsize=(11 if curve else 6, 4))
+    axes = fig.subplots(1, 2 if curve else 1, squeeze=False)
     ax = axes[0][0]
     names = list(methods)
     for j, how in enumerate(("strict", "flexible")):
@@ -99,7 +97,6 @@ def plot_methods(summary: dict[str, Any], path: str | os.PathLike) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def icl_sweep(
@@ -133,12 +130,10 @@ def icl_sweep(
 
 
 def plot_icl(table: dict[str, Any], path: str | os.PathLike) -> None:
-    import matplotlib  # plots only
+    from matplotlib.figure import Figure  # deferred: slow to import, only for plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.subplots()
     for fmt in dict.fromkeys(r["format"] for r in table["rows"]):
         rows = [r for r in table["rows"] if r["format"] == fmt]
         ks = sorted({r["k"] for r in rows})
@@ -154,4 +149,3 @@ def plot_icl(table: dict[str, Any], path: str | os.PathLike) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
