@@ -49,6 +49,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "direct, chain of thought, self-consistency and PAL compared on word problems",
     ),
     "icl": ("lmlab.cli.icl", "in-context learning: accuracy against k and prompt format"),
+    "pretrain": ("lmlab.cli.pretrain", "pretrain a BERT encoder from scratch (masked LM + NSP)"),
 }
 
 

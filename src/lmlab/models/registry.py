@@ -160,6 +160,29 @@ PRESETS: dict[str, dict[str, Any]] = {
     "rnn-char": dict(family="recurrent", vocab_size=None, cell="rnn", d_model=256, n_layers=2),
     "gru-char": dict(family="recurrent", vocab_size=None, cell="gru", d_model=256, n_layers=2),
     "lstm-char": dict(family="recurrent", vocab_size=None, cell="lstm", d_model=256, n_layers=2),
+    # Tiny BERT encoders to pretrain from scratch with MLM and NSP (lmlab.train.bert).
+    "bert-tiny": dict(
+        family="encoder",
+        vocab_size=None,
+        d_model=128,
+        n_layers=2,
+        n_heads=2,
+        d_ff=512,
+        max_seq_len=128,
+        dropout=0.0,
+        pooling="cls",
+    ),
+    "bert-mini": dict(
+        family="encoder",
+        vocab_size=None,
+        d_model=256,
+        n_layers=4,
+        n_heads=4,
+        d_ff=1024,
+        max_seq_len=128,
+        dropout=0.1,
+        pooling="cls",
+    ),
     # SmolLM2-135M's shape (Llama architecture), for imported weights.
     "smollm2-135m": dict(
         family="transformer",

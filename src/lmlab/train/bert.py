@@ -1,14 +1,31 @@
-"""BERT's pretraining loss: masked-LM cross-entropy over the chosen positions only, plus
-next-sentence-prediction cross-entropy over every pair (``lmlab.data.mlm`` makes the batch).
+"""BERT pretraining through lmlab's trainer: the loss (masked-LM cross-entropy over the
+chosen positions only, plus next-sentence-prediction cross-entropy over every pair),
+resumable batches of masked sentence pairs, and the supervised loss the trainer calls.
+``lmlab.data.mlm`` masks and packs; ``lmlab.api.pretrain_encoder`` puts it together.
 """
 
 from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.data.mlm import IGNORE, PairBatch
+from lmlab.data.corpus import load_corpus, split_text
+from lmlab.data.mlm import IGNORE, PairBatch, mask_tokens, pack_pairs, sentence_pairs
+from lmlab.data.tokenizers import BPETokenizer
+from lmlab.errors import ConfigError
+from lmlab.models import build_model, get_preset
+from lmlab.seeds import seeded
+from lmlab.train.config import TrainConfig
+from lmlab.train.metrics import read_metrics
+from lmlab.train.run import RunLock, StopSignals, ensure_run_dir
+from lmlab.train.trainer import Supervised, TrainResult, train
 
 
 def pretraining_loss(
@@ -35,3 +52,210 @@ def pretraining_loss(
         "mlm_acc": mlm_acc,
         "nsp_acc": nsp_acc,
     }
+
+
+# ----------------------------------------------------------------------------- training data
+
+SPECIALS = ("[PAD]", "[CLS]", "[SEP]", "[MASK]")
+"""BERT's special tokens, in the ids a pretraining tokenizer gives them (0 to 3)."""
+
+
+def documents_from_text(text: str, tokenizer: Any) -> list[list[list[int]]]:
+    """Documents (blank-line-separated blocks: Tiny Shakespeare's speeches) of sentences
+    (their non-empty lines), tokenized."""
+    documents = []
+    for block in text.split("\n\n"):
+        lines = [tokenizer.encode(line) for line in block.split("\n") if line.strip()]
+        if lines:
+            documents.append(lines)
+    return documents
+
+
+class PairBatches:
+    """Masked next-sentence batches drawn afresh for each batch index from ``(seed, index)``
+    alone, so a resumed run draws exactly what it would have (``state_dict``: the index)."""
+
+    def __init__(
+        self,
+        documents: Sequence[Sequence[Sequence[int]]],
+        batch_size: int,
+        max_len: int,
+        vocab_size: int,
+        seed: int,
+        rate: float = 0.15,
+        whole_word: bool = False,
+    ):
+        self.documents, self.batch_size, self.max_len = documents, batch_size, max_len
+        self.vocab_size, self.seed, self.rate, self.index = vocab_size, seed, rate, 0
+        if whole_word:
+            raise ConfigError(
+                "whole-word masking needs word boundaries; this corpus path gives none yet"
+            )
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        rng = random.Random(self.seed * 1_000_003 + index)
+        pairs = sentence_pairs(self.documents, self.batch_size, rng)
+        packed = pack_pairs(pairs, CLS_ID, SEP_ID, PAD_ID, self.max_len)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        inputs, labels = mask_tokens(
+            packed.ids,
+            MASK_ID,
+            self.vocab_size,
+            packed.special,
+            self.rate,
+            g,
+            random_low=len(SPECIALS),
+        )
+        return {
+            "ids": inputs,
+            "labels": labels,
+            "token_type_ids": packed.token_type_ids,
+            "attention_mask": packed.attention_mask,
+            "nsp_labels": packed.nsp_labels,
+        }
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        self.index += 1
+        return self.batch(self.index - 1)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.index = int(state["index"])
+
+
+PAD_ID, CLS_ID, SEP_ID, MASK_ID = range(4)
+
+
+class PretrainingLoss:
+    """The trainer's supervised loss for BERT pretraining: MLM + NSP per batch (counted as
+    one unit per row, so the trainer's division gives the batch mean), with MLM and NSP
+    accuracy reported in the ``train`` and ``eval`` events."""
+
+    def __init__(self):
+        self._seen = {True: [], False: []}
+
+    def __call__(self, model, batch, autocast, keep=1.0):
+        pairs = PairBatch(
+            batch["ids"],
+            batch["token_type_ids"],
+            batch["attention_mask"],
+            None,
+            batch["nsp_labels"],
+        )
+        with autocast():
+            out = pretraining_loss(model, pairs, batch["ids"], batch["labels"])
+        self._seen[torch.is_grad_enabled()].append(
+            torch.stack(
+                [out[k].detach().float() for k in ("mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc")]
+            )
+        )
+        rows = batch["ids"].shape[0]
+        return out["loss"] * rows, torch.tensor(rows, device=out["loss"].device)
+
+    def metrics(self, training: bool) -> dict[str, float]:
+        seen, self._seen[training] = self._seen[training], []
+        if not seen:
+            return {}
+        mean = torch.stack(seen).mean(0).tolist()
+        return dict(zip(("mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc"), mean))
+
+
+def pretrain_encoder(
+    model: str | dict[str, Any] = "bert-tiny",
+    data: str = "tinyshakespeare",
+    vocab_size: int = 1024,
+    max_len: int = 64,
+    val_fraction: float = 0.1,
+    mask_rate: float = 0.15,
+    config: TrainConfig | None = None,
+) -> TrainResult:
+    """Pretrain a BERT encoder from scratch with MLM and NSP through lmlab's trainer.
+
+    The text (a bundled corpus name or a path) is split into train and validation parts;
+    a byte-level BPE tokenizer with BERT's special tokens is trained on the train part;
+    documents are its blank-line-separated blocks and sentences their lines. The run's
+    metrics carry ``mlm_loss``, ``nsp_loss``, ``mlm_acc`` and ``nsp_acc`` (``val_`` ones at
+    each evaluation, on fixed held-out pairs); resume, guards and checkpoints are the
+    trainer's.
+    """
+    config = config or TrainConfig(out_dir="runs/bert")
+    spec = dict(get_preset(model)) if isinstance(model, str) else dict(model)
+    if spec.get("family") != "encoder":
+        raise ConfigError(
+            f"pretraining with MLM and NSP needs an encoder preset (bert-tiny), got {model!r}"
+        )
+    spec.update(mlm_head=True, pooler=True, nsp_head=True, pad_id=PAD_ID)
+    if max_len > spec.get("max_seq_len", 512):
+        raise ConfigError(
+            f"max_len={max_len} exceeds the encoder's max_seq_len {spec['max_seq_len']}"
+        )
+    with RunLock(ensure_run_dir(config.out_dir)), StopSignals():
+        train_text, val_text = split_text(load_corpus(data), val_fraction)
+        tok = BPETokenizer.train(train_text, vocab_size, eos_token=None, special_tokens=SPECIALS)
+        if [tok.tokenizer.token_to_id(t) for t in SPECIALS] != [PAD_ID, CLS_ID, SEP_ID, MASK_ID]:
+            raise ConfigError("the tokenizer did not give BERT's special tokens the ids 0-3")
+        train_docs, val_docs = (
+            documents_from_text(train_text, tok),
+            documents_from_text(val_text, tok),
+        )
+        with seeded(config.seed):
+            net = build_model({**spec, "vocab_size": tok.vocab_size})
+        batches = PairBatches(
+            train_docs, config.batch_size, max_len, tok.vocab_size, config.seed, mask_rate
+        )
+        held_out = PairBatches(
+            val_docs, config.batch_size, max_len, tok.vocab_size, config.seed + 1, mask_rate
+        )
+        val = [held_out.batch(i) for i in range(config.eval_batches)]
+        supervised = Supervised(batches, PretrainingLoss(), val)
+        result = train(net, None, None, config, tokenizer=tok, supervised=supervised)
+    plot_pretraining(config.out_dir)
+    return result
+
+
+def plot_pretraining(run_dir: str | os.PathLike) -> Path:
+    """``pretraining.png`` in the run folder: MLM loss, and MLM and NSP accuracy (training
+    batches and held-out pairs) against steps."""
+    from matplotlib.figure import Figure  # deferred: slow to import, only for plots
+
+    run_dir = Path(run_dir)
+    events = read_metrics(run_dir / "metrics.jsonl")
+    train_ev = [e for e in events if e["event"] == "train" and "mlm_loss" in e]
+    eval_ev = [e for e in events if e["event"] == "eval" and "val_mlm_acc" in e]
+    fig = Figure(figsize=(11, 4))
+    left, right = fig.subplots(1, 2)
+    for events_, prefix, style in ((train_ev, "", "-"), (eval_ev, "val_", "o-")):
+        steps = [e["step"] for e in events_]
+        left.plot(
+            steps,
+            [e[prefix + "mlm_loss"] for e in events_],
+            style,
+            label=f"MLM loss ({prefix or 'train '}batches)".replace("val_", "held-out "),
+        )
+        right.plot(
+            steps,
+            [e[prefix + "mlm_acc"] for e in events_],
+            style,
+            label=f"MLM accuracy{' (held out)' if prefix else ''}",
+        )
+        right.plot(
+            steps,
+            [e[prefix + "nsp_acc"] for e in events_],
+            style,
+            label=f"NSP accuracy{' (held out)' if prefix else ''}",
+        )
+    right.axhline(0.5, color="grey", lw=0.8, ls=":", label="NSP chance")
+    left.set(xlabel="step", ylabel="cross-entropy (nats)", title="masked-LM loss")
+    right.set(
+        xlabel="step", ylabel="accuracy", ylim=(0, 1), title="masked tokens and next sentence"
+    )
+    for ax in (left, right):
+        ax.legend(fontsize=8)
+        if not train_ev:
+            ax.text(0.5, 0.5, "no training steps logged yet", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    path = run_dir / "pretraining.png"
+    fig.savefig(path, dpi=100)
+    return path
