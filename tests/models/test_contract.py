@@ -23,6 +23,7 @@ from lmlab.finetune.run import prepare_method
 from lmlab.generate import SamplingParams, generate_ids
 from lmlab.generate.likelihood import perplexity, token_nll
 from lmlab.models import abilities, build_model, families, get_preset, require_causal_lm
+from lmlab.models.contract import family_name
 from lmlab.quant import quantize_model
 
 V = 40
@@ -34,7 +35,16 @@ TINY = {
     "recurrent": {**get_preset("lstm-char"), "d_model": 16, "n_layers": 1},
     "ngram": {**get_preset("ngram-char"), "order": 3},
     "encoder": {"family": "encoder", "d_model": 32, "n_layers": 1, "n_heads": 4, "d_ff": 64},
+    "seq2seq": {
+        "family": "seq2seq",
+        "d_model": 16,
+        "n_heads": 2,
+        "n_encoder_layers": 1,
+        "n_decoder_layers": 1,
+        "d_ff": 32,
+    },
 }
+KINDS = {"encoder": "encoder", "seq2seq": "seq2seq"}  # family -> kind; the rest: causal_lm
 
 
 def family_model(name):
@@ -87,8 +97,8 @@ def test_every_model_decodes_and_scores_or_says_why_not(case, tmp_path):
     model = CASES[case](tmp_path).eval()
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (12,), generator=torch.Generator().manual_seed(1)).tolist()
-    if abilities(model).kind == "encoder":
-        assert case == "family-encoder"
+    if abilities(model).kind != "causal_lm":
+        assert case in ("family-encoder", "family-seq2seq")
         return check_refused(model)
     out = generate_ids(model, [ids[:4]], SamplingParams(max_new_tokens=3, seed=0, temperature=1))
     assert len(out[0]) == 3 and all(0 <= t < vocab for t in out[0])
@@ -114,7 +124,7 @@ def check_refused(model):
             call()
         message = str(info.value)
         assert "\n" not in message and what in message, message
-        assert "the encoder family (Encoder)" in message, message
+        assert family_name(model) in message, message
 
 
 def test_minilm_is_refused_where_a_causal_lm_is_needed():
@@ -147,7 +157,7 @@ def test_every_registered_family_has_a_case_and_declares_its_abilities():
     for name in families():
         found = abilities(family_model(name))
         assert found is type(family_model(name)).abilities
-        assert found.kind == ("encoder" if name == "encoder" else "causal_lm")
+        assert found.kind == KINDS.get(name, "causal_lm")
 
 
 def test_an_undeclared_module_is_a_causal_lm_read_off_its_structure():

@@ -17,7 +17,7 @@ that every entry point needing next-token logits makes.
 """
 
 # Importing a family module registers it with the registry.
-from lmlab.models import encoder, mlp, ngram, recurrent, transformer  # noqa: F401
+from lmlab.models import encoder, mlp, ngram, recurrent, seq2seq, transformer  # noqa: F401
 from lmlab.models.contract import (
     Abilities,
     abilities,

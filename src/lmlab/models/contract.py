@@ -38,7 +38,7 @@ from torch import nn
 
 from lmlab.errors import ConfigError
 
-Kind = Literal["causal_lm", "encoder"]
+Kind = Literal["causal_lm", "encoder", "seq2seq"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,8 @@ class Abilities:
     """What a model family is and can do."""
 
     kind: Kind
-    """``causal_lm`` (ids -> next-token logits) or ``encoder`` (ids -> hidden states)."""
+    """``causal_lm`` (ids -> next-token logits), ``encoder`` (ids -> hidden states) or
+    ``seq2seq`` (source and target ids -> next-target-token logits)."""
     gradients: bool = True
     """Trained by back-propagation (False: fitted by counting, like an n-gram table)."""
     cache: bool = False
@@ -95,6 +96,12 @@ def require_causal_lm(model: nn.Module, what: str) -> Abilities:
     ``what`` says what needed it, e.g. ``"perplexity"`` or ``"generating text"``.
     """
     found = abilities(model)
+    if found.kind == "seq2seq":
+        raise ConfigError(
+            f"{what} needs a causal language model (ids -> next-token logits); "
+            f"{family_name(model)} is an encoder-decoder (source and target ids -> logits): "
+            "decode it with lmlab.generate.seq2seq_generate (model.conditioned(src))"
+        )
     if found.kind != "causal_lm":
         raise ConfigError(
             f"{what} needs a causal language model (ids -> next-token logits); "
