@@ -52,7 +52,7 @@ from torch import nn
 
 from lmlab.checkpoint.hf import convert_hf_state_dict, load_converted, spec_from_hf_config
 from lmlab.checkpoint.io import check_finite, check_tokenizer_fits, is_finite
-from lmlab.data.tokenizers import BPETokenizer
+from lmlab.data.tokenizers import BPETokenizer, bytes_to_unicode
 from lmlab.errors import CheckpointError, DataNotFoundError
 from lmlab.models import build_model
 from lmlab.quant.int4 import Float32Head, Int4Linear, int4_kernel_available
@@ -606,24 +606,6 @@ def gguf_to_hf(
 
 
 # ----------------------------------------------------------------------------- tokenizer
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table: byte-level BPE spells tokens in it.
-
-    Printable bytes map to themselves (``ord("A") -> "A"``); the other 68 (space, control
-    bytes...) to characters from U+0100 on, so ``0x20 (space) -> "Ġ"``, ``0x0A -> "Ċ"``.
-    """
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
-    keep += range(ord("®"), ord("ÿ") + 1)
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
 
 
 # Pre-tokenizer regexes, as in llama.cpp's llama-vocab.cpp (and transformers' GGUF loader).
