@@ -22,7 +22,7 @@ import yaml
 # Importing finetune registers the PEFT structures with checkpoint/ (so a LoRA, adapter or
 # soft-prompt checkpoint loads); the facade is the layer above both.
 import lmlab.finetune  # noqa: F401
-from lmlab.checkpoint.hf import save_hf
+from lmlab.checkpoint.hf import HF_TOKENIZER_KINDS, save_hf
 from lmlab.checkpoint.io import checkpoint_dir, latest_checkpoint, save_checkpoint
 from lmlab.data import (
     encode_to_file,
@@ -49,18 +49,19 @@ def export_hf(model: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[Pat
     """Write a decoder that ``load`` takes as a Hugging Face folder -> (folder, notes).
 
     transformers loads the result with ``AutoModelForCausalLM.from_pretrained(out_dir)``
-    and computes the same logits (tests/checkpoint/test_hf.py). A BPE tokenizer and a chat
-    template travel with it; a char or byte tokenizer has no Hugging Face form, which the
-    notes say.
+    and computes the same logits (tests/checkpoint/test_hf.py); its tokenizer (char, byte,
+    BPE or SentencePiece) loads with ``AutoTokenizer`` and encodes as lmlab does; the chat
+    template travels with it, and ``generation_config.json`` makes ``generate`` stop where
+    lmlab stops (a chat model's end-of-turn token among the eos ids).
     """
     lm = load(model)
     out = save_hf(lm.model, out_dir, lm.tokenizer, lm.chat_template)
     notes = []
     if lm.tokenizer is None:
         notes.append("the model has no tokenizer, so none was written")
-    elif getattr(lm.tokenizer, "kind", None) not in ("bpe", "sentencepiece"):
+    elif getattr(lm.tokenizer, "kind", None) not in HF_TOKENIZER_KINDS:
         notes.append(
-            f"the {lm.tokenizer.kind} tokenizer has no Hugging Face form and was not "
+            f"the {lm.tokenizer.kind} tokenizer has no Hugging Face form here and was not "
             "written; encode text with lmlab (lmlab.data.load_tokenizer) for this model"
         )
     return out, notes

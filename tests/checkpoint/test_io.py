@@ -435,3 +435,18 @@ def test_a_run_saved_with_the_older_tokenizer_file_still_loads(tmp_path):
     assert isinstance(lm.tokenizer, CharTokenizer) and lm.tokenizer.chars == tok.chars
     assert lm.tokenizer.encode("not to be") == tok.encode("not to be")
     assert lm.chat_template is None
+
+
+def test_checkpoint_files_have_ordinary_permissions(tmp_path):
+    """safetensors' save_file makes 0600 files; a checkpoint's are what open() makes."""
+    import stat
+
+    from lmlab.data.tokenizers import CharTokenizer
+
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / "ckpt", tiny_model(), CharTokenizer.train("ab"), {"x": 1})
+    finally:
+        os.umask(old)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in path.iterdir()}
+    assert WEIGHTS_FILE in modes and set(modes.values()) == {0o644}, modes
