@@ -22,6 +22,7 @@ import yaml
 # Importing finetune registers the PEFT structures with checkpoint/ (so a LoRA, adapter or
 # soft-prompt checkpoint loads); the facade is the layer above both.
 import lmlab.finetune  # noqa: F401
+from lmlab.checkpoint.gguf_export import save_gguf
 from lmlab.checkpoint.hf import HF_TOKENIZER_KINDS, save_hf
 from lmlab.checkpoint.io import checkpoint_dir, latest_checkpoint, save_checkpoint
 from lmlab.data import (
@@ -42,7 +43,16 @@ from lmlab.train import TrainConfig, TrainResult
 from lmlab.train import train as _train_loop
 from lmlab.train.run import RunLock, StopSignals, ensure_run_dir
 
-__all__ = ["LM", "default_dtype", "export_hf", "load", "model_spec_from", "prepare_data", "train"]
+__all__ = [
+    "LM",
+    "default_dtype",
+    "export_gguf",
+    "export_hf",
+    "load",
+    "model_spec_from",
+    "prepare_data",
+    "train",
+]
 
 
 def export_hf(model: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[Path, list[str]]:
@@ -65,6 +75,22 @@ def export_hf(model: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[Pat
             "written; encode text with lmlab (lmlab.data.load_tokenizer) for this model"
         )
     return out, notes
+
+
+def export_gguf(
+    model: str | os.PathLike,
+    out_file: str | os.PathLike,
+    gguf_type: Literal["f32", "f16", "q8_0", "q4_0"] = "f16",
+) -> tuple[Path, list[str]]:
+    """Write a Llama-layout decoder that ``load`` takes as one GGUF file -> (file, notes).
+
+    llama.cpp (and Ollama, LM Studio) run the file; ``load`` reads it back. ``gguf_type``
+    stores the matrices as float32, float16, or in llama.cpp's Q8_0 / Q4_0 blocks. A
+    byte-level BPE tokenizer and the chat template travel with it
+    (``lmlab.checkpoint.gguf_export``); the notes say what could not.
+    """
+    lm = load(model, device="cpu")
+    return save_gguf(lm.model, out_file, lm.tokenizer, lm.chat_template, gguf_type)
 
 
 # ----------------------------------------------------------------------------- training
