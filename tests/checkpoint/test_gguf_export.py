@@ -16,7 +16,7 @@ from lmlab.cli.main import main
 from lmlab.data.chat import ChatTemplate
 from lmlab.data.tokenizers import BPETokenizer, ByteTokenizer, CharTokenizer
 from lmlab.errors import CheckpointError, ConfigError
-from lmlab.models import build_model, get_preset
+from lmlab.models import build_model, get_preset, model_spec
 
 Q = gguf.GGMLQuantizationType
 CHATML = (
@@ -52,8 +52,8 @@ def rounded_like_gguf(model, qtype):
     matrix whose rows are not whole blocks of 32 is stored as F16."""
     rounded = copy.deepcopy(model)
     with torch.no_grad():
-        for p in rounded.parameters():
-            if p.ndim != 2 or qtype == Q.F32:
+        for name, p in rounded.named_parameters():
+            if p.ndim != 2 or qtype == Q.F32 or name == "pos_emb.weight":  # GPT-2's: F32
                 continue
             if qtype == Q.F16 or p.shape[1] % 32:
                 p.copy_(p.half().float())
@@ -149,10 +149,68 @@ def test_char_or_byte_tokenizer_and_rows_off_the_block_size_are_noted(tok, tmp_p
     torch.testing.assert_close(logits(lm.model, 256), logits(rounded, 256), atol=1e-5, rtol=1e-5)
 
 
+def tiny_gpt2(vocab_size=300, **overrides):
+    """A 2-layer GPT-2 (learned positions, LayerNorm, biases, tanh GELU)."""
+    torch.manual_seed(0)
+    small = dict(vocab_size=vocab_size, n_layers=2, d_model=64, n_heads=4, d_ff=128)
+    return build_model({**get_preset("gpt-char-tiny"), **small, **overrides}).eval()
+
+
+@pytest.mark.parametrize("kind", ["f32", "q8_0", "q4_0"])
+def test_gpt2_file_reads_back_with_gguf_reader_and_lmlab(kind, tokenizer, tmp_path):
+    model = tiny_gpt2()
+    path, notes = save_gguf(model, tmp_path / "g.gguf", tokenizer, gguf_type=kind)
+    assert notes == []
+    reader = gguf.GGUFReader(str(path))
+    tensors = {t.name: t for t in reader.tensors}
+    layer = ["attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up", "ffn_down"]
+    expected = {"token_embd.weight", "position_embd.weight", "output_norm.weight"}
+    expected |= {"output_norm.bias"}  # tied: no output.weight
+    expected |= {f"blk.{i}.{n}.{p}" for i in range(2) for n in layer for p in ("weight", "bias")}
+    assert set(tensors) == expected
+    assert list(tensors["blk.0.attn_qkv.weight"].shape) == [64, 3 * 64]  # ne: [in, out]
+    assert list(tensors["blk.1.ffn_down.weight"].shape) == [128, 64]
+    qtype = GGUF_TYPES[kind]
+    for name, t in tensors.items():
+        stored = Q.F32 if len(t.shape) == 1 or name == "position_embd.weight" else qtype
+        assert t.tensor_type == stored, name
+    assert reader.fields["general.architecture"].contents() == "gpt2"
+    assert reader.fields["gpt2.feed_forward_length"].contents() == 128
+    assert reader.fields["gpt2.context_length"].contents() == model.config.max_seq_len
+    lm = lmlab.load(path, device="cpu")
+    source_spec = model_spec(model)
+    assert {k: source_spec[k] for k in lm.config["model"]} == lm.config["model"]
+    torch.testing.assert_close(
+        logits(lm.model), logits(rounded_like_gguf(model, qtype)), atol=1e-5, rtol=1e-5
+    )
+    assert lm.tokenizer.encode(TEXT) == tokenizer.encode(TEXT)
+
+
+@pytest.mark.parametrize("layout", ["llama", "gpt2"])
+def test_f32_file_matches_transformers_gguf_loader(layout, tokenizer, tmp_path):
+    """An independent reader: transformers' own GGUF loader (its un-permutation of q and k,
+    its GPT-2 mapping) builds a model with the source's logits, and its GGUF tokenizer
+    encodes as lmlab. float32 both: 1e-5. (transformers' GPT-2 GGUF mapping reads neither
+    feed_forward_length nor context_length: this model has its defaults, 4 D and 1024.)"""
+    import transformers
+
+    if layout == "llama":
+        model = tiny()
+    else:
+        model = tiny_gpt2(d_ff=256, max_seq_len=1024)
+    path, _ = save_gguf(model, tmp_path / "m.gguf", tokenizer, gguf_type="f32")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).eval()
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), atol=1e-5, rtol=1e-5)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    assert hf_tok.encode(TEXT, add_special_tokens=False) == tokenizer.encode(TEXT)
+
+
 def test_models_llama_cpp_has_no_architecture_for_are_refused(tmp_path):
-    gpt = build_model({**get_preset("gpt-char-tiny"), "vocab_size": 64, "n_layers": 1})
-    with pytest.raises(CheckpointError, match="Llama layout .*--format hf"):
-        save_gguf(gpt, tmp_path / "g.gguf")
+    exact_gelu = tiny_gpt2(mlp="gelu")  # llama.cpp's GPT-2 has the tanh GELU only
+    with pytest.raises(CheckpointError, match="Llama layout or GPT-2's .*--format hf"):
+        save_gguf(exact_gelu, tmp_path / "g.gguf")
     with pytest.raises(ConfigError, match="unknown GGUF type 'q4_1'.*valid: f32, f16, q8_0, q4_0"):
         save_gguf(tiny(), tmp_path / "x.gguf", gguf_type="q4_1")
     assert list(tmp_path.iterdir()) == []  # nothing half-written

@@ -13,8 +13,14 @@ model, through the ``gguf`` package's ``GGUFWriter`` (layout: ``checkpoint/gguf.
                attn_norm, attn_q, attn_k, attn_v, attn_output, ffn_norm, ffn_gate,
                ffn_up, ffn_down
 
-Two things differ from the Hugging Face layout (``checkpoint/hf.py``, which this starts
-from): each head's q and k rows are reordered for llama.cpp's rotary embedding, which
+GPT-2 (architecture "gpt2", as the converter writes it) has gpt2.* metadata with
+``attention.layer_norm_epsilon``, ``position_embd`` (kept F32, as the converter keeps it),
+biases, and per block attn_norm, attn_qkv (q, k, v fused), attn_output, ffn_norm, ffn_up,
+ffn_down; HF's Conv1D weights ([in, out]) are transposed to [out, in]. llama.cpp's GPT-2
+computes GELU with the tanh approximation, so only models with ``mlp="gelu_tanh"`` go.
+
+Two things differ from the Hugging Face Llama layout (``checkpoint/hf.py``, which this
+starts from): each head's q and k rows are reordered for llama.cpp's rotary embedding, which
 rotates adjacent pairs where HF rotates the two halves (``permute_rotary``, the inverse of
 the reader's ``unpermute_rotary``); and matrices may be stored in blocks (``GGUF_TYPES``).
 Norm weights (1-D) stay float32, as llama.cpp's converter keeps them; a matrix whose rows
@@ -43,7 +49,13 @@ import tokenizers
 import torch
 from torch import nn
 
-from lmlab.checkpoint.gguf import _BLOCK_NAMES, _TOP_NAMES, _pre_tokenizer
+from lmlab.checkpoint.gguf import (
+    _BLOCK_NAMES,
+    _GPT2_BLOCK_NAMES,
+    _GPT2_TOP_NAMES,
+    _TOP_NAMES,
+    _pre_tokenizer,
+)
 from lmlab.checkpoint.hf import end_of_turn_id, generation_config, to_hf
 from lmlab.errors import CheckpointError, ConfigError, closest
 from lmlab.fileio import atomic_write_with
@@ -87,7 +99,8 @@ def save_gguf(
     gguf_type: str = "f16",
     name: str = "lmlab model",
 ) -> tuple[Path, list[str]]:
-    """Write a Llama-layout lmlab transformer as one GGUF file -> (path, notes).
+    """Write an lmlab transformer in the Llama or GPT-2 layout as one GGUF file -> (path,
+    notes).
 
     ``gguf_type``: ``"f32"``, ``"f16"``, ``"q8_0"`` or ``"q4_0"`` for the matrices.
     A byte-level BPE tokenizer (trained by lmlab, or loaded from a GGUF or HF folder) is
@@ -101,21 +114,30 @@ def save_gguf(
             f"valid: {', '.join(GGUF_TYPES)}"
         )
     model = base_model(model)
-    spec = model_spec(model)
-    cfg, state = _llama_layout(model, spec)
+    arch, cfg, state = _layout(model_spec(model), model)
     notes: list[str] = []
 
     def write(tmp: Path) -> None:
-        w = gguf.GGUFWriter(str(tmp), arch="llama")
+        w = gguf.GGUFWriter(str(tmp), arch=arch)
         w.add_name(name)
-        _add_llama_metadata(w, cfg, gguf_type)
+        if arch == "llama":
+            _add_llama_metadata(w, cfg)
+            tensors = _llama_tensors(cfg, state)
+        else:
+            _add_gpt2_metadata(w, cfg)
+            tensors = _gpt2_tensors(state)
+        w.add_vocab_size(cfg["vocab_size"])
+        w.add_file_type(_FILE_TYPES[gguf_type])
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         vocab_note = _add_tokenizer(w, tokenizer, chat_template, cfg["vocab_size"])
         if vocab_note:
             notes.append(vocab_note)
         fallback = []
-        for gguf_name, tensor in _llama_tensors(cfg, state):
-            data, qtype = _stored(tensor, GGUF_TYPES[gguf_type])
-            if qtype != GGUF_TYPES[gguf_type] and tensor.ndim == 2:
+        for gguf_name, tensor in tensors:
+            # llama.cpp's converter keeps position embeddings in F32 too
+            wanted = Q.F32 if gguf_name == "position_embd.weight" else GGUF_TYPES[gguf_type]
+            data, qtype = _stored(tensor, wanted)
+            if qtype != wanted and tensor.ndim == 2:
                 fallback.append(gguf_name)
             w.add_tensor(gguf_name, data, raw_dtype=qtype)
         if fallback:
@@ -133,16 +155,30 @@ def save_gguf(
     return path, notes
 
 
-def _llama_layout(model: nn.Module, spec: dict[str, Any]) -> tuple[dict, dict]:
-    """The HF config and state dict of ``model``, or a CheckpointError saying why llama.cpp
-    has no architecture for it."""
-    llama = dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False)
-    if spec.get("family") != "transformer" or any(spec.get(k) != v for k, v in llama.items()):
-        got = ", ".join(f"{k}={spec.get(k)!r}" for k in ("family", *llama))
+# The two layouts llama.cpp has an architecture for, as lmlab's config fields say them.
+_LAYOUTS = {
+    "llama": dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False),
+    # llama.cpp's GPT-2 computes GELU with the tanh approximation, not the exact one
+    "gpt2": dict(norm="layernorm", mlp="gelu_tanh", pos="learned", bias=True),
+}
+
+
+def _layout(spec: dict[str, Any], model: nn.Module) -> tuple[str, dict, dict]:
+    """(architecture, HF config, float32 HF state dict without a tied output matrix), or a
+    CheckpointError saying why llama.cpp has no architecture for the model."""
+    arch = next(
+        (a for a, want in _LAYOUTS.items() if all(spec.get(k) == v for k, v in want.items())),
+        None,
+    )
+    if spec.get("family") != "transformer" or arch is None:
+        got = ", ".join(f"{k}={spec.get(k)!r}" for k in ("family", *_LAYOUTS["llama"]))
+        valid = "; ".join(
+            f"{a}: " + ", ".join(f"{k}={v!r}" for k, v in want.items())
+            for a, want in _LAYOUTS.items()
+        )
         raise CheckpointError(
-            "GGUF export writes the Llama layout (family='transformer', "
-            f"{', '.join(f'{k}={v!r}' for k, v in llama.items())}); this model has {got}. "
-            "Export other models as a Hugging Face folder (lmlab export --format hf)"
+            f"GGUF export writes a transformer in the Llama layout or GPT-2's ({valid}); this "
+            f"model has {got}. Export it as a Hugging Face folder (lmlab export --format hf)"
         )
     if spec.get("qkv_bias"):
         raise CheckpointError(
@@ -152,10 +188,33 @@ def _llama_layout(model: nn.Module, spec: dict[str, Any]) -> tuple[dict, dict]:
     cfg, state = to_hf(model)
     if cfg["tie_word_embeddings"]:  # llama.cpp uses token_embd when output is absent
         state.pop("lm_head.weight", None)
-    return cfg, {k: v.float() for k, v in state.items()}
+    return arch, cfg, {k: v.float() for k, v in state.items()}
 
 
-def _add_llama_metadata(w: gguf.GGUFWriter, cfg: dict[str, Any], gguf_type: str) -> None:
+def _add_gpt2_metadata(w: gguf.GGUFWriter, cfg: dict[str, Any]) -> None:
+    w.add_context_length(cfg["n_positions"])
+    w.add_embedding_length(cfg["n_embd"])
+    w.add_block_count(cfg["n_layer"])
+    w.add_feed_forward_length(cfg["n_inner"])
+    w.add_head_count(cfg["n_head"])
+    w.add_layer_norm_eps(cfg["layer_norm_epsilon"])
+
+
+def _gpt2_tensors(state: dict[str, torch.Tensor]):
+    """(GGUF name, tensor) for every HF GPT-2 tensor; Conv1D weights ([in, out]) transposed
+    to the [out, in] of every other GGUF matrix."""
+    top = {hf: ours for ours, hf in _GPT2_TOP_NAMES.items()}
+    block = {hf: (ours, t) for ours, (hf, t) in _GPT2_BLOCK_NAMES.items()}
+    for hf_name, tensor in state.items():
+        if hf_name in top:
+            yield top[hf_name], tensor
+            continue
+        _, _, i, rest = hf_name.split(".", 3)  # transformer.h.{i}.{rest}
+        ours, transpose = block[rest]
+        yield f"blk.{i}.{ours}", tensor.t().contiguous() if transpose else tensor
+
+
+def _add_llama_metadata(w: gguf.GGUFWriter, cfg: dict[str, Any]) -> None:
     D, H = cfg["hidden_size"], cfg["num_attention_heads"]
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(D)
@@ -169,9 +228,6 @@ def _add_llama_metadata(w: gguf.GGUFWriter, cfg: dict[str, Any], gguf_type: str)
         w.add_value_length(cfg["head_dim"])
     w.add_rope_freq_base(cfg["rope_theta"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_vocab_size(cfg["vocab_size"])
-    w.add_file_type(_FILE_TYPES[gguf_type])
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
 def _llama_tensors(cfg: dict[str, Any], state: dict[str, torch.Tensor]):
