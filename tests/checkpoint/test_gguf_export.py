@@ -211,6 +211,10 @@ def test_models_llama_cpp_has_no_architecture_for_are_refused(tmp_path):
     exact_gelu = tiny_gpt2(mlp="gelu")  # llama.cpp's GPT-2 has the tanh GELU only
     with pytest.raises(CheckpointError, match="Llama layout or GPT-2's .*--format hf"):
         save_gguf(exact_gelu, tmp_path / "g.gguf")
+    from lmlab.finetune.lora import LoRAConfig, apply_lora
+
+    with pytest.raises(CheckpointError, match="has no place for .*lora_A.*merge a LoRA"):
+        save_gguf(apply_lora(tiny(), LoRAConfig()), tmp_path / "l.gguf")
     with pytest.raises(ConfigError, match="unknown GGUF type 'q4_1'.*valid: f32, f16, q8_0, q4_0"):
         save_gguf(tiny(), tmp_path / "x.gguf", gguf_type="q4_1")
     assert list(tmp_path.iterdir()) == []  # nothing half-written

@@ -59,7 +59,7 @@ from lmlab.checkpoint.gguf import (
 from lmlab.checkpoint.hf import end_of_turn_id, generation_config, to_hf
 from lmlab.errors import CheckpointError, ConfigError, closest
 from lmlab.fileio import atomic_write_with
-from lmlab.models import base_model, model_spec
+from lmlab.models import base_model, build_model, model_spec
 
 Q = gguf.GGMLQuantizationType
 GGUF_TYPES: dict[str, gguf.GGMLQuantizationType] = {
@@ -113,8 +113,7 @@ def save_gguf(
             f"unknown GGUF type {gguf_type!r}{closest(str(gguf_type), GGUF_TYPES)}; "
             f"valid: {', '.join(GGUF_TYPES)}"
         )
-    model = base_model(model)
-    arch, cfg, state = _layout(model_spec(model), model)
+    arch, cfg, state = _layout(model_spec(base_model(model)), model)
     notes: list[str] = []
 
     def write(tmp: Path) -> None:
@@ -184,6 +183,15 @@ def _layout(spec: dict[str, Any], model: nn.Module) -> tuple[str, dict, dict]:
         raise CheckpointError(
             "GGUF export of q/k/v biases (the Qwen2 layout) is not supported; export it as a "
             "Hugging Face folder (lmlab export --format hf)"
+        )
+    with torch.device("meta"):  # the bare transformer's tensor names, with no memory
+        bare = set(build_model(spec).state_dict())
+    extra = sorted(set(model.state_dict()) - bare)
+    if extra or base_model(model) is not model:
+        raise CheckpointError(
+            "the model carries trained parts a GGUF file has no place for (a LoRA, adapters, "
+            f"a soft prompt or prefix: {', '.join(extra[:3]) or type(model).__name__}); merge "
+            "a LoRA into the weights first, or keep the lmlab checkpoint"
         )
     cfg, state = to_hf(model)
     if cfg["tie_word_embeddings"]:  # llama.cpp uses token_embd when output is absent
