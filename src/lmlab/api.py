@@ -22,7 +22,8 @@ import yaml
 # Importing finetune registers the PEFT structures with checkpoint/ (so a LoRA, adapter or
 # soft-prompt checkpoint loads); the facade is the layer above both.
 import lmlab.finetune  # noqa: F401
-from lmlab.checkpoint.hf import save_hf
+from lmlab.checkpoint.gguf_export import save_gguf
+from lmlab.checkpoint.hf import HF_TOKENIZER_KINDS, save_hf
 from lmlab.checkpoint.io import checkpoint_dir, latest_checkpoint, save_checkpoint
 from lmlab.data import (
     encode_to_file,
@@ -42,28 +43,54 @@ from lmlab.train import TrainConfig, TrainResult
 from lmlab.train import train as _train_loop
 from lmlab.train.run import RunLock, StopSignals, ensure_run_dir
 
-__all__ = ["LM", "default_dtype", "export_hf", "load", "model_spec_from", "prepare_data", "train"]
+__all__ = [
+    "LM",
+    "default_dtype",
+    "export_gguf",
+    "export_hf",
+    "load",
+    "model_spec_from",
+    "prepare_data",
+    "train",
+]
 
 
 def export_hf(model: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[Path, list[str]]:
     """Write a decoder that ``load`` takes as a Hugging Face folder -> (folder, notes).
 
     transformers loads the result with ``AutoModelForCausalLM.from_pretrained(out_dir)``
-    and computes the same logits (tests/checkpoint/test_hf.py). A BPE tokenizer and a chat
-    template travel with it; a char or byte tokenizer has no Hugging Face form, which the
-    notes say.
+    and computes the same logits (tests/checkpoint/test_hf.py); its tokenizer (char, byte,
+    BPE or SentencePiece) loads with ``AutoTokenizer`` and encodes as lmlab does; the chat
+    template travels with it, and ``generation_config.json`` makes ``generate`` stop where
+    lmlab stops (a chat model's end-of-turn token among the eos ids).
     """
     lm = load(model)
     out = save_hf(lm.model, out_dir, lm.tokenizer, lm.chat_template)
     notes = []
     if lm.tokenizer is None:
         notes.append("the model has no tokenizer, so none was written")
-    elif getattr(lm.tokenizer, "kind", None) not in ("bpe", "sentencepiece"):
+    elif getattr(lm.tokenizer, "kind", None) not in HF_TOKENIZER_KINDS:
         notes.append(
-            f"the {lm.tokenizer.kind} tokenizer has no Hugging Face form and was not "
+            f"the {lm.tokenizer.kind} tokenizer has no Hugging Face form here and was not "
             "written; encode text with lmlab (lmlab.data.load_tokenizer) for this model"
         )
     return out, notes
+
+
+def export_gguf(
+    model: str | os.PathLike,
+    out_file: str | os.PathLike,
+    gguf_type: Literal["f32", "f16", "q8_0", "q4_0"] = "f16",
+) -> tuple[Path, list[str]]:
+    """Write a Llama-layout decoder that ``load`` takes as one GGUF file -> (file, notes).
+
+    llama.cpp (and Ollama, LM Studio) run the file; ``load`` reads it back. ``gguf_type``
+    stores the matrices as float32, float16, or in llama.cpp's Q8_0 / Q4_0 blocks. A
+    byte-level BPE tokenizer and the chat template travel with it
+    (``lmlab.checkpoint.gguf_export``); the notes say what could not.
+    """
+    lm = load(model, device="cpu")
+    return save_gguf(lm.model, out_file, lm.tokenizer, lm.chat_template, gguf_type)
 
 
 # ----------------------------------------------------------------------------- training

@@ -339,13 +339,43 @@ def test_tokenizer_rejects_unknown_pre_tokenizer_and_model(tmp_path):
 
 
 def test_unknown_architecture_is_rejected(tmp_path):
-    w = gguf.GGUFWriter(str(tmp_path / "gpt2.gguf"), arch="gpt2")
+    w = gguf.GGUFWriter(str(tmp_path / "falcon.gguf"), arch="falcon")
     w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(CheckpointError, match=r"'gpt2' model; valid architectures: llama"):
+    with pytest.raises(CheckpointError, match=r"'falcon' model; valid architectures: llama, gpt2"):
+        gguf_to_hf(tmp_path / "falcon.gguf")
+
+
+def test_gpt2_metadata_that_lies_about_the_tensors_is_refused(tmp_path):
+    """RELIABILITY item 30 for the gpt2 architecture: a 1-block file claiming a width of
+    2**20 fails on the first shape, before anything is built or dequantized."""
+    w = gguf.GGUFWriter(str(tmp_path / "gpt2.gguf"), arch="gpt2")
+    w.add_block_count(1)
+    w.add_context_length(4)
+    w.add_embedding_length(2**20)
+    w.add_head_count(1)
+    D, F = 8, 32  # what the tensors hold
+    shapes = {"token_embd.weight": (4, D), "position_embd.weight": (4, D)}
+    shapes |= {f"output_norm.{p}": (D,) for p in ("weight", "bias")}
+    for leaf, w_shape, b_shape in [
+        ("attn_norm", (D,), (D,)),
+        ("attn_qkv", (3 * D, D), (3 * D,)),
+        ("attn_output", (D, D), (D,)),
+        ("ffn_norm", (D,), (D,)),
+        ("ffn_up", (F, D), (F,)),
+        ("ffn_down", (D, F), (D,)),
+    ]:
+        shapes[f"blk.0.{leaf}.weight"], shapes[f"blk.0.{leaf}.bias"] = w_shape, b_shape
+    for name, shape in shapes.items():
+        w.add_tensor(name, np.zeros(shape, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match=r"has shape \(4, 8\), the metadata implies"):
         gguf_to_hf(tmp_path / "gpt2.gguf")
 
 

@@ -2,7 +2,9 @@
 trip, and the loading-safety items 14 and 15 of shared/RELIABILITY.md."""
 
 import json
+import os
 import pickle
+import stat
 import struct
 
 import pytest
@@ -10,11 +12,22 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
+import lmlab
 import lmlab.checkpoint.hf
 from hf_models import built_on_meta_only, tiny_llama
-from lmlab.checkpoint.hf import is_hf_directory, load_hf, save_hf
-from lmlab.data.tokenizers import BPETokenizer
+from lmlab.api import export_hf
+from lmlab.checkpoint.hf import (
+    end_of_turn_id,
+    generation_config,
+    is_hf_directory,
+    load_hf,
+    save_hf,
+)
+from lmlab.data.chat import ChatTemplate
+from lmlab.data.tokenizers import BPETokenizer, train_tokenizer
 from lmlab.errors import CheckpointError
+from lmlab.generate.params import SamplingParams
+from lmlab.generate.search import generate_ids
 from lmlab.models import build_model, get_preset
 
 # float32 on CPU, the same maths in a different order: a few ulps per layer. 1e-5 on
@@ -98,6 +111,109 @@ def test_qwen2_layout_exports_with_its_biases(tmp_path):
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert type(again).__name__ == "Qwen2ForCausalLM"
     logits_agree(again, model)
+
+
+# ChatML as SmolLM2 writes it, without the default system prompt.
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def chat_bpe():
+    text = "<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\nhi, how are you?\n"
+    return BPETokenizer.train(text * 20, 300, special_tokens=["<|im_start|>", "<|im_end|>"])
+
+
+def test_export_writes_generation_config_and_chat_template_that_transformers_reads(tmp_path):
+    """eos is <|endoftext|>, but a chat reply ends with <|im_end|>: both end generation."""
+    tok = chat_bpe()
+    template = ChatTemplate(CHATML, eos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    model = build_model({**get_preset("llama-small"), "vocab_size": 300, "n_layers": 1}).eval()
+    save_hf(model, tmp_path, tok, template)
+    eos, im_end = tok.eos_id, tok.tokenizer.token_to_id("<|im_end|>")
+    assert eos != im_end
+    generation = json.loads((tmp_path / "generation_config.json").read_text())
+    assert generation == {"eos_token_id": [eos, im_end], "pad_token_id": eos}
+    assert transformers.GenerationConfig.from_pretrained(tmp_path).eos_token_id == [eos, im_end]
+    assert (tmp_path / "chat_template.jinja").read_text() == CHATML
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    messages = [{"role": "user", "content": "hello there"}]
+    ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    assert list(ids) == tok.encode(template.render(messages))
+    assert ChatTemplate.from_tokenizer_config(tmp_path).source == CHATML  # lmlab reads it back
+
+
+def test_end_of_turn_is_a_special_token_never_plain_text():
+    tok = chat_bpe()
+    assert end_of_turn_id(tok, ChatTemplate(CHATML)) == tok.tokenizer.token_to_id("<|im_end|>")
+    plain = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    assert end_of_turn_id(tok, ChatTemplate(plain)) is None  # a newline ends no reply
+    assert generation_config(None) == {}
+
+
+@pytest.mark.parametrize("kind", ["char", "byte"])
+def test_export_with_a_char_or_byte_tokenizer_loads_in_transformers(kind, tmp_path):
+    """The issue's case: an exported character model whose tokenizer AutoTokenizer read as
+    nothing (every text -> []). Now it encodes as lmlab does, and the logits agree."""
+    text = "to be, or not to be: that is the question.\n"
+    tok = train_tokenizer(kind, text)
+    torch.manual_seed(0)
+    spec = {**get_preset("gpt-char-tiny"), "vocab_size": tok.vocab_size, "n_layers": 1}
+    ours = build_model(spec).eval()
+    save_hf(ours, tmp_path, tok)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = hf_tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    assert ids[0].tolist() == tok.encode(text)
+    assert hf_tok.decode(ids[0]) == text
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=ATOL, rtol=RTOL)
+    assert json.loads((tmp_path / "generation_config.json").read_text()) == {}  # no eos
+
+
+def test_exported_files_have_ordinary_permissions(tmp_path):
+    """model.safetensors came out 0600 (safetensors' save_file); every file is now what
+    open() makes: 0644 under umask 022."""
+    old = os.umask(0o022)
+    try:
+        save_hf(
+            build_model({**get_preset("llama-small"), "vocab_size": 300, "n_layers": 1}),
+            tmp_path,
+            chat_bpe(),
+            ChatTemplate(CHATML),
+        )
+    finally:
+        os.umask(old)
+    modes = {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in tmp_path.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {"0o644"}, modes
+
+
+@pytest.mark.slow
+def test_exported_smollm2_generates_in_transformers_as_lmlab_does(tmp_path):
+    """The issue's case: transformers' generate ran past <|im_end|>. Greedy decoding on a chat
+    prompt now gives lmlab's tokens and stops at the same <|im_end|> (float32 both; the
+    logits agree to ~1e-4, far below the gaps between greedy choices here)."""
+    out, notes = export_hf("smollm2", tmp_path / "smollm2")
+    assert notes == []
+    lm = lmlab.load("smollm2", device="cpu")
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = lm.tokenizer.encode(lm.chat_template.render(messages))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    assert list(ids["input_ids"] if hasattr(ids, "keys") else ids) == prompt
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False)
+    theirs = theirs[0, len(prompt) :].tolist()
+    params = SamplingParams(temperature=0, max_new_tokens=40, eos_id=lm.tokenizer.eos_id)
+    ours = generate_ids(lm.model, [prompt], params)[0]
+    im_end = lm.tokenizer.encode("<|im_end|>")[0]
+    assert theirs == ours and theirs[-1] == im_end and len(theirs) < 40  # stopped, not cut
+    assert "Paris" in lm.tokenizer.decode(theirs)
 
 
 # ----------------------------------------------------------------------------- item 14

@@ -414,3 +414,39 @@ def test_a_spec_promising_a_larger_model_is_refused_before_building(
     with pytest.raises(CheckpointError, match=message) as caught:
         load_model(path)
     assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_run_saved_with_the_older_tokenizer_file_still_loads(tmp_path):
+    """Checkpoints written before tokenizer.json became a Hugging Face file (lmlab's own
+    {"kind": "char", ...}, no tokenizer_config.json) load with the same tokenizer."""
+    import lmlab
+    from lmlab.data.tokenizers import CharTokenizer
+
+    tok = CharTokenizer.train("to be or not\n")
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(checkpoint_dir(tmp_path, 5), build_model(tiny_spec()), tokenizer=tok)
+    (ckpt / "tokenizer_config.json").unlink()
+    old = {"kind": "char", "chars": tok.chars, "unk": False}
+    (ckpt / "tokenizer.json").write_text(json.dumps(old))
+    marker = json.loads((ckpt / COMPLETE_FILE).read_text())
+    del marker["files"]["tokenizer_config.json"]
+    (ckpt / COMPLETE_FILE).write_text(json.dumps(marker))
+    lm = lmlab.load(tmp_path, device="cpu")
+    assert isinstance(lm.tokenizer, CharTokenizer) and lm.tokenizer.chars == tok.chars
+    assert lm.tokenizer.encode("not to be") == tok.encode("not to be")
+    assert lm.chat_template is None
+
+
+def test_checkpoint_files_have_ordinary_permissions(tmp_path):
+    """safetensors' save_file makes 0600 files; a checkpoint's are what open() makes."""
+    import stat
+
+    from lmlab.data.tokenizers import CharTokenizer
+
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / "ckpt", tiny_model(), CharTokenizer.train("ab"), {"x": 1})
+    finally:
+        os.umask(old)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in path.iterdir()}
+    assert WEIGHTS_FILE in modes and set(modes.values()) == {0o644}, modes

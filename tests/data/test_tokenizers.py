@@ -272,7 +272,7 @@ def test_char_tokenizer_save_then_load_is_identical(tmp_path, unk):
     tok = CharTokenizer.train("héllo wörld 🙂\n", unk=unk)
     tok.save(tmp_path)
     saved = json.loads((tmp_path / "tokenizer.json").read_text())
-    assert saved == {"kind": "char", "chars": tok.chars, "unk": unk}
+    assert saved["model"]["type"] == "WordLevel"  # a Hugging Face file, not lmlab's own
     loaded = load_tokenizer(tmp_path)
     assert isinstance(loaded, CharTokenizer)
     assert (loaded.chars, loaded.unk, loaded.vocab_size) == (tok.chars, tok.unk, tok.vocab_size)
@@ -280,8 +280,93 @@ def test_char_tokenizer_save_then_load_is_identical(tmp_path, unk):
 
 def test_byte_tokenizer_save_then_load(tmp_path):
     ByteTokenizer().save(tmp_path)
-    assert json.loads((tmp_path / "tokenizer.json").read_text()) == {"kind": "byte"}
+    assert json.loads((tmp_path / "tokenizer.json").read_text())["model"]["type"] == "BPE"
     assert isinstance(load_tokenizer(tmp_path / "tokenizer.json"), ByteTokenizer)
+
+
+@pytest.mark.parametrize(
+    ("old", "kind"),
+    [
+        ({"kind": "char", "chars": list("ab\n"), "unk": True}, CharTokenizer),
+        ({"kind": "byte"}, ByteTokenizer),
+    ],
+)
+def test_files_in_lmlabs_older_format_still_load(tmp_path, old, kind):
+    """Runs saved before tokenizer.json became a Hugging Face file keep loading."""
+    (tmp_path / "tokenizer.json").write_text(json.dumps(old))
+    tok = load_tokenizer(tmp_path)
+    assert isinstance(tok, kind)
+    if kind is CharTokenizer:
+        assert (tok.chars, tok.unk, tok.encode("ba\nc")) == (["a", "b", "\n"], True, [1, 0, 2, 3])
+
+
+# Random text for the parity tests: the vocabulary's characters, characters outside it
+# (accents, a combining mark, CJK, emoji, a zero-width joiner, "<unk>" spelled out), and
+# every kind of whitespace (spaces, tabs, newlines, CRLF, a no-break space).
+PIECES = list("abc ehlo,.!") + ["\n", "\t", "\r\n", "  ", "\u00a0"]
+OUTSIDE = ["é", "e\u0301", "ö", "日本", "🙂", "👩\u200d👩\u200d👧", "<unk>", "Ω", "\x00", "ﬁ"]
+
+
+def random_texts(seed, n=40, outside=True):
+    rng = np.random.default_rng(seed)
+    pool = PIECES + (OUTSIDE if outside else [])
+    return [
+        "".join(pool[i] for i in rng.integers(0, len(pool), size=rng.integers(0, 60)))
+        for _ in range(n)
+    ]
+
+
+def hf_loaders(folder):
+    """The saved tokenizer as the tokenizers library and as transformers load it."""
+    lib = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    auto = transformers.AutoTokenizer.from_pretrained(folder)
+    return lib, auto
+
+
+def test_char_tokenizer_json_matches_tokenizers_and_transformers(tmp_path):
+    tok = CharTokenizer(PIECES[:11] + ["\n", "\t", "\r", "\u00a0"], unk=True)
+    tok.save(tmp_path)
+    lib, auto = hf_loaders(tmp_path)
+    texts = random_texts(seed=0)
+    assert any(tok.unk_id in tok.encode(t) for t in texts)  # unknown characters are covered
+    for text in texts:
+        ids = tok.encode(text)
+        assert lib.encode(text).ids == ids, text
+        assert auto(text, add_special_tokens=False)["input_ids"] == ids, text
+        assert auto.decode(ids) == lib.decode(ids) == tok.decode(ids), text
+
+
+def test_char_tokenizer_without_unk_fails_alike_on_unknown_characters(tmp_path):
+    """Without unk, lmlab refuses unknown characters; the saved file refuses them too
+    (it never drops them silently, which would encode text to fewer ids)."""
+    tok = CharTokenizer(PIECES[:11] + ["\n", "\t", "\r", "\u00a0"])
+    tok.save(tmp_path)
+    lib, auto = hf_loaders(tmp_path)
+    for text in random_texts(seed=1, n=20, outside=False):
+        assert lib.encode(text).ids == tok.encode(text)
+        assert auto(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    with pytest.raises(DataError, match="not in the char tokenizer"):
+        tok.encode("ab日")
+    with pytest.raises(Exception, match="UNK"):
+        lib.encode("ab日")
+    with pytest.raises(Exception, match="UNK"):
+        auto("ab日")
+
+
+def test_byte_tokenizer_json_matches_tokenizers_and_transformers(tmp_path):
+    tok = ByteTokenizer()
+    tok.save(tmp_path)
+    lib, auto = hf_loaders(tmp_path)
+    for text in random_texts(seed=2) + [TRICKY]:
+        ids = tok.encode(text)
+        assert lib.encode(text).ids == ids, text
+        assert auto(text, add_special_tokens=False)["input_ids"] == ids, text
+        assert auto.decode(ids) == lib.decode(ids) == tok.decode(ids) == text
+    # Random bytes are mostly broken UTF-8: both put U+FFFD in the same places.
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        ids = rng.integers(0, 256, size=rng.integers(1, 40)).tolist()
+        assert lib.decode(ids) == tok.decode(ids), ids
 
 
 def test_to_config_is_a_small_json_summary(bpe):

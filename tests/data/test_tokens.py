@@ -206,3 +206,17 @@ def test_encode_to_file_reports_unknown_characters(tmp_path):
     with pytest.raises(DataError, match="'z'"):
         encode_to_file("abcz", tok, tmp_path / "t.bin")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_token_files_have_ordinary_permissions(tmp_path):
+    """They were written through mkstemp, which makes 0600 files; now what open() makes."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = encode_to_file("hello world", ByteTokenizer(), tmp_path / "t.bin")
+    finally:
+        os.umask(old)
+    assert {stat.S_IMODE(f.stat().st_mode) for f in tmp_path.iterdir()} == {0o644}
+    assert path.is_file()

@@ -19,8 +19,9 @@ file fails with one ``CheckpointError`` (naming the file, and the key or tensor)
 memory bounded by the file's size. Dequantization is the ``gguf`` package's
 (``gguf.quants.dequantize``), the reference implementation that ships with llama.cpp.
 
-``gguf_to_hf`` turns a ``llama`` file into a Hugging Face ``LlamaConfig``-style dict and a
-float32 state dict in HF names, the canonical intermediate that ``checkpoint/hf.py``
+``gguf_to_hf`` turns a ``llama`` file (or a ``gpt2`` one, as ``checkpoint/gguf_export.py``
+writes) into a Hugging Face ``LlamaConfig``-style (``GPT2Config``) dict and a float32
+state dict in HF names, the canonical intermediate that ``checkpoint/hf.py``
 converts to lmlab; ``gguf_tokenizer`` rebuilds the byte-level BPE tokenizer from the
 metadata; ``load_gguf`` does all three.
 
@@ -52,7 +53,7 @@ from torch import nn
 
 from lmlab.checkpoint.hf import convert_hf_state_dict, load_converted, spec_from_hf_config
 from lmlab.checkpoint.io import check_finite, check_tokenizer_fits, is_finite
-from lmlab.data.tokenizers import BPETokenizer
+from lmlab.data.tokenizers import BPETokenizer, bytes_to_unicode
 from lmlab.errors import CheckpointError, DataNotFoundError
 from lmlab.models import build_model
 from lmlab.quant.int4 import Float32Head, Int4Linear, int4_kernel_available
@@ -62,8 +63,8 @@ VERSIONS = (2, 3)
 """GGUF versions read here. Version 1 (2023) used 32-bit lengths and is long gone."""
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
-ARCHITECTURES = ("llama",)
-"""``general.architecture`` values ``gguf_to_hf`` converts (Llama layout)."""
+ARCHITECTURES = ("llama", "gpt2")
+"""``general.architecture`` values ``gguf_to_hf`` converts (Llama layout, GPT-2)."""
 
 _T = gguf.GGUFValueType
 # Scalar value types: struct format (little-endian) of each.
@@ -499,7 +500,8 @@ def _f32(x: float) -> float:
 
 
 def hf_config_from_gguf(g: GGUFFile) -> dict[str, Any]:
-    """A Hugging Face ``LlamaConfig``-style dict from the metadata of a ``llama`` file."""
+    """A Hugging Face ``LlamaConfig``-style dict from the metadata of a ``llama`` file
+    (``GPT2Config``-style for a ``gpt2`` one)."""
     arch = _meta(g, "general.architecture", str)
     if arch not in ARCHITECTURES:
         raise CheckpointError(
@@ -508,6 +510,9 @@ def hf_config_from_gguf(g: GGUFFile) -> dict[str, Any]:
 
     def m(key, kind=int, default=...):
         return _meta(g, f"{arch}.{key}", kind, default)
+
+    if arch == "gpt2":
+        return _gpt2_config(g, m)
 
     if m("expert_count", int, 0):
         raise CheckpointError(f"{str(g.path)!r} is a mixture-of-experts model, not supported")
@@ -559,6 +564,121 @@ def hf_config_from_gguf(g: GGUFFile) -> dict[str, Any]:
     return cfg
 
 
+def _gpt2_config(g: GGUFFile, m) -> dict[str, Any]:
+    """The ``GPT2Config`` dict of a ``gpt2`` file: llama.cpp's GPT-2 computes GELU with the
+    tanh approximation (HF's ``gelu_new``) and ties the output to ``token_embd`` when the
+    file has no ``output.weight``."""
+    if "token_embd.weight" not in g.tensors:
+        raise CheckpointError(f"{str(g.path)!r} has no tensor 'token_embd.weight'")
+    d = m("embedding_length")
+    if d < 1 or m("attention.head_count") < 1:
+        raise CheckpointError(f"{str(g.path)!r}: head_count and embedding_length must be >= 1")
+    cfg = dict(
+        model_type="gpt2",
+        architectures=["GPT2LMHeadModel"],
+        vocab_size=g.tensors["token_embd.weight"].shape[0],
+        n_embd=d,
+        n_layer=m("block_count"),
+        n_head=m("attention.head_count"),
+        n_inner=m("feed_forward_length", int, 4 * d),
+        n_positions=m("context_length"),
+        layer_norm_epsilon=_f32(m("attention.layer_norm_epsilon", float, 1e-5)),
+        activation_function="gelu_new",
+        tie_word_embeddings="output.weight" not in g.tensors,
+    )
+    for key in ("bos_token_id", "eos_token_id"):
+        token = _meta(g, f"tokenizer.ggml.{key}", int, None)
+        if token is not None:
+            cfg[key] = token
+    return cfg
+
+
+# GGUF tensor name (after "blk.N.") -> (HF GPT-2 name after "transformer.h.N.", transpose):
+# HF's Conv1D layers store [in, out], GGUF (like nn.Linear) [out, in].
+_GPT2_BLOCK_NAMES = {
+    f"{ours}.{part}": (f"{theirs}.{part}", part == "weight" and conv)
+    for ours, theirs, conv in (
+        ("attn_norm", "ln_1", False),
+        ("attn_qkv", "attn.c_attn", True),
+        ("attn_output", "attn.c_proj", True),
+        ("ffn_norm", "ln_2", False),
+        ("ffn_up", "mlp.c_fc", True),
+        ("ffn_down", "mlp.c_proj", True),
+    )
+    for part in ("weight", "bias")
+}
+_GPT2_TOP_NAMES = {
+    "token_embd.weight": "transformer.wte.weight",
+    "position_embd.weight": "transformer.wpe.weight",
+    "output_norm.weight": "transformer.ln_f.weight",
+    "output_norm.bias": "transformer.ln_f.bias",
+    "output.weight": "lm_head.weight",
+}
+
+
+def _gpt2_to_hf(g: GGUFFile, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The float32 HF GPT-2 state dict of a ``gpt2`` file, every shape checked against the
+    metadata before anything is dequantized."""
+    D, F, V, L = cfg["n_embd"], cfg["n_inner"], cfg["vocab_size"], cfg["n_layer"]
+    where = str(g.path)
+    blocks = {_block_index(n.split(".")[1]) for n in g.tensors if n.startswith("blk.")}
+    if not 1 <= L <= len(blocks - {math.inf}):
+        raise CheckpointError(
+            f"{where!r}: metadata gpt2.block_count is {L}, but the file holds the tensors of "
+            f"{len(blocks - {math.inf})} block(s): the metadata does not describe this file"
+        )
+    shapes = {
+        "token_embd.weight": (V, D),
+        "position_embd.weight": (cfg["n_positions"], D),
+        "output.weight": (V, D),
+        "output_norm.weight": (D,),
+        "output_norm.bias": (D,),
+    }
+    block = {
+        "attn_norm": ((D,), (D,)),
+        "attn_qkv": ((3 * D, D), (3 * D,)),
+        "attn_output": ((D, D), (D,)),
+        "ffn_norm": ((D,), (D,)),
+        "ffn_up": ((F, D), (F,)),
+        "ffn_down": ((D, F), (D,)),
+    }
+    for i in range(L):
+        for leaf, (w, b) in block.items():
+            shapes[f"blk.{i}.{leaf}.weight"], shapes[f"blk.{i}.{leaf}.bias"] = w, b
+    unknown = sorted(set(g.tensors) - set(shapes))
+    if unknown:
+        raise CheckpointError(
+            f"{where!r} has tensors a {L}-layer GPT-2 does not use: {', '.join(unknown[:8])}"
+        )
+    missing = sorted(set(shapes) - set(g.tensors) - {"output.weight"})
+    if missing:
+        raise CheckpointError(
+            f"{where!r} lacks tensors of a {L}-layer GPT-2: {', '.join(missing[:8])}"
+        )
+    for name, t in g.tensors.items():
+        if t.shape != shapes[name]:
+            raise CheckpointError(
+                f"{where!r}: tensor {name!r} has shape {t.shape}, the metadata implies "
+                f"{shapes[name]}: the metadata does not describe this file"
+            )
+    bad = [t for t in g.tensors.values() if t.type not in DEQUANTIZABLE]
+    if bad:
+        raise CheckpointError(_type_message(g.path, bad))
+    state, nonfinite = {}, []
+    for name in g.tensors:
+        w = g.dequantize(name)
+        if not is_finite(w):
+            nonfinite.append(name)
+        if name in _GPT2_TOP_NAMES:
+            state[_GPT2_TOP_NAMES[name]] = w
+            continue
+        _, i, leaf = name.split(".", 2)
+        hf_name, transpose = _GPT2_BLOCK_NAMES[leaf]
+        state[f"transformer.h.{i}.{hf_name}"] = w.t().contiguous() if transpose else w
+    check_finite(g.path, nonfinite)
+    return state
+
+
 def gguf_to_hf(
     path: str | os.PathLike[str] | GGUFFile,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -571,6 +691,8 @@ def gguf_to_hf(
     """
     g = path if isinstance(path, GGUFFile) else read_gguf(path)
     cfg = hf_config_from_gguf(g)
+    if cfg["model_type"] == "gpt2":
+        return cfg, _gpt2_to_hf(g, cfg)
     check_metadata_against_tensors(g, cfg)  # before any loop or allocation the metadata sizes
     n_layers = cfg["num_hidden_layers"]
     names = {name: _hf_name(name, n_layers) for name in g.tensors}
@@ -606,24 +728,6 @@ def gguf_to_hf(
 
 
 # ----------------------------------------------------------------------------- tokenizer
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table: byte-level BPE spells tokens in it.
-
-    Printable bytes map to themselves (``ord("A") -> "A"``); the other 68 (space, control
-    bytes...) to characters from U+0100 on, so ``0x20 (space) -> "Ġ"``, ``0x0A -> "Ċ"``.
-    """
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
-    keep += range(ord("®"), ord("ÿ") + 1)
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
 
 
 # Pre-tokenizer regexes, as in llama.cpp's llama-vocab.cpp (and transformers' GGUF loader).
@@ -808,7 +912,7 @@ def load_gguf(
         model = model.to(dtype)
     if keep_quantized is None:
         keep_quantized = dtype == torch.bfloat16 and int4_kernel_available()
-    head = hf_state.get("lm_head.weight", hf_state["model.embed_tokens.weight"])
+    head = hf_state.get("lm_head.weight", hf_state.get("model.embed_tokens.weight"))
     quantized = keep_4bit(model, g, head) if keep_quantized else []
     tokenizer = gguf_tokenizer(g) if "tokenizer.ggml.model" in g.metadata else None
     check_tokenizer_fits(tokenizer, model, str(g.path))

@@ -30,9 +30,10 @@ from lmlab.checkpoint.io import (
     is_finite,
     read_safetensors_header,
 )
-from lmlab.data.tokenizers import find_tokenizer
-from lmlab.errors import CheckpointError
-from lmlab.fileio import atomic_write_json
+from lmlab.data.chat import CHAT_TEMPLATE_FILE
+from lmlab.data.tokenizers import TOKENIZER_CONFIG_FILE, find_tokenizer
+from lmlab.errors import CheckpointError, DataError
+from lmlab.fileio import atomic_write_json, atomic_write_text, atomic_write_with
 from lmlab.models import build_model, model_spec
 
 log = logging.getLogger(__name__)
@@ -298,7 +299,8 @@ HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 HF_PICKLE = "pytorch_model.bin"
-HF_TOKENIZER_KINDS = ("bpe", "sentencepiece")
+HF_GENERATION_CONFIG = "generation_config.json"
+HF_TOKENIZER_KINDS = ("char", "byte", "bpe", "sentencepiece")
 """Tokenizer kinds with a Hugging Face file form (tokenizer.json, tokenizer.model)."""
 # config.json keys that ask a loader to import Python code shipped with the checkpoint.
 REMOTE_CODE_KEYS = ("auto_map", "trust_remote_code", "custom_pipelines")
@@ -568,20 +570,28 @@ def save_hf(
     chat_template: Any | None = None,
 ) -> Path:
     """Write an lmlab decoder as an HF folder that ``transformers`` loads with
-    ``AutoModelForCausalLM.from_pretrained(directory)``: config.json, model.safetensors
-    (float32, the tied output matrix stored once) and, for a BPE tokenizer, tokenizer.json
-    (a SentencePiece one: tokenizer.model) and tokenizer_config.json (with the ``chat_template``'s source and special tokens when
-    given). Each file is written atomically."""
+    ``AutoModelForCausalLM.from_pretrained(directory)``.
+
+    Files: config.json; model.safetensors (float32, the tied output matrix stored once);
+    generation_config.json (``generation_config``: the ids that end generation, padding);
+    and with a tokenizer of a kind in ``HF_TOKENIZER_KINDS``, its tokenizer.json (a
+    SentencePiece one: tokenizer.model) and tokenizer_config.json, plus the
+    ``chat_template`` when given (``save_chat_template``). Each file is written atomically,
+    with ordinary permissions (0644 under umask 022).
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cfg, state = to_hf(model)
     if cfg.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)
     state = {k: v.float().contiguous() for k, v in state.items()}
-    tmp = directory / f".{HF_WEIGHTS}.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, directory / HF_WEIGHTS)
-    atomic_write_json(directory / HF_CONFIG, {**cfg, "torch_dtype": "float32"})
+    atomic_write_with(
+        directory / HF_WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"})
+    )
+    generation = generation_config(tokenizer, chat_template)
+    special = {k: v for k, v in generation.items() if k.endswith("_token_id")}
+    atomic_write_json(directory / HF_CONFIG, {**cfg, **special, "torch_dtype": "float32"})
+    atomic_write_json(directory / HF_GENERATION_CONFIG, generation)
     if tokenizer is not None and getattr(tokenizer, "kind", None) in HF_TOKENIZER_KINDS:
         tokenizer.save(directory)
         if chat_template is not None:
@@ -589,12 +599,85 @@ def save_hf(
     return directory
 
 
+def generation_config(tokenizer: Any | None, chat_template: Any | None = None) -> dict[str, Any]:
+    """What ``generation_config.json`` tells transformers' ``generate``: stop where lmlab
+    stops, pad with a token the model knows.
+
+    ``eos_token_id`` lists every id that ends a reply: the tokenizer's ``eos_id``, then for
+    a chat model the token that closes an assistant turn (``end_of_turn_id``), which is
+    what lmlab's chat stops on; one id is written as an int, several as a list. SmolLM2
+    (eos ``<|im_end|>``) -> ``{"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}``.
+    ``pad_token_id`` is the tokenizer's pad id, else the first eos id (transformers would
+    pick that itself, with a warning). ``bos_token_id`` is the template's bos_token when it
+    is one token. Without a tokenizer there is nothing to say: ``{}``.
+    """
+    if tokenizer is None:
+        return {}
+    eos = [tokenizer.eos_id] if getattr(tokenizer, "eos_id", None) is not None else []
+    bos = None
+    if chat_template is not None:
+        bos = _single_id(tokenizer, chat_template.bos_token)
+        for end in (
+            _single_id(tokenizer, chat_template.eos_token),
+            end_of_turn_id(tokenizer, chat_template),
+        ):
+            if end is not None and end not in eos:
+                eos.append(end)
+    config: dict[str, Any] = {}
+    if bos is not None:
+        config["bos_token_id"] = bos
+    if eos:
+        config["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    pad = getattr(tokenizer, "pad_id", None)
+    if pad is not None or eos:
+        config["pad_token_id"] = pad if pad is not None else eos[0]
+    return config
+
+
+def end_of_turn_id(tokenizer: Any, chat_template: Any) -> int | None:
+    """The special token a chat template puts right after an assistant's reply, or None.
+
+    Renders a user message and a reply, and looks at the text after the reply: ChatML
+    (SmolLM2, Qwen) -> ``"<|im_end|>\\n"``, whose first token is ``<|im_end|>``; Llama 3 ->
+    ``<|eot_id|>``. The token must be one of the tokenizer's special added tokens, so a
+    plain newline or space after the reply never becomes a stop token.
+    """
+    reply = "lmlab-reply-7f3a"
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": reply}]
+    try:
+        text = chat_template.render(messages, add_generation_prompt=False)
+    except DataError:  # a template that wants a system message, tools, ...: no guess
+        return None
+    after = text.partition(reply)[2]
+    library = getattr(tokenizer, "tokenizer", None)
+    if not after or not hasattr(library, "get_added_tokens_decoder"):
+        return None
+    for i, token in library.get_added_tokens_decoder().items():
+        if token.special and after.startswith(token.content):
+            return i
+    return None
+
+
+def _single_id(tokenizer: Any, token: str | None) -> int | None:
+    """The id of ``token`` when the tokenizer encodes it to exactly one id, else None."""
+    if not token:
+        return None
+    try:
+        ids = tokenizer.encode(token)
+    except DataError:  # a char tokenizer without that character
+        return None
+    return ids[0] if len(ids) == 1 else None
+
+
 def save_chat_template(chat_template: Any, directory: str | os.PathLike) -> None:
-    """Add a ``ChatTemplate`` (its source and special tokens) to the folder's
-    ``tokenizer_config.json``, where ``lmlab.load`` and transformers look for it."""
-    file = Path(directory) / "tokenizer_config.json"
+    """Add a ``ChatTemplate`` to an HF folder where transformers and ``lmlab.load`` look
+    for it: its source in ``chat_template.jinja`` (transformers 4.43 and later read it
+    first) and in ``tokenizer_config.json`` (older versions), with its special tokens."""
+    directory = Path(directory)
+    file = directory / TOKENIZER_CONFIG_FILE
     tok_config = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
     tok_config["chat_template"] = chat_template.source
     for name, value in chat_template.special.items():
         tok_config[name] = tok_config.get(name) or value
     atomic_write_json(file, tok_config)
+    atomic_write_text(directory / CHAT_TEMPLATE_FILE, chat_template.source)

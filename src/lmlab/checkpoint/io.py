@@ -45,6 +45,7 @@ from torch import nn
 
 from lmlab.data.tokenizers import find_tokenizer
 from lmlab.errors import CheckpointError
+from lmlab.fileio import ordinary_permissions
 from lmlab.models import base_model, build_model, model_spec
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -192,6 +193,7 @@ def _save_weights(file: Path, model: nn.Module) -> None:
             seen_storages.add(storage)
         tensors[name] = tensor.detach().cpu().contiguous()
     save_file(tensors, str(file), metadata={"format": "pt"})
+    ordinary_permissions(file)  # save_file makes it 0600
 
 
 def _view_key(tensor: torch.Tensor) -> tuple:

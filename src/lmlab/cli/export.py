@@ -1,6 +1,9 @@
-"""``lmlab export``: write a model as a Hugging Face folder that transformers loads."""
+"""``lmlab export``: write a model as a Hugging Face folder that transformers loads, or as
+a GGUF file that llama.cpp runs."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 from jsonargparse import ArgumentParser
 
@@ -15,11 +18,30 @@ def add_arguments(parser: ArgumentParser) -> None:
         help="anything lmlab.load takes: a checkpoint or run directory, an HF folder, a .gguf "
         "file or a pretrained name (smollm2)",
     )
-    parser.add_argument("--out", type=str, required=True, help="the folder to write")
+    parser.add_argument(
+        "--out", type=str, required=True, help="the folder (hf) or .gguf file (gguf) to write"
+    )
+    parser.add_argument(
+        "--format",
+        type=Literal["hf", "gguf"],
+        default="hf",
+        help="hf: a Hugging Face folder (transformers); gguf: one file for llama.cpp "
+        "(Llama-layout models)",
+    )
+    parser.add_argument(
+        "--gguf_type",
+        type=Literal["f32", "f16", "q8_0", "q4_0"],
+        default="f16",
+        help="with --format gguf: how the weight matrices are stored",
+    )
 
 
 def run(args) -> None:
-    out, notes = api.export_hf(args.model, args.out)
-    print(f"wrote {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
+    if args.format == "gguf":
+        out, notes = api.export_gguf(args.model, args.out, args.gguf_type)
+        print(f"wrote {out} ({args.gguf_type}; run it with llama.cpp, or lmlab.load)")
+    else:
+        out, notes = api.export_hf(args.model, args.out)
+        print(f"wrote {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
     for note in notes:
         print(f"note: {note}")

@@ -23,7 +23,10 @@ needed.
 
 Character and byte tokenizers are written here because they are a few lines each; BPE
 training is the ``tokenizers`` library's job, so there is no parity test to write: it
-*is* the reference.
+*is* the reference. Every kind is saved as a Hugging Face ``tokenizer.json`` that the
+``tokenizers`` library and transformers' ``AutoTokenizer`` load and run to the same ids
+(``hf_char_tokenizer``, ``hf_byte_tokenizer``; parity test over random text in
+tests/data/test_tokenizers.py); lmlab's older files (``{"kind": "char", ...}``) still load.
 
     >>> tok = CharTokenizer.train("hello")
     >>> tok.vocab_size, tok.encode("hell")
@@ -62,6 +65,15 @@ TOKENIZER_LAYOUTS = (
 # Beside a BPE tokenizer.json, as in Hugging Face model folders: tokenizer.json has no
 # field for "this special token ends a document", tokenizer_config.json does.
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+# What a char or byte tokenizer's tokenizer_config.json says, so that transformers'
+# AutoTokenizer runs tokenizer.json as it is (not through a model family's own tokenizer
+# class) and decodes without "cleaning up" spaces before punctuation, as lmlab does not.
+PLAIN_TOKENIZER_CONFIG = {
+    "tokenizer_class": "PreTrainedTokenizerFast",
+    "clean_up_tokenization_spaces": False,
+}
+# One match per character (a code point); "." would not match a newline.
+_ONE_CHAR = r"[\s\S]"
 
 
 class Tokenizer(abc.ABC):
@@ -173,8 +185,8 @@ class CharTokenizer(Tokenizer):
         return "".join([itos[i] for i in _checked_ids(ids, self.vocab_size, self.kind).tolist()])
 
     def save(self, directory: str | os.PathLike[str]) -> None:
-        data = {"kind": self.kind, "chars": self.chars, "unk": self.unk}
-        atomic_write_json(Path(directory) / TOKENIZER_FILE, data)
+        """Write ``tokenizer.json`` (``hf_char_tokenizer``) and ``tokenizer_config.json``."""
+        _save_plain(directory, hf_char_tokenizer(self))
 
 
 class ByteTokenizer(Tokenizer):
@@ -201,7 +213,75 @@ class ByteTokenizer(Tokenizer):
         return data.decode("utf-8", errors="replace")
 
     def save(self, directory: str | os.PathLike[str]) -> None:
-        atomic_write_json(Path(directory) / TOKENIZER_FILE, {"kind": self.kind})
+        """Write ``tokenizer.json`` (``hf_byte_tokenizer``) and ``tokenizer_config.json``."""
+        _save_plain(directory, hf_byte_tokenizer())
+
+
+def hf_char_tokenizer(tok: CharTokenizer) -> tokenizers.Tokenizer:
+    """``tok`` as a ``tokenizers`` pipeline that encodes every text to the same ids.
+
+    The pre-tokenizer splits the text into single characters (code points, as Python's
+    ``str`` counts them; no normalizer, so whitespace and newlines stay), a ``WordLevel``
+    model looks each one up, and the ``Fuse`` decoder joins them back without spaces.
+    An unknown character maps as lmlab maps it: to ``"<unk>"`` (the last id) when the
+    tokenizer has ``unk=True``; without it, encoding fails, as ``CharTokenizer.encode``
+    raises (the library says "Missing [UNK] token") rather than dropping characters.
+    ``"<unk>"`` is an ordinary vocabulary entry, not an added special token, so the five
+    characters ``<unk>`` written in text are looked up one by one, as lmlab does.
+
+        CharTokenizer("ab", unk=True) -> vocab {"a": 0, "b": 1, "<unk>": 2}, unk "<unk>"
+    """
+    vocab = {token: i for i, token in enumerate(tok._itos)}
+    unk = CharTokenizer.UNK_TOKEN if tok.unk else None
+    model = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token=unk))
+    model.pre_tokenizer = tokenizers.pre_tokenizers.Split(
+        tokenizers.Regex(_ONE_CHAR), behavior="isolated"
+    )
+    model.decoder = tokenizers.decoders.Fuse()
+    return model
+
+
+def hf_byte_tokenizer() -> tokenizers.Tokenizer:
+    """The byte tokenizer as a ``tokenizers`` pipeline: id = UTF-8 byte value.
+
+    GPT-2's byte-level pre-tokenizer (without its word regex) spells each byte as one
+    printable character (``bytes_to_unicode``); a BPE model with those 256 symbols and no
+    merges maps each to its byte value; the byte-level decoder turns ids back into bytes
+    and decodes them as UTF-8, with U+FFFD for broken sequences, as ``ByteTokenizer.decode``.
+    """
+    spell = bytes_to_unicode()
+    model = tokenizers.Tokenizer(
+        tokenizers.models.BPE(vocab={spell[b]: b for b in range(256)}, merges=[])
+    )
+    model.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(
+        add_prefix_space=False, use_regex=False
+    )
+    model.decoder = tokenizers.decoders.ByteLevel()
+    return model
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table: byte-level BPE spells tokens in it.
+
+    Printable bytes map to themselves (``ord("A") -> "A"``); the other 68 (space, control
+    bytes...) to characters from U+0100 on, so ``0x20 (space) -> "Ġ"``, ``0x0A -> "Ċ"``.
+    """
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    keep += range(ord("®"), ord("ÿ") + 1)
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _save_plain(directory: str | os.PathLike[str], model: tokenizers.Tokenizer) -> None:
+    directory = Path(directory)
+    atomic_write_text(directory / TOKENIZER_FILE, model.to_str(pretty=True))
+    atomic_write_json(directory / TOKENIZER_CONFIG_FILE, PLAIN_TOKENIZER_CONFIG)
 
 
 class BPETokenizer(Tokenizer):
@@ -642,10 +722,12 @@ def train_tokenizer(kind: str, text: str, vocab_size: int | None = None, **kw: A
 def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     """Load a tokenizer saved by ``Tokenizer.save``, or a Hugging Face ``tokenizer.json``.
 
-    ``path`` is the file or the directory holding ``tokenizer.json``. lmlab's own files
-    are ``{"kind": "char", "chars": [...], "unk": false}`` or ``{"kind": "byte"}``; a file
-    with a ``"model"`` key is in the Hugging Face format and loads as a ``BPETokenizer``
-    when its model type is BPE, and as an ``HFTokenizer`` otherwise (WordPiece, ...).
+    ``path`` is the file or the directory holding ``tokenizer.json``. Every file is in the
+    Hugging Face format (a ``"model"`` key): the char and byte pipelines lmlab writes
+    (``hf_char_tokenizer``, ``hf_byte_tokenizer``) load as ``CharTokenizer`` and
+    ``ByteTokenizer``, other BPE models as ``BPETokenizer``, the rest as ``HFTokenizer``
+    (WordPiece, ...). Files written by older lmlab, ``{"kind": "char", "chars": [...],
+    "unk": false}`` or ``{"kind": "byte"}``, still load.
     """
     path = Path(path)
     file = path / TOKENIZER_FILE if path.is_dir() else path
@@ -656,6 +738,9 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"tokenizer file {str(file)!r} is not valid JSON: {e}") from e
     if isinstance(data, dict) and "model" in data:
+        plain = _plain_kind(data, file)
+        if plain is not None:
+            return plain
         model_type = data["model"].get("type") if isinstance(data["model"], dict) else None
         if model_type in (None, "BPE"):
             return BPETokenizer.from_file(file)
@@ -684,6 +769,45 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
         f"tokenizer file {str(file)!r} has unknown kind {kind!r}{closest(str(kind), valid)}; "
         f"valid kinds: {', '.join(valid)} (a BPE file is in the Hugging Face format)"
     )
+
+
+def _plain_kind(data: dict[str, Any], file: Path) -> Tokenizer | None:
+    """The char or byte tokenizer a Hugging Face ``tokenizer.json`` written by
+    ``hf_char_tokenizer`` / ``hf_byte_tokenizer`` describes; None for any other file."""
+    model = data["model"]
+    if not isinstance(model, dict):
+        return None
+    char = json.loads(hf_char_tokenizer(CharTokenizer("a")).to_str())
+    if (
+        model.get("type") == "WordLevel"
+        and data.get("pre_tokenizer") == char["pre_tokenizer"]
+        and data.get("decoder") == char["decoder"]
+        and isinstance(model.get("vocab"), dict)
+    ):
+        ordered = sorted(model["vocab"].items(), key=lambda item: item[1])
+        # The library writes unk_token "<unk>" even when there is none: the vocabulary says.
+        unk = CharTokenizer.UNK_TOKEN in model["vocab"]
+        chars = [token for token, _ in ordered[: len(ordered) - unk]]
+        if [i for _, i in ordered] != list(range(len(ordered))) or (
+            unk and ordered[-1][0] != CharTokenizer.UNK_TOKEN
+        ):
+            raise DataError(
+                f"tokenizer file {str(file)!r}: a char tokenizer's vocabulary must number its "
+                f"characters 0..n-1, with {CharTokenizer.UNK_TOKEN!r} last when it has one"
+            )
+        try:
+            return CharTokenizer(chars, unk=unk)
+        except DataError as e:
+            raise DataError(f"tokenizer file {str(file)!r}: {e}") from e
+    byte = json.loads(hf_byte_tokenizer().to_str())
+    if all(data.get(key) == byte[key] for key in ("pre_tokenizer", "decoder")) and (
+        model.get("type") == "BPE"
+        and model.get("vocab") == byte["model"]["vocab"]
+        and not model.get("merges")
+        and not data.get("added_tokens")
+    ):
+        return ByteTokenizer()
+    return None
 
 
 def _read_tokenizer_json(path: Path) -> tokenizers.Tokenizer:

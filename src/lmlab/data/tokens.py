@@ -23,7 +23,6 @@ import itertools
 import json
 import numbers
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -33,6 +32,7 @@ import numpy as np
 from lmlab.data.corpus import text_blocks
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import ConfigError, DataError, DataNotFoundError
+from lmlab.fileio import atomic_write_with
 
 # Stored little-endian whatever the machine, so a file written on one machine reads on any.
 _DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
@@ -135,15 +135,11 @@ def _checked_chunk(array: np.ndarray, vocab_size: int, offset: int, path: Path) 
 
 
 def _replace_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write_file(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+
+    atomic_write_with(path, write_file)
 
 
 def encode_to_file(

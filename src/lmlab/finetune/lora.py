@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmlab.errors import CheckpointError, ConfigError, closest
-from lmlab.fileio import atomic_write_json
+from lmlab.fileio import atomic_write_json, atomic_write_with
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -282,7 +282,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in lora_state_dict(model).items()}
-    save_file(tensors, str(directory / ADAPTER_WEIGHTS))
+    atomic_write_with(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
     atomic_write_json(directory / ADAPTER_CONFIG, {"kind": "lora", **dataclasses.asdict(config)})
     return directory
 
