@@ -167,7 +167,7 @@ COMMANDS, UNPARSED = documented_commands()
 
 # ----------------------------------------------------------------------------- tiny budgets
 
-TRAINS = ("train", "finetune", "dpo", "reward", "pretrain")
+TRAINS = ("train", "finetune", "dpo", "reward", "pretrain", "seq2seq")
 # The presets' own context (gpt-char-tiny: 128 characters), so the default new tokens
 # outgrow it exactly as they do for a reader.
 TINY_TRANSFORMER = '{"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64}'

@@ -50,6 +50,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "icl": ("lmlab.cli.icl", "in-context learning: accuracy against k and prompt format"),
     "pretrain": ("lmlab.cli.pretrain", "pretrain a BERT encoder from scratch (masked LM + NSP)"),
+    "seq2seq": (
+        "lmlab.cli.seq2seq",
+        "train an encoder-decoder on a generated task; teacher-forced vs free-running scores",
+    ),
 }
 
 

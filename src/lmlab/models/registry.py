@@ -183,6 +183,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         dropout=0.1,
         pooling="cls",
     ),
+    # A small encoder-decoder (Vaswani et al.'s layout) for the generated seq2seq tasks.
+    "seq2seq-tiny": dict(
+        family="seq2seq",
+        vocab_size=None,
+        d_model=128,
+        n_heads=4,
+        n_encoder_layers=2,
+        n_decoder_layers=2,
+        d_ff=512,
+        max_seq_len=64,
+        dropout=0.0,
+        norm="pre",
+    ),
     # SmolLM2-135M's shape (Llama architecture), for imported weights.
     "smollm2-135m": dict(
         family="transformer",

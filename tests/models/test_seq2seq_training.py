@@ -1,0 +1,108 @@
+"""Generated seq2seq tasks, teacher-forced training through the trainer, and evaluation
+with and without teacher forcing."""
+
+import math
+
+import pytest
+import torch
+
+import lmlab
+from lmlab.data.seq2seq_tasks import EOS, TASKS, Seq2SeqVocab, number_words, seq2seq_pairs
+from lmlab.errors import ConfigError
+from lmlab.eval.seq2seq import evaluate_seq2seq
+from lmlab.models import build_model
+from lmlab.models.seq2seq import Seq2Seq
+from lmlab.train import TrainConfig
+from lmlab.train.seq2seq import IGNORE, Seq2SeqBatches, collate_pairs, train_seq2seq
+
+
+def test_tasks_are_seeded_and_right():
+    assert seq2seq_pairs("reverse", 5, 1) == seq2seq_pairs("reverse", 5, 1)
+    for s, t in seq2seq_pairs("reverse", 50, 2):
+        assert t == s[::-1]
+    assert number_words(347) == "three hundred forty-seven" and number_words(20) == "twenty"
+    assert number_words(105) == "one hundred five" and number_words(0) == "zero"
+    for s, t in seq2seq_pairs("dates", 50, 3):
+        y, m, d = t.split("-")
+        assert y in s and str(int(d)) in s
+    for name in TASKS:  # every character of every task is in its vocabulary
+        vocab = Seq2SeqVocab.for_task(name)
+        for s, t in seq2seq_pairs(name, 200, 9):
+            assert vocab.decode(vocab.encode(s)) == s and vocab.decode(vocab.encode(t)) == t
+    with pytest.raises(ConfigError, match="did you mean 'reverse'"):
+        seq2seq_pairs("revers", 1, 0)
+
+
+def test_collate_shifts_targets_and_ignores_padding():
+    batch = collate_pairs([([5, 6], [7]), ([5], [8, 9, 10])])
+    assert batch["tgt_in"].tolist() == [[1, 7, 0, 0], [1, 8, 9, 10]]
+    assert batch["tgt_out"].tolist() == [[7, EOS, IGNORE, IGNORE], [8, 9, 10, EOS]]
+    assert batch["src"].tolist() == [[5, 6], [5, 0]]
+    vocab = Seq2SeqVocab.for_task("copy")
+    a = Seq2SeqBatches("copy", vocab, 4, seed=1)
+    first = [a.next_batch() for _ in range(2)]
+    b = Seq2SeqBatches("copy", vocab, 4, seed=1)
+    b.load_state_dict({"index": 1})
+    assert all(torch.equal(first[1][k], v) for k, v in b.next_batch().items())
+
+
+def test_a_short_run_trains_through_the_trainer_and_loads(tmp_path):
+    spec = {
+        "family": "seq2seq",
+        "d_model": 32,
+        "n_heads": 2,
+        "n_encoder_layers": 1,
+        "n_decoder_layers": 1,
+        "d_ff": 64,
+        "max_seq_len": 32,
+        "norm": "pre",
+    }
+    config = TrainConfig(
+        out_dir=str(tmp_path / "run"),
+        max_steps=20,
+        batch_size=16,
+        lr=3e-3,
+        warmup_steps=5,
+        eval_interval=20,
+        eval_batches=1,
+        progress=False,
+    )
+    result = train_seq2seq("copy", spec, config)
+    vocab = Seq2SeqVocab.for_task("copy")
+    first_loss = result.train_losses[0][1]
+    assert first_loss > math.log(vocab.vocab_size)  # embeddings scaled by sqrt(d): confident at first
+    assert result.step == 20 and result.val_losses[-1][1] < first_loss - 0.5
+    model = lmlab.load(str(tmp_path / "run")).model
+    assert isinstance(model, Seq2Seq) and model.config.vocab_size == vocab.vocab_size
+
+
+def test_evaluation_counts_as_by_hand():
+    vocab = Seq2SeqVocab.for_task("reverse")
+    torch.manual_seed(0)
+    spec = {
+        "family": "seq2seq",
+        "vocab_size": vocab.vocab_size,
+        "d_model": 16,
+        "n_heads": 2,
+        "n_encoder_layers": 1,
+        "n_decoder_layers": 1,
+        "d_ff": 16,
+    }
+    model = build_model(spec).eval()
+    pairs = seq2seq_pairs("reverse", 6, 5)
+    scores = evaluate_seq2seq(model, vocab, pairs, batch_size=4)
+    right = total = exact = 0
+    for source, target in pairs:
+        src = torch.tensor([vocab.encode(source)])
+        tgt = vocab.encode(target)
+        with torch.no_grad():
+            predicted = model(src, torch.tensor([[1, *tgt]])).argmax(-1)[0].tolist()
+            right += sum(p == t for p, t in zip(predicted, [*tgt, EOS]))
+            total += len(tgt) + 1
+            out = [1]
+            while len(out) <= len(tgt) + 4 and (len(out) == 1 or out[-1] != EOS):
+                out.append(int(model(src, torch.tensor([out]))[0, -1].argmax()))
+        exact += vocab.decode(out[1:]) == target
+    assert scores["tf_token_acc"] == pytest.approx(right / total)
+    assert scores["exact"] == exact / len(pairs)
+    assert [e["output"] for e in scores["examples"]][0] == scores["examples"][0]["output"]
