@@ -26,7 +26,7 @@ from lmlab.interp.attribution import (
     integrated_gradients,
     next_token_score,
     occlusion,
-    quadrature,
+    quadrature_rule,
     saliency,
     token_embeddings,
     value_score,
@@ -73,7 +73,7 @@ def test_integrated_gradients_matches_captum(name, method, baseline):
     model, ids = model_and_ids(name)
     score_fn, emb, base = captum_inputs(model, ids, baseline)
     ours = integrated_gradients(
-        model, ids, score_fn, baseline, steps=20, method=method, internal_batch_size=6
+        model, ids, score_fn, baseline, steps=20, quadrature=method, internal_batch_size=6
     )
     ig = IntegratedGradients(embedding_forward(model, ids, score_fn))
     theirs, delta = ig.attribute(
@@ -170,10 +170,10 @@ def test_batched_steps_equal_all_steps_at_once():
 
 
 def test_quadrature_weights_are_captums():
-    alphas, weights = quadrature(4, "riemann_trapezoid")
+    alphas, weights = quadrature_rule(4, "riemann_trapezoid")
     assert alphas.tolist() == pytest.approx([0, 1 / 3, 2 / 3, 1])
     assert weights.tolist() == pytest.approx([0.125, 0.25, 0.25, 0.125])  # Captum's 1/n
-    alphas, weights = quadrature(5)
+    alphas, weights = quadrature_rule(5)
     assert weights.sum().item() == pytest.approx(1.0)
     # Gauss-Legendre integrates polynomials of degree 2n-1 exactly: int_0^1 a^9 = 0.1
     assert (weights * alphas**9).sum().item() == pytest.approx(0.1, rel=1e-12)
@@ -231,7 +231,7 @@ def test_mistakes_are_clear_errors():
     with pytest.raises(ConfigError, match="baseline 99 is not valid"):
         integrated_gradients(model, ids, score_fn, baseline=99)
     with pytest.raises(ConfigError, match="quadrature 'simpson'"):
-        integrated_gradients(model, ids, score_fn, method="simpson")
+        integrated_gradients(model, ids, score_fn, quadrature="simpson")
     with pytest.raises(ConfigError, match="window 20"):
         occlusion(model, ids, score_fn, window=20)
     with pytest.raises(ConfigError, match="'logprob' or 'logit'"):

@@ -251,20 +251,22 @@ def gradient_x_input(model: nn.Module, ids: torch.Tensor, score_fn: ScoreFn) -> 
     return Attribution("gxi", elements.sum(-1).cpu(), elements.cpu(), float(score[0]))
 
 
-def quadrature(steps: int, method: str = "gausslegendre") -> tuple[torch.Tensor, torch.Tensor]:
+def quadrature_rule(
+    steps: int, quadrature: str = "gausslegendre"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(alphas [steps], weights [steps]) float64 for integrating over [0, 1], as Captum's
     ``approximation_methods`` builds them: Gauss-Legendre nodes and weights, or the Riemann
     rules on ``steps`` points with weights 1/steps (the trapezoid halves the two ends).
 
-    >>> quadrature(2, "riemann_trapezoid")   # alphas (0, 1), weights (0.25, 0.25)
+    >>> quadrature_rule(2, "riemann_trapezoid")   # alphas (0, 1), weights (0.25, 0.25)
     """
-    if method not in QUADRATURES:
+    if quadrature not in QUADRATURES:
         raise ConfigError(
-            f"quadrature {method!r} is not known; use one of {', '.join(QUADRATURES)}"
+            f"quadrature {quadrature!r} is not known; use one of {', '.join(QUADRATURES)}"
         )
-    if steps < (1 if method == "gausslegendre" else 2):
+    if steps < (1 if quadrature == "gausslegendre" else 2):
         raise ConfigError(f"steps must be at least 2 (1 for gausslegendre), got {steps}")
-    if method == "gausslegendre":
+    if quadrature == "gausslegendre":
         nodes, weights = np.polynomial.legendre.leggauss(steps)
         # from [-1, 1] to [0, 1]
         return torch.from_numpy(0.5 * (1 + nodes)), torch.from_numpy(0.5 * weights)
@@ -275,9 +277,9 @@ def quadrature(steps: int, method: str = "gausslegendre") -> tuple[torch.Tensor,
         "riemann_left": torch.linspace(0, 1 - 1 / n, n),
         "riemann_middle": torch.linspace(1 / (2 * n), 1 - 1 / (2 * n), n),
         "riemann_right": torch.linspace(1 / n, 1, n),
-    }[method].double()
+    }[quadrature].double()
     weights = torch.full((n,), 1 / n, dtype=torch.float64)
-    if method == "riemann_trapezoid":
+    if quadrature == "riemann_trapezoid":
         weights[0] /= 2
         weights[-1] /= 2
     return alphas, weights
@@ -289,7 +291,7 @@ def integrated_gradients(
     score_fn: ScoreFn,
     baseline: Baseline = "zeros",
     steps: int = 50,
-    method: str = "gausslegendre",
+    quadrature: str = "gausslegendre",
     internal_batch_size: int | None = 16,
     progress: bool = False,
 ) -> Attribution:
@@ -297,7 +299,7 @@ def integrated_gradients(
     batches of ``internal_batch_size`` rows (None: all at once). ``values`` [T] sums each
     token's [D] attributions; ``delta`` is the completeness gap."""
     ids = _one_prompt(model, ids)
-    alphas, weights = quadrature(steps, method)
+    alphas, weights = quadrature_rule(steps, quadrature)
     batch = internal_batch_size or steps
     if batch < 1:
         raise ConfigError(f"internal_batch_size must be at least 1, got {internal_batch_size}")
@@ -320,7 +322,7 @@ def integrated_gradients(
     values = elements.sum(-1)
     score, base_score = float(ends[0]), float(ends[1])
     delta = float(values.sum()) - (score - base_score)
-    settings = {"baseline": baseline, "steps": steps, "quadrature": method}
+    settings = {"baseline": baseline, "steps": steps, "quadrature": quadrature}
     return Attribution("ig", values.cpu(), elements.cpu(), score, base_score, delta, settings)
 
 
@@ -484,7 +486,7 @@ def attribute_prompt(
         "ig": dict(
             baseline=base,
             steps=steps,
-            method=quadrature,
+            quadrature=quadrature,
             internal_batch_size=internal_batch_size,
             progress=progress,
         ),
