@@ -107,4 +107,11 @@ def run(args) -> None:
         shown = ", ".join(f"{result.tokens[i]!r} {float(r.values[i]):+.3g}" for i in top)
         extra = f" (completeness delta {r.delta:+.2e})" if r.delta is not None else ""
         print(f"  {name:<9} top tokens: {shown}{extra}")
+    ig = result.results.get("ig")
+    if ig is not None and abs(ig.delta) > 0.05 * abs(ig.score - ig.baseline_score):
+        print(
+            f"note: integrated gradients' completeness delta is {ig.delta:+.3g} against a "
+            f"score change of {ig.score - ig.baseline_score:+.3g}: the integral has not "
+            "converged; raise --steps or try another --baseline"
+        )
     print(f"wrote {png}, {page} and {out / 'attribution.json'}")

@@ -54,8 +54,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lmlab.data.tokenizers import require_tokenizer
 from lmlab.errors import ConfigError
 from lmlab.interp.hooks import hook_points, hooks
+from lmlab.lm import LM
 from lmlab.models.contract import base_model, family_name, require_causal_lm
 from lmlab.models.mlp import MLP
 
@@ -447,7 +449,7 @@ def _baseline_id(baseline: str | int, tokenizer: Any) -> Baseline:
 
 
 def attribute_prompt(
-    lm: Any,
+    lm: LM,
     prompt: str,
     target: str | None = None,
     methods: str | list[str] = "all",
@@ -463,7 +465,7 @@ def attribute_prompt(
     next token) as the token after ``prompt``, with each of ``methods`` (``all`` or a list
     of ig, saliency, gxi, occlusion). ``lm`` is an ``lmlab.load``-ed decoder."""
     require_causal_lm(lm.model, "attributing a next token")
-    tokenizer = lm._text("attribution")
+    tokenizer = require_tokenizer(lm.tokenizer, lm.config.get("path", "(in memory)"), "attribution")
     ids = list(tokenizer.encode(prompt))
     if not ids:
         raise ConfigError("the prompt is empty: attribution needs at least one token")
