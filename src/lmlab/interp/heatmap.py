@@ -104,37 +104,34 @@ def plot_heatmap(
     # lay the tokens out on a character grid (monospace), wrapping at `width`
     lines, line, used = [], [], 0
     for i, text in enumerate(shown):
-        if line and used + len(text) > width:
+        cell = max(len(text), 6) + 1  # room for the value printed under the token
+        if line and used + cell > width:
             lines.append(line)
             line, used = [], 0
         line.append((i, used))
-        used += len(text) + 1
+        used += cell
     lines.append(line)
-    n_lines = len(lines) * len(rows) + len(rows)
-    fig = Figure(figsize=(0.14 * width + 1.5, 0.32 * n_lines + 0.9))
-    ax = fig.add_axes((0, 0, 1, 0.92 if title else 1))
-    ax.set_xlim(-14, width + 1)
+    cols = max(x + max(len(shown[i]), 6) for line in lines for i, x in line)
+    label = max(len(name) for name in rows) + 2
+    n_lines = len(lines) * len(rows) * 1.6 + (len(rows) - 1) * 0.5 + 0.4
+    fig = Figure(figsize=(0.085 * (cols + label) + 0.3, 0.36 * n_lines + (0.5 if title else 0.1)))
+    ax = fig.add_axes((0.01, 0, 0.98, 1 - (0.45 if title else 0.05) / fig.get_figheight()))
+    ax.set_xlim(-label, cols)
     ax.set_ylim(n_lines, 0)
     ax.axis("off")
     y = 0.5
     for name, values in rows.items():
         scale = max((abs(v) for v in values), default=0.0)
-        ax.text(-13, y, name, fontsize=10, fontweight="bold", va="center")
+        ax.text(-label, y, name, fontsize=10, fontweight="bold", va="center")
         for line in lines:
             for i, x in line:
-                ax.text(
-                    x,
-                    y,
-                    shown[i],
-                    family="monospace",
-                    fontsize=10,
-                    va="center",
-                    bbox=dict(boxstyle="square,pad=0.15", fc=_rgb(values[i], scale), ec="none"),
-                )
-            y += 1
-        y += 1
+                box = dict(boxstyle="square,pad=0.15", fc=_rgb(values[i], scale), ec="none")
+                ax.text(x, y, shown[i], family="monospace", fontsize=10, va="center", bbox=box)
+                ax.text(x, y + 0.7, f"{values[i]:.3g}", fontsize=7, va="center", color="0.3")
+            y += 1.6
+        y += 0.5
     if title:
-        fig.suptitle(title, fontsize=11)
+        fig.suptitle(title, fontsize=10)
     png = Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=100)
