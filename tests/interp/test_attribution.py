@@ -41,6 +41,7 @@ SPECS = {
     "lstm": {**get_preset("lstm-char"), "d_model": 16, "n_layers": 2},
     "mlp": {**get_preset("mlp-char"), "d_model": 8, "d_ff": 16},
     "bag": {**get_preset("bag-char"), "d_model": 8, "d_ff": 16},
+    "bigram": {"family": "bigram"},
 }
 PARITY = ("gpt", "llama", "lstm")
 
@@ -48,6 +49,8 @@ PARITY = ("gpt", "llama", "lstm")
 def model_and_ids(name, seed=0):
     torch.manual_seed(seed)
     model = build_model({**SPECS[name], "vocab_size": V}).eval()
+    if name == "bigram":  # a fresh bigram table is all zeros: every score the same
+        torch.nn.init.normal_(model.tok_emb.weight)
     ids = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(seed + 1))
     return model, ids
 
