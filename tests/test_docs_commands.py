@@ -179,7 +179,19 @@ SLOW |= {"prompt", "icl"}
 # flag -> commands whose value for it names a model to read (a path, or a pretrained name)
 MODEL_FLAGS = {
     "--ckpt": {"generate"},
-    "--model": {"chat", "eval", "export", "finetune", "rank", "judge", "reward", "dpo", "ppo"},
+    "--model": {
+        "chat",
+        "eval",
+        "export",
+        "finetune",
+        "rank",
+        "judge",
+        "reward",
+        "dpo",
+        "ppo",
+        "attribute",
+        "attention",
+    },
     "--policy": {"judge"},
     "--models": {"report"},
 }
@@ -249,6 +261,8 @@ def shrink(argv: list[str]) -> list[str]:
         argv = _set(argv, "--progress", "false")
     elif command == "rank":
         argv = _set(_set(argv, "--samples", "2"), "--max_new_tokens", "4")
+    elif command == "attribute":
+        argv = _set(argv, "--steps", "4")
     elif command == "chat" or (command == "generate" and pretrained):
         argv = _set(argv, "--max_new_tokens", "8")
     elif command == "prompt":

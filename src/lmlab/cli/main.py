@@ -54,6 +54,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lmlab.cli.seq2seq",
         "train an encoder-decoder on a generated task; teacher-forced vs free-running scores",
     ),
+    "attribute": ("lmlab.cli.attribute", "which prompt tokens a next-token prediction rests on"),
 }
 
 
