@@ -39,6 +39,8 @@ DEFERRED = {
     "rouge_score": "ROUGE",
     "gguf": "GGUF",
     "sentencepiece": "tokenizer.model files",
+    "torch": "torch.utils.tensorboard, which needs the optional tensorboard package",
+    "wandb": "Weights & Biases logging (optional)",
 }
 
 

@@ -12,6 +12,11 @@ Events, each with ``"event"`` and ``"step"`` (optimizer steps applied so far)::
     {"event": "oom", "step": 12, "micro_batch": 16, "grad_accum": 2}  # out of memory: halved
 
 Non-finite numbers are written as null (JSON has no NaN).
+
+With ``LogConfig(tensorboard=True)`` or ``LogConfig(wandb=True)`` every finite number of
+an event also goes to TensorBoard (event files in ``out_dir/tensorboard``) or Weights &
+Biases (files in ``out_dir/wandb``) as the scalar ``<event>/<field>`` at the event's step:
+``train/loss``, ``train/tokens_per_s``, ``eval/val_loss``, ``ppo/kl``, ...
 """
 
 from __future__ import annotations
@@ -22,23 +27,121 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lmlab.errors import ConfigError
 from lmlab.fileio import atomic_write_text
+from lmlab.train.config import LogConfig
+
+TENSORBOARD_DIR = "tensorboard"
+WANDB_DIR = "wandb"
 
 
 class MetricsLog:
-    """Appends events to a metrics.jsonl file, one flushed line each."""
+    """Appends events to a metrics.jsonl file, one flushed line each, and hands their
+    numbers to TensorBoard and W&B when ``log`` asks for them.
 
-    def __init__(self, path: str | os.PathLike):
+    ``resumed_at``: the step a resumed run restarts from; TensorBoard drops what an
+    earlier attempt logged from that step on (the resumed run logs those steps again).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        log: LogConfig | None = None,
+        resumed_at: int | None = None,
+        settings: dict[str, Any] | None = None,
+    ):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        log = log or LogConfig()
+        self._sinks = []
+        if log.tensorboard:
+            self._sinks.append(TensorBoardSink(self.path.parent / TENSORBOARD_DIR, resumed_at))
+        if log.wandb:
+            self._sinks.append(WandbSink(self.path.parent, log, settings))
         self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(_finite_or_null(record)) + "\n")
         self._file.flush()
+        scalars = event_scalars(record)
+        if scalars:
+            for sink in self._sinks:
+                sink.write(scalars, record["step"])
 
     def close(self) -> None:
         self._file.close()
+        for sink in self._sinks:
+            sink.close()
+        self._sinks = []
+
+
+def event_scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of an event as ``{"<event>/<field>": value}`` (step aside).
+
+    ``{"event": "eval", "step": 5, "val_loss": 1.9, "path": "x"} -> {"eval/val_loss": 1.9}``
+    """
+    event, step = record.get("event"), record.get("step")
+    if not isinstance(event, str) or not isinstance(step, int):
+        return {}
+    return {
+        f"{event}/{key}": float(value)
+        for key, value in record.items()
+        if key not in ("event", "step")
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    }
+
+
+class TensorBoardSink:
+    """Scalars to TensorBoard event files, through ``torch.utils.tensorboard``."""
+
+    def __init__(self, log_dir: Path, purge_step: int | None = None):
+        try:
+            # deferred: needs the optional tensorboard package, only when asked for
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ConfigError(
+                "log.tensorboard=true needs the tensorboard package: pip install tensorboard "
+                "(or lmlab's dev extra), or leave log.tensorboard false"
+            ) from e
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+    def write(self, scalars: dict[str, float], step: int) -> None:
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """Scalars to a Weights & Biases run (its files in ``run_dir/wandb``)."""
+
+    def __init__(self, run_dir: Path, log: LogConfig, settings: dict[str, Any] | None):
+        try:
+            import wandb  # deferred: optional, only when asked for
+        except ImportError as e:
+            raise ConfigError(
+                "log.wandb=true needs the wandb package: pip install wandb, or leave "
+                "log.wandb false"
+            ) from e
+        (run_dir / WANDB_DIR).mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            project=log.wandb_project,
+            name=log.wandb_name or run_dir.resolve().name,
+            dir=str(run_dir),
+            mode=log.wandb_mode,
+            config=settings,
+            reinit="create_new",
+        )
+
+    def write(self, scalars: dict[str, float], step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
 
 
 def _finite_or_null(record: dict[str, Any]) -> dict[str, Any]:
