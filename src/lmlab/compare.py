@@ -43,7 +43,7 @@ from lmlab.generate import SamplingParams, generate_text
 from lmlab.models import PRESETS, build_model, model_spec
 from lmlab.train import TrainConfig
 from lmlab.train import train as train_loop
-from lmlab.train.metrics import read_metrics
+from lmlab.train.metrics import note, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -458,5 +458,7 @@ def plot_curves(results: list[ModelResult], png_path: str | Path) -> None:
     ax.grid(alpha=0.3)
     if any(r.curve for r in results):
         ax.legend()
+    else:
+        note(ax, "no validation loss recorded by any model")
     fig.tight_layout()
     fig.savefig(png_path)

@@ -189,3 +189,73 @@ def test_wandb_offline_run_holds_the_logged_scalars(tmp_path, monkeypatch):
         {"_step": 1, "train/loss": 2.0, "train/lr": 0.1},
         {"_step": 2, "train/loss": 1.0, "train/lr": 0.1, "eval/val_loss": 0.5},
     ]
+
+
+# ------------------------------------------------------------------ plots with few points
+
+
+def write_events(path, events):
+    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+
+
+def texts(fig) -> list[str]:
+    return [t.get_text() for ax in fig.axes for t in ax.texts]
+
+
+def markers(fig) -> list[str]:
+    return [line.get_marker() for ax in fig.axes for line in ax.get_lines()]
+
+
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_loss_plot_with_few_points_is_written_with_markers_or_a_note(tmp_path, n):
+    """0, 1 or 2 logged steps: the PNG is written; the points carry markers (a lone point
+    of a bare line would not show); a missing curve is explained inside the panel."""
+    path = tmp_path / "metrics.jsonl"
+    write_events(path, [{"event": "train", "step": s, "loss": 3.0 / s} for s in range(1, n + 1)])
+    fig = plot_losses(path, tmp_path / "loss.png", val_note="no validation yet: runs every 9 steps")
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if n == 0:
+        assert texts(fig) == ["no step logged yet: the loss is logged every log_interval steps"]
+        assert markers(fig) == []
+    else:
+        assert texts(fig) == ["no validation yet: runs every 9 steps"]
+        assert markers(fig) == ["o"]
+    write_events(path, [{"event": "eval", "step": 1, "val_loss": 1.0}])
+    fig = plot_losses(path, tmp_path / "loss.png")
+    assert texts(fig) == [] and markers(fig) == ["o"]
+
+
+def test_a_long_loss_curve_is_a_plain_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    write_events(path, [{"event": "train", "step": s, "loss": 1.0} for s in range(1, 200)])
+    assert markers(plot_losses(path, tmp_path / "loss.png")) == ["None"]
+
+
+def test_a_short_training_run_says_why_its_loss_plot_has_no_validation(
+    make_toy, tmp_path, monkeypatch
+):
+    """A run of one step without validation data: loss.png shows the step's marker and
+    says there is no validation data (the trainer's note, checked on the figure drawn)."""
+    from lmlab.train import trainer as trainer_module
+
+    figures = []
+    monkeypatch.setattr(
+        trainer_module,
+        "plot_losses",
+        lambda *a, **k: figures.append(plot_losses(*a, **k)),
+    )
+    data = (np.arange(600) % 15).astype(np.uint16)
+    config = TrainConfig(
+        out_dir=str(tmp_path / "run"),
+        max_steps=1,
+        batch_size=2,
+        seq_len=8,
+        warmup_steps=1,
+        log_interval=1,
+        precision="fp32",
+        progress=False,
+    )
+    train(make_toy(), data, None, config)
+    assert (tmp_path / "run" / "loss.png").is_file()
+    (fig,) = figures
+    assert markers(fig) == ["o"] and texts(fig) == ["no validation data"]

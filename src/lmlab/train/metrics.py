@@ -4,6 +4,8 @@ Events, each with ``"event"`` and ``"step"`` (optimizer steps applied so far)::
 
     {"event": "train", "step": 10, "loss": 3.21, "lr": 0.001, "grad_norm": 0.8,
      "tokens": 40960, "tokens_per_s": 51234.0, "elapsed_s": 0.8}
+        # "tokens": every token fed to the model; supervised batches (fine-tuning, DPO,
+        # reward models) add "sup_tokens" and "sup_tokens_per_s", the tokens the loss is on
     {"event": "eval", "step": 250, "val_loss": 1.9, "val_ppl": 6.7}
     {"event": "skip", "step": 37, "reason": "nonfinite_loss", "loss": null, "grad_norm": null}
     {"event": "checkpoint", "step": 500, "path": "runs/x/checkpoints/step-00000500"}
@@ -186,8 +188,36 @@ def truncate_after_checkpoint(path: str | os.PathLike, step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in lines[:cut]))
 
 
-def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> None:
-    """Train and validation loss against step, from metrics.jsonl, saved as a PNG."""
+# Up to this many points a series shows its markers: the lone point of a run that logged
+# one step is invisible as a bare line; longer curves stay clean lines.
+MARKERS_UP_TO = 50
+
+
+def draw_series(ax, points, style: str = "-", markers: bool | None = None, **kwargs) -> None:
+    """(x, y) ``points`` as a line on ``ax``, with markers when asked or when there are
+    few of them (``markers=None``); nothing when there are none."""
+    if not points:
+        return
+    if markers or (markers is None and len(points) <= MARKERS_UP_TO):
+        kwargs = {"marker": "o", "markersize": 3, **kwargs}
+    ax.plot(*zip(*points), style, **kwargs)
+
+
+def note(ax, why: str, y: float = 0.5) -> None:
+    """Say inside the panel why it is (partly) empty, at height ``y`` (axes fraction)."""
+    ax.text(0.5, y, why, transform=ax.transAxes, ha="center", va="center", color="0.35")
+
+
+def plot_losses(
+    metrics_path: str | os.PathLike,
+    png_path: str | os.PathLike,
+    val_note: str = "no validation loss logged",
+):
+    """Train and validation loss against step, from metrics.jsonl, saved as a PNG.
+
+    A panel with no points says so (``val_note`` when only the validation loss is
+    missing, e.g. "no validation yet: runs every 250 steps"). Returns the Figure.
+    """
     # A bare Figure renders with Agg and leaves pyplot's global backend alone.
     from matplotlib.figure import Figure  # deferred: slow to import, only for plots
 
@@ -198,14 +228,17 @@ def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) ->
     ]
     fig = Figure(figsize=(6, 4), dpi=100)
     ax = fig.add_subplot()
-    if train:
-        ax.plot(*zip(*train), label="train", linewidth=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation", markersize=3)
+    draw_series(ax, train, label="train", linewidth=1)
+    draw_series(ax, val, markers=True, label="validation")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
+    if not train and not val:
+        note(ax, "no step logged yet: the loss is logged every log_interval steps")
+    elif not val:
+        note(ax, val_note, y=0.92)
     if train or val:
         ax.legend()
     fig.tight_layout()
     fig.savefig(png_path)
+    return fig
