@@ -237,7 +237,9 @@ def compare(
                 plan, run_dir, batch_size, seq_len, lr, seed, eval_interval, progress
             )
             run = train_model(model, train_ids, val_ids, tok, config)
-        results.append(evaluate(name, spec, model, run, val_ids, tok, seq_len, prompt, sampling))
+        results.append(
+            evaluate(name, spec, model, run, val_ids, tok, seq_len, prompt, sampling, progress)
+        )
 
     settings = {
         "data": str(data),
@@ -358,13 +360,16 @@ def evaluate(
     seq_len: int,
     prompt: str,
     sampling: SamplingParams,
+    progress: bool = False,
 ) -> ModelResult:
     """Score a trained model on the whole validation split (windows of ``seq_len`` tokens,
-    or its context if shorter) and sample a continuation of ``prompt``."""
+    or its context if shorter; a bar with ``progress``) and sample a continuation of
+    ``prompt``."""
     size, unit = model_size(model)
     context = getattr(model.config, "max_seq_len", None) or seq_len
     window = min(seq_len, context)
-    loss = token_nll(model, val_ids, stride=window, context=window).mean().item()
+    loss = token_nll(model, val_ids, stride=window, context=window, progress=progress)
+    loss = loss.mean().item()
     sample = generate_text(model, tok, prompt, sampling)
     return ModelResult(
         name=name,

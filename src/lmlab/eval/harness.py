@@ -117,7 +117,7 @@ class LMLabHarness(HarnessLM):
         for r in tqdm(requests, desc="rolling", disable=disable_tqdm, leave=False):
             (text,) = r.args
             ids = [eos] + self.lm.tokenizer.encode(text)
-            nll = token_nll(self.lm.model, ids, batch_size=self.batch_size)
+            nll = token_nll(self.lm.model, ids, batch_size=self.batch_size, progress=False)
             logprob = -float(nll.double().sum())
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), logprob)
             out.append(logprob)
