@@ -41,7 +41,8 @@ def files(tmp_path_factory):
     text = "\n".join(r["query"] + " " + " ".join(r["choices"]) for r in rows)
     tok = BPETokenizer.train(text + " Question: Answer:", 320)
     torch.manual_seed(0)
-    spec = {**get_preset("llama-small"), "vocab_size": tok.vocab_size, "n_layers": 2}
+    small = {"n_layers": 2, "d_model": 64, "n_heads": 4, "d_ff": 128, "max_seq_len": 96}
+    spec = {**get_preset("llama-small"), "vocab_size": tok.vocab_size, **small}
     save_checkpoint(root / "model", build_model(spec).eval(), tokenizer=tok)
     (root / "tasks").mkdir()
     # lmlab's default prompt format (PromptFormat()): "Question: {query}\nAnswer:" + " " + choice
@@ -109,7 +110,7 @@ def test_rolling_loglikelihood_is_minus_the_token_nll_sum(files):
     model, _, _ = files
     lm = lmlab.load(model, dtype="float32")
     harness = LMLabHarness(lm=lm, batch_size=4)
-    texts = ["The capital of France is Paris.", "Cats say meow. " * 30]
+    texts = ["The capital of France is Paris.", "Cats say meow. " * 20]
     got = harness.loglikelihood_rolling(
         [request("loglikelihood_rolling", t) for t in texts], disable_tqdm=True
     )
