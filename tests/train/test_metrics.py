@@ -105,12 +105,16 @@ def test_a_resumed_run_replaces_the_tensorboard_steps_it_redoes(tmp_path):
     for step in (1, 2, 3):
         first.write({"event": "train", "step": step, "loss": 10.0 + step})
     first.close()
-    again = MetricsLog(path, LogConfig(tensorboard=True), resumed_at=2)
+    again = MetricsLog(path, LogConfig(tensorboard=True), start_step=2)
     for step in (2, 3):
         again.write({"event": "train", "step": step, "loss": float(step)})
     again.close()
     loss = tensorboard_scalars(tmp_path / TENSORBOARD_DIR)["train/loss"]
     assert loss == [(1, 11.0), (2, 2.0), (3, 3.0)]
+    fresh = MetricsLog(path, LogConfig(tensorboard=True), start_step=0)  # a new run, same folder
+    fresh.write({"event": "train", "step": 1, "loss": 7.0})
+    fresh.close()
+    assert tensorboard_scalars(tmp_path / TENSORBOARD_DIR)["train/loss"] == [(1, 7.0)]
 
 
 def test_tensorboard_missing_is_one_clear_error_and_default_runs_do_not_need_it(

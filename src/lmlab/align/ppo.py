@@ -548,9 +548,7 @@ class _Run:
                 },
             }
         )
-        run.open_metrics(
-            self.config.log, resumed_at=self.iteration if resume_from is not None else None
-        )
+        run.open_metrics(self.config.log, start_step=self.iteration)
         if resume_from is not None:
             run.emit({"event": "resume", "step": self.iteration, "from": str(resume_from)})
             run.last_saved = self.iteration

@@ -41,25 +41,30 @@ class MetricsLog:
     """Appends events to a metrics.jsonl file, one flushed line each, and hands their
     numbers to TensorBoard and W&B when ``log`` asks for them.
 
-    ``resumed_at``: the step a resumed run restarts from; TensorBoard drops what an
-    earlier attempt logged from that step on (the resumed run logs those steps again).
+    ``start_step``: the step this run starts from (0 when fresh, the checkpoint's step
+    when resumed); TensorBoard drops what an earlier attempt logged in the folder from
+    that step on, since this run logs those steps again. None keeps everything.
     """
 
     def __init__(
         self,
         path: str | os.PathLike,
         log: LogConfig | None = None,
-        resumed_at: int | None = None,
+        start_step: int | None = None,
         settings: dict[str, Any] | None = None,
     ):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         log = log or LogConfig()
         self._sinks = []
-        if log.tensorboard:
-            self._sinks.append(TensorBoardSink(self.path.parent / TENSORBOARD_DIR, resumed_at))
-        if log.wandb:
-            self._sinks.append(WandbSink(self.path.parent, log, settings))
+        try:
+            if log.tensorboard:
+                self._sinks.append(TensorBoardSink(self.path.parent / TENSORBOARD_DIR, start_step))
+            if log.wandb:
+                self._sinks.append(WandbSink(self.path.parent, log, settings))
+        except BaseException:
+            self.close_sinks()  # one sink failed (a missing package): close the others
+            raise
         self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
@@ -72,6 +77,9 @@ class MetricsLog:
 
     def close(self) -> None:
         self._file.close()
+        self.close_sinks()
+
+    def close_sinks(self) -> None:
         for sink in self._sinks:
             sink.close()
         self._sinks = []

@@ -368,10 +368,10 @@ class RunDir:
     def record(self, config: dict[str, Any]) -> None:
         atomic_write_json(self.path / RUN_CONFIG_FILE, config)
 
-    def open_metrics(self, log: LogConfig | None = None, resumed_at: int | None = None) -> None:
+    def open_metrics(self, log: LogConfig | None = None, start_step: int | None = None) -> None:
         """Open metrics.jsonl (and TensorBoard, W&B as ``log`` asks; see ``MetricsLog``)."""
         self.metrics = MetricsLog(
-            self.path / METRICS_FILE, log, resumed_at=resumed_at, settings=self.recorded()
+            self.path / METRICS_FILE, log, start_step=start_step, settings=self.recorded()
         )
 
     def emit(self, record: dict[str, Any]) -> None:

@@ -256,7 +256,7 @@ class _Loop:
                 },
             }
         )
-        run.open_metrics(config.log, resumed_at=self.step if resume_from is not None else None)
+        run.open_metrics(config.log, start_step=self.step)
         self.result.step = self.step
         if resume_from is not None:
             event = {"event": "resume", "step": self.step, "from": str(resume_from)}
