@@ -42,3 +42,15 @@ def start_lmlab(argv, out_dir, event):
             pytest.fail(f"lmlab {argv[0]} did not start: {proc.communicate()}")
         time.sleep(0.1)
     return proc
+
+
+def tensorboard_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the event files under ``log_dir``, read back with TensorBoard's own
+    reader: {tag: [(step, value), ...]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+    }

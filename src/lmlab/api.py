@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from tqdm.auto import tqdm
 
 # Importing finetune registers the PEFT structures with checkpoint/ (so a LoRA, adapter or
 # soft-prompt checkpoint loads); the facade is the layer above both.
@@ -64,8 +65,14 @@ def export_hf(model: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[Pat
     template travels with it, and ``generation_config.json`` makes ``generate`` stop where
     lmlab stops (a chat model's end-of-turn token among the eos ids).
     """
-    lm = load(model)
-    out = save_hf(lm.model, out_dir, lm.tokenizer, lm.chat_template)
+    # Two stages, each seconds for a real model: a bar, shown on a terminal.
+    with tqdm(total=2, desc="export", unit="stage", disable=None, leave=False) as bar:
+        bar.set_postfix_str("loading")
+        lm = load(model)
+        bar.update()
+        bar.set_postfix_str(f"writing {out_dir}")
+        out = save_hf(lm.model, out_dir, lm.tokenizer, lm.chat_template)
+        bar.update()
     notes = []
     if lm.tokenizer is None:
         notes.append("the model has no tokenizer, so none was written")

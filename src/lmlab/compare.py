@@ -43,7 +43,7 @@ from lmlab.generate import SamplingParams, generate_text
 from lmlab.models import PRESETS, build_model, model_spec
 from lmlab.train import TrainConfig
 from lmlab.train import train as train_loop
-from lmlab.train.metrics import read_metrics
+from lmlab.train.metrics import note, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,9 @@ def compare(
                 plan, run_dir, batch_size, seq_len, lr, seed, eval_interval, progress
             )
             run = train_model(model, train_ids, val_ids, tok, config)
-        results.append(evaluate(name, spec, model, run, val_ids, tok, seq_len, prompt, sampling))
+        results.append(
+            evaluate(name, spec, model, run, val_ids, tok, seq_len, prompt, sampling, progress)
+        )
 
     settings = {
         "data": str(data),
@@ -358,13 +360,16 @@ def evaluate(
     seq_len: int,
     prompt: str,
     sampling: SamplingParams,
+    progress: bool = False,
 ) -> ModelResult:
     """Score a trained model on the whole validation split (windows of ``seq_len`` tokens,
-    or its context if shorter) and sample a continuation of ``prompt``."""
+    or its context if shorter; a bar with ``progress``) and sample a continuation of
+    ``prompt``."""
     size, unit = model_size(model)
     context = getattr(model.config, "max_seq_len", None) or seq_len
     window = min(seq_len, context)
-    loss = token_nll(model, val_ids, stride=window, context=window).mean().item()
+    loss = token_nll(model, val_ids, stride=window, context=window, progress=progress)
+    loss = loss.mean().item()
     sample = generate_text(model, tok, prompt, sampling)
     return ModelResult(
         name=name,
@@ -458,5 +463,7 @@ def plot_curves(results: list[ModelResult], png_path: str | Path) -> None:
     ax.grid(alpha=0.3)
     if any(r.curve for r in results):
         ax.legend()
+    else:
+        note(ax, "no validation loss recorded by any model")
     fig.tight_layout()
     fig.savefig(png_path)

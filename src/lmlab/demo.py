@@ -114,11 +114,11 @@ class DemoResult:
     """What the demo found in out_dir and did (``plan_demo``)."""
 
 
-def val_loss(lm: LM, ids, seq_len: int) -> float:
+def val_loss(lm: LM, ids, seq_len: int, progress: bool | None = None) -> float:
     """Mean next-token loss over non-overlapping windows of ``seq_len`` predictions covering
     the whole split: every position counts once, with the context it has inside its
-    window, as in training."""
-    return token_nll(lm.model, ids, stride=seq_len).mean().item()
+    window, as in training. ``progress``: a bar over the windows (None: on a terminal)."""
+    return token_nll(lm.model, ids, stride=seq_len, progress=progress).mean().item()
 
 
 def demo(
@@ -140,7 +140,7 @@ def demo(
         max_steps: override the demo's training steps (fewer for a quick look); None
             keeps those of a run found in out_dir.
         seed: seeds training and sampling.
-        progress: show the training progress bar.
+        progress: show the progress bars (training, then the validation split).
         device: where it trains and samples: auto (CUDA, then MPS, then the CPU), cpu,
             cuda, cuda:N, mps.
     """
@@ -151,7 +151,7 @@ def demo(
     lm = load(out_dir, device=device)
 
     val_ids = read_tokens(Path(out_dir) / "data" / "val.bin")
-    loss = val_loss(lm, val_ids, config.seq_len)
+    loss = val_loss(lm, val_ids, config.seq_len, progress)
     samples = {
         label: lm.generate(prompt, max_new_tokens=max_new_tokens, seed=seed, **params)
         for label, params in DEMO_DECODING.items()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from builders import start_lmlab
+from builders import start_lmlab, tensorboard_scalars
 from lmlab.align.ppo import PPOConfig, _Run, ppo, row_prompt, task_reward
 from lmlab.align.rl import (
     AdaptiveKLController,
@@ -398,9 +398,12 @@ def test_cli_ppo_runs_on_task_rows(tmp_path, capsys):
     model, rows = task_run_files(tmp_path)
     args = ["ppo", "--model", str(model), "--prompts", str(rows)]
     flags = cli_flags(tmp_path / "run")
-    assert main(args + flags) == 0
+    assert main(args + flags + ["--log.tensorboard", "true"]) == 0
     out = capsys.readouterr().out
     assert "PPO: 1 iterations" in out and str(tmp_path / "run" / "model") in out
+    # PPO's events reach TensorBoard as the trainer's do (one iteration: step 1).
+    scalars = tensorboard_scalars(tmp_path / "run" / "tensorboard")
+    assert [step for step, _ in scalars["ppo/score"]] == [1]
     recorded = json.loads((tmp_path / "run" / "config.json").read_text())
     assert recorded["ppo"]["lora"] == {"r": 2, "alpha": 16.0, "dropout": 0.0, "targets": ["q_proj"]}
     assert main(args + ["--reward", "rm_dir"] + flags) == 2

@@ -791,3 +791,22 @@ def test_a_file_without_tokenizer_loads_for_token_ids(tmp_path):
     ids = torch.randint(0, len(TOKENS), (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(model(ids), hf(ids).logits, atol=ATOL, rtol=RTOL)
+
+
+def test_loading_a_gguf_shows_a_bar_over_its_tensors(tmp_path, monkeypatch):
+    """Dequantizing is most of a load: one bar step per tensor, named after the file
+    (tqdm's disable=None: shown on a terminal only)."""
+    import lmlab.checkpoint.gguf as gguf_module
+
+    bars = []
+
+    def recording_tqdm(iterable, **kwargs):
+        bars.append((list(iterable), kwargs))
+        return iter(bars[-1][0])
+
+    monkeypatch.setattr(gguf_module, "tqdm", recording_tqdm)
+    path = write_llama_gguf(tmp_path / "tiny.gguf", tiny_llama())
+    load_gguf(path)
+    ((steps, kwargs),) = bars
+    assert len(steps) == len(gguf.GGUFReader(str(path)).tensors)
+    assert kwargs["desc"] == "loading tiny.gguf" and kwargs["disable"] is None

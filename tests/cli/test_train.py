@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from builders import tensorboard_scalars
 from lmlab.checkpoint.io import latest_checkpoint
 from lmlab.cli.main import main
 from lmlab.train.metrics import read_metrics
@@ -167,3 +168,15 @@ def test_resume_from_another_runs_checkpoint_takes_its_settings(short_run, tmp_p
     assert (record["train"]["batch_size"], record["train"]["seed"]) == (2, 3)
     assert record["model"]["d_model"] == 16
     assert latest_checkpoint(out).name == "step-00000005"
+
+
+def test_log_flags_write_tensorboard_events_beside_metrics(corpus, tmp_path):
+    """``--log.tensorboard true`` on the command line: the event file holds train/loss at
+    the steps of metrics.jsonl."""
+    out = tmp_path / "run"
+    flags = train_flags(corpus, out, "--train.max_steps", "2", "--train.log_interval", "1")
+    assert main([*flags, "--log.tensorboard", "true"]) == 0
+    logged = [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["event"] == "train"]
+    assert [step for step, _ in tensorboard_scalars(out / "tensorboard")["train/loss"]] == logged
+    assert logged == [1, 2]
+    assert json.loads((out / "config.json").read_text())["train"]["log"]["tensorboard"] is True

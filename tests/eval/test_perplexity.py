@@ -192,3 +192,15 @@ def test_surprisal_bad_input_is_a_clear_error():
         surprisal(lm, TEXT, prefix_id=99)
     with pytest.raises(ConfigError, match="all context"):
         surprisal(LM(tiny_model(16, 256), ByteTokenizer()), "é")
+
+
+def test_scoring_a_long_text_shows_a_bar_when_asked(capsys):
+    """A whole validation split takes a while: ``progress=True`` shows a "scoring" bar
+    (None: only on a terminal, so not here), and the numbers do not change."""
+    model = tiny_model()
+    ids = torch.randint(0, 30, (400,), generator=torch.Generator().manual_seed(0))
+    quiet = token_nll(model, ids, batch_size=4)
+    assert "scoring" not in capsys.readouterr().err
+    shown = token_nll(model, ids, batch_size=4, progress=True)
+    assert "scoring" in capsys.readouterr().err
+    torch.testing.assert_close(shown, quiet, rtol=0, atol=0)

@@ -863,3 +863,51 @@ def test_out_of_memory_on_supervised_batches_needs_their_split(make_toy, tmp_pat
     model.register_forward_pre_hook(out_of_memory_above(2))
     with pytest.raises(torch.OutOfMemoryError):
         train(model, None, None, settings(tmp_path, "c"), supervised=Supervised(Windows(), loss))
+
+
+def test_supervised_runs_count_every_token_processed_and_the_supervised_ones(make_toy, tmp_path):
+    """Fine-tuning's tokens/s counts every real token fed to the model (prompt and
+    response, padding aside), with the tokens the loss is on beside it. Each batch here:
+    rows of 6 and 3 real tokens (9 processed; 3 of padding not counted), of which 2 + 1
+    are labelled (3 supervised); 2 micro-batches a step -> 18 and 6 per step. A resume
+    carries both counts on."""
+    from lmlab.finetune.sft import sft_loss
+
+    ignore = -100
+    batch = {
+        "ids": torch.tensor([[1, 2, 3, 4, 5, 6], [7, 8, 9, 0, 0, 0]]),
+        "labels": torch.tensor([[ignore] * 4 + [5, 6], [ignore, ignore, 9] + [ignore] * 3]),
+        "mask": torch.tensor([[True] * 6, [True] * 3 + [False] * 3]),
+    }
+
+    class Batches:
+        def next_batch(self):
+            return dict(batch)
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    def run(max_steps, resume="never"):
+        config = settings(
+            tmp_path, max_steps=max_steps, log_interval=2, grad_accum=2, resume=resume
+        )
+        train(make_toy(), None, None, config, supervised=Supervised(Batches(), sft_loss))
+        return events(config, "train")
+
+    logged = run(4)
+    assert [(e["step"], e["tokens"], e["sup_tokens"]) for e in logged] == [(2, 36, 12), (4, 72, 24)]
+    for e in logged:  # the same seconds divide both counts
+        assert e["tokens_per_s"] == pytest.approx(3 * e["sup_tokens_per_s"], rel=1e-9)
+    resumed = run(6, resume="auto")
+    assert (resumed[-1]["step"], resumed[-1]["tokens"], resumed[-1]["sup_tokens"]) == (6, 108, 36)
+
+
+def test_token_windows_count_batch_times_seq_len_per_micro_batch(make_toy, tmp_path):
+    config = settings(tmp_path, max_steps=2, log_interval=1, grad_accum=3)
+    train(make_toy(), DATA, None, config)
+    logged = events(config, "train")
+    assert [e["tokens"] for e in logged] == [4 * 8 * 3, 2 * 4 * 8 * 3]
+    assert "sup_tokens" not in logged[0]

@@ -383,7 +383,7 @@ def dpo(
     done = DPOResult(result, method, trainable, total, counts, out, lm=lm)
     done.last, done.val = last_metrics(out / "metrics.jsonl")
     done.plot = out / "dpo.png"
-    plot_dpo(out / "metrics.jsonl", done.plot)
+    plot_dpo(out / "metrics.jsonl", done.plot, config.eval_interval)
     done.adapter_dir, done.model_dir = write_tuned_model(net, lm, out, method)
     return done
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lmlab.train.metrics import read_metrics
+from lmlab.train.metrics import draw_series, note, read_metrics
 
 
-def plot_dpo(metrics_path: str | Path, png_path: str | Path) -> None:
+def plot_dpo(metrics_path: str | Path, png_path: str | Path, eval_interval: int | None = None):
     """Implicit rewards, margin and reward accuracy (train and validation) and the
-    validation KL to the reference, against step."""
+    validation KL to the reference, against step; a panel with nothing to show says why
+    (``eval_interval``: how often validation runs, for that note). Returns the Figure."""
     from matplotlib.figure import Figure  # deferred: slow to import, only for plots
 
     records = read_metrics(metrics_path)
@@ -29,39 +30,52 @@ def plot_dpo(metrics_path: str | Path, png_path: str | Path) -> None:
         (("reward_accuracy",), "reward accuracy"),
         (("kl",), "KL to the reference (nats per reply token)"),
     ]
+    validated = any(r.get("event") == "eval" for r in records)
     for ax, (keys, title) in zip(axes, panels):
         for key in keys:
-            for event, prefix, style in (("train", "", "-"), ("eval", "val_", "o--")):
+            for event, prefix, style in (("train", "", "-"), ("eval", "val_", "--")):
                 points = [
                     (r["step"], r[prefix + key])
                     for r in records
                     if r.get("event") == event and r.get(prefix + key) is not None
                 ]
-                if points:
-                    label = f"{'validation' if prefix else 'train'} {key.replace('rewards_', '')}"
-                    ax.plot(*zip(*points), style, label=label, markersize=3, linewidth=1)
+                label = f"{'validation' if prefix else 'train'} {key.replace('rewards_', '')}"
+                draw_series(ax, points, style, markers=bool(prefix) or None, label=label)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if ax.get_lines():
             ax.legend(fontsize=7)
+        elif keys == ("kl",) and validated:
+            note(ax, "not measured in this run:\nno reference weights to compare with")
+        elif keys == ("kl",):
+            every = f": runs every {eval_interval} steps" if eval_interval else ""
+            note(ax, f"no validation yet{every}")
+        else:
+            note(ax, "no step logged yet:\nlogged every log_interval steps")
     fig.tight_layout()
     fig.savefig(png_path)
+    return fig
 
 
-def plot_ppo(records: list[dict[str, Any]], png_path: str | Path) -> None:
-    """Mean score and KL to the reference against iteration, saved as a PNG."""
+def plot_ppo(records: list[dict[str, Any]], png_path: str | Path):
+    """Mean score and KL to the reference against iteration, saved as a PNG (an empty
+    panel says no iteration has finished). Returns the Figure."""
     from matplotlib.figure import Figure  # deferred: slow to import, only for plots
 
     fig = Figure(figsize=(6, 4), dpi=100)
     ax = fig.add_subplot()
     steps = [r["step"] for r in records]
-    ax.plot(steps, [r["score"] for r in records], "o-", color="C0", markersize=3)
+    draw_series(ax, list(zip(steps, [r["score"] for r in records])), markers=True, color="C0")
     ax.set_xlabel("iteration")
     ax.set_ylabel("mean score", color="C0")
     ax.grid(alpha=0.3)
     twin = ax.twinx()
-    twin.plot(steps, [r["kl"] for r in records], "s--", color="C1", markersize=3)
+    kl = list(zip(steps, [r["kl"] for r in records]))
+    draw_series(twin, kl, "--", markers=True, color="C1", marker="s")
     twin.set_ylabel("KL to the reference (nats per sequence)", color="C1")
+    if not records:
+        note(ax, "no iteration finished yet")
     fig.tight_layout()
     fig.savefig(png_path)
+    return fig

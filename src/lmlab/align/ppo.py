@@ -86,6 +86,7 @@ from lmlab.generate import SamplingParams, generate
 from lmlab.lm import LM, load
 from lmlab.models.contract import require_gradients
 from lmlab.seeds import seeded
+from lmlab.train.config import LogConfig
 from lmlab.train.metrics import read_metrics, truncate_after_checkpoint
 from lmlab.train.run import METRICS_FILE, RunDir, StopSignals, resume_mode
 
@@ -175,10 +176,13 @@ class PPOConfig:
     "never"."""
     progress: bool = True
     """Show a progress bar."""
+    log: LogConfig = LogConfig()
+    """TensorBoard and Weights & Biases logging beside metrics.jsonl (``--log.*`` flags)."""
 
     def __post_init__(self):
         if isinstance(self.lora, Mapping):  # from JSON (a checkpoint's config record)
             object.__setattr__(self, "lora", LoRAConfig(**self.lora))
+        object.__setattr__(self, "log", LogConfig.of(self.log))
         object.__setattr__(self, "resume", resume_mode(self.resume))
         positive_ints = (
             "batch_size",
@@ -544,7 +548,7 @@ class _Run:
                 },
             }
         )
-        run.open_metrics()
+        run.open_metrics(self.config.log, start_step=self.iteration)
         if resume_from is not None:
             run.emit({"event": "resume", "step": self.iteration, "from": str(resume_from)})
             run.last_saved = self.iteration

@@ -50,6 +50,7 @@ import numpy as np
 import tokenizers
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lmlab.checkpoint.hf import convert_hf_state_dict, load_converted, spec_from_hf_config
 from lmlab.checkpoint.io import check_finite, check_tokenizer_fits, is_finite
@@ -715,7 +716,11 @@ def gguf_to_hf(
     heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
     state = {}
     nonfinite = []
-    for name, hf_name in names.items():
+    # Dequantizing is most of a load (seconds for SmolLM2): a bar, shown on a terminal.
+    bar = tqdm(
+        names.items(), desc=f"loading {g.path.name}", unit="tensor", disable=None, leave=False
+    )
+    for name, hf_name in bar:
         w = g.dequantize(name)
         if not is_finite(w):  # NaN or inf in the values, or in a quantized block's scale
             nonfinite.append(name)

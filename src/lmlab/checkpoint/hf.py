@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from lmlab.checkpoint.io import (
     check_finite,
@@ -372,7 +373,11 @@ def read_hf_weights(
         header = read_safetensors_header(file)
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in header:
+                # a bar for large folders, shown on a terminal (tqdm's disable=None)
+                names = tqdm(
+                    header, desc=f"loading {file.name}", unit="tensor", disable=None, leave=False
+                )
+                for name in names:
                     if name in state:
                         raise CheckpointError(
                             f"tensor {name!r} is in both {str(sources[name])!r} and {str(file)!r}"

@@ -9,6 +9,7 @@ from typing import Any
 from jsonargparse import ArgumentParser
 
 from lmlab.checkpoint.io import latest_checkpoint
+from lmlab.train.config import LogConfig
 
 
 def options(namespace: Any, skip: Collection[str] = ()) -> dict[str, Any]:
@@ -17,6 +18,19 @@ def options(namespace: Any, skip: Collection[str] = ()) -> dict[str, Any]:
     that ``--group file.yaml`` records."""
     dropped = {"config", "__path__", *skip}
     return {k: v for k, v in vars(namespace).items() if k not in dropped}
+
+
+def add_log_arguments(parser: ArgumentParser) -> None:
+    """``--log.tensorboard``, ``--log.wandb``, ...: where a training command's metrics go
+    besides metrics.jsonl (the ``log`` field of its settings, given as its own group)."""
+    parser.add_class_arguments(
+        LogConfig, "log", help="TensorBoard and Weights & Biases logging beside metrics.jsonl"
+    )
+
+
+def log_config(args: Any) -> LogConfig:
+    """The ``--log.*`` flags of a parsed command as a ``LogConfig``."""
+    return LogConfig(**options(args.log))
 
 
 def add_model_arguments(parser: ArgumentParser) -> None:

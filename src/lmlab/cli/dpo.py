@@ -5,7 +5,7 @@ from __future__ import annotations
 from jsonargparse import ArgumentParser
 
 from lmlab.align.dpo import dpo
-from lmlab.cli.args import options
+from lmlab.cli.args import add_log_arguments, log_config, options
 from lmlab.cli.summaries import dpo_summary
 from lmlab.finetune import LoRAConfig
 from lmlab.train import TrainConfig
@@ -13,7 +13,8 @@ from lmlab.train import TrainConfig
 
 def add_arguments(parser: ArgumentParser) -> None:
     parser.add_function_arguments(dpo, skip={"config", "callbacks"}, as_group=False)
-    parser.add_class_arguments(TrainConfig, "train", help="the trainer's settings")
+    parser.add_class_arguments(TrainConfig, "train", skip={"log"}, help="the trainer's settings")
+    add_log_arguments(parser)
     parser.set_defaults(
         {
             "train.out_dir": "runs/dpo",
@@ -26,7 +27,7 @@ def add_arguments(parser: ArgumentParser) -> None:
 
 def run(args) -> None:
     lora = LoRAConfig(**options(args.lora))
-    train = TrainConfig(**options(args.train))
-    result = dpo(**options(args, skip=("train", "lora")), lora=lora, config=train)
+    train = TrainConfig(**options(args.train), log=log_config(args))
+    result = dpo(**options(args, skip=("train", "lora", "log")), lora=lora, config=train)
     for line in dpo_summary(result):
         print(line)

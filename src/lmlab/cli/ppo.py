@@ -16,7 +16,7 @@ from jsonargparse import ArgumentParser
 
 from lmlab.align.ppo import PPOConfig, ppo_from_files
 from lmlab.checkpoint.io import CONFIG_FILE, resolve_checkpoint
-from lmlab.cli.args import options, resume_note, resumed
+from lmlab.cli.args import add_log_arguments, log_config, options, resume_note, resumed
 from lmlab.cli.summaries import ppo_summary
 from lmlab.finetune import LoRAConfig
 from lmlab.train.run import RUN_CONFIG_FILE, read_json, resume_settings
@@ -27,13 +27,14 @@ FIXED_ON_RESUME = ("seed", "method", "lora")
 
 def add_arguments(parser: ArgumentParser) -> None:
     parser.add_function_arguments(ppo_from_files, skip={"config"}, as_group=False)
-    parser.add_class_arguments(PPOConfig, "ppo", help="the PPO settings")
+    parser.add_class_arguments(PPOConfig, "ppo", skip={"log"}, help="the PPO settings")
+    add_log_arguments(parser)
 
 
 def run(args, given=None) -> None:
     lora = LoRAConfig(**options(args.ppo.lora))
-    config = PPOConfig(**options(args.ppo, skip=("lora",)), lora=lora)
-    inputs, config = resumed(options(args, skip=("ppo",)), config, given, resume_options)
+    config = PPOConfig(**options(args.ppo, skip=("lora",)), lora=lora, log=log_config(args))
+    inputs, config = resumed(options(args, skip=("ppo", "log")), config, given, resume_options)
     result = ppo_from_files(**inputs, config=config)
     for line in ppo_summary(result):
         print(line)
@@ -64,8 +65,13 @@ def resume_options(
         recorded,
         given_ppo,
         fixed=FIXED_ON_RESUME,
-        # the progress bar is a matter of this terminal, not of the run
-        keep={"out_dir": config.out_dir, "resume": config.resume, "progress": config.progress},
+        # the progress bar and the loggers are a matter of this command, not of the run
+        keep={
+            "out_dir": config.out_dir,
+            "resume": config.resume,
+            "progress": config.progress,
+            "log": config.log,
+        },
     )
     inputs = dict(inputs)
     for name, value in (record.get("source") or {}).items():

@@ -6,7 +6,7 @@ from __future__ import annotations
 from jsonargparse import ArgumentParser
 
 from lmlab.align.reward import train_reward_model
-from lmlab.cli.args import options
+from lmlab.cli.args import add_log_arguments, log_config, options
 from lmlab.cli.summaries import reward_summary
 from lmlab.finetune import LoRAConfig
 from lmlab.train import TrainConfig
@@ -14,7 +14,8 @@ from lmlab.train import TrainConfig
 
 def add_arguments(parser: ArgumentParser) -> None:
     parser.add_function_arguments(train_reward_model, skip={"config"}, as_group=False)
-    parser.add_class_arguments(TrainConfig, "train", help="the trainer's settings")
+    parser.add_class_arguments(TrainConfig, "train", skip={"log"}, help="the trainer's settings")
+    add_log_arguments(parser)
     parser.set_defaults(
         {
             "train.out_dir": "runs/reward",
@@ -27,7 +28,9 @@ def add_arguments(parser: ArgumentParser) -> None:
 
 def run(args) -> None:
     lora = LoRAConfig(**options(args.lora))
-    train = TrainConfig(**options(args.train))
-    result = train_reward_model(**options(args, skip=("train", "lora")), lora=lora, config=train)
+    train = TrainConfig(**options(args.train), log=log_config(args))
+    result = train_reward_model(
+        **options(args, skip=("train", "lora", "log")), lora=lora, config=train
+    )
     for line in reward_summary(result):
         print(line)

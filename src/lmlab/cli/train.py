@@ -17,7 +17,7 @@ from jsonargparse import ArgumentParser
 
 from lmlab import api
 from lmlab.checkpoint.io import CONFIG_FILE, resolve_checkpoint
-from lmlab.cli.args import resume_note, resumed
+from lmlab.cli.args import add_log_arguments, log_config, resume_note, resumed
 from lmlab.errors import ConfigError
 from lmlab.train import TrainConfig
 from lmlab.train.run import RUN_CONFIG_FILE, read_json, resume_settings
@@ -29,12 +29,14 @@ DATA_OPTIONS = ("data", "tokenizer", "vocab_size", "val_fraction")
 
 def add_arguments(parser: ArgumentParser) -> None:
     parser.add_function_arguments(api.train, skip={"config"}, as_group=False)
-    parser.add_class_arguments(TrainConfig, "train", help="the trainer's settings")
+    parser.add_class_arguments(TrainConfig, "train", skip={"log"}, help="the trainer's settings")
+    add_log_arguments(parser)
 
 
 def run(args, given=None) -> None:
-    options = {k: v for k, v in vars(args).items() if k not in ("train", "config", "__path__")}
-    config = TrainConfig(**vars(args.train))
+    skip = ("train", "log", "config", "__path__")
+    options = {k: v for k, v in vars(args).items() if k not in skip}
+    config = TrainConfig(**vars(args.train), log=log_config(args))
     options, config = resumed(options, config, given, resume_options)
     result = api.train(**options, config=config)
     if result.step == 0 and result.val_losses:  # a count-based model: fitted, not trained
@@ -81,12 +83,13 @@ def resume_options(
         record["train"],
         given_train,
         fixed=FIXED_ON_RESUME,
-        # the progress bar is a matter of this terminal, not of the run
+        # the progress bar and the loggers are a matter of this command, not of the run
         keep={
             "out_dir": config.out_dir,
             "resume": config.resume,
             "init_from": None,
             "progress": config.progress,
+            "log": config.log,
         },
     )
     options = dict(options)

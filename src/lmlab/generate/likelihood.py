@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from lmlab.devices import model_device
 from lmlab.errors import ConfigError
@@ -36,6 +37,7 @@ def token_nll(
     stride: int | None = None,
     batch_size: int = 16,
     context: int | None = None,
+    progress: bool | None = None,
 ) -> torch.Tensor:
     """Surprisal in nats of every token after the first: float32 [N - 1].
 
@@ -46,6 +48,8 @@ def token_nll(
     moves, 1..context) defaults to half the context, so every scored token sees at least
     half a window of left context; ``stride=context`` gives non-overlapping windows,
     exactly the training windows. The model runs in eval mode (no dropout).
+    ``progress``: a progress bar over the windows (a whole validation split takes a
+    while); None shows it only on a terminal.
     """
     require_causal_lm(model, "perplexity")
     if isinstance(ids, np.ndarray):  # e.g. a read-only memmap of uint16 token ids
@@ -69,7 +73,9 @@ def token_nll(
     was_training = model.training
     model.eval()
     try:
-        for b in range(0, len(starts), batch_size):
+        batches = range(0, len(starts), batch_size)
+        bar = tqdm(batches, desc="scoring", unit="batch", disable=_hidden(progress), leave=False)
+        for b in bar:
             chunk = starts[b : b + batch_size]
             x = torch.stack([ids[s : s + window] for s in chunk]).to(device)  # (B, W)
             logits = model(x[:, :-1]).float()  # (B, W - 1, V)
@@ -83,6 +89,11 @@ def token_nll(
     finally:
         model.train(was_training)
     return out
+
+
+def _hidden(progress: bool | None) -> bool | None:
+    """tqdm's ``disable``: None (auto) hides the bar when stderr is not a terminal."""
+    return None if progress is None else not progress
 
 
 def perplexity(

@@ -3,12 +3,56 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 from lmlab.errors import ConfigError, closest
 
 NO_DECAY_KINDS = ("bias", "norm", "embedding")
+WANDB_MODES = ("online", "offline")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Where a run's metrics go besides metrics.jsonl (which every run writes)."""
+
+    tensorboard: bool = False
+    """Also write TensorBoard event files to out_dir/tensorboard (needs the tensorboard
+    package: pip install tensorboard); view them with ``tensorboard --logdir out_dir``."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs the wandb package); its files go to out_dir/wandb."""
+    wandb_project: str = "lmlab"
+    """The W&B project the run is logged to."""
+    wandb_name: str | None = None
+    """The W&B run's name; None: the name of out_dir."""
+    wandb_mode: Literal["online", "offline"] = "online"
+    """"online" sends the run to the W&B server as it trains; "offline" keeps it in
+    out_dir/wandb (upload it later with ``wandb sync``)."""
+
+    def __post_init__(self):
+        for name in ("tensorboard", "wandb"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(
+                    f"LogConfig.{name}={getattr(self, name)!r} is invalid: must be true or false"
+                )
+        if not isinstance(self.wandb_project, str) or not self.wandb_project:
+            raise ConfigError(
+                f"LogConfig.wandb_project={self.wandb_project!r} is invalid: must be a "
+                "non-empty name"
+            )
+        if self.wandb_mode not in WANDB_MODES:
+            raise ConfigError(
+                f"LogConfig.wandb_mode={self.wandb_mode!r} is invalid: choose one of "
+                f"{', '.join(WANDB_MODES)}{closest(str(self.wandb_mode), WANDB_MODES)}"
+            )
+
+    @classmethod
+    def of(cls, value: LogConfig | Mapping | None) -> LogConfig:
+        """A LogConfig from itself, a dict (a run's JSON record) or None (the default)."""
+        if value is None:
+            return cls()
+        return cls(**value) if isinstance(value, Mapping) else value
 
 
 @dataclass(frozen=True)
@@ -102,8 +146,11 @@ class TrainConfig:
     """Compile the model's forward with torch.compile (inductor) for training steps. Measured
     on this project's 2-core CPU: gpt-char-tiny +11% tokens/s, the 6 x 384 shape no gain,
     after 20-40 s of compilation (bench/train_throughput.py)."""
+    log: LogConfig = LogConfig()
+    """TensorBoard and Weights & Biases logging beside metrics.jsonl (``--log.*`` flags)."""
 
     def __post_init__(self):
+        object.__setattr__(self, "log", LogConfig.of(self.log))
         # JSON and YAML give lists; keep tuples so the config stays hashable and frozen.
         object.__setattr__(self, "betas", tuple(self.betas))
         object.__setattr__(self, "no_decay", tuple(self.no_decay))

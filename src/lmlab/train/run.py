@@ -11,7 +11,7 @@ Every command that trains writes one folder (``out_dir``)::
             with stop.deferred():          # ... but never inside an optimizer update
                 optimizer.step()
             run.save(step, model, ...)     # checkpoints/step-N, then rotation
-            run.emit({"event": ...})       # metrics.jsonl and the callbacks
+            run.emit({"event": ...})       # metrics.jsonl (TensorBoard, W&B) and the callbacks
 
 One process owns a folder at a time (reliability item 28): a second writer gets
 ``RunInUse`` naming the owner, and a lock left by a process that died on this host is
@@ -52,6 +52,7 @@ from lmlab.checkpoint.io import (
 )
 from lmlab.errors import CheckpointError, ConfigError, LMLabError
 from lmlab.fileio import atomic_write_json
+from lmlab.train.config import LogConfig
 from lmlab.train.metrics import MetricsLog
 
 log = logging.getLogger(__name__)
@@ -367,8 +368,11 @@ class RunDir:
     def record(self, config: dict[str, Any]) -> None:
         atomic_write_json(self.path / RUN_CONFIG_FILE, config)
 
-    def open_metrics(self) -> None:
-        self.metrics = MetricsLog(self.path / METRICS_FILE)
+    def open_metrics(self, log: LogConfig | None = None, start_step: int | None = None) -> None:
+        """Open metrics.jsonl (and TensorBoard, W&B as ``log`` asks; see ``MetricsLog``)."""
+        self.metrics = MetricsLog(
+            self.path / METRICS_FILE, log, start_step=start_step, settings=self.recorded()
+        )
 
     def emit(self, record: dict[str, Any]) -> None:
         """Append one event to metrics.jsonl, then hand it to every callback."""

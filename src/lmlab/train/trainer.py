@@ -218,7 +218,9 @@ class _Loop:
             if self.use_bf16
             else contextlib.nullcontext
         )
-        self.step, self.tokens_seen = 0, 0
+        # Tokens processed (a supervised batch's real tokens, padding aside) and, for
+        # supervised batches, those the loss is on (the responses): the two rates differ.
+        self.step, self.tokens_seen, self.sup_tokens_seen = 0, 0, 0
         self.split = 1  # micro-batches per drawn batch: doubled at each out-of-memory error
         self.result = TrainResult(step=0)
         self.last_eval: int | None = None
@@ -231,7 +233,7 @@ class _Loop:
         """Restore a checkpoint (or seed a fresh run), record the config, open the log."""
         config, run = self.config, self.run_dir
         if resume_from is not None:
-            self.step, self.tokens_seen = _restore(
+            self.step, self.tokens_seen, self.sup_tokens_seen = _restore(
                 resume_from, self.model, self.optimizer, self.batches, self.guard, self.spec
             )
             truncate_after_checkpoint(run.path / METRICS_FILE, self.step)
@@ -254,7 +256,7 @@ class _Loop:
                 },
             }
         )
-        run.open_metrics()
+        run.open_metrics(config.log, start_step=self.step)
         self.result.step = self.step
         if resume_from is not None:
             event = {"event": "resume", "step": self.step, "from": str(resume_from)}
@@ -276,18 +278,18 @@ class _Loop:
 
     def run(self, stop: StopSignals) -> TrainResult:
         config, result = self.config, self.result
-        tokens_per_step = config.batch_size * config.seq_len * config.grad_accum
         bar = self._progress_bar()
         self.model.train()
         self.t_start = self.t_log = time.perf_counter()
         tokens_at_start = self.tokens_at_log = self.tokens_seen
+        self.sup_tokens_at_log = self.sup_tokens_seen
         self.since_log: list[float] = []
         try:
             while self.step < config.max_steps:
                 if config.time_budget_s and self._elapsed() >= config.time_budget_s:
                     result.stop_reason = "time_budget"
                     break
-                lr, loss, grad_norm, skip = self.train_step(stop, tokens_per_step)
+                lr, loss, grad_norm, skip = self.train_step(stop)
                 if skip is not None:
                     self.skipped(skip, loss, grad_norm)
                     continue
@@ -311,7 +313,7 @@ class _Loop:
             raise
         finally:
             bar.close()
-        plot_losses(self.run_dir.path / METRICS_FILE, self.run_dir.path / "loss.png")
+        self.plot()
         result.step = self.step
         result.wall_time_s = self._elapsed()
         result.tokens_per_s = (self.tokens_seen - tokens_at_start) / max(result.wall_time_s, 1e-9)
@@ -337,7 +339,7 @@ class _Loop:
 
     # ------------------------------------------------------------------------- the step
 
-    def train_step(self, stop: StopSignals, tokens_per_step: int):
+    def train_step(self, stop: StopSignals):
         """One optimizer step -> (lr, loss, grad norm, None) when applied, or the guard's
         reason to skip it in place of None (the batches are consumed either way)."""
         config, optimizer = self.config, self.optimizer
@@ -351,7 +353,7 @@ class _Loop:
         )
         while True:
             try:
-                loss, counted = _accumulate_gradients(
+                loss, counted, processed = _accumulate_gradients(
                     self.forward,
                     self.batches,
                     config.grad_accum,
@@ -372,7 +374,8 @@ class _Loop:
         # batches count their labelled tokens).
         numbers = [loss, grad_norm.to(loss)] + ([counted.to(loss)] if self.supervised else [])
         loss_value, norm_value, *count = torch.stack(numbers).tolist()
-        self.tokens_seen += int(count[0]) if self.supervised else tokens_per_step
+        self.tokens_seen += processed
+        self.sup_tokens_seen += int(count[0]) if self.supervised else 0
         skip = self.guard.check(self.step, loss_value, norm_value)
         if skip is None:
             with stop.deferred():  # a signal now is raised after the update, at a step edge
@@ -438,7 +441,15 @@ class _Loop:
 
     def log(self, lr: float, grad_norm: float, bar) -> None:
         now = time.perf_counter()
-        rate = (self.tokens_seen - self.tokens_at_log) / max(now - self.t_log, 1e-9)
+        seconds = max(now - self.t_log, 1e-9)
+        rate = (self.tokens_seen - self.tokens_at_log) / seconds
+        # Supervised batches: the tokens the loss is on (responses), beside all processed.
+        sup_rate = (self.sup_tokens_seen - self.sup_tokens_at_log) / seconds
+        supervised = (
+            {"sup_tokens": self.sup_tokens_seen, "sup_tokens_per_s": sup_rate}
+            if self.supervised
+            else {}
+        )
         self.emit(
             {
                 "event": "train",
@@ -448,15 +459,22 @@ class _Loop:
                 "grad_norm": grad_norm,
                 "tokens": self.tokens_seen,
                 "tokens_per_s": rate,
+                **supervised,
                 "elapsed_s": now - self.t_start,
                 **_loss_metrics(self.loss_of, training=True),
             }
         )
+        shown = {"sup_tok_s": f"{sup_rate:.0f}"} if self.supervised else {}
         bar.set_postfix(
-            step=self.step, loss=f"{self.since_log[-1]:.3f}", tok_s=f"{rate:.0f}", refresh=False
+            step=self.step,
+            loss=f"{self.since_log[-1]:.3f}",
+            tok_s=f"{rate:.0f}",
+            **shown,
+            refresh=False,
         )
         self.since_log.clear()
         self.t_log, self.tokens_at_log = now, self.tokens_seen
+        self.sup_tokens_at_log = self.sup_tokens_seen
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -496,6 +514,7 @@ class _Loop:
         train_state = {
             "step": step,
             "tokens_seen": self.tokens_seen,
+            "sup_tokens_seen": self.sup_tokens_seen,
             "optimizer": self.optimizer.state_dict(),
             # The schedule is lr_at(step, config): its whole state is the step counter.
             "scheduler": {"schedule": config.lr_schedule, "step": step},
@@ -520,6 +539,17 @@ class _Loop:
         self.result.checkpoint = path
         return path
 
+    def plot(self) -> None:
+        """loss.png, from metrics.jsonl."""
+        every = self.config.eval_interval
+        plot_losses(
+            self.run_dir.path / METRICS_FILE,
+            self.run_dir.path / "loss.png",
+            val_note=f"no validation yet: runs every {every} steps"
+            if self.val is not None
+            else "no validation data",
+        )
+
     def save_interrupted(self) -> None:
         """Ctrl-C or SIGTERM: save the exact state (rewinding a step begun), unless the
         interrupt came inside the optimizer update."""
@@ -533,7 +563,7 @@ class _Loop:
         if self.run_dir.last_saved != self.step:
             log.warning("interrupted: saving a checkpoint at step %d", self.step)
             self.save(with_val=False)
-        plot_losses(self.run_dir.path / METRICS_FILE, self.run_dir.path / "loss.png")
+        self.plot()
 
 
 def _next_token_loss(model, window, autocast, keep=1.0) -> tuple[torch.Tensor, int]:
@@ -557,7 +587,8 @@ def _accumulate_gradients(
     split=1,
     split_batch=None,
 ) -> tuple[torch.Tensor, torch.Tensor | int]:
-    """Forward and backward over ``grad_accum`` micro-batches -> (mean loss, tokens).
+    """Forward and backward over ``grad_accum`` micro-batches -> (mean loss, tokens the
+    loss is on, tokens processed).
 
     Each micro-batch loss is a mean over its tokens; dividing by grad_accum makes the
     summed gradient that of the mean over all micro-batches (equal sizes), i.e. of one
@@ -568,9 +599,10 @@ def _accumulate_gradients(
     parts with ``split_batch(batch, split) -> [(part, weight)]`` (``split_rows`` for
     token windows): the same windows and the same loss per step, in less memory.
     """
-    total, counted = None, 0
+    total, counted, processed = None, 0, 0
     for _ in range(grad_accum):
         batch = batches.next_batch()
+        processed += _tokens_in(batch)
         parts = [(batch, None)] if split == 1 else split_batch(batch, split)
         for part, weight in parts:
             loss_sum, count = loss_of(model, _to_device(part, device), autocast, keep)
@@ -578,7 +610,20 @@ def _accumulate_gradients(
             (loss / grad_accum).backward()
             total = loss.detach() if total is None else total + loss.detach()
             counted = counted + count
-    return (total / grad_accum if grad_accum > 1 else total), counted
+    return (total / grad_accum if grad_accum > 1 else total), counted, processed
+
+
+def _tokens_in(batch) -> int:
+    """The tokens a batch feeds the model: a [B, T+1] window batch's B*T inputs, or a
+    supervised batch's real tokens (its ``mask``; all of ``ids`` without one). Counted
+    on the host copy, so no device sync.
+
+    >>> _tokens_in({"ids": torch.zeros(2, 3), "mask": torch.tensor([[1, 1, 1], [1, 0, 0]])})
+    4
+    """
+    if isinstance(batch, dict):
+        return int(batch["mask"].sum()) if "mask" in batch else batch["ids"].numel()
+    return batch[:, :-1].numel()
 
 
 def split_rows(batch: torch.Tensor, n: int) -> list[tuple[torch.Tensor, float]]:
@@ -649,7 +694,7 @@ def _changed_settings(before: dict[str, Any], now: dict[str, Any]) -> dict[str, 
 
 
 def _restore(ckpt: Path, model, optimizer, batches, guard, spec) -> tuple[int, int]:
-    """Load weights and training state from ``ckpt`` -> (step, tokens_seen)."""
+    """Load weights and training state from ``ckpt`` -> (step, tokens_seen, sup_tokens_seen)."""
     saved_spec = read_config(ckpt)["model"]
     spec = json.loads(json.dumps(spec))  # tuples -> lists, as saved
     if saved_spec != spec:
@@ -666,7 +711,8 @@ def _restore(ckpt: Path, model, optimizer, batches, guard, spec) -> tuple[int, i
         batches.load_state_dict(state["data"])
         guard.load_state_dict(state["guard"])
         _set_rng_state(state["rng"], next(model.parameters()).device)
-        return int(state["step"]), int(state["tokens_seen"])
+        # sup_tokens_seen: absent from checkpoints written before it was counted
+        return int(state["step"]), int(state["tokens_seen"]), int(state.get("sup_tokens_seen", 0))
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
         raise CheckpointError(
             f"cannot resume from {str(ckpt)!r}: its training state does not fit this run "
