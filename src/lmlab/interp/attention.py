@@ -202,7 +202,7 @@ def attention_report(
     out: str | os.PathLike,
     layer: int | None = None,
     head: int | None = None,
-    dtype: str | None = "auto",
+    dtype: str | None = "float32",
     device: str = "auto",
 ) -> dict:
     """Load ``model``, read its attention on ``prompt`` and write ``out/attention.png``
@@ -217,11 +217,8 @@ def attention_report(
     out = os.fspath(out)
     os.makedirs(out, exist_ok=True)
     name = os.path.basename(os.path.normpath(str(model)))
-    what = (
-        f"layer {layer}" + (f" head {head}" if head is not None else "")
-        if layer is not None
-        else "all layers"
-    )
+    what = "all layers" if layer is None else f"layer {layer}"
+    what += "" if head is None else f" head {head}"
     paths = {
         "attention": os.path.join(out, "attention.png"),
         "rollout": os.path.join(out, "rollout.png"),
