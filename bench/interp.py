@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import platform
 import statistics
 import sys
 import time
@@ -41,23 +40,8 @@ from lmlab.models import build_model, get_preset
 from lmlab.models.layers import HookPoint
 
 HERE = Path(__file__).resolve().parent
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma")
-
-
-def cpu_info() -> str:
-    """The CPU model, its SIMD flags that matter to torch, torch's capability and threads."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and ":" in line:
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and ":" in line:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    shown = " ".join(f for f in CPU_FLAGS if f in flags) or "(flags unknown)"
-    capability = torch.backends.cpu.get_cpu_capability()
-    return f"{name}; flags: {shown}; torch {torch.__version__} {capability}, {torch.get_num_threads()} threads"
+sys.path.insert(0, str(HERE))  # bench/machine.py and the other benches, also when imported
+from machine import describe_machine  # noqa: E402
 
 
 class _Passthrough:
@@ -150,17 +134,13 @@ def run_other(stem: str, quick: bool) -> dict | None:
         return None
     spec = importlib.util.spec_from_file_location(f"bench_{stem}", path)
     module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(HERE))
-    try:
-        spec.loader.exec_module(module)
-        return module.main(quick)
-    finally:
-        sys.path.remove(str(HERE))
+    spec.loader.exec_module(module)
+    return module.main(quick)
 
 
 def main(quick: bool = False, repeats: int | None = None) -> dict:
     repeats = repeats or (3 if quick else 30)
-    print(f"CPU: {cpu_info()}")
+    print(describe_machine())
     print(f"hook points unused: forward time with / without, median of {repeats} pairs")
     results: dict = {"hook_cost": {}}
     for name, model, ids in models(quick):

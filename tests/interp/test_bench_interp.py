@@ -42,4 +42,4 @@ def test_bench_runs_quick(capsys):
     results = bench().main(quick=True)
     cost = results["hook_cost"]["gpt2-small shape"]
     assert cost["hook_points"] == 23 and cost["ratio"] > 0
-    assert "CPU:" in capsys.readouterr().out
+    assert "CPU:" in capsys.readouterr().out  # bench/machine.py's line
