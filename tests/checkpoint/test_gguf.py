@@ -623,10 +623,15 @@ def test_smollm2_weights_match_transformers_gguf_loader(smollm_hf):
         torch.testing.assert_close(t, torch.as_tensor(theirs[name]).float(), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("chunk", [1 << 12, 5])
 @pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1"])
-def test_fast_block_dequantization_is_bit_identical_to_gguf(kind):
-    """The torch fast path for the common block types equals the gguf package exactly."""
+def test_fast_block_dequantization_is_bit_identical_to_gguf(kind, chunk, monkeypatch):
+    """The torch fast path for the common block types equals the gguf package exactly,
+    also when its 48 blocks are done a few at a time (5: the last chunk is short)."""
+    from lmlab.checkpoint import gguf as lmlab_gguf
     from lmlab.checkpoint.gguf import _dequantize_blocks
+
+    monkeypatch.setattr(lmlab_gguf, "_CHUNK_BLOCKS", chunk)
 
     qtype = gguf.GGMLQuantizationType[kind]
     rng = np.random.default_rng(0)

@@ -389,3 +389,35 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path):
     match = f"tokenizer has {tok.vocab_size} token ids but the model's vocab_size is "
     with pytest.raises(CheckpointError, match=match + f"{tok.vocab_size - 5}"):
         load_hf(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_assign_converted_takes_the_tensors_themselves_and_keeps_ties(dtype):
+    """The loader's way to hold the weights once (issue 17: SmolLM2 at <= 1.2x its weights)."""
+    from lmlab.checkpoint.hf import assign_converted, load_converted
+
+    spec = {**get_preset("gpt-char-tiny"), "vocab_size": 20, "n_layers": 1, "d_model": 16}
+    spec |= {"n_heads": 2, "d_ff": 32}
+    torch.manual_seed(0)
+    source = build_model(spec)
+    state = {k: v.clone() for k, v in source.state_dict().items() if k != "lm_head.weight"}
+    ptrs = {k: v.data_ptr() for k, v in state.items()}
+    with torch.device("meta"):
+        model = build_model(spec)
+    assign_converted(model, dict(state), dtype)
+    if dtype is None:  # no copy: the model's parameters are the given tensors
+        assert all(model.state_dict()[k].data_ptr() == p for k, p in ptrs.items())
+    assert model.lm_head.weight is model.tok_emb.weight  # still tied
+    assert all(p.dtype == (dtype or torch.float32) for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    copied = build_model(spec, empty=True)
+    load_converted(copied, state)
+    ids = torch.randint(0, 20, (2, 7))
+    expected = copied.to(dtype) if dtype else copied  # load, then cast: the old loader's way
+    with torch.no_grad():
+        assert torch.equal(model(ids), expected(ids))
+    with torch.device("meta"):
+        model = build_model(spec)
+    del state["blocks.0.mlp.up_proj.bias"]
+    with pytest.raises(CheckpointError, match="lacks tensors: blocks.0.mlp.up_proj.bias"):
+        assign_converted(model, state)

@@ -204,6 +204,50 @@ def _take(state: dict[str, torch.Tensor], key: str, used: set[str]) -> torch.Ten
 def load_converted(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy ``state`` into ``model``, checking that every key and shape matches."""
     params = model.state_dict()
+    _check_converted(model, params, state)
+    with torch.no_grad():
+        for name, t in state.items():
+            params[name].copy_(t)
+
+
+def assign_converted(
+    model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None
+) -> None:
+    """Make ``state``'s tensors the parameters of ``model`` (built on the meta device),
+    checking keys and shapes as ``load_converted`` does, each cast to ``dtype`` (None: kept)
+    and popped from ``state`` as it goes; tied parameters stay tied.
+
+    Nothing is copied: the weights are in memory once (``load_converted`` into an empty
+    model holds them twice at its peak, and a cast after it a third time in part).
+    """
+    params = model.state_dict()
+    _check_converted(model, params, state)
+    shared: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(p), []).append(name)
+    for name in list(state):
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        t = state.pop(name)
+        t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        if leaf in module._parameters:
+            requires_grad = module._parameters[leaf].requires_grad
+            module._parameters[leaf] = nn.Parameter(t, requires_grad=requires_grad)
+        else:
+            module._buffers[leaf] = t
+    for first, *others in shared.values():
+        for name in others:
+            owner, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, model.get_parameter(first))
+    left = [n for n, t in model.state_dict().items() if t.is_meta]
+    if left:
+        raise CheckpointError(f"checkpoint lacks tensors: {', '.join(left[:8])}")
+
+
+def _check_converted(
+    model: nn.Module, params: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
+) -> None:
+    """Every tensor ``model`` needs is in ``state``, and nothing else, with its shape."""
     missing = [k for k in params if k not in state and not _is_tied_head(model, k)]
     if missing:
         raise CheckpointError(f"checkpoint lacks tensors: {', '.join(missing[:8])}")
@@ -214,9 +258,6 @@ def load_converted(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             raise CheckpointError(
                 f"tensor {name!r} has shape {tuple(t.shape)}, the model expects {tuple(params[name].shape)}"
             )
-    with torch.no_grad():
-        for name, t in state.items():
-            params[name].copy_(t)
 
 
 def _is_tied_head(model: nn.Module, key: str) -> bool:

@@ -55,6 +55,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "train an encoder-decoder on a generated task; teacher-forced vs free-running scores",
     ),
     "attribute": ("lmlab.cli.attribute", "which prompt tokens a next-token prediction rests on"),
+    "attention": ("lmlab.cli.attention", "attention maps and rollout of a prompt, as figures"),
 }
 
 

@@ -312,9 +312,22 @@ class Transformer(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.config = config
-        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        # Built on the meta device (to load weights into), skip the embeddings' own normal_:
+        # on meta it imports torch._dynamo, ~60 MB, and reset_parameters redraws them anyway.
+        meta = torch.empty(0).is_meta
+        self.tok_emb = nn.Embedding(
+            config.vocab_size,
+            config.d_model,
+            _weight=torch.empty(config.vocab_size, config.d_model) if meta else None,
+        )
         self.pos_emb = (
-            nn.Embedding(config.max_seq_len, config.d_model) if config.pos == "learned" else None
+            nn.Embedding(
+                config.max_seq_len,
+                config.d_model,
+                _weight=torch.empty(config.max_seq_len, config.d_model) if meta else None,
+            )
+            if config.pos == "learned"
+            else None
         )
         self.emb_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
@@ -328,6 +341,8 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        if self.tok_emb.weight.is_meta:  # built to be loaded into: no values to draw
+            return
         std = self.config.init_std
         for name, p in self.named_parameters():
             if p.dim() < 2:  # norm weights stay 1, biases 0
