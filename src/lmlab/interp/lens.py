@@ -307,7 +307,7 @@ def train_tuned_lens(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     finally:
         for p, req in zip(inner.parameters(), frozen, strict=True):
             p.requires_grad_(req)
