@@ -44,6 +44,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "evaluate a model on tasks (multiple choice, pairs, perplexity, ...)",
     ),
     "report": ("lmlab.cli.report", "evaluation reports of one or more models, side by side"),
+    "lens": ("lmlab.cli.lens", "the logit lens (and a tuned lens) on a prompt: figures and JSON"),
+    "lens-train": ("lmlab.cli.lens_train", "train a tuned lens for a model on a corpus"),
+    "patch": ("lmlab.cli.patch", "activation patching sweeps on clean/corrupted prompts"),
+    "trace": ("lmlab.cli.trace", "causal tracing: noise the subject, restore states one by one"),
 }
 
 
