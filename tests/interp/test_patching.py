@@ -7,6 +7,9 @@ head that can read it. The invariant tests check the sweeps against patching by 
 one variant at a time.
 """
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -214,3 +217,14 @@ def test_subject_positions_from_text():
     )
     with pytest.raises(ConfigError, match="not in the prompt"):
         subject_positions(Chars(), "The Eiffel Tower", "Louvre")
+
+
+def test_bench_script_runs_quick_and_agrees_with_patching_by_hand(capsys):
+    # bench/interp_patch.py in its quick mode (a tiny model): runs, and its batched sweep
+    # gives the numbers of the one-forward-per-cell loop. No timing is checked.
+    path = Path(__file__).resolve().parents[2] / "bench" / "interp_patch.py"
+    spec = importlib.util.spec_from_file_location("interp_patch", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(quick=True)
+    assert result["same_numbers"] and "ratio" in capsys.readouterr().out
