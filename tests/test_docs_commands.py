@@ -178,7 +178,8 @@ SLOW = {"demo", "compare", "finetune", "dpo", "ppo", "reward", "judge", "rank", 
 # flag -> commands whose value for it names a model to read (a path, or a pretrained name)
 MODEL_FLAGS = {
     "--ckpt": {"generate"},
-    "--model": {"chat", "eval", "export", "finetune", "rank", "judge", "reward", "dpo", "ppo"},
+    "--model": {"chat", "eval", "export", "finetune", "rank", "judge", "reward", "dpo", "ppo"}
+    | {"lens", "lens-train", "patch", "trace"},
     "--policy": {"judge"},
     "--models": {"report"},
 }
@@ -248,6 +249,16 @@ def shrink(argv: list[str]) -> list[str]:
         argv = _set(argv, "--progress", "false")
     elif command == "rank":
         argv = _set(_set(argv, "--samples", "2"), "--max_new_tokens", "4")
+    elif command == "lens-train":
+        for flag, value in [("--steps", "1"), ("--chars", "20000"), ("--seq_len", "16")]:
+            argv = _set(argv, flag, value)
+        argv = _set(_set(argv, "--eval_windows", "1"), "--progress", "false")
+    elif command in ("patch", "trace"):
+        if "--task" in argv:
+            argv = _set(argv, "--pairs", "1")
+        if command == "trace":
+            argv = _set(argv, "--samples", "1")
+        argv = _set(argv, "--progress", "false")
     elif command == "chat" or (command == "generate" and pretrained):
         argv = _set(argv, "--max_new_tokens", "8")
     return argv
