@@ -8,6 +8,7 @@ one variant at a time.
 """
 
 import importlib.util
+import zlib
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from lmlab.interp.hooks import hooks, run_with_cache
 from lmlab.interp.patching import (
     PromptPairs,
     causal_trace,
+    ioi_pairs,
     logit_diff,
     make_pairs,
     patch_heads,
@@ -212,11 +214,33 @@ def test_subject_positions_from_text():
         def encode(self, text):
             return [ord(c) for c in text]
 
+    # The space before the subject counts as part of it (BPE tokens carry their space).
     assert subject_positions(Chars(), "The Eiffel Tower is in", "Eiffel Tower") == list(
-        range(4, 16)
+        range(3, 16)
     )
     with pytest.raises(ConfigError, match="not in the prompt"):
         subject_positions(Chars(), "The Eiffel Tower", "Louvre")
+
+    prompt = "The Eiffel Tower is in"
+    assert subject_positions(Words(), prompt, "Eiffel Tower") == [1, 2]
+    assert subject_positions(Words(), prompt, "The Eiffel") == [0, 1]
+
+
+class Words:
+    """A word-level stand-in for BPE: each word is one token that carries its space."""
+
+    def encode(self, text):
+        return [zlib.crc32(w.encode()) for w in text.replace(" ", "\0 ").split("\0") if w]
+
+
+def test_ioi_pairs_swap_the_second_name():
+    pairs, texts = ioi_pairs(Words(), n=3, seed=0)
+    assert pairs.clean.shape == pairs.corrupt.shape == (3, 13)
+    for (clean, corrupt), answer in zip(texts, pairs.answer.tolist(), strict=True):
+        a, b = clean.split(" and ")[0].split()[-1], clean.split(" and ")[1].split()[0]
+        assert clean.endswith(f"{b} gave a drink to") and corrupt.endswith(f"{a} gave a drink to")
+        assert answer == Words().encode(" " + a)[0]
+    assert ioi_pairs(Words(), n=3, seed=0)[1] == texts  # seeded
 
 
 def test_bench_script_runs_quick_and_agrees_with_patching_by_hand(capsys):

@@ -377,10 +377,13 @@ def subject_positions(tokenizer, prompt: str, subject: str) -> list[int]:
     start = prompt.find(subject)
     if start < 0 or not subject:
         raise ConfigError(f"the subject {subject!r} is not in the prompt {prompt!r}")
+    end = start + len(subject)
+    while start > 0 and prompt[start - 1] == " ":  # BPE: a word's token carries its space
+        start -= 1
     ids = tokenizer.encode(prompt)
-    first = len(tokenizer.encode(prompt[:start])) if start else 0
-    last = len(tokenizer.encode(prompt[: start + len(subject)]))
-    if ids[:last] != tokenizer.encode(prompt[: start + len(subject)]) or last <= first:
+    before = tokenizer.encode(prompt[:start]) if start else []
+    first, last = len(before), len(tokenizer.encode(prompt[:end]))
+    if ids[:last] != tokenizer.encode(prompt[:end]) or ids[:first] != before or last <= first:
         raise ConfigError(
             f"the subject {subject!r} does not end on a token boundary of the prompt; give "
             "whole words"
