@@ -350,18 +350,24 @@ def plot_lens(
 ) -> None:
     """Rows x positions heatmap of the KL to the final distribution, with each cell's top
     token written in it (the cells' colour: KL in nats, darker = closer to the output)."""
-    from matplotlib.figure import Figure  # deferred: slow to import, only for plots
+    # deferred: slow to import, only for plots
+    from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure
 
     R, T = result.kl.shape
     fig = Figure(figsize=(max(6.0, 0.9 * T + 2), max(4.0, 0.28 * R + 1.5)))
     ax = fig.add_subplot()
-    image = ax.imshow(result.kl.numpy(), aspect="auto", cmap="viridis_r", origin="lower")
-    fig.colorbar(image, ax=ax, label="KL(final || lens), nats")
+    # log colours: the embedding row's KL is often 10x the others'; 0.01 nats is "equal"
+    kl = result.kl.clamp_min(1e-2)
+    norm = LogNorm(vmin=1e-2, vmax=max(1.0, float(kl.max())))
+    image = ax.imshow(kl.numpy(), aspect="auto", cmap="viridis", origin="lower", norm=norm)
+    fig.colorbar(image, ax=ax, label="KL(final || lens), nats (log scale)")
     size = 7 if T <= 16 else 5
     for r in range(R):
         for t in range(T):
             text = decode(int(result.top_ids[r, t])).replace("\n", "\\n")[:8]
-            ax.text(t, r, text, ha="center", va="center", fontsize=size, color="white")
+            colour = "black" if norm(float(kl[r, t])) > 0.6 else "white"
+            ax.text(t, r, text, ha="center", va="center", fontsize=size, color=colour)
     ax.set_xticks(
         range(T), [tok.replace("\n", "\\n")[:10] for tok in tokens], rotation=60, fontsize=8
     )
