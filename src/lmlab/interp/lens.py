@@ -350,9 +350,8 @@ def plot_lens(
 ) -> None:
     """Rows x positions heatmap of the KL to the final distribution, with each cell's top
     token written in it (the cells' colour: KL in nats, darker = closer to the output)."""
-    # deferred: slow to import, only for plots
-    from matplotlib.colors import LogNorm
-    from matplotlib.figure import Figure
+    from matplotlib.colors import LogNorm  # deferred: slow to import, only for plots
+    from matplotlib.figure import Figure  # deferred, as above
 
     R, T = result.kl.shape
     fig = Figure(figsize=(max(6.0, 0.9 * T + 2), max(4.0, 0.28 * R + 1.5)))
