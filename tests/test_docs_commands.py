@@ -191,6 +191,12 @@ MODEL_FLAGS = {
         "ppo",
         "attribute",
         "attention",
+        "lens",
+        "lens-train",
+        "patch",
+        "trace",
+        "prompt",
+        "icl",
     },
     "--policy": {"judge"},
     "--models": {"report"},
@@ -263,6 +269,16 @@ def shrink(argv: list[str]) -> list[str]:
         argv = _set(_set(argv, "--samples", "2"), "--max_new_tokens", "4")
     elif command == "attribute":
         argv = _set(argv, "--steps", "4")
+    elif command == "lens-train":
+        for flag, value in [("--steps", "1"), ("--chars", "20000"), ("--seq_len", "16")]:
+            argv = _set(argv, flag, value)
+        argv = _set(_set(argv, "--eval_windows", "1"), "--progress", "false")
+    elif command in ("patch", "trace"):
+        if "--task" in argv:
+            argv = _set(argv, "--pairs", "1")
+        if command == "trace":
+            argv = _set(argv, "--samples", "1")
+        argv = _set(argv, "--progress", "false")
     elif command == "chat" or (command == "generate" and pretrained):
         argv = _set(argv, "--max_new_tokens", "8")
     elif command == "prompt":
