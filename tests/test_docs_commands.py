@@ -178,7 +178,8 @@ SLOW = {"demo", "compare", "finetune", "dpo", "ppo", "reward", "judge", "rank", 
 # flag -> commands whose value for it names a model to read (a path, or a pretrained name)
 MODEL_FLAGS = {
     "--ckpt": {"generate"},
-    "--model": {"chat", "eval", "export", "finetune", "rank", "judge", "reward", "dpo", "ppo"},
+    "--model": {"chat", "eval", "export", "finetune", "rank", "judge", "reward", "dpo", "ppo"}
+    | {"probe"},
     "--policy": {"judge"},
     "--models": {"report"},
 }
@@ -242,6 +243,8 @@ def shrink(argv: list[str]) -> list[str]:
         argv = _set(argv, "--progress", "false")
     elif command in ("eval", "report"):
         argv = _set(argv, "--limit", "2")
+    elif command == "probe":
+        argv = _set(_set(argv, "--n", "12"), "--progress", "false")
     elif command == "judge":
         for flag, value in [("--limit", "1"), ("--samples", "2"), ("--max_new_tokens", "4")]:
             argv = _set(argv, flag, value)
