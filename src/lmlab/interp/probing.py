@@ -135,6 +135,8 @@ class Representations:
     """[N] int64: the text each row comes from (splits keep a text's words together)."""
     classes: tuple[str, ...]
     task: str = ""
+    layers: dict[str, int] = field(default_factory=dict)
+    """hook name -> its layer number (0 = embeddings, k = after block k) where it has one."""
 
 
 def _pool(hidden: torch.Tensor, span: tuple[int, int], pool: str) -> torch.Tensor:
@@ -204,6 +206,7 @@ def collect(
                 groups.append(start + row)
     if not labels:
         raise ConfigError(f"task {task.name!r} has no labelled word")
+    numbered = layer_points(model)
     return Representations(
         {p: torch.stack(v) for p, v in features.items()},
         torch.tensor(labels),
@@ -211,6 +214,7 @@ def collect(
         torch.tensor(groups),
         task.classes,
         task.name,
+        {p: numbered.index(p) for p in points if p in numbered},
     )
 
 
@@ -377,7 +381,8 @@ def selectivity(accuracy: float, control_accuracy: float) -> float:
 class ProbeRow:
     point: str
     layer: int
-    """Position of ``point`` in the sweep (0 = embeddings for a layer sweep)."""
+    """The layer number (0 = embeddings, k = after block k), or, for a hook point that is
+    not a layer's output (``blocks.2.hook_attn_out``), its position in the sweep."""
     probe: str
     accuracy: float
     """Test accuracy on the task."""
@@ -428,6 +433,7 @@ def sweep(
     control, _ = control_labels(reps.types, y, seed)
     C = len(reps.classes)
     majority_label = torch.bincount(y[train], minlength=C).argmax()
+    numbered = all(p in reps.layers for p in reps.features)
     rows = []
     jobs = [(k, p) for k, p in enumerate(reps.features) for _ in probes]
     bar = tqdm(total=len(jobs), disable=not progress, desc="probes", unit="probe")
@@ -442,7 +448,7 @@ def sweep(
             rows.append(
                 ProbeRow(
                     point,
-                    k,
+                    reps.layers[point] if numbered else k,
                     kind,
                     acc,
                     ctrl,
@@ -460,7 +466,7 @@ def sweep(
         (y[test] == majority_label).float().mean().item(),
         len(y),
         len(set(reps.types)),
-        {"probe": asdict(config), "seed": seed, "split": list(SPLIT)},
+        {"probe": asdict(config), "seed": seed, "split": list(SPLIT), "layers": numbered},
     )
 
 
@@ -488,13 +494,15 @@ def plot_probes(result: ProbeResult, png: str | os.PathLike, title: str = "") ->
     left.set_ylim(0, 1.02)
     right.set_ylabel("selectivity (task - control accuracy)")
     right.axhline(0, color="grey", lw=1)
-    layers = sorted({r.layer for r in result.rows})
-    ticks = [_short(points[k]) if len(points) <= 8 else str(k) for k in layers]
+    numbered = result.settings.get("layers", True)
+    xs = sorted({r.layer for r in result.rows})
+    ticks = [str(x) for x in xs] if numbered else points
     for ax in (left, right):
-        ax.set_xticks(layers, ticks, rotation=30 if len(points) <= 8 else 0, fontsize=8)
-        ax.set_xlabel("layer (0 = embeddings)" if points[0] == "hook_embed" else "hook point")
+        ax.set_xticks(xs, ticks, rotation=0 if numbered else 30, fontsize=8)
+        ax.set_xlabel("layer (0 = embeddings, k = after block k)" if numbered else "hook point")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+    left.legend(fontsize=8, loc="lower left")
+    right.legend(fontsize=8)
     left.set_title(f"{result.task}: accuracy, task and control")
     right.set_title("selectivity")
     if title:
@@ -503,11 +511,6 @@ def plot_probes(result: ProbeResult, png: str | os.PathLike, title: str = "") ->
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     atomic_write_bytes(png, buffer.getvalue())
-
-
-def _short(point: str) -> str:
-    layer = layer_of(point)
-    return point if layer is None else f"{layer + 1}"
 
 
 # ----------------------------------------------------------------------------- the command
@@ -549,5 +552,6 @@ def probe_model(
     if out is not None:
         out = Path(out)
         atomic_write_json(out / "probe.json", result.to_dict())
-        plot_probes(result, out / "probe.png", f"probing {Path(str(model)).name}")
+        title = f"probing {Path(str(model)).name}: {result.n_words} words of {result.n_types} types"
+        plot_probes(result, out / "probe.png", title)
     return result
