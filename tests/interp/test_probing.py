@@ -205,6 +205,7 @@ def test_collect_refuses_texts_longer_than_the_context(char_tok):
         collect(model, char_tok, probing_task("shakespeare-speaker", 3), ["hook_embed"])
 
 
+@pytest.mark.slow  # a whole command: the docs test runs lesson 12's runs/demo line in the fast suite
 def test_probe_command_writes_figure_and_json(tmp_path, char_tok, capsys):
     save_checkpoint(tmp_path / "gpt", tiny("gpt", char_tok.vocab_size), tokenizer=char_tok)
     out = tmp_path / "out"
@@ -219,7 +220,16 @@ def test_probe_command_writes_figure_and_json(tmp_path, char_tok, capsys):
     assert rows == [("hook_embed", 0), ("blocks.1.hook_resid_post", 2)]
     assert "select." in capsys.readouterr().out
     assert main(argv + ["--layers", "0,x"]) == 2
-    assert main(argv + ["--probe", "svm"]) == 2
+
+
+def test_misspelt_settings_fail_before_the_model_loads(tmp_path):
+    nowhere = str(tmp_path / "no-model")
+    with pytest.raises(ConfigError, match="probe 'svm' is unknown; valid: linear, mlp"):
+        probe_model(nowhere, "pos", probes=("svm",))
+    with pytest.raises(ConfigError, match="pool 'middle' is unknown"):
+        probe_model(nowhere, "pos", pool="middle")
+    with pytest.raises(ConfigError, match="probing task 'pso' is unknown"):
+        probe_model(nowhere, "pso")
 
 
 # ----------------------------------------------------------------------------- real models

@@ -39,7 +39,7 @@ import os
 from collections import Counter
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -435,12 +435,12 @@ def sweep(
     majority_label = torch.bincount(y[train], minlength=C).argmax()
     numbered = all(p in reps.layers for p in reps.features)
     rows = []
-    jobs = [(k, p) for k, p in enumerate(reps.features) for _ in probes]
-    bar = tqdm(total=len(jobs), disable=not progress, desc="probes", unit="probe")
+    total = len(reps.features) * len(probes)
+    bar = tqdm(total=total, disable=not progress, desc="probes", unit="probe")
     for k, point in enumerate(reps.features):
         x = reps.features[point]
         for kind in probes:
-            cfg = ProbeConfig(**{**asdict(config), "kind": kind})
+            cfg = replace(config, kind=kind)
             task_probe = train_probe(x[train], y[train], x[dev], y[dev], C, cfg)
             ctrl_probe = train_probe(x[train], control[train], x[dev], control[dev], C, cfg)
             acc = task_probe.accuracy(x[test], y[test])
