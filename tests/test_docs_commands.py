@@ -197,6 +197,7 @@ MODEL_FLAGS = {
         "trace",
         "prompt",
         "icl",
+        "probe",
     },
     "--policy": {"judge"},
     "--models": {"report"},
@@ -261,6 +262,8 @@ def shrink(argv: list[str]) -> list[str]:
         argv = _set(argv, "--progress", "false")
     elif command in ("eval", "report"):
         argv = _set(argv, "--limit", "2")
+    elif command == "probe":
+        argv = _set(_set(argv, "--n", "12"), "--progress", "false")
     elif command == "judge":
         for flag, value in [("--limit", "1"), ("--samples", "2"), ("--max_new_tokens", "4")]:
             argv = _set(argv, flag, value)

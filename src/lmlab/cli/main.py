@@ -60,6 +60,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "lens-train": ("lmlab.cli.lens_train", "train a tuned lens for a model on a corpus"),
     "patch": ("lmlab.cli.patch", "activation patching sweeps on clean/corrupted prompts"),
     "trace": ("lmlab.cli.trace", "causal tracing: noise the subject, restore states one by one"),
+    "probe": ("lmlab.cli.probe", "linear and MLP probes per layer, with control tasks"),
 }
 
 
