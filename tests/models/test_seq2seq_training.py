@@ -37,7 +37,9 @@ def test_collate_shifts_targets_and_ignores_padding():
     batch = collate_pairs([([5, 6], [7]), ([5], [8, 9, 10])])
     assert batch["tgt_in"].tolist() == [[1, 7, 0, 0], [1, 8, 9, 10]]
     assert batch["tgt_out"].tolist() == [[7, EOS, IGNORE, IGNORE], [8, 9, 10, EOS]]
-    assert batch["src"].tolist() == [[5, 6], [5, 0]]
+    assert batch["src"].tolist() == [[5, 6], [5, 0]] and batch["n_tokens"].item() == (2 + 1 + 1) + (
+        1 + 3 + 1
+    )
     vocab = Seq2SeqVocab.for_task("copy")
     a = Seq2SeqBatches("copy", vocab, 4, seed=1)
     first = [a.next_batch() for _ in range(2)]
@@ -70,7 +72,9 @@ def test_a_short_run_trains_through_the_trainer_and_loads(tmp_path):
     result = train_seq2seq("copy", spec, config)
     vocab = Seq2SeqVocab.for_task("copy")
     first_loss = result.train_losses[0][1]
-    assert first_loss > math.log(vocab.vocab_size)  # embeddings scaled by sqrt(d): confident at first
+    assert first_loss > math.log(
+        vocab.vocab_size
+    )  # embeddings scaled by sqrt(d): confident at first
     assert result.step == 20 and result.val_losses[-1][1] < first_loss - 0.5
     model = lmlab.load(str(tmp_path / "run")).model
     assert isinstance(model, Seq2Seq) and model.config.vocab_size == vocab.vocab_size

@@ -37,7 +37,8 @@ def collate_pairs(pairs: list[tuple[list[int], list[int]]]) -> dict[str, torch.T
         src[i, : len(s)] = torch.tensor(s)
         tgt_in[i, : len(t) + 1] = torch.tensor([BOS, *t])
         tgt_out[i, : len(t) + 1] = torch.tensor([*t, EOS])
-    return {"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out}
+    n_tokens = torch.tensor(sum(len(s) + len(t) + 1 for s, t in pairs))  # fed: source + target
+    return {"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out, "n_tokens": n_tokens}
 
 
 class Seq2SeqBatches:

@@ -615,14 +615,18 @@ def _accumulate_gradients(
 
 def _tokens_in(batch) -> int:
     """The tokens a batch feeds the model: a [B, T+1] window batch's B*T inputs, or a
-    supervised batch's real tokens (its ``mask``; all of ``ids`` without one). Counted
-    on the host copy, so no device sync.
+    supervised batch's real tokens (its ``n_tokens`` when it counts them itself, else its
+    ``mask`` or ``attention_mask``, else all of ``ids``). Counted on the host copy, so no
+    device sync.
 
     >>> _tokens_in({"ids": torch.zeros(2, 3), "mask": torch.tensor([[1, 1, 1], [1, 0, 0]])})
     4
     """
     if isinstance(batch, dict):
-        return int(batch["mask"].sum()) if "mask" in batch else batch["ids"].numel()
+        for key in ("n_tokens", "mask", "attention_mask"):
+            if key in batch:
+                return int(batch[key].sum())
+        return batch["ids"].numel()
     return batch[:, :-1].numel()
 
 
