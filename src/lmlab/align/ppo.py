@@ -81,7 +81,7 @@ from lmlab.data.tasks import check
 from lmlab.devices import model_device, resolve_device
 from lmlab.errors import CheckpointError, ConfigError, DataError, closest
 from lmlab.finetune import LoRAConfig, apply_lora, disabled_lora
-from lmlab.finetune.run import write_tuned_model
+from lmlab.finetune.run import keep_base_reference, write_tuned_model
 from lmlab.generate import SamplingParams, generate
 from lmlab.lm import LM, load
 from lmlab.models.contract import require_gradients
@@ -489,6 +489,7 @@ class _Run:
             if config.method == "lora":
                 self.reference = None
                 apply_lora(net, config.lora)
+                keep_base_reference(net, lm, config.method)  # checkpoints: LoRA + base reference
             else:
                 self.reference = copy.deepcopy(net).eval().requires_grad_(False)
                 net.requires_grad_(True)
