@@ -178,7 +178,18 @@ SLOW = {"demo", "compare", "finetune", "dpo", "ppo", "reward", "judge", "rank", 
 # flag -> commands whose value for it names a model to read (a path, or a pretrained name)
 MODEL_FLAGS = {
     "--ckpt": {"generate"},
-    "--model": {"chat", "eval", "export", "finetune", "rank", "judge", "reward", "dpo", "ppo"},
+    "--model": {
+        "chat",
+        "eval",
+        "export",
+        "quantize",
+        "finetune",
+        "rank",
+        "judge",
+        "reward",
+        "dpo",
+        "ppo",
+    },
     "--policy": {"judge"},
     "--models": {"report"},
 }
