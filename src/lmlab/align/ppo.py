@@ -33,7 +33,8 @@ Ctrl-C or SIGTERM, the ``keep_last`` newest kept). PPO's step is an iteration: `
 counts iterations. ``resume="auto"`` (or a path) continues exactly: policy, value head,
 optimizer, KL controller, shuffling generator, prompt order and counter. The folder also
 gets ``ppo.png`` (score and KL against iteration, ``lmlab.align.plots``), ``adapter/`` for
-LoRA and ``model/`` (an lmlab checkpoint, LoRA merged in, loadable by ``lmlab.load``).
+LoRA and ``model/`` (an lmlab checkpoint; with LoRA, its checkpoints hold A and B and a
+reference to the base model, ``lmlab.checkpoint.base``; ``lmlab.load`` merges them in).
 The seed makes a run reproducible bit for bit: LoRA's init (under ``lmlab.seeds.seeded``),
 the sampling (seed, iteration), the minibatch shuffling and the prompt order.
 
