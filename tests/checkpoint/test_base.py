@@ -5,6 +5,7 @@ import hashlib
 import pytest
 import torch
 
+import lmlab
 from builders import tiny_llama
 from lmlab.checkpoint.base import attach_base, base_entry, find_base
 from lmlab.checkpoint.io import (
@@ -72,3 +73,18 @@ def test_a_checkpoint_over_a_base_stores_the_trained_tensors_and_refuses_another
 def test_an_invalid_base_entry_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="needs source, path and sha256"):
         find_base({"source": "x"}, "here/config.json")
+
+
+def test_an_old_full_weight_lora_checkpoint_still_loads(tmp_path):
+    """Checkpoints written before base references hold every weight; they load as they
+    did, LoRA merged in (float32 merge: within 1e-5 of the unmerged model)."""
+    model = apply_lora(tiny_llama(), LoRAConfig(r=2))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    save_checkpoint(tmp_path / "old", model)
+    ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
+    loaded = lmlab.load(tmp_path / "old")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids), model(ids), rtol=1e-5, atol=1e-5)
