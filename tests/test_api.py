@@ -5,9 +5,12 @@ import pytest
 import torch
 
 import lmlab
+from hf_models import tiny_llama as tiny_hf_llama
 from lmlab.api import export_hf, load, model_spec_from, prepare_data, train
+from lmlab.cli.main import main
 from lmlab.errors import ConfigError, DataNotFoundError, DecodingError
 from lmlab.models import build_model, get_preset
+from lmlab.quant import quantize_model
 from lmlab.train import TrainConfig
 
 TINY = {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "max_seq_len": 32}
@@ -209,3 +212,34 @@ def test_a_folder_with_gpt2_vocab_and_merges_or_sentencepiece_generates(tmp_path
     out, notes = export_hf(folder, tmp_path / "exported")  # the tokenizer travels along
     assert notes == [] and (out / "tokenizer.model").is_file()
     assert load(out).tokenizer.encode("to be or not") == lm.tokenizer.encode("to be or not")
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "nf4"])
+def test_quantize_writes_a_checkpoint_every_command_loads(run_dir, tmp_path, fmt, capsys):
+    """``lmlab quantize`` on an lmlab run: ``lmlab.load`` reads the folder back with the
+    logits of the quantized model in memory, exactly (the same stored tensors through
+    the same layers), and ``lmlab generate`` uses it."""
+    out = tmp_path / fmt
+    assert main(["quantize", "--model", str(run_dir), "--format", fmt, "--out", str(out)]) == 0
+    assert "MB ->" in capsys.readouterr().out
+    model = quantize_model(load(run_dir, dtype="float32").model, fmt)
+    loaded = load(out)
+    assert type(loaded.model.blocks[0].attn.q_proj) is type(model.blocks[0].attn.q_proj)
+    ids = torch.tensor([loaded.tokenizer.encode("the quick brown")])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids), model.eval()(ids), rtol=0, atol=0)
+    assert main(["generate", "--ckpt", str(out), "--max_new_tokens", "4", "the"]) == 0
+    # A quantized model goes to transformers only dequantized: export refuses it, then merges.
+    with pytest.raises(ConfigError, match="merge"):
+        export_hf(out, tmp_path / "hf")
+    assert export_hf(out, tmp_path / "hf", merge=True)[0].is_dir()
+
+
+def test_quantize_takes_a_hugging_face_folder(tmp_path):
+    tiny_hf_llama().save_pretrained(tmp_path / "hf")
+    path, sizes = lmlab.api.quantize(str(tmp_path / "hf"), "nf4", tmp_path / "q")
+    assert sizes["after"] < sizes["before"] / 2
+    model = quantize_model(load(tmp_path / "hf").model, "nf4")
+    ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(load(path).model(ids), model.eval()(ids), rtol=0, atol=0)

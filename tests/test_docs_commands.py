@@ -183,6 +183,7 @@ MODEL_FLAGS = {
         "chat",
         "eval",
         "export",
+        "quantize",
         "finetune",
         "rank",
         "judge",

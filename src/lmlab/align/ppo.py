@@ -33,7 +33,8 @@ Ctrl-C or SIGTERM, the ``keep_last`` newest kept). PPO's step is an iteration: `
 counts iterations. ``resume="auto"`` (or a path) continues exactly: policy, value head,
 optimizer, KL controller, shuffling generator, prompt order and counter. The folder also
 gets ``ppo.png`` (score and KL against iteration, ``lmlab.align.plots``), ``adapter/`` for
-LoRA and ``model/`` (an lmlab checkpoint, LoRA merged in, loadable by ``lmlab.load``).
+LoRA and ``model/`` (an lmlab checkpoint; with LoRA, its checkpoints hold A and B and a
+reference to the base model, ``lmlab.checkpoint.base``; ``lmlab.load`` merges them in).
 The seed makes a run reproducible bit for bit: LoRA's init (under ``lmlab.seeds.seeded``),
 the sampling (seed, iteration), the minibatch shuffling and the prompt order.
 
@@ -81,7 +82,7 @@ from lmlab.data.tasks import check
 from lmlab.devices import model_device, resolve_device
 from lmlab.errors import CheckpointError, ConfigError, DataError, closest
 from lmlab.finetune import LoRAConfig, apply_lora, disabled_lora
-from lmlab.finetune.run import write_tuned_model
+from lmlab.finetune.run import keep_base_reference, write_tuned_model
 from lmlab.generate import SamplingParams, generate
 from lmlab.lm import LM, load
 from lmlab.models.contract import require_gradients
@@ -493,6 +494,7 @@ class _Run:
             if config.method == "lora":
                 self.reference = None
                 apply_lora(net, config.lora)
+                keep_base_reference(net, lm, config.method)  # checkpoints: LoRA + base reference
             else:
                 self.reference = copy.deepcopy(net).eval().requires_grad_(False)
                 net.requires_grad_(True)

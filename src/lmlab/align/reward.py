@@ -36,16 +36,24 @@ from torch import nn
 from lmlab.align.dpo import collate_pairs, load_pairs, prompt_messages
 from lmlab.align.heads import hidden_size
 from lmlab.align.losses import PairStats
+from lmlab.checkpoint.base import BASE_KEY, attach_base
 from lmlab.checkpoint.hf import save_chat_template
-from lmlab.checkpoint.io import load_weights, read_config, resolve_checkpoint, save_checkpoint
+from lmlab.checkpoint.io import (
+    finish_structures,
+    load_weights,
+    read_config,
+    rebuild_structures,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from lmlab.data.instructions import EncodedExample, Example, collate, encode_example, template_for
 from lmlab.data.preferences import PreferencePair, Prompt, load_preferences
 from lmlab.data.tokenizers import load_tokenizer
 from lmlab.errors import CheckpointError, DataError
 from lmlab.finetune import LoRAConfig, unload_lora
-from lmlab.finetune.run import check_method, prepare_method
+from lmlab.finetune.run import check_method, keep_base_reference, prepare_method
 from lmlab.finetune.sft import supervised_data
-from lmlab.lm import LM, load, template_beside
+from lmlab.lm import LM, load, load_base, template_beside
 from lmlab.models import build_model
 from lmlab.seeds import seeded
 from lmlab.train import TrainConfig, TrainResult, train
@@ -193,8 +201,14 @@ def load_reward_model(directory: str | Path) -> RewardModel:
             f"{str(ckpt)!r} is not a reward model (its config.json has no {HEAD_KEY!r}); "
             "a language model loads with lmlab.load"
         )
-    model = add_scalar_head(build_model(config["model"]))
+    where = str(ckpt / "config.json")
+    if config.get(BASE_KEY):  # LoRA: the trained tensors (LoRA, head) over a base model
+        plain = load_base(config, ckpt).model
+    else:
+        plain = build_model(config["model"])
+    model = rebuild_structures(add_scalar_head(plain), config, where)
     load_weights(model, ckpt)
+    model = finish_structures(model, config)
     return RewardModel(model.eval(), load_tokenizer(ckpt), template_beside(ckpt))
 
 
@@ -244,6 +258,7 @@ def train_reward_model(
     with seeded(config.seed):  # the new head (and LoRA weights): the run's seed fixes them
         rm = reward_model_from(lm)
         net = prepare_method(rm.model.train(), method, lora)
+    keep_base_reference(net, lm, method)  # LoRA checkpoints: LoRA, head and a base reference
     pad_id = rm._pad_id()
     train_pairs, val_pairs, skipped = load_pairs(lm, data, val_data, max_len)
     held_out = load_preferences(val_data) if val_data is not None else []
@@ -255,10 +270,11 @@ def train_reward_model(
         train_pairs, val_pairs, RewardLoss(), config, pad_id, collate_pairs
     )
     result = train(net, None, None, config, tokenizer=lm.tokenizer, supervised=supervised)
-    if method == "lora":
-        net = unload_lora(net, merge=True)
-    rm.model = net.eval()
     out = Path(config.out_dir)
+    model_dir = save_reward_model(rm, out / "model")  # LoRA: small, over its base
+    if method == "lora":
+        net = attach_base(unload_lora(net, merge=True), None)
+    rm.model = net.eval()
     done = RewardResult(
         result,
         method,
@@ -271,5 +287,5 @@ def train_reward_model(
         done.accuracy_after = reward_accuracy(rm, held_out)
     if result.train_losses:
         done.last = {"step": result.train_losses[-1][0], "loss": result.train_losses[-1][1]}
-    done.model_dir = save_reward_model(rm, out / "model")
+    done.model_dir = model_dir
     return done

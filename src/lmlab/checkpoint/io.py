@@ -81,6 +81,9 @@ class Structure:
     """model -> the JSON entry describing it, or a falsy value when the model has none."""
     rebuild: Callable[[nn.Module, Any, str], nn.Module]
     """(plain model, entry, where for errors) -> the model with the structure rebuilt."""
+    finish: Callable[[nn.Module, Any], nn.Module] | None = None
+    """(model with its weights loaded, entry) -> the model ``load_model`` returns (PEFT
+    folds LoRA over a float base into its weights here); None keeps it as it is."""
 
 
 # config.json key -> Structure. Filled once by the layer that owns the structure when it is
@@ -93,10 +96,58 @@ def register_structure(
     key: str,
     describe: Callable[[nn.Module], Any],
     rebuild: Callable[[nn.Module, Any, str], nn.Module],
+    finish: Callable[[nn.Module, Any], nn.Module] | None = None,
 ) -> None:
-    """Let checkpoints record (``describe``) and rebuild (``rebuild``) a structure under
-    ``key`` in config.json."""
-    _STRUCTURES[key] = Structure(describe, rebuild)
+    """Let checkpoints record (``describe``) and rebuild (``rebuild``, then ``finish`` once
+    the weights are in) a structure under ``key`` in config.json."""
+    _STRUCTURES[key] = Structure(describe, rebuild, finish)
+
+
+def rebuild_structures(model: nn.Module, config: dict[str, Any], where: str) -> nn.Module:
+    """``model`` with every registered structure that ``config`` records rebuilt around it."""
+    for key, structure in _STRUCTURES.items():
+        if config.get(key):
+            model = structure.rebuild(model, config[key], where)
+    return model
+
+
+def finish_structures(model: nn.Module, config: dict[str, Any]) -> nn.Module:
+    """``model`` (weights loaded) after each recorded structure's ``finish`` step."""
+    for key, structure in _STRUCTURES.items():
+        if config.get(key) and structure.finish is not None:
+            model = structure.finish(model, config[key])
+    return model
+
+
+# ----------------------------------------------------------------------------- base references
+
+BASE_KEY = "base"
+"""config.json's key for the base model a PEFT checkpoint adapts (``checkpoint.base``)."""
+_BASE_ATTRIBUTE = "lmlab_base"  # where ``attach_base`` keeps the entry on the family model
+
+
+def attach_base(model: nn.Module, entry: dict[str, Any] | None) -> nn.Module:
+    """Record on ``model`` the base it was loaded from (``checkpoint.base.base_entry``), so
+    that its checkpoints store only the parameters that require gradients plus this
+    reference; None forgets it. Returns ``model``."""
+    setattr(base_model(model), _BASE_ATTRIBUTE, entry)
+    return model
+
+
+def attached_base(model: nn.Module) -> dict[str, Any] | None:
+    """The base entry ``attach_base`` recorded on ``model``, or None."""
+    return getattr(base_model(model), _BASE_ATTRIBUTE, None)
+
+
+def trained_names(model: nn.Module) -> set[str]:
+    """State-dict names of ``model``'s tensors that require gradients (every name of a
+    tied one): what a checkpoint with a base reference stores."""
+    trained = {_view_key(p) for p in model.parameters() if p.requires_grad}
+    return {
+        name
+        for name, tensor in model.state_dict(keep_vars=True).items()
+        if tensor.numel() > 0 and _view_key(tensor) in trained
+    }
 
 
 # ----------------------------------------------------------------------------- saving
@@ -119,6 +170,10 @@ def save_checkpoint(
     strings, bools, None, lists, tuples and dicts (it is loaded with ``weights_only=True``).
     ``extra_config`` entries are added at the top level of config.json. An existing
     checkpoint at ``path`` is replaced.
+
+    A model with a base reference (``attach_base``: fine-tuning under PEFT) stores only
+    its tensors that require gradients, and the reference under ``"base"``;
+    ``lmlab.load`` loads the base and puts them back in.
     """
     path = Path(path)
     config = {
@@ -129,12 +184,16 @@ def save_checkpoint(
     for key, structure in _STRUCTURES.items():
         if entry := structure.describe(model):
             config[key] = entry
+    only = None
+    if base := attached_base(model):
+        config[BASE_KEY] = base
+        only = trained_names(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         _write_json(tmp / CONFIG_FILE, config)
-        _save_weights(tmp / WEIGHTS_FILE, model)
+        _save_weights(tmp / WEIGHTS_FILE, model, only)
         if tokenizer is not None:
             tokenizer.save(tmp)
         if train_state is not None:
@@ -170,8 +229,9 @@ def _tokenizer_config(tokenizer: Any | None) -> dict[str, Any] | None:
     return to_config() if callable(to_config) else {"kind": type(tokenizer).__name__}
 
 
-def _save_weights(file: Path, model: nn.Module) -> None:
-    """Save the state dict with safetensors, storing each tied tensor once.
+def _save_weights(file: Path, model: nn.Module, only: set[str] | None = None) -> None:
+    """Save the state dict (the names in ``only``, when given) with safetensors, storing
+    each tied tensor once.
 
     safetensors refuses tensors that share memory. Tied weights (GPT-2's token embedding
     and output projection are one Parameter under two names) are stored under their first
@@ -182,6 +242,8 @@ def _save_weights(file: Path, model: nn.Module) -> None:
     seen_views: set[tuple] = set()
     seen_storages: set[int] = set()
     for name, tensor in state.items():
+        if only is not None and name not in only:
+            continue
         if tensor.numel() > 0:
             view = _view_key(tensor)
             if view in seen_views:
@@ -326,7 +388,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def load_model(
-    path: str | os.PathLike, dtype: torch.dtype | None = None
+    path: str | os.PathLike, dtype: torch.dtype | None = None, base: nn.Module | None = None
 ) -> tuple[nn.Module, Any | None, dict[str, Any]]:
     """Rebuild the model saved at ``path`` -> ``(model, tokenizer or None, config dict)``.
 
@@ -334,28 +396,54 @@ def load_model(
     checkpoint is used). The model is built from config.json's ``"model"`` spec, filled
     from model.safetensors and put in eval mode. ``dtype`` casts it; by default it keeps
     the dtype the weights were saved in, so save then load is bit-exact.
+
+    A checkpoint with a base reference (``"base"``) holds only trained tensors: ``base``
+    must be that base model, loaded (``lmlab.load`` finds it, checks its hash and passes
+    it here); it is used in place, and the saved tensors go into it.
     """
     ckpt = resolve_checkpoint(path)
     config = read_config(ckpt)
-    check_spec_against_weights(config["model"], ckpt / WEIGHTS_FILE)
-    try:
-        model = build_model(config["model"])
-    except Exception as e:
-        raise CheckpointError(
-            f"{str(ckpt / CONFIG_FILE)!r}: cannot build the model from its spec: {e}"
-        ) from e
-    for key, structure in _STRUCTURES.items():
-        if config.get(key):
-            model = structure.rebuild(model, config[key], str(ckpt / CONFIG_FILE))
+    where = str(ckpt / CONFIG_FILE)
+    if config.get(BASE_KEY):
+        model = _checked_base(base, config, where)
+    else:
+        check_spec_against_weights(config["model"], ckpt / WEIGHTS_FILE)
+        try:
+            model = build_model(config["model"])
+        except Exception as e:
+            raise CheckpointError(f"{where!r}: cannot build the model from its spec: {e}") from e
+    model = rebuild_structures(model, config, where)
     if dtype is None:
         dtype = _saved_float_dtype(ckpt / WEIGHTS_FILE)
     if dtype is not None:
         model.to(dtype)
     load_weights(model, ckpt)
+    model = finish_structures(model, config)
     model.eval()
     tokenizer = find_tokenizer(ckpt)
     check_tokenizer_fits(tokenizer, model, str(ckpt))
     return model, tokenizer, config
+
+
+def _checked_base(base: nn.Module | None, config: dict[str, Any], where: str) -> nn.Module:
+    """The base model given for a checkpoint with a base reference, after checking that
+    it is the model the checkpoint's spec describes."""
+    source = config[BASE_KEY].get("source") if isinstance(config[BASE_KEY], dict) else None
+    if base is None:
+        raise CheckpointError(
+            f"{where!r} holds only the tensors trained over its base {source!r}; load it with "
+            "lmlab.load, which loads the base too"
+        )
+    spec = json.loads(json.dumps(model_spec(base_model(base))))  # tuples -> lists, as saved
+    if spec != config["model"]:
+        diff = sorted(
+            k for k in set(spec) | set(config["model"]) if spec.get(k) != config["model"].get(k)
+        )
+        raise CheckpointError(
+            f"{where!r}: its base {source!r} is not the model it was trained on (differs in "
+            f"{', '.join(diff)})"
+        )
+    return base
 
 
 def check_tokenizer_fits(tokenizer: Any | None, model: nn.Module, where: str) -> None:
@@ -431,9 +519,14 @@ def load_weights(model: nn.Module, ckpt: str | os.PathLike) -> None:
     ones were copied: a caller that catches it must not use ``model``).
     Floating-point tensors are cast to the model's dtype. Parameters keep their identity
     (an optimizer built on them stays valid) and tied weights stay tied.
+
+    A checkpoint with a base reference holds only trained tensors: the model's other
+    tensors keep their values (the base's), and a model that records another base
+    (``attach_base``: a resumed fine-tuning run) is refused, naming both hashes.
     """
     file = Path(ckpt) / WEIGHTS_FILE
     header = read_safetensors_header(file)
+    partial = _check_same_base(model, ckpt)
     state = model.state_dict()
     # Tied names (stored once at save) map to the first name of their group.
     first_name: dict[tuple, str] = {}
@@ -450,6 +543,8 @@ def load_weights(model: nn.Module, ckpt: str | os.PathLike) -> None:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for names in source.values():
                 stored = next((n for n in names if n in header), None)
+                if stored is None and partial:
+                    continue  # a base tensor: the model already holds it
                 if stored is None:
                     raise CheckpointError(
                         f"{str(file)!r} has no tensor {names[0]!r}, which the model needs"
@@ -473,6 +568,22 @@ def load_weights(model: nn.Module, ckpt: str | os.PathLike) -> None:
             f"{str(file)!r} has tensors the model does not have: {', '.join(unexpected[:5])}"
             + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
         )
+
+
+def _check_same_base(model: nn.Module, ckpt: str | os.PathLike) -> bool:
+    """Whether checkpoint ``ckpt`` holds only trained tensors over a base; refuses one whose
+    base differs from the base recorded on ``model``."""
+    entry = read_config(ckpt).get(BASE_KEY)
+    if not entry:
+        return False
+    mine = attached_base(model)
+    if mine is not None and isinstance(entry, dict) and mine.get("sha256") != entry.get("sha256"):
+        raise CheckpointError(
+            f"{str(ckpt)!r} was trained over base {entry.get('source')!r} (weights sha256 "
+            f"{entry.get('sha256')}), this model over {mine.get('source')!r} (sha256 "
+            f"{mine.get('sha256')}); give the base the checkpoint was trained on"
+        )
+    return True
 
 
 def is_finite(tensor: torch.Tensor) -> bool:

@@ -29,6 +29,12 @@ def add_arguments(parser: ArgumentParser) -> None:
         "(Llama-layout models)",
     )
     parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="hf: write quantized layers (QLoRA's NF4 base, a quantized checkpoint) "
+        "dequantized to float32 with LoRA merged in",
+    )
+    parser.add_argument(
         "--gguf_type",
         type=Literal["f32", "f16", "q8_0", "q4_0"],
         default="f16",
@@ -41,7 +47,7 @@ def run(args) -> None:
         out, notes = api.export_gguf(args.model, args.out, args.gguf_type)
         print(f"wrote {out} ({args.gguf_type}; run it with llama.cpp, or lmlab.load)")
     else:
-        out, notes = api.export_hf(args.model, args.out)
+        out, notes = api.export_hf(args.model, args.out, merge=args.merge)
         print(f"wrote {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
     for note in notes:
         print(f"note: {note}")

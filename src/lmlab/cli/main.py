@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("lmlab.cli.finetune", "fine-tune a model on instruction data (full, LoRA, ...)"),
     "ppo": ("lmlab.cli.ppo", "PPO (RLHF) against a reward on task prompts"),
     "export": ("lmlab.cli.export", "write a model as a Hugging Face folder or a GGUF file"),
+    "quantize": ("lmlab.cli.quantize", "write a model quantized to int8, int4 or nf4"),
     "rank": ("lmlab.cli.rank", "rank a model's replies in the terminal into preference pairs"),
     "judge": ("lmlab.cli.judge", "preference pairs from an AI judge and a constitution (RLAIF)"),
     "reward": ("lmlab.cli.reward", "train a reward model on preference pairs (Bradley-Terry)"),

@@ -9,7 +9,13 @@ method, trains with the foundation trainer (``supervised=``), and writes to ``ou
 - ``checkpoints/``: the trainer's checkpoints (for an exact resume);
 - ``adapter/`` for LoRA and QLoRA: only A and B and their config (``load_adapter``);
 - ``model/``: the fine-tuned model as an lmlab checkpoint with its tokenizer and chat
-  template, LoRA merged in (``lmlab.load(out_dir + "/model")``, ``lmlab chat``).
+  template (``lmlab.load(out_dir + "/model")``, ``lmlab chat``).
+
+Every method but full and kl trains a small part of the model: its checkpoints (the
+trainer's and ``model/``) store only the tensors that train plus a reference to the base
+(``lmlab.checkpoint.base``: the name or path given as ``model`` and the sha256 of its weight
+files), and ``lmlab.load`` rebuilds base plus tuned tensors (QLoRA: the base quantized to
+NF4 as here; LoRA merged in, as the run's own ``result.lm``).
 
 Methods: ``full`` (every weight), ``kl`` (full, plus beta KL(policy || the frozen
 original) per response token), ``lora``, ``qlora`` (LoRA over an NF4-quantized frozen base),
@@ -27,6 +33,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lmlab.checkpoint.base import attach_base, base_entry
 from lmlab.checkpoint.hf import save_chat_template
 from lmlab.checkpoint.io import save_checkpoint
 from lmlab.data.instructions import (
@@ -61,6 +68,7 @@ from lmlab.seeds import seeded
 from lmlab.train import TrainConfig, TrainResult, train
 
 METHODS = ("full", "kl", "lora", "qlora", "adapter", "prompt", "prefix", "bitfit", "selective")
+_WHOLE = ("full", "kl")  # methods that train every weight: their checkpoints hold them all
 _WRAPPING = ("prompt", "prefix")  # methods that wrap the model (no packed rows)
 
 
@@ -180,6 +188,7 @@ def finetune(
     init_ids = lm.tokenizer.encode(prompt_init) if prompt_init else None
     with seeded(config.seed):  # LoRA, adapter, soft-prompt weights: the run's seed fixes them
         net = prepare_method(net, method, lora, bottleneck, n_virtual, init_ids, select)
+    keep_base_reference(net, lm, method)
     trainable, total, _ = trainable_parameters(net)
     loss = kl_sft_loss(reference, beta) if method == "kl" else sft_loss
     supervised = supervised_data(train_enc, val_enc, loss, config, pad_id)
@@ -192,10 +201,18 @@ def finetune(
     done.adapter_dir, done.model_dir = write_tuned_model(net, lm, out, method)
     if method == "qlora":
         done.notes.append(
-            "QLoRA's base is NF4: the adapter (adapter/) applies to the float model too; "
-            "no merged float checkpoint is written"
+            "QLoRA's base is NF4: lmlab.load(model/) quantizes the base as here; the adapter "
+            "(adapter/) applies to the float model too, and `lmlab export --merge` merges it "
+            "into the dequantized base"
         )
     return done
+
+
+def keep_base_reference(net: nn.Module, lm: LM, method: str) -> None:
+    """Record on ``net`` the source ``lm`` was loaded from (``checkpoint.base``) unless
+    ``method`` trains every weight, so that its checkpoints hold only what trains."""
+    source = lm.config.get("loaded_from")
+    attach_base(net, base_entry(source) if source and method not in _WHOLE else None)
 
 
 def _check_packable(method: str, model: nn.Module) -> None:
@@ -240,21 +257,22 @@ def write_tuned_model(
 ) -> tuple[Path | None, Path | None]:
     """Write a tuned ``net`` under ``out_dir``, hand it to ``lm`` -> (adapter_dir, model_dir).
 
-    LoRA and QLoRA write ``adapter/`` (A and B only, ``load_adapter``); LoRA is then merged
-    in, and every method but QLoRA (whose base is NF4) writes ``model/``: an lmlab
-    checkpoint with the tokenizer and chat template (``lmlab.load``, ``lmlab chat``).
+    LoRA and QLoRA write ``adapter/`` (A and B only, ``load_adapter``). Every method writes
+    ``model/``: an lmlab checkpoint with the tokenizer and chat template (``lmlab.load``,
+    ``lmlab chat``), holding only the trained tensors when ``net`` records its base. LoRA
+    is then merged into the model handed to ``lm`` (which forgets its base: every weight
+    of it is now tuned).
     """
-    adapter_dir = model_dir = None
+    adapter_dir = None
     if method in ("lora", "qlora"):
         adapter_dir = save_adapter(net, out_dir / "adapter")
+    model_dir = out_dir / "model"
+    save_checkpoint(model_dir, net, tokenizer=lm.tokenizer)
+    if lm.chat_template is not None:
+        save_chat_template(lm.chat_template, model_dir)
     if method == "lora":
-        net = unload_lora(net, merge=True)
+        net = attach_base(unload_lora(net, merge=True), None)
     lm.model = net.eval()
-    if method != "qlora":
-        model_dir = out_dir / "model"
-        save_checkpoint(model_dir, net, tokenizer=lm.tokenizer)
-        if lm.chat_template is not None:
-            save_chat_template(lm.chat_template, model_dir)
     return adapter_dir, model_dir
 
 

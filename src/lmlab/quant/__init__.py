@@ -7,6 +7,7 @@ from lmlab.quant.int4 import Float32Head, Int4Linear, int4_kernel_available
 from lmlab.quant.int8 import Int8Linear, int8_kernel_available
 from lmlab.quant.nf4 import NF4_CODE, NF4Linear, normal_float_code
 from lmlab.quant.quantize import (
+    dequantize_model,
     model_size_bytes,
     quantization_config,
     quantize_model,
@@ -17,6 +18,7 @@ __all__ = [
     "Float32Head",
     "Int4Linear",
     "Int8Linear",
+    "dequantize_model",
     "NF4Linear",
     "int4_kernel_available",
     "int8_kernel_available",

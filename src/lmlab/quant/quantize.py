@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lmlab.errors import ConfigError, closest
 from lmlab.quant.int4 import Int4Linear
@@ -66,6 +67,7 @@ def quantize_model(
     targets: Iterable[str] | None = None,
     skip: Iterable[str] = ("lm_head",),
     dtype: torch.dtype | None = None,
+    progress: bool = False,
     **options: Any,
 ) -> nn.Module:
     """Replace ``model``'s ``nn.Linear`` layers by quantized ones, in place; returns it.
@@ -80,7 +82,8 @@ def quantize_model(
     ``dtype`` casts the rest of the model (embeddings, norms, the head) to a float dtype,
     e.g. bf16, the dtype the int8 and int4 kernels compute in. Use it instead of calling
     ``model.to(dtype)`` afterwards, which would also round the quantized layers' float32
-    scales. The quantized layers return their input's dtype.
+    scales. The quantized layers return their input's dtype. ``progress`` shows a bar
+    (one tick per layer).
     """
     if method not in METHODS:
         raise ConfigError(
@@ -106,10 +109,27 @@ def quantize_model(
     ]
     if targets is not None and not chosen:
         raise ConfigError(f"no nn.Linear layer of the model matches targets {list(targets)}")
-    for name in chosen:
+    for name in tqdm(chosen, desc=f"quantizing to {method}", unit="layer", disable=not progress):
         set_submodule(model, name, cls.from_float(model.get_submodule(name), **options))
     if dtype is not None:
         _cast_dense(model, dtype)
+    return model
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace every quantized layer of ``model`` by the ``nn.Linear`` holding its
+    dequantized weight (in ``dtype``), in place; returns ``model``. The inverse of
+    ``quantize_model`` up to the quantization error: the dense model computes what the
+    quantized one does, up to float rounding."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QUANTIZED_LAYERS)]
+    for name, layer in layers:
+        dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        dense = dense.to(device=layer.qweight.device, dtype=dtype).requires_grad_(False)
+        with torch.no_grad():
+            dense.weight.copy_(layer.dequantize(dtype))
+            if layer.bias is not None:
+                dense.bias.copy_(layer.bias)
+        set_submodule(model, name, dense)
     return model
 
 
