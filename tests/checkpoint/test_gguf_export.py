@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import lmlab
+from lmlab.api import quantize
 from lmlab.checkpoint.gguf import unpermute_rotary
 from lmlab.checkpoint.gguf_export import GGUF_TYPES, permute_rotary, save_gguf
 from lmlab.cli.main import main
@@ -17,6 +18,7 @@ from lmlab.data.chat import ChatTemplate
 from lmlab.data.tokenizers import BPETokenizer, ByteTokenizer, CharTokenizer
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.models import build_model, get_preset, model_spec
+from lmlab.quant import quantize_model
 
 Q = gguf.GGMLQuantizationType
 CHATML = (
@@ -286,3 +288,15 @@ def test_llama_cpp_runs_the_file_with_lmlabs_greedy_tokens(kind, tokenizer, tmp_
         if len(theirs) == len(ours):
             break
     assert theirs == ours
+
+
+def test_lmlab_quantize_takes_a_gguf_file(tokenizer, tmp_path):
+    """A .gguf file is an input of ``lmlab quantize`` like any other: the folder it writes
+    loads with the logits of the GGUF model quantized in memory, exactly."""
+    file = save_gguf(tiny(), tmp_path / "tiny.gguf", tokenizer, gguf_type="f32")[0]
+    path, sizes = quantize(str(file), "int8", tmp_path / "q")
+    assert sizes["after"] < sizes["before"]
+    want = quantize_model(lmlab.load(file, dtype="float32").model, "int8").eval()
+    ids = torch.randint(0, 300, (1, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(lmlab.load(path).model(ids), want(ids), rtol=0, atol=0)
