@@ -44,6 +44,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "evaluate a model on tasks (multiple choice, pairs, perplexity, ...)",
     ),
     "report": ("lmlab.cli.report", "evaluation reports of one or more models, side by side"),
+    "agent": ("lmlab.cli.agent", "a ReAct agent with tools (search, lookup, calculator, python)"),
 }
 
 
