@@ -1,6 +1,7 @@
 """Small lmlab models and run helpers shared by several test files (import:
 ``from builders import ...``)."""
 
+import json
 import subprocess
 import sys
 import time
@@ -42,3 +43,12 @@ def start_lmlab(argv, out_dir, event):
             pytest.fail(f"lmlab {argv[0]} did not start: {proc.communicate()}")
         time.sleep(0.1)
     return proc
+
+
+def send_json(handler, reply, status=200):
+    """Answer a request of a fake HTTP server (a ``BaseHTTPRequestHandler``) with JSON."""
+    data = json.dumps(reply).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)

@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
+from builders import send_json
 from lmlab.cli.main import main
 from lmlab.data.documents import documents, example_questions, multihop_questions
 from lmlab.data.tokenizers import ByteTokenizer
@@ -260,11 +261,7 @@ class Scripted(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         content = Scripted.oracle.chat(body["messages"])
-        data = json.dumps({"choices": [{"message": {"content": content}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, {"choices": [{"message": {"content": content}}]})
 
     def log_message(self, *args):
         pass
@@ -306,9 +303,9 @@ def test_smollm2_runs_the_loop_end_to_end(tmp_path):
     import lmlab
 
     model = LMCompleter(lmlab.load("smollm2", dtype="auto"), name="smollm2")
-    items = multihop_questions(2)
+    items = multihop_questions(1)
     for layout in ("chat", "complete"):
-        agent = Agent(model, "search,lookup", max_steps=2, layout=layout, max_tokens=48)
+        agent = Agent(model, "search,lookup", max_steps=2, layout=layout, max_tokens=32)
         result = evaluate_agent(agent, items, progress=False)
         save_traces(result.traces, tmp_path / f"{layout}.jsonl")
         for trace in load_traces(tmp_path / f"{layout}.jsonl"):

@@ -43,7 +43,7 @@ def add_arguments(parser: ArgumentParser) -> None:
     parser.add_argument("--max_tokens", type=int, default=96, help="new tokens per step at most")
     parser.add_argument("--layout", type=str, default="auto",
                         help="complete (one plain prompt), chat (conversation turns) or auto: "
-                        "chat when the model has a chat template or is served")  # fmt: skip
+                        "complete for a local model, chat for a served one")  # fmt: skip
     parser.add_argument("--search", type=str, default="bm25",
                         help="how search ranks: " + ", ".join(METHODS))  # fmt: skip
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
@@ -69,8 +69,11 @@ def _model(args):
         raise ConfigError("give --model (a model to load, or the served model's name) or --replay")
     if args.base_url:
         return OpenAICompleter(args.base_url, args.model), "chat"
-    lm = api.load(args.model, dtype=args.dtype, device=args.device)
-    return LMCompleter(lm, name=args.model), "chat" if lm.chat_template else "complete"
+    # A local model gets the plain layout: SmolLM2-135M-Instruct keeps the format there and
+    # loses it in chat turns (lesson 17).
+    return LMCompleter(
+        api.load(args.model, dtype=args.dtype, device=args.device), args.model
+    ), "complete"
 
 
 def _layout(requested: str, natural: str) -> str:
