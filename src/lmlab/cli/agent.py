@@ -125,7 +125,7 @@ def _evaluate(agent: Agent, model, args, out: Path) -> None:
     if args.limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {args.limit}")
     if args.eval == "multihop":
-        items = multihop_questions(args.limit, seed=args.seed)
+        items = multihop_questions(args.limit)  # about the bundled world, which search reads
     else:
         items = word_problems(args.limit, seed=args.seed)
     result = evaluate_agent(agent, items, seed=args.seed)
