@@ -260,7 +260,11 @@ class Scripted(BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        content = Scripted.oracle.chat(body["messages"])
+        messages = body["messages"]
+        if messages[0]["content"].startswith("Answer the question with a short answer"):
+            content = Scripted.oracle.items[messages[-1]["content"]]["answer"]  # direct
+        else:
+            content = Scripted.oracle.chat(messages)
         send_json(self, {"choices": [{"message": {"content": content}}]})
 
     def log_message(self, *args):
@@ -286,6 +290,31 @@ def test_lmlab_agent_against_a_server_then_replayed(tmp_path):
         assert main(["agent", "--replay", str(tmp_path / "trace.jsonl")]) == 0
     assert "replay: identical to the recording" in out.getvalue()
     assert load_traces(tmp_path / "replay.jsonl") == load_traces(tmp_path / "trace.jsonl")
+
+
+def test_lmlab_agent_eval_scores_react_and_direct_answers(tmp_path):
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    argv = ["agent", "--model", "gold", "--base_url", url, "--eval", "multihop", "--limit", "3"]
+    out = io.StringIO()
+    try:
+        with redirect_stdout(out):
+            assert (
+                main(
+                    [*argv, "--tools", "search,lookup", "--direct", "true", "--out", str(tmp_path)]
+                )
+                == 0
+            )
+    finally:
+        httpd.shutdown()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [(s["method"], s["correct"], s["n"]) for s in summary["scores"]] == [
+        ("react (chat)", 3, 3),
+        ("direct (chat)", 3, 3),
+    ]
+    assert "react (chat): 1.000 (3/3), 95% CI [1.000, 1.000]" in out.getvalue()
+    assert len(load_traces(tmp_path / "trace.jsonl")) == 3 and summary["well_formed"] == 1.0
 
 
 def test_lmlab_agent_mistakes_are_one_line(capsys):
