@@ -15,6 +15,7 @@ from builders import send_json
 from lmlab.cli.main import main
 from lmlab.data.documents import documents, example_questions, multihop_questions
 from lmlab.data.tokenizers import ByteTokenizer
+from lmlab.data.word_problems import word_problems
 from lmlab.errors import ConfigError, DataError
 from lmlab.lm import LM
 from lmlab.models import build_model, get_preset
@@ -164,12 +165,12 @@ def test_examples_follow_the_tools():
 # ----------------------------------------------------------------------------- traces and replay
 
 
-def tiny_byte_lm():
-    """A random 1-layer byte-level GPT whose context holds the calculator prompt."""
+def tiny_byte_lm(context=1024):
+    """A random 1-layer byte-level GPT (by default its context holds the calculator prompt)."""
     torch.manual_seed(0)
     tok = ByteTokenizer()
     spec = {**get_preset("gpt-char-tiny"), "vocab_size": tok.vocab_size, "n_layers": 1,
-            "d_model": 32, "n_heads": 2, "d_ff": 64, "max_seq_len": 1024}  # fmt: skip
+            "d_model": 32, "n_heads": 2, "d_ff": 64, "max_seq_len": context}  # fmt: skip
     return LM(build_model(spec).eval(), tok)
 
 
@@ -183,6 +184,13 @@ def test_a_real_model_run_saves_and_replays_identically(tmp_path):
     assert loaded == [trace]
     again = replay(loaded[0])
     assert again == trace
+
+
+def test_a_prompt_past_the_context_ends_the_run_with_its_reason():
+    model = LMCompleter(tiny_byte_lm(context=64), name="tiny")
+    trace = Agent(model, "calculator", max_steps=2, max_tokens=4).run("What is 6 times 7?")
+    assert trace.steps == [] and trace.answer is None and trace.stopped == "error"
+    assert "could not go on" in trace.reason and "No answer" in render_text(trace)
 
 
 def test_a_scripted_run_replays_identically_and_a_changed_world_shows(tmp_path, library):
@@ -248,6 +256,18 @@ def test_evaluate_agent_scores_the_oracle_perfectly_and_a_guesser_at_zero(librar
         ReplayCompleter([q["answer"] + "." for q in items[:3]] + ["no"] * 3), items, progress=False
     )
     assert direct.correct == 3 and answers[0] == items[0]["answer"]
+
+
+def test_word_problems_are_scored_by_their_number():
+    problem = word_problems(1, seed=2)[0]
+    replies = [
+        "I compute.\nAction: calculator[2 * 3]",
+        f"So.\nAction: finish[{problem['answer']}.0]",
+    ]
+    agent = Agent(ReplayCompleter(replies * 2), "calculator,python")
+    assert evaluate_agent(agent, [problem], progress=False).score.correct == 1
+    wrong = {**problem, "answer": str(int(problem["answer"]) + 1)}
+    assert evaluate_agent(agent, [wrong], progress=False).score.correct == 0
 
 
 # ----------------------------------------------------------------------------- lmlab agent
