@@ -250,6 +250,7 @@ def test_evaluate_agent_scores_the_oracle_perfectly_and_a_guesser_at_zero(librar
     result = evaluate_agent(Agent(Oracle(), "search,lookup", **library), items, progress=False)
     assert result.score.accuracy == 1.0 and result.well_formed == 1.0 and result.finished == 1.0
     assert result.actions["finish"] == 6 and all(t.meta["correct"] for t in result.traces)
+    assert f"reference: {items[0]['answer']} (right)" in render_text(result.traces[0])
     guesser = Agent(ReplayCompleter(["Action: finish[Nowhere]"] * 6), "search,lookup", **library)
     assert evaluate_agent(guesser, items, progress=False).score.accuracy == 0.0
     direct, answers = answer_directly(

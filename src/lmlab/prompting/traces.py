@@ -116,8 +116,13 @@ def _action(step: Step) -> str:
 
 def _ending(trace: Trace) -> str:
     if trace.stopped == "finish":
-        return f"Answer: {trace.answer}  (finished after {len(trace.steps)} steps)"
-    return f"No answer: {trace.reason}"
+        ending = f"Answer: {trace.answer}  (finished after {len(trace.steps)} steps)"
+    else:
+        ending = f"No answer: {trace.reason}"
+    if "reference" in trace.meta:  # an evaluation's verdict
+        verdict = "right" if trace.meta.get("correct") else "wrong"
+        ending += f"; reference: {trace.meta['reference']} ({verdict})"
+    return ending
 
 
 def render_text(trace: Trace, width: int = 100) -> str:
