@@ -1,6 +1,7 @@
 """Small lmlab models and run helpers shared by several test files (import:
 ``from builders import ...``)."""
 
+import json
 import subprocess
 import sys
 import time
@@ -54,3 +55,10 @@ def tensorboard_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
     return {
         tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
     }
+def send_json(handler, reply, status=200):
+    """Answer a request of a fake HTTP server (a ``BaseHTTPRequestHandler``) with JSON."""
+    data = json.dumps(reply).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)

@@ -176,6 +176,7 @@ OUT_FLAGS = ("--train.out_dir", "--ppo.out_dir", "--out_dir")
 INSTRUCTED = {"chat", "rank", "judge", "reward", "dpo", "ppo"}
 SLOW = {"demo", "compare", "finetune", "dpo", "ppo", "reward", "judge", "rank", "eval", "report"}
 SLOW |= {"prompt", "icl"}
+SLOW |= {"agent"}  # and a --replay line reads what the agent line of its block recorded
 # flag -> commands whose value for it names a model to read (a path, or a pretrained name)
 MODEL_FLAGS = {
     "--ckpt": {"generate"},
@@ -203,6 +204,7 @@ MODEL_FLAGS = {
     "--policy": {"judge"},
     "--models": {"report"},
 }
+MODEL_FLAGS["--model"] |= {"agent"}
 
 
 def _set(argv: list[str], flag: str, value: str | None) -> list[str]:
@@ -269,6 +271,9 @@ def shrink(argv: list[str]) -> list[str]:
         for flag, value in [("--limit", "1"), ("--samples", "2"), ("--max_new_tokens", "4")]:
             argv = _set(argv, flag, value)
         argv = _set(argv, "--progress", "false")
+    elif command == "agent":
+        for flag, value in [("--max_steps", "2"), ("--max_tokens", "16"), ("--limit", "2")]:
+            argv = _set(argv, flag, value) if "--replay" not in argv else argv
     elif command == "rank":
         argv = _set(_set(argv, "--samples", "2"), "--max_new_tokens", "4")
     elif command == "attribute":

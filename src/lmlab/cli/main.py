@@ -62,6 +62,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "patch": ("lmlab.cli.patch", "activation patching sweeps on clean/corrupted prompts"),
     "trace": ("lmlab.cli.trace", "causal tracing: noise the subject, restore states one by one"),
     "probe": ("lmlab.cli.probe", "linear and MLP probes per layer, with control tasks"),
+    "agent": ("lmlab.cli.agent", "a ReAct agent with tools (search, lookup, calculator, python)"),
 }
 
 
