@@ -55,6 +55,8 @@ def tensorboard_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
     return {
         tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
     }
+
+
 def send_json(handler, reply, status=200):
     """Answer a request of a fake HTTP server (a ``BaseHTTPRequestHandler``) with JSON."""
     data = json.dumps(reply).encode()

@@ -120,6 +120,8 @@ def export_gguf(
     """
     lm = load(model, device="cpu")
     return save_gguf(lm.model, out_file, lm.tokenizer, lm.chat_template, gguf_type)
+
+
 def _has_quantized_or_lora(model) -> bool:
     return any(isinstance(m, (*QUANTIZED_LAYERS, LoRALinear)) for m in model.modules())
 

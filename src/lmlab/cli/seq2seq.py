@@ -3,17 +3,12 @@ then score it on held-out pairs with teacher forcing and free running (exposure 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from jsonargparse import ArgumentParser
 
-import lmlab
-from lmlab.data.seq2seq_tasks import TASKS, Seq2SeqVocab, seq2seq_pairs
-from lmlab.eval.seq2seq import evaluate_seq2seq
-from lmlab.fileio import atomic_write_text
+from lmlab.cli.args import add_log_arguments, log_config, options
+from lmlab.data.seq2seq_tasks import TASKS
+from lmlab.eval.seq2seq import train_and_score
 from lmlab.train import TrainConfig
-from lmlab.train.seq2seq import train_seq2seq
 
 
 def add_arguments(parser: ArgumentParser) -> None:
@@ -25,7 +20,8 @@ def add_arguments(parser: ArgumentParser) -> None:
     parser.add_argument(
         "--num_beams", type=int, default=1, help="beam width of free-running decoding"
     )
-    parser.add_class_arguments(TrainConfig, "train", help="the trainer's settings")
+    parser.add_class_arguments(TrainConfig, "train", skip={"log"}, help="the trainer's settings")
+    add_log_arguments(parser)
     parser.set_defaults(
         {
             "train.out_dir": "runs/seq2seq",
@@ -37,15 +33,9 @@ def add_arguments(parser: ArgumentParser) -> None:
 
 
 def run(args) -> None:
-    config = TrainConfig(**vars(args.train))
-    result = train_seq2seq(args.task, args.model, config)
-    model = lmlab.load(config.out_dir).model
-    vocab = Seq2SeqVocab.for_task(args.task)
-    held_out = seq2seq_pairs(args.task, args.eval_n, seed=-1_000_000 - config.seed)
-    scores = evaluate_seq2seq(model, vocab, held_out, num_beams=args.num_beams)
-    scores = {"task": args.task, "steps": result.step, "wall_s": result.wall_time_s, **scores}
-    atomic_write_text(Path(config.out_dir) / "seq2seq.json", json.dumps(scores, indent=2) + "\n")
-    print(f"trained {result.step} steps in {result.wall_time_s:.0f} s on {args.task}")
+    config = TrainConfig(**options(args.train), log=log_config(args))
+    scores = train_and_score(args.task, args.model, args.eval_n, args.num_beams, config)
+    print(f"trained {scores['steps']} steps in {scores['wall_s']:.0f} s on {args.task}")
     print(
         f"teacher forcing: token accuracy {scores['tf_token_acc']:.3f}, whole target {scores['tf_exact']:.3f}"
     )

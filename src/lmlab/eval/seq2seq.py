@@ -14,16 +14,20 @@ mistake can derail the rest: the gap between the two is exposure bias (Ranzato e
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmlab.data.seq2seq_tasks import EOS, Seq2SeqVocab
+from lmlab.checkpoint.io import load_model
+from lmlab.data.seq2seq_tasks import EOS, Seq2SeqVocab, seq2seq_pairs
 from lmlab.eval.text import bleu, chrf
+from lmlab.fileio import atomic_write_json
 from lmlab.generate.params import SamplingParams
 from lmlab.generate.seq2seq import seq2seq_generate
 from lmlab.models.seq2seq import Seq2Seq
-from lmlab.train.seq2seq import IGNORE, collate_pairs
+from lmlab.train import TrainConfig
+from lmlab.train.seq2seq import IGNORE, collate_pairs, train_seq2seq
 
 
 @torch.inference_mode()
@@ -75,3 +79,23 @@ def evaluate_seq2seq(
             {"source": s, "target": t, "output": o} for (s, t), o in list(zip(pairs, outputs))[:5]
         ],
     }
+
+
+def train_and_score(
+    task: str = "reverse",
+    model: str = "seq2seq-tiny",
+    eval_n: int = 500,
+    num_beams: int = 1,
+    config: TrainConfig | None = None,
+) -> dict[str, Any]:
+    """Train an encoder-decoder on ``task`` (``train_seq2seq``), score it on ``eval_n``
+    held-out pairs (seeds the training stream never draws) with and without teacher
+    forcing, and write ``seq2seq.json`` into the run folder -> the scores."""
+    config = config or TrainConfig(out_dir="runs/seq2seq")
+    result = train_seq2seq(task, model, config)
+    trained = load_model(config.out_dir)[0]
+    held_out = seq2seq_pairs(task, eval_n, seed=-1_000_000 - config.seed)
+    scores = evaluate_seq2seq(trained, Seq2SeqVocab.for_task(task), held_out, num_beams=num_beams)
+    scores = {"task": task, "steps": result.step, "wall_s": result.wall_time_s, **scores}
+    atomic_write_json(Path(config.out_dir) / "seq2seq.json", scores)
+    return scores

@@ -206,9 +206,4 @@ def _result(returncode, stdout, stderr, why, seconds, limits) -> SandboxResult:
     return SandboxResult(data["status"], data["answer"], data["stdout"], data["error"], **common)
 
 
-def sandbox_available() -> list[str]:
-    """The isolation layers this machine gives (runs ``pass`` once)."""
-    return list(run_python("pass").isolation)
-
-
-__all__ = ["Limits", "SandboxResult", "run_python", "sandbox_available"]
+__all__ = ["Limits", "SandboxResult", "run_python"]

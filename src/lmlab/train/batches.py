@@ -154,3 +154,41 @@ def fixed_batches(
     picked = torch.arange(wanted, dtype=torch.long) * n_windows // wanted
     windows = gather_windows(tokens, picked * seq_len, seq_len + 1)
     return list(windows.split(batch_size))
+
+
+class IndexedBatches:
+    """Supervised batches that are a function of their index alone (``batch(index)``,
+    drawn from the run's seed and the index), so a checkpoint's whole data state is the
+    index and resume is exact. Subclasses define ``batch``."""
+
+    index = 0
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        self.index += 1
+        return self.batch(self.index - 1)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.index = int(state["index"])
+
+
+class MetricMeans:
+    """The means of named numbers a supervised loss saw since the last ``metrics`` call,
+    training and evaluation batches apart (the trainer evaluates without gradients)."""
+
+    def __init__(self):
+        self._seen: dict[bool, list[dict[str, torch.Tensor]]] = {True: [], False: []}
+
+    def add(self, training: bool, **values: torch.Tensor) -> None:
+        self._seen[training].append({k: v.detach().float() for k, v in values.items()})
+
+    def metrics(self, training: bool) -> dict[str, float]:
+        seen, self._seen[training] = self._seen[training], []
+        if not seen:
+            return {}
+        return {k: torch.stack([s[k] for s in seen]).mean().item() for k in seen[0]}

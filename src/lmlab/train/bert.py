@@ -22,6 +22,7 @@ from lmlab.data.tokenizers import BPETokenizer
 from lmlab.errors import ConfigError
 from lmlab.models import build_model, get_preset
 from lmlab.seeds import seeded
+from lmlab.train.batches import IndexedBatches, MetricMeans
 from lmlab.train.config import TrainConfig
 from lmlab.train.metrics import read_metrics
 from lmlab.train.run import RunLock, StopSignals, ensure_run_dir
@@ -71,7 +72,7 @@ def documents_from_text(text: str, tokenizer: Any) -> list[list[list[int]]]:
     return documents
 
 
-class PairBatches:
+class PairBatches(IndexedBatches):
     """Masked next-sentence batches drawn afresh for each batch index from ``(seed, index)``
     alone, so a resumed run draws exactly what it would have (``state_dict``: the index)."""
 
@@ -86,7 +87,7 @@ class PairBatches:
         whole_word: bool = False,
     ):
         self.documents, self.batch_size, self.max_len = documents, batch_size, max_len
-        self.vocab_size, self.seed, self.rate, self.index = vocab_size, seed, rate, 0
+        self.vocab_size, self.seed, self.rate = vocab_size, seed, rate
         if whole_word:
             raise ConfigError(
                 "whole-word masking needs word boundaries; this corpus path gives none yet"
@@ -114,16 +115,6 @@ class PairBatches:
             "nsp_labels": packed.nsp_labels,
         }
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        self.index += 1
-        return self.batch(self.index - 1)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"index": self.index}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.index = int(state["index"])
-
 
 PAD_ID, CLS_ID, SEP_ID, MASK_ID = range(4)
 
@@ -134,7 +125,8 @@ class PretrainingLoss:
     accuracy reported in the ``train`` and ``eval`` events."""
 
     def __init__(self):
-        self._seen = {True: [], False: []}
+        self.means = MetricMeans()
+        self.metrics = self.means.metrics
 
     def __call__(self, model, batch, autocast, keep=1.0):
         pairs = PairBatch(
@@ -146,20 +138,10 @@ class PretrainingLoss:
         )
         with autocast():
             out = pretraining_loss(model, pairs, batch["ids"], batch["labels"])
-        self._seen[torch.is_grad_enabled()].append(
-            torch.stack(
-                [out[k].detach().float() for k in ("mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc")]
-            )
-        )
+        names = ("mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc")
+        self.means.add(torch.is_grad_enabled(), **{k: out[k] for k in names})
         rows = batch["ids"].shape[0]
         return out["loss"] * rows, torch.tensor(rows, device=out["loss"].device)
-
-    def metrics(self, training: bool) -> dict[str, float]:
-        seen, self._seen[training] = self._seen[training], []
-        if not seen:
-            return {}
-        mean = torch.stack(seen).mean(0).tolist()
-        return dict(zip(("mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc"), mean))
 
 
 def pretrain_encoder(

@@ -18,6 +18,7 @@ from lmlab.data.seq2seq_tasks import BOS, EOS, PAD, Seq2SeqVocab, seq2seq_pairs
 from lmlab.errors import ConfigError
 from lmlab.models import build_model, get_preset
 from lmlab.seeds import seeded
+from lmlab.train.batches import IndexedBatches, MetricMeans
 from lmlab.train.config import TrainConfig
 from lmlab.train.run import RunLock, StopSignals, ensure_run_dir
 from lmlab.train.trainer import Supervised, TrainResult, train
@@ -41,31 +42,15 @@ def collate_pairs(pairs: list[tuple[list[int], list[int]]]) -> dict[str, torch.T
     return {"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out, "n_tokens": n_tokens}
 
 
-class Seq2SeqBatches:
+class Seq2SeqBatches(IndexedBatches):
     """Batches of a generated task, each a function of ``(seed, index)``."""
 
     def __init__(self, task: str, vocab: Seq2SeqVocab, batch_size: int, seed: int):
-        self.task, self.vocab, self.batch_size, self.seed, self.index = (
-            task,
-            vocab,
-            batch_size,
-            seed,
-            0,
-        )
+        self.task, self.vocab, self.batch_size, self.seed = task, vocab, batch_size, seed
 
     def batch(self, index: int) -> dict[str, torch.Tensor]:
         pairs = seq2seq_pairs(self.task, self.batch_size, seed=self.seed * 1_000_003 + index)
         return collate_pairs([(self.vocab.encode(s), self.vocab.encode(t)) for s, t in pairs])
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        self.index += 1
-        return self.batch(self.index - 1)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"index": self.index}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.index = int(state["index"])
 
 
 class TeacherForcingLoss:
@@ -73,7 +58,8 @@ class TeacherForcingLoss:
     accuracy under teacher forcing in the metrics."""
 
     def __init__(self):
-        self._seen: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+        self.means = MetricMeans()
+        self.metrics = self.means.metrics
 
     def __call__(self, model, batch, autocast, keep=1.0):
         with autocast():
@@ -83,15 +69,9 @@ class TeacherForcingLoss:
             logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="sum"
         )
         real = target != IGNORE
-        with torch.no_grad():
-            self._seen[torch.is_grad_enabled()].append(
-                (logits.argmax(-1)[real] == target[real]).float().mean()
-            )
+        accuracy = (logits.argmax(-1)[real] == target[real]).float().mean()
+        self.means.add(torch.is_grad_enabled(), token_acc=accuracy)
         return loss, real.sum()
-
-    def metrics(self, training: bool) -> dict[str, float]:
-        seen, self._seen[training] = self._seen[training], []
-        return {"token_acc": torch.stack(seen).mean().item()} if seen else {}
 
 
 def train_seq2seq(
