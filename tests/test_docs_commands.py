@@ -177,6 +177,7 @@ INSTRUCTED = {"chat", "rank", "judge", "reward", "dpo", "ppo"}
 SLOW = {"demo", "compare", "finetune", "dpo", "ppo", "reward", "judge", "rank", "eval", "report"}
 SLOW |= {"prompt", "icl"}
 SLOW |= {"agent"}  # and a --replay line reads what the agent line of its block recorded
+SLOW |= {"optimize"}  # about 20 s of CPU for its four figures
 # flag -> commands whose value for it names a model to read (a path, or a pretrained name)
 MODEL_FLAGS = {
     "--ckpt": {"generate"},
