@@ -178,6 +178,7 @@ SLOW = {"demo", "compare", "finetune", "dpo", "ppo", "reward", "judge", "rank", 
 SLOW |= {"prompt", "icl"}
 SLOW |= {"agent"}  # and a --replay line reads what the agent line of its block recorded
 SLOW |= {"optimize"}  # about 20 s of CPU for its four figures
+SLOW |= {"embeddings"}  # loads MiniLM or SmolLM2
 # flag -> commands whose value for it names a model to read (a path, or a pretrained name)
 MODEL_FLAGS = {
     "--ckpt": {"generate"},
@@ -205,7 +206,7 @@ MODEL_FLAGS = {
     "--policy": {"judge"},
     "--models": {"report"},
 }
-MODEL_FLAGS["--model"] |= {"agent"}
+MODEL_FLAGS["--model"] |= {"agent", "embeddings"}
 
 
 def _set(argv: list[str], flag: str, value: str | None) -> list[str]:

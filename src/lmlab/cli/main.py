@@ -61,6 +61,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "attribute": ("lmlab.cli.attribute", "which prompt tokens a next-token prediction rests on"),
     "attention": ("lmlab.cli.attention", "attention maps and rollout of a prompt, as figures"),
+    "embeddings": (
+        "lmlab.cli.embeddings",
+        "nearest neighbours, analogies and a 2-D map of a model's input embeddings",
+    ),
     "lens": ("lmlab.cli.lens", "the logit lens (and a tuned lens) on a prompt: figures and JSON"),
     "lens-train": ("lmlab.cli.lens_train", "train a tuned lens for a model on a corpus"),
     "patch": ("lmlab.cli.patch", "activation patching sweeps on clean/corrupted prompts"),
