@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from jsonargparse import ArgumentParser
 
 from lmlab.cli.args import add_model_arguments
@@ -81,7 +82,6 @@ def run(args) -> None:
         summary["analogies"].append({"a": a, "b": b, "c": c, "answers": answers})
         print(f"{a} : {b} :: {c} : " + ", ".join(f"{t} {s:.2f}" for t, s in answers))
 
-    import torch
     from matplotlib.figure import Figure  # deferred: slow to import, only for plots
 
     points = project_2d(torch.stack([space.vector(w) for w in words]))
