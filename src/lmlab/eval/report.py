@@ -33,6 +33,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ import torch
 
 from lmlab.errors import ConfigError, DataError
 from lmlab.eval.calibration import reliability_diagram
+from lmlab.eval.fairness import evaluate_fairness, evaluate_toxicity
 from lmlab.eval.robustness import evaluate_robustness
 from lmlab.eval.run import (
     BETTER,
@@ -82,6 +84,10 @@ class ModelReport:
     """``{"task", "metric", "scores", "deltas", "spread", "std"}``, or ``{"error"}``."""
     efficiency: dict[str, Any]
     files: dict[str, str] = field(default_factory=dict)
+    fairness: dict[str, Any] | None = None
+    """``FairnessResult.to_dict()``: accuracy per group, gap, consistency (or ``{"error"}``)."""
+    toxicity: dict[str, Any] | None = None
+    """``ToxicityResult.to_dict()``: toxic fraction, toxicity probability, samples."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -89,6 +95,8 @@ class ModelReport:
             "model": self.model,
             "runs": [r.to_dict() for r in self.runs],
             "robustness": self.robustness,
+            "fairness": self.fairness,
+            "toxicity": self.toxicity,
             "efficiency": self.efficiency,
             "files": self.files,
         }
@@ -177,6 +185,8 @@ def report(
     batch_size: int = 16,
     seed: int = 0,
     decode_tokens: int = DECODE_TOKENS,
+    fairness: bool = True,
+    toxicity: bool = True,
 ) -> ReportResult:
     """Evaluate each model on ``tasks`` and write the reports (see the module docstring).
 
@@ -196,6 +206,9 @@ def report(
         batch_size: requests scored together.
         seed: picks few-shot examples and perturbations.
         decode_tokens: new tokens decoded to measure the decode speed.
+        fairness: accuracy of the sentiment reviews told by different groups
+            (``lmlab.eval.fairness``): per group, the gap and the consistency.
+        toxicity: the share of sampled continuations with a word of the bundled lexicon.
     """
 
     models = split_list(models)
@@ -227,6 +240,12 @@ def report(
         if robustness_task is not None:
             rob = _robustness(lm, robustness_task, num_fewshot, limit, batch_size, seed)
         rep = ModelReport(name, model, runs, rob, efficiency(lm, decode_tokens))
+        if fairness:
+            rep.fairness = _guarded(
+                partial(evaluate_fairness, lm, None, num_fewshot, limit, batch_size, seed)
+            )
+        if toxicity:
+            rep.toxicity = _guarded(partial(evaluate_toxicity, lm, seed=seed))
         _write_model(rep, out / name)
         reports.append(rep)
         del lm
@@ -235,6 +254,15 @@ def report(
     if len(reports) > 1:
         files = _write_comparison(reports, out, table)
     return ReportResult(reports, out, table, files)
+
+
+def _guarded(run) -> dict[str, Any]:
+    """A fairness or toxicity result as a dict, or ``{"error"}`` when the model cannot take
+    its text (a character vocabulary without some letter) or cannot generate."""
+    try:
+        return _plain(run().to_dict())
+    except (DataError, ConfigError) as e:
+        return {"error": str(e)}
 
 
 def _robustness(
@@ -394,6 +422,10 @@ def _write_model(rep: ModelReport, folder: Path) -> None:
             table = _robustness_table(rob)
             md += ["## Robustness", "", text, "", _md(*table), ""]
             sections.append(("Robustness", f"<p>{html.escape(text)}</p>" + _html_table(*table)))
+    for heading, text, table in _fairness_sections(rep):
+        md += [f"## {heading}", "", text, ""] + ([_md(*table), ""] if table else [])
+        body = f"<p>{html.escape(text)}</p>" + (_html_table(*table) if table else "")
+        sections.append((heading, body))
     if plots:
         md += ["## Calibration", ""]
         cal_rows = [
@@ -416,6 +448,34 @@ def _write_model(rep: ModelReport, folder: Path) -> None:
     atomic_write_json(folder / "results.json", {"lmlab_version": __version__, **rep.to_dict()})
 
 
+def _fairness_sections(rep: ModelReport) -> list[tuple[str, str, Any]]:
+    out = []
+    fair, tox = rep.fairness, rep.toxicity
+    if fair is not None:
+        if "error" in fair:
+            out.append(("Fairness", f"n/a ({fair['error']})", None))
+        else:
+            text = (
+                f"Sentiment reviews told by each group (n={fair['n']}): accuracy gap "
+                f"{fair['gap']:.3f} between the best and worst group; the same prediction "
+                f"for every group on {fair['consistency']:.1%} of the reviews."
+            )
+            rows = [[g, f"{a:.3f}"] for g, a in fair["accuracy"].items()]
+            out.append(("Fairness", text, (["group", "accuracy"], rows)))
+    if tox is not None:
+        if "error" in tox:
+            out.append(("Toxicity", f"n/a ({tox['error']})", None))
+        else:
+            text = (
+                f"{tox['toxic_fraction']:.1%} of sampled continuations contain a word of the "
+                f"bundled lexicon (a crude measure: lmlab.eval.fairness); "
+                f"{tox['toxicity_probability']:.1%} of prompts had at least one such continuation."
+            )
+            rows = [[k, f"{v:.3f}"] for k, v in tox.get("by_kind", {}).items()]
+            out.append(("Toxicity", text, (["prompts", "toxic fraction"], rows) if rows else None))
+    return out
+
+
 # --------------------------------------------------------------------------- comparison
 
 
@@ -435,6 +495,17 @@ def _comparison_rows(reports: Sequence[ModelReport]) -> tuple[list[str], list[li
             ["robustness", "spread (lower is better)",
              *("-" if r is None else "n/a" if "error" in r else f"{r['spread']:.4f}" for r in rob)]
         )  # fmt: skip
+    for key, label, what in (
+        ("fairness", "accuracy gap between groups (lower is better)", "gap"),
+        ("fairness", "consistency across groups (higher is better)", "consistency"),
+        ("toxicity", "toxic fraction, lexicon (lower is better)", "toxic_fraction"),
+    ):
+        values = [getattr(rep, key) for rep in reports]
+        if any(v is not None for v in values):
+            rows.append(
+                [key, label,
+                 *("-" if v is None else "n/a" if "error" in v else f"{v[what]:.4f}" for v in values)]
+            )  # fmt: skip
     for i, (measure, _) in enumerate(efficiency_rows(reports[0].efficiency)):
         rows.append(
             ["efficiency", measure, *(efficiency_rows(rep.efficiency)[i][1] for rep in reports)]
