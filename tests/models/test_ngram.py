@@ -133,15 +133,22 @@ def test_hand_worked_counts():
     torch.testing.assert_close(probs[0, 0], torch.tensor([0.0, 0.0, 1.0]))
     torch.testing.assert_close(probs[0, 1], torch.tensor([0.0, 1.0, 0.0]))
     assert model.counts_1.tolist() == [2, 2]
-    # codes ctx * V + w in base V + 1 = 4 with BOS = 3: (1 2) = 5, (2 1) = 7, (BOS 1) = 10
-    assert model.keys_2.tolist() == [5, 7, 10] and model.counts_2.tolist() == [2, 1, 1]
+    # contexts of length 1 (BOS = 3), sorted: (1), (2), (BOS) are rows 0, 1, 2; a bigram's
+    # key is row * V + w: (1 2) = 2, (2 1) = 1 * 3 + 1 = 4, (BOS 1) = 2 * 3 + 1 = 7
+    assert model.contexts_1.tolist() == [1, 2, 3]
+    assert model.keys_2.tolist() == [2, 4, 7] and model.counts_2.tolist() == [2, 1, 1]
     # the context (0,) was never seen: it backs off to the unigram distribution
     torch.testing.assert_close(model(torch.tensor([[0]])).exp()[0, 0], torch.tensor([0, 0.5, 0.5]))
 
 
 @pytest.mark.parametrize(
     ("smoothing", "order"),
-    [(s, n) for s in ngram_module.SMOOTHINGS for n in (1, 2, 4) if n > 1 or "kneser" not in s],
+    [
+        (s, n)
+        for s in ngram_module.FITTED_SMOOTHINGS
+        for n in (1, 2, 4)
+        if n > 1 or "kneser" not in s
+    ],
 )
 def test_forward_is_a_distribution(smoothing, order):
     g = torch.Generator().manual_seed(5)
@@ -189,8 +196,8 @@ def test_errors():
         NGramConfig(vocab_size=5, order=1, smoothing="kneser_ney")
     with pytest.raises(ConfigError, match="discount=1.5"):
         NGramConfig(vocab_size=5, discount=1.5)
-    with pytest.raises(ConfigError, match="int64"):
-        NGramConfig(vocab_size=50257, order=5)
+    with pytest.raises(ConfigError, match="sentence_end_id=5"):
+        NGramConfig(vocab_size=5, sentence_end_id=5)
     model = NGramLM(NGramConfig(vocab_size=5))
     with pytest.raises(ConfigError, match="fit"):
         model(torch.zeros(1, 3, dtype=torch.long))
