@@ -563,13 +563,15 @@ class NGramLM(nn.Module):
     def context_tokens(self, j: int) -> torch.Tensor:
         """The tokens of every length-j context, farthest first: [U_j, j] int64 (BOS = V)."""
         V = self.config.vocab_size
+        if j == 0:
+            return self.keys_1.new_zeros(1, 0)
         keys = getattr(self, f"contexts_{j}")
         columns = []
         for i in range(j, 0, -1):
             columns.append(keys % (V + 1))
             if i > 1:
                 keys = getattr(self, f"contexts_{i - 1}")[keys // (V + 1)]
-        return torch.stack(columns, 1) if columns else keys.new_zeros(1, 0)
+        return torch.stack(columns, 1)
 
     def level_probabilities(self, m: int) -> torch.Tensor:
         """p(w | ctx) [G_m] float64 of every stored m-gram at its own level (the value the
@@ -578,6 +580,12 @@ class NGramLM(nn.Module):
         V = self.config.vocab_size
         rows = self._ancestors(m - 1, keys // V) + [keys // V] if m > 1 else [keys * 0]
         return self._probabilities(rows[:m], keys % V)
+
+    def unigram_probabilities(self) -> torch.Tensor:
+        """p(w) [V] float64 of every token from the empty context, seen or not."""
+        V = self.config.vocab_size
+        tokens = torch.arange(V, device=self.keys_1.device)
+        return self._probabilities([torch.zeros_like(tokens)], tokens)
 
     def backoff_weights(self, j: int) -> torch.Tensor:
         """The factor [U_j] each length-j context gives the shorter context's probability of
