@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 # Importing finetune registers the PEFT structures with checkpoint/ (so a LoRA, adapter or
 # soft-prompt checkpoint loads); the facade is the layer above both.
 import lmlab.finetune  # noqa: F401
+from lmlab.checkpoint.arpa import write_arpa
 from lmlab.checkpoint.gguf_export import save_gguf
 from lmlab.checkpoint.hf import HF_TOKENIZER_KINDS, save_chat_template, save_hf
 from lmlab.checkpoint.io import checkpoint_dir, latest_checkpoint, save_checkpoint
@@ -120,6 +121,25 @@ def export_gguf(
     """
     lm = load(model, device="cpu")
     return save_gguf(lm.model, out_file, lm.tokenizer, lm.chat_template, gguf_type)
+
+
+def export_arpa(model: str | os.PathLike, out_file: str | os.PathLike) -> tuple[Path, list[str]]:
+    """Write an n-gram model that ``load`` takes as an ARPA file -> (file, notes).
+
+    KenLM (``kenlm.Model``), SRILM and ``load`` read the file and score as lmlab does
+    (``lmlab.checkpoint.arpa``; parity test with the ``kenlm`` module). A word tokenizer
+    names the words; without one, id i is written as the word ``"i"``.
+    """
+    lm = load(model, device="cpu")
+    if getattr(lm.model.config, "smoothing", None) is None or not hasattr(lm.model, "keys_1"):
+        raise ConfigError(
+            f"{str(model)!r} is not an n-gram model: ARPA files hold n-gram tables only"
+        )
+    notes = []
+    words = getattr(lm.tokenizer, "words", None)
+    if words is None:
+        notes.append("the model has no word tokenizer: id i is written as the word 'i'")
+    return write_arpa(lm.model, out_file, words), notes
 
 
 def _has_quantized_or_lora(model) -> bool:

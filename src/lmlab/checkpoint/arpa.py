@@ -61,7 +61,8 @@ from pathlib import Path
 
 import torch
 
-from lmlab.errors import CheckpointError, ConfigError, DataNotFoundError
+from lmlab.data.tokenizers import WordTokenizer
+from lmlab.errors import CheckpointError, ConfigError, DataError, DataNotFoundError
 from lmlab.fileio import atomic_write_text
 from lmlab.models.ngram import NGramConfig, NGramLM
 
@@ -111,6 +112,16 @@ def write_arpa(
     path = Path(path)
     atomic_write_text(path, "\n".join(header + body + ["\\end\\", ""]))
     return path
+
+
+def words_tokenizer(words: Sequence[str]) -> WordTokenizer | None:
+    """A ``WordTokenizer`` over an ARPA file's words (``<unk>``, ``</s>`` first, as lmlab
+    and KenLM's lmplz write them), or None when they are in another order: the model then
+    works on ids."""
+    try:
+        return WordTokenizer(words)
+    except DataError:
+        return None
 
 
 def _check_words(names: list[str], V: int) -> list[str]:

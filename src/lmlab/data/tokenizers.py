@@ -690,9 +690,9 @@ class WordTokenizer(Tokenizer):
                 f"a word tokenizer's vocabulary starts with {self.UNK_TOKEN!r}, "
                 f"{self.EOS_TOKEN!r}; got {words[:2]!r}"
             )
-        for w in words[2:]:
-            if not isinstance(w, str) or self.PATTERN.fullmatch(w) is None:
-                raise DataError(f"word tokenizer entry {w!r} is not one word by its rules")
+        for w in words[2:]:  # an entry the rules never make (from an ARPA file) is unused
+            if not isinstance(w, str) or not w or any(c.isspace() for c in w):
+                raise DataError(f"word tokenizer entry {w!r} is empty or holds whitespace")
         if len(set(words)) != len(words):
             repeated = sorted({w for w in words if words.count(w) > 1})
             raise DataError(f"word tokenizer vocabulary repeats {', '.join(map(repr, repeated))}")
