@@ -322,6 +322,7 @@ def _parse(path: Path) -> list[list[tuple[list[str], float, float, int]]]:
             i += 1
         if i == len(lines) or lines[i].strip() != f"\\{m}-grams:":
             fail(min(i, len(lines)) + 1, f"expected the '\\{m}-grams:' section")
+        header = i + 1
         i += 1
         entries = []
         while i < len(lines) and lines[i].strip() and not lines[i].startswith("\\"):
@@ -340,10 +341,7 @@ def _parse(path: Path) -> list[list[tuple[list[str], float, float, int]]]:
             entries.append((fields[1 : m + 1], p, b, i + 1))
             i += 1
         if len(entries) != count:
-            fail(
-                i + 1,
-                f"the \\data\\ section announces {count} {m}-grams, the file has {len(entries)}",
-            )
+            fail(header, f"\\data\\ announces {count} {m}-grams, this section has {len(entries)}")
         sections.append(entries)
     while i < len(lines) and not lines[i].strip():
         i += 1
