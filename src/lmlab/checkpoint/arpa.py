@@ -59,6 +59,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lmlab.data.tokenizers import WordTokenizer
@@ -88,22 +89,23 @@ def write_arpa(
             f"gets its own value; ARPA files hold {', '.join(BACKOFF_FORMS)} models"
         )
     names = _check_words([str(i) for i in range(V)] if words is None else list(words), V)
-    names.append(BOS_WORD)  # id V
-    sections = []
+    names = np.array([*names, BOS_WORD], dtype=object)  # id V is BOS
+    sections, tables = [], _tables(model)
     for m in range(1, n + 1):
-        grams, probs = _grams(model, m)  # (G, m) tokens farthest first, (G,) p
+        grams, probs = _grams(model, tables, m)  # (G, m) tokens farthest first, (G,) p
         if m == 1:  # every token, seen or not, and <s>
             grams = torch.arange(V + 1)[:, None]
             probs = torch.cat([model.unigram_probabilities(), probs.new_zeros(1)])
-        lines = []
         bows = _log10_backoffs(model, grams) if m < n else None
-        for i, (gram, p) in enumerate(zip(grams.tolist(), probs.tolist())):
-            text = " ".join(names[t] for t in gram)
-            lp = NEVER if p <= 0 else math.log10(p)
-            if bows is not None and bows[i] != 0:
-                lines.append(f"{lp:.10g}\t{text}\t{bows[i]:.10g}")
-            else:
-                lines.append(f"{lp:.10g}\t{text}")
+        log_p = torch.where(probs > 0, probs.clamp(min=1e-300).log10(), NEVER)
+        # one column of strings at a time (numpy object arrays): no Python loop per line
+        lines = _numbers(log_p) + "\t" + names[grams[:, 0].numpy()]
+        for i in range(1, m):
+            lines = lines + " " + names[grams[:, i].numpy()]
+        if bows is not None:
+            has = (bows != 0).numpy()
+            lines[has] = lines[has] + "\t" + _numbers(bows[has])
+        lines = lines.tolist()
         sections.append(lines)
     header = ["\\data\\"] + [f"ngram {m}={len(s)}" for m, s in enumerate(sections, 1)]
     body = [""]
@@ -112,6 +114,11 @@ def write_arpa(
     path = Path(path)
     atomic_write_text(path, "\n".join(header + body + ["\\end\\", ""]))
     return path
+
+
+def _numbers(values: torch.Tensor) -> np.ndarray:
+    """``values`` as strings of 10 significant digits: an object array."""
+    return np.array([f"{v:.10g}" for v in values.tolist()], dtype=object)
 
 
 def words_tokenizer(words: Sequence[str]) -> WordTokenizer | None:
@@ -137,28 +144,36 @@ def _check_words(names: list[str], V: int) -> list[str]:
     return names
 
 
-def _grams(model: NGramLM, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ARPA m-grams of ``model``: tokens [G, m] (farthest first, BOS = V, at most one
-    at the start) and their probabilities [G] float64."""
+def _tables(model: NGramLM) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every stored m-gram of ``model`` per order: tokens [G_m, m] (farthest first, BOS =
+    V) and p(w | ctx) [G_m] float64 at its own level."""
+    V = model.config.vocab_size
+    out = []
+    for m in range(1, model.config.order + 1):
+        keys = getattr(model, f"keys_{m}")
+        tokens = torch.cat([model.context_tokens(m - 1)[keys // V], (keys % V)[:, None]], 1)
+        out.append((tokens, model.level_probabilities(m)))
+    return out
+
+
+def _grams(model: NGramLM, tables, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ARPA m-grams of ``model``: tokens [G, m] (farthest first, at most one BOS, at
+    the start) and their probabilities [G] float64."""
     V, n = model.config.vocab_size, model.config.order
-    keys = getattr(model, f"keys_{m}")
-    grams = torch.cat([model.context_tokens(m - 1)[keys // V], (keys % V)[:, None]], 1)
-    probs = model.level_probabilities(m)
-    plain = grams[:, 0] != V  # no BOS: written as they are
-    grams, probs = [grams[plain]], [probs[plain]]
+    tokens, probs = tables[m - 1]
+    plain = tokens[:, 0] != V  # no BOS: written as they are
+    grams, values = [tokens[plain]], [probs[plain]]
     if m > 1:
         # "<s> r w" carries lmlab's longest context BOS^k r: from the top order, k = n - m + 1
-        top = getattr(model, f"keys_{n}")
-        tokens = torch.cat([model.context_tokens(n - 1)[top // V], (top % V)[:, None]], 1)
+        tokens, probs = tables[n - 1]
         k = n - m + 1
-        if k < n:
-            pick = (tokens[:, :k] == V).all(1) & (tokens[:, k] != V)
-            grams.append(tokens[pick][:, k - 1 :])
-            probs.append(model.level_probabilities(n)[pick])
-    return torch.cat(grams), torch.cat(probs)
+        pick = (tokens[:, :k] == V).all(1) & (tokens[:, k] != V)
+        grams.append(tokens[pick][:, k - 1 :])
+        values.append(probs[pick])
+    return torch.cat(grams), torch.cat(values)
 
 
-def _log10_backoffs(model: NGramLM, grams: torch.Tensor) -> list[float]:
+def _log10_backoffs(model: NGramLM, grams: torch.Tensor) -> torch.Tensor:
     """log10 B of each ARPA m-gram [G, m] as a context: its lmlab context's backoff
     factor, or for ``<s> r`` the product over BOS^k r .. BOS r (see the module docstring)."""
     V, n = model.config.vocab_size, model.config.order
@@ -167,14 +182,14 @@ def _log10_backoffs(model: NGramLM, grams: torch.Tensor) -> list[float]:
     back[:, :m] = grams.flip(1)  # nearest first; BOS beyond
     rows = model.find_contexts(list(back.T), G)
     bos = grams[:, 0] == V
-    log_b = torch.zeros(G, dtype=torch.float64)
+    log_b = torch.zeros(G, dtype=torch.float64)  # (G,)
     for j in range(m, n):
         use = rows[j] >= 0
         if j > m:
             use &= bos  # only <s> r spans the deeper BOS levels
         weights = model.backoff_weights(j)[rows[j].clamp(min=0)]
         log_b += torch.where(use, torch.log10(weights.clamp(min=1e-300)), 0.0)
-    return log_b.tolist()
+    return log_b
 
 
 def read_arpa(path: str | os.PathLike[str]) -> tuple[NGramLM, list[str]]:
