@@ -229,7 +229,7 @@ def _find(
         pos = torch.empty_like(query)
         pos[order] = torch.searchsorted(keys, ordered)
     pos.clamp_(max=keys.numel() - 1)
-    return pos, keys[pos] == query
+    return pos, keys.index_select(0, pos) == query  # index_select: the fastest gather
 
 
 def _rows(
@@ -264,8 +264,9 @@ class _Level:
 
     value: [G] the probability share of each stored m-gram (its discounted count over the
     context's total, or the ARPA file's probability); listed: [G] ones, for the dense rows;
-    weight: [U] per context, what multiplies the level below (gamma for Kneser-Ney, the
-    backoff weight otherwise); base: [U] add_k's probability of an unseen token.
+    weight: [U+1] per context, what multiplies the level below (gamma for Kneser-Ney, the
+    backoff weight otherwise), and 1 in an extra last row that unseen contexts read (they
+    pass the level below on unchanged); base: [U+1] add_k's probability of an unseen token.
     """
 
     value: torch.Tensor
@@ -273,6 +274,10 @@ class _Level:
     weight: torch.Tensor
     base: torch.Tensor | None = None
     interpolated: bool = False
+    direct: tuple[torch.Tensor, torch.Tensor] | None = None
+    """Order 1 only: (value, listed) [V] by token, so that unigrams need no search."""
+    first_rows: torch.Tensor | None = None
+    """Order 1 only: [V+1] the row of each one-token context, -1 where never seen."""
 
 
 class NGramLM(nn.Module):
@@ -454,7 +459,8 @@ class NGramLM(nn.Module):
             for b in back[: max(1, int(62 * math.log(2) / math.log(V + 1)))]:
                 near = near * (V + 1) + b  # (Q,)
             order = near.argsort()
-            back, targets = [b[order] for b in back], targets[order]
+            back = [b.index_select(0, order) for b in back]
+            targets = targets.index_select(0, order)
             rows = self.find_contexts(back, targets.numel(), grouped=True)
             p = self._probabilities(rows, targets, grouped=True)
             out = torch.empty_like(p)
@@ -491,6 +497,9 @@ class NGramLM(nn.Module):
         V = self.config.vocab_size
         rows = [torch.zeros(size, dtype=torch.long, device=self.keys_1.device)]
         for j, token in enumerate(back, start=1):
+            if j == 1:  # one-token contexts: a table over the V+1 symbols, no search
+                rows.append(self._levels()[0].first_rows.index_select(0, token))
+                continue
             key = rows[-1] * (V + 1) + token
             pos, hit = _find(getattr(self, f"contexts_{j}"), key, grouped)
             rows.append(torch.where(hit & (rows[-1] >= 0), pos, -1))
@@ -516,27 +525,34 @@ class NGramLM(nn.Module):
         for j, row in enumerate(rows):
             level = levels[j]
             seen = row >= 0  # (Q,)
-            at = row.clamp(min=0)
-            keys = getattr(self, f"keys_{j + 1}")
+            # an unseen context reads the extra last row: weight 1, nothing listed
+            at = torch.where(seen, row, level.weight.numel() - 1)
             if targets is None:
-                v, listed = _rows(keys, [level.value, level.listed], torch.where(seen, row, -1), V)
+                keys = getattr(self, f"keys_{j + 1}")
+                v, listed = _rows(keys, [level.value, level.listed], row, V)  # (Q, V)
                 b = level.weight[at][:, None]  # (Q, 1)
                 c = None if level.base is None else level.base[at][:, None]
                 seen = seen[:, None]
             else:
-                pos, hit = _find(keys, at * V + targets, grouped)
-                hit &= seen
-                v, listed = level.value[pos] * hit, hit  # (Q,)
-                b = level.weight[at]
-                c = None if level.base is None else level.base[at]
+                if level.direct is not None:  # unigrams: a table by token, no search
+                    v = level.direct[0].index_select(0, targets)
+                    listed = level.direct[1].index_select(0, targets)
+                else:
+                    keys = getattr(self, f"keys_{j + 1}")
+                    pos, hit = _find(keys, at * V + targets, grouped)
+                    hit &= seen
+                    v, listed = level.value.index_select(0, pos) * hit, hit  # (Q,)
+                b = level.weight.index_select(0, at)
+                c = None if level.base is None else level.base.index_select(0, at)
             lower = torch.full_like(v, 1.0 / V) if p is None else p  # 0th order: uniform
             if level.interpolated:  # every token: its own share plus b of the level below
                 q = v + b * lower
             elif c is not None:  # add_k: an unseen token's share depends on the context only
                 q = torch.where(listed > 0, v, c)
+                q = q if p is None else torch.where(seen, q, p)
             else:  # backoff form: a seen token has its own value, the others b * lower
                 q = torch.where(listed > 0, v, b * lower)
-            p = q if p is None else torch.where(seen, q, p)
+            p = q
         return p
 
     def _levels(self) -> list[_Level]:
@@ -597,6 +613,21 @@ class NGramLM(nn.Module):
                 value = torch.where(full[owner], a / per_gram_total, (a - d) / per_gram_total)
                 weight = torch.where(full, 0.0, d * types / total / unseen)
                 levels.append(_Level(value, ones, weight))
+        # (set last: the backoff sums above score through the levels built so far, whose
+        # contexts are all seen)
+        for level in levels:  # the extra row of unseen contexts
+            level.weight = torch.cat([level.weight, level.weight.new_ones(1)])
+            if level.base is not None:
+                level.base = torch.cat([level.base, level.base.new_zeros(1)])
+        unigrams = levels[0]
+        keys = self.keys_1
+        value = torch.zeros(V, dtype=torch.float64, device=keys.device)
+        value[keys] = unigrams.value
+        unigrams.direct = (value, torch.zeros_like(value).index_fill_(0, keys, 1.0))
+        if n > 1:
+            first = torch.full((V + 1,), -1, dtype=torch.long, device=keys.device)
+            first[self.contexts_1] = torch.arange(self.contexts_1.numel(), device=keys.device)
+            unigrams.first_rows = first
         self._stats = levels
         return levels
 
@@ -646,7 +677,7 @@ class NGramLM(nn.Module):
                 f"smoothing={s!r} has no backoff form (every unseen n-gram gets its own "
                 "value); ARPA files hold kneser_ney, modified_kneser_ney, backoff and arpa models"
             )
-        weight = self._levels()[j].weight
+        weight = self._levels()[j].weight[:-1]  # without the row of unseen contexts
         if s == "backoff":  # a context that saw every token backs off nothing: any factor
             return torch.where(weight > 0, weight, 1.0)
         return weight
