@@ -19,8 +19,12 @@ lines; the last 10% is held out. Two comparisons, each in one run, interleaved, 
    Their total log10 probabilities must agree (KenLM stores float32). Target: lmlab at
    least as fast as KenLM.
 
+``--level char`` runs the nltk comparison on characters instead (the first ``--chars`` of
+the corpus, all of them given to nltk), and ``--smoothing mle|add_k`` compares those.
+
 Usage: python bench/ngram.py [--orders 3 5] [--reps 5] [--nltk-reps 1] [--threads 1]
-       [--vocab 10000] [--nltk-train 20000] [--nltk-test 500]
+       [--vocab 10000] [--nltk-train 20000] [--nltk-test 500] [--smoothing kneser_ney]
+       [--level word|char] [--chars 100000]
 """
 
 from __future__ import annotations
@@ -35,21 +39,28 @@ from pathlib import Path
 
 import nltk.lm
 import torch
-from machine import describe_machine
 
 from lmlab.checkpoint.arpa import write_arpa
-from lmlab.data import WordTokenizer, load_corpus
+from lmlab.data import CharTokenizer, WordTokenizer, load_corpus
 from lmlab.models.ngram import NGramConfig, NGramLM, ngram_perplexity
+from machine import describe_machine
 
 LN10 = math.log(10)
 
 
-def nltk_fit_and_score(train: list[int], test: list[int], vocab_size: int, order: int):
-    """nltk's KneserNeyInterpolated on lmlab's n-grams: (perplexity, fit s, score s)."""
+NLTK_MODELS = {
+    "mle": lambda order: nltk.lm.MLE(order),
+    "add_k": lambda order: nltk.lm.Lidstone(0.5, order),
+    "kneser_ney": lambda order: nltk.lm.KneserNeyInterpolated(order, discount=0.1),
+}
+
+
+def nltk_fit_and_score(train: list[int], test: list[int], vocab_size: int, order: int, smoothing):
+    """nltk.lm on lmlab's n-grams: (perplexity, fit s, score s)."""
     words, held_out = [str(i) for i in train], [str(i) for i in test]
     padded = ["<s>"] * (order - 1) + words
     start = time.perf_counter()
-    lm = nltk.lm.KneserNeyInterpolated(order, discount=0.1)
+    lm = NLTK_MODELS[smoothing](order)
     grams = (
         tuple(padded[t + order - m : t + order])
         for t in range(len(words))
@@ -62,12 +73,15 @@ def nltk_fit_and_score(train: list[int], test: list[int], vocab_size: int, order
     return ppl, fitted - start, time.perf_counter() - fitted
 
 
-def lmlab_fit_and_score(train: torch.Tensor, test: torch.Tensor, vocab_size: int, order: int):
+def lmlab_fit_and_score(
+    train: torch.Tensor, test: torch.Tensor, vocab_size: int, order: int, smoothing: str
+):
     """lmlab with nltk's conventions: (perplexity, fit s, score s)."""
     config = NGramConfig(
         vocab_size=vocab_size + 2,  # nltk's vocabulary also holds "<s>" and "<UNK>"
         order=order,
-        smoothing="kneser_ney",
+        smoothing=smoothing,
+        k=0.5,
         discount=0.1,
         uniform_floor=False,
     )
@@ -79,29 +93,41 @@ def lmlab_fit_and_score(train: torch.Tensor, test: torch.Tensor, vocab_size: int
 
 
 def compare_with_nltk(tok, train_ids: list[int], test_ids: list[int], args) -> None:
-    train = train_ids[: args.nltk_train]
-    seen = set(train)
-    test = [i if i in seen else tok.unk_id for i in test_ids[: args.nltk_test]]
+    train, test = train_ids, test_ids
+    if args.level == "word":
+        train = train_ids[: args.nltk_train]
+        seen = set(train)
+        test = [i if i in seen else tok.unk_id for i in test_ids[: args.nltk_test]]
     print(
-        f"\n== vs nltk.lm: fit + score, Kneser-Ney (discount 0.1); subsample: "
-        f"{len(train)} training words, {len(test)} held-out words (nltk's scoring is slow)"
+        f"\n== vs nltk.lm: fit + score, {args.smoothing} (Kneser-Ney discount 0.1, add_k "
+        f"k=0.5) on {len(train)} training and {len(test)} held-out {args.level}s"
+        + (" (a subsample: nltk's word-level scoring is slow)" if args.level == "word" else "")
     )
     as_tensors = torch.tensor(train), torch.tensor(test)
     for order in args.orders:
         ours, theirs = [], []
-        lmlab_fit_and_score(*as_tensors, tok.vocab_size, order)  # warm-up
+        run = (tok.vocab_size, order, args.smoothing)
+        lmlab_fit_and_score(*as_tensors, *run)  # warm-up
         for r in range(args.reps):  # interleaved: nltk runs in the first nltk-reps rounds
-            ours.append(lmlab_fit_and_score(*as_tensors, tok.vocab_size, order))
+            ours.append(lmlab_fit_and_score(*as_tensors, *run))
             if r < args.nltk_reps:
-                theirs.append(nltk_fit_and_score(train, test, tok.vocab_size, order))
+                theirs.append(nltk_fit_and_score(train, test, *run))
         ppl_ours, ppl_theirs = ours[0][0], theirs[0][0]
         fit_ours, score_ours = (statistics.median(r[i] for r in ours) for i in (1, 2))
         fit_theirs, score_theirs = (statistics.median(r[i] for r in theirs) for i in (1, 2))
-        rel = abs(ppl_ours - ppl_theirs) / ppl_theirs
-        print(
-            f"{order}-gram  perplexity lmlab {ppl_ours:.6f} nltk {ppl_theirs:.6f} "
-            f"(rel. diff {rel:.1e}, agree < 1e-6: {rel < 1e-6})"
-        )
+        if math.isinf(ppl_ours) and math.isinf(ppl_theirs):
+            print(f"{order}-gram  perplexity: both infinite (a held-out n-gram never seen)")
+        else:
+            rel = abs(ppl_ours - ppl_theirs) / ppl_theirs
+            print(
+                f"{order}-gram  perplexity lmlab {ppl_ours:.6f} nltk {ppl_theirs:.6f} "
+                f"(rel. diff {rel:.1e}, agree < 1e-6: {rel < 1e-6})"
+            )
+            if args.smoothing == "add_k" and rel >= 1e-6:
+                print(
+                    "  expected for add_k: a context never seen in training backs off to a "
+                    "shorter one in lmlab and is uniform in nltk (lmlab.models.ngram)"
+                )
         print(
             f"  lmlab fit {fit_ours * 1e3:8.1f} ms  score {score_ours * 1e3:8.1f} ms "
             f"(median of {len(ours)})"
@@ -187,11 +213,32 @@ def main() -> None:
     ap.add_argument("--nltk-test", type=int, default=500, help="held-out words for nltk")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (nltk, KenLM: one)")
     ap.add_argument("--skip-nltk", action="store_true")
+    ap.add_argument(
+        "--level",
+        choices=["word", "char"],
+        default="word",
+        help="char: the first --chars characters, nltk on all of them, no KenLM",
+    )
+    ap.add_argument("--chars", type=int, default=100_000, help="with --level char")
+    ap.add_argument(
+        "--smoothing",
+        choices=sorted(NLTK_MODELS),
+        default="kneser_ney",
+        help="the nltk comparison's smoothing (KenLM's is modified Kneser-Ney)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(describe_machine())
     print(f"load average: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
+    if args.level == "char":
+        text = load_corpus("tinyshakespeare")[: args.chars]
+        tok = CharTokenizer.train(text)
+        ids = tok.encode(text)
+        split = int(0.9 * len(ids))
+        print(f"Tiny Shakespeare, characters: V={tok.vocab_size}")
+        compare_with_nltk(tok, ids[:split], ids[split:], args)
+        return
     lines = load_corpus("tinyshakespeare").splitlines(keepends=True)
     split = int(0.9 * len(lines))
     train_text, test_text = "".join(lines[:split]), "".join(lines[split:])
