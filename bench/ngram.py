@@ -1,67 +1,88 @@
-"""Fitting and scoring speed: lmlab's count-based n-gram LM vs nltk.lm on the same n-grams.
+"""Word-level n-grams on Tiny Shakespeare: lmlab vs nltk.lm (fit + score) and vs KenLM (score).
 
-A character-level n-gram (default: 3-gram, interpolated Kneser-Ney with discount 0.1) on
-the first 100k characters of Tiny Shakespeare: fit on the first 90%, score the held-out
-rest. Both sides see the same n-grams (left padding with n-1 BOS symbols, see
-``lmlab.models.ngram``), so their perplexities must agree; the script prints both, their
-relative difference, the fit and score times, and lmlab's speed-up (target: >= 50x).
+Words come from lmlab's ``WordTokenizer`` (one sentence per line, ``</s>`` at each line's
+end, the 10,000 most frequent words, the rest ``<unk>``), trained on the first 90% of the
+lines; the last 10% is held out. Two comparisons, each in one run, interleaved, medians:
 
-nltk's Kneser-Ney gives a character never seen in training probability 0, so lmlab runs
-with ``uniform_floor=False`` here to compute the same numbers.
+1. nltk.lm: fit plus score, 3-gram and 5-gram interpolated Kneser-Ney (discount 0.1,
+   nltk's default). nltk's Kneser-Ney scores a word by walking every context of the next
+   order (seconds per hundred words here), so it runs on a subsample: the first
+   ``--nltk-train`` training words and ``--nltk-test`` held-out words (held-out words
+   unseen in that sample read as ``<unk>``, so both perplexities are finite). lmlab runs
+   on the same sample with nltk's conventions (n-1 BOS, no sentence resets,
+   ``uniform_floor=False``, two never-seen ids for nltk's ``<s>`` and ``<UNK>``): the
+   perplexities must agree to 1e-6. Target: lmlab >= 50x nltk.
+2. KenLM: lmlab fits modified Kneser-Ney on the whole training split (sentences as KenLM
+   counts them), writes it as an ARPA file, and the ``kenlm`` module loads that file.
+   Both score the whole held-out split: KenLM one ``Model.score`` call per sentence (its
+   Python API; sentences pre-joined), lmlab one ``log_prob`` call on the ids (pre-encoded).
+   Their total log10 probabilities must agree (KenLM stores float32). Target: lmlab at
+   least as fast as KenLM.
 
-Usage: python bench/ngram.py [--chars 100000] [--order 3] [--smoothing kneser_ney] [--threads 1]
+``--level char`` runs the nltk comparison on characters instead (the first ``--chars`` of
+the corpus, all of them given to nltk), and ``--smoothing mle|add_k`` compares those.
+
+Usage: python bench/ngram.py [--orders 3 5] [--reps 5] [--nltk-reps 1] [--threads 1]
+       [--vocab 10000] [--nltk-train 20000] [--nltk-test 500] [--smoothing kneser_ney]
+       [--level word|char] [--chars 100000]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import nltk.lm
 import torch
 
-from lmlab.data import load_corpus
-from lmlab.data.tokenizers import CharTokenizer
+from lmlab.checkpoint.arpa import write_arpa
+from lmlab.data import CharTokenizer, WordTokenizer, load_corpus
 from lmlab.models.ngram import NGramConfig, NGramLM, ngram_perplexity
+from machine import describe_machine
+
+LN10 = math.log(10)
+
 
 NLTK_MODELS = {
-    "mle": lambda order, args: nltk.lm.MLE(order),
-    "add_k": lambda order, args: nltk.lm.Lidstone(args.k, order),
-    "kneser_ney": lambda order, args: nltk.lm.KneserNeyInterpolated(order, args.discount),
+    "mle": lambda order: nltk.lm.MLE(order),
+    "add_k": lambda order: nltk.lm.Lidstone(0.5, order),
+    "kneser_ney": lambda order: nltk.lm.KneserNeyInterpolated(order, discount=0.1),
 }
 
 
-def nltk_training_ngrams(words: list[str], order: int):
-    """Every m-gram (m = 1..n) ending on a real token, after n-1 "<s>" of left padding."""
+def nltk_fit_and_score(train: list[int], test: list[int], vocab_size: int, order: int, smoothing):
+    """nltk.lm on lmlab's n-grams: (perplexity, fit s, score s)."""
+    words, held_out = [str(i) for i in train], [str(i) for i in test]
     padded = ["<s>"] * (order - 1) + words
-    for t in range(len(words)):
-        for m in range(1, order + 1):
-            yield tuple(padded[t + order - m : t + order])
-
-
-def run_nltk(train: list[int], test: list[int], vocab_size: int, args) -> tuple[float, ...]:
-    n = args.order
-    train_words, test_words = [str(i) for i in train], [str(i) for i in test]
     start = time.perf_counter()
-    lm = NLTK_MODELS[args.smoothing](n, args)
-    lm.fit([nltk_training_ngrams(train_words, n)], [str(i) for i in range(vocab_size)] + ["<s>"])
+    lm = NLTK_MODELS[smoothing](order)
+    grams = (
+        tuple(padded[t + order - m : t + order])
+        for t in range(len(words))
+        for m in range(1, order + 1)
+    )
+    lm.fit([grams], [str(i) for i in range(vocab_size)] + ["<s>"])
     fitted = time.perf_counter()
-    padded = ["<s>"] * (n - 1) + test_words
-    ppl = lm.perplexity(tuple(padded[t : t + n]) for t in range(len(test_words)))
+    padded = ["<s>"] * (order - 1) + held_out
+    ppl = lm.perplexity(tuple(padded[t : t + order]) for t in range(len(held_out)))
     return ppl, fitted - start, time.perf_counter() - fitted
 
 
-def run_lmlab(train: torch.Tensor, test: torch.Tensor, vocab_size: int, args) -> tuple[float, ...]:
-    # nltk's vocabulary also holds "<s>" and "<UNK>" (add_k normalises over them): two
-    # never-seen ids make lmlab's V the same.
+def lmlab_fit_and_score(
+    train: torch.Tensor, test: torch.Tensor, vocab_size: int, order: int, smoothing: str
+):
+    """lmlab with nltk's conventions: (perplexity, fit s, score s)."""
     config = NGramConfig(
-        vocab_size=vocab_size + 2,
-        order=args.order,
-        smoothing=args.smoothing,
-        k=args.k,
-        discount=args.discount,
+        vocab_size=vocab_size + 2,  # nltk's vocabulary also holds "<s>" and "<UNK>"
+        order=order,
+        smoothing=smoothing,
+        k=0.5,
+        discount=0.1,
         uniform_floor=False,
     )
     start = time.perf_counter()
@@ -71,52 +92,166 @@ def run_lmlab(train: torch.Tensor, test: torch.Tensor, vocab_size: int, args) ->
     return ppl, fitted - start, time.perf_counter() - fitted
 
 
+def compare_with_nltk(tok, train_ids: list[int], test_ids: list[int], args) -> None:
+    train, test = train_ids, test_ids
+    if args.level == "word":
+        train = train_ids[: args.nltk_train]
+        seen = set(train)
+        test = [i if i in seen else tok.unk_id for i in test_ids[: args.nltk_test]]
+    print(
+        f"\n== vs nltk.lm: fit + score, {args.smoothing} (Kneser-Ney discount 0.1, add_k "
+        f"k=0.5) on {len(train)} training and {len(test)} held-out {args.level}s"
+        + (" (a subsample: nltk's word-level scoring is slow)" if args.level == "word" else "")
+    )
+    as_tensors = torch.tensor(train), torch.tensor(test)
+    for order in args.orders:
+        ours, theirs = [], []
+        run = (tok.vocab_size, order, args.smoothing)
+        lmlab_fit_and_score(*as_tensors, *run)  # warm-up
+        for r in range(args.reps):  # interleaved: nltk runs in the first nltk-reps rounds
+            ours.append(lmlab_fit_and_score(*as_tensors, *run))
+            if r < args.nltk_reps:
+                theirs.append(nltk_fit_and_score(train, test, *run))
+        ppl_ours, ppl_theirs = ours[0][0], theirs[0][0]
+        fit_ours, score_ours = (statistics.median(r[i] for r in ours) for i in (1, 2))
+        fit_theirs, score_theirs = (statistics.median(r[i] for r in theirs) for i in (1, 2))
+        if math.isinf(ppl_ours) and math.isinf(ppl_theirs):
+            print(f"{order}-gram  perplexity: both infinite (a held-out n-gram never seen)")
+        else:
+            rel = abs(ppl_ours - ppl_theirs) / ppl_theirs
+            print(
+                f"{order}-gram  perplexity lmlab {ppl_ours:.6f} nltk {ppl_theirs:.6f} "
+                f"(rel. diff {rel:.1e}, agree < 1e-6: {rel < 1e-6})"
+            )
+            if args.smoothing == "add_k" and rel >= 1e-6:
+                print(
+                    "  expected for add_k: a context never seen in training backs off to a "
+                    "shorter one in lmlab and is uniform in nltk (lmlab.models.ngram)"
+                )
+        print(
+            f"  lmlab fit {fit_ours * 1e3:8.1f} ms  score {score_ours * 1e3:8.1f} ms "
+            f"(median of {len(ours)})"
+        )
+        print(
+            f"  nltk  fit {fit_theirs * 1e3:8.1f} ms  score {score_theirs * 1e3:8.1f} ms "
+            f"(median of {len(theirs)})"
+        )
+        total = (fit_theirs + score_theirs) / (fit_ours + score_ours)
+        print(
+            f"  speed-up: fit {fit_theirs / fit_ours:.0f}x, score {score_theirs / score_ours:.0f}x,"
+            f" fit + score {total:.0f}x (target >= 50x: {total >= 50})"
+        )
+
+
+def compare_with_kenlm(tok, train_ids: list[int], test_text: str, args) -> None:
+    try:
+        import kenlm
+    except ImportError:
+        print("\n== vs KenLM: skipped, the kenlm module is not installed (pip install kenlm)")
+        return
+    sentences = [" ".join(words) for words, _ in tok.split(test_text)]
+    ids = torch.tensor(tok.encode(test_text))
+    # A row starting with </s>: its first word is predicted from BOS alone, like the rest.
+    row, targets = torch.cat([torch.tensor([tok.eos_id]), ids[:-1]])[None], ids[None]
+    print(
+        f"\n== vs KenLM: score {len(ids)} held-out tokens ({len(sentences)} sentences) with a "
+        f"modified Kneser-Ney model fitted on {len(train_ids)} words, in ARPA form"
+    )
+    for order in args.orders:
+        config = NGramConfig(
+            vocab_size=tok.vocab_size,
+            order=order,
+            smoothing="modified_kneser_ney",
+            sentence_end_id=tok.eos_id,
+        )
+        start = time.perf_counter()
+        model = NGramLM(config).fit(torch.tensor(train_ids))
+        fit_s = time.perf_counter() - start
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "lm.arpa"
+            start = time.perf_counter()
+            write_arpa(model, path, tok.words)
+            write_s = time.perf_counter() - start
+            size = path.stat().st_size
+            start = time.perf_counter()
+            reference = kenlm.Model(str(path))
+            load_s = time.perf_counter() - start
+        model.log_prob(row, targets)  # warm-up: derives the per-order values once
+        ours, theirs = [], []
+        for _ in range(args.reps):  # interleaved
+            start = time.perf_counter()
+            total_ours = float(model.log_prob(row, targets).sum()) / LN10
+            ours.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            total_theirs = sum(reference.score(s) for s in sentences)
+            theirs.append(time.perf_counter() - start)
+        ours_s, theirs_s = statistics.median(ours), statistics.median(theirs)
+        print(
+            f"{order}-gram  total log10 p: lmlab {total_ours:.4f} KenLM {total_theirs:.4f} "
+            f"(diff {abs(total_ours - total_theirs):.1e})"
+        )
+        print(
+            f"  lmlab fit {fit_s:.2f} s, ARPA write {write_s:.2f} s ({size / 1e6:.1f} MB), "
+            f"KenLM load {load_s:.2f} s"
+        )
+        print(
+            f"  score: lmlab {ours_s * 1e3:.2f} ms, KenLM {theirs_s * 1e3:.2f} ms "
+            f"(medians of {args.reps}); lmlab is {theirs_s / ours_s:.2f}x KenLM's speed "
+            f"(target >= 1: {theirs_s >= ours_s})"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--chars", type=int, default=100_000)
-    ap.add_argument("--order", type=int, default=3)
-    ap.add_argument("--smoothing", choices=sorted(NLTK_MODELS), default="kneser_ney")
-    ap.add_argument("--k", type=float, default=0.5, help="add_k pseudo-count")
-    ap.add_argument("--discount", type=float, default=0.1, help="Kneser-Ney discount")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (nltk uses one)")
+    ap.add_argument("--orders", type=int, nargs="+", default=[3, 5])
+    ap.add_argument("--vocab", type=int, default=10_000, help="most word ids (with <unk>, </s>)")
+    ap.add_argument("--reps", type=int, default=5, help="lmlab and KenLM repetitions")
+    ap.add_argument("--nltk-reps", type=int, default=1, help="nltk repetitions (slow)")
+    ap.add_argument("--nltk-train", type=int, default=20_000, help="training words for nltk")
+    ap.add_argument("--nltk-test", type=int, default=500, help="held-out words for nltk")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (nltk, KenLM: one)")
+    ap.add_argument("--skip-nltk", action="store_true")
+    ap.add_argument(
+        "--level",
+        choices=["word", "char"],
+        default="word",
+        help="char: the first --chars characters, nltk on all of them, no KenLM",
+    )
+    ap.add_argument("--chars", type=int, default=100_000, help="with --level char")
+    ap.add_argument(
+        "--smoothing",
+        choices=sorted(NLTK_MODELS),
+        default="kneser_ney",
+        help="the nltk comparison's smoothing (KenLM's is modified Kneser-Ney)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    print(describe_machine())
+    print(f"load average: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
-    text = load_corpus("tinyshakespeare")[: args.chars]
-    tok = CharTokenizer.train(text)
-    ids = tok.encode(text)
-    split = int(0.9 * len(ids))
-    train, test = ids[:split], ids[split:]
+    if args.level == "char":
+        text = load_corpus("tinyshakespeare")[: args.chars]
+        tok = CharTokenizer.train(text)
+        ids = tok.encode(text)
+        split = int(0.9 * len(ids))
+        print(f"Tiny Shakespeare, characters: V={tok.vocab_size}")
+        compare_with_nltk(tok, ids[:split], ids[split:], args)
+        return
+    lines = load_corpus("tinyshakespeare").splitlines(keepends=True)
+    split = int(0.9 * len(lines))
+    train_text, test_text = "".join(lines[:split]), "".join(lines[split:])
+    tok = WordTokenizer.train(train_text, max_vocab=args.vocab)
+    train_ids, test_ids = tok.encode(train_text), tok.encode(test_text)
+    unk = sum(i == tok.unk_id for i in test_ids) / len(test_ids)
     print(
-        f"{args.order}-gram {args.smoothing}, V={tok.vocab_size}, "
-        f"{len(train)} train / {len(test)} test chars"
+        f"Tiny Shakespeare, words: V={tok.vocab_size}, {len(train_ids)} training / "
+        f"{len(test_ids)} held-out tokens ({unk:.1%} of them <unk>)"
     )
-
-    # lmlab takes milliseconds: warm up once, then the median of 5 runs (nltk runs once).
-    # Each side gets its input in its own format, made outside the timing: nltk strings
-    # (run_nltk converts before its clock starts), lmlab a tensor of ids.
-    as_tensors = torch.tensor(train), torch.tensor(test)
-    runs = [run_lmlab(*as_tensors, tok.vocab_size, args) for _ in range(6)][1:]
-    ours = (runs[0][0], *(statistics.median(r[i] for r in runs) for i in (1, 2)))
-    theirs = run_nltk(train, test, tok.vocab_size, args)
-    for name, (ppl, fit_s, score_s) in (("lmlab", ours), ("nltk.lm", theirs)):
-        print(f"{name:8s} perplexity {ppl:.10g}  fit {fit_s:8.3f} s  score {score_s:8.3f} s")
-    if math.isinf(ours[0]) and math.isinf(theirs[0]):
-        print("perplexities agree: both infinite (a held-out n-gram never seen in training)")
-    else:
-        rel = abs(ours[0] - theirs[0]) / theirs[0]
-        print(f"perplexities agree (rel. diff {rel:.2e} < 1e-6): {rel < 1e-6}")
-        if args.smoothing == "add_k" and rel >= 1e-6:
-            print(
-                "  expected for add_k on held-out text: a context never seen in training backs "
-                "off to a shorter one in lmlab and is uniform in nltk (lmlab.models.ngram)"
-            )
-    print(
-        f"speed-up: fit {theirs[1] / ours[1]:.0f}x, score {theirs[2] / ours[2]:.0f}x, "
-        f"total {(theirs[1] + theirs[2]) / (ours[1] + ours[2]):.0f}x"
-    )
+    if not args.skip_nltk:
+        compare_with_nltk(tok, train_ids, test_ids, args)
+    compare_with_kenlm(tok, train_ids, test_text, args)
 
 
 if __name__ == "__main__":

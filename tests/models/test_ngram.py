@@ -133,15 +133,22 @@ def test_hand_worked_counts():
     torch.testing.assert_close(probs[0, 0], torch.tensor([0.0, 0.0, 1.0]))
     torch.testing.assert_close(probs[0, 1], torch.tensor([0.0, 1.0, 0.0]))
     assert model.counts_1.tolist() == [2, 2]
-    # codes ctx * V + w in base V + 1 = 4 with BOS = 3: (1 2) = 5, (2 1) = 7, (BOS 1) = 10
-    assert model.keys_2.tolist() == [5, 7, 10] and model.counts_2.tolist() == [2, 1, 1]
+    # contexts of length 1 (BOS = 3), sorted: (1), (2), (BOS) are rows 0, 1, 2; a bigram's
+    # key is row * V + w: (1 2) = 2, (2 1) = 1 * 3 + 1 = 4, (BOS 1) = 2 * 3 + 1 = 7
+    assert model.contexts_1.tolist() == [1, 2, 3]
+    assert model.keys_2.tolist() == [2, 4, 7] and model.counts_2.tolist() == [2, 1, 1]
     # the context (0,) was never seen: it backs off to the unigram distribution
     torch.testing.assert_close(model(torch.tensor([[0]])).exp()[0, 0], torch.tensor([0, 0.5, 0.5]))
 
 
 @pytest.mark.parametrize(
     ("smoothing", "order"),
-    [(s, n) for s in ngram_module.SMOOTHINGS for n in (1, 2, 4) if n > 1 or "kneser" not in s],
+    [
+        (s, n)
+        for s in ngram_module.FITTED_SMOOTHINGS
+        for n in (1, 2, 4)
+        if n > 1 or "kneser" not in s
+    ],
 )
 def test_forward_is_a_distribution(smoothing, order):
     g = torch.Generator().manual_seed(5)
@@ -189,8 +196,8 @@ def test_errors():
         NGramConfig(vocab_size=5, order=1, smoothing="kneser_ney")
     with pytest.raises(ConfigError, match="discount=1.5"):
         NGramConfig(vocab_size=5, discount=1.5)
-    with pytest.raises(ConfigError, match="int64"):
-        NGramConfig(vocab_size=50257, order=5)
+    with pytest.raises(ConfigError, match="sentence_end_id=5"):
+        NGramConfig(vocab_size=5, sentence_end_id=5)
     model = NGramLM(NGramConfig(vocab_size=5))
     with pytest.raises(ConfigError, match="fit"):
         model(torch.zeros(1, 3, dtype=torch.long))
@@ -214,3 +221,66 @@ def test_fit_takes_a_read_only_token_file_without_warnings(tmp_path):
         warnings.simplefilter("error")
         model = NGramLM(NGramConfig(vocab_size=7, order=3)).fit(ids)
     assert int(model.n_tokens) == 300
+
+
+@pytest.mark.parametrize("smoothing", ngram_module.FITTED_SMOOTHINGS)
+@pytest.mark.parametrize("sentences", [False, True])
+def test_gathered_scores_equal_the_full_rows_exactly(smoothing, sentences):
+    # log_prob computes one probability per position with the same elementwise arithmetic
+    # as the full [V] rows of forward: equal bit for bit, on seen and unseen contexts,
+    # unseen tokens (7..9), padding masks and sentence ends.
+    g = torch.Generator().manual_seed(8)
+    end = 3 if sentences else None
+    for order in (1, 2, 3, 5) if "kneser" not in smoothing else (2, 3, 5):
+        for floor in (True, False):
+            config = NGramConfig(
+                vocab_size=10,
+                order=order,
+                smoothing=smoothing,
+                uniform_floor=floor,
+                sentence_end_id=end,
+                discount=0.6,
+            )
+            model = NGramLM(config).fit(torch.randint(0, 7, (600,), generator=g))
+            ids = torch.randint(0, 10, (4, 23), generator=g)
+            targets = torch.randint(0, 10, (4, 23), generator=g)
+            mask = torch.rand(4, 23, generator=g) > 0.1
+            full = model.log_probs(ids, mask).gather(-1, targets[..., None])[..., 0]
+            assert torch.equal(model.log_prob(ids, targets, mask), full)
+
+
+def test_token_nll_gathers_the_same_surprisal_as_the_logits():
+    from lmlab.generate.likelihood import token_nll
+
+    g = torch.Generator().manual_seed(9)
+    model = NGramLM(NGramConfig(vocab_size=6, order=3)).fit(
+        torch.randint(0, 6, (400,), generator=g)
+    )
+    ids = torch.randint(0, 6, (50,), generator=g)
+    x = ids[None]
+    by_logits = torch.nn.functional.cross_entropy(model(x[:, :-1])[0], x[0, 1:], reduction="none")
+    torch.testing.assert_close(token_nll(model, ids), by_logits)
+
+
+def test_sentence_end_resets_the_context_as_kenlm_counts():
+    # [a b END a] with END = 2, n = 3: the 'a' after END is counted from (BOS, BOS) like the
+    # first one, so the trigram (BOS BOS a) is seen twice and no n-gram spans END.
+    model = NGramLM(NGramConfig(vocab_size=3, order=3, smoothing="mle", sentence_end_id=2))
+    model.fit([0, 1, 2, 0])
+    tokens = model.context_tokens(2)  # (U, 2) contexts farthest first, BOS = 3
+    assert sorted(map(tuple, tokens.tolist())) == [(0, 1), (3, 0), (3, 3)]
+    keys, counts, _ = model.table(3)
+    bos_bos = tokens.tolist().index([3, 3])  # the row of (BOS, BOS)
+    assert counts[keys == bos_bos * 3 + 0].tolist() == [2]
+    # scoring starts afresh after END too: p(a | b END) is p(a | BOS BOS) = 1
+    logp = model.log_probs(torch.tensor([[1, 2]]))
+    assert logp[0, 1, 0].item() == 0.0
+
+
+def test_a_word_5gram_over_10000_ids_fits_int64():
+    # (V + 1)^4 * V would overflow int64 for V = 10,000; trie numbering keeps keys small
+    g = torch.Generator().manual_seed(10)
+    ids = torch.randint(0, 10_000, (5_000,), generator=g)
+    model = NGramLM(NGramConfig(vocab_size=10_000, order=5)).fit(ids)
+    assert int(model.keys_5.max()) < 5_000 * 10_000
+    assert torch.isfinite(model.log_prob(ids[None, :-1], ids[None, 1:])).all()

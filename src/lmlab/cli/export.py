@@ -1,5 +1,5 @@
-"""``lmlab export``: write a model as a Hugging Face folder that transformers loads, or as
-a GGUF file that llama.cpp runs."""
+"""``lmlab export``: write a model as a Hugging Face folder that transformers loads, as
+a GGUF file that llama.cpp runs, or an n-gram model as an ARPA file that KenLM reads."""
 
 from __future__ import annotations
 
@@ -19,14 +19,17 @@ def add_arguments(parser: ArgumentParser) -> None:
         "file or a pretrained name (smollm2)",
     )
     parser.add_argument(
-        "--out", type=str, required=True, help="the folder (hf) or .gguf file (gguf) to write"
+        "--out",
+        type=str,
+        required=True,
+        help="the folder (hf), .gguf file (gguf) or .arpa file (arpa) to write",
     )
     parser.add_argument(
         "--format",
-        type=Literal["hf", "gguf"],
+        type=Literal["hf", "gguf", "arpa"],
         default="hf",
         help="hf: a Hugging Face folder (transformers); gguf: one file for llama.cpp "
-        "(Llama-layout models)",
+        "(Llama-layout models); arpa: an n-gram model for KenLM and SRILM",
     )
     parser.add_argument(
         "--merge",
@@ -43,7 +46,10 @@ def add_arguments(parser: ArgumentParser) -> None:
 
 
 def run(args) -> None:
-    if args.format == "gguf":
+    if args.format == "arpa":
+        out, notes = api.export_arpa(args.model, args.out)
+        print(f"wrote {out} (load it with kenlm.Model, or lmlab.load)")
+    elif args.format == "gguf":
         out, notes = api.export_gguf(args.model, args.out, args.gguf_type)
         print(f"wrote {out} ({args.gguf_type}; run it with llama.cpp, or lmlab.load)")
     else:

@@ -13,6 +13,9 @@ or ``None``), and how to save itself as ``tokenizer.json`` in a directory.
 - ``HFTokenizer``: any other model of a Hugging Face ``tokenizer.json`` (BERT's WordPiece,
   Unigram, WordLevel), loaded, not trained; it adds what an encoder needs: the template
   (``[CLS] text [SEP]``), padded batches with an attention mask, and the special ids.
+- ``WordTokenizer``: words and punctuation, one sentence per line ending in ``</s>``, rare
+  words as ``<unk>``: the units of word-level n-gram models and of KenLM (its rules are
+  in its docstring).
 - ``SentencePieceTokenizer``: a SentencePiece ``tokenizer.model`` (Llama 1 and 2, Mistral,
   T5), run by the ``sentencepiece`` library, loaded, not trained.
 
@@ -44,6 +47,8 @@ import inspect
 import itertools
 import json
 import os
+import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -647,6 +652,122 @@ class SentencePieceTokenizer(Tokenizer):
         return f"SentencePieceTokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
 
 
+class WordTokenizer(Tokenizer):
+    """Words for word-level n-gram models, one sentence per line, as KenLM reads text.
+
+    Rules, in order:
+
+    - ``lowercase=True`` folds case (``str.lower``) first; by default case is kept.
+    - Each line is a sentence; blank lines are skipped. The line break that ends it gives
+      ``</s>`` (``eos_id``); text after the last line break (a prompt) is a sentence not
+      yet ended, without ``</s>``. A sentence's start, KenLM's ``<s>``, is not an id: an
+      n-gram model with ``sentence_end_id = eos_id`` predicts the first word from its BOS
+      context alone.
+    - Within a line a word is a run of letters, digits and underscores (Unicode ``\\w``),
+      with inner apostrophes kept (``I'll``, ``o'er``); every other character that is not
+      whitespace is a token of its own (``,`` ``.`` ``!`` ``'``). Whitespace only separates.
+    - Vocabulary: ``<unk>`` (id 0) and ``</s>`` (id 1), then the words seen at least
+      ``min_count`` times in the training text, most frequent first (ties in code-point
+      order), at most ``max_vocab`` ids in all; any other word encodes to ``<unk>``.
+
+        WordTokenizer.train("I'll go.\\nGo, go!\\n").encode("go, I'll run.")
+        ->  [2, 4, 7, 0, 5, 1]      # go , I'll <unk> . </s>
+
+    ``decode`` joins words with spaces and turns ``</s>`` into a line break: the spacing
+    around punctuation is not restored. ``save`` writes ``{"kind": "word", "words": [...],
+    "lowercase": ...}`` as ``tokenizer.json`` (no Hugging Face pipeline expresses the
+    per-line ``</s>``).
+    """
+
+    kind = "word"
+    UNK_TOKEN, EOS_TOKEN = "<unk>", "</s>"
+    PATTERN = re.compile(r"\w+(?:'\w+)*|[^\w\s]")
+
+    def __init__(self, words: Sequence[str], lowercase: bool = False) -> None:
+        words = list(words)
+        if words[:2] != [self.UNK_TOKEN, self.EOS_TOKEN]:
+            raise DataError(
+                f"a word tokenizer's vocabulary starts with {self.UNK_TOKEN!r}, "
+                f"{self.EOS_TOKEN!r}; got {words[:2]!r}"
+            )
+        for w in words[2:]:  # an entry the rules never make (from an ARPA file) is unused
+            if not isinstance(w, str) or not w or any(c.isspace() for c in w):
+                raise DataError(f"word tokenizer entry {w!r} is empty or holds whitespace")
+        if len(set(words)) != len(words):
+            repeated = sorted({w for w in words if words.count(w) > 1})
+            raise DataError(f"word tokenizer vocabulary repeats {', '.join(map(repr, repeated))}")
+        self.words = words
+        self.lowercase = bool(lowercase)
+        self.vocab_size = len(words)
+        self.unk_id, self.eos_id = 0, 1
+        self._ids = {w: i for i, w in enumerate(words)}
+
+    @classmethod
+    def train(
+        cls,
+        text: str,
+        max_vocab: int | None = None,
+        min_count: int = 1,
+        lowercase: bool = False,
+    ) -> WordTokenizer:
+        """The vocabulary of ``text`` by the rules above (``max_vocab`` counts the two
+        special tokens too; None keeps every word seen ``min_count`` times)."""
+        _check_str(text)
+        if max_vocab is not None and (
+            isinstance(max_vocab, bool) or not isinstance(max_vocab, int) or max_vocab < 2
+        ):
+            raise ConfigError(
+                f"max_vocab={max_vocab!r} is invalid: must be an integer >= 2 (<unk> and </s>)"
+            )
+        if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
+            raise ConfigError(f"min_count={min_count!r} is invalid: must be a positive integer")
+        counts = Counter(cls.PATTERN.findall(text.lower() if lowercase else text))
+        if not counts:
+            raise DataError("cannot train a word tokenizer on text without words")
+        counts.pop(cls.UNK_TOKEN, None)
+        ranked = sorted(
+            (w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w)
+        )
+        if max_vocab is not None:
+            ranked = ranked[: max_vocab - 2]
+        return cls([cls.UNK_TOKEN, cls.EOS_TOKEN, *ranked], lowercase=lowercase)
+
+    def split(self, text: str) -> list[tuple[list[str], bool]]:
+        """The sentences of ``text`` as (words, ended by a line break), blank lines left out."""
+        _check_str(text)
+        if self.lowercase:
+            text = text.lower()
+        out = []
+        for line in text.splitlines(keepends=True):
+            body = line.splitlines()[0]
+            if words := self.PATTERN.findall(body):
+                out.append((words, len(body) < len(line)))
+        return out
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        get = self._ids.get
+        for words, ended in self.split(text):
+            ids.extend([get(w, 0) for w in words])
+            if ended:
+                ids.append(1)
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        lines, line = [], []
+        for i in _checked_ids(ids, self.vocab_size, self.kind).tolist():
+            if i == self.eos_id:
+                lines.append(" ".join(line) + "\n")
+                line = []
+            else:
+                line.append(self.words[i])
+        return "".join(lines) + " ".join(line)
+
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        data = {"kind": self.kind, "words": self.words, "lowercase": self.lowercase}
+        atomic_write_json(Path(directory) / TOKENIZER_FILE, data)
+
+
 def find_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer | None:
     """The tokenizer of a model folder, from the first layout it has, or None.
 
@@ -678,16 +799,17 @@ def require_tokenizer(tokenizer: Tokenizer | None, model: str, what: str) -> Tok
     return tokenizer
 
 
-TOKENIZER_KINDS: tuple[str, ...] = ("char", "byte", "bpe")
+TOKENIZER_KINDS: tuple[str, ...] = ("char", "byte", "bpe", "word")
 """The ``kind`` names ``train_tokenizer`` accepts."""
 
 
 def train_tokenizer(kind: str, text: str, vocab_size: int | None = None, **kw: Any) -> Tokenizer:
     """Build a tokenizer of ``kind`` (``"char"``, ``"byte"`` or ``"bpe"``) from ``text``.
 
-    ``vocab_size`` is required for ``"bpe"``; the other kinds fix their own size, so it
-    must be left out or equal that size. Extra keywords go to the kind's ``train``
-    (``unk`` for char; ``eos_token``, ``special_tokens`` for bpe).
+    ``vocab_size`` is required for ``"bpe"`` and the most ids ``"word"`` keeps (all words
+    when left out); char and byte fix their own size, so it must be left out or equal that
+    size. Extra keywords go to the kind's ``train`` (``unk`` for char; ``eos_token``,
+    ``special_tokens`` for bpe; ``min_count``, ``lowercase`` for word).
 
         train_tokenizer("char", "hello").vocab_size         ->  4
         train_tokenizer("bpe", text, vocab_size=512).kind   ->  "bpe"
@@ -697,8 +819,14 @@ def train_tokenizer(kind: str, text: str, vocab_size: int | None = None, **kw: A
             f"unknown tokenizer kind {kind!r}{closest(str(kind), TOKENIZER_KINDS)}; "
             f"valid kinds: {', '.join(TOKENIZER_KINDS)}"
         )
-    make = {"char": CharTokenizer.train, "byte": ByteTokenizer, "bpe": BPETokenizer.train}[kind]
-    accepted = [p for p in inspect.signature(make).parameters if p not in ("text", "vocab_size")]
+    make = {
+        "char": CharTokenizer.train,
+        "byte": ByteTokenizer,
+        "bpe": BPETokenizer.train,
+        "word": WordTokenizer.train,
+    }[kind]
+    fixed = ("text", "vocab_size", "max_vocab")
+    accepted = [p for p in inspect.signature(make).parameters if p not in fixed]
     for key in kw:
         if key not in accepted:
             raise ConfigError(
@@ -710,6 +838,8 @@ def train_tokenizer(kind: str, text: str, vocab_size: int | None = None, **kw: A
         if vocab_size is None:
             raise ConfigError("a bpe tokenizer needs vocab_size (e.g. 512)")
         return make(text, vocab_size, **kw)
+    if kind == "word":
+        return make(text, max_vocab=vocab_size, **kw)
     tok = make() if kind == "byte" else make(text, **kw)
     if vocab_size is not None and vocab_size != tok.vocab_size:
         raise ConfigError(
@@ -764,7 +894,18 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
             raise DataError(f"tokenizer file {str(file)!r}: {e}") from e
     if kind == "byte":
         return ByteTokenizer()
-    valid = ["char", "byte"]
+    if kind == "word":
+        words, lowercase = data.get("words"), data.get("lowercase", False)
+        if not isinstance(words, list) or not isinstance(lowercase, bool):
+            raise DataError(
+                f"tokenizer file {str(file)!r}: a word tokenizer needs 'words' (a list of "
+                "strings) and 'lowercase' (true or false)"
+            )
+        try:
+            return WordTokenizer(words, lowercase=lowercase)
+        except DataError as e:
+            raise DataError(f"tokenizer file {str(file)!r}: {e}") from e
+    valid = ["char", "byte", "word"]
     raise DataError(
         f"tokenizer file {str(file)!r} has unknown kind {kind!r}{closest(str(kind), valid)}; "
         f"valid kinds: {', '.join(valid)} (a BPE file is in the Hugging Face format)"

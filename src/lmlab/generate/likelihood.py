@@ -49,7 +49,8 @@ def token_nll(
     half a window of left context; ``stride=context`` gives non-overlapping windows,
     exactly the training windows. The model runs in eval mode (no dropout).
     ``progress``: a progress bar over the windows (a whole validation split takes a
-    while); None shows it only on a terminal.
+    while); None shows it only on a terminal. A model with a ``log_prob(ids, targets)``
+    method (the n-gram family) is asked for the targets' log-probabilities directly.
     """
     require_causal_lm(model, "perplexity")
     if isinstance(ids, np.ndarray):  # e.g. a read-only memmap of uint16 token ids
@@ -70,6 +71,8 @@ def token_nll(
         starts.append(n - window)
     out = torch.empty(n - 1, dtype=torch.float32)
     scored = 1  # ids[0] has no prediction
+    # A model that scores given targets without [V] rows (NGramLM.log_prob) does so.
+    gather = getattr(model, "log_prob", None)
     was_training = model.training
     model.eval()
     try:
@@ -78,8 +81,11 @@ def token_nll(
         for b in bar:
             chunk = starts[b : b + batch_size]
             x = torch.stack([ids[s : s + window] for s in chunk]).to(device)  # (B, W)
-            logits = model(x[:, :-1]).float()  # (B, W - 1, V)
-            nll = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").cpu()
+            if gather is not None:  # an n-gram: only the probabilities of the targets
+                nll = -gather(x[:, :-1], x[:, 1:]).float().cpu()  # (B, W - 1)
+            else:
+                logits = model(x[:, :-1]).float()  # (B, W - 1, V)
+                nll = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").cpu()
             for row, s in enumerate(chunk):
                 end = s + window  # targets ids[s + 1 : end] are at nll[row, 0 : window - 1]
                 if end <= scored:

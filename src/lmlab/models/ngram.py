@@ -17,6 +17,8 @@ with n-grams that were never seen:
 - ``modified_kneser_ney``: the same with three discounts D1, D2, D3+ for n-grams seen once,
   twice and three or more times, estimated per order from count-of-counts (Chen & Goodman
   1998, eq. 26; see ``modified_kn_discounts``).
+- ``arpa``: log10 probabilities and backoff weights read from an ARPA file (KenLM's lmplz,
+  SRILM, or lmlab's own export; ``lmlab.checkpoint.arpa.read_arpa``): nothing to fit.
 - ``backoff``: Katz-style backoff (Katz 1987) with an absolute ``discount`` in place of
   Katz's Good-Turing discounts: a seen n-gram gets ``(c - D) / c(ctx)``; the freed mass goes
   to the unseen tokens in proportion to the lower order. Unlike stupid backoff (Brants et
@@ -40,16 +42,26 @@ Conventions (shared by ``fit`` and ``forward``, and by the nltk parity test):
   (Chen & Goodman's 0th order), so every token has a positive probability and perplexity
   is finite. ``uniform_floor=False`` reproduces nltk, whose Kneser-Ney gives a token never
   seen in training probability 0.
+- Sentences (``sentence_end_id``, e.g. a word tokenizer's ``</s>``): the token after a
+  sentence end is predicted from BOS alone, as at the start of the text, and no context
+  reaches back across the end. This is KenLM's ``<s> ... </s>``: an n-gram never spans two
+  sentences, and lmlab's BOS is ARPA's ``<s>`` (``lmlab.checkpoint.arpa``).
 
-Storage: the counts of each order are a sorted int64 tensor of n-gram codes plus a count
-tensor, kept as buffers (no parameters, nothing to train: lmlab's trainer refuses a model
-without trainable parameters). A context (s_1, ..., s_j) over the V+1 symbols (BOS included)
-is the base-(V+1) number ``s_1 (V+1)^(j-1) + ... + s_j``; the m-gram (ctx, w) is
-``code(ctx) * V + w``. Fitting is np.unique-style counting (``torch.unique``) and scoring is
-``torch.searchsorted`` (two searches per context): no Python loop over tokens.
+Storage: contexts and n-grams are numbered like a suffix trie. The contexts of length j
+seen in training are the sorted table ``contexts_j`` of keys ``id(ctx[1:]) * (V+1) + ctx[0]``
+(the shorter context's row number, then the farthest symbol, BOS included); the empty
+context is row 0 of level 0. The m-gram (ctx, w) is ``id(ctx) * V + w`` in the sorted
+``keys_m``, with its count and (below the top order) continuation count aligned. Keys stay
+below (number of contexts) * (V+1), so a 5-gram over 10,000 words fits int64. Fitting is
+``torch.unique`` per order; scoring finds each context one level at a time (one
+``searchsorted`` per order) and then either gathers the one probability it needs
+(``log_prob``, perplexity: n searches per scored token, never a [V] row) or builds whole
+rows for decoding (``forward``). Per-context sums (totals, discount mass, backoff weights)
+are computed once after fitting, so both paths run the same arithmetic and agree exactly.
 
 Parity: ``tests/models/test_ngram.py`` compares perplexities with nltk.lm's MLE, Laplace,
-Lidstone and KneserNeyInterpolated on the same n-grams.
+Lidstone and KneserNeyInterpolated on the same n-grams; ``tests/checkpoint/test_arpa.py``
+scores lmlab's ARPA export with the ``kenlm`` module.
 
 Shapes: B batch, T tokens per row, Q = B*T scored positions, V vocabulary.
 """
@@ -69,7 +81,8 @@ from lmlab.errors import ConfigError
 from lmlab.models.contract import Abilities
 from lmlab.models.registry import register_family
 
-SMOOTHINGS = ("mle", "add_k", "kneser_ney", "modified_kneser_ney", "backoff")
+FITTED_SMOOTHINGS = ("mle", "add_k", "kneser_ney", "modified_kneser_ney", "backoff")
+SMOOTHINGS = (*FITTED_SMOOTHINGS, "arpa")
 
 
 @dataclass(frozen=True)
@@ -78,10 +91,11 @@ class NGramConfig:
     """Number of token ids."""
     order: int = 3
     """n: the model predicts from the previous n-1 tokens (1 = unigram)."""
-    smoothing: Literal["mle", "add_k", "kneser_ney", "modified_kneser_ney", "backoff"] = (
+    smoothing: Literal["mle", "add_k", "kneser_ney", "modified_kneser_ney", "backoff", "arpa"] = (
         "kneser_ney"
     )
-    """How to give probability to n-grams never seen in training (see the module docstring)."""
+    """How to give probability to n-grams never seen in training (see the module docstring);
+    ``arpa`` is a model read from an ARPA file, not fitted."""
     k: float = 1.0
     """Pseudo-count added to every count by add_k (1 = Laplace, other values = Lidstone)."""
     discount: float = 0.75
@@ -90,6 +104,9 @@ class NGramConfig:
     uniform_floor: bool = True
     """Interpolate the unigram level of kneser_ney, modified_kneser_ney and backoff with the
     uniform 1/V, so unseen tokens get a positive probability; False matches nltk.lm."""
+    sentence_end_id: int | None = None
+    """Token that ends a sentence (a word tokenizer's ``</s>``): the next token is predicted
+    from BOS alone, as KenLM does; None: the text is one running sequence."""
     max_seq_len: int | None = None
     """Longest row ``forward`` accepts; None means no limit (the model only looks back n-1)."""
 
@@ -109,35 +126,49 @@ class NGramConfig:
             bad("discount", self.discount, "must be in [0, 1] (counts are >= 1)")
         if self.smoothing in ("kneser_ney", "modified_kneser_ney") and self.order < 2:
             bad("order", self.order, f"must be >= 2 for {self.smoothing} (it needs bigrams)")
-        if (self.vocab_size + 1) ** self.order >= 2**63:
-            bad("order", self.order, "(vocab_size + 1) ** order must fit in int64; lower it")
+        if self.sentence_end_id is not None and (
+            not isinstance(self.sentence_end_id, int)
+            or not 0 <= self.sentence_end_id < self.vocab_size
+        ):
+            bad(
+                "sentence_end_id",
+                self.sentence_end_id,
+                f"must be None or in [0, {self.vocab_size})",
+            )
         if self.max_seq_len is not None and (
             not isinstance(self.max_seq_len, int) or self.max_seq_len < 1
         ):
             bad("max_seq_len", self.max_seq_len, "must be a positive integer or None")
 
 
-def context_codes(ids: torch.Tensor, order: int, vocab_size: int) -> list[torch.Tensor]:
-    """Codes of the 0..order-1 tokens before each position, left-padded with BOS = V.
+def histories(
+    ids: torch.Tensor, order: int, vocab_size: int, sentence_end_id: int | None = None
+) -> list[torch.Tensor]:
+    """The n-1 tokens ending at each position, nearest first; BOS = V where there are none.
 
-    ids: [B, T] int64 -> ``order`` tensors [B, T] int64; entry j encodes the j previous
-    tokens in base V+1, the nearest token least significant.
+    ids: [B, T] int64 -> ``order - 1`` tensors [B, T]; entry j-1 holds the token j-1 places
+    before each position (entry 0 is the position's own token). A token at or before a
+    sentence end (``sentence_end_id``) is hidden behind BOS: the context starts afresh.
 
-    >>> [c.tolist() for c in context_codes(torch.tensor([[1, 2, 0]]), 3, vocab_size=3)]
-    [[[0, 0, 0]], [[3, 1, 2]], [[15, 13, 6]]]
-
-    (V = 3, base 4, BOS = 3: the third token's context (1, 2) is 1 * 4 + 2 = 6, the
-    second's (BOS, 1) is 3 * 4 + 1 = 13, the first's (BOS, BOS) is 3 * 4 + 3 = 15.)
+    >>> [h.tolist() for h in histories(torch.tensor([[1, 2, 0, 2]]), 3, vocab_size=3)]
+    [[[1, 2, 0, 2]], [[3, 1, 2, 0]]]
+    >>> [h.tolist() for h in histories(torch.tensor([[1, 2, 0, 2]]), 3, 3, sentence_end_id=2)]
+    [[[1, 3, 0, 3]], [[3, 3, 3, 3]]]
     """
     B, T = ids.shape
-    base = vocab_size + 1
     padded = torch.cat([ids.new_full((B, order - 1), vocab_size), ids], dim=1)  # (B, T+n-1)
-    codes = [torch.zeros_like(ids)]
+    if sentence_end_id is not None:
+        ends = (padded == sentence_end_id).cumsum(1)  # (B, T+n-1) ends up to each place
+    out = []
     for j in range(1, order):
-        # the token j places back of each position, at weight base^(j-1)
-        back = padded[:, order - 1 - j : order - 1 - j + T]  # (B, T)
-        codes.append(back * base ** (j - 1) + codes[-1])
-    return codes
+        p = order - j  # padded index of the token j-1 places back from position 0
+        back = padded[:, p : p + T]  # (B, T)
+        if sentence_end_id is not None:
+            # hidden when an end lies between it (inclusive) and the position (inclusive)
+            crossed = ends[:, order - 1 :] - ends[:, p - 1 : p - 1 + T]  # (B, T)
+            back = torch.where(crossed > 0, vocab_size, back)
+        out.append(back)
+    return out
 
 
 def modified_kn_discounts(counts: torch.Tensor, fallback: float = 0.75) -> torch.Tensor:
@@ -170,8 +201,7 @@ def _count(codes: torch.Tensor, space: int) -> tuple[torch.Tensor, torch.Tensor]
     """The distinct values of ``codes`` (in [0, space)), sorted, and how often each occurs.
 
     ``[5, 2, 5]`` -> ``([2, 5], [1, 2])``. A small code space is counted with one
-    ``bincount`` (linear time: a character 3-gram has at most 67^2 * 66 codes); a large
-    one by sorting (``unique``).
+    ``bincount`` (linear time); a large one by sorting (``unique``).
     """
     if space <= max(1 << 22, 4 * codes.numel()):
         counts = torch.bincount(codes, minlength=0)
@@ -180,19 +210,42 @@ def _count(codes: torch.Tensor, space: int) -> tuple[torch.Tensor, torch.Tensor]
     return torch.unique(codes, return_counts=True)
 
 
+def _find(
+    keys: torch.Tensor, query: torch.Tensor, grouped: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row of each ``query`` value in the sorted ``keys`` (clamped) and whether it is there.
+
+    Many queries in no order are sorted first: a binary search per random query misses
+    the cache at nearly every step of a table of megabytes, while sorted queries walk it
+    in order (~30x faster for 26k queries into 250k keys). ``grouped``: the caller has
+    ordered them already (``NGramLM.log_prob``).
+    """
+    if keys.numel() == 0:
+        return torch.zeros_like(query), torch.zeros_like(query, dtype=torch.bool)
+    if grouped or query.numel() < 4096:
+        pos = torch.searchsorted(keys, query)
+    else:
+        ordered, order = query.sort()
+        pos = torch.empty_like(query)
+        pos[order] = torch.searchsorted(keys, ordered)
+    pos.clamp_(max=keys.numel() - 1)
+    return pos, keys.index_select(0, pos) == query  # index_select: the fastest gather
+
+
 def _rows(
     keys: torch.Tensor, tables: list[torch.Tensor], contexts: torch.Tensor, vocab_size: int
 ) -> list[torch.Tensor]:
-    """Dense rows [Q, V] float64 of each table in ``tables`` for the given contexts [Q].
+    """Dense rows [Q, V] float64 of each table in ``tables`` for the context ids [Q] (-1:
+    none, an all-zero row).
 
-    The m-grams of one context ``ctx`` have codes ctx*V .. ctx*V + V-1, a contiguous run of
-    the sorted ``keys``: two binary searches per context find it, and only the n-grams
+    The m-grams of one context have keys ctx*V .. ctx*V + V-1, a contiguous run of the
+    sorted ``keys``: two binary searches per context find it, and only the n-grams
     actually seen are copied (no search per (context, token) pair).
     """
     V, Q = vocab_size, contexts.numel()
     lo = torch.searchsorted(keys, contexts * V)  # (Q,)
     hi = torch.searchsorted(keys, contexts * V + V)  # (Q,)
-    lengths = hi - lo
+    lengths = (hi - lo).clamp(min=0)
     rows = torch.repeat_interleave(torch.arange(Q, device=keys.device), lengths)  # (E,)
     first = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)  # (E,)
     idx = lo[rows] + torch.arange(rows.numel(), device=keys.device) - first  # (E,) into keys
@@ -205,6 +258,28 @@ def _rows(
     return out
 
 
+@dataclass
+class _Level:
+    """What scoring gathers at one order (see ``NGramLM._probabilities``).
+
+    value: [G] the probability share of each stored m-gram (its discounted count over the
+    context's total, or the ARPA file's probability); listed: [G] ones, for the dense rows;
+    weight: [U+1] per context, what multiplies the level below (gamma for Kneser-Ney, the
+    backoff weight otherwise), and 1 in an extra last row that unseen contexts read (they
+    pass the level below on unchanged); base: [U+1] add_k's probability of an unseen token.
+    """
+
+    value: torch.Tensor
+    listed: torch.Tensor
+    weight: torch.Tensor
+    base: torch.Tensor | None = None
+    interpolated: bool = False
+    direct: tuple[torch.Tensor, torch.Tensor] | None = None
+    """Order 1 only: (value, listed) [V] by token, so that unigrams need no search."""
+    first_rows: torch.Tensor | None = None
+    """Order 1 only: [V+1] the row of each one-token context, -1 where never seen."""
+
+
 class NGramLM(nn.Module):
     """Token ids [B, T] -> next-token log-probabilities [B, T, V]; ``fit`` before use."""
 
@@ -214,12 +289,21 @@ class NGramLM(nn.Module):
         super().__init__()
         self.config = config
         self.register_buffer("n_tokens", torch.zeros((), dtype=torch.long))
+        for j in range(1, config.order):
+            # keys id(ctx[1:]) * (V+1) + ctx[0] of the contexts of length j (sorted)
+            self.register_buffer(f"contexts_{j}", torch.zeros(0, dtype=torch.long))
+            if config.smoothing == "arpa":  # log10 backoff weight of each context
+                self.register_buffer(f"backoffs_{j}", torch.zeros(0, dtype=torch.float64))
         for m in range(1, config.order + 1):
-            # m-gram codes (sorted), their counts, and (for orders below n) their
-            # continuation counts N1+(. g): same length, aligned with the codes.
+            # m-gram keys id(ctx) * V + w (sorted) and, aligned with them, their counts and
+            # (for orders below n) continuation counts N1+(. g), or an ARPA file's log10 p
             self.register_buffer(f"keys_{m}", torch.zeros(0, dtype=torch.long))
-            self.register_buffer(f"counts_{m}", torch.zeros(0, dtype=torch.long))
-            self.register_buffer(f"continuations_{m}", torch.zeros(0, dtype=torch.long))
+            if config.smoothing == "arpa":
+                self.register_buffer(f"log10_probs_{m}", torch.zeros(0, dtype=torch.float64))
+            else:
+                self.register_buffer(f"counts_{m}", torch.zeros(0, dtype=torch.long))
+                self.register_buffer(f"continuations_{m}", torch.zeros(0, dtype=torch.long))
+        self._stats: list[_Level] | None = None
 
     @property
     def variable_shape_buffers(self) -> list[str]:
@@ -231,15 +315,42 @@ class NGramLM(nn.Module):
         for name, buf in self.named_buffers(recurse=False):
             if prefix + name in state_dict:
                 self._buffers[name] = torch.empty_like(state_dict[prefix + name], device=buf.device)
+        self._stats = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def _apply(self, fn, recurse=True):
+        self._stats = None  # moved or cast: derive the per-context sums again
+        return super()._apply(fn, recurse)
+
     def table(self, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(codes, counts, continuation counts) of the m-grams, each [G_m] int64."""
+        """(keys, counts, continuation counts) of the m-grams, each [G_m] int64."""
         return (
             getattr(self, f"keys_{m}"),
             getattr(self, f"counts_{m}"),
             getattr(self, f"continuations_{m}"),
         )
+
+    def load_tables(
+        self,
+        contexts: list[torch.Tensor],
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        backoffs: list[torch.Tensor] | None = None,
+    ) -> NGramLM:
+        """Install tables built elsewhere (``lmlab.checkpoint.arpa``): context keys for
+        lengths 1..n-1, m-gram keys and their log10 probabilities for m = 1..n, and the
+        contexts' log10 backoff weights; every key tensor sorted, as ``fit`` leaves them."""
+        n = self.config.order
+        if self.config.smoothing != "arpa" or len(contexts) != n - 1 or len(keys) != n:
+            raise ConfigError("load_tables takes an arpa model's n-1 context and n m-gram tables")
+        for j in range(1, n):
+            setattr(self, f"contexts_{j}", contexts[j - 1])
+            setattr(self, f"backoffs_{j}", backoffs[j - 1])
+        for m in range(1, n + 1):
+            setattr(self, f"keys_{m}", keys[m - 1])
+            setattr(self, f"log10_probs_{m}", values[m - 1])
+        self._stats = None
+        return self
 
     @torch.no_grad()
     def fit(self, ids) -> NGramLM:
@@ -248,30 +359,43 @@ class NGramLM(nn.Module):
         Replaces earlier counts. ``[1, 2, 1, 2]`` with n = 2 counts the bigrams
         (BOS 1), (1 2) x2, (2 1) and the unigrams 1 x2, 2 x2.
         """
-        V, n = self.config.vocab_size, self.config.order
+        cfg = self.config
+        V, n = cfg.vocab_size, cfg.order
+        if cfg.smoothing == "arpa":
+            raise ConfigError("an arpa model is read from a file (read_arpa), not fitted")
         if not isinstance(ids, torch.Tensor):  # a copy: token files are read-only memmaps
             ids = torch.from_numpy(np.array(ids, dtype=np.int64))
         ids = ids.to(device=self.n_tokens.device, dtype=torch.long)
         if ids.dim() != 1 or ids.numel() == 0:
             raise ConfigError(f"fit takes a non-empty 1-D sequence of ids, got {tuple(ids.shape)}")
         _check_ids(ids, V)
-        contexts = context_codes(ids[None], n, V)
+        # The context of ids[t] ends at t-1: histories of the stream shifted right by one.
+        shifted = torch.cat([ids.new_full((1,), V), ids[:-1]])[None]  # (1, N)
+        back = [h[0] for h in histories(shifted, n, V, cfg.sentence_end_id)]
+        context_ids = [torch.zeros_like(ids)]  # (N,) per length: row in that length's table
+        for j in range(1, n):
+            table, inverse = torch.unique(
+                context_ids[-1] * (V + 1) + back[j - 1], return_inverse=True
+            )
+            setattr(self, f"contexts_{j}", table)
+            context_ids.append(inverse)
         for m in range(1, n + 1):
-            codes = contexts[m - 1][0] * V + ids  # (N,) m-gram codes
-            keys, counts = _count(codes, (V + 1) ** (m - 1) * V)  # sorted
+            space = (getattr(self, f"contexts_{m - 1}").numel() if m > 1 else 1) * V
+            keys, counts = _count(context_ids[m - 1] * V + ids, space)  # sorted
             setattr(self, f"keys_{m}", keys)
             setattr(self, f"counts_{m}", counts)
         for m in range(1, n):
-            # Continuation count of an m-gram g: distinct (m+1)-grams (x g). Drop the first
-            # (most significant) context symbol of each distinct (m+1)-gram code.
+            # Continuation count of an m-gram (ctx, w): distinct (m+1)-grams (x ctx, w). The
+            # longer context's key holds the shorter one's row: key // (V+1).
             higher = getattr(self, f"keys_{m + 1}")
-            ctx, w = higher // V, higher % V
-            suffix = (ctx % (V + 1) ** (m - 1)) * V + w
-            keys, cont = _count(suffix, (V + 1) ** (m - 1) * V)
+            longer, w = higher // V, higher % V
+            shorter = getattr(self, f"contexts_{m}")[longer] // (V + 1)
+            keys, cont = _count(shorter * V + w, higher.numel() * V + V)
             # BOS padding gives every m-gram (m < n) a left neighbour: same sets.
             assert torch.equal(keys, getattr(self, f"keys_{m}"))
             setattr(self, f"continuations_{m}", cont)
         self.n_tokens = torch.tensor(ids.numel(), device=ids.device)
+        self._stats = None
         return self
 
     def forward(
@@ -284,7 +408,7 @@ class NGramLM(nn.Module):
 
         Position t holds log p(next token | ids[:, :t+1]) from the last n-1 tokens (BOS
         before the row's start, and in place of masked-out tokens). float32; see
-        ``log_probs`` for float64.
+        ``log_probs`` for float64 and ``log_prob`` to score given next tokens.
         """
         if cache is not None:
             raise ConfigError("the ngram family has no cache; call it on the whole prefix")
@@ -296,101 +420,275 @@ class NGramLM(nn.Module):
 
         ids: [B, T] int64 -> [B, T, V] float64.
         """
-        table, inverse = self._context_log_probs(ids, mask)
-        return table[inverse].view(*ids.shape, -1)
-
-    def _context_log_probs(
-        self, ids: torch.Tensor, mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probs [U, V] of the U distinct contexts in ``ids``, and for each of the B*T
-        positions the row that is its context: ``log_probs`` is ``table[inverse]``."""
-        if int(self.n_tokens) == 0:
-            raise ConfigError("this NGramLM has no counts yet: call model.fit(ids) first")
-        V, n = self.config.vocab_size, self.config.order
-        B, T = ids.shape
-        limit = self.config.max_seq_len
-        if limit is not None and T > limit:
-            raise ConfigError(f"sequence of {T} tokens exceeds max_seq_len {limit}")
-        _check_ids(ids, V)
-        if mask is not None:
-            ids = torch.where(mask.to(torch.bool), ids, V)  # padding reads as BOS
-        # Predicting the token after position t means the context ends AT t: shift by one.
-        shifted = torch.cat([ids, ids.new_full((B, 1), 0)], dim=1)  # last col is a dummy
-        top = context_codes(shifted, n, V)[-1][:, 1:].reshape(-1)  # (Q,) full contexts
-        # Positions sharing a context share a distribution: compute each one once. The
-        # shorter contexts are suffixes, i.e. the low base-(V+1) digits of the full one.
-        unique, inverse = torch.unique(top, return_inverse=True)  # (U,), (Q,)
+        V = self.config.vocab_size
+        found = self._context_rows(ids, mask)  # per length: (Q,) rows, -1 where unseen
+        # Positions sharing their longest seen context share a distribution: one row each.
+        deepest = (torch.stack(found) >= 0).sum(0) - 1  # (Q,) its length
+        sizes = [1] + [getattr(self, f"contexts_{j}").numel() for j in range(1, len(found))]
+        offsets = torch.tensor([0, *sizes[:-1]], device=ids.device).cumsum(0)  # (n,)
+        key = torch.stack(found).gather(0, deepest[None])[0] + offsets[deepest]  # (Q,)
+        unique, first, inverse = _unique_first(key)
+        rows = [f[first] for f in found]  # (U,) per length
         out = torch.empty(unique.numel(), V, dtype=torch.float64, device=ids.device)
         step = max(1, (1 << 21) // V)  # contexts per chunk: bounds the [rows, V] temporaries
         for start in range(0, unique.numel(), step):
-            chunk = unique[start : start + step]
-            contexts = [chunk % (V + 1) ** j for j in range(n)]  # lengths 0..n-1
-            out[start : start + step] = self._distributions(contexts).log()
-        return out, inverse
+            chunk = [r[start : start + step] for r in rows]
+            out[start : start + step] = self._probabilities(chunk, None).log()
+        return out[inverse].view(*ids.shape, V)
 
-    def _distributions(self, contexts: list[torch.Tensor]) -> torch.Tensor:
-        """Next-token probabilities [Q, V] float64 for context codes (one [Q] per length)."""
+    @torch.no_grad()
+    def log_prob(
+        self, ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """log p(targets[:, t] | ids[:, :t+1]): [B, T] float64, without building [V] rows.
+
+        ids, targets: [B, T] int64 (targets is usually ids shifted left by one); equal to
+        ``log_probs(ids, mask).gather(-1, targets[..., None])`` (tested exactly).
+        """
         cfg = self.config
-        V, n, d = cfg.vocab_size, cfg.order, cfg.discount
-        kn = cfg.smoothing in ("kneser_ney", "modified_kneser_ney")
+        V, n = cfg.vocab_size, cfg.order
+        _check_ids(targets, V)
+        back = self._histories(ids, mask)
+        targets = targets.reshape(-1)
+        if n > 1 and targets.numel() >= 4096:
+            # Visit positions sorted by their contexts, nearest token first (as many tokens
+            # as an int64 key holds): the binary searches of every level then walk each
+            # table in order instead of missing the cache at nearly every step (random
+            # queries into a table of megabytes are ~30x slower on the same CPU).
+            near = torch.zeros_like(targets)
+            for b in back[: max(1, int(62 * math.log(2) / math.log(V + 1)))]:
+                near = near * (V + 1) + b  # (Q,)
+            order = near.argsort()
+            back = [b.index_select(0, order) for b in back]
+            targets = targets.index_select(0, order)
+            rows = self.find_contexts(back, targets.numel(), grouped=True)
+            p = self._probabilities(rows, targets, grouped=True)
+            out = torch.empty_like(p)
+            out[order] = p
+        else:
+            out = self._probabilities(self.find_contexts(back, targets.numel()), targets)
+        return out.log().view(ids.shape)
+
+    def _context_rows(self, ids: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
+        """For every position of ``ids`` [B, T], the row of its context of each length
+        0..n-1 in that length's table, -1 where it was never seen: n tensors [Q]."""
+        return self.find_contexts(self._histories(ids, mask), ids.numel())
+
+    def _histories(self, ids: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
+        """The checked ``histories`` of ``ids`` [B, T], flattened: n-1 tensors [Q]."""
+        cfg = self.config
+        if self.keys_1.numel() == 0:
+            raise ConfigError("this NGramLM has no counts yet: call model.fit(ids) first")
+        V, n = cfg.vocab_size, cfg.order
+        T = ids.shape[1]
+        if cfg.max_seq_len is not None and T > cfg.max_seq_len:
+            raise ConfigError(f"sequence of {T} tokens exceeds max_seq_len {cfg.max_seq_len}")
+        _check_ids(ids, V)
+        if mask is not None:
+            ids = torch.where(mask.to(torch.bool), ids, V)  # padding reads as BOS
+        return [h.reshape(-1) for h in histories(ids, n, V, cfg.sentence_end_id)]
+
+    def find_contexts(
+        self, back: list[torch.Tensor], size: int, grouped: bool = False
+    ) -> list[torch.Tensor]:
+        """Rows [Q] of the contexts made of ``back`` (up to n-1 tensors [Q], nearest token
+        first, BOS = V), per length 0..len(back); -1 where never seen. Q = ``size``;
+        ``grouped``: the queries come sorted by context already (see ``_find``)."""
+        V = self.config.vocab_size
+        rows = [torch.zeros(size, dtype=torch.long, device=self.keys_1.device)]
+        for j, token in enumerate(back, start=1):
+            if j == 1:  # one-token contexts: a table over the V+1 symbols, no search
+                rows.append(self._levels()[0].first_rows.index_select(0, token))
+                continue
+            key = rows[-1] * (V + 1) + token
+            pos, hit = _find(getattr(self, f"contexts_{j}"), key, grouped)
+            rows.append(torch.where(hit & (rows[-1] >= 0), pos, -1))
+        return rows
+
+    def _probabilities(
+        self,
+        rows: list[torch.Tensor],
+        targets: torch.Tensor | None,
+        levels: list[_Level] | None = None,
+        grouped: bool = False,
+    ) -> torch.Tensor:
+        """p(target | context) [Q] for given targets, or whole rows [Q, V] when None.
+
+        ``rows``: the context rows of each length (``find_contexts``). Lowest order first,
+        each level mixes its own evidence with the level below (``_levels``); a context
+        never seen (row -1) keeps the shorter context's answer. Both shapes run the same
+        elementwise arithmetic, so a gathered value equals its row's entry bit for bit.
+        """
+        V = self.config.vocab_size
+        levels = self._levels() if levels is None else levels
         p = None
-        for j in range(n):  # context length j, m-gram order j + 1, lowest order first
-            keys, counts, cont = self.table(j + 1)
-            # Kneser-Ney below the top order counts distinct left neighbours instead.
-            use_cont = kn and j < n - 1
-            c, *rest = _rows(keys, [counts, cont] if use_cont else [counts], contexts[j], V)
-            a = rest[0] if use_cont else c  # (Q, V) counts c(ctx w) or N1+(. ctx w)
-            seen = c.sum(-1, keepdim=True) > 0  # (Q, 1) context seen in training
-            total = a.sum(-1, keepdim=True).clamp(min=1)  # (Q, 1); 0 only when unseen
-            if cfg.smoothing == "mle":
-                q = a / total
-            elif cfg.smoothing == "add_k":
-                q = (a + cfg.k) / (total * seen + V * cfg.k)
-            elif j == 0 and not cfg.uniform_floor:
-                q = a / total  # nltk's KN unigram: continuation counts, no discount
+        for j, row in enumerate(rows):
+            level = levels[j]
+            seen = row >= 0  # (Q,)
+            # an unseen context reads the extra last row: weight 1, nothing listed
+            at = torch.where(seen, row, level.weight.numel() - 1)
+            if targets is None:
+                keys = getattr(self, f"keys_{j + 1}")
+                v, listed = _rows(keys, [level.value, level.listed], row, V)  # (Q, V)
+                b = level.weight[at][:, None]  # (Q, 1)
+                c = None if level.base is None else level.base[at][:, None]
+                seen = seen[:, None]
             else:
-                lower = torch.full_like(a, 1.0 / V) if j == 0 else p  # 0th order: uniform
-                if cfg.smoothing == "backoff":
-                    q = _katz_step(a, total, lower, d)
+                if level.direct is not None:  # unigrams: a table by token, no search
+                    v = level.direct[0].index_select(0, targets)
+                    listed = level.direct[1].index_select(0, targets)
                 else:
-                    disc = self._discounts(j + 1) if cfg.smoothing == "modified_kneser_ney" else d
-                    q = _interpolate(a, total, lower, disc)
-            p = q if p is None else torch.where(seen, q, p)  # unseen context: shorter one
+                    keys = getattr(self, f"keys_{j + 1}")
+                    pos, hit = _find(keys, at * V + targets, grouped)
+                    hit &= seen
+                    v, listed = level.value.index_select(0, pos) * hit, hit  # (Q,)
+                b = level.weight.index_select(0, at)
+                c = None if level.base is None else level.base.index_select(0, at)
+            lower = torch.full_like(v, 1.0 / V) if p is None else p  # 0th order: uniform
+            if level.interpolated:  # every token: its own share plus b of the level below
+                q = v + b * lower
+            elif c is not None:  # add_k: an unseen token's share depends on the context only
+                q = torch.where(listed > 0, v, c)
+                q = q if p is None else torch.where(seen, q, p)
+            else:  # backoff form: a seen token has its own value, the others b * lower
+                q = torch.where(listed > 0, v, b * lower)
+            p = q
         return p
 
-    def _discounts(self, m: int) -> torch.Tensor:
-        """Modified-KN [D1, D2, D3+] for order m, from the counts it interpolates with."""
-        _, counts, cont = self.table(m)
-        return modified_kn_discounts(
-            counts if m == self.config.order else cont, self.config.discount
-        )
+    def _levels(self) -> list[_Level]:
+        """Per order, the values the scoring loop gathers, derived once from the tables
+        after fitting or loading (see ``_Level``)."""
+        if self._stats is not None:
+            return self._stats
+        cfg = self.config
+        V, n, d, s = cfg.vocab_size, cfg.order, cfg.discount, cfg.smoothing
+        levels: list[_Level] = []
+        for j in range(n):
+            keys = getattr(self, f"keys_{j + 1}")
+            U = getattr(self, f"contexts_{j}").numel() if j else 1
+            owner = keys // V  # (G,) the context row of each m-gram
+            ones = torch.ones(keys.numel(), dtype=torch.float64, device=keys.device)
+            if s == "arpa":
+                log_b = getattr(self, f"backoffs_{j}") if j else ones.new_zeros(1)
+                value = 10.0 ** getattr(self, f"log10_probs_{j + 1}")
+                levels.append(_Level(value, ones, 10.0**log_b))
+                continue
+            _, counts, cont = self.table(j + 1)
+            kn = s in ("kneser_ney", "modified_kneser_ney")
+            a = (cont if kn and j < n - 1 else counts).double()  # (G,) counts or N1+(. g)
+            total = torch.bincount(owner, weights=a, minlength=U)  # (U,)
+            per_gram_total = total[owner]
+            zero = torch.zeros(U, dtype=torch.float64, device=keys.device)
+            if s == "mle" or (j == 0 and not cfg.uniform_floor and s != "add_k"):
+                # nltk's KN unigram too: continuation counts, no discount
+                levels.append(_Level(a / per_gram_total, ones, zero))
+            elif s == "add_k":
+                base = cfg.k / (total + V * cfg.k)
+                levels.append(_Level((a + cfg.k) / (per_gram_total + V * cfg.k), ones, zero, base))
+            elif kn:
+                # Interpolated absolute discounting: (a - D(a))^+ / total + gamma * lower, where
+                # gamma = sum_w D(a_w) / total is exactly the mass the discounts removed.
+                if s == "modified_kneser_ney":
+                    disc = modified_kn_discounts(counts if j == n - 1 else cont, d)
+                    removed = torch.cat([disc.new_zeros(1), disc]).to(a.device)[
+                        a.long().clamp(max=3)
+                    ]
+                else:
+                    removed = torch.full_like(a, d)
+                alpha = (a - removed).clamp(min=0) / per_gram_total
+                gamma = torch.bincount(owner, weights=removed, minlength=U) / total
+                levels.append(_Level(alpha, ones, gamma, interpolated=True))
+            else:
+                # Katz: seen tokens get (a - d) / total; unseen ones share the freed mass
+                # d N1+(ctx .) / total in proportion to the lower order. A context followed
+                # by every token (or by every token the lower order allows) keeps its MLE.
+                types = torch.bincount(owner, minlength=U).double()
+                if j == 0:
+                    lower = torch.full_like(a, 1.0 / V)
+                else:
+                    rows = self._ancestors(j, owner)
+                    lower = self._probabilities(rows, keys % V, levels)  # (G,) p(w | ctx[1:])
+                unseen = 1.0 - torch.bincount(owner, weights=lower, minlength=U)
+                full = (types == V) | (unseen < 1e-12)  # (U,)
+                value = torch.where(full[owner], a / per_gram_total, (a - d) / per_gram_total)
+                weight = torch.where(full, 0.0, d * types / total / unseen)
+                levels.append(_Level(value, ones, weight))
+        # (set last: the backoff sums above score through the levels built so far, whose
+        # contexts are all seen)
+        for level in levels:  # the extra row of unseen contexts
+            level.weight = torch.cat([level.weight, level.weight.new_ones(1)])
+            if level.base is not None:
+                level.base = torch.cat([level.base, level.base.new_zeros(1)])
+        unigrams = levels[0]
+        keys = self.keys_1
+        value = torch.zeros(V, dtype=torch.float64, device=keys.device)
+        value[keys] = unigrams.value
+        unigrams.direct = (value, torch.zeros_like(value).index_fill_(0, keys, 1.0))
+        if n > 1:
+            first = torch.full((V + 1,), -1, dtype=torch.long, device=keys.device)
+            first[self.contexts_1] = torch.arange(self.contexts_1.numel(), device=keys.device)
+            unigrams.first_rows = first
+        self._stats = levels
+        return levels
+
+    def _ancestors(self, j: int, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Rows of the suffixes of length 0..j-1 of the length-j contexts ``rows``."""
+        V = self.config.vocab_size
+        out = [rows]
+        for i in range(j, 1, -1):
+            out.append(getattr(self, f"contexts_{i}")[out[-1]] // (V + 1))
+        out.append(torch.zeros_like(rows))
+        return out[::-1][:j]
+
+    def context_tokens(self, j: int) -> torch.Tensor:
+        """The tokens of every length-j context, farthest first: [U_j, j] int64 (BOS = V)."""
+        V = self.config.vocab_size
+        if j == 0:
+            return self.keys_1.new_zeros(1, 0)
+        keys = getattr(self, f"contexts_{j}")
+        columns = []
+        for i in range(j, 0, -1):
+            columns.append(keys % (V + 1))
+            if i > 1:
+                keys = getattr(self, f"contexts_{i - 1}")[keys // (V + 1)]
+        return torch.stack(columns, 1)
+
+    def level_probabilities(self, m: int) -> torch.Tensor:
+        """p(w | ctx) [G_m] float64 of every stored m-gram at its own level (the value the
+        model uses when (ctx, w) is the longest context it has seen)."""
+        keys = getattr(self, f"keys_{m}")
+        V = self.config.vocab_size
+        rows = self._ancestors(m - 1, keys // V) + [keys // V] if m > 1 else [keys * 0]
+        return self._probabilities(rows[:m], keys % V)
+
+    def unigram_probabilities(self) -> torch.Tensor:
+        """p(w) [V] float64 of every token from the empty context, seen or not."""
+        V = self.config.vocab_size
+        tokens = torch.arange(V, device=self.keys_1.device)
+        return self._probabilities([torch.zeros_like(tokens)], tokens)
+
+    def backoff_weights(self, j: int) -> torch.Tensor:
+        """The factor [U_j] each length-j context gives the shorter context's probability of
+        a token it was never seen with: gamma (Kneser-Ney), freed / unseen mass (backoff),
+        the file's backoff (arpa)."""
+        s = self.config.smoothing
+        if s not in ("kneser_ney", "modified_kneser_ney", "backoff", "arpa"):
+            raise ConfigError(
+                f"smoothing={s!r} has no backoff form (every unseen n-gram gets its own "
+                "value); ARPA files hold kneser_ney, modified_kneser_ney, backoff and arpa models"
+            )
+        weight = self._levels()[j].weight[:-1]  # without the row of unseen contexts
+        if s == "backoff":  # a context that saw every token backs off nothing: any factor
+            return torch.where(weight > 0, weight, 1.0)
+        return weight
 
 
-def _interpolate(a: torch.Tensor, total: torch.Tensor, lower: torch.Tensor, disc) -> torch.Tensor:
-    """Interpolated absolute discounting: (a - D(a))^+ / total + gamma * lower.
-
-    a: [Q, V] (continuation) counts, total: [Q, 1]; ``disc`` a float D or the modified-KN
-    tensor [D1, D2, D3+] indexed by min(a, 3). gamma = sum_w D(a_w) / total is exactly the
-    mass the discounts removed, so the result sums to 1 when ``lower`` does.
-    """
-    if isinstance(disc, torch.Tensor):
-        table = torch.cat([disc.new_zeros(1), disc.to(a.device)])  # D(0) = 0
-        D = table[a.clamp(max=3).long()]  # (Q, V)
-    else:
-        D = torch.where(a > 0, disc, 0.0)
-    alpha = (a - D).clamp(min=0) / total
-    gamma = D.sum(-1, keepdim=True) / total
-    return alpha + gamma * lower
-
-
-def _katz_step(a: torch.Tensor, total: torch.Tensor, lower: torch.Tensor, d: float):
-    """Backoff: seen tokens get (a - d) / total; unseen ones share the freed mass d N1+ /
-    total in proportion to ``lower``. A context followed by every token keeps its MLE."""
-    seen = a > 0
-    freed = d * seen.sum(-1, keepdim=True) / total  # (Q, 1)
-    unseen_lower = (lower * ~seen).sum(-1, keepdim=True)  # (Q, 1)
-    backoff = torch.where(seen, (a - d) / total, freed * lower / unseen_lower.clamp(min=1e-300))
-    return torch.where(unseen_lower > 0, backoff, a / total)
+def _unique_first(key: torch.Tensor):
+    """Sorted distinct values of ``key``, the first index of each, and the inverse map."""
+    unique, inverse = torch.unique(key, return_inverse=True)
+    first = torch.full((unique.numel(),), key.numel(), dtype=torch.long, device=key.device)
+    first.scatter_reduce_(0, inverse, torch.arange(key.numel(), device=key.device), "amin")
+    return unique, first, inverse
 
 
 def _check_ids(ids: torch.Tensor, vocab_size: int) -> None:
@@ -417,9 +715,7 @@ def ngram_perplexity(model: NGramLM, ids) -> float:
     row = torch.cat([ids.new_zeros(1), ids])[None]  # (1, N+1)
     mask = torch.ones_like(row, dtype=torch.bool)
     mask[0, 0] = False  # the dummy reads as BOS
-    # Gather from the distinct contexts' rows: no [N, V] array for a long text.
-    table, inverse = model._context_log_probs(row[:, :-1], mask[:, :-1])  # (U, V), (N,)
-    target = table[inverse, ids]  # (N,)
+    target = model.log_prob(row[:, :-1], ids[None], mask[:, :-1])[0]  # (N,) gathered
     zero = torch.isinf(target).nonzero()
     if zero.numel():
         t = int(zero[0])

@@ -154,6 +154,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # The ladder of models below the transformer, sized for characters (issue 3's rungs).
     "ngram-char": dict(family="ngram", vocab_size=None, order=5, smoothing="kneser_ney"),
+    # Words (lmlab train --tokenizer word): sentences end at </s>, as KenLM counts them.
+    "ngram-word": dict(family="ngram", vocab_size=None, order=3, smoothing="modified_kneser_ney"),
     "bigram-char": dict(family="bigram", vocab_size=None),
     "mlp-char": dict(family="mlp", vocab_size=None, d_model=64, context=8, d_ff=512),
     "bag-char": dict(family="bag", vocab_size=None, d_model=64, d_ff=512, reduce="mean"),
