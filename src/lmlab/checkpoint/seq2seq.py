@@ -1,32 +1,37 @@
-"""Convert between Hugging Face T5 / BART folders and lmlab's encoder-decoder (``Seq2Seq``).
+"""Convert between Hugging Face encoder-decoder folders and lmlab's ``Seq2Seq``.
 
-T5 (``T5ForConditionalGeneration``, and mT5, whose layout is the same) and BART
-(``BartForConditionalGeneration``, or a bare ``BartModel``) are one lmlab model with
-different settings (``lmlab.models.seq2seq``):
+T5 (``T5ForConditionalGeneration``; mT5's layout is the same), BART
+(``BartForConditionalGeneration``, or a bare ``BartModel``), Marian (``MarianMTModel``)
+and Pegasus (``PegasusForConditionalGeneration``) are one lmlab model with different
+settings (``lmlab.models.seq2seq``):
 
-    setting            T5                               BART
-    positions          relative (buckets, 1st layer)    learned, offset 2, one per stack
-    norm / norm_kind   pre / rmsnorm (no bias)          post / layernorm, + embed_norm
-    activation, gated  relu (v1.0), gelu_tanh gated     gelu (activation_function)
-    bias               none                             everywhere, + final_logits_bias
-    scale_embeddings   no                               scale_embedding
-    scale_attention    no (folded into the init)        1/sqrt(d_head)
-    tied output        d_model**-0.5 on the last state  tie_word_embeddings
-    bos_id             decoder_start_token_id (pad, 0)  decoder_start_token_id (eos, 2)
+    setting           T5                       BART               Marian     Pegasus
+    positions         relative (1st layer)     learned, offset 2  sinusoidal sinusoidal
+    norm, norm_kind   pre, rmsnorm (no bias)   post, layernorm    post       pre
+    embed_norm        no                       yes                no         no
+    activation        relu / gated gelu_tanh   activation_function (gelu, relu, swish)
+    bias              none                     everywhere, plus final_logits_bias
+    scale_embeddings  no                       scale_embedding    (same)     (same)
+    scale_attention   no (folded into init)    1/sqrt(d_head)     (same)     (same)
+    tied output       x d_model**-0.5          tie_word_embeddings
+    bos_id            decoder_start_token_id (T5: pad 0; BART: eos 2; Marian: pad)
 
-Every tensor of the source is consumed (aliases of the shared embedding must equal it)
+Marian is the paper's layout and Pegasus its pre-norm variant, so every lmlab default
+(``norm="post"`` or ``"pre"``) exports; their sinusoidal tables hold the sines first and
+the cosines after, where lmlab interleaves them as the paper does, so the conversion
+reorders the units of the model width (``sinusoid_order``), which changes no output.
+
+Every tensor of the source is consumed (copies of the shared embedding must equal it)
 and every lmlab tensor filled, or the conversion fails naming the key; the config is
 checked against the safetensors headers before any tensor is read; weights are read with
 safetensors (or ``torch.load(weights_only=True)``), never unpickled; remote-code keys in
 config.json are dropped (``read_hf_config``). An option lmlab does not implement (mBART's
-pre-norm, T5 feed-forward kinds it lacks, different encoder and decoder widths) is a
+layout, a T5 feed-forward kind it lacks, different encoder and decoder widths) is a
 ``CheckpointError`` naming the option and what is supported.
 
-Export goes the other way: an lmlab ``Seq2Seq`` whose settings are T5's or BART's writes a
-folder that ``AutoModelForSeq2SeqLM.from_pretrained`` loads; any other settings (the
-default Vaswani layout among them: sinusoidal positions, post-norm, no embedding norm,
-which no Hugging Face class computes exactly) are refused in one line naming what is
-exportable. Parity: tests/checkpoint/test_seq2seq.py.
+Export goes the other way: an lmlab ``Seq2Seq`` with the settings of one of these classes
+writes a folder that ``AutoModelForSeq2SeqLM.from_pretrained`` loads; other settings are
+refused in one line naming what is exportable. Parity: tests/checkpoint/test_seq2seq.py.
 """
 
 from __future__ import annotations
@@ -37,9 +42,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
 from lmlab.checkpoint.hf import (
     HF_CONFIG,
@@ -58,10 +63,13 @@ from lmlab.data.tokenizers import SentencePieceTokenizer, find_tokenizer
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.fileio import atomic_write_json, atomic_write_with
 from lmlab.models import build_model, model_spec
-from lmlab.models.seq2seq import Seq2Seq
+from lmlab.models.seq2seq import Seq2Seq, sinusoids
 
 T5_TYPES = ("t5", "mt5")
-BART_TYPES = ("bart",)
+BART_TYPES = ("bart", "marian", "pegasus")
+"""The fairseq-style encoder-decoders, which name their tensors alike: BART (learned
+positions, post-norm, embedding norm), Marian (sinusoidal, post-norm) and Pegasus
+(sinusoidal, pre-norm with a final norm per stack)."""
 SEQ2SEQ_TYPES = T5_TYPES + BART_TYPES
 T5_SENTENCEPIECE_FILE = "spiece.model"
 
@@ -110,7 +118,7 @@ def is_seq2seq_directory(path: str | os.PathLike) -> bool:
 
 
 def spec_from_seq2seq_config(cfg: dict[str, Any], tie_output: bool = True) -> dict[str, Any]:
-    """An lmlab ``seq2seq`` spec from an HF T5 or BART ``config.json`` dict.
+    """An lmlab ``seq2seq`` spec from an HF T5, mT5, BART, Marian or Pegasus config dict.
 
     ``tie_output``: whether the output projection is the embedding matrix, which the
     weights decide (an ``lm_head.weight`` that differs from the embeddings is untied, as
@@ -175,24 +183,41 @@ def _t5_spec(cfg: dict[str, Any], tie_output: bool) -> dict[str, Any]:
     )
 
 
+# model_type -> (positions, norm, embedding norm, pad id by default, decoder start by default)
+_BART_LAYOUTS = {
+    "bart": ("learned", "post", True, 1, 2),
+    "marian": ("sinusoidal", "post", False, 0, 0),
+    "pegasus": ("sinusoidal", "pre", False, 0, 0),
+}
+
+
 def _bart_spec(cfg: dict[str, Any], tie_output: bool) -> dict[str, Any]:
-    # Options of older BART configs (and mBART's) that change the computation.
+    kind = cfg["model_type"]
+    name = {"bart": "BART", "marian": "Marian", "pegasus": "Pegasus"}[kind]
+    positions, norm, embed_norm, pad_default, start_default = _BART_LAYOUTS[kind]
+    # Options of older configs (and of mBART's) that change the computation.
     for key, supported in (
-        ("normalize_before", False),
-        ("add_final_layer_norm", False),
-        ("normalize_embedding", True),
-        ("static_position_embeddings", False),
+        ("normalize_before", norm == "pre"),
+        ("add_final_layer_norm", norm == "pre"),
+        ("normalize_embedding", embed_norm),
+        ("static_position_embeddings", positions == "sinusoidal"),
         ("add_bias_logits", False),
+        ("share_encoder_decoder_embeddings", True),
     ):
-        if key in cfg and cfg[key] != supported:
+        if cfg.get(key) not in (None, supported):
             raise CheckpointError(
-                f"BART {key}={cfg[key]!r} is not supported (that is mBART's or an older "
-                f"layout); lmlab loads BART with {key}={supported}"
+                f"{name} {key}={cfg[key]!r} is not supported (that is mBART's or another "
+                f"layout); lmlab loads {name} with {key}={supported}"
             )
+    if cfg.get("decoder_vocab_size") not in (None, cfg.get("vocab_size")):
+        raise CheckpointError(
+            f"{name} decoder_vocab_size={cfg['decoder_vocab_size']} differs from vocab_size="
+            f"{cfg.get('vocab_size')}; lmlab's encoder-decoder has one vocabulary"
+        )
     act = cfg.get("activation_function", "gelu")
     if act not in _ACTIVATIONS:
         raise CheckpointError(
-            f"BART activation_function {act!r} is not supported; valid: {', '.join(_ACTIVATIONS)}"
+            f"{name} activation_function {act!r} is not supported; valid: {', '.join(_ACTIVATIONS)}"
         )
     sizes = {}
     for ours, enc, dec, default in (
@@ -202,10 +227,10 @@ def _bart_spec(cfg: dict[str, Any], tie_output: bool) -> dict[str, Any]:
         sizes[ours] = cfg.get(enc, default)
         if cfg.get(dec, default) != sizes[ours]:
             raise CheckpointError(
-                f"BART {enc}={sizes[ours]} differs from {dec}={cfg.get(dec, default)}; lmlab's "
+                f"{name} {enc}={sizes[ours]} differs from {dec}={cfg.get(dec, default)}; lmlab's "
                 "encoder-decoder has one value for both stacks"
             )
-    pad = cfg.get("pad_token_id", 1)
+    pad = cfg.get("pad_token_id", pad_default)
     return dict(
         family="seq2seq",
         vocab_size=cfg.get("vocab_size", 50265),
@@ -216,19 +241,19 @@ def _bart_spec(cfg: dict[str, Any], tie_output: bool) -> dict[str, Any]:
         d_ff=sizes["d_ff"],
         max_seq_len=cfg.get("max_position_embeddings", 1024),
         dropout=0.0,
-        norm="post",
+        norm=norm,
         pad_id=pad,
-        bos_id=_decoder_start(cfg, 2),
+        bos_id=_decoder_start(cfg, start_default),
         eos_id=_single_id(cfg.get("eos_token_id", 2)),
-        positions="learned",
-        position_offset=BART_POSITION_OFFSET,
+        positions=positions,
+        position_offset=BART_POSITION_OFFSET if positions == "learned" else 0,
         norm_kind="layernorm",
         norm_eps=BART_NORM_EPS,
         activation=_ACTIVATIONS[act],
         gated=False,
         bias=True,
         scale_embeddings=bool(cfg.get("scale_embedding", False)),
-        embed_norm=True,
+        embed_norm=embed_norm,
         scale_attention=True,
         tie_output=tie_output,
         output_scale=1.0,
@@ -298,11 +323,16 @@ def _t5_keys(spec: dict[str, Any]) -> dict[str, str]:
 
 
 def _bart_keys(spec: dict[str, Any]) -> dict[str, str]:
-    m = {"final_logits_bias": "final_logits_bias"}
+    m = {"final_logits_bias": "final_logits_bias"} if spec["output_bias"] else {}
     for stack, n in (("encoder", spec["n_encoder_layers"]), ("decoder", spec["n_decoder_layers"])):
         h = f"model.{stack}."
-        m[f"{stack}_positions.weight"] = h + "embed_positions.weight"
-        pairs = [(f"{stack}_embed_norm", "layernorm_embedding")]
+        if spec["positions"] == "learned":
+            m[f"{stack}_positions.weight"] = h + "embed_positions.weight"
+        pairs = []
+        if spec["embed_norm"]:
+            pairs.append((f"{stack}_embed_norm", "layernorm_embedding"))
+        if spec["norm"] == "pre":  # Pegasus's final norm of each stack
+            pairs.append((f"{stack}_norm", "layer_norm"))
         attns = (
             (("attn", "self_attn", "sub_attn"),)
             if stack == "encoder"
@@ -347,10 +377,78 @@ def _normalise(kind: str, state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+def sinusoid_order(d_model: int) -> torch.Tensor:
+    """Where lmlab's hidden units sit in Marian's and Pegasus's order.
+
+    Their sinusoidal table holds all the sines first, then all the cosines; lmlab's
+    interleaves them as the paper does (sin, cos, sin, cos, ...). Their unit j is lmlab's
+    unit ``order[j]``: d_model 6 -> [0, 2, 4, 1, 3, 5]. Reordering the d_model axis of every
+    tensor that has one maps either model onto the other exactly: layer norms, residual
+    sums and the tied output projection do not depend on the order of the units.
+    """
+    return torch.cat([torch.arange(0, d_model, 2), torch.arange(1, d_model, 2)])
+
+
+def pegasus_sinusoids(length: int, d_model: int) -> torch.Tensor:
+    """The table [length, d_model] transformers computes for Marian and Pegasus, bit for bit
+    (in float64 with numpy, then cast): sines of pos / 10000^(2i/d) in the first half,
+    cosines in the second. lmlab's own (``sinusoids``, float32, interleaved) equals it
+    reordered up to float32 rounding."""
+    j = np.arange(d_model)
+    angle = np.arange(length)[:, None] / np.power(10000, 2 * (j // 2) / d_model)[None, :]
+    half = (d_model + 1) // 2
+    table = torch.empty(length, d_model)
+    table[:, :half] = torch.from_numpy(np.sin(angle[:, 0::2])).float()
+    table[:, half:] = torch.from_numpy(np.cos(angle[:, 1::2])).float()
+    return table
+
+
+def _model_axis(name: str) -> int | None:
+    """The d_model axis of lmlab tensor ``name``, or None (per head, per feed-forward unit,
+    per token of the vocabulary)."""
+    if name in ("embed.weight", "lm_head.weight") or name.endswith(
+        ("q_proj.weight", "k_proj.weight", "v_proj.weight", "ff.up.weight", "ff.gate.weight")
+    ):
+        return 1  # [out, D]
+    if name.endswith(("o_proj.weight", "o_proj.bias", "ff.down.weight", "ff.down.bias")):
+        return 0  # [D, in]
+    return 0 if "norm" in name else None
+
+
+def _reorder(state: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every tensor of an lmlab state with its d_model axis reordered by ``index``."""
+    out = {}
+    for name, t in state.items():
+        axis = _model_axis(name)
+        out[name] = t if axis is None else t.index_select(axis, index)
+    return out
+
+
+def _check_sinusoids(hf_state: dict[str, torch.Tensor], spec: dict[str, Any], used: set) -> None:
+    """Pegasus files store their sinusoidal tables: they must be the sinusoids lmlab
+    computes (up to the rounding of their float64 computation)."""
+    d = spec["d_model"]
+    for stack in ("encoder", "decoder"):
+        name = f"model.{stack}.embed_positions.weight"
+        if name not in hf_state:
+            continue
+        used.add(name)
+        table = hf_state[name]
+        expected = sinusoids(table.shape[0], d)[:, sinusoid_order(d)]
+        if table.shape[0] < spec["max_seq_len"] or not torch.allclose(
+            table.float(), expected, atol=1e-3
+        ):
+            raise CheckpointError(
+                f"{name!r} is not the sinusoidal table of {spec['max_seq_len']} positions "
+                "that the config implies"
+            )
+
+
 def convert_seq2seq_state_dict(
     hf_state: dict[str, torch.Tensor], spec: dict[str, Any]
 ) -> dict[str, torch.Tensor]:
-    """Rename an HF T5/BART state dict into lmlab ``Seq2Seq`` names for ``spec``.
+    """Rename an HF T5/BART/Marian/Pegasus state dict into lmlab ``Seq2Seq`` names for
+    ``spec`` (Marian's and Pegasus's units reordered: ``sinusoid_order``).
 
     Raises ``CheckpointError`` for a missing or unexpected tensor, or a copy of the shared
     embedding that differs from it. BART's ``final_logits_bias`` [1, V] becomes [V] (zeros
@@ -381,6 +479,9 @@ def convert_seq2seq_state_dict(
                     f"{alias!r} differs from {shared!r}; lmlab's encoder-decoder has one "
                     "embedding matrix for source, target (and a tied output)"
                 )
+    if spec["positions"] == "sinusoidal":
+        _check_sinusoids(hf_state, spec, used)
+        ours = _reorder(ours, torch.argsort(sinusoid_order(spec["d_model"])))
     leftover = sorted(set(hf_state) - used - set(_T5_IGNORED))
     if leftover:
         raise CheckpointError(
@@ -405,7 +506,8 @@ def _hf_shapes(spec: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 def load_hf_seq2seq(
     directory: str | os.PathLike, dtype: torch.dtype | None = None
 ) -> tuple[Seq2Seq, Any | None, dict[str, Any]]:
-    """An HF T5 / mT5 / BART folder -> (lmlab ``Seq2Seq`` in eval mode, tokenizer, info).
+    """An HF T5, mT5, BART, Marian or Pegasus folder -> (lmlab ``Seq2Seq`` in eval mode,
+    tokenizer, info).
 
     The model is in ``dtype`` (default float32). The tokenizer is ``tokenizer.json``, BART's
     ``vocab.json`` + ``merges.txt`` or T5's SentencePiece ``spiece.model`` (None when the
@@ -434,6 +536,8 @@ def load_hf_seq2seq(
     if not spec["tie_output"] and _same(state.get("lm_head.weight"), _embedding(state, spec)):
         spec["tie_output"] = True  # a stored copy of the embeddings: tied after all
     model = build_model(spec, empty=True)  # load_converted fills every tensor (or fails)
+    if spec["positions"] == "sinusoidal":  # but not this computed one, which to_empty blanked
+        model.positions.copy_(sinusoids(spec["max_seq_len"], spec["d_model"]))
     try:
         load_converted(model, convert_seq2seq_state_dict(state, spec))
     except CheckpointError as e:
@@ -484,68 +588,93 @@ _T5_LAYOUT = dict(
     scale_attention=False,
     output_bias=False,
 )
-_BART_LAYOUT = dict(
-    positions="learned",
-    position_offset=BART_POSITION_OFFSET,
-    norm="post",
+_FAIRSEQ = dict(
     norm_kind="layernorm",
     norm_eps=BART_NORM_EPS,
     bias=True,
-    embed_norm=True,
     scale_attention=True,
     gated=False,
     output_scale=1.0,
 )
+# what each Hugging Face class computes, as lmlab settings (the rest is free, or checked below)
+LAYOUTS = {
+    "t5": _T5_LAYOUT,
+    "bart": dict(positions="learned", position_offset=BART_POSITION_OFFSET, norm="post",
+                 embed_norm=True, **_FAIRSEQ),
+    "marian": dict(positions="sinusoidal", norm="post", embed_norm=False, **_FAIRSEQ),
+    "pegasus": dict(positions="sinusoidal", norm="pre", embed_norm=False, **_FAIRSEQ),
+}  # fmt: skip
+_ARCHITECTURES = {
+    "t5": "T5ForConditionalGeneration",
+    "bart": "BartForConditionalGeneration",
+    "marian": "MarianMTModel",
+    "pegasus": "PegasusForConditionalGeneration",
+}
 
 
-def _differences(spec: dict[str, Any], layout: dict[str, Any]) -> list[str]:
-    return [f"{k}={spec[k]!r} (needs {v!r})" for k, v in layout.items() if spec[k] != v]
-
-
-def to_hf_seq2seq(model: Seq2Seq) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The HF config dict and state dict of an lmlab ``Seq2Seq`` with T5's or BART's
-    settings; any other settings are a ``ConfigError`` naming what differs."""
-    spec = model_spec(model)
-    t5, bart = _differences(spec, _T5_LAYOUT), _differences(spec, _BART_LAYOUT)
+def _differences(spec: dict[str, Any], kind: str) -> list[str]:
+    """What keeps ``spec`` from being exported as ``kind``: "setting=value (needs ...)"."""
+    found = [f"{k}={spec[k]!r} (needs {v!r})" for k, v in LAYOUTS[kind].items() if spec[k] != v]
     d = spec["d_model"]
-    if not t5:
+    if kind == "t5":
         if (spec["activation"], spec["gated"]) not in _T5_FEED_FORWARD:
-            t5.append(f"activation={spec['activation']!r} gated (T5 has no such feed_forward_proj)")
+            found.append(f"activation={spec['activation']!r} gated (no T5 feed_forward_proj)")
         # transformers' T5 scales the last state by d_model**-0.5 exactly when tied
         if not math.isclose(spec["output_scale"], d**-0.5 if spec["tie_output"] else 1.0):
-            t5.append(
+            found.append(
                 f"output_scale={spec['output_scale']} with tie_output={spec['tie_output']} "
                 f"(needs {d**-0.5:.6g} when tied, 1.0 when not)"
             )
-    if not bart and spec["d_head"] not in (None, d // spec["n_heads"]):
-        bart.append(f"d_head={spec['d_head']} (needs d_model / n_heads)")
-    if t5 and bart:
+    elif spec["d_head"] not in (None, d // spec["n_heads"]):
+        found.append(f"d_head={spec['d_head']} (needs d_model / n_heads)")
+    return found
+
+
+def to_hf_seq2seq(model: Seq2Seq) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The HF config dict and state dict of an lmlab ``Seq2Seq`` whose settings are those
+    of T5, BART, Marian (the paper's post-norm layout) or Pegasus (its pre-norm variant);
+    other settings are a ``ConfigError`` naming what is exportable and what differs."""
+    spec = model_spec(model)
+    differences = {kind: _differences(spec, kind) for kind in LAYOUTS}
+    kind = next((k for k, found in differences.items() if not found), None)
+    if kind is None:
+        closest = min(differences, key=lambda k: len(differences[k]))
+        layouts = "; ".join(
+            f"{_ARCHITECTURES[k]}: {', '.join(f'{f}={v}' for f, v in layout.items())}"
+            for k, layout in LAYOUTS.items()
+        )
         raise ConfigError(
-            "this encoder-decoder has no Hugging Face class: exportable are T5's settings "
-            f"({', '.join(f'{k}={v}' for k, v in _T5_LAYOUT.items())}) and BART's "
-            f"({', '.join(f'{k}={v}' for k, v in _BART_LAYOUT.items())}); it differs from "
-            f"T5 in {'; '.join(t5)}"
+            f"this encoder-decoder has no Hugging Face class. Exportable settings: {layouts}. "
+            f"The closest, {_ARCHITECTURES[closest]}, needs {'; '.join(differences[closest])}"
         )
     names = _key_map(spec)
-    state = {names[k]: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    state = {names[k]: v.detach().clone() for k, v in model.state_dict().items()}
+    if kind in ("marian", "pegasus"):
+        order = sinusoid_order(spec["d_model"])
+        state = {names[k]: v for k, v in _reorder(model.state_dict(), order).items()}
+        if kind == "pegasus":  # Pegasus files hold their tables (Marian's recomputes them)
+            table = pegasus_sinusoids(spec["max_seq_len"], spec["d_model"])
+            for stack in ("encoder", "decoder"):
+                state[f"model.{stack}.embed_positions.weight"] = table
+    state = {k: v.detach().clone().contiguous() for k, v in state.items()}
     if not spec["tie_output"]:
         # transformers >= 5 reads tie_word_embeddings=false as "untie every copy of the
         # embeddings" in BART: store the stacks' copies too (older versions ignore them)
         for alias in _aliases(spec):
             state[alias] = state[names["embed.weight"]].clone()
     common = dict(
+        model_type=kind,
+        architectures=[_ARCHITECTURES[kind]],
         vocab_size=spec["vocab_size"],
-        d_model=d,
+        d_model=spec["d_model"],
         pad_token_id=spec["pad_id"],
         eos_token_id=spec["eos_id"],
         decoder_start_token_id=spec["bos_id"],
         is_encoder_decoder=True,
         tie_word_embeddings=spec["tie_output"],
     )
-    if not t5:
+    if kind == "t5":
         cfg = dict(
-            model_type="t5",
-            architectures=["T5ForConditionalGeneration"],
             d_kv=model.config.head_size,
             d_ff=spec["d_ff"],
             num_layers=spec["n_encoder_layers"],
@@ -558,17 +687,14 @@ def to_hf_seq2seq(model: Seq2Seq) -> tuple[dict[str, Any], dict[str, torch.Tenso
             feed_forward_proj=_T5_FEED_FORWARD[(spec["activation"], spec["gated"])],
             scale_decoder_outputs=spec["tie_output"],
             n_positions=spec["max_seq_len"],
-            **common,
         )
-        return cfg, state
+        return {**common, **cfg}, state
     state["final_logits_bias"] = (
         state["final_logits_bias"][None]
         if "final_logits_bias" in state
         else torch.zeros(1, spec["vocab_size"])
     )
     cfg = dict(
-        model_type="bart",
-        architectures=["BartForConditionalGeneration"],
         encoder_layers=spec["n_encoder_layers"],
         decoder_layers=spec["n_decoder_layers"],
         encoder_attention_heads=spec["n_heads"],
@@ -583,15 +709,16 @@ def to_hf_seq2seq(model: Seq2Seq) -> tuple[dict[str, Any], dict[str, torch.Tenso
         activation_dropout=0.0,
         bos_token_id=None,
         forced_eos_token_id=None,  # lmlab forces no token at the length limit
-        **common,
     )
-    return cfg, state
+    if kind == "marian":
+        cfg.update(share_encoder_decoder_embeddings=True, decoder_vocab_size=spec["vocab_size"])
+    return {**common, **cfg}, state
 
 
 def save_hf_seq2seq(
     model: Seq2Seq, directory: str | os.PathLike, tokenizer: Any | None = None
 ) -> Path:
-    """Write an lmlab ``Seq2Seq`` with T5's or BART's settings as an HF folder that
+    """Write an lmlab ``Seq2Seq`` (``to_hf_seq2seq``'s settings) as an HF folder that
     ``AutoModelForSeq2SeqLM.from_pretrained(directory)`` loads: config.json,
     model.safetensors (float32, the tied embedding stored once), generation_config.json
     (start, end and padding ids), and the tokenizer when it has a Hugging Face form.
@@ -609,15 +736,3 @@ def save_hf_seq2seq(
     if tokenizer is not None and getattr(tokenizer, "kind", None) in HF_TOKENIZER_KINDS:
         tokenizer.save(directory)
     return directory
-
-
-def from_transformers_seq2seq(hf_model: nn.Module) -> Seq2Seq:
-    """An lmlab ``Seq2Seq`` with the weights of a live transformers T5/BART model."""
-    cfg = hf_model.config.to_dict()
-    state = _normalise(cfg["model_type"], dict(hf_model.state_dict()))
-    spec = spec_from_seq2seq_config(cfg)
-    lm_head = state.get("lm_head.weight")
-    spec["tie_output"] = lm_head is None or _same(lm_head, _embedding(state, spec))
-    model = build_model(spec)
-    load_converted(model, convert_seq2seq_state_dict(state, spec))
-    return model.eval()

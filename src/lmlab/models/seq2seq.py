@@ -14,8 +14,9 @@ biases, no sqrt(d) in attention or on the embeddings, a learned bias per bucket 
 query-key offset shared by the layers of each stack, ReLU or gated-GELU feed-forward, the
 output rescaled by d_model**-0.5 when tied) and BART (Lewis et al. 2020: learned positions
 with an offset of 2, post-norm with a norm on the embeddings, GELU, biases, an output
-bias). ``lmlab.checkpoint.seq2seq`` maps Hugging Face T5 and BART folders onto these
-settings and back; parity with transformers: tests/checkpoint/test_seq2seq.py.
+bias). ``lmlab.checkpoint.seq2seq`` maps Hugging Face T5, BART, Marian (the paper's
+layout) and Pegasus (its pre-norm variant) folders onto these settings and back; parity
+with transformers: tests/checkpoint/test_seq2seq.py.
 
 Training is teacher forcing: ``model(src, tgt_in)`` -> logits [B, T, V] for ``tgt_out``
 (the target shifted by one). Decoding goes through lmlab's ordinary search code
