@@ -370,6 +370,18 @@ def test_weights_that_do_not_match_the_config_are_refused(tmp_path):
     one_line_error(path, "embed_positions")
 
 
+def test_a_config_far_larger_than_the_weights_is_refused_before_any_tensor_is_read(
+    tmp_path, monkeypatch
+):
+    path = edit_config(saved(tiny_bart(), tmp_path), d_model=2**20, vocab_size=2**24)
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("tensors were read before the config was checked")
+
+    monkeypatch.setattr("lmlab.checkpoint.seq2seq.read_hf_weights", no_read)
+    one_line_error(path, "config.json implies", "model.shared.weight")
+
+
 def test_extra_and_missing_tensors_are_refused(tmp_path):
     path = saved(tiny_bart(), tmp_path)
     file = path / "model.safetensors"
