@@ -26,7 +26,7 @@ from lmlab.cli.main import main
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.generate import SamplingParams
 from lmlab.generate.seq2seq import seq2seq_generate
-from lmlab.models import build_model
+from lmlab.models import build_model, get_preset
 
 TOL = dict(atol=1e-4, rtol=1e-5)
 V = 61
@@ -305,6 +305,36 @@ def test_settings_no_hf_class_computes_are_refused_in_one_line_naming_what_expor
     assert "closest, BartForConditionalGeneration, needs embed_norm=False (needs True)" in message
 
 
+@pytest.mark.parametrize(
+    "preset,architecture",
+    [
+        ("seq2seq-tiny", "PegasusForConditionalGeneration"),
+        ("t5-tiny", "T5ForConditionalGeneration"),
+        ("bart-tiny", "BartForConditionalGeneration"),
+    ],
+)
+def test_every_encoder_decoder_preset_exports(preset, architecture):
+    cfg, _ = to_hf_seq2seq(build_model({**get_preset(preset), "vocab_size": V}))
+    assert cfg["architectures"] == [architecture]
+
+
+@pytest.mark.slow
+def test_an_encoder_decoder_trained_by_lmlab_seq2seq_exports_to_t5(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["seq2seq", "--model", "t5-tiny", "--task", "copy", "--eval_n", "2",
+            "--train.max_steps", "2", "--train.eval_interval", "2", "--train.eval_batches", "1",
+            "--train.batch_size", "4", "--train.progress", "false", "--train.out_dir", str(run)]  # fmt: skip
+    assert main(argv) == 0
+    assert main(["export", "--model", str(run), "--out", str(tmp_path / "hf")]) == 0
+    model, hf = lmlab.load(run, device="cpu").model, reference(tmp_path / "hf")
+    assert type(hf).__name__ == "T5ForConditionalGeneration"
+    src, tgt = random_batch(model, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            hf_logits(hf, src, tgt, model.config.pad_id), model(src, tgt), **TOL
+        )
+
+
 def test_t5_output_scale_that_transformers_cannot_express_is_refused():
     model = build_model({**T5_LIKE, "output_scale": 1.0})  # tied but unscaled
     with pytest.raises(ConfigError, match="output_scale"):
@@ -368,6 +398,13 @@ def test_weights_that_do_not_match_the_config_are_refused(tmp_path):
     one_line_error(path, "config.json implies", "DenseReluDense")
     path = edit_config(saved(tiny_bart(), tmp_path / "bart"), max_position_embeddings=50)
     one_line_error(path, "embed_positions")
+
+
+@pytest.mark.parametrize(
+    "changes", [dict(d_model="wide"), dict(num_layers=-1), dict(relative_attention_num_buckets=2)]
+)
+def test_a_config_that_describes_no_valid_model_is_one_line(changes, tmp_path):
+    one_line_error(edit_config(saved(tiny_t5(), tmp_path), **changes), "describes no valid model")
 
 
 def test_a_config_far_larger_than_the_weights_is_refused_before_any_tensor_is_read(

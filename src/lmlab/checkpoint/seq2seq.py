@@ -178,7 +178,7 @@ def _t5_spec(cfg: dict[str, Any], tie_output: bool) -> dict[str, Any]:
         embed_norm=False,
         scale_attention=False,
         tie_output=tie_output,
-        output_scale=d_model**-0.5 if scale else 1.0,
+        output_scale=d_model**-0.5 if scale and _positive_int(d_model) else 1.0,
         output_bias=False,
     )
 
@@ -259,6 +259,10 @@ def _bart_spec(cfg: dict[str, Any], tie_output: bool) -> dict[str, Any]:
         output_scale=1.0,
         output_bias=True,
     )
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _decoder_start(cfg: dict[str, Any], default: int) -> int:
@@ -528,6 +532,11 @@ def load_hf_seq2seq(
         stored = state_shapes(state, sources)
     stored = _normalise(cfg["model_type"], stored)
     spec = spec_from_seq2seq_config(cfg, tie_output="lm_head.weight" not in stored)
+    try:  # every setting checked on the meta device: milliseconds, no memory
+        with torch.device("meta"):
+            build_model(spec)
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: config.json describes no valid model: {e}") from e
     layers = {**spec, "n_layers": spec["n_encoder_layers"] + spec["n_decoder_layers"]}
     check_config_against_weights(layers, stored, where, _hf_shapes)
     if state is None:
