@@ -407,16 +407,23 @@ def test_a_config_that_describes_no_valid_model_is_one_line(changes, tmp_path):
     one_line_error(edit_config(saved(tiny_t5(), tmp_path), **changes), "describes no valid model")
 
 
+@pytest.mark.parametrize(
+    "changes,words",
+    [
+        (dict(d_model=2**20, vocab_size=2**24), ("config.json implies", "model.shared.weight")),
+        (dict(encoder_layers=10**9), ("1000000003-layer model", "only")),  # no such build
+    ],
+)
 def test_a_config_far_larger_than_the_weights_is_refused_before_any_tensor_is_read(
-    tmp_path, monkeypatch
+    changes, words, tmp_path, monkeypatch
 ):
-    path = edit_config(saved(tiny_bart(), tmp_path), d_model=2**20, vocab_size=2**24)
+    path = edit_config(saved(tiny_bart(), tmp_path), **changes)
 
     def no_read(*args, **kwargs):
         raise AssertionError("tensors were read before the config was checked")
 
     monkeypatch.setattr("lmlab.checkpoint.seq2seq.read_hf_weights", no_read)
-    one_line_error(path, "config.json implies", "model.shared.weight")
+    one_line_error(path, *words)
 
 
 def test_extra_and_missing_tensors_are_refused(tmp_path):

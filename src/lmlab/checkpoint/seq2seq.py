@@ -63,7 +63,7 @@ from lmlab.data.tokenizers import SentencePieceTokenizer, find_tokenizer
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.fileio import atomic_write_json, atomic_write_with
 from lmlab.models import build_model, model_spec
-from lmlab.models.seq2seq import Seq2Seq, sinusoids
+from lmlab.models.seq2seq import Seq2Seq, Seq2SeqConfig, sinusoids
 
 T5_TYPES = ("t5", "mt5")
 BART_TYPES = ("bart", "marian", "pegasus")
@@ -294,33 +294,30 @@ def _key_map(spec: dict[str, Any]) -> dict[str, str]:
 
 
 def _t5_keys(spec: dict[str, Any]) -> dict[str, str]:
-    ff = ("up", "wi_1") if spec["gated"] else ("up", "wi")
-    ff_parts = [ff, ("down", "wo")] + ([("gate", "wi_0")] if spec["gated"] else [])
+    # lmlab's feed-forward (up, down, gate) is T5's wi (or wi_1 when gated), wo and wi_0
+    ff = [("up", "wi_1" if spec["gated"] else "wi"), ("down", "wo")]
+    ff += [("gate", "wi_0")] if spec["gated"] else []
+    # (lmlab attention, T5 attention, lmlab sublayer) in the order of T5's layer.N
+    encoder = [("attn", "SelfAttention", "sub_attn")]
+    decoder = [("self_attn", "SelfAttention", "sub_self")]
+    decoder += [("cross_attn", "EncDecAttention", "sub_cross")]
     m = {}
-    for stack, ours_stack, n, blocks in (
-        ("encoder", "encoder", spec["n_encoder_layers"], (("attn", "SelfAttention", "sub_attn"),)),
-        (
-            "decoder",
-            "decoder",
-            spec["n_decoder_layers"],
-            (
-                ("self_attn", "SelfAttention", "sub_self"),
-                ("cross_attn", "EncDecAttention", "sub_cross"),
-            ),
-        ),
+    for stack, n, blocks in (
+        ("encoder", spec["n_encoder_layers"], encoder),
+        ("decoder", spec["n_decoder_layers"], decoder),
     ):
-        m[f"{ours_stack}_relative.embed.weight"] = (
+        m[f"{stack}_relative.embed.weight"] = (
             f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
         )
-        m[f"{ours_stack}_norm.weight"] = f"{stack}.final_layer_norm.weight"
+        m[f"{stack}_norm.weight"] = f"{stack}.final_layer_norm.weight"
         for i in range(n):
-            a, h = f"{ours_stack}.{i}.", f"{stack}.block.{i}.layer."
+            a, h = f"{stack}.{i}.", f"{stack}.block.{i}.layer."
             for j, (attn, theirs, sub) in enumerate(blocks):
                 for p in "qkvo":
                     m[f"{a}{attn}.{p}_proj.weight"] = f"{h}{j}.{theirs}.{p}.weight"
                 m[f"{a}{sub}.norm.weight"] = f"{h}{j}.layer_norm.weight"
             j = len(blocks)  # the feed-forward sublayer comes last
-            for ours, theirs in ff_parts:
+            for ours, theirs in ff:
                 m[f"{a}ff.{ours}.weight"] = f"{h}{j}.DenseReluDense.{theirs}.weight"
             m[f"{a}sub_ff.norm.weight"] = f"{h}{j}.layer_norm.weight"
     return m
@@ -532,9 +529,8 @@ def load_hf_seq2seq(
         stored = state_shapes(state, sources)
     stored = _normalise(cfg["model_type"], stored)
     spec = spec_from_seq2seq_config(cfg, tie_output="lm_head.weight" not in stored)
-    try:  # every setting checked on the meta device: milliseconds, no memory
-        with torch.device("meta"):
-            build_model(spec)
+    try:  # every setting checked (the config alone: no layer is built)
+        Seq2SeqConfig(**{k: v for k, v in spec.items() if k != "family"})
     except ConfigError as e:
         raise CheckpointError(f"{where}: config.json describes no valid model: {e}") from e
     layers = {**spec, "n_layers": spec["n_encoder_layers"] + spec["n_decoder_layers"]}
