@@ -513,3 +513,12 @@ def test_tokenizers_encode_as_transformers_does(make, tmp_path):
         expected = hf_tokenizer(text, add_special_tokens=False).input_ids
         assert lm.tokenizer.encode(text) == expected
         assert len(expected) > 1
+
+
+def test_marian_folders_load_for_ids_without_their_tokenizer_pair(tmp_path):
+    path = saved(tiny_bart("marian"), tmp_path)
+    (path / "vocab.json").write_text(json.dumps({"<pad>": 1, "</s>": 0}))  # as Marian has
+    for name in ("source.spm", "target.spm"):
+        (path / name).write_bytes(b"not read")
+    lm = lmlab.load(path, device="cpu")
+    assert lm.tokenizer is None and lm.model.config.positions == "sinusoidal"

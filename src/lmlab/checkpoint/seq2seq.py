@@ -59,7 +59,7 @@ from lmlab.checkpoint.hf import (
     stored_shapes,
 )
 from lmlab.checkpoint.io import check_tokenizer_fits
-from lmlab.data.tokenizers import SentencePieceTokenizer, find_tokenizer
+from lmlab.data.tokenizers import TOKENIZER_FILE, SentencePieceTokenizer, find_tokenizer
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.fileio import atomic_write_json, atomic_write_with
 from lmlab.models import build_model, model_spec
@@ -512,7 +512,8 @@ def load_hf_seq2seq(
 
     The model is in ``dtype`` (default float32). The tokenizer is ``tokenizer.json``, BART's
     ``vocab.json`` + ``merges.txt`` or T5's SentencePiece ``spiece.model`` (None when the
-    folder has none) and must fit the vocabulary. ``info``: the spec (``"model"``) and the
+    folder has none, and for Marian's pair of SentencePiece models) and must fit the
+    vocabulary. ``info``: the spec (``"model"``) and the
     HF config. ``generation_config.json``'s ``decoder_start_token_id`` wins over
     config.json's, as in transformers' ``generate``.
     """
@@ -548,7 +549,11 @@ def load_hf_seq2seq(
     except CheckpointError as e:
         raise CheckpointError(f"{where}: {e}") from e
     model.to(dtype or torch.float32).eval()
-    tokenizer = find_tokenizer(directory)
+    if cfg["model_type"] == "marian" and not (directory / TOKENIZER_FILE).is_file():
+        # Marian's vocab.json + source.spm/target.spm pair has no lmlab form: ids only
+        tokenizer = None
+    else:
+        tokenizer = find_tokenizer(directory)
     if tokenizer is None and (directory / T5_SENTENCEPIECE_FILE).is_file():
         tokenizer = SentencePieceTokenizer.from_file(directory / T5_SENTENCEPIECE_FILE)
     check_tokenizer_fits(tokenizer, model, str(directory))
