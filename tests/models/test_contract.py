@@ -14,8 +14,9 @@ import torch
 import transformers
 
 import lmlab
-from hf_models import tiny_llama
+from hf_models import tiny_bart, tiny_llama, tiny_t5
 from lmlab.checkpoint.hf import load_hf
+from lmlab.checkpoint.seq2seq import load_hf_seq2seq
 from lmlab.errors import ConfigError
 from lmlab.eval.scoring import score_token_pairs
 from lmlab.finetune import LoRAConfig, PrefixTuning, PromptTuning, apply_adapters, apply_lora
@@ -69,6 +70,11 @@ def llama_like_folder(kind):
     return make
 
 
+def saved(hf_model, tmp_path):
+    hf_model.save_pretrained(tmp_path)
+    return tmp_path
+
+
 def transformer():
     return family_model("transformer")
 
@@ -80,6 +86,10 @@ CASES |= {
     **{
         f"hf-{k}": (lambda tmp_path, k=k: load_hf(llama_like_folder(k)(tmp_path))[0])
         for k in ("llama", "mistral", "qwen2")
+    },
+    **{
+        f"hf-{name}": (lambda tmp_path, make=make: load_hf_seq2seq(saved(make(), tmp_path))[0])
+        for name, make in (("t5", tiny_t5), ("bart", tiny_bart))
     },
     "peft-lora": lambda tmp_path: apply_lora(transformer(), LoRAConfig(r=2, targets=("q_proj",))),
     "peft-qlora": lambda tmp_path: prepare_method(transformer(), "qlora", LoRAConfig(r=2)),
@@ -98,7 +108,7 @@ def test_every_model_decodes_and_scores_or_says_why_not(case, tmp_path):
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (12,), generator=torch.Generator().manual_seed(1)).tolist()
     if abilities(model).kind != "causal_lm":
-        assert case in ("family-encoder", "family-seq2seq")
+        assert case in ("family-encoder", "family-seq2seq", "hf-t5", "hf-bart")
         return check_refused(model)
     out = generate_ids(model, [ids[:4]], SamplingParams(max_new_tokens=3, seed=0, temperature=1))
     assert len(out[0]) == 3 and all(0 <= t < vocab for t in out[0])

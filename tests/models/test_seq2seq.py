@@ -104,3 +104,61 @@ def test_the_contract_points_causal_entry_points_to_conditioned():
         token_nll(model, torch.tensor([1, 2, 3]))
     with pytest.raises(ConfigError, match="n_heads=5 must divide"):
         build_model({"family": "seq2seq", "vocab_size": V, "d_model": 32, "n_heads": 5})
+
+
+def test_relative_buckets_match_t5s_and_the_docstring_example():
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    from lmlab.models.seq2seq import relative_bucket
+
+    offsets = torch.tensor([-20, -9, -5, -3, -1, 0, 1, 3, 9])
+    assert relative_bucket(offsets, True, 8, 16).tolist() == [3, 3, 2, 2, 1, 0, 5, 6, 7]
+    assert relative_bucket(offsets, False, 8, 16).tolist() == [7, 6, 4, 3, 1, 0, 0, 0, 0]
+    offsets = torch.arange(-300, 300)
+    for bidirectional in (True, False):
+        for n_buckets, max_distance in ((32, 128), (8, 20), (6, 7), (4, 3)):
+            theirs = T5Attention._relative_position_bucket(
+                offsets, bidirectional, n_buckets, max_distance
+            )
+            assert torch.equal(
+                relative_bucket(offsets, bidirectional, n_buckets, max_distance), theirs
+            )
+
+
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        (dict(positions="rotary"), "positions"),
+        (dict(norm_kind="batchnorm"), "norm_kind"),
+        (dict(activation="tanh"), "activation"),
+        (dict(relative_buckets=2), "relative_buckets"),
+        (dict(relative_buckets=32, relative_max_distance=16), "relative_max_distance"),
+        (dict(output_scale=0.0), "output_scale"),
+        (dict(eos_id=V), "eos_id"),
+        (dict(d_head=0), "d_head"),
+        (dict(n_heads=3), "n_heads"),
+    ],
+)
+def test_invalid_settings_are_one_line_errors_naming_the_field(change, field):
+    spec = {"family": "seq2seq", "vocab_size": V, "d_model": 32, "n_heads": 4, **change}
+    with pytest.raises(ConfigError, match=field) as info:
+        build_model(spec)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("positions", ["learned", "relative"])
+def test_cached_decoding_equals_full_recomputation_with_other_positions(positions):
+    torch.manual_seed(0)
+    spec = {"family": "seq2seq", "vocab_size": V, "d_model": 32, "n_heads": 4, "d_ff": 64}
+    spec |= {"positions": positions, "position_offset": 2, "relative_buckets": 8}
+    spec |= {"relative_max_distance": 12, "norm": "pre", "gated": True, "bias": False}
+    model = build_model(spec).eval()
+    g = torch.Generator().manual_seed(2)
+    src, tgt = torch.randint(3, V, (2, 9), generator=g), torch.randint(3, V, (2, 14), generator=g)
+    src[1, 5:] = 0
+    with torch.no_grad():
+        full = model(src, tgt)
+        view = model.conditioned(src)
+        cache = view.new_cache(2, 20)
+        steps = [view(tgt[:, i : i + 1], cache) for i in range(tgt.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)

@@ -28,8 +28,9 @@ def add_arguments(parser: ArgumentParser) -> None:
         "--format",
         type=Literal["hf", "gguf", "arpa"],
         default="hf",
-        help="hf: a Hugging Face folder (transformers); gguf: one file for llama.cpp "
-        "(Llama-layout models); arpa: an n-gram model for KenLM and SRILM",
+        help="hf: a Hugging Face folder (transformers: a decoder for AutoModelForCausalLM, a "
+        "T5- or BART-like encoder-decoder for AutoModelForSeq2SeqLM); gguf: one file for "
+        "llama.cpp (Llama-layout models); arpa: an n-gram model for KenLM and SRILM",
     )
     parser.add_argument(
         "--merge",
@@ -54,6 +55,6 @@ def run(args) -> None:
         print(f"wrote {out} ({args.gguf_type}; run it with llama.cpp, or lmlab.load)")
     else:
         out, notes = api.export_hf(args.model, args.out, merge=args.merge)
-        print(f"wrote {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
+        print(f"wrote {out} (load it with transformers' from_pretrained)")
     for note in notes:
         print(f"note: {note}")

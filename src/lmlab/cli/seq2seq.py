@@ -14,7 +14,11 @@ from lmlab.train import TrainConfig
 def add_arguments(parser: ArgumentParser) -> None:
     parser.add_argument("--task", type=str, default="reverse", help=f"one of: {', '.join(TASKS)}")
     parser.add_argument(
-        "--model", type=str, default="seq2seq-tiny", help="an encoder-decoder preset"
+        "--model",
+        type=str,
+        default="seq2seq-tiny",
+        help="an encoder-decoder preset: seq2seq-tiny (the paper's layout, pre-norm), t5-tiny or "
+        "bart-tiny (T5 v1.1's and BART's settings)",
     )
     parser.add_argument("--eval_n", type=int, default=500, help="held-out pairs to score")
     parser.add_argument(

@@ -85,7 +85,8 @@ def train_seq2seq(
     spec = dict(get_preset(model)) if isinstance(model, str) else dict(model)
     if spec.get("family") != "seq2seq":
         raise ConfigError(
-            f"train_seq2seq needs an encoder-decoder preset (seq2seq-tiny), got {model!r}"
+            f"train_seq2seq needs an encoder-decoder preset (seq2seq-tiny, t5-tiny, bart-tiny), "
+            f"got {model!r}"
         )
     vocab = Seq2SeqVocab.for_task(task)
     with RunLock(ensure_run_dir(config.out_dir)), StopSignals():
