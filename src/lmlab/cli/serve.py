@@ -1,0 +1,136 @@
+"""``lmlab serve``: an OpenAI-compatible API (and the web playground) over any lmlab model.
+
+    lmlab serve --model smollm2                  # http://127.0.0.1:8000/v1/completions
+    lmlab serve --ckpt runs/demo --port 0        # a free port, printed at start
+    lmlab serve --model smollm2 --api_key KEY    # or LMLAB_API_KEY=KEY lmlab serve ...
+
+It binds 127.0.0.1 unless told otherwise (``--host 0.0.0.0`` exposes it to the network:
+set an API key then). SIGTERM or Ctrl-C stops taking new connections, lets the requests in
+flight finish (up to ``--drain_timeout`` seconds), then exits.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import uvicorn
+from jsonargparse import ArgumentParser
+
+from lmlab import api
+from lmlab.cli.args import add_model_arguments
+from lmlab.errors import ConfigError
+from lmlab.serve import create_app
+
+API_KEY_ENV = "LMLAB_API_KEY"
+
+
+def add_arguments(parser: ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        type=str | None,
+        default=None,
+        help="what to serve: a pretrained name (smollm2), a checkpoint or run directory, a "
+        "Hugging Face folder or a .gguf file",
+    )
+    parser.add_argument("--ckpt", type=str | None, default=None, help="same as --model")
+    parser.add_argument("--name", type=str | None, default=None, help="model id in the API")
+    parser.add_argument("--host", type=str, default="127.0.0.1", help="address to bind")
+    parser.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    parser.add_argument(
+        "--api_key",
+        type=str | None,
+        default=None,
+        help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV} if set)",
+    )
+    parser.add_argument("--max_batch", type=int, default=16, help="most sequences decoded together")
+    parser.add_argument(
+        "--drain_timeout",
+        type=float,
+        default=60.0,
+        help="on SIGTERM/Ctrl-C, seconds to let requests in flight finish",
+    )
+    parser.add_argument(
+        "--check",
+        type=bool,
+        default=False,
+        help="load the model, answer one completion in-process, print it and exit (no socket)",
+    )
+    add_model_arguments(parser)
+
+
+def run(args) -> None:
+    source = _source(args.model, args.ckpt)
+    if not 0 <= args.port < 65536:
+        raise ConfigError(f"--port {args.port} is invalid: must be in 0..65535 (0: a free port)")
+    if args.max_batch < 1:
+        raise ConfigError(f"--max_batch {args.max_batch} is invalid: must be >= 1")
+    lm = api.load(source, dtype=args.dtype, device=args.device)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    routers = _playground()
+    app = create_app(lm, args.name or source, api_key, args.max_batch, routers)
+    if args.check:
+        _check(app, api_key)
+        return
+    sock = _bind(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    where = f"[{host}]" if ":" in host else host
+    print(
+        f"lmlab: serving {app.state.model_name!r} at http://{where}:{port}/v1"
+        f"{' (API key required)' if api_key else ''}",
+        file=sys.stderr,
+        flush=True,
+    )
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        timeout_graceful_shutdown=args.drain_timeout,
+        lifespan="on",
+    )
+    uvicorn.Server(config).run(sockets=[sock])
+    print("lmlab: server stopped", file=sys.stderr)
+
+
+def _check(app, api_key: str | None) -> None:
+    """One greedy completion through the whole app, without a socket."""
+    from fastapi.testclient import TestClient
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    body = {"prompt": "Hello", "max_tokens": 8, "temperature": 0}
+    with TestClient(app) as client:
+        reply = client.post("/v1/completions", json=body, headers=headers)
+    if reply.status_code != 200:
+        raise ConfigError(f"the check request failed ({reply.status_code}): {reply.text}")
+    print(f"lmlab: check: {body['prompt']!r} -> {reply.json()['choices'][0]['text']!r}")
+
+
+def _source(model: str | None, ckpt: str | None) -> str:
+    if (model is None) == (ckpt is None):
+        raise ConfigError(
+            "give what to serve with one of --model or --ckpt (a pretrained name such as "
+            "smollm2, a checkpoint or run directory, a Hugging Face folder or a .gguf file)"
+        )
+    return model or ckpt
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on (host, port), so that port 0 is known before serving."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    sock.listen(128)
+    return sock
+
+
+def _playground() -> list:
+    """The playground's routes, when that module is installed."""
+    try:
+        from lmlab.serve.playground import playground_router
+    except ImportError:
+        return []
+    return [playground_router]
