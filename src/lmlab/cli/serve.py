@@ -11,17 +11,19 @@ flight finish (up to ``--drain_timeout`` seconds), then exits.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
+import signal
 import socket
 import sys
+import threading
 
-import uvicorn
 from jsonargparse import ArgumentParser
 
 from lmlab import api
 from lmlab.cli.args import add_model_arguments
 from lmlab.errors import ConfigError
-from lmlab.serve import create_app
 
 API_KEY_ENV = "LMLAB_API_KEY"
 
@@ -66,14 +68,18 @@ def run(args) -> None:
         raise ConfigError(f"--port {args.port} is invalid: must be in 0..65535 (0: a free port)")
     if args.max_batch < 1:
         raise ConfigError(f"--max_batch {args.max_batch} is invalid: must be >= 1")
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"lmlab serve needs {' and '.join(missing)}: pip install 'lmlab[serve]'")
+    from lmlab.serve import create_app
+
+    sock = None if args.check else _bind(args.host, args.port)
     lm = api.load(source, dtype=args.dtype, device=args.device)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    routers = _playground()
-    app = create_app(lm, args.name or source, api_key, args.max_batch, routers)
+    app = create_app(lm, args.name or source, api_key, args.max_batch, _playground())
     if args.check:
         _check(app, api_key)
         return
-    sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     where = f"[{host}]" if ":" in host else host
     print(
@@ -82,14 +88,43 @@ def run(args) -> None:
         file=sys.stderr,
         flush=True,
     )
+    stopped_by = _serve(app, sock, args.drain_timeout)
+    print(f"lmlab: server stopped{stopped_by}", file=sys.stderr)
+
+
+def _serve(app, sock: socket.socket, drain_timeout: float) -> str:
+    """Run uvicorn on ``sock`` until SIGINT/SIGTERM, then let the requests in flight
+    finish (up to ``drain_timeout`` s); -> " (SIGTERM)", or "" when it stopped otherwise.
+    uvicorn re-raises the signal once drained, which would kill the process with it: this
+    server returns instead, so the command exits normally."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        stopped_by = ""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            signals = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.stop) for sig in signals}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+        def stop(self, sig: int, frame) -> None:
+            self.stopped_by = f" ({signal.Signals(sig).name})"
+            self.handle_exit(sig, frame)
+
     config = uvicorn.Config(
-        app,
-        log_level="warning",
-        timeout_graceful_shutdown=args.drain_timeout,
-        lifespan="on",
+        app, log_level="warning", timeout_graceful_shutdown=drain_timeout, lifespan="on"
     )
-    uvicorn.Server(config).run(sockets=[sock])
-    print("lmlab: server stopped", file=sys.stderr)
+    server = Server(config)
+    server.run(sockets=[sock])
+    return server.stopped_by
 
 
 def _check(app, api_key: str | None) -> None:
