@@ -58,13 +58,16 @@ def test_greedy_completions_equal_the_library_and_streamed_equals_plain(client, 
 
 def test_token_id_prompts_and_missing_max_tokens_default_to_16(client, lm):
     """A prompt of token ids gives the same text as its string; no max_tokens means 16
-    (eos biased away so that all 16 come)."""
+    (eos biased away so that all 16 come; ignore_eos gives the same)."""
     ids = lm.tokenizer.encode("hello there")
     bias = {str(lm.tokenizer.eos_id): -100}
     by_ids = complete(client, prompt=ids, temperature=0, logit_bias=bias)
     by_text = complete(client, prompt="hello there", temperature=0, logit_bias=bias)
     assert by_ids["choices"][0]["text"] == by_text["choices"][0]["text"]
     assert by_ids["usage"]["completion_tokens"] == 16
+    ignoring = complete(client, prompt="hello there", temperature=0, ignore_eos=True)
+    assert ignoring["choices"][0]["text"] == by_text["choices"][0]["text"]  # eos never chosen
+    assert ignoring["usage"]["completion_tokens"] == 16
 
 
 def test_echo_with_max_tokens_0_scores_the_prompt(client, lm):

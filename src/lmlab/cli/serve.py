@@ -19,6 +19,7 @@ import socket
 import sys
 import threading
 
+import torch
 from jsonargparse import ArgumentParser
 
 from lmlab import api
@@ -54,6 +55,12 @@ def add_arguments(parser: ArgumentParser) -> None:
         help="on SIGTERM/Ctrl-C, seconds to let requests in flight finish",
     )
     parser.add_argument(
+        "--threads",
+        type=int | None,
+        default=None,
+        help="CPU threads for the model (torch.set_num_threads); default: torch's",
+    )
+    parser.add_argument(
         "--check",
         type=bool,
         default=False,
@@ -68,6 +75,10 @@ def run(args) -> None:
         raise ConfigError(f"--port {args.port} is invalid: must be in 0..65535 (0: a free port)")
     if args.max_batch < 1:
         raise ConfigError(f"--max_batch {args.max_batch} is invalid: must be >= 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads {args.threads} is invalid: must be >= 1")
+        torch.set_num_threads(args.threads)
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
         raise ConfigError(f"lmlab serve needs {' and '.join(missing)}: pip install 'lmlab[serve]'")

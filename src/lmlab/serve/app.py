@@ -331,8 +331,10 @@ def _sampling(body: Any, max_tokens: int, state: Any) -> tuple[SamplingParams, d
     return params, bias
 
 
-def _stop_ids(params: SamplingParams, extra: int | None = None) -> tuple[int, ...]:
-    ids = [*params.stop_ids, params.eos_id, extra]
+def _stop_ids(params: SamplingParams, body: Any, extra: int | None = None) -> tuple[int, ...]:
+    """The ids that end a sequence: stop_token_ids, eos (unless ignore_eos) and ``extra``
+    (chat: the template's turn-closing token)."""
+    ids = [*params.stop_ids] + ([] if body.ignore_eos else [params.eos_id, extra])
     return tuple(dict.fromkeys(i for i in ids if i is not None))
 
 
@@ -493,7 +495,7 @@ async def _completions(body: CompletionRequest, request: Request):
                     top_logprobs=body.logprobs or 0,
                     prompt_logprobs=(body.logprobs or 0) if want and body.echo else None,
                     logit_bias=bias,
-                    stop_ids=_stop_ids(job_params),
+                    stop_ids=_stop_ids(job_params, body),
                 )
             )
             choices.append(_Choice(ids, text))
@@ -670,7 +672,7 @@ async def _chat(body: ChatRequest, request: Request):
                 emit=None,
                 top_logprobs=top or 0,
                 logit_bias=bias,
-                stop_ids=_stop_ids(job_params, end),
+                stop_ids=_stop_ids(job_params, body, end),
             )
         )
         choices.append(_Choice(ids, None))

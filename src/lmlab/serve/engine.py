@@ -27,9 +27,11 @@ Choosing a token is the library's: ``SamplingParams`` (already validated),
 ``process_logits`` (repetition penalty, temperature, top-k, top-p), greedy argmax or one
 ``torch.multinomial`` draw from a ``torch.Generator`` seeded per job, exactly as
 ``lmlab.generate`` does for one prompt, so a job's output is the library's output for its
-prompt alone: token for token at temperature 0, and draw for draw with the same seed (up
-to floating-point differences between batched and unbatched matrix products, which can
-flip a near tie).
+prompt alone: token for token at temperature 0, and draw for draw with the same seed. In
+float32 this holds exactly (``tests/serve/test_engine.py``; bench/serve.py on SmolLM2: 8/8
+texts equal); in bfloat16 and 4-bit the matrix products of a batch of 8 round differently
+from those of one row, so where two tokens nearly tie the choice can flip, and a text
+differs from there on (bench/serve.py: 4/8 SmolLM2 texts of 64 forced tokens).
 
 Log-probabilities reported to clients are the model's own distribution
 (``log_softmax`` of its logits), before logit_bias, temperature, top-k or top-p, as

@@ -99,6 +99,8 @@ class _Request(BaseModel):
     logit_bias: dict[str, float] | None = None
     """Token id (as a string, JSON keys are) -> bias added to its logit, in [-100, 100]."""
     repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    """Extension (vLLM's): keep generating past the end-of-text token (benchmarks)."""
     presence_penalty: float | None = None
     """Accepted only as 0 (not implemented)."""
     frequency_penalty: float | None = None
