@@ -82,7 +82,7 @@ def run(args) -> None:
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
         raise ConfigError(f"lmlab serve needs {' and '.join(missing)}: pip install 'lmlab[serve]'")
-    from lmlab.serve import create_app
+    from lmlab.serve import create_app  # deferred: needs the optional serve extra
 
     sock = None if args.check else _bind(args.host, args.port)
     lm = api.load(source, dtype=args.dtype, device=args.device)
@@ -108,7 +108,7 @@ def _serve(app, sock: socket.socket, drain_timeout: float) -> str:
     finish (up to ``drain_timeout`` s); -> " (SIGTERM)", or "" when it stopped otherwise.
     uvicorn re-raises the signal once drained, which would kill the process with it: this
     server returns instead, so the command exits normally."""
-    import uvicorn
+    import uvicorn  # deferred: the optional serve extra
 
     class Server(uvicorn.Server):
         stopped_by = ""
@@ -140,7 +140,7 @@ def _serve(app, sock: socket.socket, drain_timeout: float) -> str:
 
 def _check(app, api_key: str | None) -> None:
     """One greedy completion through the whole app, without a socket."""
-    from fastapi.testclient import TestClient
+    from fastapi.testclient import TestClient  # deferred: the optional serve extra
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     body = {"prompt": "Hello", "max_tokens": 8, "temperature": 0}
@@ -176,7 +176,7 @@ def _bind(host: str, port: int) -> socket.socket:
 def _playground() -> list:
     """The playground's routes, when that module is installed."""
     try:
-        from lmlab.serve.playground import playground_router
+        from lmlab.serve.playground import playground_router  # deferred: serve extra
     except ImportError:
         return []
     return [playground_router]
