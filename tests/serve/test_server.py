@@ -13,6 +13,8 @@ import pytest
 from lmlab.generate.chat import ChatSession
 from servers import PROMPTS, Server
 
+pytestmark = pytest.mark.slow  # real server processes (a few seconds each to start)
+
 
 @pytest.fixture(scope="module")
 def client(server):
@@ -88,7 +90,6 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, lm):
     assert server.health()["active"] == 0
 
 
-@pytest.mark.slow
 def test_32_concurrent_streams_all_complete_with_their_own_outputs(server, lm):
     """Load: 32 streams at once (8 prompts x 4 lengths, greedy); each stream's text is the
     library's greedy text for its own prompt and length."""

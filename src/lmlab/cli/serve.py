@@ -99,6 +99,12 @@ def run(args) -> None:
         file=sys.stderr,
         flush=True,
     )
+    if not api_key and host not in ("127.0.0.1", "::1", "localhost"):
+        print(
+            f"lmlab: warning: listening on {host}, beyond this machine, with no API key: "
+            "anyone who can reach it can use the model (set --api_key or LMLAB_API_KEY)",
+            file=sys.stderr,
+        )
     stopped_by = _serve(app, sock, args.drain_timeout)
     print(f"lmlab: server stopped{stopped_by}", file=sys.stderr)
 

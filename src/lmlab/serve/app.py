@@ -387,16 +387,20 @@ class _Run:
 
     async def events(self, request: Request | None = None) -> AsyncIterator[tuple[int, Any]]:
         """(job index, event) until every job has finished or failed. With ``request``,
-        check every second whether its client has gone, and if so cancel and stop."""
+        check every second whether its client has gone, and if so cancel and stop (a
+        stream's client is watched by Starlette, which cancels the stream)."""
+        checked = time.monotonic()
         while self.open:
             try:
                 i, event = await asyncio.wait_for(self.queue.get(), 1.0)
             except asyncio.TimeoutError:
-                if request is not None and await request.is_disconnected():
+                i = None
+            if request is not None and time.monotonic() - checked >= 1.0:
+                checked = time.monotonic()
+                if await request.is_disconnected():
                     self.cancel()
                     return
-                continue
-            if i not in self.open:
+            if i is None or i not in self.open:
                 continue
             if isinstance(event, Finished | Failed):
                 self.open.discard(i)
