@@ -206,7 +206,8 @@ MODEL_FLAGS = {
     "--policy": {"judge"},
     "--models": {"report"},
 }
-MODEL_FLAGS["--model"] |= {"agent", "embeddings"}
+MODEL_FLAGS["--model"] |= {"agent", "embeddings", "serve"}
+MODEL_FLAGS["--ckpt"] |= {"serve"}
 
 
 def _set(argv: list[str], flag: str, value: str | None) -> list[str]:
@@ -260,6 +261,8 @@ def shrink(argv: list[str]) -> list[str]:
             argv = _set(argv, flag, value)
     elif command == "demo":
         argv = argv + ["--max_steps", "1", "--max_new_tokens", "16", "--progress", "false"]
+    elif command == "serve":  # a server never ends: load, answer one request, exit
+        argv = _set(argv, "--check", "true")
     elif command == "compare":
         argv = _set(argv, "--budget", "64 tok")
         for flag, value in [("--sample_tokens", "8"), ("--batch_size", "2"), ("--seq_len", "16")]:

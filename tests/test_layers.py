@@ -29,6 +29,7 @@ LAYERS = [
     {"align"},
     {"api"},
     {"compare", "demo"},
+    {"serve"},
     {"cli"},
     {"__main__", "__init__"},
 ]
@@ -44,6 +45,9 @@ DEFERRED = {
     "ctypes": "the sandbox's child loads it to isolate itself, then forgets it",
     "torch.utils.tensorboard": "TensorBoard logging (needs the optional tensorboard package)",
     "wandb": "Weights & Biases logging (optional)",
+    "lmlab.serve": "the HTTP server: needs the optional serve extra (FastAPI, uvicorn)",
+    "fastapi": "the HTTP server (the optional serve extra)",
+    "uvicorn": "the HTTP server (the optional serve extra)",
 }
 
 

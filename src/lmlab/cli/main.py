@@ -71,6 +71,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "trace": ("lmlab.cli.trace", "causal tracing: noise the subject, restore states one by one"),
     "probe": ("lmlab.cli.probe", "linear and MLP probes per layer, with control tasks"),
     "agent": ("lmlab.cli.agent", "a ReAct agent with tools (search, lookup, calculator, python)"),
+    "serve": (
+        "lmlab.cli.serve",
+        "an OpenAI-compatible API (completions, chat, streaming) with continuous batching",
+    ),
 }
 
 

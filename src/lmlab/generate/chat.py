@@ -121,14 +121,11 @@ class ChatSession:
         """The SamplingParams fields for ``lm.stream``: eos_id from the tokenizer when unset,
         plus the template's eos_token as a stop id when it is one token of the vocabulary."""
         decoding = {f.name: getattr(self.params, f.name) for f in dataclasses.fields(self.params)}
-        tokenizer = self.lm.tokenizer
         if decoding["eos_id"] is None:
-            decoding["eos_id"] = getattr(tokenizer, "eos_id", None)
-        end = self.template.eos_token
-        if end:
-            ids = tokenizer.encode(end)
-            if len(ids) == 1 and ids[0] != decoding["eos_id"]:
-                decoding["stop_ids"] = tuple(dict.fromkeys((*decoding["stop_ids"], ids[0])))
+            decoding["eos_id"] = getattr(self.lm.tokenizer, "eos_id", None)
+        end = turn_end_id(self.lm.tokenizer, self.template)
+        if end is not None and end != decoding["eos_id"]:
+            decoding["stop_ids"] = tuple(dict.fromkeys((*decoding["stop_ids"], end)))
         return decoding
 
     def _check_fits(self, prompt: str) -> None:
@@ -145,3 +142,14 @@ class ChatSession:
                 f"{context} tokens (max_seq_len); reset the chat, send a shorter message, "
                 f"or lower max_new_tokens (truncate_prompt does not apply to a chat)"
             )
+
+
+def turn_end_id(tokenizer: Any, template: Any) -> int | None:
+    """The id of the chat template's ``eos_token`` (``<|im_end|>`` in ChatML), which closes
+    the assistant's turn, when that text is one token of the vocabulary; else None. Used by
+    ``ChatSession`` and the HTTP server (``lmlab.serve``) alike."""
+    end = template.eos_token
+    if not end:
+        return None
+    ids = tokenizer.encode(end)
+    return ids[0] if len(ids) == 1 else None
