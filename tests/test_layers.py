@@ -29,6 +29,7 @@ LAYERS = [
     {"align"},
     {"api"},
     {"compare", "demo"},
+    {"serve"},
     {"cli"},
     {"__main__", "__init__"},
 ]
