@@ -179,7 +179,7 @@ SLOW |= {"prompt", "icl"}
 SLOW |= {"agent"}  # and a --replay line reads what the agent line of its block recorded
 # flag -> commands whose value for it names a model to read (a path, or a pretrained name)
 MODEL_FLAGS = {
-    "--ckpt": {"generate"},
+    "--ckpt": {"generate", "serve"},
     "--model": {
         "chat",
         "eval",
@@ -204,7 +204,10 @@ MODEL_FLAGS = {
     "--policy": {"judge"},
     "--models": {"report"},
 }
-MODEL_FLAGS["--model"] |= {"agent"}
+MODEL_FLAGS["--model"] |= {"agent", "serve"}
+# A server never ends by itself: `lmlab serve` lines run with --check (load the model,
+# answer one request in-process, exit).
+SERVES = {"serve"}
 
 
 def _set(argv: list[str], flag: str, value: str | None) -> list[str]:
@@ -288,6 +291,8 @@ def shrink(argv: list[str]) -> list[str]:
         if command == "trace":
             argv = _set(argv, "--samples", "1")
         argv = _set(argv, "--progress", "false")
+    elif command in SERVES:
+        argv = _set(argv, "--check", "true")
     elif command == "chat" or (command == "generate" and pretrained):
         argv = _set(argv, "--max_new_tokens", "8")
     elif command == "prompt":

@@ -14,13 +14,14 @@ import shutil
 import pytest
 import torch
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 from playwright.sync_api import sync_playwright
 
 from builders import tiny_chat_lm
 from lmlab.generate import SamplingParams, generate, process_logits
 from lmlab.generate.chat import ChatSession
 from lmlab.interp import attention_maps
-from lmlab.serve.playground import labels, mount_playground, serve_in_thread
+from lmlab.serve.playground import STATIC, labels, mount_playground, serve_in_thread
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(
@@ -40,6 +41,7 @@ def lm():
 def url(lm):
     app = FastAPI()
     mount_playground(app, lm)
+    app.mount("/static", StaticFiles(directory=STATIC))  # where lmlab serve's app puts it
     with serve_in_thread(app) as base:
         assert base.startswith("http://127.0.0.1:")
         yield f"{base}/playground/"
@@ -181,3 +183,12 @@ def test_a_bad_setting_shows_the_servers_message(page):
     page.fill("#top-n", "0")
     page.wait_for_selector("#error:not([hidden])")
     assert "top_n" in page.inner_text("#error")
+
+
+def test_the_page_finds_its_routes_wherever_it_is_served_from(browser, url):
+    page = browser.new_page()
+    page.set_default_timeout(WAIT_MS)
+    page.goto(url.replace("/playground/", "/static/index.html"))
+    page.wait_for_selector("#bars[data-ready='1'] .bar")
+    assert page.is_hidden("#error")
+    page.close()

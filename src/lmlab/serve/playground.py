@@ -20,11 +20,17 @@ all under ``/playground/api/``. Sampling settings go through ``SamplingParams``,
 validator the library and the OpenAI routes share: a bad value is an HTTP 400 with an
 OpenAI-style error object naming it (a malformed body is FastAPI's 422), never a 500.
 
-``mount_playground(app, state)`` adds these routes and the static page (``static/``: plain
-HTML, JavaScript and CSS, no build step, nothing fetched from elsewhere) at
-``/playground/``. ``state`` is anything with an ``lm`` attribute (an ``lmlab.LM``), read
-at each request, or an ``LM`` itself. The model is used by one playground request at a
-time.
+``playground_router(state)`` makes the routes; ``state`` is anything with an ``lm``
+attribute (an ``lmlab.LM``, read at each request; ``model_name`` too if it has one, as
+the server's ``app.state`` does) or an ``LM`` itself. The model serves one playground
+request at a time. ``mount_playground(app, state)`` adds the routes and the page
+(``static/``: plain HTML, JavaScript and CSS, no build step, nothing fetched from
+elsewhere) at ``/playground/``; the page calls ``/playground/api/...`` wherever it is
+served from. ``serve_in_thread(app)`` runs an app on 127.0.0.1 in a background thread
+(notebooks, the browser tests, the lesson's screenshot script).
+
+Tests: ``tests/serve/test_playground.py`` (each route against the library on a tiny
+random model) and ``test_playground_browser.py`` (the page in headless chromium).
 """
 
 from __future__ import annotations
@@ -219,7 +225,8 @@ def playground_router(state: Any) -> APIRouter:
                 n.endswith("attn.hook_pattern") for n in hook_points(model)
             )
             return {
-                "model": str(lm.config.get("loaded_from") or lm.config.get("path", "model")),
+                "model": getattr(state, "model_name", None)
+                or str(lm.config.get("loaded_from") or lm.config.get("path", "model")),
                 "kind": found.kind,
                 "vocab_size": config.vocab_size,
                 "context": getattr(config, "max_seq_len", None),

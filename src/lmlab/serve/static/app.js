@@ -4,7 +4,9 @@
 // attributes, so the browser tests read exactly what is drawn.
 "use strict";
 
-const API = new URL("api/", location.href.replace(/[?#].*$/, "").replace(/\/?$/, "/"));
+// The routes sit at /playground/api/ wherever the page itself is served from (/playground/
+// by mount_playground, /static/ by lmlab serve's app).
+const API = new URL("/playground/api/", location.href);
 const $ = (id) => document.getElementById(id);
 
 const state = {
@@ -18,12 +20,23 @@ const state = {
 
 // ----------------------------------------------------------------------------- plumbing
 
-async function post(route, body) {
-  const response = await fetch(new URL(route, API), {
-    method: "POST",
-    headers: { "Content-Type": "application/json" },
-    body: JSON.stringify(body),
-  });
+async function call(route, body) {
+  // With `lmlab serve --api_key`, the key is asked once and kept for this tab.
+  for (let attempt = 0; ; attempt++) {
+    const headers = { "Content-Type": "application/json" };
+    const key = sessionStorage.getItem("lmlab-api-key");
+    if (key) headers.Authorization = `Bearer ${key}`;
+    const init = body === undefined ? { headers } : { method: "POST", headers, body: JSON.stringify(body) };
+    const response = await fetch(new URL(route, API), init);
+    if (response.status !== 401 || attempt > 0) return response;
+    const typed = window.prompt("This server needs its API key:");
+    if (!typed) return response;
+    sessionStorage.setItem("lmlab-api-key", typed);
+  }
+}
+
+async function post(route, body = undefined) {
+  const response = await call(route, body);
   const data = await response.json().catch(() => ({}));
   if (!response.ok) {
     const message = data.error?.message
@@ -374,8 +387,7 @@ async function start() {
   $("chat-reset").addEventListener("click", resetChat);
   $("att-run").addEventListener("click", showAttention);
   try {
-    const response = await fetch(new URL("info", API));
-    const info = await response.json();
+    const info = await post("info");
     state.info = info;
     $("model-info").textContent =
       `${info.model}: ${info.vocab_size} tokens` + (info.context ? `, context ${info.context}` : "");
