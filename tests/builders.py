@@ -9,6 +9,9 @@ import time
 import pytest
 import torch
 
+from lmlab.data import BPETokenizer
+from lmlab.data.chat import ChatTemplate
+from lmlab.lm import LM
 from lmlab.models import build_model, get_preset
 from lmlab.train.metrics import read_metrics
 
@@ -64,3 +67,33 @@ def send_json(handler, reply, status=200):
     handler.send_header("Content-Length", str(len(data)))
     handler.end_headers()
     handler.wfile.write(data)
+
+
+# ChatML as SmolLM2 writes it, without the default system prompt.
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_chat_lm(seed=0, sharpen=1.0, text="", max_seq_len=256):
+    """A 1-layer random GPT with a BPE tokenizer trained on ChatML turns (plus ``text``)
+    whose specials are ChatML's, and the ChatML template: an ``LM`` that chats.
+    ``sharpen`` scales the final norm's weight, so the logits spread wider and the
+    next-token distribution is peaked like a trained model's rather than near uniform."""
+    turns = [
+        "<|im_start|>user\nhello there<|im_end|>",
+        "<|im_start|>assistant\nhello, how can I help?<|im_end|>",
+        "<|im_start|>system\nyou are a helpful assistant<|im_end|>",
+    ]
+    tokenizer = BPETokenizer.train(
+        "\n".join(turns * 5) + text, 300, eos_token="<|im_end|>", special_tokens=["<|im_start|>"]
+    )
+    torch.manual_seed(seed)
+    spec = {"family": "transformer", "vocab_size": tokenizer.vocab_size, "d_model": 32}
+    spec |= {"n_layers": 1, "n_heads": 2, "d_ff": 64, "max_seq_len": max_seq_len}
+    model = build_model(spec).eval()
+    with torch.no_grad():
+        model.norm.weight.mul_(sharpen)
+    return LM(model, tokenizer, chat_template=ChatTemplate(CHATML, eos_token="<|im_end|>"))

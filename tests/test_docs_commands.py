@@ -181,7 +181,7 @@ SLOW |= {"optimize"}  # about 20 s of CPU for its four figures
 SLOW |= {"embeddings"}  # loads MiniLM or SmolLM2
 # flag -> commands whose value for it names a model to read (a path, or a pretrained name)
 MODEL_FLAGS = {
-    "--ckpt": {"generate"},
+    "--ckpt": {"generate", "serve"},
     "--model": {
         "chat",
         "eval",
@@ -207,7 +207,8 @@ MODEL_FLAGS = {
     "--models": {"report"},
 }
 MODEL_FLAGS["--model"] |= {"agent", "embeddings", "serve"}
-MODEL_FLAGS["--ckpt"] |= {"serve"}
+# A server never ends by itself: `lmlab serve` lines run with --check (shrink).
+SERVES = {"serve"}
 
 
 def _set(argv: list[str], flag: str, value: str | None) -> list[str]:
@@ -261,7 +262,7 @@ def shrink(argv: list[str]) -> list[str]:
             argv = _set(argv, flag, value)
     elif command == "demo":
         argv = argv + ["--max_steps", "1", "--max_new_tokens", "16", "--progress", "false"]
-    elif command == "serve":  # a server never ends: load, answer one request, exit
+    elif command in SERVES:  # a server never ends: load, answer one request, exit
         argv = _set(argv, "--check", "true")
     elif command == "compare":
         argv = _set(argv, "--budget", "64 tok")

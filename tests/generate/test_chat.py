@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from builders import CHATML
 from lmlab.api import LM
 from lmlab.data import BPETokenizer
 from lmlab.data.chat import ChatTemplate
@@ -10,12 +11,6 @@ from lmlab.generate import SamplingParams
 from lmlab.generate.chat import ChatSession
 from lmlab.models import build_model
 
-# ChatML as SmolLM2 writes it, without the default system prompt.
-CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
-    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 TEXT = "\n".join(
     [
         "<|im_start|>user\nhello there<|im_end|>",

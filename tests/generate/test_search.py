@@ -10,6 +10,7 @@ from lmlab.checkpoint.hf import from_transformers
 from lmlab.errors import DecodingError
 from lmlab.generate import (
     SamplingParams,
+    beam_search_steps,
     generate,
     generate_ids,
     generate_text,
@@ -345,6 +346,34 @@ def test_beam_early_stopping_semantics():
     assert early.ids == [[1, 4]] and early.finish_reasons == ["stop"]
     late = generate(model, [[0]], SamplingParams(early_stopping=False, **params))
     assert late.ids == [[1, 2, 4]]
+
+
+def test_beam_search_steps_show_each_steps_beams_and_hypotheses():
+    # The early-stopping search above, step by step. Step 1: [1] runs (log 0.7), [4]
+    # finishes (log 0.3). Step 2: [1, 2] runs (log 0.49), [1, 4] finishes (log 0.21 / 2):
+    # two hypotheses, so the search closes.
+    params = SamplingParams(num_beams=2, max_new_tokens=6, eos_id=4, early_stopping=True)
+    steps, best = beam_search_steps(chain_model(), [0], params)
+    assert best == [1, 4] and [s.step for s in steps] == [1, 2]
+    assert steps[0].beams[0][0] == [1] and steps[0].beams[0][1] == pytest.approx(
+        math.log(0.7), abs=1e-3
+    )
+    assert [ids for ids, _ in steps[0].finished] == [[4]] and not steps[0].closed
+    assert steps[1].beams[0][0] == [1, 2]
+    assert [ids for ids, _ in steps[1].finished] == [[1, 4], [4]] and steps[1].closed
+    assert steps[1].finished[0][1] == pytest.approx(math.log(0.21) / 2, abs=1e-3)
+
+
+@pytest.mark.parametrize("lp,early", [(1.0, False), (0.0, True), (-1.0, False)])
+def test_beam_search_steps_end_where_generate_does(lp, early):
+    model = CachedHashLM()
+    for prompt in PROMPTS:
+        params = SamplingParams(
+            num_beams=3, max_new_tokens=5, eos_id=2, length_penalty=lp, early_stopping=early
+        )
+        steps, best = beam_search_steps(model, prompt, params)
+        assert best == generate_ids(model, [prompt], params)[0]
+        assert best == steps[-1].finished[0][0] and steps[-1].closed
 
 
 def test_beam_search_with_stop_strings_cuts_the_text():

@@ -180,9 +180,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _playground() -> list:
-    """The playground's routes, when that module is installed."""
-    try:
-        from lmlab.serve.playground import playground_router  # deferred: serve extra
-    except ImportError:
-        return []
+    """The playground's routes (its page is served at ``/``)."""
+    from lmlab.serve.playground import playground_router  # deferred: fastapi is slow to import
+
     return [playground_router]

@@ -20,8 +20,10 @@ from lmlab.generate.processors import (
     top_p_filter,
 )
 from lmlab.generate.search import (
+    BeamStep,
     Generation,
     Stream,
+    beam_search_steps,
     generate,
     generate_ids,
     generate_text,
@@ -30,10 +32,12 @@ from lmlab.generate.search import (
 )
 
 __all__ = [
+    "BeamStep",
     "Generation",
     "SamplingParams",
     "Stream",
     "apply_temperature",
+    "beam_search_steps",
     "check_ids",
     "generate",
     "generate_ids",

@@ -362,9 +362,27 @@ class _Finished:
         return len(self.hyps) == self.size
 
 
+@dataclass
+class BeamStep:
+    """The state of one prompt's beam search after a step (``beam_search_steps``)."""
+
+    step: int
+    """New tokens in each running beam (1 after the first step)."""
+    beams: list[tuple[list[int], float]]
+    """The running beams, best first: (new ids, sum of log p); dead beams left out."""
+    finished: list[tuple[list[int], float]]
+    """Finished hypotheses so far, best first: (new ids, sum(log p) / n ** length_penalty)."""
+    closed: bool
+    """No hypothesis will be added any more: the search of this prompt is over."""
+
+
 @torch.inference_mode()
 def _beam_search(
-    model: nn.Module, prompts: list[list[int]], params: SamplingParams, stop_ids: list[int]
+    model: nn.Module,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    stop_ids: list[int],
+    observe: Callable[[int, BeamStep], None] | None = None,
 ) -> tuple[list[list[int]], list[str]]:
     """Beam search over a batch of prompts; the best finished sequence of each.
 
@@ -377,6 +395,8 @@ def _beam_search(
     ``early_stopping`` is set or the best running beam, scored at its current length, cannot
     beat the worst finished one (Hugging Face's heuristic: exact for length_penalty <= 0,
     a guess for > 0, where longer beams are divided by more).
+
+    ``observe(b, state)``, when given, sees prompt b's ``BeamStep`` after every step.
     """
     N, B, max_new, lp = params.num_beams, len(prompts), params.max_new_tokens, params.length_penalty
     runner = _Runner(model, prompts, max_new, seen=params.repetition_penalty != 1.0)
@@ -420,6 +440,11 @@ def _beam_search(
             f = finished[b]
             if f.full and (params.early_stopping or best_running / n**lp <= f.hyps[-1][0]):
                 f.closed = True
+            if observe is not None:
+                live = [(row, token, score) for row, token, score in kept if score > float("-inf")]
+                beams = [(so_far[row].tolist() + [token], score) for row, token, score in live]
+                finished_now = [(ids, score) for score, ids in f.hyps]
+                observe(b, BeamStep(n, beams, finished_now, f.closed or last))
             for row, token, score in kept:
                 rows.append(row)
                 tokens.append(token)
@@ -596,6 +621,24 @@ def generate(
             if cut:  # beam search finds stop strings only here, after the search
                 out.finish_reasons[i] = "stop"
     return out
+
+
+def beam_search_steps(
+    model: nn.Module, prompt: Prompt, params: SamplingParams, tokenizer=None
+) -> tuple[list[BeamStep], list[int]]:
+    """Beam search on one prompt, step by step: (the state after every step, the best
+    finished sequence's new ids). The ids are those ``generate`` returns for the same
+    prompt and params (``params.num_beams`` > 1), so a picture of the steps shows the
+    search that ``generate`` runs."""
+    require_causal_lm(model, "beam search")
+    params = _check_params(params)
+    if params.num_beams < 2:
+        raise DecodingError(f"num_beams={params.num_beams}: beam search needs num_beams >= 2")
+    stop_ids = _stop_ids(model, params, tokenizer)
+    (prompt,), _ = _fit_prompts(model, _encode([prompt], tokenizer), params)
+    steps: list[BeamStep] = []
+    (ids,), _ = _beam_search(model, [prompt], params, stop_ids, lambda _, s: steps.append(s))
+    return steps, ids
 
 
 def generate_ids(
