@@ -20,6 +20,13 @@ def add_arguments(parser: ArgumentParser) -> None:
     parser.add_argument(
         "--num_beams", type=int, default=1, help="beam width of free-running decoding"
     )
+    parser.add_argument(
+        "--track_n",
+        type=int,
+        default=100,
+        help="held-out pairs scored with and without teacher forcing at every evaluation "
+        "(the curves of seq2seq.png); 0: off",
+    )
     parser.add_class_arguments(TrainConfig, "train", skip={"log"}, help="the trainer's settings")
     add_log_arguments(parser)
     parser.set_defaults(
@@ -34,14 +41,17 @@ def add_arguments(parser: ArgumentParser) -> None:
 
 def run(args) -> None:
     config = TrainConfig(**options(args.train), log=log_config(args))
-    scores = train_and_score(args.task, args.model, args.eval_n, args.num_beams, config)
+    scores = train_and_score(
+        args.task, args.model, args.eval_n, args.num_beams, args.track_n, config
+    )
     print(f"trained {scores['steps']} steps in {scores['wall_s']:.0f} s on {args.task}")
     print(
         f"teacher forcing: token accuracy {scores['tf_token_acc']:.3f}, whole target {scores['tf_exact']:.3f}"
     )
     print(
-        f"free running:    exact match {scores['exact']:.3f}, BLEU {scores['bleu']:.1f}, chrF {scores['chrf']:.1f}"
+        f"free running:    token accuracy {scores['free_token_acc']:.3f}, exact match "
+        f"{scores['exact']:.3f}, BLEU {scores['bleu']:.1f}, chrF {scores['chrf']:.1f}"
     )
     for e in scores["examples"][:3]:
         print(f"  {e['source']!r} -> {e['output']!r} (want {e['target']!r})")
-    print(f"wrote {config.out_dir}/seq2seq.json")
+    print(f"wrote {config.out_dir}/seq2seq.json and seq2seq.png")
