@@ -10,6 +10,7 @@ import lmlab
 from lmlab.data.seq2seq_tasks import EOS, TASKS, Seq2SeqVocab, number_words, seq2seq_pairs
 from lmlab.errors import ConfigError
 from lmlab.eval.seq2seq import evaluate_seq2seq, position_accuracy, train_and_score
+from lmlab.eval.text import bleu
 from lmlab.models import build_model
 from lmlab.models.seq2seq import Seq2Seq
 from lmlab.train import TrainConfig
@@ -117,6 +118,10 @@ def test_evaluation_counts_as_by_hand():
     assert scores["tf_token_acc"] == pytest.approx(right / total)
     assert scores["exact"] == exact / len(pairs)
     assert scores["free_token_acc"] == pytest.approx(free_right / total)
+    # one-word targets: BLEU over characters (over words, a right answer would score 0)
+    assert scores["bleu_tokenize"] == "char"
+    want = bleu(decoded, [t for _, t in pairs], tokenize="char").score
+    assert scores["bleu"] == pytest.approx(want)
     assert [e["output"] for e in scores["examples"]] == decoded[:5]
 
 

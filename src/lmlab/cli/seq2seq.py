@@ -50,7 +50,7 @@ def run(args) -> None:
     )
     print(
         f"free running:    token accuracy {scores['free_token_acc']:.3f}, exact match "
-        f"{scores['exact']:.3f}, BLEU {scores['bleu']:.1f}, chrF {scores['chrf']:.1f}"
+        f"{scores['exact']:.3f}, BLEU {scores['bleu']:.1f} ({scores['bleu_tokenize']}), chrF {scores['chrf']:.1f}"
     )
     for e in scores["examples"][:3]:
         print(f"  {e['source']!r} -> {e['output']!r} (want {e['target']!r})")

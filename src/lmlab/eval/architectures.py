@@ -448,7 +448,11 @@ def plot_architectures(report: dict[str, Any], path: str | os.PathLike) -> Path:
         for r in results:
             if r["problem"] == problem and "losses" in r:
                 ax.plot(r["losses"], color=colours[r["architecture"]], label=r["architecture"])
-        ax.set(xlabel="step", ylabel="training loss (nats)", yscale="log", title=problem)
+        title = problem
+        if problem == "sentiment":  # the head's loss is over 2 classes, the tokens' over V
+            title += " (encoder: over 2 labels; others: the label token over the vocabulary)"
+        ax.set(xlabel="step", ylabel="training loss (nats)", yscale="log")
+        ax.set_title(title, fontsize=9 if problem == "sentiment" else 12)
         ax.legend(fontsize=8)
     bars = axes[-1]
     width = 0.8 / len(ARCHITECTURES)

@@ -10,7 +10,10 @@ mistake can derail the rest: the gap between the two is exposure bias (Ranzato e
   greedy (or beam) output: is its i-th token the target's i-th token? (``position_accuracy``);
 - ``tf_exact``: every token of the target right given the true prefix;
 - ``exact``: the greedy (or beam) output equals the target, decoding freely;
-- ``bleu`` and ``chrf``: sacrebleu's corpus scores of the free-running outputs.
+- ``bleu`` and ``chrf``: sacrebleu's corpus scores of the free-running outputs. BLEU
+  counts word n-grams up to 4, so a one-word target (a reversed string, a date) scores 0
+  even when right: where no reference has a space, BLEU is taken over characters
+  (sacrebleu's ``tokenize="char"``; ``bleu_tokenize`` in the scores says which).
 
 ``train_and_score`` also measures the teacher-forced and free-running scores of a few
 held-out pairs at every evaluation of the run, so the gap can be watched as it opens and
@@ -97,6 +100,7 @@ def evaluate_seq2seq(
             exact += text == target
     model.train(was_training)
     references = [t for _, t in pairs]
+    tokenize = "13a" if any(" " in t for t in references) else "char"
     n = len(pairs)
     return {
         "n": n,
@@ -106,7 +110,8 @@ def evaluate_seq2seq(
         ),
         "tf_exact": tf_exact / n,
         "exact": exact / n,
-        "bleu": bleu(outputs, references).score,
+        "bleu": bleu(outputs, references, tokenize=tokenize).score,
+        "bleu_tokenize": tokenize,
         "chrf": chrf(outputs, references).score,
         "examples": [
             {"source": s, "target": t, "output": o} for (s, t), o in list(zip(pairs, outputs))[:5]
