@@ -269,6 +269,11 @@ def shrink(argv: list[str]) -> list[str]:
         for flag, value in [("--sample_tokens", "8"), ("--batch_size", "2"), ("--seq_len", "16")]:
             argv = _set(argv, flag, value)
         argv = _set(argv, "--progress", "false")
+    elif command == "architectures":
+        for flag, value in [("--steps", "2"), ("--classify_steps", "1"), ("--folds", "2"),
+                            ("--eval_n", "2"), ("--d_model", "16"), ("--d_ff", "32"),
+                            ("--n_heads", "2"), ("--progress", "false")]:  # fmt: skip
+            argv = _set(argv, flag, value)
     elif command in ("eval", "report"):
         argv = _set(argv, "--limit", "2")
     elif command == "probe":

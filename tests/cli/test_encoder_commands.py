@@ -1,4 +1,5 @@
-"""``lmlab pretrain`` and ``lmlab seq2seq`` run end to end on tiny budgets."""
+"""``lmlab pretrain``, ``lmlab seq2seq`` and ``lmlab architectures`` run end to end on tiny
+budgets."""
 
 import json
 
@@ -15,6 +16,7 @@ def test_lmlab_seq2seq_trains_scores_and_writes_its_json(tmp_path, capsys):
     assert (
         scores["steps"] == 2 and scores["n"] == 3 and "teacher forcing" in capsys.readouterr().out
     )
+    assert [c["step"] for c in scores["curve"]] == [2] and (out / "seq2seq.png").is_file()
 
 
 def test_lmlab_pretrain_trains_an_encoder_with_tensorboard_off(tmp_path, capsys):
@@ -26,3 +28,19 @@ def test_lmlab_pretrain_trains_an_encoder_with_tensorboard_off(tmp_path, capsys)
             "--train.batch_size", "4", "--train.progress", "false", "--train.out_dir", str(out)]  # fmt: skip
     assert main(argv) == 0
     assert (out / "pretraining.png").is_file() and "trained 2 steps" in capsys.readouterr().out
+    assert main(argv[:-2] + ["--nsp_pairs", "lines", "--train.out_dir", str(tmp_path / "b2")]) == 2
+    err = capsys.readouterr().err
+    assert "nsp_pairs" in err and "segments" in err
+
+
+def test_lmlab_architectures_prints_the_table_and_saves_the_figure(tmp_path, capsys):
+    out = tmp_path / "arch"
+    argv = ["architectures", "--task", "copy", "--steps", "2", "--classify_steps", "1",
+            "--folds", "2", "--eval_n", "2", "--d_model", "16", "--d_ff", "32", "--n_heads", "2",
+            "--n_layers", "2", "--progress", "false", "--out_dir", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| copy | encoder-decoder |" in printed and "| sentiment | decoder |" in printed
+    assert (out / "architectures.png").is_file() and (out / "architectures.json").is_file()
+    assert main(["architectures", "--task", "revers", "--out_dir", str(out)]) == 2
+    assert "task='revers' is invalid" in capsys.readouterr().err

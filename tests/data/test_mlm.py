@@ -7,7 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmlab.data.mlm import IGNORE, IS_NEXT, IS_RANDOM, mask_tokens, pack_pairs, sentence_pairs
+from lmlab.data.mlm import (
+    IGNORE,
+    IS_NEXT,
+    IS_RANDOM,
+    mask_tokens,
+    pack_pairs,
+    segment_pairs,
+    sentence_pairs,
+)
 from lmlab.errors import ConfigError
 from lmlab.models import build_model
 from lmlab.train.bert import pretraining_loss
@@ -82,6 +90,36 @@ def test_pairs_are_next_or_random_and_packed_with_segments():
     assert batch.nsp_labels.tolist() == [IS_NEXT, IS_RANDOM]
     with pytest.raises(ConfigError, match="at least two documents"):
         sentence_pairs(docs[:1], 3, rng)
+
+
+def test_segment_pairs_keep_the_junction_and_fit_the_budget():
+    doc = [[1, 2], [3], [4, 5, 6], [7]]
+    # the docstring's example: every IS_NEXT pair at junction 2 of doc is ([1, 2, 3], [4, 5, 6])
+    pairs = segment_pairs([doc, [[9, 9], [8]]], 200, random.Random(0), 6)
+    at_two = [(a, b) for a, b, label in pairs if label == IS_NEXT and a[-1] == 3]
+    assert at_two and all(pair == ([1, 2, 3], [4, 5, 6]) for pair in at_two)
+    # many documents whose tokens say where they come from: (document, position)
+    rng = random.Random(1)
+    docs = []
+    for d in range(6):
+        sentences, at = [], 0
+        for _ in range(rng.randint(2, 8)):
+            n = rng.randint(1, 7)
+            sentences.append([100 * d + at + k for k in range(n)])
+            at += n
+        docs.append(sentences)
+    pairs = segment_pairs(docs, 500, random.Random(2), 12)
+    assert 200 < sum(label == IS_NEXT for _, _, label in pairs) < 300
+    for a, b, label in pairs:
+        assert a and b and len(a) + len(b) <= 12 and len(a) <= 6
+        assert all(y == x + 1 for x, y in zip(a, a[1:]))  # A is one contiguous run
+        assert all(y == x + 1 for x, y in zip(b, b[1:]))
+        if label == IS_NEXT:
+            assert b[0] == a[-1] + 1  # B starts right where A ends
+        else:
+            assert b[0] // 100 != a[0] // 100  # another document
+    with pytest.raises(ConfigError, match="at least two documents"):
+        segment_pairs(docs[:1], 3, rng, 12)
 
 
 def test_the_loss_counts_exactly_the_chosen_positions_and_every_nsp_label():

@@ -9,7 +9,8 @@ import torch
 import lmlab
 from lmlab.data.seq2seq_tasks import EOS, TASKS, Seq2SeqVocab, number_words, seq2seq_pairs
 from lmlab.errors import ConfigError
-from lmlab.eval.seq2seq import evaluate_seq2seq
+from lmlab.eval.seq2seq import evaluate_seq2seq, position_accuracy, train_and_score
+from lmlab.eval.text import bleu
 from lmlab.models import build_model
 from lmlab.models.seq2seq import Seq2Seq
 from lmlab.train import TrainConfig
@@ -99,7 +100,7 @@ def test_evaluation_counts_as_by_hand():
     model = build_model(spec).eval()
     pairs = seq2seq_pairs("reverse", 6, 5)
     scores = evaluate_seq2seq(model, vocab, pairs, batch_size=4)
-    right = total = exact = 0
+    right = total = exact = free_right = 0
     decoded = []
     for source, target in pairs:
         src = torch.tensor([vocab.encode(source)])
@@ -111,8 +112,47 @@ def test_evaluation_counts_as_by_hand():
             out = [1]
             while len(out) <= len(tgt) + 4 and (len(out) == 1 or out[-1] != EOS):
                 out.append(int(model(src, torch.tensor([out]))[0, -1].argmax()))
+        free_right += sum(o == t for o, t in zip(out[1:], [*tgt, EOS]))
         decoded.append(vocab.decode([t for t in out[1:] if t != EOS]))
         exact += decoded[-1] == target
     assert scores["tf_token_acc"] == pytest.approx(right / total)
     assert scores["exact"] == exact / len(pairs)
+    assert scores["free_token_acc"] == pytest.approx(free_right / total)
+    # one-word targets: BLEU over characters (over words, a right answer would score 0)
+    assert scores["bleu_tokenize"] == "char"
+    want = bleu(decoded, [t for _, t in pairs], tokenize="char").score
+    assert scores["bleu"] == pytest.approx(want)
     assert [e["output"] for e in scores["examples"]] == decoded[:5]
+
+
+def test_position_accuracy_scores_each_target_position_and_the_end():
+    # the docstring's cases: 2 of 3, then 1 of 3 (an output cut short scores nothing after)
+    assert position_accuracy([[5, 6, 2]], [[5, 7]], eos_id=2) == pytest.approx(2 / 3)
+    assert position_accuracy([[5]], [[5, 7]], eos_id=2) == pytest.approx(1 / 3)
+    # pooled over rows by positions, not averaged per row: (3 + 0) / (3 + 2)
+    assert position_accuracy([[5, 7, 2], [9, 9, 9]], [[5, 7], [4]], 2) == pytest.approx(3 / 5)
+    # one shifted token (a dropped letter) costs every position after it: exposure bias
+    assert position_accuracy([[6, 7, 8, 2]], [[5, 6, 7, 8]], 2) == 0.0
+    with pytest.raises(ValueError, match="2 outputs for 1 targets"):
+        position_accuracy([[1], [2]], [[1]], 2)
+
+
+def test_train_and_score_tracks_both_accuracies_at_every_evaluation(tmp_path):
+    spec = {"family": "seq2seq", "d_model": 32, "n_heads": 2, "n_encoder_layers": 1,
+            "n_decoder_layers": 1, "d_ff": 64, "max_seq_len": 32, "norm": "pre"}  # fmt: skip
+    config = TrainConfig(out_dir=str(tmp_path / "run"), max_steps=6, batch_size=8,
+                         warmup_steps=1, eval_interval=3, eval_batches=1, progress=False)  # fmt: skip
+    scores = train_and_score("copy", spec, eval_n=4, track_n=5, config=config)
+    curve = scores["curve"]
+    assert [c["step"] for c in curve] == [3, 6]
+    for point in curve:
+        assert set(point) == {"step", "tf_token_acc", "free_token_acc", "tf_exact", "exact"}
+        assert all(0.0 <= v <= 1.0 for k, v in point.items() if k != "step")
+    assert (tmp_path / "run" / "seq2seq.png").stat().st_size > 10_000
+    # the last point is the final model scored on the tracked pairs: rescore them by hand
+    model = lmlab.load(str(tmp_path / "run")).model
+    tracked = evaluate_seq2seq(
+        model, Seq2SeqVocab.for_task("copy"), seq2seq_pairs("copy", 5, seed=-2_000_000 - 1337)
+    )
+    assert curve[-1]["free_token_acc"] == pytest.approx(tracked["free_token_acc"])
+    assert curve[-1]["tf_token_acc"] == pytest.approx(tracked["tf_token_acc"])

@@ -3,13 +3,21 @@ a run that writes an encoder checkpoint lmlab loads."""
 
 import json
 
+import pytest
 import torch
 
 import lmlab
 from lmlab.data.mlm import IGNORE, IS_NEXT
 from lmlab.data.tokenizers import BPETokenizer
+from lmlab.errors import ConfigError
 from lmlab.train import TrainConfig
-from lmlab.train.bert import SPECIALS, PairBatches, documents_from_text, pretrain_encoder
+from lmlab.train.bert import (
+    SPECIALS,
+    PairBatches,
+    documents_from_text,
+    pretrain_encoder,
+    regions_from_text,
+)
 
 TEXT = "\n\n".join(
     f"SPEAKER {i}:\n"
@@ -23,6 +31,24 @@ def test_documents_are_blank_line_blocks_of_lines():
     docs = documents_from_text(TEXT, tok)
     assert len(docs) == 40 and all(len(d) == 4 for d in docs)
     assert tok.decode(docs[3][1]) == "line 0 of speech 3 says ababab 0"
+
+
+def test_regions_are_runs_of_lines_and_segment_batches_fill_max_len():
+    tok = BPETokenizer.train(TEXT, 300, eos_token=None, special_tokens=SPECIALS)
+    regions = regions_from_text(TEXT, tok, lines=30)
+    lines = [line for line in TEXT.split("\n") if line.strip()]  # 160 lines
+    assert [len(r) for r in regions] == [30] * 5 + [10]
+    assert tok.decode(regions[1][0]) == lines[30]
+    assert [len(r) for r in regions_from_text("a\nb\nc\n\nd\ne", tok, lines=100)] == [2, 2, 1]
+    with pytest.raises(ConfigError, match="region_lines"):
+        regions_from_text(TEXT, tok, lines=1)
+    batch = PairBatches(regions, 16, 32, tok.vocab_size, seed=0).batch(0)
+    real = batch["attention_mask"].sum(1)
+    assert real.max() <= 32 and real.float().mean() > 24  # segments fill most of the row
+    with pytest.raises(ConfigError, match="nsp_pairs"):
+        PairBatches(regions, 16, 32, tok.vocab_size, seed=0, pairs="lines")
+    with pytest.raises(ConfigError, match="nsp_pairs='lines' is invalid"):
+        pretrain_encoder(nsp_pairs="lines", config=TrainConfig(out_dir="never-made"))
 
 
 def test_pair_batches_are_a_function_of_seed_and_index_so_resume_is_exact():

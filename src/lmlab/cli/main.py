@@ -59,6 +59,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lmlab.cli.seq2seq",
         "train an encoder-decoder on a generated task; teacher-forced vs free-running scores",
     ),
+    "architectures": (
+        "lmlab.cli.architectures",
+        "an encoder, a decoder and an encoder-decoder on the same tasks and budget",
+    ),
     "attribute": ("lmlab.cli.attribute", "which prompt tokens a next-token prediction rests on"),
     "attention": ("lmlab.cli.attention", "attention maps and rollout of a prompt, as figures"),
     "embeddings": (

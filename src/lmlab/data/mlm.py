@@ -15,6 +15,10 @@ word is chosen with it (``word_ids``: the word each position belongs to, -1 for 
 sentence that follows A in its document (label ``IS_NEXT`` = 0) half the time and a sentence
 of another document otherwise (``IS_RANDOM`` = 1), the labels transformers'
 ``BertForPreTraining`` uses. The NSP label is never masked: it is a separate target.
+``sentence_pairs`` pairs single sentences; ``segment_pairs`` pairs *segments* of
+consecutive sentences, as BERT's data does (``create_pretraining_data.py``: A is a run of
+sentences, B the run that follows it or one from a random other document), which gives
+the classifier far more to go on than two lines.
 """
 
 from __future__ import annotations
@@ -85,17 +89,23 @@ class PairBatch:
     nsp_labels: torch.Tensor  # [B] int64: IS_NEXT or IS_RANDOM
 
 
+def _usable(documents: Sequence[Sequence[Sequence[int]]]) -> list[int]:
+    """The documents a pair can start in (two sentences or more); there must be another."""
+    usable = [d for d, doc in enumerate(documents) if len(doc) >= 2]
+    if not usable or len(documents) < 2:
+        raise ConfigError(
+            "next-sentence pairs need at least two documents, one of them with two or more sentences"
+        )
+    return usable
+
+
 def sentence_pairs(
     documents: Sequence[Sequence[Sequence[int]]],
     n: int,
     rng: random.Random,
 ) -> list[tuple[list[int], list[int], int]]:
     """``n`` (A, B, label) pairs from documents given as lists of tokenized sentences."""
-    usable = [d for d, doc in enumerate(documents) if len(doc) >= 2]
-    if not usable or len(documents) < 2:
-        raise ConfigError(
-            "next-sentence pairs need at least two documents, one of them with two or more sentences"
-        )
+    usable = _usable(documents)
     pairs = []
     for _ in range(n):
         d = rng.choice(usable)
@@ -106,6 +116,55 @@ def sentence_pairs(
         else:
             other = rng.choice([j for j in range(len(documents)) if j != d and documents[j]])
             pairs.append((a, list(rng.choice(documents[other])), IS_RANDOM))
+    return pairs
+
+
+def _run(sentences: Sequence[Sequence[int]], start: int, budget: int) -> list[int]:
+    """Sentences from ``start`` on, concatenated while they fit ``budget`` tokens (at least
+    the first one, cut to the budget)."""
+    out: list[int] = []
+    for sentence in sentences[start:]:
+        if out and len(out) + len(sentence) > budget:
+            break
+        out.extend(sentence)
+    return out[:budget]
+
+
+def segment_pairs(
+    documents: Sequence[Sequence[Sequence[int]]],
+    n: int,
+    rng: random.Random,
+    max_tokens: int,
+) -> list[tuple[list[int], list[int], int]]:
+    """``n`` (A, B, label) pairs of segments that together hold at most ``max_tokens``.
+
+    A junction is drawn inside a document (between sentences j-1 and j); A is the run of
+    whole sentences that ends there, going back while A holds at most half the tokens (at
+    least sentence j-1, keeping its last tokens); B is the run that starts at sentence j
+    (``IS_NEXT``) or at a random sentence of another document (``IS_RANDOM``), filling the
+    rest. Both segments keep the junction, so the pair never needs truncating there::
+
+        document [[1, 2], [3], [4, 5, 6], [7]], junction 2, max_tokens 6
+        -> A = [1, 2, 3] (sentences 0-1), B = [4, 5, 6] (sentences 2-), IS_NEXT
+    """
+    if max_tokens < 2:
+        raise ConfigError(f"max_tokens {max_tokens} is too small for two segments")
+    usable = _usable(documents)
+    pairs = []
+    for _ in range(n):
+        d = rng.choice(usable)
+        j = rng.randrange(1, len(documents[d]))
+        # A: sentences j-1, j-2, ... read backwards, so its budget cuts it at the front
+        reversed_doc = [list(s)[::-1] for s in documents[d][:j][::-1]]
+        a = _run(reversed_doc, 0, max_tokens // 2)[::-1]
+        budget = max_tokens - len(a)
+        if rng.random() < 0.5:
+            pairs.append((a, _run(documents[d], j, budget), IS_NEXT))
+        else:
+            other = documents[
+                rng.choice([k for k in range(len(documents)) if k != d and documents[k]])
+            ]
+            pairs.append((a, _run(other, rng.randrange(len(other)), budget), IS_RANDOM))
     return pairs
 
 

@@ -10,14 +10,21 @@ import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmlab.data.corpus import load_corpus, split_text
-from lmlab.data.mlm import IGNORE, PairBatch, mask_tokens, pack_pairs, sentence_pairs
+from lmlab.data.mlm import (
+    IGNORE,
+    PairBatch,
+    mask_tokens,
+    pack_pairs,
+    segment_pairs,
+    sentence_pairs,
+)
 from lmlab.data.tokenizers import BPETokenizer
 from lmlab.errors import ConfigError
 from lmlab.models import build_model, get_preset
@@ -72,9 +79,25 @@ def documents_from_text(text: str, tokenizer: Any) -> list[list[list[int]]]:
     return documents
 
 
+def regions_from_text(text: str, tokenizer: Any, lines: int = 100) -> list[list[list[int]]]:
+    """Documents for text without document boundaries (Tiny Shakespeare is one stream of
+    plays): consecutive regions of ``lines`` non-empty lines (speaker names included), each
+    line a sentence, tokenized. A region's random partner is then a distant passage. A text
+    of fewer than ``2 * lines`` lines is cut into two regions (of at least 2 lines each)."""
+    if lines < 2:
+        raise ConfigError(f"region_lines={lines} is invalid: a region needs at least 2 lines")
+    encoded = [tokenizer.encode(line) for line in text.split("\n") if line.strip()]
+    lines = max(2, min(lines, len(encoded) // 2))
+    return [encoded[i : i + lines] for i in range(0, len(encoded), lines)]
+
+
+NSP_PAIRS = ("segments", "sentences")
+
+
 class PairBatches(IndexedBatches):
     """Masked next-sentence batches drawn afresh for each batch index from ``(seed, index)``
-    alone, so a resumed run draws exactly what it would have (``state_dict``: the index)."""
+    alone, so a resumed run draws exactly what it would have (``state_dict``: the index).
+    ``pairs``: "segments" (``segment_pairs``, filling ``max_len``) or single "sentences"."""
 
     def __init__(
         self,
@@ -85,8 +108,12 @@ class PairBatches(IndexedBatches):
         seed: int,
         rate: float = 0.15,
         whole_word: bool = False,
+        pairs: Literal["segments", "sentences"] = "segments",
     ):
+        if pairs not in NSP_PAIRS:
+            raise ConfigError(f"nsp_pairs={pairs!r} is invalid: choose {' or '.join(NSP_PAIRS)}")
         self.documents, self.batch_size, self.max_len = documents, batch_size, max_len
+        self.pairs = pairs
         self.vocab_size, self.seed, self.rate = vocab_size, seed, rate
         if whole_word:
             raise ConfigError(
@@ -95,7 +122,10 @@ class PairBatches(IndexedBatches):
 
     def batch(self, index: int) -> dict[str, torch.Tensor]:
         rng = random.Random(self.seed * 1_000_003 + index)
-        pairs = sentence_pairs(self.documents, self.batch_size, rng)
+        if self.pairs == "segments":  # [CLS] A [SEP] B [SEP]: 3 specials
+            pairs = segment_pairs(self.documents, self.batch_size, rng, self.max_len - 3)
+        else:
+            pairs = sentence_pairs(self.documents, self.batch_size, rng)
         packed = pack_pairs(pairs, CLS_ID, SEP_ID, PAD_ID, self.max_len)
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         inputs, labels = mask_tokens(
@@ -151,18 +181,27 @@ def pretrain_encoder(
     max_len: int = 64,
     val_fraction: float = 0.1,
     mask_rate: float = 0.15,
+    nsp_pairs: Literal["segments", "sentences"] = "segments",
+    region_lines: int = 100,
     config: TrainConfig | None = None,
 ) -> TrainResult:
     """Pretrain a BERT encoder from scratch with MLM and NSP through lmlab's trainer.
 
     The text (a bundled corpus name or a path) is split into train and validation parts;
-    a byte-level BPE tokenizer with BERT's special tokens is trained on the train part;
-    documents are its blank-line-separated blocks and sentences their lines. The run's
+    a byte-level BPE tokenizer with BERT's special tokens is trained on the train part.
+    ``nsp_pairs="segments"`` (BERT's construction): documents are regions of
+    ``region_lines`` lines, A a run of lines and B the lines after it or a run from another
+    region, together filling ``max_len``. ``"sentences"``: documents are the blank-line
+    blocks (Tiny Shakespeare's speeches), A one line and B the next line of its speech or a
+    line of another speech; a speech is a speaker's name and a few lines, so this task is
+    much harder (and with half its pairs being a name and a line, partly trivial). The run's
     metrics carry ``mlm_loss``, ``nsp_loss``, ``mlm_acc`` and ``nsp_acc`` (``val_`` ones at
     each evaluation, on fixed held-out pairs); resume, guards and checkpoints are the
     trainer's.
     """
     config = config or TrainConfig(out_dir="runs/bert")
+    if nsp_pairs not in NSP_PAIRS:
+        raise ConfigError(f"nsp_pairs={nsp_pairs!r} is invalid: choose {' or '.join(NSP_PAIRS)}")
     spec = dict(get_preset(model)) if isinstance(model, str) else dict(model)
     if spec.get("family") != "encoder":
         raise ConfigError(
@@ -178,18 +217,24 @@ def pretrain_encoder(
         tok = BPETokenizer.train(train_text, vocab_size, eos_token=None, special_tokens=SPECIALS)
         if [tok.tokenizer.token_to_id(t) for t in SPECIALS] != [PAD_ID, CLS_ID, SEP_ID, MASK_ID]:
             raise ConfigError("the tokenizer did not give BERT's special tokens the ids 0-3")
-        train_docs, val_docs = (
-            documents_from_text(train_text, tok),
-            documents_from_text(val_text, tok),
-        )
+        if nsp_pairs == "segments":
+            train_docs = regions_from_text(train_text, tok, region_lines)
+            val_docs = regions_from_text(val_text, tok, region_lines)
+        else:
+            train_docs, val_docs = (
+                documents_from_text(train_text, tok),
+                documents_from_text(val_text, tok),
+            )
         with seeded(config.seed):
             net = build_model({**spec, "vocab_size": tok.vocab_size})
         batches = PairBatches(
-            train_docs, config.batch_size, max_len, tok.vocab_size, config.seed, mask_rate
-        )
+            train_docs, config.batch_size, max_len, tok.vocab_size, config.seed, mask_rate,
+            pairs=nsp_pairs,
+        )  # fmt: skip
         held_out = PairBatches(
-            val_docs, config.batch_size, max_len, tok.vocab_size, config.seed + 1, mask_rate
-        )
+            val_docs, config.batch_size, max_len, tok.vocab_size, config.seed + 1, mask_rate,
+            pairs=nsp_pairs,
+        )  # fmt: skip
         val = [held_out.batch(i) for i in range(config.eval_batches)]
         supervised = Supervised(batches, PretrainingLoss(), val)
         result = train(net, None, None, config, tokenizer=tok, supervised=supervised)

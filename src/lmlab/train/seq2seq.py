@@ -9,10 +9,12 @@ model must read its own outputs (free running).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lmlab.data.seq2seq_tasks import BOS, EOS, PAD, Seq2SeqVocab, seq2seq_pairs
 from lmlab.errors import ConfigError
@@ -78,9 +80,12 @@ def train_seq2seq(
     task: str = "reverse",
     model: str | dict[str, Any] = "seq2seq-tiny",
     config: TrainConfig | None = None,
+    on_eval: Callable[[nn.Module, dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Train an encoder-decoder on a generated task with teacher forcing (see module doc).
-    Held-out batches come from other seeds than the training stream's."""
+    Held-out batches come from other seeds than the training stream's. ``on_eval(model,
+    event)`` is called after each evaluation the trainer logs (``event``: its ``eval``
+    line), e.g. to measure free-running accuracy as training goes."""
     config = config or TrainConfig(out_dir="runs/seq2seq")
     spec = dict(get_preset(model)) if isinstance(model, str) else dict(model)
     if spec.get("family") != "seq2seq":
@@ -97,6 +102,16 @@ def train_seq2seq(
         batches = Seq2SeqBatches(task, vocab, config.batch_size, config.seed)
         held_out = Seq2SeqBatches(task, vocab, config.batch_size, -1 - config.seed)
         val = [held_out.batch(i) for i in range(config.eval_batches)]
+        callbacks = []
+        if on_eval is not None:
+            callbacks.append(
+                lambda event: on_eval(net, event) if event["event"] == "eval" else None
+            )
         return train(
-            net, None, None, config, supervised=Supervised(batches, TeacherForcingLoss(), val)
+            net,
+            None,
+            None,
+            config,
+            callbacks=callbacks,
+            supervised=Supervised(batches, TeacherForcingLoss(), val),
         )
