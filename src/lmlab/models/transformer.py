@@ -157,6 +157,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+def fused_projection(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor):
+    """The outputs of ``owner``'s projections ``names`` on ``x``, concatenated on the last
+    dimension, from one call, or None (then each projection runs on its own).
+
+    A decoding step is many small matrix-vector products; three (q, k, v) or two (gate,
+    up) that read the same input cost one call instead when their class offers ``fuse``
+    (``lmlab.quant.Int4Linear``: the same numbers, tested) and nothing could tell the
+    difference: ``owner.fuse`` on, no hook on the projections, and no gradient needed.
+    The fused copy is made on first use and remade if a projection is replaced (LoRA).
+    """
+    if not owner.fuse:
+        return None
+    layers = [getattr(owner, n) for n in names]
+    fuse = getattr(type(layers[0]), "fuse", None)
+    if fuse is None or any(m._forward_hooks or m._forward_pre_hooks for m in layers):
+        return None
+    made = owner._fused.get(names)
+    if made is None or any(a is not b for a, b in zip(made[0], layers)):
+        made = owner._fused[names] = (layers, fuse(layers))
+    kernel = made[1]
+    return kernel(x) if kernel is not None and kernel.applies(x) else None
+
+
 class Attention(nn.Module):
     """Causal self-attention with optional grouped-query heads and a KV cache.
 
@@ -186,19 +209,28 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.d_head, d, bias=config.bias)
         self.dropout = config.dropout
         self.explicit = False
+        self.fuse = True  # q, k, v in one call where their class allows (fused_projection)
+        self._fused: dict = {}
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
         self.hook_pattern = HookPoint()  # (B, H, T, S) softmax weights, explicit path only
         self.hook_z = HookPoint()  # (B, T, H, Dh) per-head outputs before o_proj
 
     def forward(self, x, rope, attn_mask, cache: KVCache | None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.d_head).transpose(1, 2)  # (B, H, T, Dh)
-        k = (
-            self.k_proj(x).view(B, T, self.n_kv_heads, self.d_head).transpose(1, 2)
-        )  # (B, Hkv, T, Dh)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.d_head).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        H, Hkv, Dh = self.n_heads, self.n_kv_heads, self.d_head
+        qkv = fused_projection(self, ("q_proj", "k_proj", "v_proj"), x)
+        if qkv is not None:
+            # (B, H + 2 Hkv, T, Dh): q, k and v heads side by side; RoPE turns q and k at once
+            qkv = qkv.view(B, T, H + 2 * Hkv, Dh).transpose(1, 2)
+            qk = qkv[:, : H + Hkv]
+            qk = apply_rope(qk, *rope) if rope is not None else qk
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv :]
+        else:
+            q = self.q_proj(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
+            k = self.k_proj(x).view(B, T, Hkv, Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
+            v = self.v_proj(x).view(B, T, Hkv, Dh).transpose(1, 2)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if cache is not None:
             start = cache.length
@@ -262,10 +294,17 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(d, f, bias=config.bias)
         self.gate_proj = nn.Linear(d, f, bias=config.bias) if self.kind == "swiglu" else None
         self.down_proj = nn.Linear(f, d, bias=config.bias)
+        self.fuse = True  # gate and up in one call where their class allows (fused_projection)
+        self._fused: dict = {}
 
     def forward(self, x):
         if self.kind == "swiglu":
-            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+            gate_up = fused_projection(self, ("gate_proj", "up_proj"), x)
+            if gate_up is not None:
+                gate, up = gate_up.chunk(2, dim=-1)
+                h = F.silu(gate) * up
+            else:
+                h = F.silu(self.gate_proj(x)) * self.up_proj(x)
         else:
             h = F.gelu(self.up_proj(x), approximate="tanh" if self.kind == "gelu_tanh" else "none")
         return self.down_proj(h)
@@ -357,6 +396,13 @@ class Transformer(nn.Module):
         max_len = max_len or self.config.max_seq_len
         param = self.tok_emb.weight
         return KVCache(self.config, batch_size, max_len, dtype or param.dtype, param.device)
+
+    def use_fused_projections(self, fuse: bool = True) -> None:
+        """Let projections that read the same input share one call where their class
+        allows (the default; ``fused_projection``), or run each on its own (the plain path
+        the tests compare it with)."""
+        for block in self.blocks:
+            block.attn.fuse = block.mlp.fuse = fuse
 
     def use_explicit_attention(self, explicit: bool = True) -> None:
         """Route attention through the path that materialises the pattern (for inspection)."""
