@@ -10,7 +10,7 @@ Rows:
 - lmlab 4-bit: ``lmlab.load("smollm2", dtype="auto")`` as a user gets it on a CPU with
   native bf16 (the file's Q4_1 weights kept in 4 bits, fused projections);
 - lmlab 4-bit plain: the same model with every decoding shortcut off
-  (``use_fused_projections(False)``): its greedy ids must equal the row above;
+  (``use_fast_decoding(False)``): its greedy ids must equal the row above;
 - llama.cpp Q4_1 (llama-cpp-python, the same file, the same prompt ids) when the package
   is installed (``make bench`` installs it), else transformers float32 on the dequantized
   weights.
@@ -56,7 +56,7 @@ def lmlab_side(ids: list[int], n: int, plain: bool):
     t = time.perf_counter()
     lm = lmlab.load("smollm2", dtype="auto")
     load_s = time.perf_counter() - t
-    lm.model.use_fused_projections(not plain)
+    lm.model.use_fast_decoding(not plain)
 
     def prefill():
         generate_ids(lm.model, [ids], SamplingParams(max_new_tokens=1, temperature=0.0))

@@ -717,8 +717,9 @@ def test_smollm2_4bit_is_as_faithful_as_bf16_weights(smollm):
 
 @pytest.mark.slow
 def test_smollm2_4bit_decodes_the_plain_paths_tokens():
-    """The default 4-bit SmolLM2 with its decoding shortcuts (fused q/k/v and gate/up) gives
-    the greedy tokens of the same model with them off, on a chat prompt, 64 new tokens."""
+    """The default 4-bit SmolLM2 with its decoding shortcuts (fused q/k/v and gate/up,
+    grouped one-token attention) gives the greedy tokens of the same model with them off,
+    on a chat prompt, 64 new tokens."""
     model, tok, info = load_gguf(pretrained_path("smollm2"), dtype=torch.bfloat16)
     assert len(info["quantized"]) == 210
     prompt = (
@@ -726,9 +727,9 @@ def test_smollm2_4bit_decodes_the_plain_paths_tokens():
     )
     params = SamplingParams(max_new_tokens=64, temperature=0.0)
     out = {}
-    for fuse in (False, True):
-        model.use_fused_projections(fuse)
-        out[fuse] = generate_text(model, tok, prompt, params)
+    for fast in (False, True):
+        model.use_fast_decoding(fast)
+        out[fast] = generate_text(model, tok, prompt, params)
     assert model.blocks[0].attn._fused
     assert out[True] == out[False] and len(out[True]) > 100
 

@@ -164,10 +164,10 @@ def fused_projection(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor):
     A decoding step is many small matrix-vector products; three (q, k, v) or two (gate,
     up) that read the same input cost one call instead when their class offers ``fuse``
     (``lmlab.quant.Int4Linear``: the same numbers, tested) and nothing could tell the
-    difference: ``owner.fuse`` on, no hook on the projections, and no gradient needed.
+    difference: ``owner.fast`` on, no hook on the projections, and no gradient needed.
     The fused copy is made on first use and remade if a projection is replaced (LoRA).
     """
-    if not owner.fuse:
+    if not owner.fast:
         return None
     layers = [getattr(owner, n) for n in names]
     fuse = getattr(type(layers[0]), "fuse", None)
@@ -209,7 +209,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.d_head, d, bias=config.bias)
         self.dropout = config.dropout
         self.explicit = False
-        self.fuse = True  # q, k, v in one call where their class allows (fused_projection)
+        self.fast = True  # decoding shortcuts: fused q, k, v; one-token grouped attention
         self._fused: dict = {}
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
         self.hook_pattern = HookPoint()  # (B, H, T, S) softmax weights, explicit path only
@@ -241,6 +241,16 @@ class Attention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if self.explicit or self.hook_pattern.edited() or _bf16_cpu_training(q):
             z = self._explicit(q, k, v, attn_mask, dropout)
+        elif self.fast and T == 1 and H != Hkv:
+            # One new token: the H // Hkv query heads that share a key/value head become that
+            # head's rows of queries, (B, Hkv, H // Hkv, Dh), so attention runs without
+            # grouped-query broadcasting: the same numbers (tested), about 3x faster on a CPU
+            # (67-78 us -> 21-24 us per call for SmolLM2's 9 and 3 heads).
+            z = F.scaled_dot_product_attention(
+                q.reshape(B, Hkv, H // Hkv, Dh), k, v, attn_mask=attn_mask, dropout_p=dropout
+            ).view(B, H, 1, Dh)
+            if self.hook_pattern._forward_hooks:
+                self.hook_pattern(self._pattern(q, k, attn_mask))
         else:
             z = F.scaled_dot_product_attention(
                 q,
@@ -294,7 +304,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(d, f, bias=config.bias)
         self.gate_proj = nn.Linear(d, f, bias=config.bias) if self.kind == "swiglu" else None
         self.down_proj = nn.Linear(f, d, bias=config.bias)
-        self.fuse = True  # gate and up in one call where their class allows (fused_projection)
+        self.fast = True  # gate and up in one call where their class allows (fused_projection)
         self._fused: dict = {}
 
     def forward(self, x):
@@ -397,12 +407,13 @@ class Transformer(nn.Module):
         param = self.tok_emb.weight
         return KVCache(self.config, batch_size, max_len, dtype or param.dtype, param.device)
 
-    def use_fused_projections(self, fuse: bool = True) -> None:
-        """Let projections that read the same input share one call where their class
-        allows (the default; ``fused_projection``), or run each on its own (the plain path
-        the tests compare it with)."""
+    def use_fast_decoding(self, fast: bool = True) -> None:
+        """Take the decoding shortcuts that give the same numbers (the default): projections
+        that read the same input in one call where their class allows (``fused_projection``),
+        and a one-token step's grouped-query attention as plain attention over the groups.
+        ``False`` runs the plain path the tests compare them with."""
         for block in self.blocks:
-            block.attn.fuse = block.mlp.fuse = fuse
+            block.attn.fast = block.mlp.fast = fast
 
     def use_explicit_attention(self, explicit: bool = True) -> None:
         """Route attention through the path that materialises the pattern (for inspection)."""
