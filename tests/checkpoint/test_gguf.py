@@ -717,8 +717,8 @@ def test_smollm2_4bit_is_as_faithful_as_bf16_weights(smollm):
 
 @pytest.mark.slow
 def test_smollm2_4bit_decodes_the_plain_paths_tokens():
-    """The default 4-bit SmolLM2 with its decoding shortcuts (fused q/k/v and gate/up,
-    grouped one-token attention) gives the greedy tokens of the same model with them off,
+    """The default 4-bit SmolLM2 with its decoding shortcuts (fused q/k/v and gate/up) gives
+    the greedy tokens of the same model with them off,
     on a chat prompt, 64 new tokens."""
     model, tok, info = load_gguf(pretrained_path("smollm2"), dtype=torch.bfloat16)
     assert len(info["quantized"]) == 210

@@ -106,8 +106,12 @@ def test_cached_decoding_equals_full_recomputation(variant):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-6, rtol=1e-5)
 
 
-def test_left_padded_rows_equal_rows_alone_with_cache():
-    model = build_model(tiny_spec(pos="rope", norm="rmsnorm", mlp="swiglu")).eval()
+@pytest.mark.parametrize("kv_heads", [None, 2], ids=["mha", "gqa"])
+def test_left_padded_rows_equal_rows_alone_with_cache(kv_heads):
+    """Also with grouped-query heads: a one-token step then attends through each key/value
+    head's rows of queries, under the padding mask."""
+    spec = tiny_spec(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_heads=kv_heads)
+    model = build_model(spec).eval()
     a, b = torch.randint(0, 50, (1, 9)), torch.randint(0, 50, (1, 5))
     ids = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
     mask = torch.ones(2, 9, dtype=torch.bool)
@@ -236,10 +240,9 @@ LLAMA = {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "n_kv
     ids=["llama-4bit", "gpt2-4bit", "llama-bf16", "llama-mqa-bf16"],
 )
 def test_fast_decoding_gives_the_plain_paths_numbers(variant, bits):
-    """The decoding shortcuts (4-bit q/k/v and gate/up in one kernel call; a one-token
-    step's grouped-query attention as plain attention over each group's query rows) give
-    the logits, bit for bit, and so the greedy tokens of the plain path: batched,
-    left-padded (a mask), cached. GPT-2 style: learned positions, biases everywhere."""
+    """The decoding shortcuts (4-bit q/k/v and gate/up in one kernel call) give the logits,
+    bit for bit, and so the greedy tokens of the plain path: batched, left-padded (a
+    mask), cached. GPT-2 style: learned positions, biases everywhere."""
     from lmlab.generate import SamplingParams, generate_ids
     from lmlab.quant import quantize_model
 

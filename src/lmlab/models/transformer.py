@@ -209,7 +209,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.d_head, d, bias=config.bias)
         self.dropout = config.dropout
         self.explicit = False
-        self.fast = True  # decoding shortcuts: fused q, k, v; one-token grouped attention
+        self.fast = True  # q, k, v in one call where their class allows (fused_projection)
         self._fused: dict = {}
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
         self.hook_pattern = HookPoint()  # (B, H, T, S) softmax weights, explicit path only
@@ -241,11 +241,13 @@ class Attention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if self.explicit or self.hook_pattern.edited() or _bf16_cpu_training(q):
             z = self._explicit(q, k, v, attn_mask, dropout)
-        elif self.fast and T == 1 and H != Hkv:
-            # One new token: the H // Hkv query heads that share a key/value head become that
-            # head's rows of queries, (B, Hkv, H // Hkv, Dh), so attention runs without
-            # grouped-query broadcasting: the same numbers (tested), about 3x faster on a CPU
-            # (67-78 us -> 21-24 us per call for SmolLM2's 9 and 3 heads).
+        elif T == 1 and H != Hkv:
+            # One new token (a decoding step): the H // Hkv query heads that share a
+            # key/value head become that head's rows of queries, (B, Hkv, H // Hkv, Dh), so
+            # attention runs without grouped-query broadcasting, about 3x faster on a CPU
+            # (67-78 us -> 21-24 us per call for SmolLM2's 9 and 3 heads). Not always the
+            # same bits as the broadcasting call (SmolLM2's logits moved by up to 0.4 after
+            # a few steps), so it is the one-token path for both settings of ``fast``.
             z = F.scaled_dot_product_attention(
                 q.reshape(B, Hkv, H // Hkv, Dh), k, v, attn_mask=attn_mask, dropout_p=dropout
             ).view(B, H, 1, Dh)
@@ -409,8 +411,7 @@ class Transformer(nn.Module):
 
     def use_fast_decoding(self, fast: bool = True) -> None:
         """Take the decoding shortcuts that give the same numbers (the default): projections
-        that read the same input in one call where their class allows (``fused_projection``),
-        and a one-token step's grouped-query attention as plain attention over the groups.
+        that read the same input in one call where their class allows (``fused_projection``).
         ``False`` runs the plain path the tests compare them with."""
         for block in self.blocks:
             block.attn.fast = block.mlp.fast = fast
