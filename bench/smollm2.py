@@ -91,11 +91,15 @@ def llama_cpp_side(ids: list[int], n: int, threads: int):
         llm.reset()
         llm.eval(ids)
 
+    def last_logits():  # the newest position's logits, read from llama.cpp's context
+        row = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(row, shape=(llm.n_vocab(),))
+
     def decode():
         prefill()
         out = []
         for _ in range(n):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = int(np.argmax(last_logits()))
             out.append(token)
             llm.eval([token])
         return out
