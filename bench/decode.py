@@ -23,6 +23,7 @@ import transformers
 from lmlab.api import default_dtype
 from lmlab.checkpoint.hf import from_transformers
 from lmlab.generate import SamplingParams, generate_ids
+from machine import describe_machine  # bench/machine.py (the script's own folder)
 
 
 def timed(fn, repeats: int) -> float:
@@ -89,6 +90,7 @@ def main() -> None:
     rows["lmlab bf16"] = n / timed(run_ours(ours.to(torch.bfloat16)), args.repeats)
     default_row = "lmlab bf16" if lm_default == torch.bfloat16 else "lmlab fp32"
 
+    print(describe_machine())
     print(
         f"GPT-2 small (124M), batch 1, greedy, {args.prompt_tokens}-token prompt, {n} new tokens, "
         f"{torch.get_num_threads()} threads"

@@ -3,6 +3,7 @@
 from machine import describe_machine
 print(describe_machine())
 # CPU: AMD EPYC 9B45 (2 cores; avx2 avx512f avx512_bf16; no amx) | torch 2.13.0 threads 2
+# lmlab's choices for this CPU: AMD EPYC 9B45 (avx512_bf16; no amx): bf16, one-token steps without oneDNN
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def describe_machine() -> str:
         import torch  # only for its version and thread count
 
         line += f" | torch {torch.__version__.split('+')[0]} threads {torch.get_num_threads()}"
+        from lmlab.devices import cpu_plan
+
+        line += f"\nlmlab's choices for this CPU: {cpu_plan().describe()}"
     except ImportError:
         pass
     return line

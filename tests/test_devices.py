@@ -148,3 +148,26 @@ def tiny_corpus(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("to be or not to be, that is the question. " * 40)
     return path
+
+
+@pytest.mark.parametrize(
+    "flags, bf16, onednn_matvec",
+    [
+        ({"avx2", "avx512f", "avx512_bf16"}, True, False),  # AMD EPYC (Zen 4/5)
+        ({"avx512_bf16", "amx_bf16", "amx_tile", "amx_int8"}, True, True),  # Xeon with AMX
+        ({"avx2", "fma"}, False, True),  # no native bf16: float32, oneDNN as torch has it
+    ],
+    ids=["avx512_bf16", "amx", "no-bf16"],
+)
+def test_cpu_plan_follows_the_flags(monkeypatch, flags, bf16, onednn_matvec):
+    monkeypatch.setattr(devices, "_cpu_flags", lambda: flags)
+    devices.cpu_plan.cache_clear()
+    try:
+        plan = devices.cpu_plan()
+        assert (plan.bf16, plan.onednn_matvec) == (bf16, onednn_matvec)
+        assert set(plan.flags) == flags & {"avx512_bf16", "amx_bf16", "amx_tile"}
+        assert ("oneDNN" in plan.describe()) and (
+            ("no amx" in plan.describe()) != ("amx_tile" in flags)
+        )
+    finally:
+        devices.cpu_plan.cache_clear()

@@ -9,13 +9,17 @@ MPS, then the CPU. A device that is not there is an error naming what is:
     >>> resolve_device("cuda:3")        # on a machine with one GPU
     ConfigError: device='cuda:3' is not available: this machine has cuda:0; valid: auto, cpu, ...
 
-``bf16_supported`` says whether bf16 runs natively (the dtype ``"auto"`` picks), and
-``parse_dtype`` reads the dtype names the command line takes.
+``bf16_supported`` says whether bf16 runs natively (the dtype ``"auto"`` picks),
+``parse_dtype`` reads the dtype names the command line takes, and ``cpu_plan`` holds every
+speed decision made from what the CPU offers (flags), in one place.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
+import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -108,6 +112,58 @@ def bf16_supported(device: torch.device | str) -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+@dataclass(frozen=True)
+class CpuPlan:
+    """The speed decisions lmlab makes for this CPU, all here, from what the CPU offers.
+
+    Chosen from /proc/cpuinfo flags (no timing at import: a measurement would cost every
+    process a second and vary with load). ``flags`` lists the ones that decided, so a
+    bench can print why.
+    """
+
+    model: str
+    """The CPU's model name."""
+    flags: tuple[str, ...]
+    """The flags that decided: avx512_bf16, amx_bf16, amx_tile where present."""
+    bf16: bool
+    """bf16 is native (``dtype="auto"`` picks it)."""
+    onednn_matvec: bool
+    """One-token decoding steps (matrix-vector products) go through oneDNN. Off where bf16
+    is native without AMX: there torch's own bf16 matrix-vector kernel reads the weights
+    about twice as fast as oneDNN's (measured on AMD EPYC, bench/decode.py). On when the
+    CPU has AMX tiles: oneDNN's bf16 kernels run on them and torch's own do not (chosen by
+    flags, not measured: an Intel AMX machine ran lmlab's one-token path without oneDNN
+    at 0.93x transformers' float32, issue 21)."""
+
+    def describe(self) -> str:
+        """``"AMD EPYC (avx512_bf16; no amx): bf16, one-token steps without oneDNN"``."""
+        flags = " ".join(self.flags) or "no bf16 flags"
+        amx = "" if any(f.startswith("amx") for f in self.flags) else "; no amx"
+        route = "through oneDNN" if self.onednn_matvec else "without oneDNN"
+        dtype = "bf16" if self.bf16 else "float32"
+        return f"{self.model} ({flags}{amx}): {dtype}, one-token steps {route}"
+
+
+@functools.cache
+def cpu_plan() -> CpuPlan:
+    """This machine's ``CpuPlan`` (read once per process)."""
+    flags = _cpu_flags() or set()
+    deciding = tuple(f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags)
+    bf16 = bf16_supported("cpu")
+    amx = {"amx_bf16", "amx_tile"} <= flags
+    return CpuPlan(_cpu_model(), deciding, bf16, onednn_matvec=amx or not bf16)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _cpu_flags() -> set[str] | None:

@@ -106,8 +106,12 @@ def test_cached_decoding_equals_full_recomputation(variant):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-6, rtol=1e-5)
 
 
-def test_left_padded_rows_equal_rows_alone_with_cache():
-    model = build_model(tiny_spec(pos="rope", norm="rmsnorm", mlp="swiglu")).eval()
+@pytest.mark.parametrize("kv_heads", [None, 2], ids=["mha", "gqa"])
+def test_left_padded_rows_equal_rows_alone_with_cache(kv_heads):
+    """Also with grouped-query heads: a one-token step then attends through each key/value
+    head's rows of queries, under the padding mask."""
+    spec = tiny_spec(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_heads=kv_heads)
+    model = build_model(spec).eval()
     a, b = torch.randint(0, 50, (1, 9)), torch.randint(0, 50, (1, 5))
     ids = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
     mask = torch.ones(2, 9, dtype=torch.bool)
@@ -225,3 +229,42 @@ def test_segment_positions_restart_at_each_example():
 
     got = segment_positions(torch.tensor([[1, 1, 2, 2, 2, 0], [1, 2, 3, 3, 0, 0]]))
     assert got.tolist() == [[0, 1, 0, 1, 2, 0], [0, 0, 0, 1, 0, 1]]
+
+
+LLAMA = {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "n_kv_heads": 2}
+
+
+@pytest.mark.parametrize(
+    "variant, bits",
+    [(LLAMA, 4), ({}, 4), (LLAMA, 16), ({**LLAMA, "n_kv_heads": 1}, 16)],
+    ids=["llama-4bit", "gpt2-4bit", "llama-bf16", "llama-mqa-bf16"],
+)
+def test_fast_decoding_gives_the_plain_paths_numbers(variant, bits):
+    """The decoding shortcuts (4-bit q/k/v and gate/up in one kernel call) give the logits,
+    bit for bit, and so the greedy tokens of the plain path: batched, left-padded (a
+    mask), cached. GPT-2 style: learned positions, biases everywhere."""
+    from lmlab.generate import SamplingParams, generate_ids
+    from lmlab.quant import quantize_model
+
+    spec = tiny_spec(d_model=64, d_ff=128, n_layers=3, max_seq_len=48, **variant)
+    model = build_model(spec).eval()
+    if bits == 4:
+        model = quantize_model(model, "int4", dtype=torch.bfloat16)
+    else:
+        model = model.to(torch.bfloat16)
+    ids = torch.randint(0, 50, (2, 9))
+    prompts = [ids[0].tolist(), ids[1, :5].tolist()]
+    params = SamplingParams(max_new_tokens=24, temperature=0.0)
+    out, logits, steps = {}, {}, {}
+    for fast in (False, True):
+        model.use_fast_decoding(fast)
+        with torch.no_grad():
+            logits[fast] = model(ids)
+            cache = model.new_cache(2, 12)
+            model(ids[:, :8], cache=cache)
+            steps[fast] = torch.cat([model(ids[:, i : i + 1], cache=cache) for i in (8, 3, 5)], 1)
+        out[fast] = generate_ids(model, prompts, params)
+    assert torch.equal(logits[True], logits[False])
+    assert torch.equal(steps[True], steps[False])
+    assert out[True] == out[False]
+    assert bool(model.blocks[0].attn._fused) == (bits == 4)  # the fused path did run

@@ -73,3 +73,32 @@ def test_a_group_size_the_kernel_cannot_run_computes_with_the_dequantized_weight
     x = torch.randn(3, 64)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize(), layer.bias))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("sizes", [(64, 32, 32), (576, 192, 192), (48, 16)])
+def test_fused_layers_give_each_layer_its_own_numbers(sizes, bias):
+    """Int4Linear.fuse: one kernel call for layers reading the same input (q, k, v; gate,
+    up) gives, bit for bit, the outputs of the layers called one by one (sizes that are
+    and are not multiples of the kernel's 64-column blocks)."""
+    layers = [layer(n, k=128, bias=bias, seed=i)[0] for i, n in enumerate(sizes)]
+    fused = Int4Linear.fuse(layers)
+    for rows in (1, 5):
+        x = torch.randn(rows, 3, 128, dtype=torch.bfloat16)
+        expected = torch.cat([m(x) for m in layers], dim=-1)
+        assert fused.applies(x)
+        assert torch.equal(fused(x), expected)
+
+
+def test_layers_that_cannot_share_a_call_are_not_fused():
+    a, b = layer(bias=True)[0], layer(bias=False)[0]
+    assert Int4Linear.fuse([a, b]) is None
+    assert Int4Linear.fuse([layer(k=128)[0], layer(k=96)[0]]) is None
+    assert Int4Linear.fuse([layer(n=40)[0], layer(n=8)[0]]) is None  # the kernel packs 16 rows
+
+
+def test_outputs_the_kernel_cannot_pack_compute_with_the_dequantized_weight():
+    lin, _ = layer(n=40)
+    x = torch.randn(2, 96, dtype=torch.bfloat16)
+    expected = F.linear(x.float(), lin.dequantize(), lin.bias)
+    torch.testing.assert_close(lin(x).float(), expected, atol=ATOL, rtol=RTOL)

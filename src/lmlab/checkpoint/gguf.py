@@ -57,7 +57,7 @@ from lmlab.checkpoint.io import check_finite, check_tokenizer_fits, is_finite
 from lmlab.data.tokenizers import BPETokenizer, bytes_to_unicode
 from lmlab.errors import CheckpointError, DataNotFoundError
 from lmlab.models import build_model
-from lmlab.quant.int4 import Float32Head, Int4Linear, int4_kernel_available
+from lmlab.quant.int4 import Int4Linear, int4_kernel_available
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -132,29 +132,31 @@ class GGUFFile:
             raise CheckpointError(f"{str(self.path)!r}: tensor {name!r} is truncated")
         return raw
 
-    def dequantize(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` as float32, in PyTorch shape order (reads only its bytes)."""
+    def dequantize(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Tensor ``name`` as float32 (or rounded once from float32 to ``dtype``), in
+        PyTorch shape order (reads only its bytes)."""
         if name not in self.tensors:
             raise CheckpointError(f"{str(self.path)!r} has no tensor {name!r}")
         t = self.tensors[name]
         if t.type not in DEQUANTIZABLE:
             raise CheckpointError(_type_message(self.path, [t]))
         if t.type in _FAST_BLOCK_BYTES:
-            return self._dequantize_fast(t).view(t.shape)
+            return self._dequantize_fast(t, dtype).view(t.shape)
         raw = self.raw(name)
         block, type_size = gguf.GGML_QUANT_SIZES[t.type]
         rows = np.frombuffer(raw, dtype=np.uint8).reshape(
             *t.shape[:-1], t.shape[-1] // block * type_size
         )  # (..., bytes per row): dequantize works row by row
         values = gguf.quants.dequantize(rows, t.type).astype(np.float32, copy=True)
-        return torch.from_numpy(values.reshape(t.shape))
+        return torch.from_numpy(values.reshape(t.shape)).to(dtype)
 
-    def _dequantize_fast(self, t: GGUFTensor) -> torch.Tensor:
+    def _dequantize_fast(self, t: GGUFTensor, dtype: torch.dtype) -> torch.Tensor:
         """Q8_0, Q4_0 or Q4_1 tensor ``t`` read and dequantized a chunk of blocks at a time:
         besides the float32 result, only a few MB are ever allocated (loading a whole
         model then holds little more than its weights)."""
         size = _FAST_BLOCK_BYTES[t.type]
-        out = torch.empty(t.nbytes // size, 32)  # (blocks, 32 weights)
+        # (blocks, 32 weights): each chunk computed in float32 and written rounded to dtype
+        out = torch.empty(t.nbytes // size, 32, dtype=dtype)
         with open(self.path, "rb") as f:
             f.seek(t.offset)
             for start in range(0, len(out), _CHUNK_BLOCKS):
@@ -719,6 +721,8 @@ def _gpt2_to_hf(g: GGUFFile, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 def gguf_to_hf(
     path: str | os.PathLike[str] | GGUFFile,
+    skip: frozenset[str] | set[str] = frozenset(),
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(hf_config, state)``: an HF Llama config dict and float32 tensors in HF names.
 
@@ -726,11 +730,42 @@ def gguf_to_hf(
     and q/k projections un-permuted (``unpermute_rotary``). ``lm_head.weight`` is present
     only when the file has ``output.weight`` (else ``tie_word_embeddings`` is True).
     Unknown tensor names and undequantizable types raise ``CheckpointError``.
+    The GGUF tensors named in ``skip`` (kept quantized by the caller) are not read: they
+    come back as empty tensors on the meta device, with their shapes. ``dtype``: each
+    tensor is rounded to it as it is read (a bf16 model then never holds a float32 copy).
     """
     g = path if isinstance(path, GGUFFile) else read_gguf(path)
     cfg = hf_config_from_gguf(g)
     if cfg["model_type"] == "gpt2":
         return cfg, _gpt2_to_hf(g, cfg)
+    names = check_llama_tensors(g, cfg)
+    heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
+    state = {}
+    nonfinite = []
+    # Dequantizing is most of a load (seconds for SmolLM2): a bar, shown on a terminal.
+    bar = tqdm(
+        names.items(), desc=f"loading {g.path.name}", unit="tensor", disable=None, leave=False
+    )
+    for name, hf_name in bar:
+        if name in skip:
+            state[hf_name] = torch.empty(g.tensors[name].shape, device="meta")
+            continue
+        w = g.dequantize(name, dtype)
+        if not is_finite(w):  # NaN or inf in the values, or in a quantized block's scale
+            nonfinite.append(name)
+        proj = hf_name.split(".")[-2]
+        if proj in heads:  # q and k come permuted for llama.cpp's rotary layout
+            w = unpermute_rotary(w, heads[proj])
+        state[hf_name] = w
+    check_finite(g.path, nonfinite)
+    return cfg, state
+
+
+def check_llama_tensors(g: GGUFFile, cfg: dict[str, Any]) -> dict[str, str]:
+    """``{GGUF tensor name: HF name}`` of a ``llama`` file, once every check that needs no
+    tensor data has passed: the metadata describes these tensors
+    (``check_metadata_against_tensors``), every name is known, none is missing, every type
+    can be dequantized. Runs before any model is built or tensor read."""
     check_metadata_against_tensors(g, cfg)  # before any loop or allocation the metadata sizes
     n_layers = cfg["num_hidden_layers"]
     names = {name: _hf_name(name, n_layers) for name in g.tensors}
@@ -750,23 +785,7 @@ def gguf_to_hf(
     bad = [t for t in g.tensors.values() if t.type not in DEQUANTIZABLE]
     if bad:
         raise CheckpointError(_type_message(g.path, bad))
-    heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
-    state = {}
-    nonfinite = []
-    # Dequantizing is most of a load (seconds for SmolLM2): a bar, shown on a terminal.
-    bar = tqdm(
-        names.items(), desc=f"loading {g.path.name}", unit="tensor", disable=None, leave=False
-    )
-    for name, hf_name in bar:
-        w = g.dequantize(name)
-        if not is_finite(w):  # NaN or inf in the values, or in a quantized block's scale
-            nonfinite.append(name)
-        proj = hf_name.split(".")[-2]
-        if proj in heads:  # q and k come permuted for llama.cpp's rotary layout
-            w = unpermute_rotary(w, heads[proj])
-        state[hf_name] = w
-    check_finite(g.path, nonfinite)
-    return cfg, state
+    return names
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -896,30 +915,34 @@ def q4_blocks(raw: bytes, kind: gguf.GGMLQuantizationType, rows: int):
     return q, d, zero
 
 
-def keep_4bit(model: nn.Module, g: GGUFFile, head: torch.Tensor | None = None) -> list[str]:
-    """Replace the linear layers stored as Q4_0/Q4_1 in ``g`` by ``Int4Linear`` layers that
-    keep those 4-bit weights (scales and zeros rounded to bf16); returns their names.
+def keep_4bit(model: nn.Module, g: GGUFFile) -> dict[str, str]:
+    """Put ``Int4Linear`` layers that keep the file's Q4_0/Q4_1 weights (scales and zeros
+    rounded to bf16) in place of ``model``'s linear layers stored so; returns
+    ``{gguf tensor name: lmlab module name}`` of those replaced.
 
-    The q and k projections get llama.cpp's rotary permutation undone, as in ``gguf_to_hf``.
-    ``head`` (the float32 output matrix) becomes a ``Float32Head``: float32 logits, so
-    greedy decoding does not choose between near-ties by bf16 rounding.
+    Each tensor is read and converted on its own, so a model built on the meta device
+    never holds a dense copy of these weights. The q and k projections get llama.cpp's
+    rotary permutation undone, as in ``gguf_to_hf``. Non-finite scales or minimums are
+    refused (``check_finite``), as ``gguf_to_hf`` refuses non-finite weights.
     """
     Q = gguf.GGMLQuantizationType
     heads = {"attn_q.weight": model.config.n_heads, "attn_k.weight": model.config.kv_heads}
-    done = []
+    done, nonfinite = {}, []
     for name, t in g.tensors.items():
         block, _, leaf = name.partition(".")[2].partition(".")
         if not name.startswith("blk.") or leaf not in _LINEARS or t.type not in (Q.Q4_0, Q.Q4_1):
             continue
         q, scale, zero = q4_blocks(g.raw(name), t.type, t.shape[0])
+        if not (is_finite(scale) and is_finite(zero)):
+            nonfinite.append(name)
+            continue
         if leaf in heads:
             q, scale, zero = (unpermute_rotary(x, heads[leaf]) for x in (q, scale, zero))
         owner, _, attr = f"blocks.{block}.{_LINEARS[leaf]}".rpartition(".")
         dense = getattr(model.get_submodule(owner), attr)
         setattr(model.get_submodule(owner), attr, Int4Linear(q, scale, zero, dense.bias))
-        done.append(f"{owner}.{attr}")
-    if head is not None and done:
-        model.lm_head = Float32Head(head)
+        done[name] = f"{owner}.{attr}"
+    check_finite(g.path, nonfinite)
     return done
 
 
@@ -939,25 +962,40 @@ def load_gguf(
     The model holds the dequantized weights in float32 (or ``dtype``). With
     ``keep_quantized`` the linear layers stored as Q4_0/Q4_1 stay 4-bit (``Int4Linear``,
     computing in bf16: about 2x faster decoding than bf16 weights, a quarter of their
-    memory); None means: when ``dtype`` is bf16 and the int4 CPU kernel exists, since
-    float32 asks for exact numbers. ``info["quantized"]`` lists the layers kept. ``info`` has
+    memory), read tensor by tensor so that no dense copy of them is ever made; the
+    embedding and the output head stay in ``dtype`` (SmolLM2: one bf16 matrix, tied, read
+    once per token; a float32 head read twice the bytes and held them a second time).
+    None means: when ``dtype`` is bf16 and the int4 CPU kernel exists, since float32 asks
+    for exact numbers. ``info["quantized"]`` lists the layers kept. ``info`` has
     ``format`` ("gguf"), ``path``, ``architecture``, ``name`` (general.name),
     ``chat_template`` (str or None), ``bos_token`` and ``eos_token`` (strings or None),
     ``add_bos_token`` (bool) and ``model`` (the lmlab spec dict).
     """
     g = read_gguf(path)
-    cfg, hf_state = gguf_to_hf(g)
-    spec = spec_from_hf_config(cfg)
+    cfg = hf_config_from_gguf(g)
+    hf_state = None
+    if cfg["model_type"] == "llama":
+        check_llama_tensors(g, cfg)  # before the model is built (reliability item 30)
+    else:  # GPT-2 files are checked as they are converted, before the model is built
+        _, hf_state = gguf_to_hf(g, dtype=dtype or torch.float32)
+        keep_quantized = False
     if keep_quantized is None:
         keep_quantized = dtype == torch.bfloat16 and int4_kernel_available()
-    head = hf_state.get("lm_head.weight", hf_state.get("model.embed_tokens.weight"))
-    head = head if keep_quantized else None
-    state = convert_hf_state_dict(hf_state, spec)
-    del hf_state  # the model takes these tensors themselves: the weights are held once
+    spec = spec_from_hf_config(cfg)
     with torch.device("meta"):
         model = build_model(spec)
-    assign_converted(model, state, dtype)
-    quantized = keep_4bit(model, g, head) if keep_quantized else []
+    kept = keep_4bit(model, g) if keep_quantized else {}
+    # Tensor by tensor: the 4-bit layers are in place, the rest is dequantized (straight
+    # to ``dtype``) and handed to the model as it is, so no dense copy of the whole model
+    # ever exists: loading SmolLM2 in 4 bits peaks at 419 MB of resident memory, torch
+    # included (855 MB when it went through the dense model).
+    if hf_state is None:
+        _, hf_state = gguf_to_hf(g, skip=set(kept), dtype=dtype or torch.float32)
+    state = convert_hf_state_dict(hf_state, spec)
+    del hf_state  # the model takes these tensors themselves: the weights are held once
+    assign_converted(model, {k: v for k, v in state.items() if not v.is_meta}, dtype)
+    del state
+    quantized = list(kept.values())
     tokenizer = gguf_tokenizer(g) if "tokenizer.ggml.model" in g.metadata else None
     check_tokenizer_fits(tokenizer, model, str(g.path))
     tokens = g.metadata.get("tokenizer.ggml.tokens", [])

@@ -219,8 +219,10 @@ def assign_converted(
 
     Nothing is copied: the weights are in memory once (``load_converted`` into an empty
     model holds them twice at its peak, and a cast after it a third time in part).
+    Tensors the model already holds off the meta device (a layer put in beforehand, such
+    as a quantized one read straight from its file) are neither expected nor replaced.
     """
-    params = model.state_dict()
+    params = {k: v for k, v in model.state_dict().items() if v.is_meta}
     _check_converted(model, params, state)
     shared: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):

@@ -54,12 +54,11 @@ from typing import Generic, TypeVar
 import torch
 from torch import nn
 
-from lmlab.devices import model_device
+from lmlab.devices import cpu_plan, model_device
 from lmlab.errors import DecodingError
 from lmlab.generate.params import SamplingParams, check_ids
 from lmlab.generate.processors import process_logits, seen_tokens
 from lmlab.models.contract import require_causal_lm
-from lmlab.quant import Int4Linear, Int8Linear, NF4Linear
 
 Piece = TypeVar("Piece")
 
@@ -181,23 +180,23 @@ class _Runner:
 
 
 def _native_matvec(model: nn.Module) -> bool:
-    """Whether one-token steps should bypass oneDNN: bfloat16 weights on the CPU, none of
-    them quantized.
+    """Whether one-token steps should bypass oneDNN: some bfloat16 linear weights on the
+    CPU, and a CPU whose plan says so (``lmlab.devices.cpu_plan``: bf16 native, no AMX).
 
     A batch-1 decoding step multiplies every weight matrix by one vector. For bfloat16 on
-    the CPU, torch's own matrix-vector kernel reads the weights about twice as fast as
+    such a CPU, torch's own matrix-vector kernel reads the weights about twice as fast as
     oneDNN's (``bench/decode.py``); for two or more rows oneDNN's matrix product is faster,
-    and float32 is the same either way. A model with 4-, 8-bit or NF4 layers keeps oneDNN:
-    torch's 4-bit CPU kernel was about 10% slower without it (``bench/smollm2.py``).
+    and float32 is the same either way. The 4- and 8-bit kernels are torch's own, not
+    oneDNN's; a 4-bit model's output head is a bf16 matrix, so it too runs without oneDNN.
     """
-    bf16 = False
-    for module in model.modules():
-        if isinstance(module, (Int4Linear, Int8Linear, NF4Linear)):
-            return False
-        if isinstance(module, nn.Linear):
-            w = module.weight
-            bf16 |= w.dtype == torch.bfloat16 and w.device.type == "cpu"
-    return bf16
+    if cpu_plan().onednn_matvec:
+        return False
+    return any(
+        isinstance(m, nn.Linear)
+        and m.weight.dtype == torch.bfloat16
+        and m.weight.device.type == "cpu"
+        for m in model.modules()
+    )
 
 
 @contextmanager

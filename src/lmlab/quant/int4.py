@@ -47,7 +47,7 @@ def inference_kernel_applies(x: torch.Tensor) -> bool:
 
 
 # The group sizes torch's int4 CPU kernel (_weight_int4pack_mm_for_cpu) accepts; other
-# sizes compute with the dequantized weight.
+# sizes (and output counts that are not a multiple of 16) compute with the dequantized weight.
 GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -124,25 +124,70 @@ class Int4Linear(nn.Module):
         return (self.unpacked() - 8).to(dtype) * scale + zero
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        kernel = int4_kernel_available() and self.group_size in GROUP_SIZES
-        if inference_kernel_applies(x) and kernel:
+        if inference_kernel_applies(x) and self._kernel_fits():
             if self._packed is None:
-                self._packed = torch._convert_weight_to_int4pack_for_cpu(self.unpacked(), 1)
-                # (K/G, N, 2): each group's scale and zero, as the kernel wants them
-                self._sz = torch.stack([self.scale.t(), self.zero.t()], dim=-1).contiguous()
-            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (B*T, K)
-            y = torch._weight_int4pack_mm_for_cpu(x2, self._packed, self.group_size, self._sz)
-            y = y.view(*shape[:-1], self.out_features).to(x.dtype)
-        else:
-            y = F.linear(x, self.dequantize(x.dtype))
+                self._packed = Int4Matmul([self])
+            return self._packed(x)
+        y = F.linear(x, self.dequantize(x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _kernel_fits(self) -> bool:
+        # the kernel packs outputs 16 at a time
+        sizes_fit = self.group_size in GROUP_SIZES and self.out_features % 16 == 0
+        return sizes_fit and int4_kernel_available()
+
+    @staticmethod
+    def fuse(layers: list[Int4Linear]) -> Int4Matmul | None:
+        """One kernel call for several layers reading the same input (a block's q, k and v
+        projections; SwiGLU's gate and up): their weights stacked along the outputs, the
+        outputs concatenated in the order given. Each output is the same sum over the same
+        inputs as in its own layer, so the numbers are identical (tested); a decoding step
+        makes 4 kernel calls per block instead of 7. None when they cannot share one call
+        (some with a bias and some without, different group sizes, no kernel)."""
+        first = layers[0]
+        same = all(
+            type(m) is Int4Linear
+            and (m.bias is None) == (first.bias is None)
+            and (m.in_features, m.group_size) == (first.in_features, first.group_size)
+            for m in layers
+        )
+        return Int4Matmul(layers) if same and all(m._kernel_fits() for m in layers) else None
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"group_size={self.group_size}, bias={self.bias is not None}"
         )
+
+
+class Int4Matmul:
+    """The int4 CPU kernel's own copy of the weights of one or more ``Int4Linear`` layers,
+    stacked along the outputs: ``x [.., K] -> y [.., N1 + N2 + ..]`` in ``x``'s dtype.
+
+    Packing happens once; only the packed copy is read when decoding. It is not a module
+    (it saves nothing, and the layers it was made from stay the model's weights)."""
+
+    def __init__(self, layers: list[Int4Linear]):
+        first = layers[0]
+        self.in_features, self.group_size = first.in_features, first.group_size
+        self.out_features = sum(m.out_features for m in layers)
+        q = torch.cat([m.unpacked() for m in layers])  # (N, K) int32
+        self.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+        scale = torch.cat([m.scale for m in layers])  # (N, K/G)
+        zero = torch.cat([m.zero for m in layers])
+        # (K/G, N, 2): each group's scale and zero, as the kernel wants them
+        self.scale_zero = torch.stack([scale.t(), zero.t()], dim=-1).contiguous()
+        self.bias = None if first.bias is None else torch.cat([m.bias for m in layers])
+        self.device = first.qweight.device
+
+    def applies(self, x: torch.Tensor) -> bool:
+        return x.device == self.device and inference_kernel_applies(x)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (B*T, K)
+        y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_zero)
+        y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 class Float32Head(nn.Module):
