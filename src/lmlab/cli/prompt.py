@@ -7,8 +7,9 @@ from jsonargparse import ArgumentParser
 
 from lmlab import api
 from lmlab.cli.args import add_model_arguments
+from lmlab.errors import ConfigError, closest
 from lmlab.prompting.models import LMCompleter, OpenAICompleter
-from lmlab.prompting.reasoning import METHODS
+from lmlab.prompting.reasoning import LAYOUTS, METHODS
 from lmlab.prompting.runs import compare_methods
 
 
@@ -41,6 +42,13 @@ def add_arguments(parser: ArgumentParser) -> None:
     parser.add_argument(
         "--temperature", type=float, default=0.7, help="sampling temperature for self-consistency"
     )
+    parser.add_argument(
+        "--layout",
+        type=str,
+        default="plain",
+        help=f"one of: {', '.join(LAYOUTS)} (chat: a system line, the examples as turns, "
+        "rendered by the model's chat template)",
+    )
     parser.add_argument("--max_tokens", type=int, default=160)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
@@ -49,14 +57,24 @@ def add_arguments(parser: ArgumentParser) -> None:
 
 
 def run(args) -> None:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for method in methods:  # before loading a model: a typo fails at once
+        if method not in METHODS:
+            raise ConfigError(
+                f"unknown method {method!r}{closest(method, list(METHODS))}; "
+                f"valid: {', '.join(METHODS)}"
+            )
+    if args.layout not in LAYOUTS:
+        raise ConfigError(f"unknown layout {args.layout!r}; valid: {', '.join(LAYOUTS)}")
+    if not methods or args.n < 1 or args.samples < 1:
+        raise ConfigError("give at least one method, --n >= 1 and --samples >= 1")
     if args.base_url:
         model = OpenAICompleter(args.base_url, args.model)
     else:
         model = LMCompleter(api.load(args.model, dtype=args.dtype, device=args.device), args.model)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     summary = compare_methods(
         model, args.out, methods, args.n, args.shots, args.samples, args.temperature,
-        args.max_tokens, args.seed, args.batch_size,
+        args.max_tokens, args.seed, args.batch_size, args.layout,
     )  # fmt: skip
     print(f"{'method':18s} {'strict':>18s} {'flexible':>18s}")
     for method, s in summary["methods"].items():

@@ -36,6 +36,7 @@ def compare_methods(
     max_tokens: int = 160,
     seed: int = 0,
     batch_size: int = 8,
+    layout: str = "plain",
 ) -> dict[str, Any]:
     """Each method on the same ``n`` word problems; returns (and writes) the summary."""
     out = Path(out)
@@ -45,14 +46,16 @@ def compare_methods(
         "model": model.name,
         "n": n,
         "shots": shots,
+        "layout": layout,
         "seed": seed,
         "methods": {},
     }
     rows = []
     for method in methods:
         attempts = solve(
-            model, problems, method, shots, samples, temperature, max_tokens, seed, batch_size
-        )
+            model, problems, method, shots, samples, temperature, max_tokens, seed, batch_size,
+            layout=layout,
+        )  # fmt: skip
         summary["methods"][method] = summarise(attempts, seed)
         if method == "self-consistency":
             summary["methods"][method]["maj_at_k"] = {
@@ -85,7 +88,10 @@ def plot_methods(summary: dict[str, Any], path: str | os.PathLike) -> None:
     ax.set_xticks(range(len(names)), names)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy (bootstrap 95% interval)")
-    ax.set_title(f"{summary['model']}: {summary['n']} word problems, {summary['shots']}-shot")
+    layout = summary.get("layout", "plain")
+    ax.set_title(
+        f"{summary['model']}: {summary['n']} word problems, {summary['shots']}-shot, {layout}"
+    )
     ax.legend()
     if curve:
         ax = axes[0][1]
