@@ -59,3 +59,17 @@ def test_lmlab_icl_writes_accuracy_per_format_and_k(model_dir, tmp_path, capsys)
         ("arrow", 2, 1),
     }
     assert (out / "icl.png").is_file() and "arrow" in capsys.readouterr().out
+
+
+def test_lmlab_icl_drops_examples_past_the_context_or_stops(model_dir, tmp_path, capsys):
+    """Sentiment lines are 20 to 50 bytes: four of them and the question outgrow 120."""
+    argv = ["icl", "--model", str(model_dir), "--ks", "0,4", "--formats", "qa", "--seeds", "0"]
+    assert main([*argv, "--context", "120", "--out", str(tmp_path / "drop")]) == 0
+    table = json.loads((tmp_path / "drop" / "icl.json").read_text())
+    dropped = {r["k"]: r["dropped"] for r in table["rows"]}
+    assert dropped[0] == 0 and dropped[4] > 0 and table["context"] == 120
+    assert "examples dropped to fit the context" in capsys.readouterr().out
+    code = main([*argv, "--context", "120", "--on_overflow", "error", "--out", str(tmp_path / "e")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "more than the model's context of 120" in err
+    assert len(err.splitlines()) == 1

@@ -284,9 +284,13 @@ def solve(
 def bootstrap_interval(
     correct: Sequence[bool], resamples: int = 2000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``correct`` (seeded)."""
+    """Percentile bootstrap interval of the mean of ``correct`` (Efron 1979): resample the
+    questions with replacement, recompute the accuracy, take the (1 - level) / 2 and
+    (1 + level) / 2 quantiles; seeded."""
     if not correct:
         raise ConfigError("a bootstrap interval needs at least one result")
+    if not 0 < level < 1:
+        raise ConfigError(f"level must be between 0 and 1, got {level}")
     rng = random.Random(seed)
     n, values = len(correct), [float(c) for c in correct]
     means = sorted(sum(rng.choices(values, k=n)) / n for _ in range(resamples))

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from lmlab.data.word_problems import word_problems
 from lmlab.eval.tasks import load_task
 from lmlab.fileio import atomic_write_text
@@ -116,20 +118,32 @@ def icl_sweep(
     layout: str = "plain",
     seeds: Sequence[int] = (0, 1, 2),
     embed: Embed | None = None,
+    context: int | None = None,
+    on_overflow: str = "drop",
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Accuracy for every (format, k, seed); returns (and writes) the table."""
+    """Accuracy for every (format, k, seed); returns (and writes) the table. ``context``:
+    the prompt budget in tokens (default: the model's context); a prompt over it drops
+    its farthest examples, or stops with an error (``on_overflow``, see ``fit_prompt``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     choice_task = load_task(task)
+    # 0-shot does not depend on the seed
+    settings = [(f, k, seed) for f in formats for k in ks for seed in (seeds if k else seeds[:1])]
     rows = []
-    for fmt in formats:
-        for k in ks:
-            for seed in seeds if k else seeds[:1]:  # 0-shot does not depend on the seed
-                result = evaluate_icl(
-                    lm, choice_task, k, selection, order, layout, fmt, seed, embed
-                )
-                rows.append(result.to_dict())
-    table = {"task": task, "selection": selection, "order": order, "layout": layout, "rows": rows}
+    for fmt, k, seed in tqdm(settings, desc="icl", unit="setting", disable=not progress):
+        result = evaluate_icl(
+            lm, choice_task, k, selection, order, layout, fmt, seed, embed, context, on_overflow
+        )
+        rows.append(result.to_dict())
+    table = {
+        "task": task,
+        "selection": selection,
+        "order": order,
+        "layout": layout,
+        "context": context,
+        "rows": rows,
+    }
     atomic_write_text(out / "icl.json", json.dumps(table, indent=2) + "\n")
     plot_icl(table, out / "icl.png")
     return table
