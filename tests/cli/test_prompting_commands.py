@@ -38,7 +38,8 @@ def test_lmlab_prompt_writes_the_table_in_both_layouts(model_dir, tmp_path, caps
     [
         (["--methods", "cot,tot"], "unknown method 'tot'"),
         (["--layout", "chatty"], "unknown layout 'chatty'; valid: plain, chat"),
-        (["--samples", "0"], "--samples >= 1"),
+        (["--samples", "0"], "--max_tokens >= 1"),
+        (["--methods", "reac"], "unknown method 'reac' (did you mean 'react'?)"),
     ],
 )
 def test_lmlab_prompt_mistakes_are_one_line_before_loading(flags, message, tmp_path, capsys):

@@ -6,6 +6,10 @@
   et al. 2022).
 - **self-consistency** (Wang et al. 2022): ``samples`` chain-of-thought replies at
   ``temperature`` > 0, the most common final answer wins (``maj@k``).
+- **react** (Yao et al. 2022, ``lmlab.prompting.agent``): the model reasons and acts in
+  turn with a calculator and the Python sandbox until it calls ``finish[N]``; its answer
+  is read strictly (the number alone) and flexibly (the last number in it), and the
+  attempt keeps the trace, so the run replays (``lmlab agent --replay``).
 - **pal**: program-aided (Gao et al. 2022): the examples are ``def solution():`` programs;
   the model writes one, the sandbox (``lmlab.prompting.sandbox``) runs it, its return
   value is the answer. The model's program never runs in this process.
@@ -34,11 +38,17 @@ from tqdm import tqdm
 
 from lmlab.data.word_problems import word_problems
 from lmlab.errors import ConfigError, closest
+from lmlab.prompting.agent import Agent
 from lmlab.prompting.extract import extract_answer, extract_code, majority_vote, normalize_number
 from lmlab.prompting.models import Completer, Message
 from lmlab.prompting.sandbox import Limits, run_python
+from lmlab.prompting.traces import Trace
 
 METHODS = ("direct", "cot", "self-consistency", "pal")
+"""The prompting methods (one prompt per question, or ``samples``)."""
+ALL_METHODS = (*METHODS, "react")
+"""What ``solve`` answers with: the prompting methods and the ReAct agent."""
+REACT_TOOLS = "calculator,python"
 LAYOUTS = ("plain", "chat")
 SYSTEM = {
     "direct": "Answer the question with the number only.",
@@ -147,6 +157,8 @@ class Attempt:
     program: str | None = None
     program_status: str | None = None
     votes: list[str | None] = field(default_factory=list)
+    trace: Trace | None = None
+    """ReAct's episode (its steps, tool calls and raw replies)."""
 
     def correct(self, how: str = "strict") -> bool:
         return getattr(self, how) == normalize_number(self.reference)
@@ -231,11 +243,17 @@ def solve(
     limits: Limits = PAL_LIMITS,
     progress: bool = True,
     layout: str = "plain",
+    max_steps: int = 6,
 ) -> list[Attempt]:
     """Each problem (``question``, ``answer``) answered by ``method`` in ``layout`` (see
-    module doc)."""
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    module doc); ``max_steps``: ReAct's step budget."""
+    if method not in ALL_METHODS:
+        raise ConfigError(
+            f"unknown method {method!r}{closest(method, list(ALL_METHODS))}; "
+            f"valid: {', '.join(ALL_METHODS)}"
+        )
+    if method == "react":
+        return _react(model, problems, layout, max_steps, max_tokens, seed, progress)
     if method == "self-consistency" and samples < 1:
         raise ConfigError(f"self-consistency needs samples >= 1, got {samples}")
     prompts = _prompts(model, problems, method, shots, seed, layout)
@@ -277,6 +295,28 @@ def solve(
         else:
             attempt.strict = extract_answer(texts[0], "strict")
             attempt.flexible = extract_answer(texts[0], "flexible")
+        attempts.append(attempt)
+    return attempts
+
+
+def _react(model, problems, layout, max_steps, max_tokens, seed, progress) -> list[Attempt]:
+    """ReAct with a calculator and the sandbox. The plain layout is the agent's ``complete``
+    (one growing prompt), the chat layout its ``chat``."""
+    if layout not in LAYOUTS:
+        raise ConfigError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
+    agent_layout = "chat" if layout == "chat" else "complete"
+    agent = Agent(model, REACT_TOOLS, max_steps, agent_layout, max_tokens, seed=seed)
+    attempts = []
+    for problem in tqdm(problems, desc="react", disable=not progress, unit="question"):
+        trace = agent.run(problem["question"])
+        answer = (trace.answer or "").strip()
+        strict = normalize_number(answer) if _BARE.fullmatch(answer) else None
+        flexible = extract_answer(answer, "flexible")
+        replies = [step.raw for step in trace.steps]
+        attempt = Attempt(
+            problem["question"], problem["answer"], "react", replies, strict, flexible
+        )
+        attempt.trace = trace
         attempts.append(attempt)
     return attempts
 

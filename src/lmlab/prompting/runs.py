@@ -1,8 +1,9 @@
 """The experiments behind ``lmlab prompt`` and ``lmlab icl``: tables, JSON and figures.
 
-- ``compare_methods``: direct, chain of thought, self-consistency and PAL on generated word
-  problems, accuracy read strictly and flexibly with bootstrap 95% intervals, the maj@k
-  curve of self-consistency; writes ``methods.json``, ``attempts.jsonl``, ``methods.png``.
+- ``compare_methods``: direct, chain of thought, self-consistency, PAL and ReAct on
+  generated word problems, accuracy read strictly and flexibly with bootstrap 95%
+  intervals, the maj@k curve of self-consistency; writes ``methods.json``,
+  ``attempts.jsonl``, ``methods.png`` (and ReAct's ``trace.jsonl`` and ``trace.md``).
 - ``icl_sweep``: accuracy against k for several prompt formats (and seeds, which change
   the examples and their order) on a bundled multiple-choice task; writes ``icl.json`` and
   ``icl.png``. The spread across formats at one k is the format sensitivity.
@@ -25,6 +26,7 @@ from lmlab.lm import LM
 from lmlab.prompting.fewshot import Embed, evaluate_icl
 from lmlab.prompting.models import Completer
 from lmlab.prompting.reasoning import METHODS, attempt_rows, maj_curve, solve, summarise
+from lmlab.prompting.traces import render_markdown, save_traces
 
 
 def compare_methods(
@@ -39,6 +41,7 @@ def compare_methods(
     seed: int = 0,
     batch_size: int = 8,
     layout: str = "plain",
+    max_steps: int = 6,
 ) -> dict[str, Any]:
     """Each method on the same ``n`` word problems; returns (and writes) the summary."""
     out = Path(out)
@@ -56,13 +59,17 @@ def compare_methods(
     for method in methods:
         attempts = solve(
             model, problems, method, shots, samples, temperature, max_tokens, seed, batch_size,
-            layout=layout,
+            layout=layout, max_steps=max_steps,
         )  # fmt: skip
         summary["methods"][method] = summarise(attempts, seed)
         if method == "self-consistency":
             summary["methods"][method]["maj_at_k"] = {
                 how: maj_curve(attempts, how) for how in ("strict", "flexible")
             }
+        if method == "react":  # the episodes, replayable with lmlab agent --replay
+            traces = [a.trace for a in attempts]
+            save_traces(traces, out / "trace.jsonl")
+            atomic_write_text(out / "trace.md", render_markdown(traces))
         rows += attempt_rows(attempts)
     atomic_write_text(out / "methods.json", json.dumps(summary, indent=2) + "\n")
     atomic_write_text(out / "attempts.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
