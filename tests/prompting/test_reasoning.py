@@ -2,6 +2,8 @@
 
 import pytest
 
+from lmlab.data.instructions import load_examples
+from lmlab.data.tasks import write_jsonl
 from lmlab.data.word_problems import word_problems
 from lmlab.errors import ConfigError
 from lmlab.prompting.extract import extract_answer, extract_code
@@ -203,3 +205,11 @@ def test_training_conversations_teach_the_format_on_problems_no_evaluation_asks(
     )
     with pytest.raises(ConfigError, match="self-consistency"):
         training_conversations(5, ("self-consistency",))
+
+
+def test_training_conversations_are_what_lmlab_finetune_reads(tmp_path):
+    write_jsonl(training_conversations(6, ("cot", "pal", "direct"), seed=2), tmp_path / "t.jsonl")
+    examples = load_examples(tmp_path / "t.jsonl")
+    assert len(examples) == 6
+    assert [m["role"] for m in examples[0].messages] == ["system", "user", "assistant"]
+    assert examples[2].messages[-1]["content"].lstrip("-").isdigit()  # direct: the number
