@@ -69,6 +69,7 @@ def test_react_joins_the_table_and_its_traces_replay(tmp_path):
     traces = load_traces(tmp_path / "trace.jsonl")
     assert [[s.action for s in t.steps] for t in traces] == [["calculator", "finish"]] * 3
     assert [replay(t) for t in traces] == traces
+    assert traces[0].meta == {"reference": traces[0].answer, "correct": True, "strict": True}
     rows = [json.loads(r) for r in (tmp_path / "attempts.jsonl").read_text().splitlines()]
     assert rows[-1]["method"] == "react" and rows[-1]["trace"]["answer"] == rows[-1]["reference"]
     assert "calculator[" in (tmp_path / "trace.md").read_text()

@@ -317,6 +317,11 @@ def _react(model, problems, layout, max_steps, max_tokens, seed, progress) -> li
             problem["question"], problem["answer"], "react", replies, strict, flexible
         )
         attempt.trace = trace
+        trace.meta = {
+            "reference": problem["answer"],
+            "correct": attempt.correct("flexible"),
+            "strict": attempt.correct("strict"),
+        }
         attempts.append(attempt)
     return attempts
 
