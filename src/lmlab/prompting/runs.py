@@ -106,6 +106,9 @@ def plot_methods(summary: dict[str, Any], path: str | os.PathLike) -> None:
         ax = axes[0][1]
         for how, values in curve.items():
             ax.plot(range(1, len(values) + 1), values, marker="o", label=how)
+        top = max(max(values) for values in curve.values())
+        ax.set_ylim(0, min(1.0, max(0.1, top * 1.25)))  # accuracies: never below 0
+        ax.set_xticks(range(1, max(len(v) for v in curve.values()) + 1))
         ax.set_xlabel("samples k")
         ax.set_ylabel("maj@k accuracy")
         ax.set_title("self-consistency: majority of k chains of thought")
