@@ -233,6 +233,14 @@ def test_answers_match_aliases_articles_and_numbers():
     assert not answer_matches("Arvon Lake", river) and not answer_matches(None, river)
     assert answer_matches("The answer is 42.", {"answer": "42"})
     assert not answer_matches("43", {"answer": "42"})
+    # strict: a numeric answer is the number alone; names read the same both ways
+    for prediction, strict in [("42", True), ("42.0.", True), ("$42", True), ("42 apples", False)]:
+        assert answer_matches(prediction, {"answer": "42"}, "strict") is strict, prediction
+        assert answer_matches(prediction, {"answer": "42"})
+    assert not answer_matches("41", {"answer": "42"}, "strict")
+    assert answer_matches("the Arvon River.", river, "strict")
+    with pytest.raises(ConfigError, match="valid: strict, flexible"):
+        answer_matches("42", {"answer": "42"}, "exact")
 
 
 def test_bootstrap_interval_is_seeded_and_near_the_normal_one():
@@ -266,7 +274,16 @@ def test_word_problems_are_scored_by_their_number():
         f"So.\nAction: finish[{problem['answer']}.0]",
     ]
     agent = Agent(ReplayCompleter(replies * 2), "calculator,python")
-    assert evaluate_agent(agent, [problem], progress=False).score.correct == 1
+    result = evaluate_agent(agent, [problem], progress=False)
+    assert result.score.correct == 1 and result.strict.correct == 1
+    assert result.traces[0].meta == {
+        "reference": problem["answer"],
+        "correct": True,
+        "strict": True,
+    }
+    wordy = [replies[0], f"So.\nAction: finish[{problem['answer']} apples]"]
+    result = evaluate_agent(Agent(ReplayCompleter(wordy), "calculator"), [problem], progress=False)
+    assert result.score.correct == 1 and result.strict.correct == 0
     wrong = {**problem, "answer": str(int(problem["answer"]) + 1)}
     assert evaluate_agent(agent, [wrong], progress=False).score.correct == 0
 
@@ -332,7 +349,9 @@ def test_lmlab_agent_eval_scores_react_and_direct_answers(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [(s["method"], s["correct"], s["n"]) for s in summary["scores"]] == [
         ("react (chat)", 3, 3),
+        ("react (chat), strict", 3, 3),
         ("direct (chat)", 3, 3),
+        ("direct (chat), strict", 3, 3),
     ]
     assert "react (chat): 1.000 (3/3), 95% CI [1.000, 1.000]" in out.getvalue()
     assert len(load_traces(tmp_path / "trace.jsonl")) == 3 and summary["well_formed"] == 1.0

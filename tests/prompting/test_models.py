@@ -16,7 +16,8 @@ from lmlab.models import build_model, get_preset
 from lmlab.prompting.models import LMCompleter, OpenAICompleter, ReplayCompleter
 
 
-def byte_lm(seed=0):
+def byte_lm(seed=0, context=None):
+    """A tiny random byte-level GPT; ``context``: its max_seq_len (the preset's if None)."""
     torch.manual_seed(seed)
     tok = ByteTokenizer()
     spec = {
@@ -25,6 +26,7 @@ def byte_lm(seed=0):
         "n_layers": 1,
         "d_model": 32,
         "n_heads": 2,
+        **({"max_seq_len": context} if context else {}),
     }
     return LM(build_model(spec).eval(), tok)
 

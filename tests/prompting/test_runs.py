@@ -3,7 +3,9 @@
 import json
 
 from lmlab.data.word_problems import word_problems
+from lmlab.prompting.agent import replay
 from lmlab.prompting.runs import compare_methods, icl_sweep
+from lmlab.prompting.traces import load_traces
 from prompting.test_models import byte_lm
 
 
@@ -20,7 +22,13 @@ class Oracle:
         for prompt in prompts:
             question = prompt.rsplit("Question: ", 1)[-1].split("\n")[0]
             p = self.answers[question]
-            if prompt.endswith("```python\n"):
+            if prompt.endswith("\nThought:"):  # react: a calculator call, then finish
+                episode = prompt.rsplit("Question: ", 1)[-1]
+                if "Observation:" in episode:
+                    out.append(f" Done.\nAction: finish[{p['answer']}]")
+                else:
+                    out.append(f" I add nothing.\nAction: calculator[{p['answer']} + 0]")
+            elif prompt.endswith("```python\n"):
                 out.append(p["program"] + "\n")
             elif "The answer is" in prompt:
                 out.append(" " + p["rationale"])
@@ -52,3 +60,16 @@ def test_icl_sweep_covers_every_format_k_and_seed(tmp_path):
         ("arrow", 2, 1),
     }
     assert (tmp_path / "icl.png").stat().st_size > 10_000
+
+
+def test_react_joins_the_table_and_its_traces_replay(tmp_path):
+    summary = compare_methods(Oracle(), tmp_path, methods=("direct", "react"), n=3, shots=1)
+    react = summary["methods"]["react"]
+    assert react["strict"]["accuracy"] == 1.0 and react["flexible"]["accuracy"] == 1.0
+    traces = load_traces(tmp_path / "trace.jsonl")
+    assert [[s.action for s in t.steps] for t in traces] == [["calculator", "finish"]] * 3
+    assert [replay(t) for t in traces] == traces
+    assert traces[0].meta == {"reference": traces[0].answer, "correct": True, "strict": True}
+    rows = [json.loads(r) for r in (tmp_path / "attempts.jsonl").read_text().splitlines()]
+    assert rows[-1]["method"] == "react" and rows[-1]["trace"]["answer"] == rows[-1]["reference"]
+    assert "calculator[" in (tmp_path / "trace.md").read_text()

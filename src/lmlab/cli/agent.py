@@ -22,7 +22,7 @@ from lmlab.data.word_problems import word_problems
 from lmlab.errors import ConfigError
 from lmlab.fileio import atomic_write_json, atomic_write_text
 from lmlab.prompting.agent import LAYOUTS, Agent, replay
-from lmlab.prompting.agent_eval import answer_directly, evaluate_agent
+from lmlab.prompting.agent_eval import answer_directly, answer_matches, evaluate_agent, score
 from lmlab.prompting.models import LMCompleter, OpenAICompleter
 from lmlab.prompting.retrieval import METHODS
 from lmlab.prompting.tools import parse_tool_names
@@ -129,9 +129,11 @@ def _evaluate(agent: Agent, model, args, out: Path) -> None:
     else:
         items = word_problems(args.limit, seed=args.seed)
     result = evaluate_agent(agent, items, seed=args.seed)
-    scores = [result.score]
+    scores = [result.score, result.strict]
     if args.direct:
-        scores.append(answer_directly(model, items, agent.layout, seed=args.seed)[0])
+        direct, answers = answer_directly(model, items, agent.layout, seed=args.seed)
+        strict = [answer_matches(a, item, "strict") for a, item in zip(answers, items)]
+        scores += [direct, score(f"{direct.method}, strict", strict, args.seed)]
     print(render_text(result.traces[0]))
     print()
     for s in scores:

@@ -7,7 +7,8 @@ from jsonargparse import ArgumentParser
 
 from lmlab import api
 from lmlab.cli.args import add_model_arguments
-from lmlab.prompting.fewshot import FORMATS, LAYOUTS, ORDERS, SELECTIONS
+from lmlab.errors import ConfigError
+from lmlab.prompting.fewshot import FORMATS, LAYOUTS, ORDERS, OVERFLOW, SELECTIONS
 from lmlab.prompting.runs import icl_sweep
 
 
@@ -42,6 +43,16 @@ def add_arguments(parser: ArgumentParser) -> None:
         default="0,1,2",
         help="comma-separated seeds (each draws other examples)",
     )
+    parser.add_argument(
+        "--context",
+        type=int | None,
+        default=None,
+        help="prompt budget in tokens (default: the model's context): a longer prompt drops "
+        "its farthest examples, or fails with --on_overflow error",
+    )
+    parser.add_argument(
+        "--on_overflow", type=str, default="drop", help=f"one of: {', '.join(OVERFLOW)}"
+    )
     parser.add_argument("--out", type=str, default="runs/icl")
     add_model_arguments(parser)
 
@@ -51,12 +62,18 @@ def _ints(text: str) -> list[int]:
 
 
 def run(args) -> None:
+    if args.on_overflow not in OVERFLOW:
+        raise ConfigError(
+            f"unknown --on_overflow {args.on_overflow!r}; valid: {', '.join(OVERFLOW)}"
+        )
+    if args.context is not None and args.context < 1:
+        raise ConfigError(f"--context must be a positive number of tokens, got {args.context}")
     lm = api.load(args.model, dtype=args.dtype, device=args.device)
     embed = api.load("minilm").embed if args.selection == "nearest" else None
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     table = icl_sweep(
         lm, args.out, args.task, _ints(args.ks), formats, args.selection, args.order,
-        args.layout, _ints(args.seeds), embed,
+        args.layout, _ints(args.seeds), embed, args.context, args.on_overflow,
     )  # fmt: skip
     print(f"{'format':8s} {'k':>3s}  accuracy (per seed)")
     for fmt in formats:

@@ -16,7 +16,6 @@ replacement, recompute the accuracy, take the 2.5th and 97.5th percentiles; seed
 
 from __future__ import annotations
 
-import random
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -29,7 +28,10 @@ from lmlab.errors import ConfigError
 from lmlab.prompting.agent import Agent
 from lmlab.prompting.extract import extract_answer, normalize_number
 from lmlab.prompting.models import Completer
+from lmlab.prompting.reasoning import bootstrap_interval
 from lmlab.prompting.traces import Trace
+
+_BARE_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
 
 
 def _words(text: str) -> str:
@@ -37,31 +39,24 @@ def _words(text: str) -> str:
     return " ".join(words[1:] if words[:1] in (["the"], ["a"], ["an"]) else words)
 
 
-def answer_matches(prediction: str | None, item: dict) -> bool:
-    """Whether ``prediction`` answers ``item`` (its ``answer`` or one of its ``aliases``)."""
+def answer_matches(prediction: str | None, item: dict, how: str = "flexible") -> bool:
+    """Whether ``prediction`` answers ``item`` (its ``answer`` or one of its ``aliases``).
+    A numeric answer read ``flexible``: the last number in the prediction; ``strict``: the
+    prediction is the number and nothing else (``"42"``, ``"42.0"``, not ``"42 apples"``)."""
+    if how not in ("strict", "flexible"):
+        raise ConfigError(f"unknown answer reading {how!r}; valid: strict, flexible")
     if prediction is None:
         return False
     references = [item["answer"], *item.get("aliases", [])]
     if re.fullmatch(r"-?\d+(?:\.\d+)?", str(item["answer"])):
+        if how == "strict":
+            bare = prediction.strip().rstrip(".")
+            return bool(_BARE_NUMBER.fullmatch(bare)) and normalize_number(bare) == (
+                normalize_number(str(item["answer"]))
+            )
         found = extract_answer(prediction, "flexible")
         return found is not None and found == normalize_number(str(item["answer"]))
     return any(_words(prediction) == _words(r) for r in references if _words(r))
-
-
-def bootstrap_interval(
-    outcomes: Sequence[bool], level: float = 0.95, resamples: int = 2000, seed: int = 0
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``outcomes`` (True = right)."""
-    if not outcomes:
-        raise ConfigError("a bootstrap interval needs at least one outcome")
-    if not 0 < level < 1:
-        raise ConfigError(f"level must be between 0 and 1, got {level}")
-    rng, n, values = random.Random(seed), len(outcomes), [float(o) for o in outcomes]
-    means = sorted(sum(rng.choices(values, k=n)) / n for _ in range(resamples))
-    tail = (1 - level) / 2
-    low = means[int(tail * resamples)]
-    high = means[min(resamples - 1, int((1 - tail) * resamples))]
-    return low, high
 
 
 @dataclass
@@ -97,6 +92,8 @@ class AgentEvaluation:
     """Runs that ended with finish[...] (the rest ran out of steps or failed)."""
     actions: dict[str, int] = field(default_factory=dict)
     """How often each tool was called (``invalid``: replies without a valid action)."""
+    strict: Score | None = None
+    """``score`` with answers read strictly (a numeric answer must be the number alone)."""
 
 
 def evaluate_agent(
@@ -106,11 +103,12 @@ def evaluate_agent(
     trace's ``meta`` gets the reference and the verdict."""
     if not items:
         raise ConfigError("nothing to evaluate: the question list is empty")
-    traces, outcomes = [], []
+    traces, outcomes, strict = [], [], []
     for item in tqdm(items, desc="agent", disable=not progress):
         trace = agent.run(item["question"])
         right = answer_matches(trace.answer, item)
-        trace.meta = {"reference": item["answer"], "correct": right}
+        strict.append(answer_matches(trace.answer, item, "strict"))
+        trace.meta = {"reference": item["answer"], "correct": right, "strict": strict[-1]}
         traces.append(trace)
         outcomes.append(right)
     steps = [s for t in traces for s in t.steps]
@@ -121,6 +119,7 @@ def evaluate_agent(
         well_formed=sum(s.action is not None for s in steps) / max(1, len(steps)),
         finished=sum(t.stopped == "finish" for t in traces) / len(traces),
         actions=dict(actions.most_common()),
+        strict=score(f"react ({agent.layout}), strict", strict, seed),
     )
 
 

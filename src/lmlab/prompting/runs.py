@@ -1,8 +1,9 @@
 """The experiments behind ``lmlab prompt`` and ``lmlab icl``: tables, JSON and figures.
 
-- ``compare_methods``: direct, chain of thought, self-consistency and PAL on generated word
-  problems, accuracy read strictly and flexibly with bootstrap 95% intervals, the maj@k
-  curve of self-consistency; writes ``methods.json``, ``attempts.jsonl``, ``methods.png``.
+- ``compare_methods``: direct, chain of thought, self-consistency, PAL and ReAct on
+  generated word problems, accuracy read strictly and flexibly with bootstrap 95%
+  intervals, the maj@k curve of self-consistency; writes ``methods.json``,
+  ``attempts.jsonl``, ``methods.png`` (and ReAct's ``trace.jsonl`` and ``trace.md``).
 - ``icl_sweep``: accuracy against k for several prompt formats (and seeds, which change
   the examples and their order) on a bundled multiple-choice task; writes ``icl.json`` and
   ``icl.png``. The spread across formats at one k is the format sensitivity.
@@ -16,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from lmlab.data.word_problems import word_problems
 from lmlab.eval.tasks import load_task
 from lmlab.fileio import atomic_write_text
@@ -23,6 +26,7 @@ from lmlab.lm import LM
 from lmlab.prompting.fewshot import Embed, evaluate_icl
 from lmlab.prompting.models import Completer
 from lmlab.prompting.reasoning import METHODS, attempt_rows, maj_curve, solve, summarise
+from lmlab.prompting.traces import render_markdown, save_traces
 
 
 def compare_methods(
@@ -36,6 +40,8 @@ def compare_methods(
     max_tokens: int = 160,
     seed: int = 0,
     batch_size: int = 8,
+    layout: str = "plain",
+    max_steps: int = 6,
 ) -> dict[str, Any]:
     """Each method on the same ``n`` word problems; returns (and writes) the summary."""
     out = Path(out)
@@ -45,19 +51,25 @@ def compare_methods(
         "model": model.name,
         "n": n,
         "shots": shots,
+        "layout": layout,
         "seed": seed,
         "methods": {},
     }
     rows = []
     for method in methods:
         attempts = solve(
-            model, problems, method, shots, samples, temperature, max_tokens, seed, batch_size
-        )
+            model, problems, method, shots, samples, temperature, max_tokens, seed, batch_size,
+            layout=layout, max_steps=max_steps,
+        )  # fmt: skip
         summary["methods"][method] = summarise(attempts, seed)
         if method == "self-consistency":
             summary["methods"][method]["maj_at_k"] = {
                 how: maj_curve(attempts, how) for how in ("strict", "flexible")
             }
+        if method == "react":  # the episodes, replayable with lmlab agent --replay
+            traces = [a.trace for a in attempts]
+            save_traces(traces, out / "trace.jsonl")
+            atomic_write_text(out / "trace.md", render_markdown(traces))
         rows += attempt_rows(attempts)
     atomic_write_text(out / "methods.json", json.dumps(summary, indent=2) + "\n")
     atomic_write_text(out / "attempts.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
@@ -85,12 +97,18 @@ def plot_methods(summary: dict[str, Any], path: str | os.PathLike) -> None:
     ax.set_xticks(range(len(names)), names)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy (bootstrap 95% interval)")
-    ax.set_title(f"{summary['model']}: {summary['n']} word problems, {summary['shots']}-shot")
+    layout = summary.get("layout", "plain")
+    ax.set_title(
+        f"{summary['model']}: {summary['n']} word problems, {summary['shots']}-shot, {layout}"
+    )
     ax.legend()
     if curve:
         ax = axes[0][1]
         for how, values in curve.items():
             ax.plot(range(1, len(values) + 1), values, marker="o", label=how)
+        top = max(max(values) for values in curve.values())
+        ax.set_ylim(0, min(1.0, max(0.1, top * 1.25)))  # accuracies: never below 0
+        ax.set_xticks(range(1, max(len(v) for v in curve.values()) + 1))
         ax.set_xlabel("samples k")
         ax.set_ylabel("maj@k accuracy")
         ax.set_title("self-consistency: majority of k chains of thought")
@@ -110,20 +128,32 @@ def icl_sweep(
     layout: str = "plain",
     seeds: Sequence[int] = (0, 1, 2),
     embed: Embed | None = None,
+    context: int | None = None,
+    on_overflow: str = "drop",
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Accuracy for every (format, k, seed); returns (and writes) the table."""
+    """Accuracy for every (format, k, seed); returns (and writes) the table. ``context``:
+    the prompt budget in tokens (default: the model's context); a prompt over it drops
+    its farthest examples, or stops with an error (``on_overflow``, see ``fit_prompt``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     choice_task = load_task(task)
+    # 0-shot does not depend on the seed
+    settings = [(f, k, seed) for f in formats for k in ks for seed in (seeds if k else seeds[:1])]
     rows = []
-    for fmt in formats:
-        for k in ks:
-            for seed in seeds if k else seeds[:1]:  # 0-shot does not depend on the seed
-                result = evaluate_icl(
-                    lm, choice_task, k, selection, order, layout, fmt, seed, embed
-                )
-                rows.append(result.to_dict())
-    table = {"task": task, "selection": selection, "order": order, "layout": layout, "rows": rows}
+    for fmt, k, seed in tqdm(settings, desc="icl", unit="setting", disable=not progress):
+        result = evaluate_icl(
+            lm, choice_task, k, selection, order, layout, fmt, seed, embed, context, on_overflow
+        )
+        rows.append(result.to_dict())
+    table = {
+        "task": task,
+        "selection": selection,
+        "order": order,
+        "layout": layout,
+        "context": context,
+        "rows": rows,
+    }
     atomic_write_text(out / "icl.json", json.dumps(table, indent=2) + "\n")
     plot_icl(table, out / "icl.png")
     return table
