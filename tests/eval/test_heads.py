@@ -103,3 +103,22 @@ def test_a_head_or_labels_that_do_not_fit_are_config_errors(tmp_path):
                                       "max_seq_len": 16}), tokenizer=tok)  # fmt: skip
     with pytest.raises(ConfigError, match="the span head needs an encoder"):
         encoder_with_head(str(gpt), head_data("span"))
+
+
+@pytest.mark.slow
+def test_a_pretrained_checkpoint_keeps_its_encoder_and_pooler_and_drops_mlm_and_nsp(tmp_path):
+    from lmlab.train.bert import pretrain_encoder
+
+    corpus = tmp_path / "t.txt"
+    corpus.write_text("\n\n".join(f"A{i}:\nline one {i}\nline two {i}" for i in range(30)))
+    run = tmp_path / "bert"
+    pretrain_encoder("bert-tiny", str(corpus), vocab_size=300, max_len=32,
+                     config=TrainConfig(out_dir=str(run), max_steps=1, batch_size=4,
+                                        eval_batches=1, progress=False))  # fmt: skip
+    pretrained = lmlab.load(str(run)).model
+    net, _, fresh = encoder_with_head(str(run), head_data("sequence"), seed=0)
+    assert not fresh and net.mlm is None and net.nsp is None
+    theirs = pretrained.state_dict()
+    for name, tensor in net.state_dict().items():
+        if not name.startswith("head."):
+            assert torch.equal(tensor, theirs[name]), name

@@ -379,9 +379,10 @@ def finetune_head(
     max_len = min(max_len, net.config.max_seq_len)
     _, _, pad_id = special_ids(tokenizer)
     rows = {s: task_rows(data, s, tokenizer, max_len, doc_stride) for s in data.splits}
-    score = lambda: score_head(
-        net, data, rows["test"], "test", pad_id, strategy, n_best, max_answer_len
-    )  # noqa: E731
+
+    def score() -> dict[str, float]:
+        return score_head(net, data, rows["test"], "test", pad_id, strategy, n_best, max_answer_len)
+
     before = score()
     if method == "lora":
         with seeded(config.seed):
