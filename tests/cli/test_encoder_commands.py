@@ -47,6 +47,7 @@ def test_lmlab_finetune_task_bad_input_is_one_line(tmp_path, capsys):
         (["--model", "bert-tiny", "--task", "token", "--method", "prefix"], "method='prefix' is not one of full, lora"),
         (["--model", "bert-tiny", "--task", "token", "--strategy", "mean"], "strategy='mean' is not one of first, average, max"),
         (["--model", "gpt-char-tiny", "--task", "span"], "the span head needs an encoder"),
+        (["--model", "bert-tiny", "--task", "span", "--data", "x.jsonl"], "reads no --data"),
     ]:  # fmt: skip
         assert main(["finetune", *argv, "--train.out_dir", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err.strip()

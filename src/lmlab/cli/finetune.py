@@ -8,6 +8,7 @@ from jsonargparse import ArgumentParser
 
 from lmlab.cli.args import add_log_arguments, log_config, options
 from lmlab.cli.summaries import finetune_summary, head_summary_lines
+from lmlab.errors import ConfigError
 from lmlab.eval.heads import HEADS, STRATEGIES, finetune_head
 from lmlab.finetune import LoRAConfig
 from lmlab.finetune.run import finetune
@@ -49,6 +50,11 @@ def run(args) -> None:
     lora = LoRAConfig(**options(args.lora))
     train = TrainConfig(**options(args.train), log=log_config(args))
     if args.task is not None:
+        if args.data != "train.jsonl" or args.val_data is not None:
+            raise ConfigError(
+                "--task fine-tunes a head on its bundled task and reads no --data or "
+                "--val_data; drop them, or drop --task to fine-tune on instruction data"
+            )
         result = finetune_head(
             args.model,
             args.task,
