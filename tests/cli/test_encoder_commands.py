@@ -44,3 +44,29 @@ def test_lmlab_architectures_prints_the_table_and_saves_the_figure(tmp_path, cap
     assert (out / "architectures.png").is_file() and (out / "architectures.json").is_file()
     assert main(["architectures", "--task", "revers", "--out_dir", str(out)]) == 2
     assert "task='revers' is invalid" in capsys.readouterr().err
+
+
+def test_lmlab_finetune_task_fine_tunes_a_head_and_scores_it_before_and_after(tmp_path, capsys):
+    out = tmp_path / "head"
+    argv = ["finetune", "--model", "bert-tiny", "--task", "sequence", "--method", "lora",
+            "--train.max_steps", "2", "--train.eval_interval", "2", "--train.eval_batches", "1",
+            "--train.batch_size", "4", "--train.progress", "false", "--train.out_dir", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    scores = json.loads((out / "heads.json").read_text())
+    assert scores["steps"] == 2 and scores["method"] == "lora" and scores["task"] == "sequence"
+    assert f"test accuracy: {100 * scores['before']['accuracy']:.1f} before" in printed
+    assert (out / "heads.png").is_file() and (out / "model" / "config.json").is_file()
+
+
+def test_lmlab_finetune_task_bad_input_is_one_line(tmp_path, capsys):
+    for argv, message in [
+        (["--model", "bert-tiny", "--task", "spam"], "task='spam' is not one of sequence, token, span (did you mean 'span'?)"),
+        (["--model", "bert-tiny", "--task", "token", "--method", "prefix"], "method='prefix' is not one of full, lora"),
+        (["--model", "bert-tiny", "--task", "token", "--strategy", "mean"], "strategy='mean' is not one of first, average, max"),
+        (["--model", "gpt-char-tiny", "--task", "span"], "the span head needs an encoder"),
+        (["--model", "bert-tiny", "--task", "span", "--data", "x.jsonl"], "reads no --data"),
+    ]:  # fmt: skip
+        assert main(["finetune", *argv, "--train.out_dir", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1

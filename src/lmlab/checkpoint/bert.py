@@ -305,7 +305,7 @@ def _sentence_settings(directory: Path) -> dict[str, Any]:
 
 
 def load_hf_encoder(
-    directory: str | os.PathLike, dtype: torch.dtype | None = None
+    directory: str | os.PathLike, dtype: torch.dtype | None = None, pooler: bool = False
 ) -> tuple[Encoder, HFTokenizer | None, dict[str, Any]]:
     """Load a Hugging Face BERT folder -> ``(encoder, tokenizer or None, info)``.
 
@@ -314,6 +314,7 @@ def load_hf_encoder(
     floating dtype. ``info`` holds ``spec``, ``pooling`` (``"mean"``/``"cls"``, also set as
     the model's ``config.pooling``), ``normalize`` and ``max_length`` (from a
     sentence-transformers folder), and ``dropped`` (source tensors with no counterpart).
+    ``pooler`` keeps BERT's pooler when the file has one (the input of a sequence head).
     """
     directory = Path(directory)
     if not (directory / "config.json").is_file():
@@ -329,7 +330,8 @@ def load_hf_encoder(
     stored = {_normalise_name(k): v for k, v in stored.items()}
     settings = _sentence_settings(directory)
     mlm_head = any(k.startswith("cls.predictions.") for k in stored)
-    spec = spec_from_bert_config(hf_config, mlm_head=mlm_head)
+    pooler = pooler and "pooler.dense.weight" in stored
+    spec = spec_from_bert_config(hf_config, mlm_head=mlm_head, pooler=pooler)
     spec["pooling"] = settings["pooling"]
     check_config_against_weights(spec, stored, repr(str(directory)), _bert_hf_shapes)
     if hf_state is None:
@@ -346,7 +348,12 @@ def load_hf_encoder(
     if (directory / "tokenizer.json").is_file():
         tokenizer = HFTokenizer.from_file(directory / "tokenizer.json")
     check_tokenizer_fits(tokenizer, model, str(directory))
-    dropped = sorted(k for k in hf_state if _normalise_name(k).startswith(DROPPED))
+    dropped = sorted(
+        k
+        for k in hf_state
+        if _normalise_name(k).startswith(DROPPED)
+        and _normalise_name(k) not in _head_keys(spec).values()
+    )
     info = {"spec": spec, **settings, "dropped": dropped, "source": str(directory)}
     return model.eval(), tokenizer, info
 

@@ -12,6 +12,8 @@ from pathlib import Path
 from lmlab.align.dpo import METRICS, DPOResult
 from lmlab.align.ppo import PPOResult
 from lmlab.align.reward import RewardResult
+from lmlab.eval.heads import METRICS as HEAD_METRICS
+from lmlab.eval.heads import HeadResult
 from lmlab.finetune.run import FinetuneResult
 
 
@@ -55,6 +57,25 @@ def finetune_summary(result: FinetuneResult) -> list[str]:
         )
     lines += written_lines(result.adapter_dir, result.model_dir)
     return lines + [f"note: {n}" for n in result.notes]
+
+
+def head_summary_lines(result: HeadResult) -> list[str]:
+    """``lmlab finetune --task``: what trained, and the test scores before and after."""
+    r = result.train
+    lines = [
+        f"{result.method} fine-tuning of {result.model} with a {result.task} head: {r.step} "
+        f"steps in {r.wall_time_s:.0f} s, {share(result.trainable, result.total)} trained",
+        f"examples: {result.counts.get('train', 0)} train, {result.counts.get('validation', 0)} "
+        f"validation, {result.counts.get('test', 0)} test",
+    ]
+    for name in HEAD_METRICS[result.task]:
+        scale = 1.0 if result.task == "span" else 100.0
+        lines.append(
+            f"test {name.replace('_', ' ')}: {result.before[name] * scale:.1f} before -> "
+            f"{result.after[name] * scale:.1f} after (%)"
+        )
+    lines.append(f"wrote {result.out_dir}/heads.json, heads.png and {result.model_dir}")
+    return lines
 
 
 def dpo_summary(result: DPOResult) -> list[str]:
