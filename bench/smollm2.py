@@ -37,7 +37,18 @@ PROMPT = [{"role": "user", "content": "Write a short story about a robot who lea
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
+    """Peak resident memory of this process so far, in MiB.
+
+    Linux's ``VmHWM`` belongs to the running program; ``ru_maxrss`` survives ``exec`` and
+    so reports the parent's size when the parent (which loads the model once for the
+    prompt's ids) was larger than the side it starts."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
