@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,3 +98,21 @@ def tiny_chat_lm(seed=0, sharpen=1.0, text="", max_seq_len=256):
     with torch.no_grad():
         model.norm.weight.mul_(sharpen)
     return LM(model, tokenizer, chat_template=ChatTemplate(CHATML, eos_token="<|im_end|>"))
+
+
+def load_peak_in_subprocess(script: str) -> dict:
+    """Run ``script`` in a fresh Python (this checkout's src first, no PATH) and return the
+    JSON object its last line prints; skips where Linux's /proc peak counters are missing.
+    The memory tests use it to read a load's peak (``VmHWM``) apart from pytest's own."""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("peak memory is read from Linux's /proc/self/status")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    run = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": src, "PATH": ""},
+        timeout=600,
+    )
+    return json.loads(run.stdout.strip().splitlines()[-1])

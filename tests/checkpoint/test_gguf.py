@@ -1,12 +1,8 @@
 """GGUF loading: tiny random Llamas written with gguf.GGUFWriter, the real SmolLM2 file,
 and one test per kind of corrupt file (RELIABILITY item 16)."""
 
-import json
 import struct
-import subprocess
-import sys
 import tracemalloc
-from pathlib import Path
 
 import gguf
 import numpy as np
@@ -15,6 +11,7 @@ import torch
 import transformers
 from transformers.initialization import no_init_weights
 
+from builders import load_peak_in_subprocess
 from hf_models import tiny_llama as shared_tiny_llama
 from lmlab.checkpoint.gguf import (
     DEQUANTIZABLE,
@@ -880,18 +877,7 @@ def test_loading_smollm2_in_4_bits_never_holds_a_dense_copy():
     project's 2-core machine; going through the dense model it was about 10x (1.47 GB
     resident in all). A fresh process, peak reset after the imports, as
     tests/interp/test_load_memory.py does."""
-    if not Path("/proc/self/clear_refs").exists():
-        pytest.skip("peak memory is read from Linux's /proc/self/status")
-    src = str(Path(__file__).resolve().parents[2] / "src")
-    run = subprocess.run(
-        [sys.executable, "-c", _LOAD_PEAK],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={"PYTHONPATH": src, "PATH": ""},
-        timeout=600,
-    )
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    result = load_peak_in_subprocess(_LOAD_PEAK)
     assert 100 * 2**20 < result["weights"] < 160 * 2**20
     ratio = result["peak"] / result["weights"]
     assert ratio <= 1.8, f"peak {result['peak'] / 2**20:.0f} MiB = {ratio:.2f}x the weights"

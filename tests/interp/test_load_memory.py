@@ -8,12 +8,9 @@ Before the fix (load into an empty model, then copy) it was 2.37x; after it, 1.1
 (float32, SmolLM2-135M Q4_1, measured on the project's 2-core machine while busy).
 """
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from builders import load_peak_in_subprocess
 
 SCRIPT = """
 import json, sys
@@ -38,18 +35,7 @@ print(json.dumps({"weights": weights, "peak": status("VmHWM") - base}))
 
 @pytest.mark.slow
 def test_loading_smollm2_costs_at_most_1_2x_its_weights():
-    if not Path("/proc/self/clear_refs").exists():
-        pytest.skip("peak memory is read from Linux's /proc/self/status")
-    src = str(Path(__file__).resolve().parents[2] / "src")
-    run = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={"PYTHONPATH": src, "PATH": ""},
-        timeout=600,
-    )
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    result = load_peak_in_subprocess(SCRIPT)
     assert result["weights"] > 500 * 2**20  # float32 SmolLM2-135M: 513 MiB
     ratio = result["peak"] / result["weights"]
     assert ratio <= 1.2, f"peak {result['peak'] / 2**20:.0f} MiB = {ratio:.2f}x the weights"

@@ -280,6 +280,14 @@ def _prompts(prompt: Any, state: Any) -> list[tuple[list[int], str | None]]:
     return out
 
 
+def _choice_params(params, n: int):
+    """The sampling settings of a request's ``n`` choices: choice k draws with seed + k (a
+    request without a seed stays unseeded)."""
+    for k in range(n):
+        seed = None if params.seed is None else (params.seed + k) % 2**63
+        yield dataclasses.replace(params, seed=seed)
+
+
 def _check_fits(n_prompt: int, max_tokens: int, state: Any) -> None:
     context = state.context
     if context is not None and n_prompt + max_tokens > context:
@@ -487,9 +495,7 @@ async def _completions(body: CompletionRequest, request: Request):
     want = body.logprobs is not None
     jobs, choices = [], []
     for ids, text in prompts:
-        for k in range(body.n):
-            seed = None if params.seed is None else (params.seed + k) % 2**63
-            job_params = dataclasses.replace(params, seed=seed)
+        for job_params in _choice_params(params, body.n):
             jobs.append(
                 Job(
                     ids,
@@ -665,9 +671,7 @@ async def _chat(body: ChatRequest, request: Request):
     _check_fits(len(ids), max_tokens, state)
     end = turn_end_id(state.tokenizer, state.lm.chat_template)
     jobs, choices = [], []
-    for k in range(body.n):
-        seed = None if params.seed is None else (params.seed + k) % 2**63
-        job_params = dataclasses.replace(params, seed=seed)
+    for job_params in _choice_params(params, body.n):
         jobs.append(
             Job(
                 ids,
