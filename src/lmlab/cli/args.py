@@ -33,6 +33,13 @@ def log_config(args: Any) -> LogConfig:
     return LogConfig(**options(args.log))
 
 
+MODEL_HELP = (
+    "anything lmlab.load takes: a run or checkpoint folder, an HF folder, a .gguf file, or a "
+    "pretrained name (smollm2, minilm)"
+)
+"""The help of a command's --model flag that names a model to load."""
+
+
 def add_model_arguments(parser: ArgumentParser) -> None:
     """``--dtype`` and ``--device``: how a command that loads a model holds and runs it."""
     parser.add_argument(

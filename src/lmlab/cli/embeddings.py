@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from jsonargparse import ArgumentParser
 
-from lmlab.cli.args import add_model_arguments
+from lmlab.cli.args import MODEL_HELP, add_model_arguments
 from lmlab.errors import ConfigError
 from lmlab.fileio import atomic_write_json
 from lmlab.interp.embeddings import EmbeddingSpace, project_2d
@@ -24,8 +24,7 @@ def add_arguments(parser: ArgumentParser) -> None:
         "--model",
         type=str,
         required=True,
-        help="anything lmlab.load takes: a run or checkpoint folder, an HF folder, a .gguf "
-        "file, or a pretrained name (smollm2, minilm)",
+        help=MODEL_HELP,
     )
     parser.add_argument(
         "--words",

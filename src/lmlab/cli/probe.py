@@ -10,7 +10,7 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
-from lmlab.cli.args import add_model_arguments
+from lmlab.cli.args import MODEL_HELP, add_model_arguments
 from lmlab.data.probing import PROBING_TASKS
 from lmlab.errors import ConfigError
 from lmlab.interp.probing import POOLS, ProbeConfig, probe_model
@@ -21,8 +21,7 @@ def add_arguments(parser: ArgumentParser) -> None:
         "--model",
         type=str,
         required=True,
-        help="anything lmlab.load takes: a run or checkpoint folder, an HF folder, a .gguf "
-        "file, or a pretrained name (smollm2, minilm)",
+        help=MODEL_HELP,
     )
     parser.add_argument(
         "--task", type=str, default="pos", help="a bundled task: " + ", ".join(PROBING_TASKS)
