@@ -22,6 +22,10 @@ from lmlab.errors import LMLabError
 # command -> (module, help); each module has `add_arguments(parser)` and `run(args)`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("lmlab.cli.demo", "train a tiny GPT on Tiny Shakespeare and sample from it"),
+    "tokenize": (
+        "lmlab.cli.tokenize",
+        "characters, bytes, words and BPE compared; BPE from scratch against tokenizers",
+    ),
     "optimize": (
         "lmlab.cli.optimize",
         "gradient descent, momentum and Adam on functions you can draw; MSE vs cross-entropy",
