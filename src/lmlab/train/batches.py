@@ -108,6 +108,14 @@ class TrainBatches:
 
     def next_batch(self) -> torch.Tensor:
         """The next ``[batch_size, seq_len + 1]`` int64 windows; advances the position."""
+        return gather_windows(self.tokens, self._next_starts(), self.seq_len + 1)
+
+    def skip(self) -> None:
+        """Advance past one batch without reading it (another rank's, under torchrun)."""
+        self._next_starts()
+
+    def _next_starts(self) -> torch.Tensor:
+        """The start offsets of the next batch's windows; advances the position."""
         if self._plan_epoch != self.epoch:
             self._plan(self.epoch)
         if self.index + self.batch_size > len(self._order):  # drop the last partial batch
@@ -115,7 +123,7 @@ class TrainBatches:
             self._plan(self.epoch)
         picked = self._order[self.index : self.index + self.batch_size]
         self.index += self.batch_size
-        return gather_windows(self.tokens, self._offset + picked * self.seq_len, self.seq_len + 1)
+        return self._offset + picked * self.seq_len
 
     def state_dict(self) -> dict[str, int]:
         return {

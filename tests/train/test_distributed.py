@@ -1,0 +1,127 @@
+"""Distributed training on two CPU processes (gloo, 127.0.0.1): DDP and FSDP2 reproduce a
+single process with the same global batch, FSDP2 shards the parameters, a run saved on 2
+ranks resumes on 1, LoRA trains under both; gradient checkpointing changes no gradient.
+
+The two-process runs happen once (``two_ranks``, module scope: one spawn, four runs of
+50 steps); each test checks one property of them.
+"""
+
+import json
+
+import pytest
+import torch
+
+from distributed_runs import (
+    lr_for,
+    run_config,
+    spawn,
+    tiny_model,
+    train_scenarios,
+    walk_tokens,
+)
+from lmlab.checkpoint.io import checkpoint_dir, load_train_state
+from lmlab.train import train
+from lmlab.train.distributed import DCP_DIR, checkpoint_blocks
+
+pytestmark = pytest.mark.distributed
+
+# Float32 losses of the same global batch, summed in another order (two ranks' gradients
+# averaged by an all-reduce instead of accumulated): 50 AdamW steps stay within 1e-5.
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """{scenario: [rank 0's record, rank 1's record]} of ``train_scenarios`` on 2 ranks."""
+    root = tmp_path_factory.mktemp("ranks")
+    spawn(train_scenarios, 2, str(root))
+    records = {}
+    for name in ("ddp", "fsdp", "lora-ddp", "lora-fsdp"):
+        records[name] = [json.loads((root / f"{name}-rank{r}.json").read_text()) for r in range(2)]
+    return root, records
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The single-process runs with the same global batch (grad_accum=2 in one process)."""
+    root = tmp_path_factory.mktemp("single")
+    runs = {}
+    for name, lora in (("plain", False), ("lora", True)):
+        model = tiny_model(lora=lora)
+        result = train(model, walk_tokens(), None, run_config(root / name, lr=lr_for(lora)))
+        runs[name] = (result.train_losses, model)
+    return runs
+
+
+def losses(record) -> list[float]:
+    return [loss for _, loss in record["losses"]]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process_over_50_steps(two_ranks, one_process, parallel):
+    _, records = two_ranks
+    expected = [loss for _, loss in one_process["plain"][0]]
+    assert len(expected) == 50
+    for record in records[parallel]:  # every rank logs the same (global) loss
+        assert [step for step, _ in record["losses"]] == list(range(1, 51))
+        assert losses(record) == pytest.approx(expected, abs=TOLERANCE, rel=0)
+    assert expected[-1] < expected[0] - 0.5  # it learned something
+
+
+def test_fsdp_holds_half_the_parameter_bytes_per_rank(two_ranks):
+    _, records = two_ranks
+    full = records["fsdp"][0]["full_param_bytes"]
+    held = [record["param_bytes"] for record in records["fsdp"]]
+    assert sum(held) == full  # every element on exactly one rank
+    for part in held:
+        assert 0.4 * full <= part <= 0.6 * full
+    assert [record["param_bytes"] for record in records["ddp"]] == [full, full]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_saved_on_two_ranks_resumes_on_one(two_ranks, tmp_path, parallel):
+    root, records = two_ranks
+    saved = checkpoint_dir(root / parallel, 25)
+    assert (saved / DCP_DIR).is_dir()
+    assert load_train_state(saved)["data"]["index"] > 0  # the global stream's position
+    result = train(
+        tiny_model(seed=9),  # other initial weights: everything must come from the checkpoint
+        walk_tokens(),
+        None,
+        run_config(tmp_path / "resumed", resume=str(saved)),
+    )
+    continued = dict(records[parallel][0]["losses"])
+    resumed = dict(result.train_losses)
+    assert sorted(resumed) == list(range(26, 51))
+    assert resumed[26] == pytest.approx(continued[26], abs=1e-6, rel=0)
+    assert [resumed[s] for s in range(26, 51)] == pytest.approx(
+        [continued[s] for s in range(26, 51)], abs=TOLERANCE, rel=0
+    )
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_lora_trains_under_two_ranks_like_one_process(two_ranks, one_process, parallel):
+    _, records = two_ranks
+    expected, model = one_process["lora"]
+    for record in records[f"lora-{parallel}"]:
+        assert losses(record) == pytest.approx([v for _, v in expected], abs=TOLERANCE, rel=0)
+        assert losses(record)[-1] < losses(record)[0] - 0.1
+    if parallel == "ddp":  # only the LoRA matrices changed
+        changed = records["lora-ddp"][0]["changed"]
+        lora_names = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+        assert changed == lora_names and all(".lora_" in n for n in changed)
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    ids = torch.randint(0, 16, (3, 12), generator=torch.Generator().manual_seed(4))
+    grads = []
+    for wrap in (False, True):
+        model = tiny_model(seed=2)
+        if wrap:
+            assert checkpoint_blocks(model) == 2
+        logits = model(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=0)
