@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from distributed_runs import (
+    VOCAB,
     lr_for,
     run_config,
     spawn,
@@ -20,7 +21,9 @@ from distributed_runs import (
     walk_tokens,
 )
 from lmlab.checkpoint.io import checkpoint_dir, load_train_state
+from lmlab.data import TokenShards, write_shards
 from lmlab.train import train
+from lmlab.train.batches import ShardBatches
 from lmlab.train.distributed import DCP_DIR, checkpoint_blocks
 
 pytestmark = pytest.mark.distributed
@@ -125,3 +128,54 @@ def test_grad_checkpointing_gives_the_same_gradients():
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=0)
+
+
+@pytest.fixture
+def shards(tmp_path):
+    """3,000 tokens of ``walk_tokens`` in shards of 700 (the last one 200)."""
+    folder = write_shards(tmp_path / "shards", walk_tokens(3000), VOCAB, shard_tokens=700)
+    return TokenShards(folder)
+
+
+def test_token_shards_hold_the_stream(shards):
+    assert [len(s) for s in shards.shards] == [700, 700, 700, 700, 200]
+    assert shards.vocab_size == VOCAB
+    joined = [int(t) for s in shards.shards for t in s]
+    assert joined == walk_tokens(3000).tolist()
+
+
+def test_shard_stream_is_split_by_rank_and_resumes_mid_shard(shards):
+    def stream(rank=0, world=1, workers=0):
+        return ShardBatches(shards, 3, 8, seed=5, rank=rank, world_size=world, workers=workers)
+
+    one = stream()
+    alone = [one.next_batch() for _ in range(8)]
+    ranks = [stream(0, 2), stream(1, 2, workers=2)]
+    for i in range(4):  # rank r gets global batches r, r + 2, ...
+        for r in (0, 1):
+            assert torch.equal(ranks[r].next_batch(), alone[2 * i + r])
+    for batch in alone:  # real windows of the stream: each token the previous + 1 or 2
+        assert ((batch[:, 1:] - batch[:, :-1]) % VOCAB).ge(1).all()
+        assert ((batch[:, 1:] - batch[:, :-1]) % VOCAB).le(2).all()
+
+    reference = stream(1, 2)
+    for _ in range(7):
+        reference.next_batch()
+    state = reference.state_dict()
+    assert 0 < state["batch"] * 3 < 700 // 8  # the windows used so far end inside a shard
+    expected = [reference.next_batch() for _ in range(6)]
+    resumed = stream(1, 2, workers=2)  # read by two DataLoader workers
+    resumed.load_state_dict(state)
+    for want in expected:
+        assert torch.equal(resumed.next_batch(), want)
+
+
+def test_training_on_shards_resumes_exactly(shards, tmp_path):
+    def run(out, steps, resume="never"):
+        config = run_config(out, max_steps=steps, ckpt_interval=3, data_workers=1, resume=resume)
+        return train(tiny_model(), shards, None, config).train_losses
+
+    whole = run(tmp_path / "whole", 6)
+    run(tmp_path / "parts", 3)
+    rest = run(tmp_path / "parts", 6, resume="auto")
+    assert rest == whole[3:]

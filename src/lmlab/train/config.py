@@ -157,6 +157,9 @@ class TrainConfig:
     """Recompute each transformer block's activations in the backward pass instead of
     storing them (torch.utils.checkpoint): much less activation memory, about one more
     forward pass of compute per step."""
+    data_workers: int = 0
+    """DataLoader worker processes that read training batches from token shards
+    (``lmlab.data.TokenShards``) ahead of the step; 0 reads them in the training process."""
     log: LogConfig = LogConfig()
     """TensorBoard and Weights & Biases logging beside metrics.jsonl (``--log.*`` flags)."""
 
@@ -217,6 +220,7 @@ class TrainConfig:
         integer("spike_warmup", 0)
         integer("keep_last", 1, optional=True)
         integer("seed", 0)
+        integer("data_workers", 0)
         number("time_budget_s", 0, low_open=True, optional=True)
         number("lr", 0, low_open=True)
         number("min_lr", 0, low_open=False)

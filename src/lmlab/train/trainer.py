@@ -52,11 +52,12 @@ from lmlab.checkpoint.io import (
     read_config,
     resolve_checkpoint,
 )
+from lmlab.data.tokens import TokenShards
 from lmlab.devices import bf16_supported, resolve_device
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.models import base_model, model_spec
 from lmlab.train import distributed
-from lmlab.train.batches import Tokens, TrainBatches, fixed_batches
+from lmlab.train.batches import ShardBatches, Tokens, TrainBatches, fixed_batches
 from lmlab.train.config import TrainConfig
 from lmlab.train.distributed import Ranks
 from lmlab.train.guards import StepGuard, TrainingDiverged
@@ -222,16 +223,15 @@ class _Loop:
             if supervised.val is not None:
                 self.val = [_to_device(batch, device) for batch in supervised.val]
         else:
-            self.batches = TrainBatches(
-                train_tokens, config.batch_size, config.seq_len, config.seed
-            )
+            self.batches = _train_batches(train_tokens, config, ranks)
             self.loss_of = _next_token_loss
             if val_tokens is not None:
                 val = fixed_batches(
                     val_tokens, config.batch_size, config.seq_len, config.eval_batches
                 )
                 self.val = [_to_device(window, device) for window in val]
-        if ranks.enabled:  # rank r: micro-batches r, r + W, ... of the one global stream
+        if ranks.enabled and not getattr(self.batches, "by_rank", False):
+            # rank r: micro-batches r, r + W, ... of the one global stream
             self.batches = distributed.RankBatches(self.batches, ranks)
         self.guard = StepGuard(
             config.spike_factor, config.spike_window, config.spike_warmup, config.grad_spike_factor
@@ -605,6 +605,22 @@ class _Loop:
             log.warning("interrupted: saving a checkpoint at step %d", self.step)
             self.save(with_val=False)
         self.plot()
+
+
+def _train_batches(tokens, config: TrainConfig, ranks: Ranks):
+    """Shuffled windows of a 1-D token array, or streamed from token shards by rank and
+    DataLoader worker (``TokenShards``: a corpus larger than memory)."""
+    if isinstance(tokens, TokenShards):
+        return ShardBatches(
+            tokens,
+            config.batch_size,
+            config.seq_len,
+            config.seed,
+            ranks.rank,
+            ranks.world_size,
+            config.data_workers,
+        )
+    return TrainBatches(tokens, config.batch_size, config.seq_len, config.seed)
 
 
 def _next_token_loss(model, window, autocast, keep=1.0) -> tuple[torch.Tensor, int]:
