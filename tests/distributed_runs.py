@@ -21,6 +21,7 @@ from lmlab.train import TrainConfig, train
 from lmlab.train.distributed import local_part
 
 VOCAB = 16
+SHORT = 20  # steps of the LoRA and bf16 runs
 
 
 def tiny_spec() -> dict:
@@ -112,26 +113,34 @@ def param_bytes(model: torch.nn.Module) -> int:
 
 
 def train_scenarios(rank: int, root: str) -> None:
-    """DDP, FSDP2 and LoRA (under both) runs of ``run_config``; each rank writes what it
-    saw to ``root/<name>-rank<r>.json``."""
+    """DDP and FSDP2 runs of ``run_config`` (50 steps), LoRA under both and FSDP2 in bf16
+    (``SHORT`` steps); each rank writes what it saw to ``root/<name>-rank<r>.json``."""
     tokens = walk_tokens()
     scenarios = {
         "ddp": dict(parallel="ddp"),
         "fsdp": dict(parallel="fsdp"),
-        "lora-ddp": dict(parallel="ddp", lora=True),
-        "lora-fsdp": dict(parallel="fsdp", lora=True),
+        "lora-ddp": dict(parallel="ddp", lora=True, max_steps=SHORT),
+        "lora-fsdp": dict(parallel="fsdp", lora=True, max_steps=SHORT),
+        "fsdp-bf16": dict(parallel="fsdp", precision="bf16", max_steps=SHORT),
     }
     for name, how in scenarios.items():
         model = tiny_model(lora=how.get("lora", False))
         before = {k: v.detach().clone() for k, v in model.state_dict().items()}
         full = param_bytes(model)
-        config = run_config(Path(root) / name, parallel=how["parallel"], lr=lr_for(how.get("lora")))
+        config = run_config(
+            Path(root) / name,
+            parallel=how["parallel"],
+            lr=lr_for(how.get("lora")),
+            precision=how.get("precision", "fp32"),
+            max_steps=how.get("max_steps", 50),
+        )
         result = train(model, tokens, None, config)
         record = {
             "losses": result.train_losses,
             "param_bytes": param_bytes(model),
             "full_param_bytes": full,
             "tokens_per_s": result.tokens_per_s,
+            "dtypes": sorted({str(p.dtype) for p in model.parameters()}),
         }
         if how["parallel"] == "ddp":  # the replicated weights: which ones changed
             after = model.state_dict()
