@@ -146,3 +146,67 @@ def train_scenarios(rank: int, root: str) -> None:
             after = model.state_dict()
             record["changed"] = sorted(k for k in before if not torch.equal(before[k], after[k]))
         Path(root, f"{name}-rank{rank}.json").write_text(json.dumps(record))
+
+
+def write_finetune_base(root: Path) -> None:
+    """A tiny GPT checkpoint with a BPE tokenizer (``root/base``) and 60 instruction rows
+    of the bundled "reverse" task (``root/tasks.jsonl``), as tests/finetune builds them."""
+    from lmlab.checkpoint.io import save_checkpoint
+    from lmlab.data import BPETokenizer
+    from lmlab.data.tasks import generate_tasks, write_jsonl
+
+    rows = generate_tasks(["reverse"], 60, seed=0)
+    write_jsonl(rows, root / "tasks.jsonl")
+    text = "\n".join(f"{r['instruction']} {r['input']} {r['output']}" for r in rows)
+    tok = BPETokenizer.train(text + " ### Instruction: Response:", 400)
+    torch.manual_seed(0)
+    spec = {**tiny_spec(), "vocab_size": tok.vocab_size, "max_seq_len": 64}
+    save_checkpoint(root / "base", build_model(spec).eval(), tokenizer=tok)
+
+
+def finetune_config(out_dir, **changes) -> TrainConfig:
+    """10 LoRA steps of 2 x 4 examples; validation at the end."""
+    settings = dict(
+        out_dir=str(out_dir),
+        max_steps=10,
+        batch_size=4,
+        grad_accum=2,
+        lr=1e-2,
+        warmup_steps=2,
+        eval_interval=10,
+        ckpt_interval=10,
+        precision="fp32",
+        device="cpu",
+        progress=False,
+        seed=0,
+    )
+    return TrainConfig(**{**settings, **changes})
+
+
+def run_finetune(root: Path, name: str, **changes):
+    from lmlab.finetune.run import finetune
+
+    return finetune(
+        str(root / "base"),
+        str(root / "tasks.jsonl"),
+        method="lora",
+        max_len=64,
+        config=finetune_config(root / name, **changes),
+    )
+
+
+def finetune_ranks(rank: int, root: str) -> None:
+    """``finetune`` (LoRA) on every rank: refused under FSDP, trained under DDP."""
+    from lmlab.errors import ConfigError
+
+    root = Path(root)
+    record = {}
+    try:
+        run_finetune(root, "refused", parallel="fsdp")
+    except ConfigError as e:
+        record["fsdp_error"] = str(e)
+    result = run_finetune(root, "ddp", parallel="ddp")
+    record["losses"] = result.train.train_losses
+    record["val_losses"] = result.train.val_losses
+    record["model_dir"] = None if result.model_dir is None else str(result.model_dir)
+    Path(root, f"finetune-rank{rank}.json").write_text(json.dumps(record))

@@ -11,15 +11,19 @@ import json
 import pytest
 import torch
 
+import lmlab
 from distributed_runs import (
     SHORT,
     VOCAB,
+    finetune_ranks,
     lr_for,
     run_config,
+    run_finetune,
     spawn,
     tiny_model,
     train_scenarios,
     walk_tokens,
+    write_finetune_base,
 )
 from lmlab.checkpoint.io import checkpoint_dir, load_train_state
 from lmlab.data import TokenShards, write_shards
@@ -194,3 +198,24 @@ def test_training_on_shards_resumes_exactly(shards, tmp_path):
     run(tmp_path / "parts", 3, workers=1)
     rest = run(tmp_path / "parts", 6, workers=1, resume="auto")
     assert rest == whole[3:]
+
+
+@pytest.mark.slow  # two processes that each load a checkpoint and encode a task
+def test_finetune_under_torchrun_trains_like_one_process_and_writes_once(tmp_path):
+    write_finetune_base(tmp_path)
+    spawn(finetune_ranks, 2, str(tmp_path))
+    alone = run_finetune(tmp_path, "alone")
+    assert len(alone.train.train_losses) == 10
+    records = [json.loads((tmp_path / f"finetune-rank{r}.json").read_text()) for r in (0, 1)]
+    for record in records:
+        assert "parallel='ddp'" in record["fsdp_error"]
+        assert [loss for _, loss in record["losses"]] == pytest.approx(
+            [loss for _, loss in alone.train.train_losses], abs=TOLERANCE, rel=0
+        )
+        assert record["val_losses"][-1][1] == pytest.approx(
+            alone.train.val_losses[-1][1], abs=TOLERANCE
+        )
+    assert records[0]["model_dir"] == str(tmp_path / "ddp" / "model")  # rank 0 writes it
+    assert records[1]["model_dir"] is None
+    tuned = lmlab.load(records[0]["model_dir"])
+    assert tuned.tokenizer is not None

@@ -138,6 +138,18 @@ def setup(device: str = "auto") -> Ranks:
     return Ranks(rank, world, local)
 
 
+def command_ranks(config, command: str) -> Ranks:
+    """``setup`` for a command that writes a model after training (finetune, dpo,
+    reward): rank 0 writes it, so the model must be whole there, which FSDP's is not."""
+    ranks = setup(config.device)
+    if ranks.enabled and config.parallel == "fsdp":
+        raise ConfigError(
+            f"lmlab {command} on several processes trains with parallel='ddp' (its model is "
+            "written whole after training; FSDP leaves it sharded): drop --train.parallel fsdp"
+        )
+    return ranks
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None:
