@@ -27,9 +27,10 @@ from distributed_runs import (
 )
 from lmlab.checkpoint.io import checkpoint_dir, load_train_state
 from lmlab.data import TokenShards, write_shards
-from lmlab.train import train
+from lmlab.errors import ConfigError, DataError, DataNotFoundError
+from lmlab.train import TrainConfig, train
 from lmlab.train.batches import ShardBatches
-from lmlab.train.distributed import DCP_DIR, checkpoint_blocks
+from lmlab.train.distributed import DCP_DIR, Ranks, check_grad_accum, checkpoint_blocks
 
 pytestmark = pytest.mark.distributed
 
@@ -219,3 +220,22 @@ def test_finetune_under_torchrun_trains_like_one_process_and_writes_once(tmp_pat
     assert records[1]["model_dir"] is None
     tuned = lmlab.load(records[0]["model_dir"])
     assert tuned.tokenizer is not None
+
+
+def test_bad_distributed_settings_are_one_line_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"grad_accum=3 is invalid on 2 processes.*multiple of 2"):
+        check_grad_accum(3, Ranks(rank=0, world_size=2))
+    assert check_grad_accum(4, Ranks(rank=1, world_size=2)) == 2
+    with pytest.raises(ConfigError, match=r"parallel='zero'.*ddp, fsdp"):
+        TrainConfig(parallel="zero")
+    with pytest.raises(ConfigError, match="data_workers"):
+        TrainConfig(data_workers=-1)
+    with pytest.raises(ConfigError, match="grad_checkpoint=True needs a model made of"):
+        checkpoint_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    with pytest.raises(DataNotFoundError, match="holds no shards.json"):
+        TokenShards(tmp_path)
+    with pytest.raises(ConfigError, match="shard_tokens=1 is invalid"):
+        write_shards(tmp_path / "s", [1, 2, 3], VOCAB, shard_tokens=1)
+    with pytest.raises(DataError, match="outside"):
+        write_shards(tmp_path / "s", [1, 2, VOCAB], VOCAB)
+    assert not (tmp_path / "s" / "shards.json").exists()

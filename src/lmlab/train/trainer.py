@@ -19,6 +19,9 @@ schedule is a pure function of the step). The run folder (its lock, config.json,
 metrics.jsonl, checkpoint rotation, the resume source and the stop signals) belongs to
 ``lmlab.train.run.RunDir``; Ctrl-C and SIGTERM save a checkpoint and re-raise.
 
+Under torchrun the same loop runs on every process (``lmlab.train.distributed``: DDP or
+FSDP2, one global stream of micro-batches, DCP checkpoints; rank 0 writes the files).
+
 ``train`` reads in that order: check the inputs, own the folder, set up (``_Loop.start``:
 restore or seed, record), then ``_Loop.run``: ``train_step`` (with the out-of-memory
 back-off), ``log``, ``evaluate``, ``save`` at their intervals.
@@ -127,7 +130,8 @@ def train(
     """Train ``model`` on 1-D token arrays and write the run to ``config.out_dir``.
 
     train_tokens / val_tokens: 1-D integer arrays (numpy, np.memmap or torch) of token
-    ids; val_tokens may be None (no evaluation). ``supervised`` replaces both (pass None
+    ids; val_tokens may be None (no evaluation). train_tokens may also be token shards
+    (``lmlab.data.TokenShards``), streamed by rank and DataLoader worker. ``supervised`` replaces both (pass None
     for them) with batches of examples and their own loss: fine-tuning (``Supervised``).
     The model moves to ``config.device`` (``auto``: CUDA, then MPS, then the CPU) and
     trains there. ``callbacks`` are called with every event written to metrics.jsonl
@@ -778,8 +782,8 @@ def _restore(ckpt: Path, model, optimizer, batches, guard, spec) -> tuple[int, i
     elif distributed.is_sharded(model):
         raise CheckpointError(
             f"cannot resume {str(ckpt)!r} with parallel='fsdp': it was written by a single "
-            "process (no dcp/ folder); resume it with parallel='ddp' or in one process, "
-            "whose checkpoints then resume under FSDP"
+            "process (no dcp/ folder); resume it with parallel='ddp' (whose checkpoints "
+            "hold dcp/, which FSDP reads)"
         )
     else:
         load_weights(model, ckpt)
