@@ -274,6 +274,14 @@ def shrink(argv: list[str]) -> list[str]:
                             ("--eval_n", "2"), ("--d_model", "16"), ("--d_ff", "32"),
                             ("--n_heads", "2"), ("--progress", "false")]:  # fmt: skip
             argv = _set(argv, flag, value)
+    elif command == "positions":
+        for flag, value in [("--steps", "2"), ("--eval_every", "1"), ("--eval_rows", "8"),
+                            ("--d_model", "16")]:  # fmt: skip
+            argv = _set(argv, flag, value)
+    elif command == "residual":
+        for flag, value in [("--steps", "2"), ("--n_layers", "2"), ("--record_every", "1"),
+                            ("--seq_len", "16"), ("--batch_size", "2")]:  # fmt: skip
+            argv = _set(argv, flag, value)
     elif command in ("eval", "report"):
         argv = _set(argv, "--limit", "2")
     elif command == "probe":

@@ -330,12 +330,16 @@ def _fit_count_model(net, train_ids, val_ids, config: TrainConfig, tok) -> Train
     start = time.perf_counter()
     net.fit(train_ids)
     wall = time.perf_counter() - start
-    val = token_nll(net, val_ids, stride=config.seq_len, context=config.seq_len).mean().item()
+    val_losses = []
+    if getattr(net.config, "smoothing", None) != "stupid_backoff":  # scores: no loss to give
+        val = token_nll(net, val_ids, stride=config.seq_len, context=config.seq_len)
+        val_losses.append((0, val.mean().item()))
     ckpt = save_checkpoint(checkpoint_dir(run_dir, 0), net, tokenizer=tok)
     return TrainResult(
         step=0,
-        val_losses=[(0, val)],
+        val_losses=val_losses,
         checkpoint=ckpt,
         wall_time_s=wall,
         tokens_per_s=len(train_ids) / max(wall, 1e-9),
+        stop_reason="fitted",  # counted, not trained
     )

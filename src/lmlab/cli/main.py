@@ -26,6 +26,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lmlab.cli.optimize",
         "gradient descent, momentum and Adam on functions you can draw; MSE vs cross-entropy",
     ),
+    "positions": (
+        "lmlab.cli.positions",
+        "learned, sinusoidal, rotary and no positions on a task where order matters",
+    ),
+    "residual": (
+        "lmlab.cli.residual",
+        "a deep transformer with and without residuals and layer norm: gradients per block",
+    ),
     "train": ("lmlab.cli.train", "train a model on a corpus"),
     "generate": ("lmlab.cli.generate", "generate text from a checkpoint"),
     "chat": (

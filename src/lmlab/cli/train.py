@@ -41,10 +41,13 @@ def run(args, given=None) -> None:
     result = api.train(**options, config=config)
     if not distributed.setup(config.device).main:  # under torchrun, rank 0 reports
         return
-    if result.step == 0 and result.val_losses:  # a count-based model: fitted, not trained
-        loss = result.val_losses[-1][1]
+    if result.stop_reason == "fitted":  # a count-based model: fitted, not trained
         print(f"fitted in {result.wall_time_s:.2f} s ({result.tokens_per_s:,.0f} tokens/s)")
-        print(f"validation loss {loss:.4f} (perplexity {math.exp(loss):.2f})")
+        if result.val_losses:
+            loss = result.val_losses[-1][1]
+            print(f"validation loss {loss:.4f} (perplexity {math.exp(loss):.2f})")
+        else:
+            print("no validation loss: stupid_backoff gives scores, not probabilities")
         print(f"checkpoint: {result.checkpoint}")
         return
     print(
