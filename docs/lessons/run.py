@@ -1,6 +1,7 @@
 """Run every lesson's command at full size, time it and check its figure (`make lessons`).
 
-Each lesson page opens with its command: the first ``sh``/``bash`` block of the page. The
+Each lesson page opens with its command: the first ``sh``/``bash`` (or ``python``) block
+of the page. The
 line after that block may promise what the command writes::
 
     <!-- makes: runs/lessons/cot/methods.png -->
@@ -37,6 +38,7 @@ ROOT = HERE.parent.parent
 TIMINGS = HERE / "timings.json"
 INDEX = HERE / "README.md"
 MAKES = re.compile(r"<!--\s*makes:\s*(.+?)\s*-->")
+RUN = re.compile(r"<!--\s*lesson-run:\s*(.+?)\s*-->")
 
 # The course's topics in teaching order, each with the lesson pages (by number) that teach it.
 COURSE: list[tuple[str, list[int]]] = [
@@ -81,15 +83,25 @@ def pages() -> dict[int, Path]:
 
 
 def lesson_command(page: Path) -> tuple[str, list[str]] | None:
-    """(the page's first sh/bash block, the files its makes-line promises), or None."""
+    """(the page's first sh/bash/python block as a bash script, the files its makes-line
+    promises), or None."""
     lines = page.read_text(encoding="utf-8").splitlines()
+    for line in lines:  # a page whose command never ends (a server) names a finite one
+        instead = RUN.fullmatch(line.strip())
+        if instead:
+            runs, _, makes = instead.group(1).partition(" makes: ")
+            return runs.strip(), [m.strip() for m in makes.split(",") if m.strip()]
     for i, line in enumerate(lines):
-        if re.fullmatch(r"```(sh|bash)\s*", line):
+        lang = re.fullmatch(r"```(sh|bash|python)\s*", line)
+        if lang:
             end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
             after = next((lines[j] for j in range(end + 1, len(lines)) if lines[j].strip()), "")
             match = MAKES.fullmatch(after.strip())
             makes = [p.strip() for p in match.group(1).split(",")] if match else []
-            return "\n".join(lines[i + 1 : end]), makes
+            code = "\n".join(lines[i + 1 : end])
+            if lang.group(1) == "python":  # a Python block runs in the venv's interpreter
+                code = f"python - <<'LESSON'\n{code}\nLESSON"
+            return code, makes
     return None
 
 
@@ -101,7 +113,7 @@ def title(page: Path) -> str:
 def run_lesson(page: Path) -> dict:
     found = lesson_command(page)
     if found is None:
-        return {"ok": False, "error": "the page has no sh/bash block"}
+        return {"ok": False, "error": "the page has no sh/bash/python block"}
     block, makes = found
     env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"}
     start, cpu_before = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
