@@ -165,7 +165,8 @@ def fused_projection(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor):
     up) that read the same input cost one call instead when their class offers ``fuse``
     (``lmlab.quant.Int4Linear``: the same numbers, tested) and nothing could tell the
     difference: ``owner.fast`` on, no hook on the projections, and no gradient needed.
-    The fused copy is made on first use and remade if a projection is replaced (LoRA).
+    The fused copy is made on first use and remade if a projection is replaced (LoRA)
+    or it handed its weights back to the projections.
     """
     if not owner.fast:
         return None
@@ -174,7 +175,10 @@ def fused_projection(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor):
     if fuse is None or any(m._forward_hooks or m._forward_pre_hooks for m in layers):
         return None
     made = owner._fused.get(names)
-    if made is None or any(a is not b for a, b in zip(made[0], layers)):
+    # remade when a projection was replaced, or the fused copy gave its weights back
+    # (``Int4Matmul.release``: the layers were saved or moved)
+    stale = made is None or any(a is not b for a, b in zip(made[0], layers))
+    if stale or (made[1] is not None and made[1].packed is None):
         made = owner._fused[names] = (layers, fuse(layers))
     kernel = made[1]
     return kernel(x) if kernel is not None and kernel.applies(x) else None
