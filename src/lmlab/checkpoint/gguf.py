@@ -963,7 +963,8 @@ def pack_4bit(model: nn.Module) -> None:
     that glibc keeps: they go back after each block (``return_free_memory``)."""
     for block in model.blocks:
         for names in _KERNEL_GROUPS:
-            layers = [block.get_submodule(n) for n in names]
+            modules = dict(block.named_modules())
+            layers = [modules.get(n) for n in names]  # GPT-2 blocks have no gate_proj
             if all(type(m) is Int4Linear for m in layers) and Int4Linear.fuse(layers):
                 return_free_memory()
 
@@ -1021,7 +1022,8 @@ def load_gguf(
     del hf_state  # the model takes these tensors themselves: the weights are held once
     assign_converted(model, {k: v for k, v in state.items() if not v.is_meta}, dtype)
     del state
-    pack_4bit(model)  # after assign_converted: its state_dict() reads the saved form
+    if kept:
+        pack_4bit(model)  # after assign_converted: its state_dict() reads the saved form
     quantized = list(kept.values())
     check_tokenizer_fits(tokenizer, model, str(g.path))
     tokens = g.metadata.get("tokenizer.ggml.tokens", [])
