@@ -351,9 +351,12 @@ class Block(nn.Module):
     def forward(self, x, rope, attn_mask, cache):
         x = self.hook_resid_pre(x)
         attn_out = self.hook_attn_out(self.attn(self.attn_norm(x), rope, attn_mask, cache))
-        x = self.hook_resid_mid(x + self.resid_dropout(attn_out))
+        x = self.hook_resid_mid(x + self._dropout(attn_out))
         mlp_out = self.hook_mlp_out(self.mlp(self.mlp_norm(x)))
-        return self.hook_resid_post(x + self.resid_dropout(mlp_out))
+        return self.hook_resid_post(x + self._dropout(mlp_out))
+
+    def _dropout(self, x):
+        return self.resid_dropout(x) if self.training else x  # eval: no call at all
 
 
 # ----------------------------------------------------------------------------- model
