@@ -150,3 +150,16 @@ def test_moving_a_packed_layer_moves_its_saved_form():
     assert lin.qweight is None
     lin.float()
     assert lin.qweight is not None and lin.scale.dtype == torch.float32
+
+
+def test_weights_packed_while_decoding_serve_training_afterwards():
+    """Packed under inference_mode (as decoding does), then needed with a gradient (QLoRA
+    over Int4Linear): the saved form comes back as ordinary tensors and backward runs."""
+    lin, _ = layer(bias=False, k=32, group=32)
+    with torch.inference_mode():
+        lin(torch.randn(2, 32, dtype=torch.bfloat16))
+    assert lin.qweight is None
+    x = torch.randn(3, 32, requires_grad=True)
+    lin(x).sum().backward()
+    assert not lin.qweight.is_inference() and not lin.scale.is_inference()
+    torch.testing.assert_close(x.grad, lin.dequantize().sum(0).expand(3, -1), atol=1e-5, rtol=1e-5)

@@ -279,8 +279,8 @@ class Int4Matmul:
                 qm = q[rows]
                 m._restore(
                     qm[:, 0::2] | (qm[:, 1::2] << 4),  # (N, K/2), low nibble first
-                    m.scale.contiguous(),
-                    m.zero.contiguous(),
+                    m.scale.clone(memory_format=torch.contiguous_format),  # own copies
+                    m.zero.clone(memory_format=torch.contiguous_format),
                 )
                 start += m.out_features
         self.packed = self.scale_zero = None
