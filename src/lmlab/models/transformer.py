@@ -419,9 +419,18 @@ class Transformer(nn.Module):
     def use_fast_decoding(self, fast: bool = True) -> None:
         """Take the decoding shortcuts that give the same numbers (the default): projections
         that read the same input in one call where their class allows (``fused_projection``).
-        ``False`` runs the plain path the tests compare them with."""
+        ``False`` runs the plain path the tests compare them with: each projection
+        computed alone (a fused copy made for the shortcut is undone where the class
+        offers ``unfuse``, as ``lmlab.quant.Int4Linear`` does)."""
         for block in self.blocks:
             block.attn.fast = block.mlp.fast = fast
+            if fast:
+                continue
+            attn, mlp = block.attn, block.mlp
+            for layer in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+                unfuse = getattr(layer, "unfuse", None)
+                if unfuse is not None:
+                    unfuse()
 
     def use_explicit_attention(self, explicit: bool = True) -> None:
         """Route attention through the path that materialises the pattern (for inspection)."""

@@ -123,6 +123,14 @@ class Int4Linear(nn.Module):
             self._kernel.release()
         return self
 
+    def unfuse(self) -> None:
+        """Compute alone from now on: if this layer shares a packed copy with others
+        (``fuse``), that copy gives their weights back, and each packs its own on its next
+        call. The plain decoding path (``use_fast_decoding(False)``) asks for it, so that
+        it stays the reference the fused path is compared with."""
+        if self._kernel is not None and len(self._kernel.layers) > 1:
+            self._kernel.release()
+
     def _adopt(self, kernel: Int4Matmul, start: int) -> None:
         """``kernel`` now holds this layer's weights at outputs [start, start + N): the
         saved ``qweight`` is dropped, so that the weights are in memory once, and
