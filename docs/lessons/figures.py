@@ -1,6 +1,6 @@
 """Regenerate the figures of lessons 3 to 7 (the model ladder). From the repository root:
 
-    .venv/bin/python docs/lessons/figures.py ngram          # lesson 3: fits 34 n-gram models
+    .venv/bin/python docs/lessons/figures.py ngram          # lesson 3: fits 48 n-gram models
     .venv/bin/python docs/lessons/figures.py feedforward    # lessons 4 and 5 (reads runs/)
     .venv/bin/python docs/lessons/figures.py context_sweep  # lesson 4, window size (reads runs/)
     .venv/bin/python docs/lessons/figures.py recurrent      # lesson 6 (reads runs/)
@@ -63,7 +63,15 @@ def ngram() -> None:
     tok, train, val = prepare_data("tinyshakespeare", ROOT / "runs/lessons/ngram", "char")
     train, val = np.asarray(train, dtype=np.int64), np.asarray(val, dtype=np.int64)
     orders = range(1, 8)
-    methods = ["mle", "add_k", "backoff", "kneser_ney", "modified_kneser_ney"]
+    methods = [
+        "mle",
+        "add_k",
+        "backoff",
+        "witten_bell",
+        "linear_interpolation",
+        "kneser_ney",
+        "modified_kneser_ney",
+    ]
     table: dict[str, list[float]] = {m: [] for m in methods}
     for method in methods:
         for n in orders:
@@ -80,6 +88,9 @@ def ngram() -> None:
             print(
                 f"{method:20s} n={n}  val perplexity {ppl:8.3f}  ({time.perf_counter() - t0:.1f} s)"
             )
+            if method == "linear_interpolation":
+                weights = ", ".join(f"{w:.3f}" for w in model.interpolation_weights.tolist())
+                print(f"{'':20s}      EM weights lambda_0..{n}: {weights}")
     (ROOT / "runs/lessons/ngram.json").write_text(
         json.dumps({m: table[m] for m in methods}, indent=1)
     )
@@ -97,6 +108,8 @@ def plot_ngram() -> None:
         "mle": ("MLE (no smoothing)", "k", "x"),
         "add_k": ("add-1 (Laplace)", "tab:red", "o"),
         "backoff": ("backoff, D=0.75", "tab:orange", "s"),
+        "witten_bell": ("Witten-Bell", "tab:purple", "D"),
+        "linear_interpolation": ("linear interpolation (EM weights)", "tab:brown", "P"),
         "kneser_ney": ("interpolated Kneser-Ney, D=0.75", "tab:blue", "^"),
         "modified_kneser_ney": ("modified Kneser-Ney", "tab:green", "v"),
     }

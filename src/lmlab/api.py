@@ -11,6 +11,7 @@ Every CLI command is one of these functions; ``lmlab.cli`` only parses and print
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -46,7 +47,7 @@ from lmlab.lm import LM, default_dtype, load
 from lmlab.models import abilities, build_model, get_preset, require_causal_lm
 from lmlab.quant.quantize import QUANTIZED_LAYERS, model_size_bytes, quantize_model
 from lmlab.seeds import seeded
-from lmlab.train import TrainConfig, TrainResult
+from lmlab.train import TrainConfig, TrainResult, distributed
 from lmlab.train import train as _train_loop
 from lmlab.train.run import RunLock, StopSignals, ensure_run_dir
 
@@ -294,12 +295,14 @@ def train(
     """
     config = config or TrainConfig()
     spec = model_spec_from(model, model_overrides)  # a bad preset fails before any work
+    ranks = distributed.setup(config.device)  # under torchrun: rank 0 prepares and writes
     # One writer per run folder, from the data preparation on (the trainer takes it again);
     # SIGTERM while preparing stops cleanly too (the lock goes with the process).
-    with RunLock(ensure_run_dir(config.out_dir)), StopSignals():
-        tok, train_ids, val_ids = prepare_data(
-            data, config.out_dir, tokenizer, vocab_size, val_fraction
-        )
+    lock = RunLock(ensure_run_dir(config.out_dir)) if ranks.main else contextlib.nullcontext()
+    with lock, StopSignals():
+        prepare = lambda: prepare_data(data, config.out_dir, tokenizer, vocab_size, val_fraction)
+        ranks.from_main(lambda: prepare() and None)  # the other ranks then read its files
+        tok, train_ids, val_ids = prepare()
         # The run's seed fixes the initial weights too (reliability item 31), without
         # touching the caller's global RNG.
         spec = {**spec, "vocab_size": tok.vocab_size}
@@ -310,6 +313,11 @@ def train(
             net = build_model(spec)
         require_causal_lm(net, "lmlab train (next-token prediction)")
         if hasattr(net, "fit") and not any(p.requires_grad for p in net.parameters()):
+            if ranks.enabled:
+                raise ConfigError(
+                    f"a {spec['family']} model is counted, not trained: run it in one process "
+                    "(without torchrun)"
+                )
             return _fit_count_model(net, train_ids, val_ids, config, tok)
         return _train_loop(net, train_ids, val_ids, config, tokenizer=tok)
 
@@ -322,12 +330,16 @@ def _fit_count_model(net, train_ids, val_ids, config: TrainConfig, tok) -> Train
     start = time.perf_counter()
     net.fit(train_ids)
     wall = time.perf_counter() - start
-    val = token_nll(net, val_ids, stride=config.seq_len, context=config.seq_len).mean().item()
+    val_losses = []
+    if getattr(net.config, "smoothing", None) != "stupid_backoff":  # scores: no loss to give
+        val = token_nll(net, val_ids, stride=config.seq_len, context=config.seq_len)
+        val_losses.append((0, val.mean().item()))
     ckpt = save_checkpoint(checkpoint_dir(run_dir, 0), net, tokenizer=tok)
     return TrainResult(
         step=0,
-        val_losses=[(0, val)],
+        val_losses=val_losses,
         checkpoint=ckpt,
         wall_time_s=wall,
         tokens_per_s=len(train_ids) / max(wall, 1e-9),
+        stop_reason="fitted",  # counted, not trained
     )

@@ -58,6 +58,8 @@ def sentence_log10(model: NGramLM, ids: list[int]) -> torch.Tensor:
         ("modified_kneser_ney", 5, 3),
         ("backoff", 3, 4),
         ("backoff", 4, 5),
+        ("witten_bell", 3, 6),
+        ("linear_interpolation", 3, 8),
     ],
 )
 def test_arpa_file_matches_kenlm(kenlm, tmp_path, smoothing, order, seed):
@@ -76,7 +78,9 @@ def test_arpa_file_matches_kenlm(kenlm, tmp_path, smoothing, order, seed):
         assert float(ours.sum()) == pytest.approx(reference.score(sentence), abs=KENLM_ATOL)
 
 
-@pytest.mark.parametrize("smoothing", ["kneser_ney", "modified_kneser_ney", "backoff"])
+@pytest.mark.parametrize(
+    "smoothing", ["kneser_ney", "modified_kneser_ney", "backoff", "witten_bell"]
+)
 def test_arpa_round_trip_scores_the_same(tmp_path, smoothing):
     rng = random.Random(7)
     train = random_text(rng, 200)
@@ -176,7 +180,7 @@ def test_bad_arpa_files_are_one_line_errors_naming_the_line(tmp_path, edit, line
 
 def test_smoothings_without_a_backoff_form_and_bad_words_are_refused(tmp_path):
     tok = WordTokenizer.train("a b\nb a\n")
-    for smoothing in ("mle", "add_k"):
+    for smoothing in ("mle", "add_k", "stupid_backoff"):
         with pytest.raises(ConfigError, match="no ARPA"):
             write_arpa(fitted("a b\n", tok, order=2, smoothing=smoothing), tmp_path / "x.arpa")
     model = fitted("a b\n", tok, order=2)

@@ -56,3 +56,15 @@ def test_export_arpa_of_a_model_that_is_not_an_ngram_is_one_line(tmp_path, capsy
     assert main(["export", "--model", str(tmp_path / "ckpt"), *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lmlab: error:") and err.count("\n") == 1 and "not an n-gram" in err
+
+
+def test_train_stupid_backoff_reports_no_perplexity(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("to be or not to be\nthat is the question\n" * 20)
+    overrides = '{"smoothing": "stupid_backoff"}'
+    args = ["train", "--model", "ngram-word", "--model_overrides", overrides]
+    args += ["--data", str(corpus), "--tokenizer", "word", "--train.out_dir", str(tmp_path / "r")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "fitted in" in out and "scores, not probabilities" in out and "perplexity" not in out
+    assert lmlab.load(tmp_path / "r").model.config.smoothing == "stupid_backoff"

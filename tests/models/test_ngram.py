@@ -147,7 +147,7 @@ def test_hand_worked_counts():
         (s, n)
         for s in ngram_module.FITTED_SMOOTHINGS
         for n in (1, 2, 4)
-        if n > 1 or "kneser" not in s
+        if (n > 1 or "kneser" not in s) and s != "stupid_backoff"  # scores: its own test
     ],
 )
 def test_forward_is_a_distribution(smoothing, order):
@@ -246,7 +246,7 @@ def test_gathered_scores_equal_the_full_rows_exactly(smoothing, sentences):
             targets = torch.randint(0, 10, (4, 23), generator=g)
             mask = torch.rand(4, 23, generator=g) > 0.1
             full = model.log_probs(ids, mask).gather(-1, targets[..., None])[..., 0]
-            assert torch.equal(model.log_prob(ids, targets, mask), full)
+            assert torch.equal(model.log_scores(ids, targets, mask), full)
 
 
 def test_token_nll_gathers_the_same_surprisal_as_the_logits():
@@ -284,3 +284,157 @@ def test_a_word_5gram_over_10000_ids_fits_int64():
     model = NGramLM(NGramConfig(vocab_size=10_000, order=5)).fit(ids)
     assert int(model.keys_5.max()) < 5_000 * 10_000
     assert torch.isfinite(model.log_prob(ids[None, :-1], ids[None, 1:])).all()
+
+
+# ----------------------------------------------------------------------------- Witten-Bell,
+# stupid backoff, linear interpolation (issue 23)
+
+# The hand-worked examples share one corpus: "a b a a" with a, b, c = 0, 1, 2 (V = 3) and
+# BOS = 3. Counts: unigrams a 3, b 1, c 0 (N = 4); bigrams (BOS a), (a b), (b a), (a a);
+# the context a was followed twice (by b and a: T = 2 distinct), b once (by a: T = 1).
+CORPUS = [0, 1, 0, 0]
+
+
+def test_witten_bell_hand_worked():
+    model = NGramLM(NGramConfig(vocab_size=3, order=2, smoothing="witten_bell")).fit(CORPUS)
+    # unigram, T = 2 distinct tokens in N = 4, interpolated with the uniform 1/3:
+    #   p(w) = (c(w) + 2/3) / (4 + 2): a 11/18, b 5/18, c 2/18
+    # after a (c = 2, T = 2): p(w | a) = (c(a w) + 2 p(w)) / 4
+    #   a (1 + 22/18) / 4 = 10/18, b (1 + 10/18) / 4 = 7/18, c (4/18) / 4 = 1/18
+    # after b (c = 1, T = 1): p(w | b) = (c(b w) + p(w)) / 2
+    #   a (1 + 11/18) / 2 = 29/36, b (5/18) / 2 = 5/36, c (2/18) / 2 = 2/36
+    # after c (never seen as a context): the unigram distribution
+    expected = torch.tensor(
+        [[10 / 18, 7 / 18, 1 / 18], [29 / 36, 5 / 36, 2 / 36], [11 / 18, 5 / 18, 2 / 18]],
+        dtype=torch.float64,
+    )
+    probs = model.log_probs(torch.tensor([[0, 1, 2]]))[0].exp()
+    torch.testing.assert_close(probs, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_stupid_backoff_hand_worked():
+    model = NGramLM(NGramConfig(vocab_size=3, order=3, smoothing="stupid_backoff")).fit(CORPUS)
+    # S(w | ctx) = c(ctx w) / c(ctx) if c(ctx w) > 0, else 0.4 * S(w | shorter ctx).
+    # unigram: a 3/4, b 1/4; c unseen backs off to the uniform: 0.4 * 1/3 = 2/15
+    # bigram, after b: a 1/1 = 1; b 0.4 * 1/4 = 0.1; c 0.4 * 2/15 = 4/75
+    # trigrams: (BOS BOS a), (BOS a b), (a b a), (b a a). After (b a) (seen once, by a):
+    #   a 1/1 = 1; b 0.4 * S(b | a) = 0.4 * 1/2 = 0.2; c 0.4 * 0.4 * 2/15 = 8/375
+    # After (BOS b), a context never seen, each order skipped still costs 0.4:
+    #   a 0.4 * 1 = 0.4, b 0.4 * 0.1 = 0.04, c 0.4 * 4/75 = 8/375
+    scores = model.log_probs(torch.tensor([[1, 0]]))[0].exp()
+    expected = torch.tensor([[0.4, 0.04, 8 / 375], [1.0, 0.2, 8 / 375]], dtype=torch.float64)
+    torch.testing.assert_close(scores, expected, rtol=1e-12, atol=1e-12)
+    assert scores[0].sum() < 1 < scores[1].sum()  # scores, not probabilities
+    # the gathered scores are the same numbers; perplexity is refused, naming why
+    gathered = model.log_scores(torch.tensor([[1, 0]]), torch.tensor([[0, 1]])).exp()
+    torch.testing.assert_close(gathered[0], torch.tensor([0.4, 0.2], dtype=torch.float64))
+    with pytest.raises(ConfigError, match="stupid_backoff.*not sum to 1"):
+        ngram_perplexity(model, [0, 1])
+    from lmlab.generate.likelihood import token_nll
+
+    with pytest.raises(ConfigError, match="perplexity.*stupid_backoff"):
+        token_nll(model, torch.tensor([0, 1, 0]))
+
+
+def test_katz_backoff_hand_worked():
+    config = NGramConfig(vocab_size=3, order=2, smoothing="backoff", discount=0.5)
+    model = NGramLM(config).fit(CORPUS)
+    # unigram (D = 0.5, floor 1/3): a (3 - .5)/4 = 0.625, b (1 - .5)/4 = 0.125; the freed
+    #   0.5 * 2 types / 4 = 0.25 goes to c, the only unseen token: p(c) = 0.25
+    # after a (c = 2; a and b seen once): (1 - .5)/2 = 0.25 each; freed 0.5 * 2 / 2 = 0.5,
+    #   shared by the unseen c in proportion to p(c) / p(c) -> 0.5
+    # after b (c = 1; a seen once): a 0.5; freed 0.5 spread over b and c by their unigram
+    #   mass 0.125 : 0.25 -> b 1/6, c 1/3
+    expected = torch.tensor(
+        [[0.25, 0.25, 0.5], [0.5, 1 / 6, 1 / 3], [0.625, 0.125, 0.25]], dtype=torch.float64
+    )
+    probs = model.log_probs(torch.tensor([[0, 1, 2]]))[0].exp()
+    torch.testing.assert_close(probs, expected, rtol=1e-12, atol=1e-12)
+
+
+def nltk_lm(lm_cls, train, order: int, **kw):
+    lm = lm_cls(order=order, **kw)
+    lm.fit([nltk_ngrams(train, order)], vocabulary_text=[str(i) for i in range(V)] + ["<s>"])
+    return lm
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_ngram_matches_nltk_witten_bell(order):
+    train, test = make_data(order, seed=11)
+    ours = lmlab_perplexity(train, test, order=order, smoothing="witten_bell", uniform_floor=False)
+    theirs = nltk_perplexity(nltk.lm.WittenBellInterpolated, train, test, order)
+    assert ours == pytest.approx(theirs, rel=RTOL)
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_ngram_matches_nltk_stupid_backoff(order):
+    # scores, not perplexities: each position's score from the same n-gram contexts,
+    # with unseen tokens 6, 7 and contexts never seen in training among the queries
+    g = torch.Generator().manual_seed(12)
+    train = torch.randint(0, V, (400,), generator=g)
+    config = NGramConfig(
+        vocab_size=V + 2, order=order, smoothing="stupid_backoff", uniform_floor=False
+    )
+    model = NGramLM(config).fit(train)
+    lm = nltk_lm(nltk.lm.StupidBackoff, train, order, alpha=0.4)
+    test = torch.randint(0, V + 2, (60,), generator=g)
+    ours = model.log_scores(*ngram_module._from_bos(test))[0].exp()
+    words = ["<s>"] * (order - 1) + [str(i) for i in test.tolist()]
+    theirs = [lm.score(words[t + order - 1], words[t : t + order - 1]) for t in range(60)]
+    torch.testing.assert_close(ours, torch.tensor(theirs, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+def test_linear_interpolation_em_worked_example():
+    # the tune_weights docstring: unigrams (1/2, 1/2, 0, 0), held-out [0, 0, 2] -> 1/3
+    config = NGramConfig(vocab_size=4, order=1, smoothing="linear_interpolation")
+    model = NGramLM(config).fit([0, 1])  # two ids: too few to hold any out
+    assert model.interpolation_weights.tolist() == [0.5, 0.5]
+    weights = model.tune_weights([0, 0, 2], max_iters=2000, tol=0)
+    assert weights == pytest.approx([2 / 3, 1 / 3], abs=1e-6)
+
+
+def test_linear_interpolation_em_beats_every_weight_on_a_grid():
+    # EM climbs to the held-out likelihood's maximum: no point of a 0.05 grid over the
+    # simplex of (lambda_0, .., lambda_3) scores the held-out text better.
+    g = torch.Generator().manual_seed(13)
+    train, heldout = (
+        torch.randint(0, 5, (300,), generator=g),
+        torch.randint(0, 5, (80,), generator=g),
+    )
+    config = NGramConfig(vocab_size=7, order=3, smoothing="linear_interpolation")
+    model = NGramLM(config)
+    model._count(train)
+    tuned = torch.tensor(model.tune_weights(heldout, max_iters=500, tol=0))
+    assert tuned.sum().item() == pytest.approx(1.0, abs=1e-12)
+
+    def heldout_logp(weights):
+        model.interpolation_weights = weights.double()
+        model._stats = None
+        return model.log_prob(*ngram_module._from_bos(heldout)).sum().item()
+
+    best = heldout_logp(tuned)
+    steps = torch.arange(0, 21) / 20
+    for l1 in steps:
+        for l2 in steps:
+            for l3 in steps:
+                if l1 + l2 + l3 < 1:
+                    grid = torch.stack([1 - l1 - l2 - l3, l1, l2, l3])
+                    assert heldout_logp(grid) <= best + 1e-9
+    # and the model it gives is the weighted sum over orders, by hand: over the orders
+    # whose context was seen (all but the held-out's BOS contexts), weights renormalised
+    model.interpolation_weights = tuned.double()
+    model._stats = None
+    probs, seen = model.order_probabilities(heldout)
+    assert 0 < (~seen).sum() < 5
+    weights = tuned.double()[:, None] * seen  # (n+1, Q)
+    by_hand = (weights * probs).sum(0) / weights.sum(0)
+    torch.testing.assert_close(model.log_prob(*ngram_module._from_bos(heldout))[0].exp(), by_hand)
+
+
+def test_new_smoothings_errors():
+    with pytest.raises(ConfigError, match="alpha=0.*\\(0, 1\\]"):
+        NGramConfig(vocab_size=5, smoothing="stupid_backoff", alpha=0.0)
+    with pytest.raises(ConfigError, match="heldout=1"):
+        NGramConfig(vocab_size=5, smoothing="linear_interpolation", heldout=1.0)
+    with pytest.raises(ConfigError, match="tune_weights.*'kneser_ney'"):
+        NGramLM(NGramConfig(vocab_size=5)).fit([0, 1, 2]).tune_weights([0, 1])

@@ -1,4 +1,5 @@
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -288,3 +289,136 @@ def test_the_plain_path_undoes_fused_4bit_projections():
     for layer in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
         assert layer._kernel.layers == [layer]
     assert torch.equal(plain, fused)
+
+
+# ----------------------------------------------------------------------------- positions,
+# residual connections and norms taken out (issue 23)
+
+POS_KINDS = ["learned", "rope", "sinusoidal", "none"]
+
+
+def test_sinusoidal_table_matches_the_formula_by_hand():
+    from lmlab.models.transformer import sinusoidal_table
+
+    pe = sinusoidal_table(torch.tensor([[0, 3, 7]]), 8)[0]  # (3 positions, D = 8)
+    # PE[pos, 2i] = sin(pos / 10000^(2i/8)), PE[pos, 2i+1] = cos(same), i = 0..3;
+    # e.g. PE[3, 2] = sin(3 / 10000^(1/4)) = sin(0.3) = 0.2955202, PE[3, 3] = cos(0.3)
+    assert pe[1, 2].item() == pytest.approx(0.2955202, abs=1e-6)
+    assert pe[1, 3].item() == pytest.approx(0.9553365, abs=1e-6)
+    for row, pos in enumerate((0, 3, 7)):
+        for i in range(4):
+            angle = pos / 10000 ** (2 * i / 8)
+            assert pe[row, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
+            assert pe[row, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+
+
+def test_sinusoidal_positions_are_added_and_not_trained():
+    from lmlab.models.transformer import sinusoidal_table
+
+    model = build_model(tiny_spec(pos="sinusoidal")).eval()
+    none = build_model(tiny_spec(pos="none"))
+    assert set(model.state_dict()) == set(none.state_dict())  # no position parameters
+    seen = {}
+    model.blocks[0].hook_resid_pre.register_forward_hook(lambda m, i, o: seen.update(x=o))
+    ids = torch.randint(0, 50, (2, 9))
+    model(ids)
+    # the stream entering block 0: tokens scaled by sqrt(D) (Vaswani et al. 3.4) + the table
+    expected = model.tok_emb(ids) * math.sqrt(32) + sinusoidal_table(torch.arange(9)[None], 32)
+    torch.testing.assert_close(seen["x"], expected)
+
+
+@pytest.mark.parametrize("pos", POS_KINDS)
+def test_every_position_kind_decodes_pads_and_packs_right(pos):
+    torch.manual_seed(1)
+    model = build_model(tiny_spec(pos=pos)).eval()
+    # 1. cached decoding equals recomputing the whole prefix
+    ids = torch.randint(0, 50, (2, 20))
+    cache = model.new_cache(2, 32)
+    steps = [model(ids[:, :7], cache=cache)] + [
+        model(ids[:, t : t + 1], cache=cache) for t in range(7, 20)
+    ]
+    torch.testing.assert_close(torch.cat(steps, 1), model(ids), atol=1e-5, rtol=1e-5)
+    # 2. a left-padded row, then a cached step, equals the row alone
+    a, b = torch.randint(0, 50, (1, 9)), torch.randint(0, 50, (1, 5))
+    padded = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, :4] = False
+    cache = model.new_cache(2, 16)
+    first = model(padded, cache=cache, mask=mask)
+    nxt = torch.randint(0, 50, (2, 1))
+    second = model(nxt, cache=cache)
+    torch.testing.assert_close(first[1, 4:], model(b)[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        second[1, 0], model(torch.cat([b, nxt[1:]], 1))[0, -1], atol=1e-5, rtol=1e-5
+    )
+    # 3. a packed row computes what its examples would alone (positions restart)
+    packed = torch.cat([a[:, :5], b[:, :3]], dim=1)
+    out = model(packed, segments=torch.tensor([[1] * 5 + [2] * 3]))
+    torch.testing.assert_close(out[:, 5:], model(b[:, :3]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pos", POS_KINDS)
+def test_only_pos_none_is_blind_to_the_order_of_the_prefix(pos):
+    # In one block the last token attends over the earlier ones as a set (their keys and
+    # values depend on each token alone): with no positions, shuffling them (the last token
+    # kept in place) cannot change its logits; with any scheme it does. (With more blocks
+    # the causal mask itself leaks order: token i has seen only i tokens.)
+    torch.manual_seed(2)
+    model = build_model(tiny_spec(pos=pos, n_layers=1)).eval()
+    ids = torch.randint(0, 50, (1, 12))
+    shuffled = torch.cat([ids[:, :-1][:, torch.randperm(11)], ids[:, -1:]], dim=1)
+    assert not torch.equal(shuffled, ids)
+    same = torch.allclose(model(shuffled)[0, -1], model(ids)[0, -1], atol=1e-5)
+    assert same == (pos == "none")
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_residual_switch_adds_or_drops_the_blocks_input(residual):
+    torch.manual_seed(3)
+    model = build_model(tiny_spec(residual=residual)).eval()
+    block = model.blocks[0]
+    x = torch.randn(2, 6, 32)
+    with torch.no_grad():  # sublayers that output exactly 0 (zero output projections)
+        for linear in (block.attn.o_proj, block.mlp.down_proj):
+            linear.weight.zero_()
+            linear.bias.zero_()
+    out = block(x, None, None, None)
+    # with the residual the block passes its input on; without, only its sublayers' 0
+    torch.testing.assert_close(out, x if residual else torch.zeros_like(x))
+
+
+def test_norm_none_has_no_norm_and_the_old_configs_still_load(tmp_path):
+    import json
+
+    from lmlab.checkpoint.io import save_checkpoint
+    from lmlab.lm import load
+
+    with_norm, without = build_model(tiny_spec()), build_model(tiny_spec(norm="none"))
+    assert not any("norm" in name for name, _ in without.named_parameters())
+    # LayerNorm with bias: weight and bias of D each, two per block and one final
+    count = sum(p.numel() for p in with_norm.parameters()) - sum(
+        p.numel() for p in without.parameters()
+    )
+    assert count == 2 * 32 * (2 * 2 + 1)
+    # a checkpoint written before residual/norm="none"/the new pos kinds existed
+    model = build_model(tiny_spec()).eval()
+    path = save_checkpoint(tmp_path / "ckpt", model)
+    config = json.loads((path / "config.json").read_text())
+    config["model"].pop("residual")
+    (path / "config.json").write_text(json.dumps(config))
+    ids = torch.randint(0, 50, (1, 8))
+    loaded = load(path).model
+    assert loaded.config.residual
+    torch.testing.assert_close(loaded(ids), model(ids), atol=0, rtol=0)
+    with pytest.raises(ConfigError, match="pos='nope'.*sinusoidal, none"):
+        build_model(tiny_spec(pos="nope"))
+    with pytest.raises(ConfigError, match="d_model=33.*even"):
+        build_model(tiny_spec(pos="sinusoidal", d_model=33, n_heads=3, d_head=11))
+
+
+@pytest.mark.parametrize("change", [{"pos": "sinusoidal"}, {"norm": "none"}, {"residual": False}])
+def test_lesson_only_variants_are_refused_by_the_hf_export(change):
+    from lmlab.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="no Hugging Face layout"):
+        to_hf(build_model(tiny_spec(**change)))

@@ -30,7 +30,7 @@ def test_documents_are_blank_line_blocks_of_lines():
     tok = BPETokenizer.train(TEXT, 300, eos_token=None, special_tokens=SPECIALS)
     docs = documents_from_text(TEXT, tok)
     assert len(docs) == 40 and all(len(d) == 4 for d in docs)
-    assert tok.decode(docs[3][1]) == "line 0 of speech 3 says ababab 0"
+    assert tok.decode(docs[3][1]) == "line 0 of speech 3 says ababab 0\n"
 
 
 def test_regions_are_runs_of_lines_and_segment_batches_fill_max_len():
@@ -38,7 +38,7 @@ def test_regions_are_runs_of_lines_and_segment_batches_fill_max_len():
     regions = regions_from_text(TEXT, tok, lines=30)
     lines = [line for line in TEXT.split("\n") if line.strip()]  # 160 lines
     assert [len(r) for r in regions] == [30] * 5 + [10]
-    assert tok.decode(regions[1][0]) == lines[30]
+    assert tok.decode(regions[1][0]) == lines[30] + "\n"  # the line keeps its break
     assert [len(r) for r in regions_from_text("a\nb\nc\n\nd\ne", tok, lines=100)] == [2, 2, 1]
     with pytest.raises(ConfigError, match="region_lines"):
         regions_from_text(TEXT, tok, lines=1)

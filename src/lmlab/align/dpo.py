@@ -63,7 +63,7 @@ from lmlab.finetune.run import (
 from lmlab.finetune.sft import supervised_data
 from lmlab.lm import LM, load
 from lmlab.seeds import seeded
-from lmlab.train import TrainConfig, TrainResult, train
+from lmlab.train import TrainConfig, TrainResult, distributed, train
 from lmlab.train.metrics import read_metrics
 
 log = logging.getLogger(__name__)
@@ -354,6 +354,7 @@ def dpo(
         callbacks: called with every logged event (see ``lmlab.train.train``).
     """
     config = config or TrainConfig(out_dir="runs/dpo", max_steps=200, lr=5e-6, min_lr=5e-7)
+    ranks = distributed.command_ranks(config, "dpo")  # under torchrun: DDP, rank 0 writes
     check_method(method, METHODS)
     if label_smoothing and loss_type != "sigmoid":
         raise ConfigError(f"label_smoothing={label_smoothing} applies to loss_type='sigmoid' only")
@@ -389,8 +390,10 @@ def dpo(
     done = DPOResult(result, method, trainable, total, counts, out, lm=lm)
     done.last, done.val = last_metrics(out / "metrics.jsonl")
     done.plot = out / "dpo.png"
-    plot_dpo(out / "metrics.jsonl", done.plot, config.eval_interval)
-    done.adapter_dir, done.model_dir = write_tuned_model(net, lm, out, method)
+    if ranks.main:
+        plot_dpo(out / "metrics.jsonl", done.plot, config.eval_interval)
+        done.adapter_dir, done.model_dir = write_tuned_model(net, lm, out, method)
+    ranks.barrier()
     return done
 
 

@@ -56,7 +56,7 @@ from lmlab.finetune.sft import supervised_data
 from lmlab.lm import LM, load, load_base, template_beside
 from lmlab.models import build_model
 from lmlab.seeds import seeded
-from lmlab.train import TrainConfig, TrainResult, train
+from lmlab.train import TrainConfig, TrainResult, distributed, train
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +254,7 @@ def train_reward_model(
     """
     check_method(method, METHODS)
     config = config or TrainConfig(out_dir="runs/reward", max_steps=200, lr=1e-5, min_lr=1e-6)
+    ranks = distributed.command_ranks(config, "reward")  # under torchrun: DDP, rank 0 writes
     lm = load(model, dtype="float32", keep_quantized=False, device=config.device)
     with seeded(config.seed):  # the new head (and LoRA weights): the run's seed fixes them
         rm = reward_model_from(lm)
@@ -271,7 +272,9 @@ def train_reward_model(
     )
     result = train(net, None, None, config, tokenizer=lm.tokenizer, supervised=supervised)
     out = Path(config.out_dir)
-    model_dir = save_reward_model(rm, out / "model")  # LoRA: small, over its base
+    # LoRA: small, over its base; rank 0 alone writes under torchrun
+    model_dir = save_reward_model(rm, out / "model") if ranks.main else None
+    ranks.barrier()
     if method == "lora":
         net = attach_base(unload_lora(net, merge=True), None)
     rm.model = net.eval()

@@ -30,12 +30,13 @@ so above, log10 p(a | <s>) = -0.2 and log10 p(</s> | <s>) = -0.30103 + -0.39794.
 lmlab's model in this form (``write_arpa``): its BOS symbol is ``<s>``, and a token
 vocabulary names the ids (``<unk>`` and ``</s>`` for a ``WordTokenizer``).
 
-- Interpolated Kneser-Ney (plain or modified) is a backoff model in disguise: a seen
-  n-gram's interpolated probability is listed as it is, and every other token after the
-  context gets gamma(ctx) * p(w | ctx[1:]), so B(ctx) = log10 gamma(ctx). Katz-style
-  ``backoff`` has B(ctx) = log10 of its freed mass over the unseen tokens' lower mass.
-  ``mle`` and ``add_k`` give each unseen n-gram a value that is not a multiple of the
-  shorter context's: they have no ARPA form, and writing them is refused.
+- Interpolated Kneser-Ney (plain or modified), Witten-Bell and linear interpolation are
+  backoff models in disguise: a seen n-gram's interpolated probability is listed as it is,
+  and every other token after the context gets gamma(ctx) * p(w | ctx[1:]), so
+  B(ctx) = log10 gamma(ctx). Katz-style ``backoff`` has B(ctx) = log10 of its freed mass
+  over the unseen tokens' lower mass. ``mle`` and ``add_k`` give each unseen n-gram a
+  value that is not a multiple of the shorter context's, and ``stupid_backoff``'s scores
+  are not probabilities: they have no ARPA form, and writing them is refused.
 - lmlab pads with n-1 BOS; KenLM starts a sentence with one ``<s>``. The context
   BOS^k r (k >= 1) is written as ``<s> r``, with the probabilities of lmlab's longest
   context and B = the sum of the log10 backoffs of BOS^k r .. BOS r (they are seen
@@ -65,12 +66,11 @@ import torch
 from lmlab.data.tokenizers import WordTokenizer
 from lmlab.errors import CheckpointError, ConfigError, DataError, DataNotFoundError
 from lmlab.fileio import atomic_write_text
-from lmlab.models.ngram import NGramConfig, NGramLM
+from lmlab.models.ngram import BACKOFF_FORMS, NGramConfig, NGramLM
 
 BOS_WORD = "<s>"
 NEVER = -99.0
 """The log10 probability ARPA files give what cannot happen (``<s>`` as a prediction)."""
-BACKOFF_FORMS = ("kneser_ney", "modified_kneser_ney", "backoff", "arpa")
 
 
 def write_arpa(

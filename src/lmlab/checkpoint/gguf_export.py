@@ -156,9 +156,9 @@ def save_gguf(
 
 # The two layouts llama.cpp has an architecture for, as lmlab's config fields say them.
 _LAYOUTS = {
-    "llama": dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False),
+    "llama": dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, residual=True),
     # llama.cpp's GPT-2 computes GELU with the tanh approximation, not the exact one
-    "gpt2": dict(norm="layernorm", mlp="gelu_tanh", pos="learned", bias=True),
+    "gpt2": dict(norm="layernorm", mlp="gelu_tanh", pos="learned", bias=True, residual=True),
 }
 
 

@@ -277,6 +277,13 @@ def from_transformers(hf_model: nn.Module) -> nn.Module:
 def to_hf(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The HF config dict and state dict of an lmlab transformer (GPT-2 or Llama layout)."""
     spec = model_spec(model)
+    lesson_only = {"pos": ("sinusoidal", "none"), "norm": ("none",), "residual": (False,)}
+    for field, values in lesson_only.items():
+        if spec.get(field) in values:
+            raise CheckpointError(
+                f"{field}={spec[field]!r} has no Hugging Face layout (GPT-2: learned positions, "
+                "Llama: rope; both with norms and residual connections)"
+            )
     state = model.state_dict()
     hf_state: dict[str, torch.Tensor] = {}
     for name, (hf_name, transpose) in _key_map(spec).items():

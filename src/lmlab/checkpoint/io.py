@@ -159,6 +159,8 @@ def save_checkpoint(
     tokenizer: Any | None = None,
     train_state: dict[str, Any] | None = None,
     extra_config: dict[str, Any] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+    extra_dirs: dict[str, Path] | None = None,
 ) -> Path:
     """Write a checkpoint directory at ``path`` atomically and return its path.
 
@@ -174,6 +176,12 @@ def save_checkpoint(
     A model with a base reference (``attach_base``: fine-tuning under PEFT) stores only
     its tensors that require gradients, and the reference under ``"base"``;
     ``lmlab.load`` loads the base and puts them back in.
+
+    ``weights``: the tensors to store in place of ``model.state_dict()``, for a model
+    whose own are shards (FSDP: ``lmlab.train.distributed.full_weights``), already
+    without tied aliases and, under a base reference, holding only what trains.
+    ``extra_dirs``: ``{name: folder}`` moved into the checkpoint as ``name/`` before its
+    completion marker, which lists their files too (a distributed run's DCP shards).
     """
     path = Path(path)
     config = {
@@ -187,21 +195,23 @@ def save_checkpoint(
     only = None
     if base := attached_base(model):
         config[BASE_KEY] = base
-        only = trained_names(model)
+        only = trained_names(model) if weights is None else None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         _write_json(tmp / CONFIG_FILE, config)
-        _save_weights(tmp / WEIGHTS_FILE, model, only)
+        _save_weights(tmp / WEIGHTS_FILE, model, only, weights)
         if tokenizer is not None:
             tokenizer.save(tmp)
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE_FILE)
+        for name, folder in (extra_dirs or {}).items():
+            os.rename(folder, tmp / name)
         sizes = {}
-        for file in sorted(f for f in tmp.iterdir() if f.is_file()):
+        for file in sorted(f for f in tmp.rglob("*") if f.is_file()):
             _fsync(file)
-            sizes[file.name] = file.stat().st_size
+            sizes[file.relative_to(tmp).as_posix()] = file.stat().st_size
         # The marker goes last: its presence (and the sizes it lists) is what "complete" means.
         _write_json(tmp / COMPLETE_FILE, {"files": sizes})
         _fsync(tmp / COMPLETE_FILE)
@@ -229,7 +239,12 @@ def _tokenizer_config(tokenizer: Any | None) -> dict[str, Any] | None:
     return to_config() if callable(to_config) else {"kind": type(tokenizer).__name__}
 
 
-def _save_weights(file: Path, model: nn.Module, only: set[str] | None = None) -> None:
+def _save_weights(
+    file: Path,
+    model: nn.Module,
+    only: set[str] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Save the state dict (the names in ``only``, when given) with safetensors, storing
     each tied tensor once.
 
@@ -237,7 +252,7 @@ def _save_weights(file: Path, model: nn.Module, only: set[str] | None = None) ->
     and output projection are one Parameter under two names) are stored under their first
     name only; loading fills the other names from it. Any other overlap is copied.
     """
-    state = model.state_dict()
+    state = model.state_dict() if weights is None else weights
     tensors: dict[str, torch.Tensor] = {}
     seen_views: set[tuple] = set()
     seen_storages: set[int] = set()

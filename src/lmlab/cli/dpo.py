@@ -8,7 +8,7 @@ from lmlab.align.dpo import dpo
 from lmlab.cli.args import add_log_arguments, log_config, options
 from lmlab.cli.summaries import dpo_summary
 from lmlab.finetune import LoRAConfig
-from lmlab.train import TrainConfig
+from lmlab.train import TrainConfig, distributed
 
 
 def add_arguments(parser: ArgumentParser) -> None:
@@ -29,5 +29,6 @@ def run(args) -> None:
     lora = LoRAConfig(**options(args.lora))
     train = TrainConfig(**options(args.train), log=log_config(args))
     result = dpo(**options(args, skip=("train", "lora", "log")), lora=lora, config=train)
-    for line in dpo_summary(result):
-        print(line)
+    if distributed.setup(train.device).main:  # under torchrun, rank 0 reports
+        for line in dpo_summary(result):
+            print(line)

@@ -12,7 +12,7 @@ from lmlab.errors import ConfigError
 from lmlab.eval.heads import HEADS, STRATEGIES, finetune_head
 from lmlab.finetune import LoRAConfig
 from lmlab.finetune.run import finetune
-from lmlab.train import TrainConfig
+from lmlab.train import TrainConfig, distributed
 
 HEAD_FLAGS = ("task", "strategy", "doc_stride")
 
@@ -71,5 +71,6 @@ def run(args) -> None:
     result = finetune(
         **options(args, skip=("train", "lora", "log", *HEAD_FLAGS)), lora=lora, config=train
     )
-    for line in finetune_summary(result):
-        print(line)
+    if distributed.setup(train.device).main:  # under torchrun, rank 0 reports
+        for line in finetune_summary(result):
+            print(line)

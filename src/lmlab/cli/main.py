@@ -22,9 +22,21 @@ from lmlab.errors import LMLabError
 # command -> (module, help); each module has `add_arguments(parser)` and `run(args)`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("lmlab.cli.demo", "train a tiny GPT on Tiny Shakespeare and sample from it"),
+    "tokenize": (
+        "lmlab.cli.tokenize",
+        "characters, bytes, words and BPE compared; BPE from scratch against tokenizers",
+    ),
     "optimize": (
         "lmlab.cli.optimize",
         "gradient descent, momentum and Adam on functions you can draw; MSE vs cross-entropy",
+    ),
+    "positions": (
+        "lmlab.cli.positions",
+        "learned, sinusoidal, rotary and no positions on a task where order matters",
+    ),
+    "residual": (
+        "lmlab.cli.residual",
+        "a deep transformer with and without residuals and layer norm: gradients per block",
     ),
     "train": ("lmlab.cli.train", "train a model on a corpus"),
     "generate": ("lmlab.cli.generate", "generate text from a checkpoint"),

@@ -9,7 +9,7 @@ from lmlab.align.reward import train_reward_model
 from lmlab.cli.args import add_log_arguments, log_config, options
 from lmlab.cli.summaries import reward_summary
 from lmlab.finetune import LoRAConfig
-from lmlab.train import TrainConfig
+from lmlab.train import TrainConfig, distributed
 
 
 def add_arguments(parser: ArgumentParser) -> None:
@@ -32,5 +32,6 @@ def run(args) -> None:
     result = train_reward_model(
         **options(args, skip=("train", "lora", "log")), lora=lora, config=train
     )
-    for line in reward_summary(result):
-        print(line)
+    if distributed.setup(train.device).main:  # under torchrun, rank 0 reports
+        for line in reward_summary(result):
+            print(line)

@@ -19,7 +19,7 @@ from lmlab import api
 from lmlab.checkpoint.io import CONFIG_FILE, resolve_checkpoint
 from lmlab.cli.args import add_log_arguments, log_config, resume_note, resumed
 from lmlab.errors import ConfigError
-from lmlab.train import TrainConfig
+from lmlab.train import TrainConfig, distributed
 from lmlab.train.run import RUN_CONFIG_FILE, read_json, resume_settings
 
 # TrainConfig fields a resumed run cannot change: they fix its data order and optimizer state.
@@ -39,10 +39,15 @@ def run(args, given=None) -> None:
     config = TrainConfig(**vars(args.train), log=log_config(args))
     options, config = resumed(options, config, given, resume_options)
     result = api.train(**options, config=config)
-    if result.step == 0 and result.val_losses:  # a count-based model: fitted, not trained
-        loss = result.val_losses[-1][1]
+    if not distributed.setup(config.device).main:  # under torchrun, rank 0 reports
+        return
+    if result.stop_reason == "fitted":  # a count-based model: fitted, not trained
         print(f"fitted in {result.wall_time_s:.2f} s ({result.tokens_per_s:,.0f} tokens/s)")
-        print(f"validation loss {loss:.4f} (perplexity {math.exp(loss):.2f})")
+        if result.val_losses:
+            loss = result.val_losses[-1][1]
+            print(f"validation loss {loss:.4f} (perplexity {math.exp(loss):.2f})")
+        else:
+            print("no validation loss: stupid_backoff gives scores, not probabilities")
         print(f"checkpoint: {result.checkpoint}")
         return
     print(

@@ -21,11 +21,14 @@ from lmlab.data.tokenizers import (
     train_tokenizer,
 )
 from lmlab.data.tokens import (
+    TokenShards,
     encode_to_file,
+    encode_to_shards,
     read_token_meta,
     read_tokens,
     sidecar_path,
     token_dtype,
+    write_shards,
     write_tokens,
 )
 
@@ -36,9 +39,11 @@ __all__ = [
     "ByteTokenizer",
     "CharTokenizer",
     "SentencePieceTokenizer",
+    "TokenShards",
     "Tokenizer",
     "WordTokenizer",
     "encode_to_file",
+    "encode_to_shards",
     "find_tokenizer",
     "load_corpus",
     "load_tokenizer",
@@ -48,6 +53,7 @@ __all__ = [
     "split_text",
     "text_blocks",
     "token_dtype",
+    "write_shards",
     "train_tokenizer",
     "write_tokens",
 ]

@@ -234,3 +234,100 @@ def read_tokens(path: str | os.PathLike[str], validate: bool = False) -> np.memm
                     f"[0, vocab_size={vocab_size}) of its sidecar"
                 )
     return ids
+
+
+# ----------------------------------------------------------------------------- shards
+
+SHARD_INDEX = "shards.json"
+
+
+def write_shards(
+    folder: str | os.PathLike[str],
+    ids: np.ndarray | Iterable[int] | Iterable[Sequence[int]],
+    vocab_size: int,
+    shard_tokens: int = 1 << 26,
+) -> Path:
+    """Write a token stream as token files of ``shard_tokens`` ids each (the last one
+    shorter) in ``folder``, with an index; return ``folder``.
+
+    ``ids`` takes the forms ``write_tokens`` takes; a generator of chunks keeps one chunk
+    and one shard's worth of ids in memory at most, so a corpus larger than memory is
+    written shard by shard. The index ``shards.json`` goes last (``{"vocab_size": 65,
+    "shards": ["shard-00000.bin", ...]}``): a folder without it is not a finished set.
+
+        write_shards("data/", [[5, 1, 2, 7, 3]], vocab_size=8, shard_tokens=2)
+        -> shard-00000.bin (5 1), shard-00001.bin (2 7), shard-00002.bin (3)
+    """
+    if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 2:
+        raise ConfigError(f"shard_tokens={shard_tokens!r} is invalid: must be an integer >= 2")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names: list[str] = []
+    pending: list[np.ndarray] = []
+    held = 0
+
+    def flush(count: int) -> None:
+        nonlocal pending, held
+        joined = np.concatenate(pending)
+        name = f"shard-{len(names):05d}.bin"
+        write_tokens(folder / name, joined[:count], vocab_size)
+        names.append(name)
+        pending, held = [joined[count:]], len(joined) - count
+
+    total = 0
+    for chunk in _chunks(ids):
+        pending.append(_checked_chunk(chunk, vocab_size, total, folder))
+        held += len(pending[-1])
+        total += len(pending[-1])
+        while held >= shard_tokens:
+            flush(shard_tokens)
+    if held:
+        flush(held)
+    if not names:
+        raise DataError(f"no token ids to write to {str(folder)!r}")
+    meta = {"vocab_size": int(vocab_size), "shards": names}
+    _replace_atomically(folder / SHARD_INDEX, lambda f: f.write(json.dumps(meta).encode()))
+    return folder
+
+
+def encode_to_shards(
+    texts: str | Iterable[str],
+    tokenizer: Tokenizer,
+    folder: str | os.PathLike[str],
+    shard_tokens: int = 1 << 26,
+) -> Path:
+    """Encode a text, or a stream of text pieces (an open file), into token shards in
+    ``folder`` (``write_shards``), one block of text in memory at a time."""
+    id_chunks = (tokenizer.encode(block) for block in text_blocks(texts))
+    return write_shards(folder, id_chunks, tokenizer.vocab_size, shard_tokens)
+
+
+class TokenShards:
+    """A folder of token files written by ``write_shards``, each memory-mapped (nothing
+    is read until indexed). ``shards``: the 1-D ``uint16``/``uint32`` memmaps in order.
+
+        shards = TokenShards("data/")
+        len(shards.shards), shards.vocab_size, len(shards)   # files, vocabulary, ids
+    """
+
+    def __init__(self, folder: str | os.PathLike[str]):
+        self.folder = Path(folder)
+        index = self.folder / SHARD_INDEX
+        if not index.is_file():
+            raise DataNotFoundError(
+                f"{str(self.folder)!r} holds no {SHARD_INDEX}: write token shards there with "
+                "lmlab.data.write_shards or encode_to_shards"
+            )
+        try:
+            meta = json.loads(index.read_text(encoding="utf-8"))
+            names, self.vocab_size = list(meta["shards"]), int(meta["vocab_size"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(
+                f"{str(index)!r} must hold {{'vocab_size': int, 'shards': [file names]}}: {e}"
+            ) from e
+        if not names or not all(isinstance(n, str) and "/" not in n for n in names):
+            raise DataError(f"{str(index)!r} lists no shard files (or paths outside the folder)")
+        self.shards = [read_tokens(self.folder / name) for name in names]
+
+    def __len__(self) -> int:
+        return sum(len(shard) for shard in self.shards)

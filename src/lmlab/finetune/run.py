@@ -65,7 +65,7 @@ from lmlab.models.contract import require_gradients
 from lmlab.models.transformer import Transformer
 from lmlab.quant.quantize import quantize_model
 from lmlab.seeds import seeded
-from lmlab.train import TrainConfig, TrainResult, train
+from lmlab.train import TrainConfig, TrainResult, distributed, train
 
 METHODS = ("full", "kl", "lora", "qlora", "adapter", "prompt", "prefix", "bitfit", "selective")
 _WHOLE = ("full", "kl")  # methods that train every weight: their checkpoints hold them all
@@ -175,6 +175,7 @@ def finetune(
     """
     config = config or TrainConfig(out_dir="runs/finetune", max_steps=200, lr=1e-4)
     check_method(method)
+    ranks = distributed.command_ranks(config, "finetune")  # under torchrun: DDP, rank 0 writes
     lm = load(model, dtype="float32", keep_quantized=False, device=config.device)
     if pack:
         _check_packable(method, lm.model)
@@ -198,7 +199,9 @@ def finetune(
     out = Path(config.out_dir)
     counts = {"train": len(train_enc), "val": len(val_enc), "skipped": skipped}
     done = FinetuneResult(result, method, trainable, total, counts, out, before, lm=lm)
-    done.adapter_dir, done.model_dir = write_tuned_model(net, lm, out, method)
+    if ranks.main:
+        done.adapter_dir, done.model_dir = write_tuned_model(net, lm, out, method)
+    ranks.barrier()  # the model is written before any rank goes on
     if method == "qlora":
         done.notes.append(
             "QLoRA's base is NF4: lmlab.load(model/) quantizes the base as here; the adapter "

@@ -1,4 +1,4 @@
-"""Count-based n-gram language models over token ids, with five smoothing methods.
+"""Count-based n-gram language models over token ids, with eight smoothing methods.
 
 An order-n model predicts token ``w`` from the n-1 tokens before it, using counts
 ``c(ctx w)`` of every m-gram (m = 1..n) in the training ids. Smoothing decides what to do
@@ -23,6 +23,28 @@ with n-grams that were never seen:
   Katz's Good-Turing discounts: a seen n-gram gets ``(c - D) / c(ctx)``; the freed mass goes
   to the unseen tokens in proportion to the lower order. Unlike stupid backoff (Brants et
   al. 2007) it is a normalised distribution, so its perplexity means something.
+- ``witten_bell``: interpolated Witten-Bell (Witten & Bell 1991; the form of
+  ``nltk.lm.WittenBellInterpolated``). A context followed by T = N1+(ctx .) distinct tokens
+  in c(ctx) occurrences has seen a new token T times, so it gives the lower order the
+  weight T / (c(ctx) + T), the estimated chance that the next token is a new one::
+
+      p(w | ctx) = (c(ctx w) + T p(w | ctx[1:])) / (c(ctx) + T)
+
+- ``stupid_backoff`` (Brants et al. 2007): relative frequency if the n-gram was seen, else
+  ``alpha`` (0.4) times the shorter context's score, down to the unigram c(w) / N. These are
+  *scores*, not probabilities: they do not sum to 1 over the vocabulary, so
+  ``ngram_perplexity``, ``log_prob`` and ``token_nll`` refuse them (``log_scores`` gives
+  them; decoding renormalises them with the softmax like any logits). As in the paper and
+  nltk's ``StupidBackoff``, each order skipped costs ``alpha``, seen context or not.
+- ``linear_interpolation`` (Jelinek & Mercer 1980): a weighted sum of separate maximum-
+  likelihood models of every order, with a uniform 0th order so nothing gets 0::
+
+      p(w | ctx) = lambda_0 / V + lambda_1 p1(w) + lambda_2 p2(w | ctx[-1:]) + ...
+
+  The weights (``interpolation_weights``, summing to 1) are tuned by EM on held-out ids:
+  ``fit`` holds out the last ``heldout`` share of its ids, counts the rest, runs EM
+  (``tune_weights``), then counts everything. An order whose context was never seen has
+  no estimate: its weight is shared out over the orders below, in proportion.
 
 Conventions (shared by ``fit`` and ``forward``, and by the nltk parity test):
 
@@ -81,8 +103,27 @@ from lmlab.errors import ConfigError
 from lmlab.models.contract import Abilities
 from lmlab.models.registry import register_family
 
-FITTED_SMOOTHINGS = ("mle", "add_k", "kneser_ney", "modified_kneser_ney", "backoff")
+FITTED_SMOOTHINGS = (
+    "mle",
+    "add_k",
+    "kneser_ney",
+    "modified_kneser_ney",
+    "backoff",
+    "witten_bell",
+    "stupid_backoff",
+    "linear_interpolation",
+)
 SMOOTHINGS = (*FITTED_SMOOTHINGS, "arpa")
+BACKOFF_FORMS = (
+    "kneser_ney",
+    "modified_kneser_ney",
+    "backoff",
+    "witten_bell",
+    "linear_interpolation",
+    "arpa",
+)
+"""The smoothings an ARPA file can hold: a seen n-gram's probability, and one factor per
+context for the shorter context's probability of every other token."""
 
 
 @dataclass(frozen=True)
@@ -91,9 +132,17 @@ class NGramConfig:
     """Number of token ids."""
     order: int = 3
     """n: the model predicts from the previous n-1 tokens (1 = unigram)."""
-    smoothing: Literal["mle", "add_k", "kneser_ney", "modified_kneser_ney", "backoff", "arpa"] = (
-        "kneser_ney"
-    )
+    smoothing: Literal[
+        "mle",
+        "add_k",
+        "kneser_ney",
+        "modified_kneser_ney",
+        "backoff",
+        "witten_bell",
+        "stupid_backoff",
+        "linear_interpolation",
+        "arpa",
+    ] = "kneser_ney"
     """How to give probability to n-grams never seen in training (see the module docstring);
     ``arpa`` is a model read from an ARPA file, not fitted."""
     k: float = 1.0
@@ -101,9 +150,15 @@ class NGramConfig:
     discount: float = 0.75
     """Absolute discount D of kneser_ney and backoff, in [0, 1] (nltk's default is 0.1);
     modified_kneser_ney also falls back to it where its count-of-counts are zero."""
+    alpha: float = 0.4
+    """stupid_backoff's factor per order backed off (Brants et al. 2007 use 0.4), in (0, 1]."""
+    heldout: float = 0.1
+    """Share of ``fit``'s ids (the last ones) held out to tune linear_interpolation's weights
+    by EM, in (0, 1)."""
     uniform_floor: bool = True
-    """Interpolate the unigram level of kneser_ney, modified_kneser_ney and backoff with the
-    uniform 1/V, so unseen tokens get a positive probability; False matches nltk.lm."""
+    """Interpolate the unigram level of kneser_ney, modified_kneser_ney, backoff and
+    witten_bell with the uniform 1/V (stupid_backoff: back off to alpha / V), so unseen
+    tokens get a positive probability; False matches nltk.lm."""
     sentence_end_id: int | None = None
     """Token that ends a sentence (a word tokenizer's ``</s>``): the next token is predicted
     from BOS alone, as KenLM does; None: the text is one running sequence."""
@@ -124,6 +179,10 @@ class NGramConfig:
             bad("k", self.k, "must be > 0 (k = 0 is smoothing='mle')")
         if not 0 <= self.discount <= 1:
             bad("discount", self.discount, "must be in [0, 1] (counts are >= 1)")
+        if not 0 < self.alpha <= 1:
+            bad("alpha", self.alpha, "must be in (0, 1] (Brants et al. use 0.4)")
+        if not 0 < self.heldout < 1:
+            bad("heldout", self.heldout, "must be in (0, 1), e.g. 0.1")
         if self.smoothing in ("kneser_ney", "modified_kneser_ney") and self.order < 2:
             bad("order", self.order, f"must be >= 2 for {self.smoothing} (it needs bigrams)")
         if self.sentence_end_id is not None and (
@@ -303,6 +362,12 @@ class NGramLM(nn.Module):
             else:
                 self.register_buffer(f"counts_{m}", torch.zeros(0, dtype=torch.long))
                 self.register_buffer(f"continuations_{m}", torch.zeros(0, dtype=torch.long))
+        if config.smoothing == "linear_interpolation":
+            # lambda_0 (uniform), lambda_1 .. lambda_n: equal until tuned (tune_weights)
+            n = config.order
+            self.register_buffer(
+                "interpolation_weights", torch.full((n + 1,), 1.0 / (n + 1), dtype=torch.float64)
+            )
         self._stats: list[_Level] | None = None
 
     @property
@@ -357,18 +422,35 @@ class NGramLM(nn.Module):
         """Count every m-gram (m = 1..n) of ``ids`` (1-D token ids, one stream); returns self.
 
         Replaces earlier counts. ``[1, 2, 1, 2]`` with n = 2 counts the bigrams
-        (BOS 1), (1 2) x2, (2 1) and the unigrams 1 x2, 2 x2.
+        (BOS 1), (1 2) x2, (2 1) and the unigrams 1 x2, 2 x2. ``linear_interpolation``
+        first counts all but the last ``heldout`` share, tunes its weights on that share
+        (``tune_weights``), then counts everything.
         """
-        cfg = self.config
-        V, n = cfg.vocab_size, cfg.order
-        if cfg.smoothing == "arpa":
+        if self.config.smoothing == "arpa":
             raise ConfigError("an arpa model is read from a file (read_arpa), not fitted")
+        ids = self._as_ids(ids, "fit")
+        if self.config.smoothing == "linear_interpolation":
+            cut = int(round(ids.numel() * (1 - self.config.heldout)))
+            if 0 < cut < ids.numel():  # (a text of one token keeps the equal weights)
+                self._count(ids[:cut]).tune_weights(ids[cut:])
+        return self._count(ids)
+
+    def _as_ids(self, ids, what: str) -> torch.Tensor:
+        """``ids`` as a checked non-empty 1-D int64 tensor on the model's device."""
         if not isinstance(ids, torch.Tensor):  # a copy: token files are read-only memmaps
             ids = torch.from_numpy(np.array(ids, dtype=np.int64))
         ids = ids.to(device=self.n_tokens.device, dtype=torch.long)
         if ids.dim() != 1 or ids.numel() == 0:
-            raise ConfigError(f"fit takes a non-empty 1-D sequence of ids, got {tuple(ids.shape)}")
-        _check_ids(ids, V)
+            raise ConfigError(
+                f"{what} takes a non-empty 1-D sequence of ids, got {tuple(ids.shape)}"
+            )
+        _check_ids(ids, self.config.vocab_size)
+        return ids
+
+    def _count(self, ids: torch.Tensor) -> NGramLM:
+        """The counting of ``fit``, on checked ids [N]."""
+        cfg = self.config
+        V, n = cfg.vocab_size, cfg.order
         # The context of ids[t] ends at t-1: histories of the stream shifted right by one.
         shifted = torch.cat([ids.new_full((1,), V), ids[:-1]])[None]  # (1, N)
         back = [h[0] for h in histories(shifted, n, V, cfg.sentence_end_id)]
@@ -397,6 +479,82 @@ class NGramLM(nn.Module):
         self.n_tokens = torch.tensor(ids.numel(), device=ids.device)
         self._stats = None
         return self
+
+    @torch.no_grad()
+    def tune_weights(self, ids, max_iters: int = 100, tol: float = 1e-7) -> list[float]:
+        """Set linear_interpolation's weights [lambda_0, .., lambda_n] to maximise the
+        likelihood of held-out ``ids`` (1-D, scored from BOS) by EM; returns them.
+
+        EM treats each token as drawn by one order, chosen top-down: the deepest order
+        whose context was seen is picked with probability mu_k = lambda_k / Lambda_k
+        (Lambda_k = lambda_0 + .. + lambda_k), else the next one down, ..., else the
+        uniform 0th order. E-step: the posterior r_tm that order m drew token t. M-step:
+        mu_m = (sum_t r_tm) / (sum_t of the posterior that t reached order m). Each step
+        cannot lower the held-out likelihood; it stops when the mean log-likelihood gains
+        less than ``tol`` nats.
+
+        Worked example (n = 1, V = 4): unigrams p1 = (1/2, 1/2, 0, 0), held-out [0, 0, 2].
+        A 0 has p = lambda_1 / 2 + lambda_0 / 4 = (1 + lambda_1) / 4, the 2 only
+        lambda_0 / 4 = (1 - lambda_1) / 4; the likelihood (1 + l)^2 (1 - l) / 64 peaks at
+        lambda_1 = 1/3. EM settles there: each 0 is then drawn by the unigram with posterior
+        (1/6) / (1/3) = 1/2, the 2 with 0, and lambda_1 = mean posterior = 1/3.
+        """
+        cfg = self.config
+        if cfg.smoothing != "linear_interpolation":
+            raise ConfigError(
+                f"tune_weights tunes linear_interpolation's weights; smoothing={cfg.smoothing!r}"
+                " has none"
+            )
+        if self.keys_1.numel() == 0:
+            raise ConfigError("this NGramLM has no counts yet: call model.fit(ids) first")
+        probs, seen = self.order_probabilities(self._as_ids(ids, "tune_weights"))  # (n+1, Q)
+        lam = self.interpolation_weights.clone()
+        mu = lam / lam.cumsum(0)  # (n+1,) mu_0 = 1
+        best = -math.inf
+        for _ in range(max_iters):
+            # chance of passing each order on the way down: 1 - mu_i where seen, else 1
+            passing = torch.where(seen, 1 - mu[:, None], 1.0)  # (n+1, Q)
+            above = passing.flip(0).cumprod(0).flip(0)  # prod over i >= m
+            above = torch.cat([above[1:], torch.ones_like(above[:1])])  # prod over i > m
+            joint = mu[:, None] * seen * above * probs  # (n+1, Q) P(order m drew t, t)
+            likelihood = joint.sum(0)  # (Q,)
+            score = float(likelihood.log().mean())
+            posterior = joint / likelihood  # (n+1, Q) r_tm
+            reached = posterior.cumsum(0) * seen  # P(t reached m) = sum_{i <= m} r_ti
+            drawn, visits = posterior.sum(1), reached.sum(1)
+            mu = torch.where(visits > 0, drawn / visits.clamp(min=1e-300), mu)
+            mu[0] = 1.0
+            if score - best < tol:
+                break
+            best = score
+        # back from mu to lambda: Lambda_n = 1, lambda_m = mu_m Lambda_m
+        upto, weights = 1.0, torch.empty_like(lam)
+        for m in range(cfg.order, -1, -1):
+            weights[m] = mu[m] * upto
+            upto -= float(weights[m])
+        self.interpolation_weights = weights / weights.sum()
+        self._stats = None
+        return self.interpolation_weights.tolist()
+
+    def order_probabilities(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each order's maximum-likelihood probability of every token of 1-D ``ids`` [Q],
+        scored from BOS: probs [n+1, Q] float64 (row 0 the uniform 1/V, row m the m-gram's
+        c(ctx w) / c(ctx)) and seen [n+1, Q] bool (whether row m's context was counted)."""
+        V = self.config.vocab_size
+        row, targets, mask = _from_bos(ids)
+        rows = self.find_contexts(self._histories(row, mask), ids.numel())
+        targets = targets.reshape(-1)
+        probs, seen = [torch.full_like(targets, 1.0 / V, dtype=torch.float64)], [targets >= 0]
+        for m, ctx in enumerate(rows, start=1):
+            keys, counts, _ = self.table(m)
+            U = getattr(self, f"contexts_{m - 1}").numel() if m > 1 else 1
+            totals = torch.bincount(keys // V, weights=counts.double(), minlength=U)  # (U,)
+            at = ctx.clamp(min=0)
+            pos, hit = _find(keys, at * V + targets)
+            hit &= ctx >= 0
+            probs.append(torch.where(hit, counts[pos] / totals[at], 0.0))
+            seen.append(ctx >= 0)
+        return torch.stack(probs), torch.stack(seen)
 
     def forward(
         self,
@@ -443,8 +601,27 @@ class NGramLM(nn.Module):
         """log p(targets[:, t] | ids[:, :t+1]): [B, T] float64, without building [V] rows.
 
         ids, targets: [B, T] int64 (targets is usually ids shifted left by one); equal to
-        ``log_probs(ids, mask).gather(-1, targets[..., None])`` (tested exactly).
+        ``log_probs(ids, mask).gather(-1, targets[..., None])`` (tested exactly). Refused
+        for stupid_backoff, whose scores are not probabilities (see ``log_scores``).
         """
+        self.require_probabilities("perplexity (log_prob)")
+        return self.log_scores(ids, targets, mask)
+
+    def require_probabilities(self, what: str) -> None:
+        """Raise a ConfigError if this model's scores are not probabilities (stupid_backoff)."""
+        if self.config.smoothing == "stupid_backoff":
+            raise ConfigError(
+                f"{what} needs probabilities, and smoothing='stupid_backoff' gives scores that "
+                "do not sum to 1 (Brants et al. 2007): a perplexity from them would mean "
+                "nothing. Rank with log_scores, or use witten_bell, kneser_ney, "
+                "modified_kneser_ney, backoff or linear_interpolation"
+            )
+
+    @torch.no_grad()
+    def log_scores(
+        self, ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``log_prob`` for every smoothing, stupid_backoff's log scores included: [B, T]."""
         cfg = self.config
         V, n = cfg.vocab_size, cfg.order
         _check_ids(targets, V)
@@ -579,12 +756,32 @@ class NGramLM(nn.Module):
             total = torch.bincount(owner, weights=a, minlength=U)  # (U,)
             per_gram_total = total[owner]
             zero = torch.zeros(U, dtype=torch.float64, device=keys.device)
-            if s == "mle" or (j == 0 and not cfg.uniform_floor and s != "add_k"):
+            if s == "mle" or (
+                j == 0 and not cfg.uniform_floor and s not in ("add_k", "linear_interpolation")
+            ):
                 # nltk's KN unigram too: continuation counts, no discount
                 levels.append(_Level(a / per_gram_total, ones, zero))
             elif s == "add_k":
                 base = cfg.k / (total + V * cfg.k)
                 levels.append(_Level((a + cfg.k) / (per_gram_total + V * cfg.k), ones, zero, base))
+            elif s == "witten_bell":
+                # T = N1+(ctx .) distinct followers: (a + T lower) / (total + T), so the lower
+                # order gets T / (total + T), the share of occurrences that were a first sight
+                types = torch.bincount(owner, minlength=U).double()  # (U,)
+                value = a / (per_gram_total + types[owner])
+                levels.append(_Level(value, ones, types / (total + types), interpolated=True))
+            elif s == "stupid_backoff":
+                # a / total if seen, else alpha * the shorter context's score (no renormalising)
+                levels.append(_Level(a / per_gram_total, ones, torch.full_like(total, cfg.alpha)))
+            elif s == "linear_interpolation":
+                # Order m = j + 1 of sum_m lambda_m p_m(w) / Lambda over the orders whose
+                # context was seen, built bottom-up: with Lambda_m = lambda_0 + .. + lambda_m,
+                # P_m = lambda_m / Lambda_m * p_m + Lambda_{m-1} / Lambda_m * P_{m-1}.
+                lam = self.interpolation_weights.to(keys.device)
+                upto = float(lam[: j + 2].sum())
+                value = float(lam[j + 1]) / upto * a / per_gram_total
+                below = torch.full_like(total, float(lam[: j + 1].sum()) / upto)
+                levels.append(_Level(value, ones, below, interpolated=True))
             elif kn:
                 # Interpolated absolute discounting: (a - D(a))^+ / total + gamma * lower, where
                 # gamma = sum_w D(a_w) / total is exactly the mass the discounts removed.
@@ -615,8 +812,11 @@ class NGramLM(nn.Module):
                 levels.append(_Level(value, ones, weight))
         # (set last: the backoff sums above score through the levels built so far, whose
         # contexts are all seen)
+        # An unseen context passes the shorter context's answer on unchanged; stupid backoff
+        # charges alpha for it like for any order skipped (Brants et al., nltk).
+        unseen_weight = cfg.alpha if s == "stupid_backoff" else 1.0
         for level in levels:  # the extra row of unseen contexts
-            level.weight = torch.cat([level.weight, level.weight.new_ones(1)])
+            level.weight = torch.cat([level.weight, level.weight.new_full((1,), unseen_weight)])
             if level.base is not None:
                 level.base = torch.cat([level.base, level.base.new_zeros(1)])
         unigrams = levels[0]
@@ -672,10 +872,11 @@ class NGramLM(nn.Module):
         a token it was never seen with: gamma (Kneser-Ney), freed / unseen mass (backoff),
         the file's backoff (arpa)."""
         s = self.config.smoothing
-        if s not in ("kneser_ney", "modified_kneser_ney", "backoff", "arpa"):
+        if s not in BACKOFF_FORMS:
             raise ConfigError(
                 f"smoothing={s!r} has no backoff form (every unseen n-gram gets its own "
-                "value); ARPA files hold kneser_ney, modified_kneser_ney, backoff and arpa models"
+                f"value, or its scores are not probabilities); ARPA files hold "
+                f"{', '.join(BACKOFF_FORMS)} models"
             )
         weight = self._levels()[j].weight[:-1]  # without the row of unseen contexts
         if s == "backoff":  # a context that saw every token backs off nothing: any factor
@@ -707,15 +908,11 @@ def ngram_perplexity(model: NGramLM, ids) -> float:
     unseen n-gram has probability 0: the result is ``math.inf`` and a warning names the
     first such n-gram.
     """
+    model.require_probabilities("ngram_perplexity")
     ids = torch.as_tensor(np.asarray(ids), dtype=torch.long, device=model.n_tokens.device)
     if ids.dim() != 1 or ids.numel() == 0:
         raise ConfigError(f"ngram_perplexity takes a non-empty 1-D sequence, got {ids.shape}")
-    # log p(ids[t] | ids[:t]) sits at position t-1; prepend a dummy token so that the
-    # prediction for ids[0] (from the BOS context) is at position 0 via the mask.
-    row = torch.cat([ids.new_zeros(1), ids])[None]  # (1, N+1)
-    mask = torch.ones_like(row, dtype=torch.bool)
-    mask[0, 0] = False  # the dummy reads as BOS
-    target = model.log_prob(row[:, :-1], ids[None], mask[:, :-1])[0]  # (N,) gathered
+    target = model.log_prob(*_from_bos(ids))[0]  # (N,) gathered
     zero = torch.isinf(target).nonzero()
     if zero.numel():
         t = int(zero[0])
@@ -729,6 +926,16 @@ def ngram_perplexity(model: NGramLM, ids) -> float:
         )
         return math.inf
     return math.exp(-float(target.mean()))
+
+
+def _from_bos(ids: torch.Tensor):
+    """(row [1, N], targets [1, N], mask [1, N]) that score 1-D ``ids`` [N] as one stream
+    from BOS: log p(ids[t] | ids[:t]) sits at position t, the dummy token before ids[0]
+    read as BOS through the mask."""
+    row = torch.cat([ids.new_zeros(1), ids[:-1]])[None]  # (1, N)
+    mask = torch.ones_like(row, dtype=torch.bool)
+    mask[0, 0] = False
+    return row, ids[None], mask
 
 
 register_family("ngram", NGramConfig, NGramLM)

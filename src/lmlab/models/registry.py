@@ -78,8 +78,13 @@ def make_config(config_cls: type, fields: dict[str, Any], where: str = "config")
 
 def model_spec(model: nn.Module) -> dict[str, Any]:
     """The spec that rebuilds ``model`` (its family name and config fields)."""
+    cls = type(model)
+    if getattr(cls, "__name__", "").startswith("FSDP") and len(cls.__bases__) == 2:
+        cls = cls.__bases__[
+            1
+        ]  # FSDP2's fully_shard swaps in the class FSDP<Family>(FSDPModule, Family)
     for name, (_, model_cls) in _FAMILIES.items():
-        if type(model) is model_cls:
+        if cls is model_cls:
             return {"family": name, **dataclasses.asdict(model.config)}
     raise ConfigError(f"{type(model).__name__} is not a registered lmlab model family")
 

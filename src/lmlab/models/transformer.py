@@ -6,6 +6,11 @@ position embeddings (RoPE, Su et al. 2021), RMSNorm, SwiGLU MLP (Shazeer 2020),
 grouped-query attention (Ainslie et al. 2023), no biases. Both are pre-norm: each block
 computes ``x + attn(norm(x))`` then ``x + mlp(norm(x))``. One config chooses the variant.
 
+For teaching, the parts can also be taken out: positions can be the fixed sinusoids of the
+original transformer (Vaswani et al. 2017) or none at all (``pos``), the norms removed
+(``norm="none"``) and the residual connections cut (``residual=False``, each block then
+computes ``attn(norm(x))`` and ``mlp(norm(...))`` alone, as a plain deep network would).
+
 Parity: ``tests/models/test_transformer.py`` compares logits with transformers'
 GPT2LMHeadModel and LlamaForCausalLM on random weights copied by ``lmlab.checkpoint.hf``.
 
@@ -49,14 +54,17 @@ class TransformerConfig:
     """Context window: the most tokens the model attends over."""
     dropout: float = 0.0
     """Dropout on embeddings, attention weights and residual branches while training."""
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    """LayerNorm (GPT-2) or RMSNorm (Llama)."""
+    norm: Literal["layernorm", "rmsnorm", "none"] = "layernorm"
+    """LayerNorm (GPT-2), RMSNorm (Llama), or none (no normalisation anywhere: for the
+    residual-and-norm lesson)."""
     norm_eps: float = 1e-5
     """Epsilon inside the norms."""
     mlp: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu_tanh"
     """MLP kind: GELU (exact), GELU with the tanh approximation (GPT-2), or SwiGLU (Llama)."""
-    pos: Literal["learned", "rope"] = "learned"
-    """Learned absolute position embeddings (GPT-2) or rotary embeddings (Llama)."""
+    pos: Literal["learned", "rope", "sinusoidal", "none"] = "learned"
+    """Learned absolute position embeddings (GPT-2), rotary embeddings (Llama), the fixed
+    sinusoids of Vaswani et al. 2017 added to the token embeddings (not trained), or no
+    positions at all (only the causal mask tells tokens apart by place)."""
     rope_theta: float = 10000.0
     """RoPE base period."""
     bias: bool = True
@@ -64,6 +72,9 @@ class TransformerConfig:
     qkv_bias: bool | None = None
     """Biases on the query, key and value projections alone (Qwen2: True with bias=False);
     None follows ``bias``."""
+    residual: bool = True
+    """Residual connections around attention and MLP (He et al. 2016); False cuts them, so
+    each sublayer's output replaces the stream instead of being added to it."""
     tie_embeddings: bool = True
     """Share the token embedding matrix with the output projection."""
     init_std: float = 0.02
@@ -87,12 +98,14 @@ class TransformerConfig:
             bad("n_heads", self.n_heads, f"must divide d_model={self.d_model} (or set d_head)")
         if self.pos == "rope" and self.head_size % 2:
             bad("d_head", self.head_size, "must be even for rotary embeddings")
+        if self.pos == "sinusoidal" and self.d_model % 2:
+            bad("d_model", self.d_model, "must be even for sinusoidal positions (sin, cos pairs)")
         if not 0.0 <= self.dropout < 1.0:
             bad("dropout", self.dropout, "must be in [0, 1)")
         for field, allowed in (
-            ("norm", ("layernorm", "rmsnorm")),
+            ("norm", ("layernorm", "rmsnorm", "none")),
             ("mlp", ("gelu", "gelu_tanh", "swiglu")),
-            ("pos", ("learned", "rope")),
+            ("pos", ("learned", "rope", "sinusoidal", "none")),
         ):
             if getattr(self, field) not in allowed:
                 bad(field, getattr(self, field), f"choose one of {', '.join(allowed)}")
@@ -148,6 +161,23 @@ def rope_tables(positions: torch.Tensor, head_size: int, theta: float):
     angles = positions.float()[..., None] * inv_freq  # (B, T, Dh/2)
     angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, Dh)
     return angles.cos(), angles.sin()
+
+
+def sinusoidal_table(positions: torch.Tensor, d_model: int) -> torch.Tensor:
+    """Vaswani et al. (2017, section 3.5) position encodings [B, T, D] float32 for integer
+    ``positions`` [B, T]: PE[pos, 2i] = sin(pos / 10000^(2i/D)), PE[pos, 2i+1] = cos(same).
+
+    Each pair (2i, 2i+1) turns at its own speed, from one radian per position (i = 0) to a
+    full turn every 10000 * 2 pi positions, so PE[pos + k] is a fixed rotation of PE[pos]
+    whatever pos is. Computed on the fly: nothing is trained or stored.
+
+    >>> sinusoidal_table(torch.tensor([[0, 1]]), 4).round(decimals=4).tolist()
+    [[[0.0, 1.0, 0.0, 1.0], [0.8415, 0.5403, 0.01, 1.0]]]
+    """
+    inv_freq = 10000.0 ** (-torch.arange(0, d_model, 2, device=positions.device) / d_model)
+    angles = positions.float()[..., None] * inv_freq  # (B, T, D/2)
+    # (B, T, D/2, 2) -> (B, T, D): sin in the even dimensions, cos in the odd ones
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -327,16 +357,20 @@ class MLP(nn.Module):
 
 
 def make_norm(config: TransformerConfig) -> nn.Module:
+    if config.norm == "none":
+        return nn.Identity()
     if config.norm == "rmsnorm":
         return RMSNorm(config.d_model, eps=config.norm_eps)
     return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
 
 
 class Block(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)) (without the ``x +`` when
+    ``residual`` is off)."""
 
     def __init__(self, config: TransformerConfig, layer: int):
         super().__init__()
+        self.residual = config.residual
         self.attn_norm = make_norm(config)
         self.attn = Attention(config, layer)
         self.mlp_norm = make_norm(config)
@@ -351,9 +385,12 @@ class Block(nn.Module):
     def forward(self, x, rope, attn_mask, cache):
         x = self.hook_resid_pre(x)
         attn_out = self.hook_attn_out(self.attn(self.attn_norm(x), rope, attn_mask, cache))
-        x = self.hook_resid_mid(x + self._dropout(attn_out))
+        x = self.hook_resid_mid(self._add(x, self._dropout(attn_out)))
         mlp_out = self.hook_mlp_out(self.mlp(self.mlp_norm(x)))
-        return self.hook_resid_post(x + self._dropout(mlp_out))
+        return self.hook_resid_post(self._add(x, self._dropout(mlp_out)))
+
+    def _add(self, x, out):
+        return x + out if self.residual else out
 
     def _dropout(self, x):
         return self.resid_dropout(x) if self.training else x  # eval: no call at all
@@ -394,7 +431,7 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.hook_embed = HookPoint()  # (B, T, D) token embeddings
-        self.hook_pos_embed = HookPoint()  # (B, T, D) learned position embeddings
+        self.hook_pos_embed = HookPoint()  # (B, T, D) learned or sinusoidal positions
         self.hook_resid_final = HookPoint()  # (B, T, D) after the final norm
         self.reset_parameters()
 
@@ -469,7 +506,12 @@ class Transformer(nn.Module):
         rope = None
         if self.pos_emb is not None:
             x = x + self.hook_pos_embed(self.pos_emb(positions))
-        else:
+        elif self.config.pos == "sinusoidal":
+            # Vaswani et al. (section 3.4) scale the embeddings by sqrt(D) before adding the
+            # table, whose entries are of size 1: else the positions drown the tokens
+            pe = sinusoidal_table(positions, self.config.d_model).to(x.dtype)  # (B, T, D)
+            x = x * math.sqrt(self.config.d_model) + self.hook_pos_embed(pe)
+        elif self.config.pos == "rope":
             rope = rope_tables(positions, self.config.head_size, self.config.rope_theta)
         x = self.emb_dropout(x)
         for block in self.blocks:

@@ -108,6 +108,14 @@ class TrainBatches:
 
     def next_batch(self) -> torch.Tensor:
         """The next ``[batch_size, seq_len + 1]`` int64 windows; advances the position."""
+        return gather_windows(self.tokens, self._next_starts(), self.seq_len + 1)
+
+    def skip(self) -> None:
+        """Advance past one batch without reading it (another rank's, under torchrun)."""
+        self._next_starts()
+
+    def _next_starts(self) -> torch.Tensor:
+        """The start offsets of the next batch's windows; advances the position."""
         if self._plan_epoch != self.epoch:
             self._plan(self.epoch)
         if self.index + self.batch_size > len(self._order):  # drop the last partial batch
@@ -115,7 +123,7 @@ class TrainBatches:
             self._plan(self.epoch)
         picked = self._order[self.index : self.index + self.batch_size]
         self.index += self.batch_size
-        return gather_windows(self.tokens, self._offset + picked * self.seq_len, self.seq_len + 1)
+        return self._offset + picked * self.seq_len
 
     def state_dict(self) -> dict[str, int]:
         return {
@@ -192,3 +200,123 @@ class MetricMeans:
         if not seen:
             return {}
         return {k: torch.stack([s[k] for s in seen]).mean().item() for k in seen[0]}
+
+
+class ShardBatches:
+    """Shuffled training batches streamed from token shards (``lmlab.data.TokenShards``)
+    by rank and by DataLoader worker, resumable mid-shard.
+
+    Each epoch visits the shards in an order drawn from ``(seed, epoch)`` and, inside
+    each, its non-overlapping windows of ``seq_len + 1`` tokens in an order drawn from
+    ``(seed, epoch, shard)``; batches take ``batch_size`` consecutive windows of that one
+    global sequence (the last partial batch of an epoch is dropped). Global batch ``g`` is
+    a function of ``g`` alone, so the position is one integer: the batches consumed by
+    all ranks. Rank ``r`` of ``W`` takes batches ``r, r + W, ...`` after the position;
+    with ``workers`` DataLoader processes, worker ``w`` reads every ``workers``-th of
+    those, and the DataLoader hands them back in order. Only the windows of a batch are
+    read (and one shard's window order is held), so the corpus may exceed memory.
+    """
+
+    by_rank = True  # the trainer does not wrap it in RankBatches
+
+    def __init__(
+        self,
+        shards,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        workers: int = 0,
+    ):
+        self.shards = list(shards.shards)
+        for i, shard in enumerate(self.shards):
+            _check_tokens(shard, f"token shard {i}")
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.rank, self.world_size, self.workers = rank, world_size, workers
+        self.windows = torch.tensor([(len(s) - 1) // seq_len for s in self.shards])
+        self.per_epoch = int(self.windows.sum()) // batch_size
+        if self.per_epoch < 1:
+            raise DataError(
+                f"train shards: {int(self.windows.sum())} windows of seq_len + 1 = "
+                f"{seq_len + 1} tokens, fewer than batch_size={batch_size}"
+            )
+        self.position = 0
+        self._batches = None  # the running iterator, from self.position on
+        self._order: tuple[tuple[int, int], torch.Tensor] | None = None
+
+    def batch(self, g: int) -> torch.Tensor:
+        """Global batch ``g``: ``[batch_size, seq_len + 1]`` int64 windows."""
+        epoch, index = divmod(g, self.per_epoch)
+        gen = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
+        shard_order = torch.randperm(len(self.shards), generator=gen)
+        ends = torch.cumsum(self.windows[shard_order], 0)  # window counts, in visiting order
+        rows = []
+        for k in range(index * self.batch_size, (index + 1) * self.batch_size):
+            at = int(torch.searchsorted(ends, k, right=True))  # which visited shard
+            shard = int(shard_order[at])
+            local = k - (int(ends[at - 1]) if at else 0)
+            start = int(self._window_order(epoch, shard)[local]) * self.seq_len
+            rows.append(
+                torch.from_numpy(
+                    np.asarray(self.shards[shard][start : start + self.seq_len + 1]).astype(
+                        np.int64
+                    )
+                )
+            )
+        return torch.stack(rows)
+
+    def _window_order(self, epoch: int, shard: int) -> torch.Tensor:
+        if self._order is None or self._order[0] != (epoch, shard):
+            seed = _epoch_seed(_epoch_seed(self.seed, epoch), shard + 1)
+            g = torch.Generator().manual_seed(seed)
+            self._order = ((epoch, shard), torch.randperm(int(self.windows[shard]), generator=g))
+        return self._order[1]
+
+    def _mine(self, first: int):
+        """This rank's batches from global batch ``first`` on (worker ``w`` of ``n``: every
+        n-th of them, from the w-th)."""
+        info = torch.utils.data.get_worker_info()
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        j = w
+        while True:
+            yield self.batch(first + self.rank + self.world_size * j)
+            j += n
+
+    def next_batch(self) -> torch.Tensor:
+        if self._batches is None:
+            if self.workers:
+                stream = _Stream(self, self.position)
+                loader = torch.utils.data.DataLoader(
+                    stream, batch_size=None, num_workers=self.workers
+                )
+                self._batches = iter(loader)
+            else:
+                self._batches = self._mine(self.position)
+        self.position += self.world_size  # one batch for each rank
+        return next(self._batches)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batch": self.position, "seed": self.seed, "seq_len": self.seq_len}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if (
+            state.get("seed") != self.seed
+            or state.get("seq_len") != self.seq_len
+            or "batch" not in state
+        ):
+            raise DataError(
+                f"cannot continue the shard stream of a run with seed={state.get('seed')}, "
+                f"seq_len={state.get('seq_len')} using seed={self.seed}, seq_len={self.seq_len}"
+            )
+        self.position, self._batches = int(state["batch"]), None
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """``ShardBatches._mine`` as a dataset, for DataLoader workers."""
+
+    def __init__(self, batches: ShardBatches, first: int):
+        self.batches, self.first = batches, first
+
+    def __iter__(self):
+        return self.batches._mine(self.first)

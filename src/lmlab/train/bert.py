@@ -70,10 +70,10 @@ SPECIALS = ("[PAD]", "[CLS]", "[SEP]", "[MASK]")
 
 def documents_from_text(text: str, tokenizer: Any) -> list[list[list[int]]]:
     """Documents (blank-line-separated blocks: Tiny Shakespeare's speeches) of sentences
-    (their non-empty lines), tokenized."""
+    (their non-empty lines, each with its line break), tokenized."""
     documents = []
     for block in text.split("\n\n"):
-        lines = [tokenizer.encode(line) for line in block.split("\n") if line.strip()]
+        lines = [tokenizer.encode(line + "\n") for line in block.split("\n") if line.strip()]
         if lines:
             documents.append(lines)
     return documents
@@ -82,11 +82,14 @@ def documents_from_text(text: str, tokenizer: Any) -> list[list[list[int]]]:
 def regions_from_text(text: str, tokenizer: Any, lines: int = 100) -> list[list[list[int]]]:
     """Documents for text without document boundaries (Tiny Shakespeare is one stream of
     plays): consecutive regions of ``lines`` non-empty lines (speaker names included), each
-    line a sentence, tokenized. A region's random partner is then a distant passage. A text
-    of fewer than ``2 * lines`` lines is cut into two regions (of at least 2 lines each)."""
+    line a sentence, tokenized with its line break (so a segment keeps the text's layout:
+    a speaker's name on its own line, then the speech; without the breaks the lines run
+    together, "EXETER:Hark, hark"). A region's random partner is then a distant passage. A
+    text of fewer than ``2 * lines`` lines is cut into two regions (of at least 2 lines
+    each)."""
     if lines < 2:
         raise ConfigError(f"region_lines={lines} is invalid: a region needs at least 2 lines")
-    encoded = [tokenizer.encode(line) for line in text.split("\n") if line.strip()]
+    encoded = [tokenizer.encode(line + "\n") for line in text.split("\n") if line.strip()]
     lines = max(2, min(lines, len(encoded) // 2))
     return [encoded[i : i + lines] for i in range(0, len(encoded), lines)]
 

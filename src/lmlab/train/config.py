@@ -146,6 +146,20 @@ class TrainConfig:
     """Compile the model's forward with torch.compile (inductor) for training steps. Measured
     on this project's 2-core CPU: gpt-char-tiny +11% tokens/s, the 6 x 384 shape no gain,
     after 20-40 s of compilation (bench/train_throughput.py)."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """How several processes (``torchrun --nproc_per_node N -m lmlab train ...``) share the
+    model: "ddp" keeps a full copy on each and averages gradients; "fsdp" (FSDP2) shards
+    parameters, gradients and optimizer state over them, one unit per transformer block
+    (with bf16 precision: bf16 compute, float32 gradient reduction). One process: ignored.
+    ``grad_accum`` counts micro-batches over all processes (a multiple of N), so the
+    global batch stays the same on any number of them."""
+    grad_checkpoint: bool = False
+    """Recompute each transformer block's activations in the backward pass instead of
+    storing them (torch.utils.checkpoint): much less activation memory, about one more
+    forward pass of compute per step."""
+    data_workers: int = 0
+    """DataLoader worker processes that read training batches from token shards
+    (``lmlab.data.TokenShards``) ahead of the step; 0 reads them in the training process."""
     log: LogConfig = LogConfig()
     """TensorBoard and Weights & Biases logging beside metrics.jsonl (``--log.*`` flags)."""
 
@@ -206,6 +220,7 @@ class TrainConfig:
         integer("spike_warmup", 0)
         integer("keep_last", 1, optional=True)
         integer("seed", 0)
+        integer("data_workers", 0)
         number("time_budget_s", 0, low_open=True, optional=True)
         number("lr", 0, low_open=True)
         number("min_lr", 0, low_open=False)
@@ -240,7 +255,8 @@ class TrainConfig:
                     f"{kind!r} is not one of {', '.join(NO_DECAY_KINDS)}"
                     f"{closest(str(kind), NO_DECAY_KINDS)}",
                 )
-        for field in ("progress", "keep_best"):
+        choice("parallel", ("ddp", "fsdp"))
+        for field in ("progress", "keep_best", "grad_checkpoint"):
             if not isinstance(getattr(self, field), bool):
                 bad(field, "must be true or false")
         if not isinstance(self.resume, str) or not self.resume:

@@ -390,10 +390,17 @@ class RunDir:
         extra_config: dict[str, Any] | None = None,
         keep_last: int | None = None,
         keep_best: bool = False,
+        **parts: Any,
     ) -> Path:
-        """Write one checkpoint (atomically), rotate the old ones, log a checkpoint event."""
+        """Write one checkpoint (atomically), rotate the old ones, log a checkpoint event.
+        ``parts``: ``save_checkpoint``'s ``weights`` and ``extra_dirs`` (distributed runs)."""
         saved = save_checkpoint(
-            path, model, tokenizer=tokenizer, train_state=train_state, extra_config=extra_config
+            path,
+            model,
+            tokenizer=tokenizer,
+            train_state=train_state,
+            extra_config=extra_config,
+            **parts,
         )
         self.last_saved = step
         if keep_last is not None:

@@ -19,6 +19,9 @@ schedule is a pure function of the step). The run folder (its lock, config.json,
 metrics.jsonl, checkpoint rotation, the resume source and the stop signals) belongs to
 ``lmlab.train.run.RunDir``; Ctrl-C and SIGTERM save a checkpoint and re-raise.
 
+Under torchrun the same loop runs on every process (``lmlab.train.distributed``: DDP or
+FSDP2, one global stream of micro-batches, DCP checkpoints; rank 0 writes the files).
+
 ``train`` reads in that order: check the inputs, own the folder, set up (``_Loop.start``:
 restore or seed, record), then ``_Loop.run``: ``train_step`` (with the out-of-memory
 back-off), ``log``, ``evaluate``, ``save`` at their intervals.
@@ -52,11 +55,14 @@ from lmlab.checkpoint.io import (
     read_config,
     resolve_checkpoint,
 )
+from lmlab.data.tokens import TokenShards
 from lmlab.devices import bf16_supported, resolve_device
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.models import base_model, model_spec
-from lmlab.train.batches import Tokens, TrainBatches, fixed_batches
+from lmlab.train import distributed
+from lmlab.train.batches import ShardBatches, Tokens, TrainBatches, fixed_batches
 from lmlab.train.config import TrainConfig
+from lmlab.train.distributed import Ranks
 from lmlab.train.guards import StepGuard, TrainingDiverged
 from lmlab.train.metrics import plot_losses, truncate_after_checkpoint
 from lmlab.train.objectives import keep_probability, mix_inputs
@@ -124,7 +130,8 @@ def train(
     """Train ``model`` on 1-D token arrays and write the run to ``config.out_dir``.
 
     train_tokens / val_tokens: 1-D integer arrays (numpy, np.memmap or torch) of token
-    ids; val_tokens may be None (no evaluation). ``supervised`` replaces both (pass None
+    ids; val_tokens may be None (no evaluation). train_tokens may also be token shards
+    (``lmlab.data.TokenShards``), streamed by rank and DataLoader worker. ``supervised`` replaces both (pass None
     for them) with batches of examples and their own loss: fine-tuning (``Supervised``).
     The model moves to ``config.device`` (``auto``: CUDA, then MPS, then the CPU) and
     trains there. ``callbacks`` are called with every event written to metrics.jsonl
@@ -140,13 +147,17 @@ def train(
     loss) and retries the step.
     """
     spec = _check_inputs(model, train_tokens, val_tokens, config, supervised)
+    # Under torchrun: join the process group; rank 0 alone writes the run's files.
+    ranks = distributed.setup(config.device)
     model.to(resolve_device(config.device))
-    run = RunDir(config.out_dir, callbacks or ())
+    run = (RunDir if ranks.main else distributed.FollowerRun)(config.out_dir, callbacks or ())
     with run.owned(), run.stop_signals() as stop:
         # A crash between the two renames of a checkpoint replace is repaired before choosing.
         run.clean()
-        resume_from = run.resume_source(config.resume)
-        loop = _Loop(model, spec, train_tokens, val_tokens, config, tokenizer, supervised, run)
+        resume_from = ranks.from_main(lambda: run.resume_source(config.resume))
+        loop = _Loop(
+            model, spec, train_tokens, val_tokens, config, tokenizer, supervised, run, ranks
+        )
         loop.start(resume_from)
         return loop.run(stop)
 
@@ -179,15 +190,33 @@ class _Loop:
     ``evaluate``, ``save``, and ``save_interrupted`` on Ctrl-C or SIGTERM)."""
 
     def __init__(
-        self, model, spec, train_tokens, val_tokens, config, tokenizer, supervised, run: RunDir
+        self,
+        model,
+        spec,
+        train_tokens,
+        val_tokens,
+        config,
+        tokenizer,
+        supervised,
+        run: RunDir,
+        ranks: Ranks | None = None,
     ):
         self.model = model
         self.spec = spec
         self.config = config
         self.tokenizer = tokenizer
         self.run_dir = run
+        self.ranks = ranks = ranks or Ranks()
+        self.device = device = next(model.parameters()).device
+        self.use_bf16 = resolve_precision(config.precision, device)
+        if config.init_from is not None:  # a fresh run's weights, loaded before any sharding
+            load_weights(model, resolve_checkpoint(config.init_from))
+        if config.grad_checkpoint:
+            distributed.checkpoint_blocks(model)
+        # DDP around the model, or the model sharded in place (FSDP2); `model` is saved.
+        wrapped = distributed.parallelize(model, config.parallel, ranks, self.use_bf16)
+        self.accum = distributed.check_grad_accum(config.grad_accum, ranks)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.device = device = self.params[0].device
         self.optimizer = build_optimizer(model, config)
         self.val = None
         self.supervised = supervised is not None
@@ -198,21 +227,21 @@ class _Loop:
             if supervised.val is not None:
                 self.val = [_to_device(batch, device) for batch in supervised.val]
         else:
-            self.batches = TrainBatches(
-                train_tokens, config.batch_size, config.seq_len, config.seed
-            )
+            self.batches = _train_batches(train_tokens, config, ranks)
             self.loss_of = _next_token_loss
             if val_tokens is not None:
                 val = fixed_batches(
                     val_tokens, config.batch_size, config.seq_len, config.eval_batches
                 )
                 self.val = [_to_device(window, device) for window in val]
+        if ranks.enabled and not getattr(self.batches, "by_rank", False):
+            # rank r: micro-batches r, r + W, ... of the one global stream
+            self.batches = distributed.RankBatches(self.batches, ranks)
         self.guard = StepGuard(
             config.spike_factor, config.spike_window, config.spike_warmup, config.grad_spike_factor
         )
         # The compiled module shares the model's parameters; checkpoints still use `model`.
-        self.forward = torch.compile(model) if config.compile else model
-        self.use_bf16 = resolve_precision(config.precision, device)
+        self.forward = torch.compile(wrapped) if config.compile else wrapped
         self.autocast = (
             functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
             if self.use_bf16
@@ -236,10 +265,9 @@ class _Loop:
             self.step, self.tokens_seen, self.sup_tokens_seen = _restore(
                 resume_from, self.model, self.optimizer, self.batches, self.guard, self.spec
             )
-            truncate_after_checkpoint(run.path / METRICS_FILE, self.step)
+            if self.ranks.main:
+                truncate_after_checkpoint(run.path / METRICS_FILE, self.step)
         else:
-            if config.init_from is not None:
-                load_weights(self.model, resolve_checkpoint(config.init_from))
             torch.manual_seed(config.seed)
         previous = (run.recorded() or {}).get("train") or {}
         run.record(
@@ -286,7 +314,9 @@ class _Loop:
         self.since_log: list[float] = []
         try:
             while self.step < config.max_steps:
-                if config.time_budget_s and self._elapsed() >= config.time_budget_s:
+                if config.time_budget_s and self.ranks.from_main(
+                    lambda: self._elapsed() >= config.time_budget_s
+                ):
                     result.stop_reason = "time_budget"
                     break
                 lr, loss, grad_norm, skip = self.train_step(stop)
@@ -330,7 +360,7 @@ class _Loop:
         return tqdm(
             total=config.time_budget_s if by_time else config.max_steps,
             initial=0 if by_time else self.step,
-            disable=not config.progress,
+            disable=not (config.progress and self.ranks.main),
             unit="s" if by_time else "step",
             bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s [{elapsed}<{remaining}{postfix}]"
             if by_time
@@ -356,20 +386,25 @@ class _Loop:
                 loss, counted, processed = _accumulate_gradients(
                     self.forward,
                     self.batches,
-                    config.grad_accum,
+                    self.accum,
                     self.device,
                     self.autocast,
                     keep,
                     self.loss_of,
                     self.split,
                     self.split_batch,
+                    sync=functools.partial(distributed.gradient_sync, self.forward)
+                    if self.ranks.enabled
+                    else None,
                 )
                 break
             except Exception as e:
                 if not is_out_of_memory(e):
                     raise
                 self.back_off(e)
-        grad_norm = _grad_norm(self.params, config.grad_clip)
+        if self.ranks.enabled:  # the global batch's loss and token counts, on every rank
+            loss, counted, processed = distributed.reduce_step(loss, counted, processed, self.ranks)
+        grad_norm = distributed.full_value(_grad_norm(self.params, config.grad_clip))
         # The step's one sync: the guards need loss and norm on the host (and supervised
         # batches count their labelled tokens).
         numbers = [loss, grad_norm.to(loss)] + ([counted.to(loss)] if self.supervised else [])
@@ -505,7 +540,7 @@ class _Loop:
     def save(self, with_val: bool = True) -> Path:
         """Checkpoint the current state as ``step``, rotate, and log it."""
         step, config = self.step, self.config
-        if not _all_finite(self.model):
+        if not self.ranks.all_true(_all_finite(self.model)):
             raise TrainingDiverged(
                 f"the model's parameters are not finite at step {step}; refusing to write a "
                 "checkpoint from this state"
@@ -515,7 +550,8 @@ class _Loop:
             "step": step,
             "tokens_seen": self.tokens_seen,
             "sup_tokens_seen": self.sup_tokens_seen,
-            "optimizer": self.optimizer.state_dict(),
+            # A distributed run's optimizer state goes into dcp/ (distributed.save_checkpoint).
+            "optimizer": None if self.ranks.enabled else self.optimizer.state_dict(),
             # The schedule is lr_at(step, config): its whole state is the step counter.
             "scheduler": {"schedule": config.lr_schedule, "step": step},
             "rng": _rng_state(self.device),
@@ -526,21 +562,27 @@ class _Loop:
             "train": {"step": step, "tokens_seen": self.tokens_seen, "val_loss": val_loss},
             "train_config": dataclasses.asdict(config),
         }
-        path = self.run_dir.save(
-            checkpoint_dir(self.run_dir.path, step),
-            self.model,
-            step,
+        files = dict(
             tokenizer=self.tokenizer,
             train_state=train_state,
             extra_config=extra,
             keep_last=config.keep_last,
             keep_best=config.keep_best,
         )
+        target = checkpoint_dir(self.run_dir.path, step)
+        if self.ranks.enabled:
+            path = distributed.save_checkpoint(
+                self.run_dir, target, self.model, self.optimizer, step, self.ranks, **files
+            )
+        else:
+            path = self.run_dir.save(target, self.model, step, **files)
         self.result.checkpoint = path
         return path
 
     def plot(self) -> None:
         """loss.png, from metrics.jsonl."""
+        if not self.ranks.main:
+            return
         every = self.config.eval_interval
         plot_losses(
             self.run_dir.path / METRICS_FILE,
@@ -556,6 +598,9 @@ class _Loop:
         if self.applying:
             log.error("interrupted inside the optimizer update: no checkpoint saved")
             return
+        if self.ranks.enabled:  # a save needs every rank at the same point; they are not
+            log.warning("interrupted: a distributed run resumes from its last checkpoint")
+            return
         if self.in_step:  # replay the interrupted step on resume: same batches, same dropout
             self.batches.load_state_dict(self.step_start[0])
             _set_torch_rng(self.step_start[1], self.device)
@@ -564,6 +609,22 @@ class _Loop:
             log.warning("interrupted: saving a checkpoint at step %d", self.step)
             self.save(with_val=False)
         self.plot()
+
+
+def _train_batches(tokens, config: TrainConfig, ranks: Ranks):
+    """Shuffled windows of a 1-D token array, or streamed from token shards by rank and
+    DataLoader worker (``TokenShards``: a corpus larger than memory)."""
+    if isinstance(tokens, TokenShards):
+        return ShardBatches(
+            tokens,
+            config.batch_size,
+            config.seq_len,
+            config.seed,
+            ranks.rank,
+            ranks.world_size,
+            config.data_workers,
+        )
+    return TrainBatches(tokens, config.batch_size, config.seq_len, config.seed)
 
 
 def _next_token_loss(model, window, autocast, keep=1.0) -> tuple[torch.Tensor, int]:
@@ -586,6 +647,7 @@ def _accumulate_gradients(
     loss_of=_next_token_loss,
     split=1,
     split_batch=None,
+    sync=None,
 ) -> tuple[torch.Tensor, torch.Tensor | int]:
     """Forward and backward over ``grad_accum`` micro-batches -> (mean loss, tokens the
     loss is on, tokens processed).
@@ -598,16 +660,20 @@ def _accumulate_gradients(
     ``split`` > 1 (after an out-of-memory error) cuts each drawn batch into that many
     parts with ``split_batch(batch, split) -> [(part, weight)]`` (``split_rows`` for
     token windows): the same windows and the same loss per step, in less memory.
+    ``sync(last)``: a context for each forward and backward, letting only the last one
+    synchronise gradients across ranks (``distributed.gradient_sync``); None in one process.
     """
     total, counted, processed = None, 0, 0
-    for _ in range(grad_accum):
+    for i in range(grad_accum):
         batch = batches.next_batch()
         processed += _tokens_in(batch)
         parts = [(batch, None)] if split == 1 else split_batch(batch, split)
-        for part, weight in parts:
-            loss_sum, count = loss_of(model, _to_device(part, device), autocast, keep)
-            loss = loss_sum / count if weight is None else loss_sum / count * weight
-            (loss / grad_accum).backward()
+        for j, (part, weight) in enumerate(parts):
+            last = i == grad_accum - 1 and j == len(parts) - 1
+            with sync(last) if sync is not None else contextlib.nullcontext():
+                loss_sum, count = loss_of(model, _to_device(part, device), autocast, keep)
+                loss = loss_sum / count if weight is None else loss_sum / count * weight
+                (loss / grad_accum).backward()
             total = loss.detach() if total is None else total + loss.detach()
             counted = counted + count
     return (total / grad_accum if grad_accum > 1 else total), counted, processed
@@ -680,7 +746,8 @@ def _grad_norm(params: list[nn.Parameter], grad_clip: float | None) -> torch.Ten
 
 
 def _all_finite(model: nn.Module) -> bool:
-    checks = [torch.isfinite(p).all() for p in model.parameters()]
+    """Whether every parameter (this rank's shard of it, under FSDP) is finite."""
+    checks = [torch.isfinite(distributed.local_part(p)).all() for p in model.parameters()]
     return bool(torch.stack(checks).all()) if checks else True
 
 
@@ -709,9 +776,20 @@ def _restore(ckpt: Path, model, optimizer, batches, guard, spec) -> tuple[int, i
             + ")"
         )
     state = load_train_state(ckpt)
-    load_weights(model, ckpt)
+    sharded_state = distributed.has_sharded_state(ckpt)
+    if sharded_state:  # written by a distributed run: DCP reshards it for this one
+        distributed.load_checkpoint(ckpt, model, optimizer)
+    elif distributed.is_sharded(model):
+        raise CheckpointError(
+            f"cannot resume {str(ckpt)!r} with parallel='fsdp': it was written by a single "
+            "process (no dcp/ folder); resume it with parallel='ddp' (whose checkpoints "
+            "hold dcp/, which FSDP reads)"
+        )
+    else:
+        load_weights(model, ckpt)
     try:
-        optimizer.load_state_dict(state["optimizer"])
+        if not sharded_state:
+            optimizer.load_state_dict(state["optimizer"])
         batches.load_state_dict(state["data"])
         guard.load_state_dict(state["guard"])
         _set_rng_state(state["rng"], next(model.parameters()).device)
