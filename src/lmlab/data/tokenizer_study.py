@@ -19,6 +19,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tqdm.auto import tqdm
+
 from lmlab.data.bpe import BPE, pre_tokenize
 from lmlab.data.corpus import split_text
 from lmlab.data.tokenizers import BPETokenizer, CharTokenizer, WordTokenizer
@@ -28,8 +31,6 @@ from lmlab.errors import ConfigError
 def library_bpe(text: str, vocab_size: int):
     """The ``tokenizers`` library's BPE with the same settings as ``lmlab.data.bpe.BPE``
     (whitespace pre-tokenizer, no special tokens): the reference of the parity check."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False)
@@ -57,8 +58,6 @@ def compare_tokenizers(
     if not words:
         raise ConfigError("the held-out part of the text has no words: give a longer text")
     n_words = len(words)
-    from tqdm.auto import tqdm
-
     char = CharTokenizer.train(train, unk=True)
     held_ids = char.encode(held_out)
     report: dict[str, Any] = {
