@@ -18,7 +18,6 @@ speed decision made from what the CPU offers (flags), in one place.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import itertools
 import platform
@@ -191,10 +190,9 @@ def model_device(model: torch.nn.Module) -> torch.device:
 @functools.cache
 def _malloc_trim():
     """glibc's ``malloc_trim``, or None (another C library, another system)."""
-    name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
+        return ctypes.CDLL(None).malloc_trim  # the symbols the process has loaded
+    except (OSError, AttributeError, TypeError):
         return None
 
 
@@ -205,7 +203,8 @@ def return_free_memory() -> None:
     A load that makes many medium-sized temporaries (a few MB each) between the tensors it
     keeps leaves holes glibc does not return: after its first large free it serves such
     sizes from the heap, not from their own mappings. Packing SmolLM2's 4-bit weights that
-    way held 150 MB of free heap; trimming after each block keeps the peak at the weights.
+    way held up to 150 MB of free heap; trimming after each block keeps the peak at the
+    weights.
     """
     trim = _malloc_trim()
     if trim is not None:
