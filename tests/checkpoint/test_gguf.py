@@ -682,6 +682,23 @@ def test_4bit_layers_keep_the_file_weights(tmp_path, qtype):
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
 
 
+def test_a_4bit_load_holds_packed_weights_and_saves_them_exactly(tmp_path):
+    """The 4-bit layers come back packed in the kernel's layout (their saved form dropped);
+    save_quantized reads that form back, and the reloaded model gives the same logits."""
+    from lmlab.checkpoint.quantized import load_quantized, save_quantized
+
+    path = write_llama_gguf(tmp_path / "tiny.gguf", tiny_llama(), Q.Q4_1)
+    model, _, info = load_gguf(path, dtype=torch.bfloat16, keep_quantized=True)
+    assert all(model.get_submodule(n).qweight is None for n in info["quantized"])
+    ids = torch.randint(0, len(TOKENS), (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids)
+        save_quantized(model, tmp_path / "saved")
+        again, _, _ = load_quantized(tmp_path / "saved")
+        assert torch.equal(again(ids), expected)
+        assert torch.equal(model(ids), expected)
+
+
 def test_float32_keeps_dense_weights(tmp_path):
     path = write_llama_gguf(tmp_path / "tiny.gguf", tiny_llama(), Q.Q4_1)
     _, _, info = load_gguf(path)
@@ -860,24 +877,34 @@ def status(key):
 open("/proc/self/clear_refs", "w").write("5")  # the peak counter restarts here
 base = status("VmRSS")
 lm = lmlab.load("smollm2", dtype="bfloat16", keep_quantized=True, device="cpu")
+peak = status("VmHWM") - base
+lm.generate("Hello", max_new_tokens=8)  # the first steps used to pack the weights again
+decode_peak = status("VmHWM") - base
+packed = lm.model.blocks[0].attn.q_proj.qweight is None  # the kernel holds the weights
 seen, weights = set(), 0
-for t in [*lm.model.parameters(), *lm.model.buffers()]:
-    if t.data_ptr() not in seen:
-        seen.add(t.data_ptr())
+kernels = {id(m._kernel): m._kernel.packed for m in lm.model.modules() if hasattr(m, "_kernel")}
+for t in [*lm.model.parameters(), *lm.model.buffers(), *kernels.values()]:
+    if (t.data_ptr(), t.shape) not in seen:  # scale and zero: views of the kernel's copy
+        seen.add((t.data_ptr(), t.shape))
         weights += t.numel() * t.element_size()
-print(json.dumps({"weights": weights, "peak": status("VmHWM") - base}))
+print(json.dumps({"weights": weights, "peak": peak, "decode_peak": decode_peak, "packed": packed}))
 """
 
 
 @pytest.mark.slow
 def test_loading_smollm2_in_4_bits_never_holds_a_dense_copy():
-    """The 4-bit load reads tensor by tensor: what it adds to the process's peak memory
-    stays within 1.8x of the weights it keeps (about 118 MiB: 4-bit layers, a bf16
-    embedding; the rest is the tokenizer and transients). Measured 1.53x (180 MiB) on the
-    project's 2-core machine; going through the dense model it was about 10x (1.47 GB
-    resident in all). A fresh process, peak reset after the imports, as
-    tests/interp/test_load_memory.py does."""
+    """The 4-bit load reads tensor by tensor and packs the kernel's layout as it goes: what
+    it adds to the process's peak memory, load and first decoding steps together, stays
+    within 1.6x of the weights it keeps (about 117 MiB: 4-bit layers, a bf16 embedding;
+    the rest is the tokenizer and transients), and the weights are held once (the saved
+    4-bit form is dropped for the packed one). Measured 1.41x (166 MiB) for both on the
+    project's 2-core machine. Before: 1.53x for the load, then 3.77x (442 MiB) once
+    decoding had packed a second copy beside the first, in holes of the C heap; going
+    through the dense model it was about 10x. A fresh process, peak reset after the
+    imports, as tests/interp/test_load_memory.py does."""
     result = load_peak_in_subprocess(_LOAD_PEAK)
+    assert result["packed"]
     assert 100 * 2**20 < result["weights"] < 160 * 2**20
-    ratio = result["peak"] / result["weights"]
-    assert ratio <= 1.8, f"peak {result['peak'] / 2**20:.0f} MiB = {ratio:.2f}x the weights"
+    for key in ("peak", "decode_peak"):
+        ratio = result[key] / result["weights"]
+        assert ratio <= 1.6, f"{key} {result[key] / 2**20:.0f} MiB = {ratio:.2f}x the weights"

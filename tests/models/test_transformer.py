@@ -271,6 +271,26 @@ def test_fast_decoding_gives_the_plain_paths_numbers(variant, bits):
     assert bool(model.blocks[0].attn._fused) == (bits == 4)  # the fused path did run
 
 
+def test_the_plain_path_undoes_fused_4bit_projections():
+    """use_fast_decoding(False) after the fused path ran: the 4-bit projections that shared
+    one packed copy compute alone again (each its own copy), with the same logits."""
+    from lmlab.quant import quantize_model
+
+    spec = tiny_spec(d_model=64, d_ff=128, n_layers=2, max_seq_len=48, **LLAMA)
+    model = quantize_model(build_model(spec).eval(), "int4", dtype=torch.bfloat16)
+    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
+    with torch.no_grad():
+        fused = model(ids)
+        assert attn.q_proj._kernel is attn.v_proj._kernel is not None
+        assert mlp.gate_proj._kernel is mlp.up_proj._kernel is not None
+        model.use_fast_decoding(False)
+        plain = model(ids)
+    for layer in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+        assert layer._kernel.layers == [layer]
+    assert torch.equal(plain, fused)
+
+
 # ----------------------------------------------------------------------------- positions,
 # residual connections and norms taken out (issue 23)
 

@@ -102,3 +102,64 @@ def test_outputs_the_kernel_cannot_pack_compute_with_the_dequantized_weight():
     x = torch.randn(2, 96, dtype=torch.bfloat16)
     expected = F.linear(x.float(), lin.dequantize(), lin.bias)
     torch.testing.assert_close(lin(x).float(), expected, atol=ATOL, rtol=RTOL)
+
+
+def test_the_kernel_takes_the_weights_over_and_gives_them_back_exactly():
+    """After a kernel call the layer holds its weights once (the packed copy; ``qweight`` is
+    dropped); its saved form, read back through the kernel, is bit for bit the one it had,
+    and the layer computes the same numbers before and after."""
+    lin, q = layer()
+    saved = {k: v.clone() for k, v in lin.state_dict().items()}
+    x = torch.randn(2, 5, 96, dtype=torch.bfloat16)
+    first = lin(x)
+    assert lin.qweight is None and lin._kernel is not None
+    state = lin.state_dict()  # brings the saved form back
+    assert state.keys() == saved.keys()
+    for k in saved:
+        assert torch.equal(state[k], saved[k]), k
+    assert torch.equal(lin.unpacked(), q.to(torch.int32))
+    assert torch.equal(lin(x), first)  # packed again on this call
+    assert lin.qweight is None
+
+
+def test_fused_layers_share_one_copy_and_each_still_computes_alone():
+    """Int4Linear.fuse: the fused copy holds the three layers' weights; each layer called
+    alone (the plain decoding path) reads its outputs from it, with its own numbers; asking
+    to fuse them again returns the same copy; one layer's saved form brings all back."""
+    layers = [layer(n, k=128, seed=i)[0] for i, n in enumerate((64, 32, 32))]
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    alone = [m(x) for m in layers]  # each packs its own copy first
+    fused = Int4Linear.fuse(layers)
+    assert all(m.qweight is None and m._kernel is fused for m in layers)
+    assert Int4Linear.fuse(layers) is fused
+    assert torch.equal(fused(x), torch.cat(alone, dim=-1))
+    for m, expected in zip(layers, alone):
+        assert torch.equal(m(x), expected)
+    layers[1].canonical()
+    assert all(m.qweight is not None and m._kernel is None for m in layers)
+    assert fused.packed is None and not fused.applies(x)
+
+
+def test_moving_a_packed_layer_moves_its_saved_form():
+    """.to() that changes nothing keeps the packed copy; one that casts (here the scales to
+    float32) acts on the saved form, as before packing."""
+    lin, _ = layer()
+    x = torch.randn(2, 96, dtype=torch.bfloat16)
+    lin(x)
+    lin.to("cpu")
+    assert lin.qweight is None
+    lin.float()
+    assert lin.qweight is not None and lin.scale.dtype == torch.float32
+
+
+def test_weights_packed_while_decoding_serve_training_afterwards():
+    """Packed under inference_mode (as decoding does), then needed with a gradient (QLoRA
+    over Int4Linear): the saved form comes back as ordinary tensors and backward runs."""
+    lin, _ = layer(bias=False, k=32, group=32)
+    with torch.inference_mode():
+        lin(torch.randn(2, 32, dtype=torch.bfloat16))
+    assert lin.qweight is None
+    x = torch.randn(3, 32, requires_grad=True)
+    lin(x).sum().backward()
+    assert not lin.qweight.is_inference() and not lin.scale.is_inference()
+    torch.testing.assert_close(x.grad, lin.dequantize().sum(0).expand(3, -1), atol=1e-5, rtol=1e-5)

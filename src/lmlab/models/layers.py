@@ -11,6 +11,7 @@ with ``model.named_modules()``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -33,6 +34,19 @@ class HookPoint(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # With no hook anywhere, the identity skips nn.Module's call machinery: a decoding
+        # step passes about 300 hook points (SmolLM2), ~1 ms of its ~24 on one CPU thread.
+        if self._forward_hooks or self._forward_pre_hooks or _global_hooks():
+            return super().__call__(x)
+        return x
+
+
+def _global_hooks() -> bool:
+    """Whether a hook registered for every module (``register_module_forward_hook``) exists."""
+    m = torch.nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks)
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm (Zhang & Sennrich 2019): x / rms(x) * weight, no centring.
@@ -46,10 +60,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # x * rsqrt(mean(x^2) + eps) in float32: torch's one call gives the bits of the
+        # five-op spelling (tested) and saves a decoding step ~0.4 ms of dispatch
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 def segment_mask(segments: torch.Tensor) -> torch.Tensor:

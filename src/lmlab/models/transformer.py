@@ -195,7 +195,8 @@ def fused_projection(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor):
     up) that read the same input cost one call instead when their class offers ``fuse``
     (``lmlab.quant.Int4Linear``: the same numbers, tested) and nothing could tell the
     difference: ``owner.fast`` on, no hook on the projections, and no gradient needed.
-    The fused copy is made on first use and remade if a projection is replaced (LoRA).
+    The fused copy is made on first use and remade if a projection is replaced (LoRA)
+    or it handed its weights back to the projections.
     """
     if not owner.fast:
         return None
@@ -204,7 +205,10 @@ def fused_projection(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor):
     if fuse is None or any(m._forward_hooks or m._forward_pre_hooks for m in layers):
         return None
     made = owner._fused.get(names)
-    if made is None or any(a is not b for a, b in zip(made[0], layers)):
+    # remade when a projection was replaced, or the fused copy gave its weights back
+    # (``Int4Matmul.release``: the layers were saved or moved)
+    stale = made is None or any(a is not b for a, b in zip(made[0], layers))
+    if stale or (made[1] is not None and made[1].packed is None):
         made = owner._fused[names] = (layers, fuse(layers))
     kernel = made[1]
     return kernel(x) if kernel is not None and kernel.applies(x) else None
@@ -381,12 +385,15 @@ class Block(nn.Module):
     def forward(self, x, rope, attn_mask, cache):
         x = self.hook_resid_pre(x)
         attn_out = self.hook_attn_out(self.attn(self.attn_norm(x), rope, attn_mask, cache))
-        x = self.hook_resid_mid(self._add(x, self.resid_dropout(attn_out)))
+        x = self.hook_resid_mid(self._add(x, self._dropout(attn_out)))
         mlp_out = self.hook_mlp_out(self.mlp(self.mlp_norm(x)))
-        return self.hook_resid_post(self._add(x, self.resid_dropout(mlp_out)))
+        return self.hook_resid_post(self._add(x, self._dropout(mlp_out)))
 
     def _add(self, x, out):
         return x + out if self.residual else out
+
+    def _dropout(self, x):
+        return self.resid_dropout(x) if self.training else x  # eval: no call at all
 
 
 # ----------------------------------------------------------------------------- model
@@ -449,9 +456,18 @@ class Transformer(nn.Module):
     def use_fast_decoding(self, fast: bool = True) -> None:
         """Take the decoding shortcuts that give the same numbers (the default): projections
         that read the same input in one call where their class allows (``fused_projection``).
-        ``False`` runs the plain path the tests compare them with."""
+        ``False`` runs the plain path the tests compare them with: each projection
+        computed alone (a fused copy made for the shortcut is undone where the class
+        offers ``unfuse``, as ``lmlab.quant.Int4Linear`` does)."""
         for block in self.blocks:
             block.attn.fast = block.mlp.fast = fast
+            if fast:
+                continue
+            attn, mlp = block.attn, block.mlp
+            for layer in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+                unfuse = getattr(layer, "unfuse", None)
+                if unfuse is not None:
+                    unfuse()
 
     def use_explicit_attention(self, explicit: bool = True) -> None:
         """Route attention through the path that materialises the pattern (for inspection)."""

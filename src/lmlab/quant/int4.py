@@ -82,7 +82,10 @@ class Int4Linear(nn.Module):
         self.register_buffer("scale", scale.to(torch.bfloat16).contiguous())  # (N, K/G)
         self.register_buffer("zero", zero.to(torch.bfloat16).contiguous())  # (N, K/G)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), False)
-        self._packed: torch.Tensor | None = None  # the kernel's own layout, made on first use
+        # Once the kernel has run: the Int4Matmul holding this layer's weights (perhaps with
+        # other layers' beside them) and this layer's outputs among its outputs [a, b).
+        self._kernel: Int4Matmul | None = None
+        self._columns = (0, N)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, group_size: int = 32) -> Int4Linear:
@@ -111,23 +114,72 @@ class Int4Linear(nn.Module):
         q = (q + 8).clamp(0, 15).to(torch.uint8).view(linear.out_features, K)  # (N, K)
         return cls(q, scale, zero, linear.bias)
 
+    def canonical(self) -> Int4Linear:
+        """Give this layer its saved form back (the buffers ``qweight``, ``scale``, ``zero``)
+        if it handed it over to the kernel's packed copy (``Int4Matmul``); returns ``self``.
+        Exact: the packed copy is read back through the kernel itself
+        (``Int4Matmul.release``), every layer sharing that copy included."""
+        if self._kernel is not None and self.qweight is None:
+            self._kernel.release()
+        return self
+
+    def unfuse(self) -> None:
+        """Compute alone from now on: if this layer shares a packed copy with others
+        (``fuse``), that copy gives their weights back, and each packs its own on its next
+        call. The plain decoding path (``use_fast_decoding(False)``) asks for it, so that
+        it stays the reference the fused path is compared with."""
+        if self._kernel is not None and len(self._kernel.layers) > 1:
+            self._kernel.release()
+
+    def _adopt(self, kernel: Int4Matmul, start: int) -> None:
+        """``kernel`` now holds this layer's weights at outputs [start, start + N): the
+        saved ``qweight`` is dropped, so that the weights are in memory once, and
+        ``scale`` and ``zero`` become views of the kernel's copy of them."""
+        rows = slice(start, start + self.out_features)
+        self._buffers.update(
+            qweight=None,
+            scale=kernel.scale_zero[:, rows, 0].t(),  # (N, K/G)
+            zero=kernel.scale_zero[:, rows, 1].t(),
+        )
+        self._kernel, self._columns = kernel, (rows.start, rows.stop)
+
+    def _restore(self, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        self._buffers.update(qweight=qweight, scale=scale, zero=zero)
+        self._kernel, self._columns = None, (0, self.out_features)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.canonical()  # the saved form, whatever the kernel's layout on this CPU
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .float(), .cuda() ... act on the saved form; a call that changes nothing
+        # (lmlab.load's .to("cpu")) leaves the packed copy alone.
+        probes = (torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.bfloat16))
+        if any(fn(t) is not t for t in probes):
+            self.canonical()
+        return super()._apply(fn, recurse)
+
     def unpacked(self) -> torch.Tensor:
         """q [N, K] as int32 in 0..15."""
+        self.canonical()
         low, high = self.qweight & 0x0F, self.qweight >> 4
         return torch.stack([low, high], dim=-1).view(self.out_features, -1).to(torch.int32)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W [N, K] = (q - 8) * scale + zero, from the bf16 scale and zero the kernel uses."""
         G = self.group_size
+        self.canonical()
         scale = self.scale.to(dtype).repeat_interleave(G, dim=1)  # (N, K)
         zero = self.zero.to(dtype).repeat_interleave(G, dim=1)
         return (self.unpacked() - 8).to(dtype) * scale + zero
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if inference_kernel_applies(x) and self._kernel_fits():
-            if self._packed is None:
-                self._packed = Int4Matmul([self])
-            return self._packed(x)
+            if self._kernel is None:
+                Int4Matmul([self])  # it takes the weights over: self._kernel
+            y = self._kernel(x)
+            a, b = self._columns  # a kernel shared with fused layers computes theirs too
+            return y if (a, b) == (0, y.shape[-1]) else y[..., a:b]
         y = F.linear(x, self.dequantize(x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
@@ -143,8 +195,12 @@ class Int4Linear(nn.Module):
         outputs concatenated in the order given. Each output is the same sum over the same
         inputs as in its own layer, so the numbers are identical (tested); a decoding step
         makes 4 kernel calls per block instead of 7. None when they cannot share one call
-        (some with a bias and some without, different group sizes, no kernel)."""
+        (some with a bias and some without, different group sizes, no kernel). Layers
+        that already share one packed copy in this order get that copy back."""
         first = layers[0]
+        kernel = first._kernel
+        if kernel is not None and kernel.layers == layers and kernel.packed is not None:
+            return kernel
         same = all(
             type(m) is Int4Linear
             and (m.bias is None) == (first.bias is None)
@@ -164,30 +220,78 @@ class Int4Matmul:
     """The int4 CPU kernel's own copy of the weights of one or more ``Int4Linear`` layers,
     stacked along the outputs: ``x [.., K] -> y [.., N1 + N2 + ..]`` in ``x``'s dtype.
 
-    Packing happens once; only the packed copy is read when decoding. It is not a module
-    (it saves nothing, and the layers it was made from stay the model's weights)."""
+    It takes the layers' weights over: each layer drops its saved form (``_adopt``) and
+    computes through this copy, so that a model decoding in 4 bits holds its weights once
+    (SmolLM2: 63 MB less than with both forms). ``release`` gives them back. It is not a
+    module: what is saved stays the layers' own form, read back from here on demand."""
 
     def __init__(self, layers: list[Int4Linear]):
+        for m in layers:
+            m.canonical()
         first = layers[0]
+        self.layers = list(layers)
         self.in_features, self.group_size = first.in_features, first.group_size
         self.out_features = sum(m.out_features for m in layers)
-        q = torch.cat([m.unpacked() for m in layers])  # (N, K) int32
-        self.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+        self.device = first.qweight.device
+        q = torch.empty(self.out_features, self.in_features, dtype=torch.int32)  # (N, K)
+        start = 0
+        for m in layers:  # filled in place: the int32 temporaries are what a load peaks on
+            rows = q[start : start + m.out_features]
+            torch.bitwise_and(m.qweight, 0x0F, out=rows[:, 0::2])
+            torch.bitwise_right_shift(m.qweight, 4, out=rows[:, 1::2])
+            start += m.out_features
+        self.packed: torch.Tensor | None = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+        del q
         scale = torch.cat([m.scale for m in layers])  # (N, K/G)
         zero = torch.cat([m.zero for m in layers])
         # (K/G, N, 2): each group's scale and zero, as the kernel wants them
         self.scale_zero = torch.stack([scale.t(), zero.t()], dim=-1).contiguous()
         self.bias = None if first.bias is None else torch.cat([m.bias for m in layers])
-        self.device = first.qweight.device
+        start = 0
+        for m in layers:
+            m._adopt(self, start)
+            start += m.out_features
 
     def applies(self, x: torch.Tensor) -> bool:
-        return x.device == self.device and inference_kernel_applies(x)
+        return self.packed is not None and x.device == self.device and inference_kernel_applies(x)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (B*T, K)
         y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_zero)
         y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def unpack(self) -> torch.Tensor:
+        """q [N, K] int32 in 0..15, read back from the packed copy by the kernel itself,
+        whatever layout it chose on this CPU: with every scale 1 and zero 0 the weight is
+        q - 8, and multiplying the identity by it gives (q - 8)^T exactly (integers in
+        -8..7, one nonzero product per sum). About 30 ms for a 3072 x 576 weight."""
+        K, G = self.in_features, self.group_size
+        eye = torch.eye(K, dtype=torch.bfloat16)  # (K, K)
+        unit = torch.zeros_like(self.scale_zero)
+        unit[..., 0] = 1
+        rows = []
+        for start in range(0, K, 256):  # (256, N) at a time: small temporaries
+            y = torch._weight_int4pack_mm_for_cpu(eye[start : start + 256], self.packed, G, unit)
+            rows.append(y.to(torch.int8))
+        return (torch.cat(rows).t() + 8).to(torch.int32)  # (N, K)
+
+    def release(self) -> None:
+        """Give every layer its saved form back (exactly; see ``unpack``) and drop the
+        packed copy: the layers compute alone again, repacking on their next call."""
+        with torch.inference_mode(False), torch.no_grad():  # plain tensors, even in decoding
+            q = self.unpack().to(torch.uint8)
+            start = 0
+            for m in self.layers:
+                rows = slice(start, start + m.out_features)
+                qm = q[rows]
+                m._restore(
+                    qm[:, 0::2] | (qm[:, 1::2] << 4),  # (N, K/2), low nibble first
+                    m.scale.clone(memory_format=torch.contiguous_format),  # own copies
+                    m.zero.clone(memory_format=torch.contiguous_format),
+                )
+                start += m.out_features
+        self.packed = self.scale_zero = None
 
 
 class Float32Head(nn.Module):

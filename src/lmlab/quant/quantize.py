@@ -123,10 +123,11 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
     quantized one does, up to float rounding."""
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QUANTIZED_LAYERS)]
     for name, layer in layers:
+        weight = layer.dequantize(dtype)  # (N, K)
         dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-        dense = dense.to(device=layer.qweight.device, dtype=dtype).requires_grad_(False)
+        dense = dense.to(device=weight.device, dtype=dtype).requires_grad_(False)
         with torch.no_grad():
-            dense.weight.copy_(layer.dequantize(dtype))
+            dense.weight.copy_(weight)
             if layer.bias is not None:
                 dense.bias.copy_(layer.bias)
         set_submodule(model, name, dense)
@@ -156,9 +157,10 @@ def _cast_dense(model: nn.Module, dtype: torch.dtype) -> None:
 
 def model_size_bytes(model: nn.Module) -> int:
     """Bytes of the tensors a model stores: its state dict (parameters and persistent
-    buffers), each tied or shared tensor counted once. Caches a layer builds at run time
-    (the int4 kernel's repacked weight, RoPE tables kept out of the state dict) are not
-    counted: measure process memory for those."""
+    buffers), each tied or shared tensor counted once. Tensors kept out of the state dict
+    (RoPE tables) are not counted: measure process memory for those. An ``Int4Linear``
+    whose weights the kernel's packed copy holds is counted in its saved form
+    (``Int4Linear.canonical``)."""
     seen: set[tuple] = set()
     total = 0
     for tensor in model.state_dict().values():
