@@ -64,7 +64,7 @@ PRESETS: dict[str, tuple[str, str]] = {
     # The real sweep: 12 runs, 66K to 1.8M parameters, 1M to 6M characters.
     "sweep": ("2x48,2x96,3x128,4x192", "1M,2.5M,6M"),
     # Lesson 25: 9 small runs, about 3 minutes of one CPU core.
-    "lesson": ("1x32,2x48,2x64", "150k,300k,600k"),
+    "lesson": ("1x32,2x48,2x64", "300k,600k,1.2M"),
 }
 SETTINGS_FILE = "sweep.json"
 RESULT_FILE = "result.json"
@@ -181,7 +181,7 @@ def scaling(
     device: str = "auto",
     seed: int = 1337,
     holdout_largest: bool = True,
-    bootstrap: int = 200,
+    bootstrap: int = 100,
     budgets: str | None = None,
     progress: bool = True,
 ) -> SweepResult:
@@ -386,7 +386,7 @@ def _parse_budgets(text: str | None) -> list[float] | None:
 def fit_sweep(
     runs: list[RunPoint],
     holdout_largest: bool = True,
-    bootstrap: int = 200,
+    bootstrap: int = 100,
     seed: int = 0,
     budgets: list[float] | None = None,
 ) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import pytest
 from lmlab.errors import ConfigError
 from lmlab.scaling.fits import (
     EPOCH,
+    _from_theta,
     compute_optimal,
     fit_chinchilla,
     fit_power_law,
@@ -97,6 +98,13 @@ def test_counting_embeddings_shifts_the_optimum():
     costly = compute_optimal(EPOCH, 1e18, flops_per_token=lambda n: 6 * n + 6e6)
     assert 6 * costly.n * costly.d + 6e6 * costly.d == pytest.approx(1e18, rel=1e-9)
     assert costly.loss > plain.loss
+
+
+def test_a_diverged_fit_gives_infinities_not_an_error():
+    """Regression: a bootstrap resample of 9 runs drove log A past 709, and math.exp raised
+    OverflowError out of the whole sweep."""
+    fit = _from_theta(np.array([800.0, 5.0, 0.5, 0.3, 0.3]), math.nan)
+    assert fit.A == math.inf and fit.B == pytest.approx(math.exp(5.0))
 
 
 def test_pareto_frontier():

@@ -30,6 +30,17 @@ def test_matmul_ceiling_is_measured_once_and_cached(tmp_path, monkeypatch):
     mfu.matmul_ceiling.cache_clear()
 
 
+def test_measuring_leaves_the_global_rng_alone(tmp_path, monkeypatch):
+    """Regression: the measurement drew its matrices from torch's global RNG, so a run that
+    measured (the first in a process) got other dropout masks than its resumed copy."""
+    monkeypatch.setattr(mfu, "cache_file", lambda: tmp_path / "ceiling.json")
+    mfu.matmul_ceiling.cache_clear()
+    before = torch.get_rng_state()
+    mfu.matmul_ceiling(torch.device("cpu"), torch.float32)
+    assert torch.equal(torch.get_rng_state(), before)
+    mfu.matmul_ceiling.cache_clear()
+
+
 def test_train_lines_carry_cumulative_flops_and_mfu(tmp_path):
     spec = {"family": "transformer", "vocab_size": 11, "d_model": 16, "n_layers": 1,
             "n_heads": 2, "d_ff": 32, "max_seq_len": 8}  # fmt: skip

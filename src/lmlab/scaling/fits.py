@@ -197,7 +197,8 @@ def fit_chinchilla(
     ``starts``: L-BFGS runs, from the best points of Hoffmann's grid. ``bootstrap``: this
     many refits on runs resampled with replacement (seeded by ``seed``), each started from
     the full fit and the best few grid points; ``intervals`` then holds the ``confidence``
-    percentile interval of every parameter and of the data exponent a = beta/(alpha+beta).
+    percentile interval of every parameter and of the data exponent a = beta/(alpha+beta);
+    a resample whose fit diverges (few runs, one of them drawn many times) is left out.
     """
     log_n, log_d, log_l = _logs(n, "N"), _logs(d, "D"), _logs(loss, "loss")
     if not len(log_n) == len(log_d) == len(log_l):
@@ -222,7 +223,10 @@ def fit_chinchilla(
         theta_b, _ = _minimise(starts_b, *sample)
         p = _from_theta(theta_b, math.nan).params()
         p["a"] = p["beta"] / (p["alpha"] + p["beta"])
-        samples.append(p)
+        if all(math.isfinite(v) for v in p.values()):  # else a degenerate resample: left out
+            samples.append(p)
+    if not samples:
+        return fit
     tail = 100 * (1 - confidence) / 2
     intervals = {
         k: tuple(float(v) for v in np.percentile([s[k] for s in samples], [tail, 100 - tail]))
@@ -233,7 +237,9 @@ def fit_chinchilla(
 
 def _from_theta(theta: np.ndarray, value: float) -> ChinchillaFit:
     a, b, e, alpha, beta = (float(t) for t in theta)
-    return ChinchillaFit(math.exp(e), math.exp(a), math.exp(b), alpha, beta, value)
+    with np.errstate(over="ignore"):  # a degenerate resample may run a or b off to inf
+        E, A, B = (float(np.exp(t)) for t in (e, a, b))
+    return ChinchillaFit(E, A, B, alpha, beta, value)
 
 
 # ----------------------------------------------------------------------------- allocation

@@ -43,8 +43,11 @@ def machine_key(device: torch.device, dtype: torch.dtype) -> str:
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int, reps: int) -> float:
     """FLOP/s of ``torch.mm`` on two ``size x size`` matrices: median of ``reps`` timings."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+    # A generator of its own: the global RNG (dropout, data order) must not move, or a run
+    # that measures would differ from one that found the ceiling cached.
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, generator=generator).to(dtype)
+    b = torch.randn(size, size, device=device, generator=generator).to(dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.mm(a, b)  # warm-up: kernels chosen, caches filled
     sync()
