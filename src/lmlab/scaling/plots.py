@@ -84,6 +84,8 @@ def plot_sweep(runs: Sequence[Any], fits: dict[str, Any], png_path: str | Path):
 
 def _contours(ax, fit: ChinchillaFit, n, d, loss) -> None:
     """Fitted L(N, D) over the runs' range (and a little beyond), runs and optimal path."""
+    from matplotlib.ticker import NullFormatter  # deferred: slow to import, only for plots
+
     ds = np.geomspace(d.min() / 3, d.max() * 3, 120)
     ns = np.geomspace(n.min() / 3, n.max() * 3, 120)
     grid_d, grid_n = np.meshgrid(ds, ns)
@@ -104,6 +106,8 @@ def _contours(ax, fit: ChinchillaFit, n, d, loss) -> None:
     ax.set_ylim(ns[0], ns[-1])
     ax.set_xscale("log")
     ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):  # over a short range, minor labels pile up
+        axis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("training tokens D")
     ax.set_ylabel("parameters N")
     ax.set_title(
