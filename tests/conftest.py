@@ -24,6 +24,18 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _matmul_ceiling_cache(tmp_path_factory):
+    """The trainer's MFU ceiling (lmlab.train.mfu) is cached in the session's temporary
+    folder, not in ~/.cache: tests write only to temporary folders."""
+    from lmlab.train import mfu
+
+    path = tmp_path_factory.mktemp("cache") / "matmul_ceiling.json"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mfu, "cache_file", lambda: path)
+        yield
+
+
 @pytest.fixture
 def pattern_loss_drop(tmp_path):
     """Train a model 20 steps on a repeating 6-token pattern with lmlab's trainer; returns

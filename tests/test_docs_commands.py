@@ -189,6 +189,7 @@ SLOW |= {"prompt", "icl"}
 SLOW |= {"agent"}  # and a --replay line reads what the agent line of its block recorded
 SLOW |= {"optimize"}  # about 20 s of CPU for its four figures
 SLOW |= {"embeddings"}  # loads MiniLM or SmolLM2
+SLOW |= {"scaling"}  # six tiny training runs and their fits, about 15 s of CPU
 # flag -> commands whose value for it names a model to read (a path, or a pretrained name)
 MODEL_FLAGS = {
     "--ckpt": {"generate", "serve"},
@@ -279,6 +280,11 @@ def shrink(argv: list[str]) -> list[str]:
         for flag, value in [("--sample_tokens", "8"), ("--batch_size", "2"), ("--seq_len", "16")]:
             argv = _set(argv, flag, value)
         argv = _set(argv, "--progress", "false")
+    elif command == "scaling":  # six runs of a few steps: enough points for the fits
+        for flag, value in [("--sizes", "1x8,1x16"), ("--tokens", "512,1k,2k"),
+                            ("--batch_size", "2"), ("--seq_len", "8"), ("--bootstrap", "2"),
+                            ("--progress", "false")]:  # fmt: skip
+            argv = _set(argv, flag, value)
     elif command == "architectures":
         for flag, value in [("--steps", "2"), ("--classify_steps", "1"), ("--folds", "2"),
                             ("--eval_n", "2"), ("--d_model", "16"), ("--d_ff", "32"),

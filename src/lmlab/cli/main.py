@@ -71,6 +71,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lmlab.cli.seq2seq",
         "train an encoder-decoder on a generated task; teacher-forced vs free-running scores",
     ),
+    "scaling": (
+        "lmlab.cli.scaling",
+        "a grid of model sizes and token budgets, then Kaplan and Chinchilla scaling-law fits",
+    ),
     "architectures": (
         "lmlab.cli.architectures",
         "an encoder, a decoder and an encoder-decoder on the same tasks and budget",

@@ -59,12 +59,14 @@ from lmlab.data.tokens import TokenShards
 from lmlab.devices import bf16_supported, resolve_device
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.models import base_model, model_spec
+from lmlab.models.flops import training_flops_per_token
 from lmlab.train import distributed
 from lmlab.train.batches import ShardBatches, Tokens, TrainBatches, fixed_batches
 from lmlab.train.config import TrainConfig
 from lmlab.train.distributed import Ranks
 from lmlab.train.guards import StepGuard, TrainingDiverged
 from lmlab.train.metrics import plot_losses, truncate_after_checkpoint
+from lmlab.train.mfu import matmul_ceiling
 from lmlab.train.objectives import keep_probability, mix_inputs
 from lmlab.train.optim import build_optimizer, lr_at
 from lmlab.train.run import METRICS_FILE, RunDir, StopSignals
@@ -92,6 +94,9 @@ class TrainResult:
     """The skip events of this call (step, reason, loss, grad_norm)."""
     stop_reason: str = "max_steps"
     """"max_steps" or "time_budget"."""
+    flops: float | None = None
+    """Training FLOPs of every token processed (before a resume too), Chinchilla's count
+    (``lmlab.models.flops``); None where the model's FLOPs are not counted."""
 
 
 @dataclass
@@ -242,6 +247,12 @@ class _Loop:
         )
         # The compiled module shares the model's parameters; checkpoints still use `model`.
         self.forward = torch.compile(wrapped) if config.compile else wrapped
+        # FLOPs per token (None: not counted for this model) and, measured at the first
+        # log line, the matmul ceiling that MFU divides by (lmlab.train.mfu).
+        self.flops_per_token = (
+            None if supervised else training_flops_per_token(base_model(model), config.seq_len)
+        )
+        self.ceiling: float | None = None
         self.autocast = (
             functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
             if self.use_bf16
@@ -281,6 +292,7 @@ class _Loop:
                     "precision": "bf16" if self.use_bf16 else "fp32",
                     "device": str(self.device),
                     "parameters": sum(p.numel() for p in self.params),
+                    "flops_per_token": self.flops_per_token,
                 },
             }
         )
@@ -347,6 +359,8 @@ class _Loop:
         result.step = self.step
         result.wall_time_s = self._elapsed()
         result.tokens_per_s = (self.tokens_seen - tokens_at_start) / max(result.wall_time_s, 1e-9)
+        if self.flops_per_token is not None:
+            result.flops = self.tokens_seen * self.flops_per_token
         return result
 
     def _elapsed(self) -> float:
@@ -485,6 +499,7 @@ class _Loop:
             if self.supervised
             else {}
         )
+        compute = self._compute(rate)
         self.emit(
             {
                 "event": "train",
@@ -494,12 +509,14 @@ class _Loop:
                 "grad_norm": grad_norm,
                 "tokens": self.tokens_seen,
                 "tokens_per_s": rate,
+                **compute,
                 **supervised,
                 "elapsed_s": now - self.t_start,
                 **_loss_metrics(self.loss_of, training=True),
             }
         )
         shown = {"sup_tok_s": f"{sup_rate:.0f}"} if self.supervised else {}
+        shown |= {"mfu": f"{compute['mfu']:.1%}"} if compute else {}
         bar.set_postfix(
             step=self.step,
             loss=f"{self.since_log[-1]:.3f}",
@@ -510,6 +527,18 @@ class _Loop:
         self.since_log.clear()
         self.t_log, self.tokens_at_log = now, self.tokens_seen
         self.sup_tokens_at_log = self.sup_tokens_seen
+
+    def _compute(self, tokens_per_s: float) -> dict[str, float]:
+        """Cumulative training FLOPs and MFU for the log line (empty when not counted)."""
+        if self.flops_per_token is None:
+            return {}
+        if self.ceiling is None:
+            dtype = torch.bfloat16 if self.use_bf16 else torch.float32
+            self.ceiling = matmul_ceiling(self.device, dtype)
+        return {
+            "flops": self.tokens_seen * self.flops_per_token,
+            "mfu": tokens_per_s * self.flops_per_token / self.ceiling,
+        }
 
     @torch.no_grad()
     def evaluate(self) -> float:
