@@ -50,6 +50,7 @@ from lmlab.seeds import seeded
 from lmlab.train import TrainConfig, TrainResult, distributed
 from lmlab.train import train as _train_loop
 from lmlab.train.run import RunLock, StopSignals, ensure_run_dir
+from lmlab.train.recipes import with_recipe
 
 __all__ = [
     "LM",
@@ -291,9 +292,10 @@ def train(
             words become ``<unk>``); char and byte tokenizers fix their own.
         val_fraction: the last this fraction of the text is the validation split.
         model_overrides: config fields replacing the preset's, e.g. ``{"n_layers": 6}``.
-        config: the trainer's settings (out_dir, steps, batch size, lr, resume, ...).
+        config: the trainer's settings (out_dir, steps, batch size, lr, resume, ...);
+            None: the preset's tuned recipe (``lmlab.train.recipes``) over the defaults.
     """
-    config = config or TrainConfig()
+    config = config or with_recipe(TrainConfig(), model, {})
     spec = model_spec_from(model, model_overrides)  # a bad preset fails before any work
     ranks = distributed.setup(config.device)  # under torchrun: rank 0 prepares and writes
     # One writer per run folder, from the data preparation on (the trainer takes it again);

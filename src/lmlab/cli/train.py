@@ -20,6 +20,7 @@ from lmlab.checkpoint.io import CONFIG_FILE, resolve_checkpoint
 from lmlab.cli.args import add_log_arguments, log_config, resume_note, resumed
 from lmlab.errors import ConfigError
 from lmlab.train import TrainConfig, distributed
+from lmlab.train.recipes import with_recipe
 from lmlab.train.run import RUN_CONFIG_FILE, read_json, resume_settings
 
 # TrainConfig fields a resumed run cannot change: they fix its data order and optimizer state.
@@ -37,6 +38,9 @@ def run(args, given=None) -> None:
     skip = ("train", "log", "config", "__path__")
     options = {k: v for k, v in vars(args).items() if k not in skip}
     config = TrainConfig(**vars(args.train), log=log_config(args))
+    named = given.as_dict() if hasattr(given, "as_dict") else dict(given or {})
+    # the preset's tuned settings (lmlab.train.recipes) wherever the command line is silent
+    config = with_recipe(config, options.get("model"), named.get("train") or {})
     options, config = resumed(options, config, given, resume_options)
     result = api.train(**options, config=config)
     if not distributed.setup(config.device).main:  # under torchrun, rank 0 reports

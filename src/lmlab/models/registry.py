@@ -107,6 +107,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         bias=True,
         tie_embeddings=True,
     ),
+    # nanoGPT's CPU shape (its README's "I only have a MacBook" run: 4 x 128, block 64, no
+    # biases, exact GELU), with the training recipe that reaches that run's validation loss
+    # fastest (lmlab.train.recipes, bench/train_to_loss.py).
+    "gpt-char-fast": dict(
+        family="transformer",
+        vocab_size=None,
+        d_model=128,
+        n_layers=4,
+        n_heads=4,
+        d_ff=512,
+        max_seq_len=64,
+        dropout=0.0,
+        norm="layernorm",
+        mlp="gelu",
+        pos="learned",
+        bias=False,
+        tie_embeddings=True,
+    ),
     # The benchmark's larger shape (nanoGPT's shakespeare-char model).
     "gpt-char-small": dict(
         family="transformer",

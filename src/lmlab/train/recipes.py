@@ -1,0 +1,63 @@
+"""Training recipes: the trainer settings a model preset was tuned with.
+
+A preset (``lmlab.models.PRESETS``) fixes a model's shape; some shapes also come with the
+settings that train them well (batch, sequence length, learning rate and schedule,
+precision, steps). ``lmlab train --model <preset>`` starts from those settings wherever the
+command line is silent, so the preset a benchmark measured is the preset a user runs::
+
+    >>> preset_training("gpt-char-fast")["seq_len"]
+    64
+    >>> preset_training("gpt-char-tiny")  # no recipe: the trainer's defaults apply
+    {}
+
+Each recipe names how it was found (bench/train_to_loss.py for ``gpt-char-fast``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from lmlab.errors import ConfigError
+from lmlab.train.config import TrainConfig
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # nanoGPT's CPU shape (4 x 128, block 64) trained to its documented validation loss
+    # (about 1.88 on Tiny Shakespeare) in the least wall time on 2 CPU cores: batch 64
+    # instead of nanoGPT's 12 (bigger matrix products per Python step), a 5x larger peak
+    # learning rate, a short warm-up and a cosine decay over 600 steps. Chosen by
+    # tokens-to-loss on the same validation windows as bench/train_to_loss.py (first step
+    # at or below 1.886, checked every 25): batch 32 at 2e-3 took 800 steps, batch 64 at
+    # 3e-3 500, at 5e-3 450 (over 800 steps) and 400 (over 600), at 8e-3 450; batch 128
+    # at 6e-3 325 steps but 1.6x the tokens. bench/train_to_loss.py times it against a
+    # faithful float32 nanoGPT run in the same invocation.
+    "gpt-char-fast": dict(
+        seq_len=64,
+        batch_size=64,
+        lr=5e-3,
+        min_lr=5e-4,
+        warmup_steps=50,
+        max_steps=600,
+        betas=(0.9, 0.99),
+        weight_decay=0.1,
+        grad_clip=1.0,
+        precision="auto",
+        seed=1337,
+    ),
+}
+
+
+def preset_training(preset: str) -> dict[str, Any]:
+    """The trainer settings recorded for ``preset`` (empty when it has none)."""
+    return dict(RECIPES.get(preset, {}))
+
+
+def with_recipe(config: TrainConfig, preset: Any, given: dict[str, Any]) -> TrainConfig:
+    """``config`` with ``preset``'s recipe filled in wherever ``given`` (the settings the user
+    named) is silent. A model that is not a preset name, or has no recipe, changes nothing."""
+    recipe = preset_training(preset) if isinstance(preset, str) else {}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(recipe) - fields
+    if unknown:  # a recipe is code: a misspelt field is a bug, not user input
+        raise ConfigError(f"recipe {preset!r} sets unknown trainer fields {sorted(unknown)}")
+    return dataclasses.replace(config, **{k: v for k, v in recipe.items() if k not in given})
