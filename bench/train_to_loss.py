@@ -27,13 +27,13 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from machine import describe_machine
-from nanogpt_ref import NanoConfig, train_nanogpt
 
 from lmlab.data import CharTokenizer, load_corpus, split_text
 from lmlab.models import build_model, get_preset
 from lmlab.train import TrainConfig, train
 from lmlab.train.recipes import preset_training
+from machine import describe_machine
+from nanogpt_ref import NanoConfig, train_nanogpt
 
 EVAL_WINDOWS = 480
 BLOCK = 64

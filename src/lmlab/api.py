@@ -49,8 +49,8 @@ from lmlab.quant.quantize import QUANTIZED_LAYERS, model_size_bytes, quantize_mo
 from lmlab.seeds import seeded
 from lmlab.train import TrainConfig, TrainResult, distributed
 from lmlab.train import train as _train_loop
-from lmlab.train.run import RunLock, StopSignals, ensure_run_dir
 from lmlab.train.recipes import with_recipe
+from lmlab.train.run import RunLock, StopSignals, ensure_run_dir
 
 __all__ = [
     "LM",
