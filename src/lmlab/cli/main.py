@@ -45,6 +45,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "chat with an instruction-tuned model (or one reply with --message)",
     ),
     "finetune": ("lmlab.cli.finetune", "fine-tune a model on instruction data (full, LoRA, ...)"),
+    "mixture": (
+        "lmlab.cli.mixture",
+        "single-task fine-tuning against a FLAN-style task mixture: forgetting, held-out tasks",
+    ),
     "ppo": ("lmlab.cli.ppo", "PPO (RLHF) against a reward on task prompts"),
     "export": ("lmlab.cli.export", "write a model as a Hugging Face folder or a GGUF file"),
     "quantize": ("lmlab.cli.quantize", "write a model quantized to int8, int4 or nf4"),

@@ -218,6 +218,102 @@ def check(task: str, output: str, reference: str) -> bool:
     return get_task(task).check(output, reference)
 
 
+# ----------------------------------------------------------------------------- phrasings
+
+# FLAN-style instruction templates (Wei et al. 2022 wrote about ten per task): the same row
+# asked in other words. Phrasing 0 is the generator's own; the last is kept out of every
+# training mixture in ``lmlab.finetune.mixture``, so it measures unseen wording.
+PHRASINGS: dict[str, tuple[str, ...]] = {
+    "arithmetic": (
+        "What is {a} {op} {b}? Answer with the number only.",
+        "Compute {a} {op} {b}. Reply with just the number.",
+        "Calculate {a} {op} {b} and give only the result.",
+        "{a} {op} {b} = ? Write the number and nothing else.",
+    ),
+    "reverse": (
+        "Reverse the letters of the word.",
+        "Write the word backwards.",
+        "Spell the word in reverse order.",
+        "Give the word with its letters in the opposite order.",
+    ),
+    "count_letter": (
+        "How many times does the letter '{letter}' appear in the text? "
+        "Answer with the number only.",
+        "Count how often '{letter}' occurs in the text. Reply with a number only.",
+        "In the text, how many '{letter}' characters are there? Give just the count.",
+        "Tell me how many times the letter '{letter}' is used in the text, as a number.",
+    ),
+    "format:upper": (
+        "Rewrite the text in uppercase.",
+        "Convert the text to capital letters.",
+        "Write the text again in all caps.",
+        "Change every letter of the text to upper case.",
+    ),
+    "format:lower": (
+        "Rewrite the text in lowercase.",
+        "Convert the text to small letters.",
+        "Write the text again with no capital letters.",
+        "Change every letter of the text to lower case.",
+    ),
+    "format:json": (
+        'Return a JSON object with the key "{key}" set to the given text, and nothing else.',
+        'Output only JSON: an object whose "{key}" field is the given text.',
+        'Wrap the text in a JSON object under the key "{key}". Reply with the JSON only.',
+        'Give a JSON object mapping "{key}" to the text, with nothing else.',
+    ),
+}
+"""Instruction templates per task (``format`` per kind), phrasing 0 first."""
+
+N_PHRASINGS = 4
+
+
+def _template_pattern(template: str) -> re.Pattern[str]:
+    """A regex that matches ``template`` with its fields captured by name."""
+    fields = {"a": r"(?P<a>-?\d+)", "b": r"(?P<b>-?\d+)", "op": r"(?P<op>[-+*])"}
+    fields |= {"letter": r"(?P<letter>.)", "key": r'(?P<key>[^"]+)'}
+    pattern = re.sub(r"\\\{(\w+)\\\}", lambda m: fields[m.group(1)], re.escape(template))
+    return re.compile(pattern + r"\Z")
+
+
+def read_phrasing(row: Mapping[str, Any]) -> tuple[str, int, dict[str, str]]:
+    """Which template of ``PHRASINGS`` asks ``row`` -> (kind, phrasing, its fields)::
+
+    read_phrasing({"task": "arithmetic", "instruction": "Compute 7 * 3. Reply with just
+    the number.", ...}) -> ("arithmetic", 1, {"a": "7", "op": "*", "b": "3"})
+    """
+    task = row.get("task")
+    if task not in TASKS:
+        raise DataError(f"row has task {task!r}; phrasings exist for {', '.join(TASKS)}")
+    instruction = str(row.get("instruction", ""))
+    for kind, templates in PHRASINGS.items():
+        if kind != task and not kind.startswith(f"{task}:"):
+            continue
+        for k, template in enumerate(templates):
+            match = _template_pattern(template).match(instruction)
+            if match:
+                return kind, k, match.groupdict()
+    raise DataError(
+        f"the {task} row's instruction {instruction!r} is none of its phrasings; "
+        "rephrase works on rows made by generate_tasks"
+    )
+
+
+def rephrase(row: Mapping[str, Any], phrasing: int) -> Row:
+    """``row`` (made by ``generate_tasks``, in any phrasing) asked with template
+    ``phrasing`` of ``PHRASINGS``; input and output unchanged::
+
+        rephrase({"task": "reverse", "instruction": "Reverse the letters of the word.",
+                  "input": "planet", "output": "tenalp"}, 1)["instruction"]
+            -> "Write the word backwards."
+    """
+    if isinstance(phrasing, bool) or not isinstance(phrasing, int):
+        raise ConfigError(f"phrasing={phrasing!r} is invalid: an integer 0..{N_PHRASINGS - 1}")
+    if not 0 <= phrasing < N_PHRASINGS:
+        raise ConfigError(f"phrasing={phrasing} is invalid: valid are 0..{N_PHRASINGS - 1}")
+    kind, _, fields = read_phrasing(row)
+    return {**row, "instruction": PHRASINGS[kind][phrasing].format(**fields)}
+
+
 # ----------------------------------------------------------------------------- mixing
 
 

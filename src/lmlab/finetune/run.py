@@ -283,13 +283,19 @@ def task_accuracy(lm, rows, max_new_tokens: int = 16) -> tuple[float, list[str]]
     """Greedy answers of ``lm`` to task rows (``lmlab.data.tasks``), graded exactly ->
     (accuracy, answers). Each row is asked as one user turn of the model's chat template
     (or the plain template)."""
+    prompts = task_prompts(lm, rows)
+    answers = [lm.generate(p, max_new_tokens=max_new_tokens, temperature=0) for p in prompts]
+    return accuracy(rows, answers), answers
+
+
+def task_prompts(lm, rows) -> list[str]:
+    """Task rows (Alpaca ``instruction``/``input``) rendered as one user turn of ``lm``'s chat
+    template (or the plain template), ready for the reply: the layout ``finetune`` trains."""
     template = template_for(lm.tokenizer, lm.chat_template)
-    prompts = [
+    return [
         template.render(list(example_from_row(row).messages[:-1]), add_generation_prompt=True)
         for row in rows
     ]
-    answers = [lm.generate(p, max_new_tokens=max_new_tokens, temperature=0) for p in prompts]
-    return accuracy(rows, answers), answers
 
 
 @torch.no_grad()

@@ -93,7 +93,8 @@ class TrainResult:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     """The skip events of this call (step, reason, loss, grad_norm)."""
     stop_reason: str = "max_steps"
-    """"max_steps" or "time_budget"."""
+    """"max_steps" or "time_budget"; "fitted" when ``lmlab.train`` counted an n-gram model
+    instead of training it (no optimizer steps ran)."""
     flops: float | None = None
     """Training FLOPs of every token processed (before a resume too), Chinchilla's count
     (``lmlab.models.flops``); None where the model's FLOPs are not counted."""
