@@ -409,6 +409,12 @@ class _HashIndex:
         self.displacement = ((signed << self.bits) ^ self.displacement) << 1
         return True
 
+    def release(self) -> None:
+        """Drop what only building needs (the per-slot ``keys``, ``rows``, ``sides``,
+        ``taken``): lookups need the displacements alone, once the caller has laid out its
+        records."""
+        del self.keys, self.rows, self.sides, self.taken
+
     def slots(self, product: torch.Tensor) -> torch.Tensor:
         """2 * slot + side [Q] int64 of each P (``hash``, ``mix``): where its record would be,
         if the key is stored."""
@@ -825,9 +831,11 @@ class NGramLM(nn.Module):
         loaded or moved); returns self.
 
         ``log_prob`` (and so perplexity) builds them by itself once it has scored, by binary
-        search, as many positions as the tables hold keys: by then the searches have cost
-        about what building saves (the ski-rental rule), so a one-off score of a short text
-        never pays for a build it would not use. Call this to score fast from the start.
+        search, four positions per key of the tables: building costs about what the index
+        then saves on that many positions (measured on word 3- and 5-grams), so by then the
+        searches have cost what building would have (the ski-rental rule), and a one-off
+        score of a short text never pays for a build it would not use. Call this to score
+        fast from the start.
         """
         if self.config.order > 1:
             self._stream_tables(self._levels())
@@ -838,7 +846,7 @@ class NGramLM(nn.Module):
     ) -> bool:
         """Whether to score through ``_score_stream``: the targets are the next ids (a mask
         hides at most each row's first id) and the indexes exist, or the positions searched
-        since the tables changed reach their number of keys (see ``build_index``)."""
+        since the tables changed reach four times their number of keys (``build_index``)."""
         if self.config.smoothing == "stupid_backoff":  # an unseen context costs alpha there
             return False
         if ids.shape != targets.shape or ids.dim() != 2 or ids.numel() == 0:
@@ -852,7 +860,7 @@ class NGramLM(nn.Module):
             levels[0].searched += ids.numel()
             n = self.config.order
             keys = sum(getattr(self, f"keys_{m}").numel() for m in range(2, n + 1))
-            if levels[0].searched < keys:
+            if levels[0].searched < 4 * keys:
                 return False
         return self._stream_tables(levels) is not None
 
@@ -1010,16 +1018,19 @@ class NGramLM(nn.Module):
             # name as the next context, its weight). The name is < 2^side_bit and carries
             # the key's side in bit side_bit, which a query reaching the other side has
             # not: so it can never equal that query's P. Free slots: (EMPTY, 0) twice.
-            product = torch.where(index.taken, index.hash(index.keys), _EMPTY)  # (S,)
-            value = torch.where(index.taken, levels[m - 1].value.index_select(0, rows), 0.0)
             none = (1 << index.side_bit) - 1  # the name of no context
-            follow = torch.where(follow >= 0, follow, none).index_select(0, rows)
-            follow = torch.where(index.taken, follow | (index.sides << index.side_bit), _EMPTY)
-            weight = torch.where(index.taken, weight.index_select(0, rows), 0.0)
-            own = torch.stack([product, value.view(torch.long)], 1)  # (S, 2)
-            other = torch.stack([follow, weight.view(torch.long)], 1)  # (S, 2)
-            side = index.sides[:, None, None].bool()
-            records = torch.where(side, torch.stack([other, own], 1), torch.stack([own, other], 1))
+            follow = torch.where(follow >= 0, follow, none)
+            slot = taken.nonzero().squeeze(1)  # (G,) the taken slots, and their m-grams:
+            gram = rows.index_select(0, slot)
+            side = index.sides.index_select(0, slot)
+            records = torch.full((2 << index.bits, 2), _EMPTY, device=keys.device)
+            value = levels[m - 1].value.index_select(0, gram).view(torch.long)
+            product = index.hash(index.keys.index_select(0, slot))
+            records.index_copy_(0, 2 * slot + side, torch.stack([product, value], 1))
+            follow = follow.index_select(0, gram) | (side << index.side_bit)
+            weight = weight.index_select(0, gram).view(torch.long)
+            records.index_copy_(0, 2 * slot + 1 - side, torch.stack([follow, weight], 1))
+            index.release()
             table = _Stream(index, records.view(torch.complex128).view(-1), bos, none)
             if m >= 3:  # the contexts of length m-1 at a row's or a sentence's start
                 level, dev = levels[m - 1], keys.device
