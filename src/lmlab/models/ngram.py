@@ -901,23 +901,12 @@ class NGramLM(nn.Module):
         first_symbol = near.index_select(0, first)  # (B',) rows starting with a real token
         # key * GOLDEN = name * (V * GOLDEN) + target * GOLDEN, wrapped; ``slots`` takes it
         per_name, per_target = _wrap(V * _GOLDEN), targets * _GOLDEN
-        # the empty context: seen everywhere, tables by token (as ``_probabilities``)
-        level = levels[0]
-        v = level.direct[0].index_select(0, targets)
-        listed = level.direct[1].index_select(0, targets)
-        b, lower = level.weight[:1], torch.full_like(v, 1.0 / V)
-        if level.interpolated:
-            p = v + b * lower
-        elif level.base is not None:
-            p = torch.where(listed > 0, v, level.base[:1])
-        else:
-            p = torch.where(listed > 0, v, b * lower)
+        p = tables[0].index_select(0, targets)  # (Q,) from the empty context
         # one-token contexts by symbol; every position goes on (``active`` None: all)
         name, b = (x.index_select(0, near) for x in tables[1])  # (Q,) each
         active = None
         for j in range(1, n):
             level, table = levels[j], tables[j + 1]
-            seen = name >= 0
             c = None if level.base is None else b  # add_k's column is its base
             lower = p if active is None else p.index_select(0, active)
             part = per_target if active is None else per_target.index_select(0, active)
@@ -930,7 +919,7 @@ class NGramLM(nn.Module):
                 q = v + b * lower
             elif c is not None:
                 q = torch.where(listed > 0, v, c)
-                q = torch.where(seen, q, lower)
+                q = torch.where(name >= 0, q, lower)  # an unseen context passes p on
             else:
                 q = torch.where(listed > 0, v, b * lower)
             p = q if active is None else p.index_copy_(0, active, q)
@@ -964,10 +953,11 @@ class NGramLM(nn.Module):
         return p
 
     def _stream_tables(self, levels: list[_Level]) -> list | None:
-        """What ``_score_stream`` gathers: [None, (name, weight) [V+1] by symbol of the
-        one-token contexts, then a ``_Stream`` per order m = 2..n]; None if some context is
-        not itself a listed m-gram (a hand-written ARPA file may skip one), so the stream
-        cannot name it. Derived once per ``_levels`` (after fitting, loading, re-weighting).
+        """What ``_score_stream`` gathers: [p(w) [V] from the empty context, (name, weight)
+        [V+1] by symbol of the one-token contexts, then a ``_Stream`` per order m = 2..n];
+        None if some context is not itself a listed m-gram (a hand-written ARPA file may
+        skip one), so the stream cannot name it. Derived once per ``_levels`` (after
+        fitting, loading, re-weighting).
 
         Names: a one-token context is named by its symbol (BOS: V); a longer context by
         the slot of its m-gram in the m-gram index (all-BOS: a number past the slots). The
@@ -982,7 +972,8 @@ class NGramLM(nn.Module):
         at = torch.where(first >= 0, first, level.weight.numel() - 1)
         column = level.weight if level.base is None else level.base
         symbols = torch.arange(V + 1, device=first.device)
-        tables: list = [None, (torch.where(first >= 0, symbols, -1), column[at])]
+        unigrams = self._probabilities([symbols[:V] * 0], symbols[:V], levels[:1])  # (V,)
+        tables: list = [unigrams, (torch.where(first >= 0, symbols, -1), column[at])]
         name = self.contexts_1  # (U_1,) a one-token context's key is its symbol
         bos_rows = [None, int(first[V])]  # row of the all-BOS context of each length
         bos = V
