@@ -429,7 +429,7 @@ def _read(records: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def _columns(pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two int64 columns of complex128 ``pairs`` [Q] (``_records``)."""
+    """The two int64 columns of complex128 ``pairs`` [Q] (``_Stream.records``)."""
     both = torch.view_as_real(pairs).view(torch.long)  # (Q, 2)
     return both[:, 0], both[:, 1]
 
