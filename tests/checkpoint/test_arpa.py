@@ -191,3 +191,29 @@ def test_smoothings_without_a_backoff_form_and_bad_words_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="<s>"):
         write_arpa(model, tmp_path / "x.arpa", ["<unk>", "</s>", "<s>", "c"])
     assert not (tmp_path / "x.arpa").exists()
+
+
+# HAND_WORKED with its 2-gram "a </s>" turned into a 3-gram "a a </s>": the context "a a"
+# is then no listed 2-gram
+SKIPS_A_PREFIX = HAND_WORKED.replace("ngram 2=2\n", "ngram 2=1\nngram 3=1\n").replace(
+    "-0.1\ta </s>\n", "\n\\3-grams:\n-0.1\ta a </s>\n"
+)
+
+
+def test_arpa_models_score_streams_through_the_index_exactly(tmp_path):
+    # lmlab's export read back: the hash-index path (``NGramLM.build_index``) gives the
+    # same numbers as the full rows, bit for bit; a file whose 3-gram context "a a" is no
+    # listed 2-gram cannot be indexed and is scored by binary search, as exactly
+    rng = random.Random(11)
+    train = random_text(rng, 200)
+    tok = WordTokenizer.train(train)
+    model = fitted(train, tok, order=4, smoothing="modified_kneser_ney")
+    loaded, _ = read_arpa(write_arpa(model, tmp_path / "lm.arpa", tok.words))
+    (tmp_path / "skips.arpa").write_text(SKIPS_A_PREFIX)
+    skips, _ = read_arpa(tmp_path / "skips.arpa")
+    for lm, indexed in [(loaded, True), (skips, False)]:
+        ids = torch.tensor(tok.encode(random_text(rng, 30)))[None] % lm.config.vocab_size
+        lm.build_index()
+        assert lm._streamed(ids[:, :-1], ids[:, 1:], None) == indexed
+        full = lm.log_probs(ids[:, :-1]).gather(-1, ids[:, 1:, None])[..., 0]
+        assert torch.equal(lm.log_prob(ids[:, :-1], ids[:, 1:]), full)

@@ -438,3 +438,103 @@ def test_new_smoothings_errors():
         NGramConfig(vocab_size=5, smoothing="linear_interpolation", heldout=1.0)
     with pytest.raises(ConfigError, match="tune_weights.*'kneser_ney'"):
         NGramLM(NGramConfig(vocab_size=5)).fit([0, 1, 2]).tune_weights([0, 1])
+
+
+# ----------------------------------------------------------------------------- held-out text
+# through the hash indexes (issue 21): ``_score_stream`` must give the dense rows' numbers
+# bit for bit, wherever it is taken, and step aside where it cannot be.
+
+STREAMED = [s for s in ngram_module.FITTED_SMOOTHINGS if s != "stupid_backoff"]
+
+
+def stream_case(seed: int, smoothing: str, order: int, end: int | None, floor: bool = True):
+    """A model over V ids fitted on fewer (so some ids are unseen), and a batch of streams:
+    (model, ids [B, T], targets = ids shifted by one, mask hiding each row's first id)."""
+    g = torch.Generator().manual_seed(seed)
+    V = int(torch.randint(6, 30, (1,), generator=g))
+    config = NGramConfig(
+        vocab_size=V,
+        order=order,
+        smoothing=smoothing,
+        sentence_end_id=end,
+        discount=float(torch.rand(1, generator=g)) * 0.8 + 0.1,
+        uniform_floor=floor,
+    )
+    train = torch.randint(
+        0, V - 2, (int(torch.randint(200, 3000, (1,), generator=g)),), generator=g
+    )
+    model = NGramLM(config).fit(train)
+    B, T = (
+        int(torch.randint(1, 5, (1,), generator=g)),
+        int(torch.randint(1, 400, (1,), generator=g)),
+    )
+    stream = torch.randint(0, V, (B, T + 1), generator=g)
+    if end is not None:  # sentence ends more often than by chance, to restart contexts
+        stream = torch.where(torch.rand(B, T + 1, generator=g) < 0.1, end, stream)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[:, 0] = torch.rand(B, generator=g) < 0.5
+    return model, stream[:, :-1], stream[:, 1:], mask
+
+
+@pytest.mark.parametrize("smoothing", STREAMED)
+@pytest.mark.parametrize("order", [2, 3, 5])
+def test_stream_scores_equal_the_full_rows_exactly(smoothing, order):
+    # random vocabularies, texts and batch shapes; unseen ids; sentence ends; each row's
+    # first id masked or not; seeded per case
+    for seed in range(4):
+        end = 2 if seed % 2 else None
+        model, ids, targets, mask = stream_case(100 * order + seed, smoothing, order, end, seed < 2)
+        full = model.log_probs(ids, mask).gather(-1, targets[..., None])[..., 0]
+        model.build_index()
+        assert model._streamed(ids, targets, mask)  # the stream path is the one taken
+        assert torch.equal(model.log_scores(ids, targets, mask), full)
+        assert torch.equal(
+            model.log_scores(ids, targets, None),
+            model.log_probs(ids).gather(-1, targets[..., None])[..., 0],
+        )
+
+
+def test_stream_steps_aside_where_it_does_not_apply():
+    model, ids, targets, mask = stream_case(7, "kneser_ney", 3, 2)
+    model.build_index()
+    other = torch.roll(targets, 1, dims=1)  # targets that are not the next ids
+    holes = torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) > 0.2
+    for t, m in [(other, mask), (targets, holes)]:
+        assert not model._streamed(ids, t, m)
+        full = model.log_probs(ids, m).gather(-1, t[..., None])[..., 0]
+        assert torch.equal(model.log_scores(ids, t, m), full)
+    scores = NGramLM(NGramConfig(vocab_size=9, order=3, smoothing="stupid_backoff"))
+    scores.fit(torch.arange(90) % 7).build_index()
+    assert not scores._streamed(ids[:, :5] % 9, targets[:, :5] % 9, None)
+
+
+def test_index_follows_refits_and_builds_itself_when_it_pays():
+    g = torch.Generator().manual_seed(3)
+    model = NGramLM(NGramConfig(vocab_size=12, order=4, smoothing="modified_kneser_ney"))
+    stream = torch.randint(0, 12, (1, 301), generator=g)
+    ids, targets = stream[:, :-1], stream[:, 1:]
+    model.fit(torch.randint(0, 12, (2000,), generator=g)).build_index()
+    model.fit(torch.randint(0, 6, (500,), generator=g))  # new tables: the index is dropped
+    assert model._levels()[0].stream is None
+    keys = sum(getattr(model, f"keys_{m}").numel() for m in range(2, 5))
+    calls = 0
+    while model._levels()[0].stream is None:  # ski rental: after 4 positions per key
+        model.log_prob(ids, targets)
+        calls += 1
+    assert calls == -(-4 * keys // 300)
+    full = model.log_probs(ids).gather(-1, targets[..., None])[..., 0]
+    assert torch.equal(model.log_prob(ids, targets), full)
+
+
+def test_hash_index_finds_every_key_and_nothing_else():
+    g = torch.Generator().manual_seed(4)
+    for size in (1, 2, 7, 1000, 30_000):
+        keys = torch.unique(torch.randint(0, 50 * size, (size,), generator=g))
+        index = ngram_module._HashIndex(keys)
+        slot = index.slots(index.hash(keys)) >> 1
+        assert torch.equal(index.keys[slot], keys) and torch.equal(
+            index.rows[slot], torch.arange(keys.numel())
+        )
+        others = torch.randint(-100, 60 * size, (5000,), generator=g)
+        others = others[~torch.isin(others, keys)]
+        assert not (index.keys[index.slots(index.hash(others)) >> 1] == others).any()

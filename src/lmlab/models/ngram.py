@@ -81,6 +81,16 @@ below (number of contexts) * (V+1), so a 5-gram over 10,000 words fits int64. Fi
 rows for decoding (``forward``). Per-context sums (totals, discount mass, backoff weights)
 are computed once after fitting, so both paths run the same arithmetic and agree exactly.
 
+Held-out text, fast (``build_index``): scoring a stream (each target is the next id, as in
+perplexity) is how KenLM is used, and KenLM answers each query with a hash probe per order.
+lmlab's answer, vectorised over all positions at once: per order a perfect-hash index over
+the m-grams (``_HashIndex``: hash, displace, compare; no loop, no probe rounds), whose
+record holds the m-gram's value and, since the context of length j at position t+1 is the
+j-gram scored at t, what the next position needs of it as a context (its weight, its name
+in the next order's keys). So one lookup per order and position replaces the two binary
+searches, and each order only visits the positions whose context it has seen. The
+arithmetic is ``_probabilities``'s: the same numbers, bit for bit (tested).
+
 Parity: ``tests/models/test_ngram.py`` compares perplexities with nltk.lm's MLE, Laplace,
 Lidstone and KneserNeyInterpolated on the same n-grams; ``tests/checkpoint/test_arpa.py``
 scores lmlab's ARPA export with the ``kenlm`` module.
@@ -291,6 +301,144 @@ def _find(
     return pos, keys.index_select(0, pos) == query  # index_select: the fastest gather
 
 
+# Odd 64-bit multipliers (the golden ratio's and splitmix64's), as int64: products wrap
+# modulo 2^64 and their top bits are the hash (Knuth's multiplicative hashing).
+_GOLDEN, _MIX1, _MIX2 = -7046029254386353131, -4658895280553007687, -7723592293110705685
+_EMPTY = torch.iinfo(torch.int64).min  # marks a free slot: never a key (keys are >= 0)
+
+
+class _HashIndex:
+    """Where each key of a table sits, found in O(1): hash, displace, compare.
+
+    ``_find`` binary-searches: ~20 dependent steps per query, each a cache miss in a table
+    of megabytes. Here every query costs the same few vectorised ops, with no loop over
+    queries or probe rounds (hash and displace; Belazzougui et al. 2009, "CHD"):
+
+    - a key k is hashed by P = k * GOLDEN (wrapped modulo 2^64; one to one, so P stands
+      for k): its group g is the top bits of P (about one key per group), its home f the
+      next bits (S >= 2G slots), its side x the bit after them;
+    - each group has a displacement d_g, chosen at build time so that the slots
+      f XOR d_g of all keys are distinct (keys of one group keep distinct slots under any
+      d_g: XOR by a constant is one-to-one);
+    - so key k, if stored, is in slot f XOR d_g. ``slots`` returns 2 * slot + x: each slot
+      has two 16-byte records side by side (``NGramLM._stream_tables``), the key's own at
+      its side x and one more at x XOR 1, both in one cache line.
+
+    Build: groups of the same size try pseudo-random displacements in rounds, all at once,
+    biggest groups first; a group takes one when every key of it lands on a free slot that
+    no other key claims in that round. With S >= 2G most groups settle in their first
+    rounds, and each round only works on the groups still unplaced. Two keys of one group
+    with one home can never part; then P is multiplied once more (``mixer``) and the
+    build starts over.
+    """
+
+    def __init__(self, keys: torch.Tensor):
+        G = keys.numel()
+        self.group_bits = max(1, (G - 1).bit_length())  # M = 2^group_bits >= G groups
+        for extra in range(1, 4):  # a wider table if no mixer works
+            self.bits = max(1, G.bit_length() + extra)  # S = 2^bits >= 2G slots
+            self.side_bit = 63 - self.group_bits - self.bits  # x's bit in P
+            for self.mixer in (1, _MIX1, _MIX2):
+                if self.side_bit > self.bits + 2 and self._place(keys, self.hash(keys)):
+                    return
+        raise ConfigError(f"cannot build a hash index over {G} keys (too many)")
+
+    def hash(self, keys: torch.Tensor) -> torch.Tensor:
+        """P [Q] int64 of each key (see the class docstring): what ``slots`` takes and what
+        the records store to be compared with."""
+        return self.mix(keys * _GOLDEN)  # wraps modulo 2^64
+
+    def mix(self, product: torch.Tensor) -> torch.Tensor:
+        """P from k * GOLDEN (which a caller may build from parts: the arithmetic wraps)."""
+        return product if self.mixer == 1 else product * self.mixer
+
+    def _split(self, product: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(group, home, side) of each P."""
+        top = product >> self.side_bit  # (Q,) group, home, side
+        group = (top >> (self.bits + 1)) & ((1 << self.group_bits) - 1)
+        return group, (top >> 1) & ((1 << self.bits) - 1), top & 1
+
+    def _place(self, keys: torch.Tensor, product: torch.Tensor) -> bool:
+        """Choose the groups' displacements and fill the slots; False if rounds run out."""
+        group, home, side = self._split(product)
+        S, M, dev = 1 << self.bits, 1 << self.group_bits, keys.device
+        self.keys = torch.full((S,), _EMPTY, dtype=torch.long, device=dev)  # (S,)
+        self.rows = torch.zeros(S, dtype=torch.long, device=dev)  # (S,) row in the table
+        self.displacement = torch.zeros(M, dtype=torch.long, device=dev)  # (M,) see ``slots``
+        claim = torch.full((S,), -1, dtype=torch.long, device=dev)  # scratch, reset each round
+        failed = torch.zeros(M, dtype=torch.bool, device=dev)  # scratch, reset each round
+        # Biggest groups first, while the table is emptiest (as CHD does): a group of k keys
+        # needs k free slots at once. The groups of one size try together, round by round.
+        size = torch.bincount(group, minlength=M).index_select(0, group)  # (G,) keys per group
+        for k in range(int(size.max()) if size.numel() else 0, 0, -1):
+            pending = (size == k).nonzero().squeeze(1)  # (P,) rows not placed yet
+            for attempt in range(1, 1000):
+                if pending.numel() == 0:
+                    break
+                g = group.index_select(0, pending)  # (P,)
+                x = g * _GOLDEN + attempt  # a fresh pseudo-random displacement per group
+                d = (((x ^ (x >> 29)) * _MIX2) >> (64 - self.bits)) & (S - 1)  # (P,)
+                slot = home.index_select(0, pending) ^ d  # (P,)
+                mine = torch.arange(slot.numel(), device=dev)
+                claim.scatter_reduce_(0, slot, mine, "amax")  # one claimant per slot wins
+                winner = claim.index_select(0, slot)  # (P,)
+                if attempt == 1 and k > 1:  # two keys of one group share a home: no d works
+                    if ((winner != mine) & (g.index_select(0, winner) == g)).any():
+                        return False
+                lost = (winner != mine) | (self.keys.index_select(0, slot) != _EMPTY)
+                claim.index_fill_(0, slot, -1)
+                failed.index_fill_(0, g[lost], True)  # a group settles if all its keys do
+                ok = ~failed.index_select(0, g)
+                failed.index_fill_(0, g[lost], False)
+                placed = ok.nonzero().squeeze(1)
+                at = slot.index_select(0, placed)
+                rows = pending.index_select(0, placed)
+                self.keys.index_copy_(0, at, keys.index_select(0, rows))
+                self.rows.index_copy_(0, at, rows)
+                self.displacement.index_copy_(0, g.index_select(0, placed), d[placed])
+                pending = pending[~ok]
+            if pending.numel():
+                return False
+        self.taken = self.keys != _EMPTY  # (S,)
+        self.sides = torch.zeros(S, dtype=torch.long, device=dev)  # (S,) x of each key
+        self.sides[self.taken] = self._split(self.hash(self.keys[self.taken]))[2]
+        # Stored as (d_g XOR the group's top bits as a signed number) shifted past the side
+        # bit, so that ``slots`` XORs it onto the group, home and side bits at once.
+        signed = torch.arange(M, device=dev)
+        signed = torch.where(signed >= M // 2, signed - M, signed)  # (M,)
+        self.displacement = ((signed << self.bits) ^ self.displacement) << 1
+        return True
+
+    def release(self) -> None:
+        """Drop what only building needs (the per-slot ``keys``, ``rows``, ``sides``,
+        ``taken``): lookups need the displacements alone, once the caller has laid out its
+        records."""
+        del self.keys, self.rows, self.sides, self.taken
+
+    def slots(self, product: torch.Tensor) -> torch.Tensor:
+        """2 * slot + side [Q] int64 of each P (``hash``, ``mix``): where its record would be,
+        if the key is stored."""
+        top = product >> self.side_bit  # (Q,) group, home, side
+        group = (top >> (self.bits + 1)) & ((1 << self.group_bits) - 1)
+        return top ^ self.displacement.index_select(0, group)
+
+
+def _read(records: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two int64 halves of the 16-byte records (complex128 [R]) at ``slot`` [Q]."""
+    return _columns(records.index_select(0, slot))
+
+
+def _columns(pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two int64 columns of complex128 ``pairs`` [Q] (``_Stream.records``)."""
+    both = torch.view_as_real(pairs).view(torch.long)  # (Q, 2)
+    return both[:, 0], both[:, 1]
+
+
+def _wrap(x: int) -> int:
+    """``x`` modulo 2^64 as a signed int64 (what int64 tensor arithmetic wraps to)."""
+    return (x + (1 << 63)) % (1 << 64) - (1 << 63)
+
+
 def _rows(
     keys: torch.Tensor, tables: list[torch.Tensor], contexts: torch.Tensor, vocab_size: int
 ) -> list[torch.Tensor]:
@@ -337,6 +485,34 @@ class _Level:
     """Order 1 only: (value, listed) [V] by token, so that unigrams need no search."""
     first_rows: torch.Tensor | None = None
     """Order 1 only: [V+1] the row of each one-token context, -1 where never seen."""
+    stream: list | None = None
+    """Order 1 only: what ``NGramLM._score_stream`` gathers, once derived ([]: cannot)."""
+    bos_rows: list[int] | None = None
+    """Order 1 only: the row of the all-BOS context of each length (``_stream_tables``)."""
+    searched: int = 0
+    """Order 1 only: positions scored by binary search so far (``NGramLM._streamed``)."""
+
+
+@dataclass
+class _Stream:
+    """What ``NGramLM._score_stream`` gathers at one order m >= 2 (see ``_stream_tables``)."""
+
+    index: _HashIndex
+    """The m-grams, keyed ``name(ctx) * V + w``."""
+    records: torch.Tensor
+    """[2S] complex128 (16-byte pairs of int64), at ``index.slots``: the m-gram's P and
+    value; at that XOR 1, the m-gram read as the context of the next position: its name
+    (``none`` if it is none; the key's side in bit ``index.side_bit``) and its weight
+    (add_k: its base)."""
+    bos: int
+    """The name of the all-BOS context of length m-1 (a number no m-1-gram's slot has)."""
+    none: int
+    """The name (and mask) of no context: 2^side_bit - 1."""
+    starts: tuple[torch.Tensor, torch.Tensor] | None = None
+    """m >= 3: (name, weight) [V+1] by symbol s of the context (BOS m-2 times, s) of length
+    m-1, a row's first position's (-1 and the unseen weight where never seen)."""
+    restart: tuple[torch.Tensor, torch.Tensor] | None = None
+    """m >= 3: (name, weight) [1] of the all-BOS context of length m-1 (a sentence start)."""
 
 
 class NGramLM(nn.Module):
@@ -625,6 +801,9 @@ class NGramLM(nn.Module):
         cfg = self.config
         V, n = cfg.vocab_size, cfg.order
         _check_ids(targets, V)
+        self._check_rows(ids)
+        if n > 1 and self._streamed(ids, targets, mask):
+            return self._score_stream(ids, targets, mask).log().view(ids.shape)
         back = self._histories(ids, mask)
         targets = targets.reshape(-1)
         if n > 1 and targets.numel() >= 4096:
@@ -646,6 +825,230 @@ class NGramLM(nn.Module):
             out = self._probabilities(self.find_contexts(back, targets.numel()), targets)
         return out.log().view(ids.shape)
 
+    def build_index(self) -> NGramLM:
+        """Build the hash indexes that score a stream of held-out text with one O(1) lookup
+        per order and position (``_score_stream``; kept until the model is refitted,
+        loaded or moved); returns self.
+
+        ``log_prob`` (and so perplexity) builds them by itself once it has scored, by binary
+        search, four positions per key of the tables: building costs about what the index
+        then saves on that many positions (measured on word 3- and 5-grams), so by then the
+        searches have cost what building would have (the ski-rental rule), and a one-off
+        score of a short text never pays for a build it would not use. Call this to score
+        fast from the start.
+        """
+        if self.config.order > 1:
+            self._stream_tables(self._levels())
+        return self
+
+    def _streamed(
+        self, ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None
+    ) -> bool:
+        """Whether to score through ``_score_stream``: the targets are the next ids (a mask
+        hides at most each row's first id) and the indexes exist, or the positions searched
+        since the tables changed reach four times their number of keys (``build_index``)."""
+        if self.config.smoothing == "stupid_backoff":  # an unseen context costs alpha there
+            return False
+        if ids.shape != targets.shape or ids.dim() != 2 or ids.numel() == 0:
+            return False
+        if not torch.equal(targets[:, :-1], ids[:, 1:]):
+            return False
+        if mask is not None and not bool(mask[:, 1:].all()):
+            return False
+        levels = self._levels()
+        if levels[0].stream is None:
+            levels[0].searched += ids.numel()
+            n = self.config.order
+            keys = sum(getattr(self, f"keys_{m}").numel() for m in range(2, n + 1))
+            if levels[0].searched < 4 * keys:
+                return False
+        return self._stream_tables(levels) is not None
+
+    def _score_stream(
+        self, ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """p(targets | contexts) [Q] of a stream (``targets[:, t] == ids[:, t+1]``), equal bit
+        for bit to ``_probabilities(find_contexts(histories), targets)``, with one hash
+        lookup (``_HashIndex``) per order and position instead of two binary searches.
+
+        The context of length j+1 at position t+1 is the (j+1)-gram scored at position t
+        (its context, then its target), so that m-gram's record also says what scoring
+        needs of it as a context (``_stream_tables``): its name in the keys of the next
+        order and its weight. Only a row's first position (BOS, then its first token) and
+        the start of a sentence (all BOS) get their contexts apart. An unseen context
+        passes the order below on unchanged, so each order only visits the positions whose
+        context it has seen (``active``): fewer at every order. The arithmetic repeats
+        ``_probabilities`` line by line.
+        """
+        cfg = self.config
+        V, n, end = cfg.vocab_size, cfg.order, cfg.sentence_end_id
+        levels = self._levels()
+        tables = self._stream_tables(levels)
+        if mask is not None:
+            ids = torch.where(mask.to(torch.bool), ids, V)  # padding reads as BOS
+        if end is not None:
+            ids = torch.where(ids == end, V, ids)  # after a sentence end: BOS
+        near = ids.reshape(-1)  # (Q,) each position's nearest context symbol
+        targets = targets.reshape(-1)
+        Q, dev = near.numel(), near.device
+        starts = torch.arange(0, Q, ids.shape[1], device=dev)  # (B,) each row's first
+        fresh = near == V  # (Q,) all its contexts are all BOS
+        chained = ~fresh  # (Q,) its contexts continue the position before's m-grams
+        chained[starts] = False
+        chained = torch.cat([chained[1:], chained.new_zeros(1)])  # (Q,) ... at position + 1
+        restart = fresh.nonzero().squeeze(1) if end is not None or mask is not None else starts[:0]
+        first = starts.index_select(0, (~fresh.index_select(0, starts)).nonzero().squeeze(1))
+        first_symbol = near.index_select(0, first)  # (B',) rows starting with a real token
+        # key * GOLDEN = name * (V * GOLDEN) + target * GOLDEN, wrapped; ``slots`` takes it
+        per_name, per_target = _wrap(V * _GOLDEN), targets * _GOLDEN
+        p = tables[0].index_select(0, targets)  # (Q,) from the empty context
+        # one-token contexts by symbol; every position goes on (``active`` None: all)
+        name, b = (x.index_select(0, near) for x in tables[1])  # (Q,) each
+        active = None
+        for j in range(1, n):
+            level, table = levels[j], tables[j + 1]
+            c = None if level.base is None else b  # add_k's column is its base
+            lower = p if active is None else p.index_select(0, active)
+            part = per_target if active is None else per_target.index_select(0, active)
+            product = table.index.mix(name * per_name + part)  # (A,) P of (context, target)
+            slot = table.index.slots(product)
+            stored, value = _read(table.records, slot)
+            listed = stored == product
+            v = value.view(torch.float64) * listed
+            if level.interpolated:
+                q = v + b * lower
+            elif c is not None:
+                q = torch.where(listed > 0, v, c)
+                q = torch.where(name >= 0, q, lower)  # an unseen context passes p on
+            else:
+                q = torch.where(listed > 0, v, b * lower)
+            p = q if active is None else p.index_copy_(0, active, q)
+            if j == n - 1:
+                break
+            # The contexts of length j+1: continued from the position before where its
+            # (j+1)-gram is listed and is a context; row and sentence starts by symbol (an
+            # unseen one is harmless: weight 1, and its keys match nothing).
+            pairs = table.records.index_select(0, slot ^ 1)  # (A,) name, weight
+            follow = _columns(pairs)[0] & table.none
+            going = listed & (follow != table.none)
+            going = going & (chained if active is None else chained.index_select(0, active))
+            going = going.nonzero().squeeze(1)
+            follow, column = (
+                follow.index_select(0, going),
+                _columns(pairs.index_select(0, going))[1],
+            )
+            at = going if active is None else active.index_select(0, going)
+            head, again = tables[j + 2].starts, tables[j + 2].restart
+            active = torch.cat([at + 1, first, restart])
+            name = torch.cat(
+                [follow, head[0].index_select(0, first_symbol), again[0].expand(restart.shape)]
+            )
+            b = torch.cat(
+                [
+                    column.view(torch.float64),
+                    head[1].index_select(0, first_symbol),
+                    again[1].expand(restart.shape),
+                ]
+            )
+        return p
+
+    def _stream_tables(self, levels: list[_Level]) -> list | None:
+        """What ``_score_stream`` gathers: [p(w) [V] from the empty context, (name, weight)
+        [V+1] by symbol of the one-token contexts, then a ``_Stream`` per order m = 2..n];
+        None if some context is not itself a listed m-gram (a hand-written ARPA file may
+        skip one), so the stream cannot name it. Derived once per ``_levels`` (after
+        fitting, loading, re-weighting).
+
+        Names: a one-token context is named by its symbol (BOS: V); a longer context by
+        the slot of its m-gram in the m-gram index (all-BOS: a number past the slots). The
+        m-grams of the next order are keyed ``name(ctx) * V + w``.
+        """
+        if levels[0].stream is not None:
+            return levels[0].stream or None
+        cfg = self.config
+        V, n = cfg.vocab_size, cfg.order
+        first = levels[0].first_rows  # (V+1,) row of each one-token context, -1 if unseen
+        level = levels[1]
+        at = torch.where(first >= 0, first, level.weight.numel() - 1)
+        column = level.weight if level.base is None else level.base
+        symbols = torch.arange(V + 1, device=first.device)
+        unigrams = self._probabilities([symbols[:V] * 0], symbols[:V], levels[:1])  # (V,)
+        tables: list = [unigrams, (torch.where(first >= 0, symbols, -1), column[at])]
+        name = self.contexts_1  # (U_1,) a one-token context's key is its symbol
+        bos_rows = [None, int(first[V])]  # row of the all-BOS context of each length
+        bos = V
+        for m in range(2, n + 1):
+            keys = getattr(self, f"keys_{m}")
+            index = _HashIndex(name[keys // V] * V + keys % V)
+            rows, taken = index.rows, index.taken  # (S,) per slot
+            G = keys.numel()
+            context = torch.full_like(keys, -1)  # (G,) row of the m-gram as a context
+            follow = torch.full_like(keys, -1)  # (G,) its name as the next context
+            weight = torch.zeros(G, dtype=torch.float64, device=keys.device)
+            if m < n:
+                tokens = self.context_tokens(m)  # (U, m) farthest first
+                real = tokens[:, -1] < V  # all-BOS contexts end in BOS; no other does
+                prefix = self.find_contexts(list(tokens[:, :-1].flip(1).T), len(tokens))[-1]
+                pos, hit = _find(keys, prefix * V + tokens[:, -1].clamp(max=V - 1))
+                if bool((real & ~hit).any()):
+                    levels[0].stream = []
+                    return None
+                context[pos[real]] = real.nonzero().squeeze(1)
+                slot_of = torch.empty_like(keys)  # (G,) each m-gram's 2 * slot + side
+                slot_of[rows[taken]] = taken.nonzero().squeeze(1) * 2 + index.sides[taken]
+                here = 2 << index.bits  # the name of the all-BOS context of length m
+                name = torch.where(real, slot_of.index_select(0, pos), here)  # (U,) by row
+                bos_row = int((~real).nonzero()[0]) if bool((~real).any()) else -1
+                bos_rows.append(bos_row)
+                level = levels[m]
+                column = level.weight if level.base is None else level.base
+                unseen = level.weight.numel() - 1
+                weight = column.index_select(0, torch.where(context >= 0, context, unseen))
+                follow = torch.where(context >= 0, slot_of, -1)
+            # Two records per slot: at the key's side (P, value), at the other side (the
+            # name as the next context, its weight). The name is < 2^side_bit and carries
+            # the key's side in bit side_bit, which a query reaching the other side has
+            # not: so it can never equal that query's P. Free slots: (EMPTY, 0) twice.
+            none = (1 << index.side_bit) - 1  # the name of no context
+            follow = torch.where(follow >= 0, follow, none)
+            slot = taken.nonzero().squeeze(1)  # (G,) the taken slots, and their m-grams:
+            gram = rows.index_select(0, slot)
+            side = index.sides.index_select(0, slot)
+            records = torch.full((2 << index.bits, 2), _EMPTY, device=keys.device)
+            value = levels[m - 1].value.index_select(0, gram).view(torch.long)
+            product = index.hash(index.keys.index_select(0, slot))
+            records.index_copy_(0, 2 * slot + side, torch.stack([product, value], 1))
+            follow = follow.index_select(0, gram) | (side << index.side_bit)
+            weight = weight.index_select(0, gram).view(torch.long)
+            records.index_copy_(0, 2 * slot + 1 - side, torch.stack([follow, weight], 1))
+            index.release()
+            table = _Stream(index, records.view(torch.complex128).view(-1), bos, none)
+            if m >= 3:  # the contexts of length m-1 at a row's or a sentence's start
+                level, dev = levels[m - 1], keys.device
+                previous = tables[m - 1]
+                symbols = torch.arange(V + 1, device=dev).clamp(max=V - 1)
+                product = previous.index.hash(previous.bos * V + symbols)  # (V+1,) BOS.., s
+                slot = previous.index.slots(product)
+                listed = _read(previous.records, slot)[0] == product
+                follow, column = _read(previous.records, slot ^ 1)
+                follow = follow & previous.none
+                listed &= follow != previous.none
+                unseen = level.weight[-1:]
+                table.starts = (
+                    torch.where(listed, follow, -1),
+                    torch.where(listed, column.view(torch.float64), unseen),
+                )
+                row = bos_rows[m - 1]
+                column = level.weight if level.base is None else level.base
+                table.restart = (
+                    torch.tensor([bos if row >= 0 else -1], device=dev),
+                    column[row : row + 1] if row >= 0 else unseen,
+                )
+            tables.append(table)
+            bos = 2 << index.bits
+        levels[0].stream, levels[0].bos_rows = tables, bos_rows
+        return tables
+
     def _context_rows(self, ids: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
         """For every position of ``ids`` [B, T], the row of its context of each length
         0..n-1 in that length's table, -1 where it was never seen: n tensors [Q]."""
@@ -654,16 +1057,21 @@ class NGramLM(nn.Module):
     def _histories(self, ids: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
         """The checked ``histories`` of ``ids`` [B, T], flattened: n-1 tensors [Q]."""
         cfg = self.config
-        if self.keys_1.numel() == 0:
-            raise ConfigError("this NGramLM has no counts yet: call model.fit(ids) first")
         V, n = cfg.vocab_size, cfg.order
-        T = ids.shape[1]
-        if cfg.max_seq_len is not None and T > cfg.max_seq_len:
-            raise ConfigError(f"sequence of {T} tokens exceeds max_seq_len {cfg.max_seq_len}")
-        _check_ids(ids, V)
+        self._check_rows(ids)
         if mask is not None:
             ids = torch.where(mask.to(torch.bool), ids, V)  # padding reads as BOS
         return [h.reshape(-1) for h in histories(ids, n, V, cfg.sentence_end_id)]
+
+    def _check_rows(self, ids: torch.Tensor) -> None:
+        """Refuse an unfitted model, rows longer than ``max_seq_len`` and ids out of range."""
+        cfg = self.config
+        if self.keys_1.numel() == 0:
+            raise ConfigError("this NGramLM has no counts yet: call model.fit(ids) first")
+        T = ids.shape[1]
+        if cfg.max_seq_len is not None and T > cfg.max_seq_len:
+            raise ConfigError(f"sequence of {T} tokens exceeds max_seq_len {cfg.max_seq_len}")
+        _check_ids(ids, cfg.vocab_size)
 
     def find_contexts(
         self, back: list[torch.Tensor], size: int, grouped: bool = False
