@@ -451,6 +451,7 @@ USER_FILES = {
     ),
     "my_task.jsonl": _bundled_task("world_facts.jsonl"),
     "my_pairs.jsonl": _bundled_task("minimal_pairs.jsonl", 6),
+    "my_scores.jsonl": _bundled_task("bleu_rouge_examples.jsonl", 3),
     "prompts.jsonl": _tasks_jsonl,
     "ranked.jsonl": _pairs_jsonl,
 }
