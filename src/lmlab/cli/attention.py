@@ -8,14 +8,13 @@ lmlab attention --model runs/gpt --prompt "ROMEO: But soft" --layer 0 --by_hand 
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
 from lmlab.cli.args import add_model_arguments
-from lmlab.fileio import atomic_write_bytes, atomic_write_json
+from lmlab.fileio import atomic_write_json, atomic_write_with
 from lmlab.interp.attention import attention_report, prompt_ids, token_labels
 from lmlab.interp.selfattention import AttentionSteps, attention_by_hand
 from lmlab.lm import load
@@ -111,12 +110,6 @@ def run_by_hand(args) -> None:
         print(f"wrote {out / file}")
 
 
-def _save(fig, png: Path) -> None:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    atomic_write_bytes(png, buffer.getvalue())
-
-
 def _ticks(ax, tokens: list[str], rows: bool, cols: bool) -> None:
     ax.set_xticks(range(len(tokens)), tokens if cols else [], rotation=90, fontsize=7)
     ax.set_yticks(range(len(tokens)), tokens if rows else [], fontsize=7)
@@ -147,7 +140,7 @@ def plot_steps(steps: AttentionSteps, tokens: list[str], png: Path, title: str) 
             _ticks(ax, tokens, rows=h == 0, cols=r == 2)
         fig.colorbar(image, ax=axes[r, -1], shrink=0.9)
     fig.suptitle(f"{title}: scores, mask and softmax per head (rows: queries, columns: keys)")
-    _save(fig, png)
+    atomic_write_with(png, lambda tmp: fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight"))
 
 
 def plot_matrices(steps: AttentionSteps, tokens: list[str], png: Path, title: str) -> None:
@@ -173,4 +166,4 @@ def plot_matrices(steps: AttentionSteps, tokens: list[str], png: Path, title: st
         ax.set_yticks(range(len(tokens)), tokens if k == 0 else [], fontsize=7)
         ax.set_xticks([])
     fig.suptitle(f"{title}: one prompt through the attention (rows: tokens, columns: features)")
-    _save(fig, png)
+    atomic_write_with(png, lambda tmp: fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight"))

@@ -8,14 +8,13 @@ lmlab score --examples my_scores.jsonl --out runs/scores  # {"candidate", "refer
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 from jsonargparse import ArgumentParser
 
 from lmlab.eval.text import load_scoring_examples, score_breakdown
-from lmlab.fileio import atomic_write_bytes, atomic_write_json
+from lmlab.fileio import atomic_write_json, atomic_write_with
 
 METRICS = ("BLEU", "chrF", "ROUGE-1", "ROUGE-2", "ROUGE-L")
 
@@ -109,6 +108,4 @@ def plot(rows: list[dict], png: Path) -> None:
     right.set(xlim=(-0.05, 1.15), ylim=(-0.05, 1.1), xlabel="ROUGE-1 recall",
               ylabel="ROUGE-1 precision", title="ROUGE-1: precision vs recall")  # fmt: skip
     fig.suptitle("one reference, candidates of known kinds (mean over the groups)")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    atomic_write_bytes(png, buffer.getvalue())
+    atomic_write_with(png, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
