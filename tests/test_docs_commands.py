@@ -298,6 +298,8 @@ def shrink(argv: list[str]) -> list[str]:
         for flag, value in [("--steps", "2"), ("--n_layers", "2"), ("--record_every", "1"),
                             ("--seq_len", "16"), ("--batch_size", "2")]:  # fmt: skip
             argv = _set(argv, flag, value)
+    elif command == "quantize" and "--compare" in argv:  # a few held-out tokens per format
+        argv = _set(_set(argv, "--tokens", "64"), "--progress", "false")
     elif command in ("eval", "report"):
         argv = _set(argv, "--limit", "2")
     elif command == "probe":
@@ -451,6 +453,7 @@ USER_FILES = {
     ),
     "my_task.jsonl": _bundled_task("world_facts.jsonl"),
     "my_pairs.jsonl": _bundled_task("minimal_pairs.jsonl", 6),
+    "my_scores.jsonl": _bundled_task("bleu_rouge_examples.jsonl", 3),
     "prompts.jsonl": _tasks_jsonl,
     "ranked.jsonl": _pairs_jsonl,
 }

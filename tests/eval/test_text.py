@@ -1,16 +1,19 @@
 import json
+import math
 
 import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from lmlab.errors import ConfigError, DataError
+from lmlab.errors import ConfigError, DataError, DataNotFoundError
 from lmlab.eval.text import (
     bleu,
     chrf,
     exact_match,
+    load_scoring_examples,
     normalize_answer,
     rouge,
+    score_breakdown,
     sentence_bleu,
     sentence_chrf,
     text_scores,
@@ -168,3 +171,61 @@ def test_bad_inputs_are_clear_errors():
         rouge(["a"], ["a"], types=["rouge0"])
     with pytest.raises(ConfigError, match="unknown metric 'blue'.*'bleu'"):
         text_scores(["a"], ["a"], ["blue"])
+
+
+# ----------------------------------------------------------------------------- score_breakdown
+
+
+def test_score_breakdown_matches_sacrebleu_and_rouge_score():
+    # random sentences over a small vocabulary (so n-grams match now and then), several seeds
+    import random
+
+    from sacrebleu.metrics import BLEU, CHRF
+
+    words = "the a cat dog sat ran on under mat rug door near".split()
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
+    for seed in range(6):
+        rng = random.Random(seed)
+        ref = " ".join(rng.choice(words) for _ in range(rng.randint(4, 14)))
+        hyp = " ".join(rng.choice(words) for _ in range(rng.randint(2, 14)))
+        ours = score_breakdown(hyp, ref)
+        theirs = BLEU(effective_order=True).sentence_score(hyp, [ref])
+        assert ours["bleu"]["score"] == pytest.approx(theirs.score, abs=1e-9)
+        assert ours["bleu"]["bp"] == theirs.bp and ours["bleu"]["counts"] == theirs.counts
+        orders = sum(1 for t in theirs.totals if t)
+        assert ours["bleu"]["precisions"] == pytest.approx(
+            [100 * c / t for c, t in zip(theirs.counts[:orders], theirs.totals[:orders])]
+        )
+        if theirs.score > 0:  # BLEU = BP * geometric mean of the smoothed precisions
+            logs = [math.log(p / 100) for p in ours["bleu"]["smoothed_precisions"]]
+            expected = 100 * theirs.bp * math.exp(sum(logs) / len(logs))
+            assert ours["bleu"]["score"] == pytest.approx(expected, rel=1e-9)
+        assert ours["chrf"] == pytest.approx(CHRF().sentence_score(hyp, [ref]).score, abs=1e-9)
+        for t, s in scorer.score(ref, hyp).items():
+            assert ours[t]["precision"] == pytest.approx(s.precision, abs=1e-12)
+            assert ours[t]["recall"] == pytest.approx(s.recall, abs=1e-12)
+            assert ours[t]["f1"] == pytest.approx(s.fmeasure, abs=1e-12)
+
+
+def test_score_breakdown_brevity_penalty_by_hand():
+    # "the cat sat" against "the cat sat on the mat": every n-gram of the candidate is in
+    # the reference (3 orders), so BLEU is the brevity penalty alone: exp(1 - 6/3) = 0.368
+    pieces = score_breakdown("the cat sat", "the cat sat on the mat")
+    assert pieces["bleu"]["precisions"] == [100.0, 100.0, 100.0]
+    assert pieces["bleu"]["score"] == pytest.approx(100 * math.exp(-1), abs=1e-9)
+    assert pieces["rouge1"] == pytest.approx({"precision": 1.0, "recall": 0.5, "f1": 2 / 3})
+    # word salad: every word, no bigram
+    salad = score_breakdown("mat the on sat cat the", "the cat sat on the mat")
+    assert salad["rouge1"]["f1"] == 1.0 and salad["rouge2"]["f1"] == 0.0
+    assert salad["bleu"]["precisions"][0] == 100.0 and salad["bleu"]["counts"][1] == 0
+
+
+def test_scoring_examples_load_and_errors_name_the_line(tmp_path):
+    rows = load_scoring_examples()
+    assert len(rows) == 14 and {r["kind"] for r in rows} >= {"paraphrase", "word salad"}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"candidate": "a", "reference": "b"}\n{"candidate": "a"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: needs 'reference'"):
+        load_scoring_examples(bad)
+    with pytest.raises(DataNotFoundError, match="missing.jsonl' does not exist"):
+        load_scoring_examples(tmp_path / "missing.jsonl")

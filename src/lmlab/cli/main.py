@@ -64,6 +64,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lmlab.cli.eval",
         "evaluate a model on tasks (multiple choice, pairs, perplexity, ...)",
     ),
+    "score": (
+        "lmlab.cli.score",
+        "BLEU, chrF and ROUGE of candidates against references, taken apart, with a figure",
+    ),
     "report": ("lmlab.cli.report", "evaluation reports of one or more models, side by side"),
     "prompt": (
         "lmlab.cli.prompt",

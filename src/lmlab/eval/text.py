@@ -25,14 +25,17 @@ examples (no installed library exports the SQuAD functions offline).
 from __future__ import annotations
 
 import inspect
+import os
 import re
 import string
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
+from lmlab.data.instructions import read_rows
 from lmlab.errors import ConfigError, DataError, closest
 
 References = Sequence[str] | Sequence[Sequence[str]]
@@ -339,3 +342,64 @@ def text_scores(
             scores.update({t: v["f1"] for t, v in result.items()})
             details[m] = result
     return scores, details
+
+
+# ----------------------------------------------------------------------------- one candidate, in pieces
+
+SCORING_EXAMPLES = Path(__file__).parent / "tasks" / "bleu_rouge_examples.jsonl"
+"""Bundled candidates of known kinds (identical, one word changed, paraphrase, word salad,
+too short, too long, unrelated) against two references (lesson 33, ``lmlab score``)."""
+
+
+def score_breakdown(prediction: str, references: str | Sequence[str]) -> dict[str, Any]:
+    """Every piece of one candidate's scores, JSON-ready:
+
+    - ``bleu``: sentence BLEU (0..100, sacrebleu, effective order) with its clipped
+      n-gram ``precisions`` (0..100; only the orders the candidate is long enough for;
+      ``smoothed_precisions``: what the score uses, a zero replaced as sacrebleu's
+      ``exp`` smoothing does),
+      brevity penalty ``bp`` = min(1, exp(1 - ref_len / sys_len)), ``sys_len``, ``ref_len``;
+      BLEU = bp * exp(mean log precision);
+    - ``chrf``: sentence chrF (0..100), the F-beta (beta 2) of character 1..6-grams;
+    - ``rouge1``, ``rouge2``, ``rougeL``: precision, recall and F1 (0..1, rouge-score).
+
+        score_breakdown("the cat sat", "the cat sat on the mat")["bleu"]
+            -> precisions [100, 100, 100] (3 orders), bp exp(1 - 6/3) = 0.368, score 36.8
+    """
+    b = sentence_bleu(prediction, references)
+    counts, totals = b.details["counts"], b.details["totals"]
+    # the raw clipped precisions of the orders that exist; sacrebleu's are smoothed
+    # (exp: a zero count counts as 1 / 2^k), which is what its score multiplies
+    b_details = {
+        **b.details,
+        "precisions": [100.0 * c / t for c, t in zip(counts, totals) if t],
+        "smoothed_precisions": b.details["precisions"][: sum(1 for t in totals if t)],
+    }
+    refs = [references] if isinstance(references, str) else list(references)
+    character = sentence_chrf(prediction, refs)
+    return {
+        "bleu": {"score": b.score, "signature": b.signature, **b_details},
+        "chrf": character.score,
+        "chrf_signature": character.signature,
+        **rouge([prediction], [refs], types=("rouge1", "rouge2", "rougeL")),
+    }
+
+
+def load_scoring_examples(path: str | os.PathLike | None = None) -> list[dict[str, str]]:
+    """Rows ``{"candidate", "reference", "kind", "group"}`` of a JSONL file (default: the
+    bundled ``SCORING_EXAMPLES``); ``kind`` and ``group`` are optional labels. Errors name
+    ``file:line``."""
+    expected = (
+        'a JSON object with "candidate" and "reference" (strings), "kind" and "group" optional'
+    )
+    rows = []
+    for where, row in read_rows(path or SCORING_EXAMPLES, "scoring examples", expected):
+        missing = [k for k in ("candidate", "reference") if not isinstance(row.get(k), str)]
+        if missing:
+            raise DataError(f"{where}: needs {' and '.join(map(repr, missing))} as strings; "
+                            f"expected {expected}")  # fmt: skip
+        rows.append({
+            "candidate": row["candidate"], "reference": row["reference"],
+            "kind": str(row.get("kind", f"row {len(rows) + 1}")), "group": str(row.get("group", "")),
+        })  # fmt: skip
+    return rows
