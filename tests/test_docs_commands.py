@@ -190,6 +190,7 @@ SLOW |= {"agent"}  # and a --replay line reads what the agent line of its block 
 SLOW |= {"optimize"}  # about 20 s of CPU for its four figures
 SLOW |= {"embeddings"}  # loads MiniLM or SmolLM2
 SLOW |= {"scaling"}  # six tiny training runs and their fits, about 15 s of CPU
+SLOW |= {"mixture"}  # loads and tunes SmolLM2 twice
 # flag -> commands whose value for it names a model to read (a path, or a pretrained name)
 MODEL_FLAGS = {
     "--ckpt": {"generate", "serve"},
@@ -217,7 +218,7 @@ MODEL_FLAGS = {
     "--policy": {"judge"},
     "--models": {"report"},
 }
-MODEL_FLAGS["--model"] |= {"agent", "embeddings", "serve"}
+MODEL_FLAGS["--model"] |= {"agent", "embeddings", "serve", "mixture"}
 # A server never ends by itself: `lmlab serve` lines run with --check (shrink).
 SERVES = {"serve"}
 
@@ -329,6 +330,11 @@ def shrink(argv: list[str]) -> list[str]:
         argv = _set(argv, "--max_new_tokens", "8")
     elif command == "prompt":
         for flag, value in [("--n", "2"), ("--samples", "2"), ("--max_tokens", "8")]:
+            argv = _set(argv, flag, value)
+    elif command == "mixture":
+        for flag, value in [("--steps", "2"), ("--n_train", "6"), ("--n_test", "1"),
+                            ("--batch_size", "2"), ("--max_new_tokens", "2"),
+                            ("--general_chars", "64")]:  # fmt: skip
             argv = _set(argv, flag, value)
     elif command == "icl":
         for flag, value in [("--ks", "0,1"), ("--seeds", "0"), ("--formats", "qa")]:
