@@ -80,6 +80,18 @@ def test_compiled_padded_batches_beams_and_sampling_equal_eager():
         compiled = dataclasses.replace(params, compile=True)
         assert generate_ids(model, PROMPTS, compiled) == generate_ids(model, PROMPTS, params)
 
+    # dynamo ignores hooks added after compiling: a model with hooks decodes eagerly
+    before = generate_ids(model, PROMPTS, greedy(8, compile=True))
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: out.flip(-1))
+    hooked = generate(model, PROMPTS, greedy(8, compile=True))
+    assert hooked.ids == generate_ids(model, PROMPTS, greedy(8)) and hooked.ids != before
+    handle.remove()
+    # a run checks every guard at its first step: a setting changed since the last run counts
+    model.use_explicit_attention(True)
+    graphs_before = graphs()
+    assert generate_ids(model, PROMPTS, greedy(8, compile=True)) == before
+    assert graphs() > graphs_before
+
 
 def test_compile_off_never_touches_torch_compile(monkeypatch):
     def refuse():

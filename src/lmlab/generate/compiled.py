@@ -38,6 +38,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from lmlab.errors import DecodingError
 
@@ -69,19 +70,42 @@ def require_compiler(device: torch.device) -> None:
         )
 
 
+def has_hooks(model: nn.Module) -> bool:
+    """Whether a forward hook is registered on ``model`` or any of its modules (or on
+    every module). Dynamo does not guard on hooks (``skip_nnmodule_hook_guards``): a graph
+    compiled without them would silently ignore one added later, so a model with hooks
+    decodes eagerly, and the graph is only ever traced from a model without any."""
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 def _step(model: nn.Module, ids: torch.Tensor, cache) -> torch.Tensor:
     return model(ids, cache=cache)
 
 
 @functools.cache
-def _compiled() -> Callable:
+def _compiled(cpu: bool = True) -> Callable:
     # One compiled function for every model: dynamo keeps a graph per model it meets (it
     # guards on the module), all under one cache entry list.
-    return torch.compile(_step, dynamic=True, options={"emulate_precision_casts": True})
+    options = {"emulate_precision_casts": True}
+    if cpu:
+        # the graph's driver code in C++ rather than Python: the ~150 kernel calls of a
+        # SmolLM2 step cost less to launch (1.1-1.2x per token, same ids; bench/smollm2_compile.py)
+        options["cpp_wrapper"] = True
+    return torch.compile(_step, dynamic=True, options=options)
 
 
 class CompiledStep:
     """``step(model, ids [B, 1], cache) -> logits [B, 1, V]`` through ``torch.compile``.
+
+    One instance serves one decoding run (``applies`` says whether it may: not for a
+    model with hooks). Its first call checks all of dynamo's guards (the model's dtype,
+    mode, shapes, settings such as ``use_fast_decoding``: anything changed since the last
+    run recompiles); later calls of the run skip the guards that cannot tell the compiled
+    graphs apart (``skip_guard_eval_unsafe``), since within a run only the cache length
+    and the token change, and the length is a symbol of the graph. That saves checking a
+    few thousand guards per token (SmolLM2: about 1 ms).
 
     ``seconds`` adds up the calls that compiled (the first for a model, and any
     recompilation): wall seconds, tracing and C++ builds included.
@@ -92,12 +116,26 @@ class CompiledStep:
         from torch._dynamo.utils import counters  # deferred: see cache_dir
 
         self._graphs = counters["stats"]
+        self._step = _compiled(device.type == "cpu")
+        self.calls = 0
         self.seconds = 0.0
 
+    @staticmethod
+    def applies(model: nn.Module) -> bool:
+        """Whether a run of ``model`` may use the compiled step (see ``has_hooks``)."""
+        if has_hooks(model):
+            log.info("the model has forward hooks: decoding eagerly despite compile=True")
+            return False
+        return True
+
     def __call__(self, model: nn.Module, ids: torch.Tensor, cache) -> torch.Tensor:
+        self.calls += 1
+        if self.calls > 1:
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                return self._step(model, ids, cache)
         before = self._graphs["unique_graphs"]
         start = time.perf_counter()
-        logits = _compiled()(model, ids, cache)
+        logits = self._step(model, ids, cache)
         if self._graphs["unique_graphs"] != before:
             seconds = time.perf_counter() - start
             self.seconds += seconds

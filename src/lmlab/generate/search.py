@@ -128,7 +128,8 @@ class _Runner:
         size = T + max_new if self.context is None else min(T + max_new, self.context)
         self.cache = model.new_cache(B, size) if hasattr(model, "new_cache") else None
         # compile=True: the one-token steps with the cache (the prompt's pass stays eager)
-        self.compiled = compiled if self.cache is not None else None
+        use = compiled is not None and self.cache is not None and compiled.applies(model)
+        self.compiled = compiled if use else None
         self.matvec = _native_matvec(model)
         self.vocab = model.config.vocab_size
         self.seen = seen_tokens(self.ids[:, :T], self.vocab, self.mask[:, :T]) if seen else None
