@@ -11,6 +11,9 @@ Rows:
   native bf16 (the file's Q4_1 weights kept in 4 bits, fused projections);
 - lmlab 4-bit plain: the same model with every decoding shortcut off
   (``use_fast_decoding(False)``): its greedy ids must equal the row above;
+- lmlab 4-bit compiled (with ``--compile``): the first row with ``compile=True`` (the
+  one-token step through torch.compile, ``lmlab.generate.compiled``); the compile happens
+  in the untimed warm-up run, and its wall seconds are printed under the table;
 - llama.cpp Q4_1 (llama-cpp-python, the same file, the same prompt ids) when the package
   is installed (``make bench`` installs it), else transformers float32 on the dequantized
   weights.
@@ -21,7 +24,7 @@ under the table splits that peak into what the process held after its imports (t
 lmlab: about 240 MB before any weight; llama_cpp and numpy: about 40 MB) and the rest
 (weights, tokenizer, caches, transients).
 
-Usage: python bench/smollm2.py [--new-tokens 128] [--rounds 3] [--threads 2]
+Usage: python bench/smollm2.py [--new-tokens 128] [--rounds 3] [--threads 2] [--compile]
 """
 
 from __future__ import annotations
@@ -63,11 +66,11 @@ def prompt_ids() -> list[int]:
     return lm.tokenizer.encode(lm.chat_template.render(PROMPT, add_generation_prompt=True))
 
 
-def lmlab_side(ids: list[int], n: int, plain: bool):
+def lmlab_side(ids: list[int], n: int, plain: bool, compile: bool, compiles: list[float]):
     """(load seconds, prefill(), decode() -> new ids, resident MiB before the load) for
-    lmlab's default 4-bit model."""
+    lmlab's default 4-bit model; ``compiles`` collects the seconds each run compiled."""
     import lmlab
-    from lmlab.generate import SamplingParams, generate_ids
+    from lmlab.generate import SamplingParams, generate
 
     imports_mb = peak_rss_mb("VmRSS")
     t = time.perf_counter()
@@ -76,10 +79,13 @@ def lmlab_side(ids: list[int], n: int, plain: bool):
     lm.model.use_fast_decoding(not plain)
 
     def prefill():
-        generate_ids(lm.model, [ids], SamplingParams(max_new_tokens=1, temperature=0.0))
+        generate(lm.model, [ids], SamplingParams(max_new_tokens=1, temperature=0.0))
 
     def decode():
-        return generate_ids(lm.model, [ids], SamplingParams(max_new_tokens=n, temperature=0.0))[0]
+        params = SamplingParams(max_new_tokens=n, temperature=0.0, compile=compile)
+        result = generate(lm.model, [ids], params)
+        compiles.append(result.compile_seconds)
+        return result.ids[0]
 
     return load_s, prefill, decode, imports_mb
 
@@ -167,8 +173,10 @@ def side(args) -> dict:
         torch.set_num_threads(args.threads)
     ids = json.loads(args.ids)
     n = args.new_tokens
+    compiles: list[float] = []
     if args.side.startswith("lmlab"):
-        load_s, prefill, decode, imports_mb = lmlab_side(ids, n, plain=args.side == "lmlab-plain")
+        plain, compile = args.side == "lmlab-plain", args.side == "lmlab-compiled"
+        load_s, prefill, decode, imports_mb = lmlab_side(ids, n, plain, compile, compiles)
     elif args.side == "llama.cpp":
         load_s, prefill, decode, imports_mb = llama_cpp_side(ids, n, args.threads)
     else:
@@ -192,6 +200,7 @@ def side(args) -> dict:
         "load_s": load_s,
         "peak_rss_mb": peak_rss_mb(),
         "imports_rss_mb": imports_mb,
+        "compile_s": sum(compiles),
         "ids": first,
     }
 
@@ -204,6 +213,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="processes per side, taking turns")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs in each process")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="add a row for lmlab with compile=True")
     ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--ids", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -217,10 +227,11 @@ def main() -> None:
     names = {
         "lmlab": "lmlab 4-bit",
         "lmlab-plain": "lmlab 4-bit plain",
+        "lmlab-compiled": "lmlab 4-bit compiled",
         "llama.cpp": "llama.cpp Q4_1",
         "transformers": "transformers fp32",
     }
-    sides = ["lmlab", "lmlab-plain", reference]
+    sides = ["lmlab", "lmlab-plain", *(["lmlab-compiled"] if args.compile else []), reference]
     runs: dict[str, list[dict]] = {s: [] for s in sides}
     for _ in range(args.rounds):
         for s in sides:  # interleaved: a slow spell of the machine hits every side alike
@@ -269,6 +280,16 @@ def main() -> None:
     print(f"peak RSS MB = resident after the imports (torch or llama_cpp) + the rest: {split}")
     same = runs["lmlab"][0]["ids"] == runs["lmlab-plain"][0]["ids"]
     print(f"greedy ids of lmlab 4-bit equal to the plain path: {same}")
+    if args.compile:
+        compiled = runs["lmlab-compiled"]
+        ratio = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(compiled, runs[reference])]
+        seconds = ", ".join(f"{r['compile_s']:.1f}" for r in compiled)
+        print(
+            f"lmlab 4-bit compiled / {names[reference]}, median of per-round ratios: decoding "
+            f"{statistics.median(ratio):.2f}x; compile (in the untimed warm-up, wall s per "
+            f"process): {seconds}; greedy ids "
+            f"equal to the plain path: {compiled[0]['ids'] == runs['lmlab-plain'][0]['ids']}"
+        )
     agree = next(
         (
             i

@@ -1,86 +1,143 @@
-"""Would ``torch.compile`` of the one-token step pay for SmolLM2 4-bit decoding on a CPU?
+"""What ``compile=True`` (the compiled one-token step, ``lmlab.generate.compiled``) gives
+SmolLM2 4-bit decoding on a CPU, and what the compile costs, cold and with a warm cache.
 
-An experiment for issue 21 (section 1), not a default of lmlab: the model loaded as users
-get it (``lmlab.load("smollm2", dtype="auto")``: 4-bit layers, fused projections) decodes
-``--new-tokens`` greedy tokens after a chat prompt, one token per call with a KV cache,
-eagerly and through ``torch.compile(model, dynamic=True)`` (one graph for every cache
-length), in turns, in one process. Printed: the compile's CPU seconds, then per round the
-CPU time per step of each (``time.thread_time``: it does not count time spent waiting for
-a busy machine's cores, but memory-bandwidth contention still shows) and whether the
-greedy ids are equal.
+The model as users get it (``lmlab.load("smollm2", dtype="auto")``: 4-bit layers, fused
+projections) decodes greedily after a chat prompt through ``lmlab.generate``, eagerly and
+with ``compile=True``, in turns, for ``--rounds`` rounds in one process. CPU time per new
+token is ``time.thread_time`` of a run of ``--new-tokens`` + 1 tokens minus that of a
+1-token run, over ``--new-tokens`` (it does not count time spent waiting for a busy
+machine's cores; memory-bandwidth contention still shows). Printed per round, then the
+medians, and whether the greedy ids are equal.
 
-``--emulate-casts`` sets inductor's ``emulate_precision_casts``, which rounds every bf16
-intermediate as eager PyTorch does; without it the fused kernels keep float32
-intermediates and the greedy ids drift from the eager ones after a few tokens.
+The compile is measured in two fresh processes sharing a new, empty inductor cache
+directory (``TORCHINDUCTOR_CACHE_DIR``): the first compiles cold, the second finds the
+first one's kernels in the cache (what every later ``lmlab chat --compile true`` does).
+Both report wall seconds (``compile_seconds``) and the process's CPU seconds (the C++
+builds run in worker processes, so the wall time is the fairer cost on a quiet machine).
 
-Usage: python bench/smollm2_compile.py [--new-tokens 48] [--rounds 3] [--threads 1]
-       [--emulate-casts]
+``--profile`` also prints torch.profiler's top operators (self CPU time) for 16 eager and
+16 compiled steps.
+
+Usage: python bench/smollm2_compile.py [--new-tokens 64] [--rounds 5] [--threads 1]
+       [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
-import torch
-
-from machine import describe_machine  # bench/machine.py
-
 PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+
+
+def load():
+    import lmlab
+
+    lm = lmlab.load("smollm2", dtype="auto")
+    ids = lm.tokenizer.encode(lm.chat_template.render(PROMPT, add_generation_prompt=True))
+    return lm.model, ids
+
+
+def run(model, ids, n: int, compile: bool):
+    """(thread CPU seconds, the Generation) of one greedy run of n new tokens."""
+    from lmlab.generate import SamplingParams, generate
+
+    params = SamplingParams(temperature=0, max_new_tokens=n, compile=compile)
+    start = time.thread_time()
+    result = generate(model, [ids], params)
+    return time.thread_time() - start, result
+
+
+def compile_child() -> dict:
+    """In a fresh process: load, then the first compiled run (which compiles)."""
+    model, ids = load()
+    cpu = time.process_time()
+    _, result = run(model, ids, 2, compile=True)
+    return {"wall_s": result.compile_seconds, "cpu_s": time.process_time() - cpu}
+
+
+def profile(model, ids, compile: bool) -> str:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    run(model, ids, 17, compile)  # warm
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        run(model, ids, 17, compile)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--new-tokens", type=int, default=48)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--emulate-casts", action="store_true")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--compile-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    import torch
+
     torch.set_num_threads(args.threads)
-    import torch._inductor.config as inductor
+    if args.compile_child:
+        print(json.dumps(compile_child()))
+        return
 
-    import lmlab
+    from lmlab.generate.compiled import cache_dir
+    from machine import describe_machine  # bench/machine.py
 
-    inductor.emulate_precision_casts = args.emulate_casts
-    lm = lmlab.load("smollm2", dtype="auto")
-    model = lm.model
-    text = lm.chat_template.render(PROMPT, add_generation_prompt=True)
-    prompt = torch.tensor([lm.tokenizer.encode(text)])
-    # one-token steps run without oneDNN on CPUs where lmlab's plan says so (generate does too)
-    torch._C._set_mkldnn_enabled(False)
-    compiled = torch.compile(model, dynamic=True)
+    compiles = []
+    with tempfile.TemporaryDirectory(prefix="lmlab-inductor-") as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        for _ in ("cold", "warm"):
+            cmd = [sys.executable, __file__, "--compile-child", "--threads", str(args.threads)]
+            out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+            compiles.append(json.loads(out.strip().splitlines()[-1]))
 
-    def decode(step, n: int) -> tuple[float, list[int]]:
-        """(CPU ms per one-token step, the greedy ids) after an eager prompt pass."""
-        cache = model.new_cache(1, prompt.shape[1] + n + 1)
-        with torch.inference_mode():
-            token = model(prompt, cache=cache)[:, -1].argmax(-1, keepdim=True)
-            ids, start = [], time.thread_time()
-            for _ in range(n):
-                token = step(token, cache=cache)[:, -1].argmax(-1, keepdim=True)
-                ids.append(int(token))
-        return (time.thread_time() - start) / n * 1e3, ids
-
-    start = time.process_time()
-    decode(compiled, 3)
+    model, ids = load()
+    n = args.new_tokens
+    run(model, ids, 2, compile=True)  # compiles here too (the default cache: warm or cold)
     print(describe_machine())
     print(
-        f"SmolLM2-135M-Instruct 4-bit, batch 1, greedy, {prompt.shape[1]}-token prompt, "
-        f"{args.new_tokens} one-token steps, {args.threads} threads, "
-        f"emulate_precision_casts={args.emulate_casts}"
+        f"SmolLM2-135M-Instruct 4-bit, batch 1, greedy, {len(ids)}-token prompt, {n} new "
+        f"tokens, {args.threads} threads, CPU ms per new token (thread_time)"
     )
-    print(f"compile (first steps): {time.process_time() - start:.1f} CPU s")
-    for _ in range(args.rounds):
-        eager_ms, eager_ids = decode(model, args.new_tokens)
-        compiled_ms, compiled_ids = decode(compiled, args.new_tokens)
-        differ = next((i for i, (a, b) in enumerate(zip(eager_ids, compiled_ids)) if a != b), None)
-        print(
-            f"  eager {eager_ms:6.2f} ms/step   compiled {compiled_ms:6.2f} ms/step   "
-            f"({eager_ms / compiled_ms:.2f}x)   greedy ids equal: {differ is None}"
-            + ("" if differ is None else f" (first differ at token {differ})")
-        )
+    cold, warm = compiles
+    print(
+        f"compile: cold {cold['wall_s']:.1f} s wall ({cold['cpu_s']:.1f} CPU s in the process), "
+        f"warm cache {warm['wall_s']:.1f} s wall ({warm['cpu_s']:.1f} CPU s); "
+        f"the cache lives in {cache_dir()} (TORCHINDUCTOR_CACHE_DIR)"
+    )
+    per_token: dict[str, list[float]] = {"eager": [], "compiled": []}
+    equal = True
+    for r in range(args.rounds):
+        line = []
+        ids_of = {}
+        for name in per_token:
+            one, _ = run(model, ids, 1, name == "compiled")
+            full, result = run(model, ids, n + 1, name == "compiled")
+            per_token[name].append((full - one) / n * 1e3)
+            ids_of[name] = result.ids
+            line.append(f"{name} {per_token[name][-1]:6.2f}")
+        equal &= ids_of["eager"] == ids_of["compiled"]
+        print(f"  round {r + 1}: " + "   ".join(line) + " ms/token")
+    eager, compiled = (statistics.median(per_token[k]) for k in per_token)
+    ratios = [e / c for e, c in zip(per_token["eager"], per_token["compiled"])]
+    print(
+        f"median: eager {eager:.2f} ms/token, compiled {compiled:.2f} ms/token; "
+        f"eager / compiled, median of per-round ratios: {statistics.median(ratios):.2f}x; "
+        f"greedy ids equal in every round: {equal}"
+    )
+    if args.profile:
+        for compile in (False, True):
+            print(f"\ntorch.profiler, 16 {'compiled' if compile else 'eager'} steps:")
+            print(profile(model, ids, compile))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,9 @@ DEFERRED = {
     "lmlab.serve": "the HTTP server: needs the optional serve extra (FastAPI, uvicorn)",
     "fastapi": "the HTTP server (the optional serve extra)",
     "uvicorn": "the HTTP server (the optional serve extra)",
+    # about 1.4 s and 60 MB of imports, needed only when decoding with compile=True
+    "torch._dynamo": "torch.compile of the decoding step (lmlab.generate.compiled)",
+    "torch._inductor": "torch.compile's compiler settings and cache (lmlab.generate.compiled)",
     # about 1.6 s of imports, needed only by runs on several processes (torchrun)
     "torch.distributed.fsdp": "FSDP2 sharding (lmlab.train.distributed)",
     "torch.distributed.tensor": "FSDP2's sharded parameters (lmlab.train.distributed)",

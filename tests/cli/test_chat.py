@@ -137,3 +137,27 @@ def test_smollm2_answers_in_one_shot(capsys):
     argv = ["chat", "--model", "smollm2", "--message", "What is the capital of France?"]
     assert main([*argv, "--temperature", "0", "--max-new-tokens", "20", "--dtype", "float32"]) == 0
     assert "Paris" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_compiled_chat_gives_the_same_reply_and_notes_the_compile_once(ckpt, with_template, capsys):
+    torch._dynamo.reset()  # nothing compiled yet in this process
+    argv = ["chat", "--model", str(ckpt), "--message", "hello", "--message", "more", *FLAGS]
+    assert main([*argv, "--compile", "true"]) == 0
+    captured = capsys.readouterr()
+    first, second = replies(ckpt, "hello", "more")
+    assert captured.out == f"{first}\n{second}\n"
+    # the first reply compiles the step, the second reuses it: one note
+    assert captured.err.count("lmlab: note: compiling the decoding step took") == 1
+
+
+def test_compile_without_a_cpp_compiler_exits_2_with_one_line(
+    ckpt, with_template, capsys, monkeypatch
+):
+    monkeypatch.setattr("lmlab.generate.compiled.shutil.which", lambda name: None)
+    argv = ["chat", "--model", str(ckpt), "--message", "hello", *FLAGS, "--compile", "true"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("lmlab: error: compile=True needs a C++ compiler") and err.count("\n") == 1
+    )

@@ -106,6 +106,33 @@ def test_bad_decoding_settings_exit_2_with_one_line(run_dir, capsys, args, messa
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("beams", ["1", "3"])
+def test_compiled_generate_prints_the_eager_text_and_a_compile_note(run_dir, capsys, beams):
+    import torch
+
+    torch._dynamo.reset()  # nothing compiled yet in this process
+    argv = ["generate", "--ckpt", str(run_dir), "--max_new_tokens", "20", "--num_beams", beams]
+    argv += ["--temperature", "0", "to be"]
+    assert main(argv) == 0
+    eager = capsys.readouterr()
+    assert main([*argv[:-1], "--compile", "true", "to be"]) == 0
+    compiled = capsys.readouterr()
+    assert compiled.out == eager.out
+    assert "lmlab: note: compiling the decoding step took" in compiled.err
+    assert "compiling" not in eager.err
+
+
+def test_compile_without_a_cpp_compiler_exits_2_with_one_line(run_dir, capsys, monkeypatch):
+    monkeypatch.setattr("lmlab.generate.compiled.shutil.which", lambda name: None)
+    assert main(["generate", "--ckpt", str(run_dir), "--compile", "true", "to be"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("lmlab: error: compile=True needs a C++ compiler") and err.count("\n") == 1
+    )
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("beams", ["1", "3"])
 def test_generate_past_the_context_slides_with_one_note(run_dir, capsys, beams):
     args = ["--max_new_tokens", "60", "--num_beams", beams, "--seed", "0", "to be"]

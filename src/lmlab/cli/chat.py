@@ -22,6 +22,7 @@ from jsonargparse import ArgumentParser
 
 from lmlab import api
 from lmlab.cli.args import add_model_arguments
+from lmlab.cli.generate import note_compiled
 from lmlab.errors import ConfigError, LMLabError
 from lmlab.generate import SamplingParams
 from lmlab.generate.chat import ChatSession
@@ -74,6 +75,7 @@ def _answer(chat: ChatSession, message: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
     print()
+    note_compiled(chat.compile_seconds)
 
 
 def _interactive(chat: ChatSession) -> None:

@@ -1,8 +1,9 @@
 """``lmlab generate``: continue a prompt with a trained model, with any decoding method.
 
 The text goes to stdout; a note on stderr says when the prompt was cut to fit the model's
-context (``--truncate_prompt true``) and when the text outgrew the context, so that the
-window slid and the oldest tokens dropped out of view.
+context (``--truncate_prompt true``), when the text outgrew the context, so that the
+window slid and the oldest tokens dropped out of view, and how long compiling the decoding
+step took (``--compile true``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from jsonargparse import ArgumentParser
 from lmlab import api
 from lmlab.cli.args import add_model_arguments
 from lmlab.generate import SamplingParams, generate
+from lmlab.generate.compiled import cache_dir
 
 
 def add_arguments(parser: ArgumentParser) -> None:
@@ -38,6 +40,7 @@ def run(args) -> None:
         _note_truncated(result.truncated[0], context)
         print(args.prompt + result.texts[0])
         _note_slid(result.slid[0], context)
+        note_compiled(result.compile_seconds)
         return
     stream = lm.stream(args.prompt, **decoding)
     _note_truncated(stream.truncated, context)
@@ -49,6 +52,7 @@ def run(args) -> None:
         sys.stdout.flush()
     print()
     _note_slid(stream.slid, context)
+    note_compiled(stream.compile_seconds)
 
 
 def _note_truncated(dropped: int, context: int | None) -> None:
@@ -66,5 +70,15 @@ def _note_slid(slid: int, context: int | None) -> None:
             f"lmlab: note: the text outgrew the model's context of {context} tokens, so the "
             f"window slid: the {slid} oldest tokens dropped out of view, and each later token "
             f"was predicted from the last {context} alone",
+            file=sys.stderr,
+        )
+
+
+def note_compiled(seconds: float) -> None:
+    """A note on stderr when this run compiled the one-token step (``--compile true``)."""
+    if seconds:
+        print(
+            f"lmlab: note: compiling the decoding step took {seconds:.1f} s (once per process; "
+            f"inductor caches the kernels in {cache_dir()}, so later runs compile faster)",
             file=sys.stderr,
         )

@@ -62,6 +62,8 @@ class ChatSession:
         self.params = params
         self.finish_reason: str | None = None
         """How the last complete reply ended: "stop" (the model closed its turn) or "length"."""
+        self.compile_seconds = 0.0
+        """Seconds the last complete reply spent compiling the decoding step (compile=True)."""
         self._messages: list[dict[str, str]] = []
         self.reset()
 
@@ -116,6 +118,7 @@ class ChatSession:
             {"role": "assistant", "content": "".join(reply)},
         ]
         self.finish_reason = stream.finish_reason if stream is not None else None
+        self.compile_seconds = stream.compile_seconds if stream is not None else 0.0
 
     def _decoding(self) -> dict[str, Any]:
         """The SamplingParams fields for ``lm.stream``: eos_id from the tokenizer when unset,

@@ -71,6 +71,11 @@ class SamplingParams:
     """When the prompt itself is longer than the model's context (max_seq_len), keep only
     its last max_seq_len tokens (and report how many were dropped) instead of raising an
     error."""
+    compile: bool = False
+    """Run the one-token steps with a KV cache through torch.compile (``lmlab.generate.
+    compiled``): the same greedy tokens, less time per token once compiled; compiling costs
+    seconds the first time (``compile_seconds`` in the result). Needs a C++ compiler on a
+    CPU."""
 
     def __post_init__(self):
         # Accept lists (JSON, YAML) and a bare string for the tuple fields; store tuples so the
@@ -104,6 +109,8 @@ class SamplingParams:
             bad("length_penalty", "must be a finite number")
         if not isinstance(self.early_stopping, bool):
             bad("early_stopping", "must be true or false")
+        if not isinstance(self.compile, bool):
+            bad("compile", "must be true or false")
         if self.do_sample is not None and not isinstance(self.do_sample, bool):
             bad("do_sample", "must be true, false or None (sample iff temperature > 0)")
         if self.do_sample and self.temperature == 0:

@@ -538,6 +538,9 @@ class Transformer(nn.Module):
                     causal = torch.ones(T, start + T, dtype=torch.bool, device=device).tril(start)
                     return positions, causal
             return positions, None
+        # No mask: every new token is real (a decoding step after a padded prompt), which
+        # needs no look at the values (no host sync: a compiled step stays one graph).
+        all_real = mask is None
         if mask is None:
             mask = torch.ones(B, T, dtype=torch.bool, device=device)
         mask = mask.to(torch.bool)
@@ -550,7 +553,7 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.valid[:, start : start + T] = mask
             cache.next_pos = first + mask.long().sum(1)
-            cache.padded = cache.padded or not bool(mask.all())
+            cache.padded = cache.padded or not (all_real or bool(mask.all()))
             if not cache.padded and T == 1:
                 return positions, None  # one new token, nothing masked: it sees every slot
             valid = cache.valid[:, : start + T]  # (B, S)
@@ -559,14 +562,14 @@ class Transformer(nn.Module):
                 return positions, None
             valid = mask
         S = start + T
-        causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(start)  # (T, S)
-        attn_mask = causal & valid[:, None, :]  # (B, T, S)
+        # Query i sits at slot start + i. Built from comparisons (not tril(start)), so that a
+        # compiled step keeps start symbolic instead of recompiling for every cache length.
+        slots = torch.arange(S, device=device)  # (S,)
+        query_slot = torch.arange(start, S, device=device)[:, None]  # (T, 1)
+        attn_mask = (slots <= query_slot) & valid[:, None, :]  # (B, T, S)
         # A padding query would see no key at all (softmax of all -inf is NaN): let every
         # query see its own slot. Outputs at padding positions are never used.
-        own_slot = torch.zeros(T, S, dtype=torch.bool, device=device).diagonal_scatter(
-            torch.ones(T, dtype=torch.bool, device=device), start
-        )
-        attn_mask = attn_mask | own_slot
+        attn_mask = attn_mask | (slots == query_slot)
         return positions, attn_mask[:, None]  # (B, 1, T, S)
 
 

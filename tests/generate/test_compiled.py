@@ -1,0 +1,117 @@
+"""The compiled one-token step (``SamplingParams(compile=True)``): the same tokens as the
+eager path, one graph for a whole run, a clear error without a C++ compiler."""
+
+import dataclasses
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import lmlab.generate.compiled as compiled_module
+from lmlab.errors import DecodingError
+from lmlab.generate import SamplingParams, generate, generate_ids, stream_ids
+from lmlab.models import build_model, get_preset
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15], [1, 2, 3, 4, 5]]
+
+
+def tiny(dtype=torch.float32, seed=0, **overrides):
+    """A random 2-layer Llama-style model (RoPE, RMSNorm, SwiGLU, grouped-query attention)
+    with weights large enough that its argmax has clear winners."""
+    torch.manual_seed(seed)
+    spec = {**get_preset("gpt-char-tiny"), "vocab_size": 50, "d_model": 32, "n_layers": 2}
+    spec |= dict(n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=128, pos="rope")
+    spec |= dict(norm="rmsnorm", mlp="swiglu", bias=False) | overrides
+    model = build_model(spec).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model.to(dtype)
+
+
+def graphs() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()  # each test starts with no compiled graph (and no recompile limit)
+    yield
+    torch._dynamo.reset()
+
+
+def greedy(max_new_tokens, compile=False):
+    return SamplingParams(temperature=0, max_new_tokens=max_new_tokens, compile=compile)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
+def test_compiled_greedy_equals_eager_with_a_bounded_number_of_graphs(dtype):
+    model = tiny(dtype)
+    eager = generate(model, PROMPTS[:1], greedy(64))
+    before = graphs()
+    first = generate(model, PROMPTS[:1], greedy(64, compile=True))
+    assert first.ids == eager.ids
+    # one graph for 64 steps of a growing cache: no recompilation per token
+    assert graphs() - before == 1
+    assert first.compile_seconds > 0 and eager.compile_seconds == 0
+    # a padded batch takes the masked path (and dynamo treats batch 1 apart): one more graph
+    padded = generate(model, PROMPTS, greedy(40, compile=True))
+    assert padded.ids == generate_ids(model, PROMPTS, greedy(40))
+    assert graphs() - before == 2 and padded.compile_seconds > 0
+    # another batch size, prompt lengths and cache size: the same graphs, nothing compiled
+    again = generate(model, PROMPTS[1:], greedy(30, compile=True))
+    assert again.ids == generate_ids(model, PROMPTS[1:], greedy(30))
+    assert graphs() - before == 2 and again.compile_seconds == 0
+    stream = stream_ids(model, PROMPTS[0], greedy(64, compile=True))
+    assert list(stream) == eager.ids[0] and graphs() - before == 2
+
+
+@pytest.mark.slow
+def test_compiled_padded_batches_beams_and_sampling_equal_eager():
+    model = tiny(n_kv_heads=4, pos="learned", norm="layernorm", mlp="gelu", bias=True)
+    for params in [
+        SamplingParams(temperature=0, max_new_tokens=24, eos_id=3),
+        SamplingParams(max_new_tokens=24, seed=0, top_p=0.9),
+        SamplingParams(max_new_tokens=12, num_beams=3),
+    ]:
+        compiled = dataclasses.replace(params, compile=True)
+        assert generate_ids(model, PROMPTS, compiled) == generate_ids(model, PROMPTS, params)
+
+    # dynamo ignores hooks added after compiling: a model with hooks decodes eagerly
+    before = generate_ids(model, PROMPTS, greedy(8, compile=True))
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: out.flip(-1))
+    hooked = generate(model, PROMPTS, greedy(8, compile=True))
+    assert hooked.ids == generate_ids(model, PROMPTS, greedy(8)) and hooked.ids != before
+    handle.remove()
+    # a run checks every guard at its first step: a setting changed since the last run counts
+    model.use_explicit_attention(True)
+    graphs_before = graphs()
+    assert generate_ids(model, PROMPTS, greedy(8, compile=True)) == before
+    assert graphs() > graphs_before
+
+
+def test_compile_off_never_touches_torch_compile(monkeypatch):
+    def refuse():
+        raise AssertionError("torch.compile was called with compile off")
+
+    monkeypatch.setattr(compiled_module, "_compiled", refuse)
+    model = tiny()
+    result = generate(model, PROMPTS, SamplingParams(temperature=0, max_new_tokens=8))
+    assert result.compile_seconds == 0 and all(len(row) == 8 for row in result.ids)
+
+
+def test_no_cpp_compiler_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(compiled_module.shutil, "which", lambda name: None)
+    params = SamplingParams(temperature=0, max_new_tokens=4, compile=True)
+    with pytest.raises(DecodingError, match="needs a C.. compiler.*g\\+\\+.*without compile"):
+        generate(tiny(), PROMPTS, params)
+    with pytest.raises(DecodingError, match="C.. compiler"):
+        stream_ids(tiny(), PROMPTS[0], params)
+
+
+def test_compile_must_be_a_bool():
+    with pytest.raises(DecodingError, match="compile='yes' is invalid: must be true or false"):
+        SamplingParams(compile="yes")
