@@ -14,7 +14,7 @@ It also prints the machine's float32 and bf16 matmul ceilings (``torch.mm`` at 1
 FLOP/s against them. Rounds alternate reference and lmlab, so a slow spell of the machine
 does not land on one side only.
 
-Usage: python bench/train_to_loss.py [--preset gpt-char-fast] [--rounds 2]
+Usage: python bench/train_to_loss.py [--preset llama-char-fast] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--preset", default="gpt-char-fast")
+    ap.add_argument("--preset", default="llama-char-fast")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds (reference, lmlab)")
     ap.add_argument("--every", type=int, default=25, help="lmlab steps between evaluations")
     args = ap.parse_args()

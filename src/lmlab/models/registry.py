@@ -125,6 +125,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         bias=False,
         tie_embeddings=True,
     ),
+    # The same size (4 x 128, block 64, about 0.8 M parameters) in Llama's parts: rotary
+    # positions, RMSNorm and a SwiGLU MLP (d_ff 344: the parameters of GELU's 512). It needs
+    # fewer steps to nanoGPT's loss than gpt-char-fast (bench/train_to_loss.py).
+    "llama-char-fast": dict(
+        family="transformer",
+        vocab_size=None,
+        d_model=128,
+        n_layers=4,
+        n_heads=4,
+        d_ff=344,
+        max_seq_len=64,
+        dropout=0.0,
+        norm="rmsnorm",
+        mlp="swiglu",
+        pos="rope",
+        bias=False,
+        tie_embeddings=True,
+    ),
     # The benchmark's larger shape (nanoGPT's shakespeare-char model).
     "gpt-char-small": dict(
         family="transformer",
