@@ -398,7 +398,14 @@ def _producer(command: Command, paths: list[str]) -> Command | None:
 
 
 def marks(command: Command) -> list:
-    return [pytest.mark.slow] if heavy(command) else []
+    """Slow for a heavy command, and for every command of a block whose promised files
+    (checked after its last command) include one a heavy command writes: the fast and the
+    slow suites run in separate processes, so a block's files must be made in one of them."""
+    block = [c for c in COMMANDS if c.block == command.block]
+    promised = any(c.makes for c in block)
+    if heavy(command) or (promised and any(heavy(c) for c in block)):
+        return [pytest.mark.slow]
+    return []
 
 
 # ----------------------------------------------------------------------------- a reader's world
