@@ -75,7 +75,15 @@ class MixtureConfig:
                 "on a task the mixture trains on too"
             )
         check_method(self.method)
-        for name in ("n_train", "n_test", "steps", "batch_size", "max_len", "max_new_tokens"):
+        for name in (
+            "n_train",
+            "n_test",
+            "steps",
+            "batch_size",
+            "max_len",
+            "max_new_tokens",
+            "general_chars",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} is invalid: must be an integer >= 1")
