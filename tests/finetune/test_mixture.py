@@ -133,7 +133,7 @@ def test_lmlab_mixture_end_to_end(tiny_model, tmp_path, capsys):
         assert (out / run / "model").is_dir()
         rows = [json.loads(line) for line in (out / "data" / f"{run}.jsonl").open()]
         assert len(rows) == 24
-    # the base model did not move: its perplexity is the untuned model's
+    # the tuned models are not the base: training moved their perplexity
     assert report["models"]["base"]["perplexity"] != report["models"]["single"]["perplexity"]
     assert "| single |" in printed and "(held out)" in printed
     assert table(report).count("*") == 1 + 3  # one task for single, three for the mixture

@@ -11,6 +11,7 @@ from pathlib import Path
 from jsonargparse import ArgumentParser
 
 from lmlab.cli.args import options
+from lmlab.fileio import atomic_write_with
 from lmlab.finetune.mixture import MixtureConfig, mixture_study, table
 
 
@@ -44,7 +45,7 @@ def run(args) -> None:
     axes[0].set_ylabel("held-out accuracy (hatched: trained on)")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "mixture.png", dpi=100)
+    atomic_write_with(out / "mixture.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
     print(table(report))
     print("cells: accuracy in seen / unseen wording; * trained on that task")

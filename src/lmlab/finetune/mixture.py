@@ -147,7 +147,8 @@ def measure(
     Greedy replies, asked as one user turn of the model's chat template, a batch per task
     and phrasing."""
     scores: dict[str, dict[str, float]] = {}
-    jobs = [(task, how, k) for task in TASKS for how, k in (("seen", 0), ("unseen", -1))]
+    unseen = N_PHRASINGS - 1  # the phrasing no run trains on
+    jobs = [(task, how, k) for task in TASKS for how, k in (("seen", 0), ("unseen", unseen))]
     with tqdm(
         total=len(jobs),
         desc=f"measure {name}",
@@ -155,7 +156,7 @@ def measure(
         disable=None if progress is None else not progress,
     ) as bar:
         for task, how, k in jobs:
-            rows = [rephrase(row, k % N_PHRASINGS) for row in data[f"test:{task}"]]
+            rows = [rephrase(row, k) for row in data[f"test:{task}"]]
             replies = lm.generate(
                 task_prompts(lm, rows), max_new_tokens=config.max_new_tokens, temperature=0
             )
