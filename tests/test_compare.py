@@ -142,3 +142,64 @@ def test_compare_time_budget_and_spec_file(tmp_path, corpus):
     (gru,) = result.models
     assert gru.name == "tiny-gru" and gru.spec["cell"] == "gru"
     assert gru.steps >= 1 and math.isfinite(gru.val_loss) and gru.curve
+
+
+def test_compare_objectives_exposure_and_step_plot(tmp_path, corpus):
+    out = tmp_path / "out"
+    result = compare(
+        "ngram,bigram",
+        data=str(corpus),
+        budget="1k tok",  # 1000 // (4 * 16) = 15 steps
+        out_dir=str(out),
+        batch_size=4,
+        seq_len=16,
+        sample_tokens=4,
+        prompt="to",
+        objectives="teacher_forcing,free_running",
+        exposure="1,0.5,0",
+        x_axis="step",
+        title="objectives",
+        progress=False,
+    )
+    names = [m.name for m in result.models]
+    # The fitted n-gram runs once; the trained bigram once per objective.
+    assert names == ["ngram", "bigram-teacher_forcing", "bigram-free_running"]
+    for m in result.models[1:]:
+        config = json.loads((out / m.name / "config.json").read_text())
+        assert config["train"]["objective"] == m.objective == m.name.split("-", 1)[1]
+        assert [s for s, _ in m.step_curve] == sorted({s for s, _ in m.step_curve})
+        assert m.step_curve[-1][0] == m.steps == 15
+        assert [v for _, v in m.step_curve] == [v for _, v in m.curve]  # the same evaluations
+        assert list(m.exposure) == ["1", "0.5", "0"]
+        assert all(math.isfinite(v) for v in m.exposure.values())
+    assert result.models[0].exposure == {} and result.models[0].step_curve == []
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["objectives"] == ["teacher_forcing", "free_running"]
+    assert saved["exposure"] == [1.0, 0.5, 0.0]
+    assert (out / "exposure.png").stat().st_size > 0 and (out / "compare.png").stat().st_size > 0
+    assert result.files["exposure"] == out / "exposure.png"
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"objectives": "teacher_forcing,linaer"}, "did you mean 'linear'"),
+        ({"objectives": "linear,linear"}, "twice"),
+        ({"objectives": "exponential"}, "ss_k"),  # the exponential schedule needs k < 1
+        ({"exposure": "1,1.5"}, "in \\[0, 1\\]"),
+        ({"exposure": "1,half"}, "'half'"),
+        ({"x_axis": "tokens"}, "valid: time, step"),
+    ],
+)
+def test_compare_rejects_bad_objectives_and_exposure_before_work(
+    tmp_path, corpus, settings, message
+):
+    with pytest.raises(ConfigError, match=message):
+        compare("bigram", data=str(corpus), out_dir=str(tmp_path / "out"), **settings)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_compare_objectives_errors_are_one_line(capsys):
+    assert main(["compare", "--models", "bigram", "--objectives", "linaer"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'linear'" in err and err.count("\n") == 1

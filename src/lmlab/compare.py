@@ -15,12 +15,23 @@ context (n-gram, bigram, MLP, bag, recurrent) are scored in these windows too, s
 recurrent model gets no more left context than a transformer does.
 
 Outputs: ``compare.md`` (a Markdown table and one sample per model), ``compare.json`` and
-``compare.png`` (validation loss against wall-clock seconds, from each run's metrics.jsonl;
-the n-gram is one point at its fit time).
+``compare.png``: validation loss from each run's metrics.jsonl against wall-clock seconds
+(``x_axis="time"``; the n-gram is one point at its fit time) or against optimizer steps
+(``x_axis="step"``: the same tokens for every model whatever the machine's load; a fitted
+model is a dashed line at its loss). Each label ends with the model's whole-split loss.
+
+Objectives. Every trained model is trained with teacher forcing unless ``objectives``
+names others (``lmlab.train.objectives``: free-running, scheduled sampling with a linear,
+exponential or inverse-sigmoid schedule); with several, each trained model runs once per
+objective, in ``out_dir/<name>-<objective>``. ``exposure`` then asks the question
+scheduled sampling is about: with a share eps of the inputs true and the rest the model's
+own samples, how good is each model's next-token loss (``loss_fed_own_samples`` on 64
+fixed validation windows; ``exposure.png``)?
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -36,14 +47,15 @@ from torch import nn
 
 from lmlab.api import model_spec_from, prepare_data
 from lmlab.checkpoint.io import save_checkpoint
-from lmlab.errors import ConfigError, closest
+from lmlab.errors import ConfigError, closest, pick_names
 from lmlab.eval.perplexity import token_nll
-from lmlab.fileio import atomic_write_json
+from lmlab.fileio import atomic_write_json, atomic_write_with
 from lmlab.generate import SamplingParams, generate_text
 from lmlab.models import PRESETS, build_model, model_spec
 from lmlab.train import TrainConfig
 from lmlab.train import train as train_loop
 from lmlab.train.metrics import note, read_metrics
+from lmlab.train.objectives import loss_fed_own_samples
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +73,7 @@ SHORT_NAMES: dict[str, str | dict[str, Any]] = {
     "bigram": "bigram-char",
     "mlp": "mlp-char",
     "bag": "bag-char",
+    "bag-sum": "bag-sum-char",
     "rnn": "rnn-char",
     "gru": "gru-char",
     "lstm": "lstm-char",
@@ -163,6 +176,12 @@ class ModelResult:
     run_dir: str
     curve: list[tuple[float, float]] = field(default_factory=list)
     """(wall-clock seconds, validation loss) of every evaluation during training."""
+    step_curve: list[tuple[int, float]] = field(default_factory=list)
+    """(optimizer step, validation loss) of the same evaluations (empty for the n-gram)."""
+    objective: str = "teacher_forcing"
+    """What it was fed in training (``TrainConfig.objective``; teacher_forcing for the n-gram)."""
+    exposure: dict[str, float] = field(default_factory=dict)
+    """Share of true inputs -> loss with the others its own samples (``exposure``)."""
 
 
 @dataclass
@@ -190,12 +209,19 @@ def compare(
     temperature: float = 0.8,
     eval_interval: int | None = None,
     vocab_size: int | None = None,
+    x_axis: Literal["time", "step"] = "time",
+    title: str | None = None,
+    objectives: str | Sequence[str] = "teacher_forcing",
+    ss_k: float = 1.0,
+    ss_c: float = 0.001,
+    ss_min: float = 0.0,
+    exposure: str | Sequence[float] | None = None,
     progress: bool = True,
 ) -> CompareResult:
     """Train several model families on the same data and budget; tabulate and plot them.
 
     Args:
-        models: short names (ngram, bigram, mlp, bag, rnn, gru, lstm, gpt, llama), preset
+        models: short names (ngram, bigram, mlp, bag, bag-sum, rnn, gru, lstm, gpt, llama), preset
             names or JSON/YAML spec files; a list, or one comma-separated string.
         data: ``"tinyshakespeare"``, a text file, or a folder of ``.txt`` files.
         tokenizer: char, byte, or BPE (all models share it).
@@ -213,33 +239,68 @@ def compare(
         eval_interval: steps between validation evaluations during training (the curves);
             None: a tenth of a token budget, 100 steps for a time budget.
         vocab_size: BPE vocabulary size.
+        x_axis: what compare.png plots the validation loss against: wall-clock seconds
+            ("time") or optimizer steps ("step", where a fitted n-gram is a dashed line).
+        title: compare.png's title (None: none).
+        objectives: what the trained models are fed in training, comma-separated:
+            teacher_forcing, free_running, or scheduled sampling (linear, exponential,
+            inverse_sigmoid); with several, each trained model runs once per objective.
+        ss_k: scheduled sampling's k (linear start, exponential base < 1, inverse-sigmoid
+            scale >= 1).
+        ss_c: the linear schedule's decrease per step.
+        ss_min: the linear schedule's floor.
+        exposure: shares of true inputs, comma-separated (e.g. "1,0.5,0"): each trained
+            model's loss with the other inputs its own samples, in compare.json and
+            exposure.png; None: not measured.
         progress: show progress bars.
     """
     specs = resolve_models(models)  # bad names fail before any work
+    if x_axis not in ("time", "step"):
+        raise ConfigError(f"x_axis={x_axis!r} is invalid; valid: time, step")
     plan = parse_budget(budget)
+    goals = parse_objectives(objectives)
+    keeps = parse_keeps(exposure)
     out = Path(out_dir)
+    schedule = {"ss_k": ss_k, "ss_c": ss_c, "ss_min": ss_min}
+    for goal in goals:  # bad scheduled-sampling settings fail before any work too
+        dataclasses.replace(
+            train_config(plan, out, batch_size, seq_len, lr, seed, eval_interval, False),
+            objective=goal,
+            **schedule,
+        )
     tok, train_ids, val_ids = prepare_data(data, out, tokenizer, vocab_size)
     tok.encode(prompt)  # a prompt the tokenizer cannot encode fails before any training
     sampling = SamplingParams(
         max_new_tokens=sample_tokens, temperature=temperature, seed=seed, truncate_prompt=True
     )
+    windows = fixed_windows(val_ids, seq_len) if keeps else None
     results = []
-    for name, spec in specs.items():
+    for base, spec in specs.items():
         spec = {**spec, "vocab_size": tok.vocab_size}
-        run_dir = out / name
-        log.info("compare: %s", name)
-        torch.manual_seed(seed)
-        model = build_model(spec)
-        if spec["family"] == "ngram":
-            run = fit_ngram(model, train_ids, tok, run_dir)
-        else:
-            config = train_config(
-                plan, run_dir, batch_size, seq_len, lr, seed, eval_interval, progress
+        fitted = spec["family"] == "ngram"
+        for goal in ["teacher_forcing"] if fitted else goals:
+            name = base if fitted or len(goals) == 1 else f"{base}-{goal}"
+            run_dir = out / name
+            log.info("compare: %s", name)
+            torch.manual_seed(seed)
+            model = build_model(spec)
+            if fitted:
+                run = fit_ngram(model, train_ids, tok, run_dir)
+            else:
+                config = train_config(
+                    plan, run_dir, batch_size, seq_len, lr, seed, eval_interval, progress
+                )
+                config = dataclasses.replace(config, objective=goal, **schedule)
+                run = train_model(model, train_ids, val_ids, tok, config)
+            result = evaluate(
+                name, spec, model, run, val_ids, tok, seq_len, prompt, sampling, progress
             )
-            run = train_model(model, train_ids, val_ids, tok, config)
-        results.append(
-            evaluate(name, spec, model, run, val_ids, tok, seq_len, prompt, sampling, progress)
-        )
+            result.objective = goal
+            if windows is not None and not fitted:
+                model.eval()
+                losses = loss_fed_own_samples(model, windows.to(device_of(model)), keeps, seed=seed)
+                result.exposure = {f"{k:g}": v for k, v in zip(keeps, losses)}
+            results.append(result)
 
     settings = {
         "data": str(data),
@@ -254,9 +315,60 @@ def compare(
         "prompt": prompt,
         "train_tokens": len(train_ids),
         "val_tokens": len(val_ids),
+        "objectives": goals,
+        **schedule,
+        "exposure": keeps,
     }
     table = markdown_table(results)
-    return CompareResult(results, out, table, write_comparison(results, table, settings, out))
+    files = write_comparison(results, table, settings, out, x_axis, title)
+    return CompareResult(results, out, table, files)
+
+
+OBJECTIVES = ("teacher_forcing", "free_running", "linear", "exponential", "inverse_sigmoid")
+
+
+def parse_objectives(objectives: str | Sequence[str]) -> list[str]:
+    """Training objectives (a list, or one comma-separated string) -> the list, checked."""
+    return pick_names(objectives, OBJECTIVES, "objectives")
+
+
+def parse_keeps(exposure: str | Sequence[float] | None) -> list[float]:
+    """Shares of true inputs (``"1,0.5,0"`` or a list; None: none) -> floats in [0, 1]."""
+    if exposure is None:
+        return []
+    parts = [p.strip() for p in exposure.split(",")] if isinstance(exposure, str) else exposure
+    keeps = []
+    for part in parts:
+        if part == "":
+            continue
+        try:
+            keep = float(part)
+        except (TypeError, ValueError):
+            keep = math.nan
+        if not 0.0 <= keep <= 1.0:
+            raise ConfigError(
+                f"exposure: {part!r} is not a share of true inputs in [0, 1]; e.g. '1,0.5,0'"
+            )
+        keeps.append(keep)
+    if not keeps:
+        raise ConfigError("exposure is empty; give shares of true inputs, e.g. '1,0.5,0'")
+    return keeps
+
+
+def fixed_windows(val_ids: np.ndarray, seq_len: int, rows: int = 64) -> torch.Tensor:
+    """``rows`` windows of ``seq_len + 1`` validation tokens spread evenly over the split
+    (fewer, and shorter, when it is short) -> [rows, seq_len + 1] ids."""
+    length = min(seq_len + 1, len(val_ids))
+    if length < 2:
+        raise ConfigError("exposure needs at least 2 validation tokens")
+    starts = np.unique(np.linspace(0, len(val_ids) - length, rows).astype(int))
+    return torch.tensor(
+        np.stack([np.asarray(val_ids[s : s + length]) for s in starts]).astype(np.int64)
+    )
+
+
+def device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def resolve_models(models: str | Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -329,6 +441,8 @@ class Run:
     tokens_per_s: float
     curve: list[tuple[float, float]]
     """(wall-clock seconds, validation loss) of every evaluation during training."""
+    step_curve: list[tuple[int, float]] = field(default_factory=list)
+    """(optimizer step, validation loss) of the same evaluations."""
 
 
 def fit_ngram(model: nn.Module, train_ids: np.ndarray, tok: Any, run_dir: Path) -> Run:
@@ -347,7 +461,8 @@ def train_model(
     trained = train_loop(model, train_ids, val_ids, config, tokenizer=tok)
     run_dir = Path(config.out_dir)
     curve = eval_curve(run_dir / "metrics.jsonl")
-    return Run(run_dir, trained.step, trained.wall_time_s, trained.tokens_per_s, curve)
+    steps = eval_curve(run_dir / "metrics.jsonl", x="step")
+    return Run(run_dir, trained.step, trained.wall_time_s, trained.tokens_per_s, curve, steps)
 
 
 def evaluate(
@@ -384,11 +499,17 @@ def evaluate(
         sample=sample,
         run_dir=str(run.run_dir),
         curve=[(run.wall_time_s, loss)] if spec["family"] == "ngram" else run.curve,
+        step_curve=[(int(s), v) for s, v in run.step_curve],
     )
 
 
 def write_comparison(
-    results: list[ModelResult], table: str, settings: dict[str, Any], out: Path
+    results: list[ModelResult],
+    table: str,
+    settings: dict[str, Any],
+    out: Path,
+    x_axis: str = "time",
+    title: str | None = None,
 ) -> dict[str, Path]:
     """Write compare.md (table and samples), compare.json and compare.png under ``out``."""
     files = {
@@ -398,16 +519,18 @@ def write_comparison(
     }
     files["markdown"].write_text(markdown_report(results, table, settings), encoding="utf-8")
     atomic_write_json(files["json"], {**settings, "models": [asdict(r) for r in results]})
-    plot_curves(results, files["plot"])
+    plot_curves(results, files["plot"], x_axis, title)
+    if any(r.exposure for r in results):
+        files["exposure"] = out / "exposure.png"
+        plot_exposure(results, files["exposure"])
     return files
 
 
-def eval_curve(metrics_path: Path) -> list[tuple[float, float]]:
-    """(seconds since the run started, val_loss) of each eval event in a run's metrics.jsonl."""
+def eval_curve(metrics_path: Path, x: str = "elapsed_s") -> list[tuple[float, float]]:
+    """(x, val_loss) of each eval event in a run's metrics.jsonl; x is the seconds since
+    the run started (``"elapsed_s"``) or the optimizer step (``"step"``)."""
     records = read_metrics(metrics_path)
-    return [
-        (float(r["elapsed_s"]), float(r["val_loss"])) for r in records if r.get("event") == "eval"
-    ]
+    return [(float(r[x]), float(r["val_loss"])) for r in records if r.get("event") == "eval"]
 
 
 def markdown_table(results: list[ModelResult]) -> str:
@@ -446,24 +569,65 @@ def markdown_report(results: list[ModelResult], table: str, settings: dict[str, 
     return "\n".join(lines)
 
 
-def plot_curves(results: list[ModelResult], png_path: str | Path) -> None:
-    """Validation loss against wall-clock seconds, one line (or point) per model."""
+def plot_curves(
+    results: list[ModelResult],
+    png_path: str | Path,
+    x_axis: str = "time",
+    title: str | None = None,
+) -> None:
+    """Validation loss (during training) against wall-clock seconds or optimizer steps, one
+    line per model; a fitted model is a point (time) or a dashed line (steps). Each label
+    ends with the model's loss on the whole validation split."""
+    from matplotlib import rcParams  # deferred: slow to import, only for plots
+    from matplotlib.figure import Figure  # deferred: slow to import, only for plots
+
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    ax = fig.add_subplot()
+    colors = rcParams["axes.prop_cycle"].by_key()["color"]
+    drawn = False
+    for i, r in enumerate(results):
+        label, color = f"{r.name}: {r.val_loss:.3f}", colors[i % len(colors)]
+        if x_axis == "step" and r.steps == 0:  # fitted, not trained: its loss at every step
+            ax.axhline(r.val_loss, ls="--", lw=1.2, color=color, label=label)
+            drawn = True
+            continue
+        curve = r.step_curve if x_axis == "step" else r.curve
+        if not curve:
+            continue
+        xs, losses = zip(*curve)
+        style = "*" if len(curve) == 1 else "o-"
+        size = 8 if style == "*" else 3
+        ax.plot(xs, losses, style, color=color, label=label, markersize=size)
+        drawn = True
+    ax.set_xlabel("optimizer step" if x_axis == "step" else "wall-clock seconds")
+    ax.set_ylabel("validation loss (nats/token)")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(title="whole validation split, nats/token", title_fontsize=8, fontsize=8)
+    else:
+        note(ax, "no validation loss recorded by any model")
+    fig.tight_layout()
+    atomic_write_with(png_path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def plot_exposure(results: list[ModelResult], png_path: str | Path) -> None:
+    """Each trained model's loss against the share of its inputs that are true (the rest
+    its own samples), from 1 (teacher forcing) on the left to 0 on the right."""
     from matplotlib.figure import Figure  # deferred: slow to import, only for plots
 
     fig = Figure(figsize=(7, 4.5), dpi=100)
     ax = fig.add_subplot()
     for r in results:
-        if not r.curve:
-            continue
-        seconds, losses = zip(*r.curve)
-        style = "*" if len(r.curve) == 1 else "o-"
-        ax.plot(seconds, losses, style, label=r.name, markersize=8 if style == "*" else 3)
-    ax.set_xlabel("wall-clock seconds")
+        if r.exposure:
+            keeps = [float(k) for k in r.exposure]
+            ax.plot(keeps, list(r.exposure.values()), "o-", markersize=4, label=r.name)
+    ax.invert_xaxis()
+    ax.set_xlabel("eps: share of inputs that are true (the rest: the model's own samples)")
     ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("Fed its own samples after training")
     ax.grid(alpha=0.3)
-    if any(r.curve for r in results):
-        ax.legend()
-    else:
-        note(ax, "no validation loss recorded by any model")
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(png_path)
+    atomic_write_with(png_path, lambda tmp: fig.savefig(tmp, format="png"))

@@ -39,3 +39,23 @@ def closest(name: str, valid: list[str] | tuple[str, ...]) -> str:
     """A hint like ``" (did you mean 'top_p'?)"`` for an unknown name, or ``""``."""
     match = difflib.get_close_matches(name, list(valid), n=1)
     return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def pick_names(value, valid: list[str] | tuple[str, ...], what: str) -> list[str]:
+    """Names given as a list or one comma-separated string -> the list, each one of
+    ``valid`` and none twice; otherwise a ``ConfigError`` naming ``what`` and the choices.
+
+    >>> pick_names(" linear, free_running", ("linear", "free_running"), "objectives")
+    ['linear', 'free_running']
+    """
+    names = [n.strip() for n in value.split(",")] if isinstance(value, str) else list(value)
+    names = [n for n in names if n]
+    choices = ", ".join(valid)
+    if not names:
+        raise ConfigError(f"{what} is empty; valid: {choices}")
+    for name in names:
+        if name not in valid:
+            raise ConfigError(f"{what}: unknown {name!r}{closest(name, valid)}; valid: {choices}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{what}={names} names one twice")
+    return names

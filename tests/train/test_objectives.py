@@ -6,7 +6,7 @@ from torch import nn
 
 from lmlab.errors import ConfigError
 from lmlab.train import TrainConfig
-from lmlab.train.objectives import keep_probability, mix_inputs
+from lmlab.train.objectives import keep_probability, loss_fed_own_samples, mix_inputs
 
 
 def test_schedules_follow_bengio_2015():
@@ -65,3 +65,33 @@ def test_config_checks_schedule_parameters():
         TrainConfig(objective="exponential", ss_k=1.5)
     with pytest.raises(ConfigError, match="ss_k"):
         TrainConfig(objective="inverse_sigmoid", ss_k=0.5)
+
+
+def _peaked_loss(predicted: torch.Tensor, target: torch.Tensor, vocab: int) -> float:
+    """Cross-entropy of Peaked's logits (50 on ``predicted``, 0 elsewhere), by hand."""
+    right = math.log1p((vocab - 1) * math.exp(-50))  # -50 + log(e^50 + V - 1)
+    wrong = 50 + right  # -0 + log(e^50 + V - 1)
+    hits = (predicted == target).double()
+    return float((hits * right + (1 - hits) * wrong).mean())
+
+
+def test_loss_fed_own_samples_by_hand():
+    vocab = 7
+    g = torch.Generator().manual_seed(0)
+    # Rows that mostly count up (what Peaked predicts), with a jump a fifth of the time.
+    jumps = (torch.rand(5, 12, generator=g) < 0.2) * torch.randint(2, vocab, (5, 12), generator=g)
+    windows = (torch.arange(12) + jumps.cumsum(1)) % vocab
+    x, y = windows[:, :-1], windows[:, 1:]
+    model = Peaked(vocab).train()
+    state = torch.random.get_rng_state()
+    full, none = loss_fed_own_samples(model, windows, [1.0, 0.0], draws=2, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG untouched
+    assert model.training  # its mode put back
+    # True inputs: the model predicts x + 1. Own samples (certain ones): the input at t >= 1
+    # becomes x[t-1] + 1, so the prediction there is x[t-1] + 2.
+    assert full == pytest.approx(_peaked_loss((x + 1) % vocab, y, vocab), rel=1e-6)
+    own = torch.cat([x[:, :1] + 1, x[:, :-1] + 2], dim=1) % vocab
+    assert none == pytest.approx(_peaked_loss(own, y, vocab), rel=1e-6)
+    half = loss_fed_own_samples(model, windows, [0.5], draws=2, seed=3)
+    assert half == loss_fed_own_samples(model, windows, [0.5], draws=2, seed=3)  # seeded
+    assert full < half[0] < none  # the more of its own inputs, the more its slips cost

@@ -21,7 +21,10 @@ def run(args) -> None:
     for r in result.models:
         print(f"{r.name}: {args.prompt}{r.sample}".replace("\n", " ")[:120])
     print()
+    exposure = result.files.get("exposure")
     print(
         f"saved: {result.files['markdown']} (table and samples), {result.files['json']}, "
-        f"{result.files['plot']} (validation loss against time); runs in {result.out_dir}/<model>"
+        f"{result.files['plot']} (validation loss curves)"
+        + (f", {exposure} (loss fed its own samples)" if exposure else "")
+        + f"; runs in {result.out_dir}/<model>"
     )

@@ -200,6 +200,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "bigram-char": dict(family="bigram", vocab_size=None),
     "mlp-char": dict(family="mlp", vocab_size=None, d_model=64, context=8, d_ff=512),
     "bag-char": dict(family="bag", vocab_size=None, d_model=64, d_ff=512, reduce="mean"),
+    "bag-sum-char": dict(family="bag", vocab_size=None, d_model=64, d_ff=512, reduce="sum"),
     "rnn-char": dict(family="recurrent", vocab_size=None, cell="rnn", d_model=256, n_layers=2),
     "gru-char": dict(family="recurrent", vocab_size=None, cell="gru", d_model=256, n_layers=2),
     "lstm-char": dict(family="recurrent", vocab_size=None, cell="lstm", d_model=256, n_layers=2),

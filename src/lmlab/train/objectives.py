@@ -25,9 +25,13 @@ runs stay exact.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from lmlab.seeds import seeded
 
 
 def keep_probability(
@@ -71,3 +75,31 @@ def mix_inputs(model: nn.Module, x: torch.Tensor, keep: float) -> torch.Tensor:
     mixed = x.clone()
     mixed[:, 1:] = torch.where(use_model, sampled, x[:, 1:])
     return mixed
+
+
+@torch.no_grad()
+def loss_fed_own_samples(
+    model: nn.Module, windows: torch.Tensor, keeps: Sequence[float], draws: int = 3, seed: int = 0
+) -> list[float]:
+    """Exposure bias, measured: for each share ``keep`` of true inputs, the mean next-token
+    loss (nats) on ``windows`` [B, T + 1] when every other input is the model's own sample
+    (``mix_inputs``), averaged over ``draws`` draws of the samples -> one loss per keep.
+
+    The targets are always the true next tokens; keep = 1 is the ordinary validation loss.
+    The draws are seeded (``seed``, ``seed + 1``, ...) without touching the global RNG.
+    """
+    x, y = windows[:, :-1], windows[:, 1:]
+    training = model.training
+    model.eval()
+    losses = []
+    try:
+        for keep in keeps:
+            total = 0.0
+            for draw in range(draws):
+                with seeded(seed + draw):
+                    logits = model(mix_inputs(model, x, keep)).float()
+                total += F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
+            losses.append(total / draws)
+    finally:
+        model.train(training)
+    return losses
