@@ -30,6 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lmlab.cli.optimize",
         "gradient descent, momentum and Adam on functions you can draw; MSE vs cross-entropy",
     ),
+    "ngrams": (
+        "lmlab.cli.ngrams",
+        "n-gram models of every order and smoothing: perplexity table, figure and a sample",
+    ),
     "positions": (
         "lmlab.cli.positions",
         "learned, sinusoidal, rotary and no positions on a task where order matters",

@@ -1318,9 +1318,7 @@ def ngram_perplexity(model: NGramLM, ids) -> float:
     """
     model.require_probabilities("ngram_perplexity")
     ids = torch.as_tensor(np.asarray(ids), dtype=torch.long, device=model.n_tokens.device)
-    if ids.dim() != 1 or ids.numel() == 0:
-        raise ConfigError(f"ngram_perplexity takes a non-empty 1-D sequence, got {ids.shape}")
-    target = model.log_prob(*_from_bos(ids))[0]  # (N,) gathered
+    target = ngram_log_probs(model, ids)
     zero = torch.isinf(target).nonzero()
     if zero.numel():
         t = int(zero[0])
@@ -1334,6 +1332,16 @@ def ngram_perplexity(model: NGramLM, ids) -> float:
         )
         return math.inf
     return math.exp(-float(target.mean()))
+
+
+def ngram_log_probs(model: NGramLM, ids) -> torch.Tensor:
+    """log p(ids[t] | the n-1 ids before it) for every t of a 1-D id sequence [N] scored as
+    one row from BOS (ids[0] from the BOS context); -inf where the probability is 0."""
+    model.require_probabilities("ngram_log_probs")
+    ids = torch.as_tensor(np.asarray(ids), dtype=torch.long, device=model.n_tokens.device)
+    if ids.dim() != 1 or ids.numel() == 0:
+        raise ConfigError(f"n-gram scoring takes a non-empty 1-D sequence, got {ids.shape}")
+    return model.log_prob(*_from_bos(ids))[0]  # (N,) gathered
 
 
 def _from_bos(ids: torch.Tensor):
