@@ -281,6 +281,9 @@ def shrink(argv: list[str]) -> list[str]:
         for flag, value in [("--sample_tokens", "8"), ("--batch_size", "2"), ("--seq_len", "16")]:
             argv = _set(argv, flag, value)
         argv = _set(argv, "--progress", "false")
+    elif command == "ngrams":  # two orders of every smoothing: a few seconds
+        for flag, value in [("--orders", "1-2"), ("--sample_tokens", "8"), ("--progress", "false")]:
+            argv = _set(argv, flag, value)
     elif command == "scaling":  # six runs of a few steps: enough points for the fits
         for flag, value in [("--sizes", "1x8,1x16"), ("--tokens", "512,1k,2k"),
                             ("--batch_size", "2"), ("--seq_len", "8"), ("--bootstrap", "2"),
