@@ -297,7 +297,6 @@ def compare(
             )
             result.objective = goal
             if windows is not None and not fitted:
-                model.eval()
                 losses = loss_fed_own_samples(model, windows.to(device_of(model)), keeps, seed=seed)
                 result.exposure = {f"{k:g}": v for k, v in zip(keeps, losses)}
             results.append(result)
