@@ -4,6 +4,7 @@ one line."""
 import json
 import math
 
+import pytest
 import torch
 
 from lmlab.cli.main import main
@@ -43,13 +44,18 @@ def test_ngrams_writes_table_figure_and_sample(tmp_path, capsys):
         assert m["perplexity"] is None or math.isfinite(m["perplexity"])
 
 
-def test_ngrams_bad_settings_are_one_line(tmp_path, capsys):
-    for flags, message in [
+@pytest.mark.parametrize(
+    "flags, message",
+    [
         (["--orders", "3-1"], "is empty"),
         (["--smoothings", "stupid_backoff"], "no perplexity"),
         (["--smoothings", "laplace"], "unknown 'laplace'"),
-    ]:
-        assert main(["ngrams", *flags, "--out", str(tmp_path / "x")]) == 2
-        err = capsys.readouterr().err
-        assert message in err and err.count("\n") == 1, err
-    assert not (tmp_path / "x").exists()
+        (["--sample_tokens", "-1"], "sample_tokens=-1"),
+        (["--temperature", "-1"], "temperature"),
+    ],
+)
+def test_ngrams_bad_settings_are_one_line(tmp_path, capsys, flags, message):
+    assert main(["ngrams", *flags, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x").exists()  # refused before any work

@@ -13,6 +13,7 @@ from typing import Literal
 from jsonargparse import ArgumentParser
 
 from lmlab.api import prepare_data
+from lmlab.errors import ConfigError
 from lmlab.eval.ngram_sweep import (
     SWEEP_SMOOTHINGS,
     as_json,
@@ -59,15 +60,19 @@ def add_arguments(parser: ArgumentParser) -> None:
 def run(args) -> None:
     orders = parse_orders(args.orders)
     smoothings = parse_smoothings(args.smoothings)
+    if args.sample_tokens < 0:
+        raise ConfigError(f"sample_tokens={args.sample_tokens} is invalid: >= 0 (0: no sample)")
+    params = None
+    if args.sample_tokens:  # bad sampling settings fail before any fitting
+        params = SamplingParams(
+            max_new_tokens=args.sample_tokens, temperature=args.temperature, seed=args.seed
+        )
     out = Path(args.out)
     tok, train, val = prepare_data(args.data, out, args.tokenizer, args.vocab_size)
     scores, best = sweep_ngrams(train, val, tok.vocab_size, orders, smoothings, args.progress)
     table = perplexity_table(scores)
     sample = ""
-    if best is not None and args.sample_tokens > 0:
-        params = SamplingParams(
-            max_new_tokens=args.sample_tokens, temperature=args.temperature, seed=args.seed
-        )
+    if best is not None and params is not None:
         sample = generate_text(best, tok, args.prompt, params)
     best_score = min(scores, key=lambda s: s.perplexity)
     report = {
