@@ -74,3 +74,46 @@ def test_bad_shapes_are_named():
         Int8Linear(torch.zeros(4, 8), torch.ones(4))
     with pytest.raises(ValueError, match=r"scale of shape \(4,\)"):
         Int8Linear(torch.zeros(4, 8, dtype=torch.int8), torch.ones(3))
+
+
+def test_chunked_quantization_equals_one_pass():
+    """from_float quantizes a few rows at a time; the codes and scales do not depend on
+    the chunk size (an all-zero row included: scale 0, codes 0)."""
+    linear = dense(37, 24)
+    linear.weight[5] = 0
+    whole = Int8Linear.from_float(linear, rows=1000)
+    for rows in (1, 8, 36):
+        part = Int8Linear.from_float(linear, rows=rows)
+        assert torch.equal(part.qweight, whole.qweight) and torch.equal(part.scale, whole.scale)
+    assert whole.scale[5] == 0 and not whole.qweight[5].any()
+
+
+@pytest.mark.skipif(not int8.int8_kernel_available(), reason="torch without the int8 kernel")
+def test_a_misaligned_weight_buffer_is_copied_before_the_kernel_reads_it():
+    """Weights read from a safetensors file can start at any byte; the int8 kernel crashed
+    (a segmentation fault) on such a buffer, so the layer keeps an aligned copy."""
+    layer = Int8Linear.from_float(dense())
+    raw = torch.zeros(layer.qweight.numel() + 64, dtype=torch.int8)
+    offset = next(i for i in range(1, 64) if (raw.data_ptr() + i) % 64)
+    view = raw[offset : offset + layer.qweight.numel()].view_as(layer.qweight)
+    view.copy_(layer.qweight)
+    assert view.data_ptr() % 64
+    moved = Int8Linear(view, layer.scale, layer.bias)
+    assert moved.qweight.data_ptr() % 64 == 0 and torch.equal(moved.qweight, layer.qweight)
+    x = torch.randn(5, 96, dtype=torch.bfloat16)
+    torch.testing.assert_close(moved(x).float(), layer(x).float(), atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not int8.int8_kernel_available(), reason="torch without the int8 kernel")
+def test_torch_compile_lowers_the_int8_kernel():
+    """Inductor's lowering of the kernel needs its scales as a stored tensor: a conversion
+    inside the graph failed to compile (a LoweringException). Compiled equals eager."""
+    import shutil
+
+    if not shutil.which("g++"):
+        pytest.skip("no C++ compiler (g++) for torch.compile's CPU kernels")
+    layer = Int8Linear.from_float(dense(n=48))
+    x = torch.randn(3, 96, dtype=torch.bfloat16)
+    with torch.no_grad():
+        compiled = torch.compile(layer, dynamic=True)(x)
+        torch.testing.assert_close(compiled.float(), layer(x).float(), atol=ATOL, rtol=RTOL)

@@ -65,18 +65,34 @@ class Int8Linear(nn.Module):
                 f"got {tuple(scale.shape)}"
             )
         self.in_features, self.out_features = K, N
-        self.register_buffer("qweight", qweight.contiguous())  # (N, K)
+        qweight = qweight.contiguous()
+        if qweight.data_ptr() % 64:
+            # A tensor read from a file (safetensors) may start anywhere; the int8 kernel
+            # reads its rows with aligned vector loads and crashes on such a buffer.
+            qweight = qweight.clone()
+        self.register_buffer("qweight", qweight)  # (N, K)
         self.register_buffer("scale", scale.float().contiguous())  # (N,)
+        # The kernel takes the scales in the activations' dtype; a bf16 copy made once (not
+        # saved) also keeps torch.compile's lowering of the kernel, which needs a stored
+        # tensor there rather than a conversion.
+        self.register_buffer("kernel_scale", self.scale.bfloat16(), persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), False)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear) -> Int8Linear:
-        """Quantize a dense ``nn.Linear`` (any float dtype) per output channel."""
-        w = linear.weight.detach().float()  # (N, K)
-        scale = w.abs().amax(dim=1) / 127  # (N,)
-        # An all-zero row has scale 0: divide by 1 instead, giving q = 0 and W = 0 exactly.
-        q = torch.round(w / torch.where(scale > 0, scale, 1.0)[:, None]).clamp(-127, 127)
-        return cls(q.to(torch.int8), scale, linear.bias)
+    def from_float(cls, linear: nn.Linear, rows: int = 8192) -> Int8Linear:
+        """Quantize a dense ``nn.Linear`` (any float dtype) per output channel, ``rows``
+        rows at a time (a 49152-row output layer never makes a float32 copy of itself)."""
+        weight = linear.weight.detach()
+        N, K = weight.shape
+        q = torch.empty(N, K, dtype=torch.int8, device=weight.device)
+        scale = torch.empty(N, device=weight.device)
+        for start in range(0, N, rows):
+            w = weight[start : start + rows].float()  # (rows, K)
+            s = w.abs().amax(dim=1) / 127  # (rows,)
+            # An all-zero row has scale 0: divide by 1 instead, giving q = 0 and W = 0.
+            codes = torch.round(w / torch.where(s > 0, s, 1.0)[:, None]).clamp(-127, 127)
+            q[start : start + rows], scale[start : start + rows] = codes, s
+        return cls(q, scale, linear.bias)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W [N, K] = q * scale, computed in float32 and returned in ``dtype``."""
@@ -86,8 +102,10 @@ class Int8Linear(nn.Module):
         shape = x.shape
         if inference_kernel_applies(x) and x.dtype == torch.bfloat16 and int8_kernel_available():
             x2 = x.reshape(-1, self.in_features).contiguous()  # (B*T, K)
-            # The kernel wants the scales in the activations' dtype (bf16 here).
-            y = torch._weight_int8pack_mm(x2, self.qweight, self.scale.to(x.dtype))  # (B*T, N)
+            scale = self.kernel_scale
+            if scale.dtype != x.dtype:  # e.g. after model.to(float32)
+                scale = self.scale.to(x.dtype)
+            y = torch._weight_int8pack_mm(x2, self.qweight, scale)  # (B*T, N)
             y = y.view(*shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.dequantize(x.dtype))
