@@ -18,6 +18,7 @@ from lmlab.quant import model_size_bytes, quantize_model
     ("method", "options", "dtype"),
     [
         ("int8", {}, None),
+        ("int8", {}, torch.bfloat16),  # the int8 kernel reads the loaded (file) buffers
         ("int4", {"group_size": 64}, torch.bfloat16),
         ("nf4", {}, None),
         ("nf4", {"double_quant": False, "block_size": 32}, torch.bfloat16),
