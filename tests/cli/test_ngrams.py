@@ -44,6 +44,29 @@ def test_ngrams_writes_table_figure_and_sample(tmp_path, capsys):
         assert m["perplexity"] is None or math.isfinite(m["perplexity"])
 
 
+def test_a_word_level_sample_goes_on_past_line_ends(tmp_path):
+    """A word model ends each line with its eos (</s>): the sample after a one-line prompt
+    is not empty, runs over several lines, and spends its whole token budget."""
+    path = tmp_path / "lines.txt"
+    g = torch.Generator().manual_seed(1)
+    names, words = ["ROMEO:", "JULIET:"], ["to", "be", "or", "not", "that", "is"]
+    lines = []
+    for _ in range(300):
+        lines.append(names[int(torch.randint(0, 2, (1,), generator=g))])
+        picks = torch.randint(0, len(words), (5,), generator=g).tolist()
+        lines.append(" ".join(words[i] for i in picks))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "ng"
+    args = ["ngrams", "--data", str(path), "--tokenizer", "word", "--orders", "2"]
+    args += ["--smoothings", "kneser_ney", "--prompt", "ROMEO:", "--sample_tokens", "30"]
+    assert main([*args, "--progress", "false", "--out", str(out)]) == 0
+    sample = json.loads((out / "ngrams.json").read_text())["sample"]["text"]
+    assert sample.count("\n") >= 3, sample
+    # 30 tokens: the words and punctuation printed plus one line end per line break
+    pieces = sample.replace(":", " :").split()
+    assert len(pieces) + sample.count("\n") == 30, sample
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [

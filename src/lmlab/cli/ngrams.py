@@ -6,6 +6,7 @@ lmlab ngrams --orders 1-7 --out runs/ngrams
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Literal
@@ -23,7 +24,7 @@ from lmlab.eval.ngram_sweep import (
     sweep_ngrams,
 )
 from lmlab.fileio import atomic_write_json, atomic_write_text, atomic_write_with
-from lmlab.generate import SamplingParams, generate_text
+from lmlab.generate import SamplingParams, generate
 
 LABELS = {
     "mle": "MLE (no smoothing)",
@@ -57,6 +58,26 @@ def add_arguments(parser: ArgumentParser) -> None:
     parser.add_argument("--out", type=str, default="runs/ngrams", help="folder for the results")
 
 
+def sample_lines(model, tokenizer, prompt: str, params: SamplingParams) -> str:
+    """``params.max_new_tokens`` sampled tokens after ``prompt``, going on past line ends.
+
+    A word-level model ends each line with ``</s>`` (its eos), so one call stops at the
+    first line end ("ROMEO:" is a line of its own: the sample would be empty). Each line
+    end becomes a line break and sampling resumes from the text so far (the next seed),
+    until the budget is spent. A character model has no eos and samples in one call."""
+    text, left, seed = "", params.max_new_tokens, params.seed
+    while left > 0:
+        step = dataclasses.replace(params, max_new_tokens=left, seed=seed)
+        out = generate(model, [prompt + text], step, tokenizer)
+        text += out.texts[0]
+        left -= len(out.ids[0])
+        if out.finish_reasons[0] != "stop" or not out.ids[0]:
+            break
+        text += "\n"
+        seed = None if seed is None else seed + 1
+    return text
+
+
 def run(args) -> None:
     orders = parse_orders(args.orders)
     smoothings = parse_smoothings(args.smoothings)
@@ -73,7 +94,7 @@ def run(args) -> None:
     table = perplexity_table(scores)
     sample = ""
     if best is not None and params is not None:
-        sample = generate_text(best, tok, args.prompt, params)
+        sample = sample_lines(best, tok, args.prompt, params)
     best_score = min(scores, key=lambda s: s.perplexity)
     report = {
         "data": args.data,
