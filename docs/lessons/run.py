@@ -110,11 +110,27 @@ def title(page: Path) -> str:
     return re.sub(r"^#\s*(Lesson \d+:\s*)?", "", first)
 
 
+def set_aside(makes: list[str]) -> list[Path]:
+    """Rename the run folders a lesson writes its promised files into (the folder right
+    above each file, under runs/) to ``<folder>.before-<time>``, so a rerun starts clean
+    (``lmlab compare`` refuses a folder that holds checkpoints) and nothing is deleted."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for folder in sorted({(ROOT / m).parent for m in makes}):
+        if folder.is_dir() and ROOT / "runs" in folder.parents:
+            target = folder.with_name(f"{folder.name}.before-{stamp}")
+            folder.rename(target)
+            moved.append(target)
+    return moved
+
+
 def run_lesson(page: Path) -> dict:
     found = lesson_command(page)
     if found is None:
         return {"ok": False, "error": "the page has no sh/bash/python block"}
     block, makes = found
+    for target in set_aside(makes):
+        print(f"   an earlier run moved to {target.relative_to(ROOT)}", flush=True)
     env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"}
     start, cpu_before = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", block], cwd=ROOT, env=env)
