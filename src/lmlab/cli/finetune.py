@@ -206,10 +206,10 @@ def plot_methods(result: dict, png: Path, title: str) -> None:
     fig = Figure(figsize=(15 if with_ppl else 12, 4.4), layout="constrained")
     left, *bars = fig.subplots(1, 3 if with_ppl else 2, width_ratios=[1.6, 1, 1][: 2 + with_ppl])
     colors = [f"C{k}" for k in range(len(rows))]
-    for row, color in zip(rows, colors):
+    for k, (row, color) in enumerate(zip(rows, colors)):
         left.scatter(row["trainable"], row["accuracy"], s=50, color=color)
-        left.annotate(f"{row['method']} (chrF {row['chrf']:.0f})",
-                      (row["trainable"], row["accuracy"]), xytext=(5, 5),
+        left.annotate(f"{row['method']} (chrF {row['chrf']:.0f})",  # below, above: apart
+                      (row["trainable"], row["accuracy"]), xytext=(5, 5 if k % 2 else -12),
                       textcoords="offset points", fontsize=8)  # fmt: skip
     left.axhline(before["accuracy"], color="0.5", ls="--", label="before fine-tuning")
     left.set_xscale("log")
@@ -232,6 +232,9 @@ def plot_methods(result: dict, png: Path, title: str) -> None:
         if baseline is not None:
             ax.axhline(baseline, color="0.5", ls="--", label="before fine-tuning")
             ax.legend(fontsize=8)
+        finite = [v for v in [*values, baseline] if v is not None and v == v]
+        if key == "perplexity" and finite:  # the differences, not the distance from 0
+            ax.set_ylim(0.9 * min(finite), 1.04 * max(finite))
         ax.tick_params(axis="x", labelsize=8)
         ax.set(ylabel=ylabel, title=heading)
     fig.suptitle(title)
