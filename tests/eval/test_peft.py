@@ -104,7 +104,6 @@ def test_generated_data_writes_disjoint_train_and_test_rows(tmp_path):
         generated_data("revers", 12, 5, 3, tmp_path)
 
 
-@pytest.mark.slow  # one fine-tune, graded with the perplexity of general text: about 5 s
 def test_general_text_perplexity_and_lr_factor(setup):
     result = compare_methods(str(setup / "base"), str(setup / "train.jsonl"),
                              str(setup / "test.jsonl"), ["bitfit"], config(setup, "ppl"),
