@@ -254,6 +254,10 @@ def shrink(argv: list[str]) -> list[str]:
             ("--train.progress", "false"),
         ]:
             argv = _set(argv, flag, value)
+        if command == "finetune" and "--compare" in argv:  # a few rows, short answers
+            for flag, value in [("--n_train", "8"), ("--n_test", "2"),
+                                ("--max_new_tokens", "2"), ("--general_chars", "64")]:  # fmt: skip
+                argv = _set(argv, flag, value) if flag in argv else argv
         if command == "train":
             argv = _set(argv, "--train.seq_len", "32")
             if _model_flag(argv) in (None, "gpt-char-tiny", "llama-small"):

@@ -8,9 +8,13 @@ import torch
 from lmlab.checkpoint.io import save_checkpoint
 from lmlab.cli.main import main
 from lmlab.data import BPETokenizer
+from lmlab.data.instructions import read_jsonl
 from lmlab.data.tasks import generate_splits, write_jsonl
 from lmlab.errors import ConfigError
-from lmlab.eval.peft import LR_FACTOR, check_methods, compare_methods
+from lmlab.eval.peft import LR_FACTOR, check_methods, compare_methods, generated_data
+from lmlab.finetune.mixture import general_text
+from lmlab.finetune.run import task_accuracy
+from lmlab.lm import load
 from lmlab.models import build_model, get_preset
 from lmlab.train import TrainConfig
 
@@ -83,3 +87,73 @@ def test_cli_compare_writes_table_figure_and_json(setup, capsys):
     assert "bitfit" in capsys.readouterr().out
     assert main(argv[:5] + ["--compare", "lora"]) == 2  # no --test_data
     assert "--test_data" in capsys.readouterr().err
+
+
+def test_generated_data_writes_disjoint_train_and_test_rows(tmp_path):
+    train_path, test_path = generated_data("reverse,arithmetic", 12, 5, 3, tmp_path / "data")
+    train, test = read_jsonl(train_path), read_jsonl(test_path)
+    assert (len(train), len(test)) == (12, 5)
+    assert {r["task"] for r in train} == {"reverse", "arithmetic"}
+    prompts = {(r["instruction"], r["input"]) for r in train}
+    assert not prompts & {(r["instruction"], r["input"]) for r in test}
+    again = generated_data(["reverse", "arithmetic"], 12, 5, 3, tmp_path / "again")
+    assert read_jsonl(again[1]) == test  # the seed fixes the rows
+    with pytest.raises(ConfigError, match="n_test=0 is invalid"):
+        generated_data("reverse", 12, 0, 3, tmp_path)
+    with pytest.raises(ConfigError, match="not one of|valid tasks"):
+        generated_data("revers", 12, 5, 3, tmp_path)
+
+
+def test_general_text_perplexity_and_lr_factor(setup):
+    result = compare_methods(str(setup / "base"), str(setup / "train.jsonl"),
+                             str(setup / "test.jsonl"), ["bitfit"], config(setup, "ppl"),
+                             max_new_tokens=2, max_len=64, general_chars=300,
+                             lr_factor={"bitfit": 7.0})  # fmt: skip
+    row = result["rows"][0]
+    assert row["lr"] == pytest.approx(7e-2)
+    general = general_text(300)
+    before = load(str(setup / "base"), dtype="float32").perplexity(general)
+    assert result["before"]["perplexity"] == pytest.approx(before, rel=1e-5)
+    tuned = load(str(setup / "ppl" / "bitfit" / "model"), dtype="float32").perplexity(general)
+    assert row["perplexity"] == pytest.approx(tuned, rel=1e-4)
+    assert row["perplexity"] != pytest.approx(before, rel=1e-6)  # 3 steps at 7e-2 moved it
+    assert row["cpu_time_s"] > 0
+
+
+def test_bad_lr_factor_and_general_chars_are_one_line_errors(setup):
+    args = (str(setup / "base"), str(setup / "train.jsonl"), str(setup / "test.jsonl"))
+    with pytest.raises(ConfigError, match="'lorra' is not one of"):
+        compare_methods(*args, ["lora"], lr_factor={"lorra": 2.0})
+    with pytest.raises(ConfigError, match=r"lr_factor\['lora'\]=0 is invalid"):
+        compare_methods(*args, ["lora"], lr_factor={"lora": 0})
+    with pytest.raises(ConfigError, match="general_chars=-1 is invalid"):
+        compare_methods(*args, ["lora"], general_chars=-1)
+
+
+@pytest.mark.slow  # one fine-tune on generated rows: about 5 s
+def test_cli_compare_generates_its_rows(setup, tmp_path, capsys):
+    out = tmp_path / "gen"
+    argv = ["finetune", "--model", str(setup / "base"), "--compare", "bitfit"]
+    argv += ["--generate", "reverse", "--n_train", "10", "--n_test", "3", "--max_len", "64"]
+    argv += ["--general_chars", "200", "--max_new_tokens", "2", "--train.out_dir", str(out)]
+    argv += ["--train.max_steps", "1", "--train.batch_size", "4", "--train.progress", "false"]
+    assert main(argv) == 0
+    report = json.loads((out / "peft.json").read_text())
+    assert report["test_rows"] == 3 and len(read_jsonl(out / "data" / "train.jsonl")) == 10
+    assert report["data"] == str(out / "data" / "train.jsonl")
+    assert report["before"]["perplexity"] > 1 and report["rows"][0]["perplexity"] > 1
+    assert "| bitfit |" in capsys.readouterr().out
+    assert main(argv + ["--data", "mine.jsonl"]) == 2  # --generate makes the data itself
+    assert "drop --data" in capsys.readouterr().err
+    assert main(["finetune", "--model", str(setup / "base"), "--generate", "reverse"]) == 2
+    assert "with --compare only" in capsys.readouterr().err
+
+
+def test_task_accuracy_answers_the_same_in_batches(setup):
+    lm = load(str(setup / "base"), dtype="float32")
+    rows = read_jsonl(setup / "test.jsonl")
+    one = task_accuracy(lm, rows, max_new_tokens=5)
+    batched = task_accuracy(lm, rows, max_new_tokens=5, batch_size=4)  # 4 + 2, left-padded
+    assert batched == one and len(one[1]) == len(rows)
+    with pytest.raises(ConfigError, match="batch_size=0 is invalid"):
+        task_accuracy(lm, rows, batch_size=0)

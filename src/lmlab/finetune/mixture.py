@@ -33,10 +33,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from lmlab.data.corpus import load_corpus, split_text
-from lmlab.data.tasks import N_PHRASINGS, TASKS, accuracy, generate_splits, get_task, rephrase
+from lmlab.data.tasks import N_PHRASINGS, TASKS, generate_splits, get_task, rephrase
 from lmlab.errors import ConfigError
 from lmlab.fileio import atomic_write_json, atomic_write_text
-from lmlab.finetune.run import check_method, finetune, task_prompts
+from lmlab.finetune.run import check_method, finetune, task_accuracy
 from lmlab.lm import LM, load
 from lmlab.train import TrainConfig
 
@@ -157,12 +157,17 @@ def measure(
     ) as bar:
         for task, how, k in jobs:
             rows = [rephrase(row, k) for row in data[f"test:{task}"]]
-            replies = lm.generate(
-                task_prompts(lm, rows), max_new_tokens=config.max_new_tokens, temperature=0
-            )
-            scores.setdefault(task, {})[how] = accuracy(rows, replies)
+            score, _ = task_accuracy(lm, rows, config.max_new_tokens, batch_size=len(rows))
+            scores.setdefault(task, {})[how] = score
             bar.update(1)
     return {"accuracy": scores, "perplexity": lm.perplexity(general)}
+
+
+def general_text(chars: int) -> str:
+    """The first ``chars`` characters of Tiny Shakespeare's validation split: general text
+    that no fine-tuning run here trains on, whose perplexity before and after a run
+    measures how much of its language modelling the run gave up."""
+    return split_text(load_corpus("tinyshakespeare"))[1][:chars]
 
 
 def mixture_study(
@@ -177,7 +182,7 @@ def mixture_study(
         atomic_write_text(
             out / "data" / f"{run}.jsonl", "".join(json.dumps(r) + "\n" for r in data[run])
         )
-    general = split_text(load_corpus("tinyshakespeare"))[1][: config.general_chars]
+    general = general_text(config.general_chars)
     models: dict[str, Any] = {}
     base = load(config.model, dtype="float32", keep_quantized=False)
     models["base"] = measure(base, data, config, general, "base", progress)
