@@ -1,7 +1,7 @@
 """``lmlab align``: a reward model and DPO on a checkable task, before and after
 (``lmlab.align.study``, lesson 9).
 
-lmlab align --model smollm2 --task arithmetic --out runs/align
+lmlab align --model smollm2 --task arithmetic --out runs/preferences
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from lmlab.cli.args import options
 
 def add_arguments(parser: ArgumentParser) -> None:
     parser.add_class_arguments(PreferenceConfig, as_group=False)
-    parser.add_argument("--out", type=str, default="runs/align", help="folder for the results")
+    parser.add_argument(
+        "--out", type=str, default="runs/preferences", help="folder for the results"
+    )
     parser.add_argument("--progress", type=bool, default=True, help="show progress bars")
 
 
