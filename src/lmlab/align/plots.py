@@ -98,8 +98,8 @@ def plot_preferences(
     reward_metrics: str | Path | None = None,
 ):
     """``lmlab align``'s figure: DPO's implicit rewards and margin (train and validation),
-    its KL to the reference, the reward model's pairwise accuracy as it trains, and the
-    accuracies before and after (``lmlab.align.study``). Returns the Figure."""
+    its KL to the reference, the reward model's margin as it trains, and the accuracies
+    before and after (``lmlab.align.study``). Returns the Figure."""
     from matplotlib.figure import Figure  # deferred: slow to import, only for plots
 
     fig = Figure(figsize=(16, 3.6), dpi=100)
@@ -109,7 +109,7 @@ def plot_preferences(
     panels = [
         (axes[0], dpo, ("rewards_chosen", "rewards_rejected", "margin"), "DPO: implicit reward"),
         (axes[1], dpo, ("kl",), "DPO: KL to the reference (nats per reply token)"),
-        (axes[2], rm, ("accuracy", "margin"), "reward model: pairs ranked right, margin"),
+        (axes[2], rm, ("margin",), "reward model: reward margin (chosen - rejected)"),
     ]
     for ax, records, keys, title in panels:
         if not _draw_metrics(ax, records, keys, title):

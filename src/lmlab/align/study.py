@@ -56,26 +56,26 @@ class PreferenceConfig:
     """A task of ``lmlab.data.tasks`` (its checker grades the replies)."""
     methods: str = "reward,dpo"
     """Comma-separated: reward (a reward model), dpo."""
-    n_prompts: int = 64
+    n_prompts: int = 48
     """Prompts to sample training pairs from (each gives at most one pair)."""
-    n_val: int = 16
+    n_val: int = 12
     """Prompts for the validation pairs (DPO's validation, the reward model's accuracy)."""
-    n_test: int = 48
+    n_test: int = 40
     """Test questions, graded before and after."""
     k: int = 2
     """Replies sampled per prompt."""
     temperature: float = 1.0
-    steps: int = 30
+    steps: int = 24
     """Training steps of each run."""
     batch_size: int = 4
     """Pairs per step."""
-    lr: float = 2e-4
+    lr: float = 1e-3
     """DPO's learning rate."""
     reward_lr: float = 1e-3
     """The reward model's learning rate."""
     beta: float = 0.1
     lora_r: int = 16
-    eval_every: int = 5
+    eval_every: int = 8
     """DPO validates (rewards, margin, KL to the reference) every this many steps."""
     max_len: int = 96
     max_new_tokens: int = 12
