@@ -69,7 +69,7 @@ class PreferenceConfig:
     """Training steps of each run."""
     batch_size: int = 4
     """Pairs per step."""
-    lr: float = 1e-3
+    lr: float = 5e-4
     """DPO's learning rate."""
     reward_lr: float = 1e-3
     """The reward model's learning rate."""
