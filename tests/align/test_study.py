@@ -88,9 +88,3 @@ def test_lmlab_align_reports_what_its_saved_models_measure(base, tmp_path, capsy
 def test_preference_config_names_what_is_wrong(change, message):
     with pytest.raises(ConfigError, match=message):
         PreferenceConfig(**change)
-
-
-def test_lmlab_align_mistake_is_one_line_before_loading(capsys):
-    assert main(["align", "--model", "no/such/model", "--methods", "ppo"]) != 0
-    err = capsys.readouterr().err.strip()
-    assert "methods='ppo' is invalid" in err and "\n" not in err
