@@ -191,6 +191,7 @@ SLOW |= {"optimize"}  # about 20 s of CPU for its four figures
 SLOW |= {"embeddings"}  # loads MiniLM or SmolLM2
 SLOW |= {"scaling"}  # six tiny training runs and their fits, about 15 s of CPU
 SLOW |= {"mixture"}  # loads and tunes SmolLM2 twice
+SLOW |= {"align"}  # samples pairs from SmolLM2, trains a reward model and DPO
 # flag -> commands whose value for it names a model to read (a path, or a pretrained name)
 MODEL_FLAGS = {
     "--ckpt": {"generate", "serve"},
@@ -218,7 +219,7 @@ MODEL_FLAGS = {
     "--policy": {"judge"},
     "--models": {"report"},
 }
-MODEL_FLAGS["--model"] |= {"agent", "embeddings", "serve", "mixture"}
+MODEL_FLAGS["--model"] |= {"agent", "embeddings", "serve", "mixture", "align"}
 # A server never ends by itself: `lmlab serve` lines run with --check (shrink).
 SERVES = {"serve"}
 
@@ -342,6 +343,11 @@ def shrink(argv: list[str]) -> list[str]:
         for flag, value in [("--steps", "2"), ("--n_train", "6"), ("--n_test", "1"),
                             ("--batch_size", "2"), ("--max_new_tokens", "2"),
                             ("--general_chars", "64")]:  # fmt: skip
+            argv = _set(argv, flag, value)
+    elif command == "align":
+        for flag, value in [("--n_prompts", "2"), ("--n_val", "2"), ("--n_test", "2"),
+                            ("--steps", "2"), ("--batch_size", "2"), ("--eval_every", "1"),
+                            ("--max_new_tokens", "4"), ("--progress", "false")]:  # fmt: skip
             argv = _set(argv, flag, value)
     elif command == "icl":
         for flag, value in [("--ks", "0,1"), ("--seeds", "0"), ("--formats", "qa")]:

@@ -355,6 +355,9 @@ def test_lmlab_agent_eval_scores_react_and_direct_answers(tmp_path):
     ]
     assert "react (chat): 1.000 (3/3), 95% CI [1.000, 1.000]" in out.getvalue()
     assert len(load_traces(tmp_path / "trace.jsonl")) == 3 and summary["well_formed"] == 1.0
+    # the oracle never loops and finishes every run: three finish actions in the figure's counts
+    assert summary["repeated"] == 0 and sum(summary["by_step"]["finish"]) == 3
+    assert (tmp_path / "agent.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_lmlab_agent_mistakes_are_one_line(capsys):

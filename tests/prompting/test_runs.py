@@ -4,8 +4,14 @@ import json
 
 from lmlab.data.word_problems import word_problems
 from lmlab.prompting.agent import replay
-from lmlab.prompting.runs import compare_methods, icl_sweep
-from lmlab.prompting.traces import load_traces
+from lmlab.prompting.runs import (
+    actions_by_step,
+    compare_methods,
+    icl_sweep,
+    plot_agent_eval,
+    repeats_an_action,
+)
+from lmlab.prompting.traces import Step, Trace, load_traces
 from prompting.test_models import byte_lm
 
 
@@ -73,3 +79,42 @@ def test_react_joins_the_table_and_its_traces_replay(tmp_path):
     rows = [json.loads(r) for r in (tmp_path / "attempts.jsonl").read_text().splitlines()]
     assert rows[-1]["method"] == "react" and rows[-1]["trace"]["answer"] == rows[-1]["reference"]
     assert "calculator[" in (tmp_path / "trace.md").read_text()
+
+
+def _trace(*actions):
+    """A trace whose steps call ``actions`` ((tool or None, argument) pairs)."""
+    return Trace("q", [Step("t", a, arg, "obs", "raw") for a, arg in actions])
+
+
+def test_actions_by_step_counts_each_action_at_each_step_and_finds_loops(tmp_path):
+    looping = _trace(("search", "A"), (None, None), ("search", "A"))
+    finished = _trace(("search", "B"), ("lookup", "born"), ("search", "C"), ("finish", "X"))
+    short = _trace(("lookup", "born"))
+    counts = actions_by_step([looping, finished, short])
+    assert counts == {
+        "search": [2, 0, 2, 0],
+        "invalid": [0, 1, 0, 0],
+        "lookup": [1, 1, 0, 0],
+        "finish": [0, 0, 0, 1],
+    }
+    assert [repeats_an_action(t) for t in (looping, finished, short)] == [True, False, False]
+    # the same tool with another argument is no repeat; an invalid reply is never one
+    assert not repeats_an_action(
+        _trace(("search", "A"), ("search", "B"), (None, None), (None, None))
+    )
+    summary = {
+        "set": "multihop",
+        "scores": [
+            {
+                "method": "react (complete)",
+                "n": 3,
+                "correct": 1,
+                "accuracy": 1 / 3,
+                "low": 0.0,
+                "high": 1.0,
+            }
+        ],  # fmt: skip
+        "by_step": counts,
+    }
+    plot_agent_eval(summary, tmp_path / "agent.png")
+    assert (tmp_path / "agent.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -6,7 +6,8 @@ lmlab agent --replay runs/agent/trace.jsonl         # replay a run (writes repla
 lmlab agent --model smollm2 --eval multihop --limit 30 --max_steps 6 --direct     # accuracy
 
 Prints the rendered trace (or, with --eval, the accuracy with its bootstrap 95% interval)
-and writes ``trace.jsonl`` and ``trace.md`` (and ``summary.json`` for --eval) to --out.
+and writes ``trace.jsonl`` and ``trace.md`` (and, for --eval, ``summary.json`` and
+``agent.png``: the accuracies and the actions taken at each step) to --out.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from lmlab.prompting.agent import LAYOUTS, Agent, replay
 from lmlab.prompting.agent_eval import answer_directly, answer_matches, evaluate_agent, score
 from lmlab.prompting.models import LMCompleter, OpenAICompleter
 from lmlab.prompting.retrieval import METHODS
+from lmlab.prompting.runs import actions_by_step, plot_agent_eval, repeats_an_action
 from lmlab.prompting.tools import parse_tool_names
 from lmlab.prompting.traces import load_traces, render_markdown, render_text, save_traces
 
@@ -60,7 +62,7 @@ def add_arguments(parser: ArgumentParser) -> None:
     parser.add_argument("--direct", type=bool, default=False,
                         help="--eval: also score direct answers (no tools) on the same questions")  # fmt: skip
     parser.add_argument("--out", type=str, default="runs/agent",
-                        help="folder for trace.jsonl, trace.md (and summary.json)")  # fmt: skip
+                        help="folder for trace.jsonl, trace.md (and summary.json, agent.png)")  # fmt: skip
     add_model_arguments(parser)
 
 
@@ -148,9 +150,13 @@ def _evaluate(agent: Agent, model, args, out: Path) -> None:
         "well_formed": result.well_formed,
         "finished": result.finished,
         "actions": result.actions,
+        "by_step": actions_by_step(result.traces),
+        "repeated": sum(repeats_an_action(t) for t in result.traces),
     }
+    print(f"runs that repeated an action word for word: {summary['repeated']} of {len(items)}")
     atomic_write_json(out / "summary.json", summary)
-    print(f"saved: {out / 'summary.json'}, trace.jsonl and trace.md")
+    plot_agent_eval(summary, out / "agent.png")
+    print(f"saved: {out / 'summary.json'}, agent.png, trace.jsonl and trace.md")
 
 
 def _replay(path: Path) -> None:

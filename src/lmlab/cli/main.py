@@ -60,6 +60,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "judge": ("lmlab.cli.judge", "preference pairs from an AI judge and a constitution (RLAIF)"),
     "reward": ("lmlab.cli.reward", "train a reward model on preference pairs (Bradley-Terry)"),
     "dpo": ("lmlab.cli.dpo", "tune a model on preference pairs with DPO or IPO"),
+    "align": (
+        "lmlab.cli.align",
+        "a reward model and DPO on a checkable task: pairs, accuracy before and after, KL",
+    ),
     "compare": (
         "lmlab.cli.compare",
         "train several model families on the same data and budget, side by side",

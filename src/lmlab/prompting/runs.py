@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from lmlab.data.word_problems import word_problems
 from lmlab.eval.tasks import load_task
-from lmlab.fileio import atomic_write_text
+from lmlab.fileio import atomic_write_text, atomic_write_with
 from lmlab.lm import LM
 from lmlab.prompting.fewshot import Embed, evaluate_icl
 from lmlab.prompting.models import Completer
@@ -179,3 +179,57 @@ def plot_icl(table: dict[str, Any], path: str | os.PathLike) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def actions_by_step(traces: Sequence[Any]) -> dict[str, list[int]]:
+    """For each action (``invalid``: a reply with none), how many runs took it at step 1,
+    2, ...: ``{action: [count at step 1, count at step 2, ...]}``, every list as long as
+    the longest run."""
+    longest = max((len(t.steps) for t in traces), default=0)
+    counts: dict[str, list[int]] = {}
+    for trace in traces:
+        for i, step in enumerate(trace.steps):
+            counts.setdefault(step.action or "invalid", [0] * longest)[i] += 1
+    return counts
+
+
+def repeats_an_action(trace: Any) -> bool:
+    """Whether the run took the same action with the same argument twice (a loop)."""
+    seen = [(s.action, s.argument) for s in trace.steps if s.action is not None]
+    return len(set(seen)) < len(seen)
+
+
+def plot_agent_eval(summary: dict[str, Any], path: str | os.PathLike) -> None:
+    """``lmlab agent --eval``'s figure: accuracy of each way of answering with its bootstrap
+    95% interval, and the actions the runs took at each step (``summary["by_step"]``)."""
+    from matplotlib.figure import Figure  # deferred: slow to import, only for plots
+
+    fig = Figure(figsize=(11, 4))
+    left, right = fig.subplots(1, 2)
+    scores = summary["scores"]
+    acc = [s["accuracy"] for s in scores]
+    err = [
+        [a - s["low"] for a, s in zip(acc, scores)],
+        [s["high"] - a for a, s in zip(acc, scores)],
+    ]
+    left.bar(range(len(scores)), acc, yerr=err, capsize=3, color="C0")
+    for i, s in enumerate(scores):
+        left.text(i, 0.02, f"{s['correct']}/{s['n']}", ha="center", fontsize=8)
+    left.set_xticks(
+        range(len(scores)), [s["method"].replace(" (", "\n(") for s in scores], fontsize=8
+    )
+    left.set(ylim=(0, 1), ylabel="accuracy (bootstrap 95% interval)")
+    left.set_title(f"{summary['set']}: {scores[0]['n']} questions", fontsize=10)
+    by_step = summary["by_step"]
+    bottom = [0] * max((len(v) for v in by_step.values()), default=0)
+    for action, counts in by_step.items():
+        right.bar(range(1, len(counts) + 1), counts, bottom=bottom, label=action)
+        bottom = [b + c for b, c in zip(bottom, counts)]
+    right.set(xlabel="step", ylabel="runs")
+    right.yaxis.get_major_locator().set_params(integer=True)
+    right.set_title("the action each run took at each step", fontsize=10)
+    if by_step:
+        right.set_xticks(range(1, len(bottom) + 1))
+        right.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
