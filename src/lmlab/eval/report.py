@@ -59,6 +59,7 @@ from lmlab.fileio import atomic_write_json, atomic_write_text
 from lmlab.generate import SamplingParams
 from lmlab.generate.search import generate
 from lmlab.lm import LM, load
+from lmlab.quant.quantize import QUANTIZED_LAYERS, model_size_bytes
 from lmlab.version import __version__
 
 DEFAULT_TASKS: tuple[str, ...] = (
@@ -122,12 +123,23 @@ def split_list(value: str | Sequence[str]) -> list[str]:
 
 
 def model_memory(model: torch.nn.Module) -> dict[str, int]:
-    """``{"parameters": count, "parameter_bytes", "buffer_bytes"}`` of a module."""
+    """``{"parameters": count, "parameter_bytes", "buffer_bytes", "weight_bytes"}`` of a
+    module.
+
+    The count is of weights, however they are stored: a quantized linear layer (int8,
+    int4, NF4) keeps its weight in buffers, and counts ``in_features x out_features``
+    (SmolLM2 loaded in 4 bits: 134.5 M, not the 28 M its float tensors hold).
+    ``weight_bytes`` is what the model stores, every tensor once in its saved form
+    (``lmlab.quant.model_size_bytes``: a 4-bit layer's packed kernel copy included)."""
     params = list(model.parameters())
+    quantized = sum(
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, QUANTIZED_LAYERS)
+    )
     return {
-        "parameters": sum(p.numel() for p in params),
+        "parameters": sum(p.numel() for p in params) + quantized,
         "parameter_bytes": sum(p.numel() * p.element_size() for p in params),
         "buffer_bytes": sum(b.numel() * b.element_size() for b in model.buffers()),
+        "weight_bytes": model_size_bytes(model),
     }
 
 
@@ -320,6 +332,7 @@ def efficiency_rows(eff: dict[str, Any]) -> list[tuple[str, str]]:
         ("parameters", f"{eff['parameters']:,}"),
         ("parameter memory", f"{_size(eff['parameter_bytes'])} ({eff['dtype']})"),
         ("buffer memory", _size(eff["buffer_bytes"])),
+        ("stored weights, all formats", _size(eff["weight_bytes"])),
         ("decode speed (greedy, batch 1)", speed),
         ("peak RSS of the process", _size(eff["peak_rss_bytes"])),
     ]
