@@ -254,6 +254,7 @@ class _Loop:
             None if supervised else training_flops_per_token(base_model(model), config.seq_len)
         )
         self.ceiling: float | None = None
+        self.ceiling_remeasured = False  # once per run at most (see lmlab.train.mfu)
         self.autocast = (
             functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
             if self.use_bf16
@@ -533,13 +534,15 @@ class _Loop:
         """Cumulative training FLOPs and MFU for the log line (empty when not counted)."""
         if self.flops_per_token is None:
             return {}
+        dtype = torch.bfloat16 if self.use_bf16 else torch.float32
         if self.ceiling is None:
-            dtype = torch.bfloat16 if self.use_bf16 else torch.float32
             self.ceiling = matmul_ceiling(self.device, dtype)
-        return {
-            "flops": self.tokens_seen * self.flops_per_token,
-            "mfu": tokens_per_s * self.flops_per_token / self.ceiling,
-        }
+        mfu = tokens_per_s * self.flops_per_token / self.ceiling
+        if mfu > 1 and not self.ceiling_remeasured:  # the cached ceiling was measured low
+            self.ceiling_remeasured = True
+            self.ceiling = matmul_ceiling(self.device, dtype, remeasure=True)
+            mfu = tokens_per_s * self.flops_per_token / self.ceiling
+        return {"flops": self.tokens_seen * self.flops_per_token, "mfu": mfu}
 
     @torch.no_grad()
     def evaluate(self) -> float:
