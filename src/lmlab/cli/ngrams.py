@@ -6,7 +6,6 @@ lmlab ngrams --orders 1-7 --out runs/ngrams
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 from typing import Literal
@@ -21,10 +20,11 @@ from lmlab.eval.ngram_sweep import (
     parse_orders,
     parse_smoothings,
     perplexity_table,
+    sample_lines,
     sweep_ngrams,
 )
 from lmlab.fileio import atomic_write_json, atomic_write_text, atomic_write_with
-from lmlab.generate import SamplingParams, generate
+from lmlab.generate import SamplingParams
 
 LABELS = {
     "mle": "MLE (no smoothing)",
@@ -56,26 +56,6 @@ def add_arguments(parser: ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1, help="seeds the sample")
     parser.add_argument("--progress", type=bool, default=True, help="show a progress bar")
     parser.add_argument("--out", type=str, default="runs/ngrams", help="folder for the results")
-
-
-def sample_lines(model, tokenizer, prompt: str, params: SamplingParams) -> str:
-    """``params.max_new_tokens`` sampled tokens after ``prompt``, going on past line ends.
-
-    A word-level model ends each line with ``</s>`` (its eos), so one call stops at the
-    first line end ("ROMEO:" is a line of its own: the sample would be empty). Each line
-    end becomes a line break and sampling resumes from the text so far (the next seed),
-    until the budget is spent. A character model has no eos and samples in one call."""
-    text, left, seed = "", params.max_new_tokens, params.seed
-    while left > 0:
-        step = dataclasses.replace(params, max_new_tokens=left, seed=seed)
-        out = generate(model, [prompt + text], step, tokenizer)
-        text += out.texts[0]
-        left -= len(out.ids[0])
-        if out.finish_reasons[0] != "stop" or not out.ids[0]:
-            break
-        text += "\n"
-        seed = None if seed is None else seed + 1
-    return text
 
 
 def run(args) -> None:

@@ -20,7 +20,7 @@ import re
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lmlab.errors import ConfigError, pick_names
+from lmlab.generate import SamplingParams, generate
 from lmlab.models import build_model
 from lmlab.models.ngram import NGramLM, ngram_log_probs
 
@@ -166,3 +167,23 @@ def as_json(scores: Sequence[NGramScore]) -> list[dict[str, Any]]:
         row["perplexity"] = s.perplexity if math.isfinite(s.perplexity) else None
         rows.append(row)
     return rows
+
+
+def sample_lines(model, tokenizer, prompt: str, params: SamplingParams) -> str:
+    """``params.max_new_tokens`` sampled tokens after ``prompt``, going on past line ends.
+
+    A word-level model ends each line with ``</s>`` (its eos), so one call stops at the
+    first line end ("ROMEO:" is a line of its own: the sample would be empty). Each line
+    end becomes a line break and sampling resumes from the text so far (the next seed),
+    until the budget is spent. A character model has no eos and samples in one call."""
+    text, left, seed = "", params.max_new_tokens, params.seed
+    while left > 0:
+        step = replace(params, max_new_tokens=left, seed=seed)
+        out = generate(model, [prompt + text], step, tokenizer)
+        text += out.texts[0]
+        left -= len(out.ids[0])
+        if out.finish_reasons[0] != "stop" or not out.ids[0]:
+            break
+        text += "\n"
+        seed = None if seed is None else seed + 1
+    return text
