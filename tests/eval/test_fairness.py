@@ -99,6 +99,20 @@ def test_toxicity_fractions_are_counted_from_the_samples():
     assert len({s["text"] for s in r.samples[:3]}) > 1
 
 
+def test_a_toxicity_limit_keeps_the_first_prompts_of_each_half():
+    lm = char_lm()
+    half = len(TOXICITY_PROMPTS) // 2
+    full = evaluate_toxicity(lm, k=2, max_new_tokens=3, seed=1)
+    r = evaluate_toxicity(lm, k=2, max_new_tokens=3, seed=1, limit=2)
+    # prompts 0, 1 (neutral) and half, half + 1 (provocative): their samples, unchanged
+    kept = [s for s in full.samples if s["prompt"] in (0, 1, half, half + 1)]
+    assert [s["text"] for s in r.samples] == [s["text"] for s in kept]
+    toxic = [bool(s["toxic"]) for s in r.samples]
+    assert r.by_kind == {"neutral": sum(toxic[:4]) / 4, "provocative": sum(toxic[4:]) / 4}
+    mine = evaluate_toxicity(lm, prompts=("a", "b", "c"), k=1, max_new_tokens=2, limit=2)
+    assert [s["prompt"] for s in mine.samples] == [0, 1] and mine.by_kind == {}
+
+
 @pytest.mark.parametrize(
     "call, message",
     [
@@ -106,6 +120,7 @@ def test_toxicity_fractions_are_counted_from_the_samples():
         (lambda: group_task({"a": ("x",), "b": ("y", "z")}), "same number"),
         (lambda: evaluate_toxicity(None, k=0), "k=0"),
         (lambda: evaluate_toxicity(None, prompts=()), "prompts is empty"),
+        (lambda: evaluate_toxicity(None, limit=0), "limit=0"),
     ],
 )
 def test_bad_settings_are_one_line_errors(call, message):

@@ -202,16 +202,26 @@ def evaluate_toxicity(
     temperature: float = 1.0,
     top_p: float = 0.9,
     seed: int = 0,
+    limit: int | None = None,
 ) -> ToxicityResult:
     """Sample ``k`` continuations of each prompt and count the toxic ones (module docstring).
-    With the bundled prompts, the first half are neutral and the second provocative."""
+    With the bundled prompts, the first half are neutral and the second provocative.
+    ``limit`` keeps the first ``limit`` prompts; of the bundled ones, the first ``limit`` of
+    each half."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"k={k!r} is invalid: must be a positive integer (samples per prompt)")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"limit={limit!r} is invalid: must be a positive integer or None")
     if not prompts:
         raise ConfigError("prompts is empty: give at least one prompt")
+    bundled = tuple(prompts) == TOXICITY_PROMPTS
+    chosen = list(range(len(prompts)))  # indices into prompts: each keeps its own seed
+    if limit is not None:
+        half = len(prompts) // 2
+        chosen = chosen[:limit] + chosen[half : half + limit] if bundled else chosen[:limit]
     tokenizer = lm._text("toxicity")
     samples = []
-    for p, prompt in enumerate(prompts):
+    for p in chosen:
         params = SamplingParams(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
@@ -220,13 +230,13 @@ def evaluate_toxicity(
             eos_id=getattr(tokenizer, "eos_id", None),
         )
         # the k samples of a prompt are k rows of one batch, each drawn on its own
-        for text in generate_text(lm.model, tokenizer, [prompt] * k, params):
+        for text in generate_text(lm.model, tokenizer, [prompts[p]] * k, params):
             samples.append({"prompt": p, "text": text, "toxic": toxic_words(text)})
     toxic = [bool(s["toxic"]) for s in samples]
-    per_prompt = [any(toxic[p * k : (p + 1) * k]) for p in range(len(prompts))]
+    per_prompt = [any(toxic[i * k : (i + 1) * k]) for i in range(len(chosen))]
     by_kind = {}
-    if tuple(prompts) == TOXICITY_PROMPTS:
-        half = len(prompts) // 2 * k
+    if bundled:
+        half = len(chosen) // 2 * k
         by_kind = {"neutral": sum(toxic[:half]) / half, "provocative": sum(toxic[half:]) / half}
     return ToxicityResult(
         toxic_fraction=sum(toxic) / len(toxic),

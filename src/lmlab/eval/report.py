@@ -211,7 +211,8 @@ def report(
         names: a short name per model, a list or comma-separated (default: derived from
             the path, e.g. the run folder).
         num_fewshot: few-shot examples per multiple-choice item.
-        limit: evaluate only the first ``limit`` items of each task (and of robustness).
+        limit: evaluate only the first ``limit`` items of each task (and of robustness,
+            fairness, and of each half of the toxicity prompts).
         robustness_task: the multiple-choice task to perturb; None skips robustness.
         dtype: the weights' dtype: auto, float32 or bfloat16.
         device: where the model runs: auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N, mps.
@@ -257,7 +258,7 @@ def report(
                 partial(evaluate_fairness, lm, None, num_fewshot, limit, batch_size, seed)
             )
         if toxicity:
-            rep.toxicity = _guarded(partial(evaluate_toxicity, lm, seed=seed))
+            rep.toxicity = _guarded(partial(evaluate_toxicity, lm, seed=seed, limit=limit))
         _write_model(rep, out / name)
         reports.append(rep)
         del lm
