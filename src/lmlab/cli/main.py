@@ -34,6 +34,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lmlab.cli.ngrams",
         "n-gram models of every order and smoothing: perplexity table, figure and a sample",
     ),
+    "gradients": (
+        "lmlab.cli.gradients",
+        "vanishing gradients: what reaches each step of an RNN, a GRU and an LSTM",
+    ),
     "positions": (
         "lmlab.cli.positions",
         "learned, sinusoidal, rotary and no positions on a task where order matters",

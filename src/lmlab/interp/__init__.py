@@ -13,7 +13,11 @@ from lmlab.interp.attribution import (
     saliency,
     value_score,
 )
-from lmlab.interp.gradients import plot_vanishing_gradients, vanishing_gradients
+from lmlab.interp.gradients import (
+    plot_vanishing_gradients,
+    trained_gradients,
+    vanishing_gradients,
+)
 from lmlab.interp.heatmap import heatmap_html, plot_heatmap, save_heatmap_html
 from lmlab.interp.hooks import ActivationCache, hook_points, hooks, match_names, run_with_cache
 from lmlab.interp.lens import TunedLens, logit_lens, train_tuned_lens, tuned_lens
@@ -55,5 +59,6 @@ __all__ = [
     "train_tuned_lens",
     "tuned_lens",
     "value_score",
+    "trained_gradients",
     "vanishing_gradients",
 ]

@@ -7,7 +7,8 @@ For a loss at the last step T, the gradient reaching the hidden state h_t is
 state forward additively, scaled by a forget gate near 1, so far more of the gradient
 survives (Hochreiter & Schmidhuber 1997). ``hidden_state_grad_norms`` in
 ``lmlab.models.recurrent`` measures ``||dL/dh_t||``; this module runs it for several cells
-on the same random sequence and draws the picture.
+on the same random sequence and draws the picture; ``trained_gradients`` measures trained
+recurrent runs on text. ``lmlab gradients`` (``lmlab.cli.gradients``) is the command.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+from lmlab.errors import ConfigError, DataError
 from lmlab.models import build_model
-from lmlab.models.recurrent import hidden_state_grad_norms
+from lmlab.models.recurrent import RecurrentLM, hidden_state_grad_norms
 
 
 def vanishing_gradients(
@@ -28,38 +30,88 @@ def vanishing_gradients(
     d_model: int = 128,
     batch_size: int = 8,
     seed: int = 0,
+    forget_bias: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """cell -> ``||dL_T/dh_t||`` for t = 0..seq_len-1, float64 [seq_len], for freshly
-    initialised one-layer models on the same random token sequence.
+    initialised one-layer models on the same random token sequence. ``forget_bias`` is the
+    LSTM's initial forget-gate bias (``RecurrentConfig``).
 
     Float64 because the RNN's early gradients fall below float32's range at T = 100.
     """
+    for name, value in (("seq_len", seq_len), ("vocab_size", vocab_size),
+                        ("batch_size", batch_size)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            raise ConfigError(f"{name}={value!r} is invalid: must be an integer >= 2")
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=g)
     norms = {}
     for cell in cells:
         torch.manual_seed(seed)
         spec = dict(family="recurrent", vocab_size=vocab_size, cell=cell, d_model=d_model)
+        if cell == "lstm":
+            spec["forget_bias"] = forget_bias
         model = build_model(spec).double()
         norms[cell] = hidden_state_grad_norms(model, ids).detach()
     return norms
 
 
-def plot_vanishing_gradients(png: str | os.PathLike, **kwargs) -> dict[str, torch.Tensor]:
-    """Plot ``vanishing_gradients(**kwargs)`` on a log scale, relative to the last step, and
-    save it as ``png``. Returns the norms."""
+def trained_gradients(
+    models: dict[str, str | os.PathLike],
+    text: str,
+    seq_len: int = 100,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """name -> ``||dL_T/dh_t||`` (float64 [seq_len]) of each trained recurrent model (a run
+    or checkpoint folder, anything ``lmlab.load`` reads), on ``batch_size`` windows of
+    ``seq_len`` tokens of ``text`` at seeded random offsets, in each model's tokenizer. The
+    loss is the cross-entropy of the token that follows each window."""
+    from lmlab.lm import load  # deferred: lmlab.lm imports every loader
+
+    norms = {}
+    for name, path in models.items():
+        lm = load(path, dtype="float32")
+        if not isinstance(lm.model, RecurrentLM):
+            kind = type(lm.model).__name__
+            raise ConfigError(
+                f"model {str(path)!r} is a {kind}: gradients measures recurrent models "
+                "(rnn-char, gru-char, lstm-char runs)"
+            )
+        ids = torch.as_tensor(lm._text("gradients").encode(text), dtype=torch.long)
+        if len(ids) < seq_len + 1:
+            raise DataError(
+                f"the text is {len(ids)} tokens for {name!r}: need at least seq_len + 1 = "
+                f"{seq_len + 1}"
+            )
+        g = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, len(ids) - seq_len, (batch_size,), generator=g)
+        windows = torch.stack([ids[s : s + seq_len + 1] for s in starts.tolist()])
+        model = lm.model.double()
+        norms[name] = hidden_state_grad_norms(model, windows[:, :-1], windows[:, -1]).detach()
+    return norms
+
+
+def plot_vanishing_gradients(
+    png: str | os.PathLike,
+    norms: dict[str, torch.Tensor] | None = None,
+    title: str = "Gradient reaching each hidden state (fresh models, random tokens)",
+    **kwargs,
+) -> dict[str, torch.Tensor]:
+    """Plot ``norms`` (default: ``vanishing_gradients(**kwargs)``) on a log scale, relative
+    to the last step, and save it as ``png``. Returns the norms."""
     from matplotlib.figure import Figure  # deferred: slow to import, only for plots
 
-    norms = vanishing_gradients(**kwargs)
+    norms = vanishing_gradients(**kwargs) if norms is None else norms
     fig = Figure(figsize=(6.4, 4))
     ax = fig.add_subplot()
     for cell, n in norms.items():
         T = len(n)
         # distance back from the loss on the x axis; 1e-300 keeps log(0) off the plot
-        ax.semilogy(range(T - 1, -1, -1), (n / n[-1]).clamp_min(1e-300).numpy(), label=cell.upper())
+        label = cell.upper() if cell in ("rnn", "gru", "lstm") else cell
+        ax.semilogy(range(T - 1, -1, -1), (n / n[-1]).clamp_min(1e-300).numpy(), label=label)
     ax.set_xlabel("steps back from the loss (T - t)")
     ax.set_ylabel("||dL/dh_t|| / ||dL/dh_T||")
-    ax.set_title("Gradient reaching each hidden state (fresh models, random tokens)")
+    ax.set_title(title)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend()
     fig.tight_layout()
