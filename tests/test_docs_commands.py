@@ -413,15 +413,12 @@ def _producer(command: Command, paths: list[str]) -> Command | None:
 def marks(command: Command) -> list:
     """Slow for a heavy command, and for every command of a block whose promised files
     (checked after its last command) include one a heavy command writes: the fast and the
-    slow suites run in separate processes, so a block's files must be made in one of them.
-    For the same reason a block is one xdist group: its commands run in one worker."""
+    slow suites run in separate processes, so a block's files must be made in one of them."""
     block = [c for c in COMMANDS if c.block == command.block]
     promised = any(c.makes for c in block)
-    # with pytest-xdist (make test: -n 2 --dist loadgroup) a block's commands share a worker
-    group = pytest.mark.xdist_group(command.block)
     if heavy(command) or (promised and any(heavy(c) for c in block)):
-        return [pytest.mark.slow, group]
-    return [group]
+        return [pytest.mark.slow]
+    return []
 
 
 # ----------------------------------------------------------------------------- a reader's world

@@ -9,7 +9,13 @@ import torch.nn.functional as F
 
 from lmlab.data.instructions import IGNORE, EncodedExample, collate, pack
 from lmlab.errors import DataError
-from lmlab.finetune.sft import ExampleBatches, fixed_batches, kl_sft_loss, sft_loss
+from lmlab.finetune.sft import (
+    ExampleBatches,
+    fixed_batches,
+    kl_sft_loss,
+    sft_loss,
+    supervised_data,
+)
 from lmlab.models import build_model
 from lmlab.train import Supervised, TrainConfig, train
 
@@ -100,6 +106,19 @@ def test_example_batches_take_their_collate_function():
     assert torch.equal(a.next_batch()["ids"], b.next_batch()["ids"])
     val = fixed_batches(list(range(5)), 2, 0, collate_fn=as_ids)
     assert [v["ids"].tolist() for v in val] == [[0, 1], [2, 3], [4]]
+
+
+def test_validation_is_the_first_eval_batches_batches_of_the_held_out_rows():
+    def as_ids(items, pad_id):
+        return {"ids": torch.tensor(items)}
+
+    config = TrainConfig(out_dir="unused", batch_size=2, eval_batches=2)
+    data = supervised_data(list(range(10)), list(range(20, 27)), sft_loss, config, 0, as_ids)
+    assert [v["ids"].tolist() for v in data.val] == [[20, 21], [22, 23]]
+    config = TrainConfig(out_dir="unused", batch_size=4, eval_batches=20)
+    data = supervised_data(list(range(10)), list(range(20, 27)), sft_loss, config, 0, as_ids)
+    assert [v["ids"].tolist() for v in data.val] == [[20, 21, 22, 23], [24, 25, 26]]
+    assert supervised_data(list(range(10)), [], sft_loss, config, 0, as_ids).val is None
 
 
 def settings(tmp_path, name, **kw):

@@ -103,13 +103,15 @@ def supervised_data(
     collate_fn: Collate = collate,
 ) -> Supervised:
     """What the trainer's ``supervised=`` takes: shuffled, resumable training batches of
-    ``config.batch_size`` examples, ``loss``, and the validation batches (None without
+    ``config.batch_size`` examples, ``loss``, and the validation batches: the first
+    ``config.eval_batches`` batches of the validation examples, in order (None without
     validation examples)."""
     size = config.batch_size
+    val = list(val_examples)[: config.eval_batches * size]
     return Supervised(
         ExampleBatches(train_examples, size, config.seed, pad_id, collate_fn),
         loss,
-        fixed_batches(val_examples, size, pad_id, collate_fn) if val_examples else None,
+        fixed_batches(val, size, pad_id, collate_fn) if val else None,
     )
 
 
