@@ -175,3 +175,14 @@ def test_python_m_lmlab_eval_harness_runs_lm_evals_command_line(files, tmp_path)
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "lmlab_world_facts" in done.stdout and "acc" in done.stdout
+
+
+def test_registering_lmlab_leaves_lm_evals_own_models_found():
+    # in a fresh process: lm-eval fills its registry on first lookup only when it is empty
+    code = (
+        "import lmlab.eval.harness\n"
+        "from lm_eval.api.registry import get_model\n"
+        "print(get_model('lmlab').__name__, get_model('local-completions').__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["LMLabHarness", "LocalCompletionsAPI"]

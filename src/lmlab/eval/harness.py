@@ -38,6 +38,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import lm_eval.models  # noqa: F401  (lm-eval's own models, before ours: see below)
 from lm_eval.__main__ import cli_evaluate
 from lm_eval.api.model import LM as HarnessLM
 from lm_eval.api.registry import register_model
@@ -54,6 +55,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_GEN_TOKS = 256
 
 
+# lm-eval fills its model registry (hf, local-completions, ...) on the first lookup only
+# when the registry is empty: registering "lmlab" into an empty one would hide them all
+# for the rest of the process, so lm_eval.models is imported above, first.
 @register_model("lmlab")
 class LMLabHarness(HarnessLM):
     """An lmlab model (``lmlab.LM``) as lm-evaluation-harness's ``LM``.
