@@ -221,3 +221,15 @@ def test_side_by_side_columns_and_narrow_fallback():
     assert all(len(line) <= 60 for line in lines)
     narrow = side_by_side({"greedy": "ab", "beam": "xy"}, width=40)
     assert narrow == "--- greedy\nab\n\n--- beam\nxy"
+
+
+def test_a_named_command_builds_its_parser_alone_and_a_typo_lists_them_all(capsys):
+    from lmlab.cli.main import COMMANDS, build_parser
+
+    _, runners = build_parser("tokenize")
+    assert list(runners) == ["tokenize"]
+    assert main(["tokenze"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'tokenze'" in err and all(f"'{name}'" in err for name in COMMANDS)
+    assert main(["--debug", "tokenize", "--bogus", "1"]) == 2
+    assert "unrecognized arguments: --bogus 1" in capsys.readouterr().err

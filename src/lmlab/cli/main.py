@@ -118,7 +118,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> tuple[ArgumentParser, dict[str, Callable]]:
+def build_parser(only: str | None = None) -> tuple[ArgumentParser, dict[str, Callable]]:
+    """The parser of every command, or of command ``only`` alone (what ``main`` builds when
+    the command line names one: building all of them takes a second or more)."""
     # Config fields are documented by the string right under them: show those in --help.
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
@@ -133,6 +135,8 @@ def build_parser() -> tuple[ArgumentParser, dict[str, Callable]]:
     subcommands = parser.add_subcommands(dest="command", required=True)
     runners = {}
     for name, (module_name, help_text) in COMMANDS.items():
+        if only is not None and name != only:
+            continue
         module = importlib.import_module(module_name)
         sub = ArgumentParser(description=help_text, exit_on_error=False)
         sub.add_argument("--config", action="config", help="YAML file with any of these options")
@@ -157,7 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = normalise_flags(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     logging.basicConfig(level=logging.INFO if debug else logging.WARNING, format="%(message)s")
-    parser, runners = build_parser()
+    named = next((a for a in argv if not a.startswith("-")), None)  # the command, if any
+    parser, runners = build_parser(named if named in COMMANDS else None)
     if not argv or argv in (["-h"], ["--help"]):
         parser.print_help()
         return 0
