@@ -598,7 +598,7 @@ def repeats(commands: list[Command]) -> dict[str, str]:
     that must run do (a page promises files from it, or its block goes on after it and a
     later line may read what it wrote), else the first; the others are left out."""
     groups: dict[tuple, list[Command]] = {}
-    for i, c in enumerate(commands):
+    for c in commands:
         key = (tuple(shrink(c.step.argv)), c.step.stdin, tuple(s.text for s in c.setup))
         groups.setdefault(key, []).append(c)
     out = {}
