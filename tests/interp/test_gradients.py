@@ -72,6 +72,8 @@ def test_the_command_writes_the_figure_and_the_ratios(rnn_run, tmp_path, capsys)
     [
         (["--cells", "rnn,transformer"], "cells='rnn,transformer' is invalid: choose from"),
         (["--seq_len", "1"], "seq_len=1 is invalid"),
+        (["--batch_size", "0"], "batch_size=0 is invalid: must be an integer >= 1"),
+        (["--models", "x", "--seq_len", "0"], "seq_len=0 is invalid"),
     ],
 )
 def test_bad_settings_are_one_line_errors(argv, message, tmp_path, capsys):

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from lmlab.errors import ConfigError, DataError
+from lmlab.fileio import atomic_write_with
 from lmlab.models import build_model
 from lmlab.models.recurrent import RecurrentLM, hidden_state_grad_norms
 
@@ -38,10 +39,7 @@ def vanishing_gradients(
 
     Float64 because the RNN's early gradients fall below float32's range at T = 100.
     """
-    for name, value in (("seq_len", seq_len), ("vocab_size", vocab_size),
-                        ("batch_size", batch_size)):  # fmt: skip
-        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-            raise ConfigError(f"{name}={value!r} is invalid: must be an integer >= 2")
+    _check_sizes(seq_len=seq_len, batch_size=batch_size, vocab_size=vocab_size)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=g)
     norms = {}
@@ -53,6 +51,15 @@ def vanishing_gradients(
         model = build_model(spec).double()
         norms[cell] = hidden_state_grad_norms(model, ids).detach()
     return norms
+
+
+def _check_sizes(**sizes: int) -> None:
+    """seq_len and vocab_size at least 2 (a first and a last step, two tokens to draw),
+    batch_size at least 1."""
+    for name, value in sizes.items():
+        low = 1 if name == "batch_size" else 2
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{name}={value!r} is invalid: must be an integer >= {low}")
 
 
 def trained_gradients(
@@ -68,6 +75,7 @@ def trained_gradients(
     loss is the cross-entropy of the token that follows each window."""
     from lmlab.lm import load  # deferred: lmlab.lm imports every loader
 
+    _check_sizes(seq_len=seq_len, batch_size=batch_size)
     norms = {}
     for name, path in models.items():
         lm = load(path, dtype="float32")
@@ -116,5 +124,5 @@ def plot_vanishing_gradients(
     ax.legend()
     fig.tight_layout()
     Path(png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100)
+    atomic_write_with(png, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     return norms
