@@ -15,6 +15,21 @@ def test_bundled_corpus_loads():
     assert text.startswith("First Citizen:\nBefore we proceed any further, hear me speak.")
 
 
+def test_the_encyclopedia_is_documents_of_sentences_the_same_on_every_call():
+    from lmlab.data.documents import build_world
+
+    text = load_corpus("encyclopedia")
+    assert "encyclopedia" in BUNDLED_CORPORA and text == load_corpus("encyclopedia")
+    articles = text.rstrip("\n").split("\n\n")
+    assert len(articles) == 60 * len(build_world(0).documents)
+    first = build_world(0).documents[0].text
+    assert articles[0].replace("\n", " ") == first  # one sentence per line, nothing lost
+    assert all(line.endswith(".") for line in text.splitlines() if line)
+    # the held-out tenth (split_text) is the last worlds' articles
+    val = split_text(text, 0.1)[1]
+    assert all(d.text.split(". ")[0] in val for d in build_world(59).documents)
+
+
 def test_text_file_loads_and_drops_byte_order_mark(tmp_path):
     path = tmp_path / "my.txt"
     path.write_bytes("\ufeffhéllo\nworld\n".encode())

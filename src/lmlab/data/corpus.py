@@ -24,14 +24,18 @@ from pathlib import Path
 
 from lmlab.errors import ConfigError, DataError, DataNotFoundError, closest
 
-BUNDLED_CORPORA: tuple[str, ...] = ("tinyshakespeare",)
-"""Corpora that ship inside the package, loadable by name with ``load_corpus``."""
+BUNDLED_CORPORA: tuple[str, ...] = ("tinyshakespeare", "encyclopedia")
+"""Corpora that ship inside the package, loadable by name with ``load_corpus``:
+Tiny Shakespeare (one stream of plays, 1.1 MB) and the generated encyclopedia of
+``lmlab.data.documents`` (6,000 short articles, one sentence per line, a blank line
+between articles: documents, as BERT's next-sentence prediction expects)."""
 
 
 def load_corpus(name_or_path: str | os.PathLike[str]) -> str:
     """Load a corpus as one string.
 
-    ``name_or_path`` is a bundled corpus name (``"tinyshakespeare"``; a name wins over a
+    ``name_or_path`` is a bundled corpus name (``"tinyshakespeare"``, ``"encyclopedia"``,
+    see ``BUNDLED_CORPORA``; a name wins over a
     file of the same name in the working directory), a UTF-8 text file, or a folder
     whose ``*.txt`` files, found recursively and sorted by their path relative to the
     folder, are joined with ``"\\n"``. A UTF-8 byte-order mark at the start of a file is
@@ -70,6 +74,10 @@ def load_corpus(name_or_path: str | os.PathLike[str]) -> str:
 
 
 def _load_bundled(name: str) -> str:
+    if name == "encyclopedia":
+        from lmlab.data.documents import encyclopedia_text
+
+        return encyclopedia_text()
     resource = resources.files("lmlab.data").joinpath(f"{name}.txt.gz")
     with resource.open("rb") as f:
         return gzip.decompress(f.read()).decode("utf-8")

@@ -18,13 +18,15 @@ A person's article also names the city where they *worked*, a different one: a m
 takes the first city it reads gets the wrong country.
 
     >>> world = build_world(seed=0)
-    >>> len(world.documents) > 100 and len(multihop_questions(seed=0)) >= 100
+    >>> len(world.documents) >= 100 and len(multihop_questions(seed=0)) >= 100
     True
 """
 
 from __future__ import annotations
 
+import functools
 import random
+import re
 from dataclasses import dataclass, field
 
 SYLLABLES = [
@@ -278,3 +280,29 @@ def example_questions(seed: int = 0) -> list[dict]:
 def documents(seed: int = 0) -> list[Document]:
     """The articles of the world of ``seed`` (seed 0: the bundled collection)."""
     return build_world(seed).documents
+
+
+ENCYCLOPEDIA_WORLDS = 60
+"""Worlds (seeds 0..59) whose articles make the bundled ``encyclopedia`` corpus."""
+
+
+@functools.lru_cache(maxsize=2)
+def encyclopedia_text(worlds: int = ENCYCLOPEDIA_WORLDS) -> str:
+    """The articles of the worlds of seeds 0..worlds-1 as one text: one sentence per line,
+    a blank line between articles (``load_corpus("encyclopedia")``: 6,000 articles, about
+    1 MB). A corpus of documents, unlike Tiny Shakespeare's one stream of plays: for
+    BERT's next-sentence prediction, whose random second segment comes from another
+    document (``lmlab pretrain --data encyclopedia --nsp_pairs sentences``). The last
+    tenth (``split_text``) is the articles of other worlds: other names, other facts.
+
+        >>> encyclopedia_text(1).split("\\n\\n")[0].splitlines()[:2]
+        ['Arfalven Yarost was an inventor who invented the brass barometer.', 'Yarost was born in Norgard in 1710.']
+    """
+    articles = []
+    for seed in range(worlds):
+        for doc in build_world(seed).documents:
+            articles.append("\n".join(_SENTENCE_END.split(doc.text)))
+    return "\n\n".join(articles) + "\n"
+
+
+_SENTENCE_END = re.compile(r"(?<=\.) ")
