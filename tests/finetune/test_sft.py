@@ -214,3 +214,22 @@ def test_supervised_refuses_token_arrays_and_scheduled_sampling(tmp_path):
     config = settings(tmp_path, "b", objective="linear", ss_c=0.01)
     with pytest.raises(ValueError, match="teacher_forcing"):
         train(tiny_model(), None, None, config, supervised=supervised())
+
+
+def test_the_summary_says_when_only_the_first_validation_examples_are_scored():
+    from types import SimpleNamespace
+
+    from lmlab.cli.summaries import trained_lines
+
+    result = SimpleNamespace(
+        trainable=10, total=100, train=SimpleNamespace(step=5, wall_time_s=1.0)
+    )
+    capped = {"train": 90, "val": 500, "skipped": 0, "val_scored": 160}
+    line = trained_lines("lora", result, "examples", capped)[-1]
+    assert line == (
+        "examples: 90 train, 500 validation (the first 160 scored: --train.eval_batches), 0 skipped"
+    )
+    whole = {"train": 90, "val": 10, "skipped": 1, "val_scored": 10}
+    assert trained_lines("lora", result, "examples", whole)[-1] == (
+        "examples: 90 train, 10 validation, 1 skipped"
+    )

@@ -40,7 +40,13 @@ def trained_lines(
     return [
         f"{label}: trained {share(result.trainable, result.total)} for {r.step} steps "
         f"in {r.wall_time_s:.0f} s",
-        f"{kind}: {counts['train']} train, {counts['val']} validation, {counts['skipped']} skipped",
+        f"{kind}: {counts['train']} train, {counts['val']} validation"
+        + (
+            f" (the first {counts['val_scored']} scored: --train.eval_batches)"
+            if counts.get("val_scored", counts["val"]) < counts["val"]
+            else ""
+        )
+        + f", {counts['skipped']} skipped",
     ]
 
 

@@ -198,6 +198,7 @@ def finetune(
 
     out = Path(config.out_dir)
     counts = {"train": len(train_enc), "val": len(val_enc), "skipped": skipped}
+    counts["val_scored"] = min(len(val_enc), config.eval_batches * config.batch_size)
     done = FinetuneResult(result, method, trainable, total, counts, out, before, lm=lm)
     if ranks.main:
         done.adapter_dir, done.model_dir = write_tuned_model(net, lm, out, method)
