@@ -12,6 +12,7 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
+from lmlab.data.corpus import load_corpus
 from lmlab.errors import ConfigError
 from lmlab.fileio import atomic_write_json
 from lmlab.interp.gradients import plot_vanishing_gradients, trained_gradients, vanishing_gradients
@@ -45,8 +46,6 @@ def add_arguments(parser: ArgumentParser) -> None:
 def run(args) -> None:
     out = Path(args.out)
     if args.models:
-        from lmlab.data.corpus import load_corpus
-
         paths = [m.strip() for m in args.models.split(",") if m.strip()]
         names = [Path(p).name or p for p in paths]
         if len(set(names)) != len(names):

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
 
+from lmlab.data.documents import encyclopedia_text
 from lmlab.errors import ConfigError, DataError, DataNotFoundError, closest
 
 BUNDLED_CORPORA: tuple[str, ...] = ("tinyshakespeare", "encyclopedia")
@@ -75,8 +76,6 @@ def load_corpus(name_or_path: str | os.PathLike[str]) -> str:
 
 def _load_bundled(name: str) -> str:
     if name == "encyclopedia":
-        from lmlab.data.documents import encyclopedia_text
-
         return encyclopedia_text()
     resource = resources.files("lmlab.data").joinpath(f"{name}.txt.gz")
     with resource.open("rb") as f:

@@ -20,6 +20,7 @@ import torch
 
 from lmlab.errors import ConfigError, DataError
 from lmlab.fileio import atomic_write_with
+from lmlab.lm import load
 from lmlab.models import build_model
 from lmlab.models.recurrent import RecurrentLM, hidden_state_grad_norms
 
@@ -73,8 +74,6 @@ def trained_gradients(
     or checkpoint folder, anything ``lmlab.load`` reads), on ``batch_size`` windows of
     ``seq_len`` tokens of ``text`` at seeded random offsets, in each model's tokenizer. The
     loss is the cross-entropy of the token that follows each window."""
-    from lmlab.lm import load  # deferred: lmlab.lm imports every loader
-
     _check_sizes(seq_len=seq_len, batch_size=batch_size)
     norms = {}
     for name, path in models.items():
