@@ -21,8 +21,9 @@ command of the block writes is made by running that command; another model path 
 ``runs/demo`` is a copy of a one-step ``gpt-char-tiny`` run trained once for the module or,
 for the commands that need an instruction-tuned model (chat, rank, judge, reward, dpo,
 ppo), a one-step LoRA fine-tune of SmolLM2 as lesson 9 makes. "smollm2" itself names a
-narrow stand-in of its shape with its tokenizer and chat template (``smollm2_standin``); a user file (``my_texts/``,
-``my_run.yaml``, ``my_task.jsonl``, ...) is a tiny one of the right kind. Commands that
+narrow stand-in of its shape with its tokenizer and chat template (``smollm2_standin``);
+a user file (``my_texts/``, ``my_run.yaml``, ``my_task.jsonl``, ...) is a tiny one of the
+right kind. Commands that
 need a pretrained model package skip, with the reason, when it is not installed; those and
 the long-running commands are marked slow.
 """
