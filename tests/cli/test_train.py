@@ -180,3 +180,11 @@ def test_log_flags_write_tensorboard_events_beside_metrics(corpus, tmp_path):
     assert [step for step, _ in tensorboard_scalars(out / "tensorboard")["train/loss"]] == logged
     assert logged == [1, 2]
     assert json.loads((out / "config.json").read_text())["train"]["log"]["tensorboard"] is True
+
+
+def test_a_one_step_run_says_step_not_steps(tmp_path, capsys):
+    argv = ["train", "--model", "gpt-char-tiny", "--data", "tinyshakespeare"]
+    argv += ["--train.max_steps", "1", "--train.batch_size", "2", "--train.seq_len", "16"]
+    argv += ["--model_overrides", '{"d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32}']
+    assert main(argv + ["--train.progress", "false", "--train.out_dir", str(tmp_path / "r")]) == 0
+    assert "trained 1 step in " in capsys.readouterr().out

@@ -20,7 +20,9 @@ def add_arguments(parser: ArgumentParser) -> None:
 def run(args) -> None:
     config = TrainConfig(**options(args.train), log=log_config(args))
     result = pretrain_encoder(**options(args, skip=("train", "log")), config=config)
-    print(f"trained {result.step} steps in {result.wall_time_s:.0f} s")
+    print(
+        f"trained {result.step} step{'' if result.step == 1 else 's'} in {result.wall_time_s:.0f} s"
+    )
     print(f"checkpoint: {result.checkpoint}")
     print(
         f"run directory: {config.out_dir} (metrics.jsonl with mlm/nsp loss and accuracy, pretraining.png)"

@@ -55,7 +55,8 @@ def run(args, given=None) -> None:
         print(f"checkpoint: {result.checkpoint}")
         return
     print(
-        f"trained {result.step} steps in {result.wall_time_s:.0f} s ({result.tokens_per_s:,.0f} tokens/s)"
+        f"trained {result.step} step{'' if result.step == 1 else 's'} in {result.wall_time_s:.0f} s "
+        f"({result.tokens_per_s:,.0f} tokens/s)"
     )
     if result.val_losses:
         step, loss = result.val_losses[-1]
