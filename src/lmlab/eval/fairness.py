@@ -235,9 +235,9 @@ def evaluate_toxicity(
     toxic = [bool(s["toxic"]) for s in samples]
     per_prompt = [any(toxic[i * k : (i + 1) * k]) for i in range(len(chosen))]
     by_kind = {}
-    if bundled:
-        half = len(chosen) // 2 * k
-        by_kind = {"neutral": sum(toxic[:half]) / half, "provocative": sum(toxic[half:]) / half}
+    if bundled:  # the chosen prompts are neutral, then as many provocative
+        n = len(chosen) // 2 * k
+        by_kind = {"neutral": sum(toxic[:n]) / n, "provocative": sum(toxic[n:]) / n}
     return ToxicityResult(
         toxic_fraction=sum(toxic) / len(toxic),
         toxicity_probability=sum(per_prompt) / len(per_prompt),
