@@ -26,13 +26,17 @@ def _seed_everything():
 
 @pytest.fixture(autouse=True, scope="session")
 def _matmul_ceiling_cache(tmp_path_factory):
-    """The trainer's MFU ceiling (lmlab.train.mfu) is cached in the session's temporary
-    folder, not in ~/.cache: tests write only to temporary folders."""
+    """The trainer's MFU ceiling (lmlab.train.mfu) and the compiled decoding steps are cached
+    in the session's temporary folder, not in ~/.cache or /tmp: tests write only to
+    temporary folders."""
     from lmlab.train import mfu
 
     path = tmp_path_factory.mktemp("cache") / "matmul_ceiling.json"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(mfu, "cache_file", lambda: path)
+        # compiled decoding steps too (lmlab.generate.compiled.step_cache_dir); subprocesses
+        # inherit the variable
+        patch.setenv("LMLAB_COMPILE_CACHE", str(path.parent / "steps"))
         yield
 
 

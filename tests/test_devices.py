@@ -164,7 +164,7 @@ def tiny_corpus(tmp_path):
     ids=["avx512_bf16", "amx", "no-bf16"],
 )
 def test_cpu_plan_follows_the_flags(monkeypatch, flags, bf16, onednn_matvec):
-    monkeypatch.setattr(devices, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(devices, "cpu_flags", lambda: flags)
     devices.cpu_plan.cache_clear()
     try:
         plan = devices.cpu_plan()

@@ -107,7 +107,7 @@ def bf16_supported(device: torch.device | str) -> bool:
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type != "cpu":
         return False
-    flags = _cpu_flags()
+    flags = cpu_flags()
     if flags is not None:
         return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
     try:
@@ -151,7 +151,7 @@ class CpuPlan:
 @functools.cache
 def cpu_plan() -> CpuPlan:
     """This machine's ``CpuPlan`` (read once per process)."""
-    flags = _cpu_flags() or set()
+    flags = cpu_flags() or set()
     deciding = tuple(f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags)
     bf16 = bf16_supported("cpu")
     amx = {"amx_bf16", "amx_tile"} <= flags
@@ -168,7 +168,9 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _cpu_flags() -> set[str] | None:
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (x86 ``flags``, Arm ``Features``), None
+    where it cannot be read."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -1,5 +1,6 @@
 """The compiled one-token step (``SamplingParams(compile=True)``): the same tokens as the
-eager path, one graph for a whole run, a clear error without a C++ compiler."""
+eager path, one graph for a whole run, saved for later processes, dynamo's step where a
+model does not trace as one graph, a clear error without a C++ compiler."""
 
 import dataclasses
 
@@ -35,11 +36,22 @@ def graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def steps_compiled() -> int:
+    """Whole-graph steps compiled (not loaded) in this process so far."""
+    return compiled_module.compiled_steps()[0]
+
+
+def new_process():
+    """What a later process starts with: no step in memory (the saved ones stay)."""
+    compiled_module.reset()
+
+
 @pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()  # each test starts with no compiled graph (and no recompile limit)
+def _fresh_dynamo(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMLAB_COMPILE_CACHE", str(tmp_path / "steps"))
+    new_process()  # each test starts with no compiled graph (and no recompile limit)
     yield
-    torch._dynamo.reset()
+    new_process()
 
 
 def greedy(max_new_tokens, compile=False):
@@ -51,22 +63,28 @@ def greedy(max_new_tokens, compile=False):
 def test_compiled_greedy_equals_eager_with_a_bounded_number_of_graphs(dtype):
     model = tiny(dtype)
     eager = generate(model, PROMPTS[:1], greedy(64))
-    before = graphs()
+    before = steps_compiled()
     first = generate(model, PROMPTS[:1], greedy(64, compile=True))
     assert first.ids == eager.ids
     # one graph for 64 steps of a growing cache: no recompilation per token
-    assert graphs() - before == 1
+    assert steps_compiled() - before == 1
     assert first.compile_seconds > 0 and eager.compile_seconds == 0
     # a padded batch takes the masked path (and dynamo treats batch 1 apart): one more graph
     padded = generate(model, PROMPTS, greedy(40, compile=True))
     assert padded.ids == generate_ids(model, PROMPTS, greedy(40))
-    assert graphs() - before == 2 and padded.compile_seconds > 0
+    assert steps_compiled() - before == 2 and padded.compile_seconds > 0
     # another batch size, prompt lengths and cache size: the same graphs, nothing compiled
     again = generate(model, PROMPTS[1:], greedy(30, compile=True))
     assert again.ids == generate_ids(model, PROMPTS[1:], greedy(30))
-    assert graphs() - before == 2 and again.compile_seconds == 0
+    assert steps_compiled() - before == 2 and again.compile_seconds == 0
     stream = stream_ids(model, PROMPTS[0], greedy(64, compile=True))
-    assert list(stream) == eager.ids[0] and graphs() - before == 2
+    assert list(stream) == eager.ids[0] and steps_compiled() - before == 2
+    # a later process loads both from disk: nothing compiled, the same tokens
+    new_process()
+    loaded = compiled_module.compiled_steps()[1]
+    assert generate(model, PROMPTS[:1], greedy(64, compile=True)).ids == eager.ids
+    assert generate(model, PROMPTS, greedy(40, compile=True)).ids == padded.ids
+    assert steps_compiled() - before == 2 and compiled_module.compiled_steps()[1] - loaded == 2
 
 
 @pytest.mark.slow
@@ -88,9 +106,42 @@ def test_compiled_padded_batches_beams_and_sampling_equal_eager():
     handle.remove()
     # a run checks every guard at its first step: a setting changed since the last run counts
     model.use_explicit_attention(True)
-    graphs_before = graphs()
+    compiled_before = steps_compiled()
     assert generate_ids(model, PROMPTS, greedy(8, compile=True)) == before
-    assert graphs() > graphs_before
+    assert steps_compiled() > compiled_before
+
+
+@pytest.mark.slow
+def test_a_damaged_saved_step_is_compiled_afresh(tmp_path):
+    model = tiny()
+    eager = generate_ids(model, PROMPTS[:1], greedy(16))
+    assert generate_ids(model, PROMPTS[:1], greedy(16, compile=True)) == eager
+    (saved,) = (tmp_path / "steps").iterdir()
+    saved.write_bytes(saved.read_bytes()[:1000])  # cut short, as by a full disk
+    new_process()
+    before = steps_compiled()
+    assert generate_ids(model, PROMPTS[:1], greedy(16, compile=True)) == eager
+    assert steps_compiled() - before == 1 and saved.stat().st_size > 1000  # rewritten whole
+    # another model of the same shape is another key: its own step, its own tokens
+    other = tiny(seed=1)
+    other.blocks[0].attn.explicit = True
+    assert generate_ids(other, PROMPTS[:1], greedy(16, compile=True)) == generate_ids(
+        other, PROMPTS[:1], greedy(16)
+    )
+    assert steps_compiled() - before == 2
+
+
+@pytest.mark.slow
+def test_a_model_that_breaks_the_graph_uses_dynamos_step(monkeypatch):
+    def graph_break(self, model, ids, cache):
+        return None  # as when aot_compile refuses a trace with a graph break
+
+    monkeypatch.setattr(compiled_module._Steps, "_compile", graph_break)
+    model = tiny(torch.bfloat16)
+    eager = generate(model, PROMPTS[:1], greedy(32))
+    before = graphs()
+    result = generate(model, PROMPTS[:1], greedy(32, compile=True))
+    assert result.ids == eager.ids and graphs() - before == 1 and result.compile_seconds > 0
 
 
 def test_compile_off_never_touches_torch_compile(monkeypatch):

@@ -16,7 +16,7 @@ from jsonargparse import ArgumentParser
 from lmlab import api
 from lmlab.cli.args import add_model_arguments
 from lmlab.generate import SamplingParams, generate
-from lmlab.generate.compiled import cache_dir
+from lmlab.generate.compiled import step_cache_dir
 
 
 def add_arguments(parser: ArgumentParser) -> None:
@@ -75,10 +75,11 @@ def _note_slid(slid: int, context: int | None) -> None:
 
 
 def note_compiled(seconds: float) -> None:
-    """A note on stderr when this run compiled the one-token step (``--compile true``)."""
+    """A note on stderr when this run compiled or loaded the one-token step (``--compile
+    true``)."""
     if seconds:
         print(
-            f"lmlab: note: compiling the decoding step took {seconds:.1f} s (once per process; "
-            f"inductor caches the kernels in {cache_dir()}, so later runs compile faster)",
+            f"lmlab: note: compiling (or loading) the decoding step took {seconds:.1f} s, once "
+            f"per process and model; it is saved in {step_cache_dir()}, so later runs load it",
             file=sys.stderr,
         )
