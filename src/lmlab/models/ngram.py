@@ -316,7 +316,7 @@ class _HashIndex:
 
     - a key k is hashed by P = k * GOLDEN (wrapped modulo 2^64; one to one, so P stands
       for k): its group g is the top bits of P (about one key per group), its home f the
-      next bits (S >= 2G slots), its side x the bit after them;
+      next bits (S > 1.25 G slots), its side x the bit after them;
     - each group has a displacement d_g, chosen at build time so that the slots
       f XOR d_g of all keys are distinct (keys of one group keep distinct slots under any
       d_g: XOR by a constant is one-to-one);
@@ -326,7 +326,7 @@ class _HashIndex:
 
     Build: groups of the same size try pseudo-random displacements in rounds, all at once,
     biggest groups first; a group takes one when every key of it lands on a free slot that
-    no other key claims in that round. With S >= 2G most groups settle in their first
+    no other key claims in that round. With S > 1.25 G most groups settle in their first
     rounds, and each round only works on the groups still unplaced. Two keys of one group
     with one home can never part; then P is multiplied once more (``mixer``) and the
     build starts over.
@@ -335,8 +335,12 @@ class _HashIndex:
     def __init__(self, keys: torch.Tensor):
         G = keys.numel()
         self.group_bits = max(1, (G - 1).bit_length())  # M = 2^group_bits >= G groups
-        for extra in range(1, 4):  # a wider table if no mixer works
-            self.bits = max(1, G.bit_length() + extra)  # S = 2^bits >= 2G slots
+        for extra in range(3):  # a wider table if no mixer works
+            # S = 2^bits > 1.25 G slots, at most 80% taken: a table that still builds in a
+            # few rounds. Half the size of S >= 2G: Tiny Shakespeare's word 5-gram indexes
+            # take 37 MB instead of 66, and score 1.02-1.05x faster (interleaved, one
+            # thread), each lookup being a cache miss
+            self.bits = max(1, (G + G // 4).bit_length() + extra)
             self.side_bit = 63 - self.group_bits - self.bits  # x's bit in P
             for self.mixer in (1, _MIX1, _MIX2):
                 if self.side_bit > self.bits + 2 and self._place(keys, self.hash(keys)):
