@@ -12,8 +12,9 @@ Rows:
 - lmlab 4-bit plain: the same model with every decoding shortcut off
   (``use_fast_decoding(False)``): its greedy ids must equal the row above;
 - lmlab 4-bit compiled (with ``--compile``): the first row with ``compile=True`` (the
-  one-token step through torch.compile, ``lmlab.generate.compiled``); the compile happens
-  in the untimed warm-up run, and its wall seconds are printed under the table;
+  one-token step through torch.compile, ``lmlab.generate.compiled``); the compile (or, once
+  a process has saved the step, loading it) happens in the untimed warm-up run, and its
+  wall seconds are printed under the table;
 - llama.cpp Q4_1 (llama-cpp-python, the same file, the same prompt ids) when the package
   is installed (``make bench`` installs it), else transformers float32 on the dequantized
   weights.
