@@ -12,6 +12,7 @@ import lmlab.generate.compiled as compiled_module
 from lmlab.errors import DecodingError
 from lmlab.generate import SamplingParams, generate, generate_ids, stream_ids
 from lmlab.models import build_model, get_preset
+from lmlab.quant import quantize_model
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15], [1, 2, 3, 4, 5]]
 
@@ -129,6 +130,27 @@ def test_a_damaged_saved_step_is_compiled_afresh(tmp_path):
         other, PROMPTS[:1], greedy(16)
     )
     assert steps_compiled() - before == 2
+
+
+@pytest.mark.slow
+def test_models_of_one_layout_share_a_step_and_keep_their_own_weights():
+    """Two 4-bit models with one layout have one key: the step reads each one's weights,
+    packed int4 kernels included (held by a plain object, not a module), in this process
+    and after loading the saved step."""
+
+    def int4_model(seed):
+        model = tiny(torch.bfloat16, seed=seed, d_model=64, d_ff=128, vocab_size=64)
+        return quantize_model(model, "int4")
+
+    a, b = int4_model(0), int4_model(1)
+    eager = [generate_ids(m, PROMPTS[:1], greedy(24)) for m in (a, b)]
+    assert eager[0] != eager[1]
+    before = steps_compiled()
+    for _ in ("compiled here", "loaded from disk"):
+        for m, ids in zip((b, a), eager[::-1]):
+            assert generate_ids(m, PROMPTS[:1], greedy(24, compile=True)) == ids
+        assert steps_compiled() - before == 1
+        new_process()
 
 
 @pytest.mark.slow
