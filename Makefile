@@ -45,7 +45,7 @@ bench: .venv/installed
 	# llama.cpp, the reference bench/smollm2.py runs beside lmlab: compiled from source
 	# (minutes), so only here, never a requirement; without it the bench compares with transformers
 	$(PIP) install -q llama-cpp-python==0.3.36 || echo "llama-cpp-python did not build: bench/smollm2.py compares with transformers"
-	$(PY) bench/smollm2.py
+	$(PY) bench/smollm2.py --compile
 	$(PY) bench/quant.py --threads 1
 
 # Every lesson's command at full size, timed, its figures checked; the times go into

@@ -337,9 +337,8 @@ class _HashIndex:
         self.group_bits = max(1, (G - 1).bit_length())  # M = 2^group_bits >= G groups
         for extra in range(3):  # a wider table if no mixer works
             # S = 2^bits > 1.25 G slots, at most 80% taken: a table that still builds in a
-            # few rounds. Half the size of S >= 2G: Tiny Shakespeare's word 5-gram indexes
-            # take 37 MB instead of 66, and score 1.02-1.05x faster (interleaved, one
-            # thread), each lookup being a cache miss
+            # few rounds, about half the size of S >= 2G (Tiny Shakespeare's word 5-gram
+            # indexes: 37 MB instead of 66), and each lookup is a cache miss
             self.bits = max(1, (G + G // 4).bit_length() + extra)
             self.side_bit = 63 - self.group_bits - self.bits  # x's bit in P
             for self.mixer in (1, _MIX1, _MIX2):
