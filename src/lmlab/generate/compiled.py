@@ -20,18 +20,21 @@ Choices, each one measured or tested:
   and gives the same ids.
 - On a CPU the step is compiled whole (``aot_compile``, ``fullgraph=True``): a function
   that runs without dynamo's per-call frame hook and guard checks, whose guards are
-  checked once at a run's first step. That saves about 1.4 ms per SmolLM2 token (7.7
-  against 9.0 ms per step with dynamo's guards skipped; ``bench/smollm2_compile.py``). A
-  model that breaks the graph, and other devices, get dynamo's compiled step instead.
-- Compiling costs seconds (about 75 s of wall time for SmolLM2, once per model and
+  checked once at a run's first step. SmolLM2 4-bit, 2 threads: 9.9 ms of CPU per token
+  against 12.0 with dynamo's step and its guards skipped after the first (1.24x; eager:
+  17.2; ``bench/smollm2_compile.py``). A model that breaks the graph, and other devices,
+  get dynamo's compiled step instead.
+- Compiling costs seconds (about 85 s of wall time for SmolLM2, once per model and
   setting): ``compile_seconds`` in the result says how long. The whole-graph step is then
   saved (``step_cache_dir``: ``$LMLAB_COMPILE_CACHE``, else ``lmlab-steps`` under
   inductor's cache directory ``cache_dir()``), keyed by everything its guards may not
-  cover (``step_key``: torch's and lmlab's versions, the CPU's flags, the source of the
-  model's classes, the model's layout and settings), and a later process loads it in a few
-  seconds instead of tracing again. The saved files are lmlab's own cache, trusted as
-  inductor's on-disk caches are (they hold compiled code and pickled state, written with
-  the user's permissions): never point ``$LMLAB_COMPILE_CACHE`` at files from elsewhere.
+  cover (``step_key``: torch's and lmlab's versions, the CPU's flags, lmlab's source and
+  that of the model's other classes, the model's layout and settings), and a later
+  process loads it in a few seconds instead of tracing again (SmolLM2: 3.2 s; dynamo's step is traced again in every
+  process, about 20 s with inductor's caches warm). The saved files are lmlab's own
+  cache, trusted as inductor's on-disk caches are (they hold compiled code and pickled
+  state, written with the user's permissions): never point ``$LMLAB_COMPILE_CACHE`` at
+  files from elsewhere.
 - inductor builds its CPU kernels with a C++ compiler (``g++``, or ``$CXX``):
   ``require_compiler`` says so in one line when there is none, before any tracing.
 """
@@ -117,15 +120,27 @@ def step_cache_dir() -> Path:
     return Path(os.environ.get("LMLAB_COMPILE_CACHE") or Path(cache_dir()) / "lmlab-steps")
 
 
-def _source_hash(model: nn.Module) -> str:
-    """A digest of the source files that define the model's modules and this one: a saved
-    step traced from other code is never loaded."""
-    files = {inspect.getsourcefile(type(m)) for m in model.modules()} | {__file__}
+def _digest(files) -> str:
     digest = hashlib.sha256()
-    for name in sorted(f for f in files if f):
-        digest.update(name.encode())
+    for name in sorted(files):
+        digest.update(str(name).encode())
         digest.update(Path(name).read_bytes())
     return digest.hexdigest()
+
+
+@functools.cache
+def _package_hash() -> str:
+    """A digest of lmlab's own source (read once per process: a few ms)."""
+    return _digest(Path(__file__).parents[1].rglob("*.py"))
+
+
+def _source_hash(model: nn.Module) -> str:
+    """A digest of lmlab's source and of the files that define the model's other module
+    classes (a user's own): a saved step traced from other code is never loaded."""
+    package = Path(__file__).parents[1]
+    files = {inspect.getsourcefile(type(m)) for m in model.modules()}
+    outside = [f for f in files if f and package not in Path(f).parents]
+    return _digest(outside) + _package_hash()
 
 
 def step_key(model: nn.Module, ids: torch.Tensor, cache) -> str:
@@ -153,11 +168,9 @@ class _Steps:
     """Compiled CPU steps, in this process and on disk (``step_cache_dir``).
 
     Each is ``torch.compile(...).aot_compile``'d: a whole-graph function that runs without
-    dynamo's frame hooks and guard checks (about 1.4 ms less per SmolLM2 token than the
-    dynamo-compiled step, whose guards cost that even when skipped), and that can be saved.
-    A later process loads it in a few seconds instead of tracing again (SmolLM2: about 3.5
-    s against 20 s with inductor's caches warm, 75 s cold). Its guards are checked once,
-    at a run's first step."""
+    dynamo's frame hooks and guard checks, and that can be saved. A later process loads it
+    in a few seconds instead of tracing again. Its guards are checked once, at a run's
+    first step."""
 
     def __init__(self):
         self.entries: list[tuple[str, Callable]] = []
