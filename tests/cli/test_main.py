@@ -143,6 +143,14 @@ def test_generate_past_the_context_slides_with_one_note(run_dir, capsys, beams):
     assert err.count("\n") == 1 and "context of 32 tokens" in err and "32 oldest" in err
 
 
+def test_generate_takes_model_as_another_name_for_ckpt(run_dir, capsys):
+    argv = ["generate", "--max_new_tokens", "12", "--temperature", "0", "to be"]
+    assert main([*argv[:-1], "--ckpt", str(run_dir), "to be"]) == 0
+    by_ckpt = capsys.readouterr().out
+    assert main([*argv[:-1], "--model", str(run_dir), "to be"]) == 0
+    assert capsys.readouterr().out == by_ckpt and len(by_ckpt.rstrip("\n")) == len("to be") + 12
+
+
 def test_generate_short_of_the_context_prints_no_note(run_dir, capsys):
     assert main(["generate", "--ckpt", str(run_dir), "--max_new_tokens", "20", "to be"]) == 0
     assert capsys.readouterr().err == ""

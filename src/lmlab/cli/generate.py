@@ -21,7 +21,13 @@ from lmlab.generate.compiled import step_cache_dir
 
 def add_arguments(parser: ArgumentParser) -> None:
     parser.add_argument("prompt", type=str, help="the text to continue")
-    parser.add_argument("--ckpt", type=str, default="runs/demo", help="checkpoint or run directory")
+    parser.add_argument(
+        "--ckpt",
+        "--model",
+        type=str,
+        default="runs/demo",
+        help="checkpoint or run directory, or a pretrained name (smollm2); --model is the same",
+    )
     add_model_arguments(parser)
     parser.add_argument(
         "--no_stream", type=bool, default=False, help="print the text only when done"
