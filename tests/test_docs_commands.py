@@ -341,6 +341,8 @@ def shrink(argv: list[str]) -> list[str]:
         argv = _set(argv, "--progress", "false")
     elif command == "chat" or (command == "generate" and pretrained):
         argv = _set(argv, "--max_new_tokens", "8")
+        if "--compile" in argv:  # a minute of compiling here; tests/generate/test_compiled.py
+            argv = _set(argv, "--compile", "false")  # and tests/cli compile small models
     elif command == "prompt":
         for flag, value in [("--n", "2"), ("--samples", "2"), ("--max_tokens", "8")]:
             argv = _set(argv, flag, value)
