@@ -146,9 +146,8 @@ def main() -> None:
         return statistics.median(x / y for x, y in zip(per_token[a], per_token[b]))
 
     print(
-        "median: "
-        + ", ".join(f"{k} {v:.2f}" for k, v in medians.items())
-        + f" ms/token; median of per-round ratios: eager / compiled {ratio('eager', 'compiled'):.2f}x, "
+        "median: " + ", ".join(f"{k} {v:.2f}" for k, v in medians.items()) + " ms/token; "
+        f"median of per-round ratios: eager / compiled {ratio('eager', 'compiled'):.2f}x, "
         f"dynamo / compiled {ratio('dynamo', 'compiled'):.2f}x; greedy ids equal in every "
         f"round: {equal}"
     )

@@ -30,11 +30,11 @@ Choices, each one measured or tested:
   inductor's cache directory ``cache_dir()``), keyed by everything its guards may not
   cover (``step_key``: torch's and lmlab's versions, the CPU's flags, lmlab's source and
   that of the model's other classes, the model's layout and settings), and a later
-  process loads it in a few seconds instead of tracing again (SmolLM2: 3.2 s; dynamo's step is traced again in every
-  process, about 20 s with inductor's caches warm). The saved files are lmlab's own
-  cache, trusted as inductor's on-disk caches are (they hold compiled code and pickled
-  state, written with the user's permissions): never point ``$LMLAB_COMPILE_CACHE`` at
-  files from elsewhere.
+  process loads it in a few seconds instead of tracing again (SmolLM2: 3.2 s; dynamo's
+  step is traced again in every process, about 20 s with inductor's caches warm). The
+  saved files are lmlab's own cache, trusted as inductor's on-disk caches are (they hold
+  compiled code and pickled state, written with the user's permissions): never point
+  ``$LMLAB_COMPILE_CACHE`` at files from elsewhere.
 - inductor builds its CPU kernels with a C++ compiler (``g++``, or ``$CXX``):
   ``require_compiler`` says so in one line when there is none, before any tracing.
 """
@@ -48,6 +48,7 @@ import logging
 import os
 import shutil
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -174,26 +175,31 @@ class _Steps:
 
     def __init__(self):
         self.entries: list[tuple[str, Callable]] = []
+        self.breaking: set[str] = set()  # keys of models that break the graph
         self.compiled = 0  # steps compiled (not loaded) in this process
         self.loaded = 0
 
-    def find(self, model: nn.Module, ids: torch.Tensor, cache) -> Callable | None:
-        """A step whose guards pass for these arguments: in memory, then on disk, else
-        compiled now (and saved); None when the model cannot be traced as one graph."""
+    def find(self, model: nn.Module, ids: torch.Tensor, cache) -> tuple[Callable | None, str]:
+        """``(step, how)``: a step whose guards pass for these arguments, found in "memory",
+        loaded from "disk", or "compiled" now (and saved); ``(None, "breaks")`` when the
+        model cannot be traced as one graph (tried once per key and process)."""
         key = step_key(model, ids, cache)
+        if key in self.breaking:
+            return None, "breaks"
         for k, fn in self.entries:
             if k == key and fn.guard_check(model, ids, cache):
-                return fn
+                return fn, "memory"
         path = step_cache_dir() / f"{key}.bin"
-        fn = self._load(path, model, ids, cache)
+        fn, how = self._load(path, model, ids, cache), "disk"
         if fn is None:
-            fn = self._compile(model, ids, cache)
+            fn, how = self._compile(model, ids, cache), "compiled"
             if fn is None:
-                return None
+                self.breaking.add(key)
+                return None, "breaks"
             self._save(fn, path)
         fn.disable_guard_check()  # checked above, once per run
         self.entries.append((key, fn))
-        return fn
+        return fn, how
 
     def _load(self, path: Path, model, ids, cache) -> Callable | None:
         from torch._dynamo.aot_compile import AOTCompiledFunction  # deferred: see cache_dir
@@ -238,6 +244,10 @@ class _Steps:
 
 
 _STEPS = _Steps()
+# Models whose step dynamo compiles in pieces (a graph break): a piece may recompile at any
+# step (an int it specialised on changes), which the skipped guards would turn into an
+# error, so their runs check every guard at every step.
+_BREAKING: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def reset() -> None:
@@ -246,6 +256,8 @@ def reset() -> None:
     import torch._dynamo  # deferred: see cache_dir
 
     _STEPS.entries.clear()
+    _STEPS.breaking.clear()
+    _BREAKING.clear()
     torch._dynamo.reset()
 
 
@@ -266,10 +278,10 @@ class CompiledStep:
     instead, whose first call checks all of dynamo's guards (the model's dtype, mode,
     shapes, settings such as ``use_fast_decoding``: anything changed since the last run
     recompiles) and whose later calls skip the guards that cannot tell its graphs apart
-    (``skip_guard_eval_unsafe``).
+    (``skip_guard_eval_unsafe``), unless the model breaks the graph (``_BREAKING``).
 
     ``seconds`` adds up the calls that compiled or loaded a step: wall seconds, tracing
-    and C++ builds included.
+    (a failed whole-graph trace included) and C++ builds.
     """
 
     def __init__(self, device: torch.device):
@@ -295,32 +307,41 @@ class CompiledStep:
         self.calls += 1
         if self._whole is not None:
             return self._whole(model, ids, cache)
-        if self.calls == 1 and self._cpu:
-            start = time.perf_counter()
-            before = compiled_steps()
-            self._whole = _STEPS.find(model, ids, cache)
-            if compiled_steps() != before:
+        if self.calls == 1:
+            return self._first(model, ids, cache)
+        if model in _BREAKING:
+            return self._step(model, ids, cache)
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            return self._step(model, ids, cache)
+
+    def _first(self, model: nn.Module, ids: torch.Tensor, cache) -> torch.Tensor:
+        """A run's first step: find (or make) the step the run will use, and count the
+        seconds spent compiling or loading it."""
+        start = time.perf_counter()
+        if self._cpu:
+            self._whole, how = _STEPS.find(model, ids, cache)
+            if how in ("disk", "compiled"):
                 self.seconds += time.perf_counter() - start
                 log.info(
                     "%s the one-token decoding step in %.1f s (saved in %s)",
-                    "compiled" if compiled_steps()[0] != before[0] else "loaded",
+                    "loaded" if how == "disk" else "compiled",
                     time.perf_counter() - start,
                     os.fspath(step_cache_dir()),
                 )
             if self._whole is not None:
                 return self._whole(model, ids, cache)
-        if self.calls > 1:
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                return self._step(model, ids, cache)
-        before = self._graphs["unique_graphs"]
-        start = time.perf_counter()
+            _BREAKING.add(model)
+        from torch._dynamo.utils import counters  # deferred: see cache_dir
+
+        graphs, breaks = self._graphs["unique_graphs"], sum(counters["graph_break"].values())
         logits = self._step(model, ids, cache)
-        if self._graphs["unique_graphs"] != before:
-            seconds = time.perf_counter() - start
-            self.seconds += seconds
+        if sum(counters["graph_break"].values()) != breaks:
+            _BREAKING.add(model)
+        if self._graphs["unique_graphs"] != graphs:
+            self.seconds += time.perf_counter() - start
             log.info(
                 "compiled the one-token decoding step in %.1f s (kernels cached in %s)",
-                seconds,
+                time.perf_counter() - start,
                 os.fspath(cache_dir()),
             )
         return logits
