@@ -86,6 +86,7 @@ def note_compiled(seconds: float) -> None:
     if seconds:
         print(
             f"lmlab: note: compiling (or loading) the decoding step took {seconds:.1f} s, once "
-            f"per process and model; it is saved in {step_cache_dir()}, so later runs load it",
+            f"per process and model (compiled steps are kept in {step_cache_dir()} for later "
+            "runs)",
             file=sys.stderr,
         )
