@@ -48,7 +48,6 @@ import logging
 import os
 import shutil
 import time
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -175,15 +174,18 @@ class _Steps:
 
     def __init__(self):
         self.entries: list[tuple[str, Callable]] = []
-        self.breaking: set[str] = set()  # keys of models that break the graph
+        # Keys of models whose step breaks the graph: dynamo compiles them in pieces, and a
+        # piece may recompile at any step (an int it specialised on changes), which skipped
+        # guards would turn into an error, so their runs check every guard at every step.
+        self.breaking: set[str] = set()
         self.compiled = 0  # steps compiled (not loaded) in this process
         self.loaded = 0
 
-    def find(self, model: nn.Module, ids: torch.Tensor, cache) -> tuple[Callable | None, str]:
-        """``(step, how)``: a step whose guards pass for these arguments, found in "memory",
-        loaded from "disk", or "compiled" now (and saved); ``(None, "breaks")`` when the
-        model cannot be traced as one graph (tried once per key and process)."""
-        key = step_key(model, ids, cache)
+    def find(self, key: str, model: nn.Module, ids: torch.Tensor, cache):
+        """``(step, how)``: a step for ``key`` (``step_key``) whose guards pass for these
+        arguments, found in "memory", loaded from "disk", or "compiled" now (and saved);
+        ``(None, "breaks")`` when the model cannot be traced as one graph (tried once per
+        key and process)."""
         if key in self.breaking:
             return None, "breaks"
         for k, fn in self.entries:
@@ -244,10 +246,6 @@ class _Steps:
 
 
 _STEPS = _Steps()
-# Models whose step dynamo compiles in pieces (a graph break): a piece may recompile at any
-# step (an int it specialised on changes), which the skipped guards would turn into an
-# error, so their runs check every guard at every step.
-_BREAKING: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def reset() -> None:
@@ -257,7 +255,6 @@ def reset() -> None:
 
     _STEPS.entries.clear()
     _STEPS.breaking.clear()
-    _BREAKING.clear()
     torch._dynamo.reset()
 
 
@@ -278,7 +275,7 @@ class CompiledStep:
     instead, whose first call checks all of dynamo's guards (the model's dtype, mode,
     shapes, settings such as ``use_fast_decoding``: anything changed since the last run
     recompiles) and whose later calls skip the guards that cannot tell its graphs apart
-    (``skip_guard_eval_unsafe``), unless the model breaks the graph (``_BREAKING``).
+    (``skip_guard_eval_unsafe``), unless the model breaks the graph (``_Steps.breaking``).
 
     ``seconds`` adds up the calls that compiled or loaded a step: wall seconds, tracing
     (a failed whole-graph trace included) and C++ builds.
@@ -288,10 +285,11 @@ class CompiledStep:
         require_compiler(device)
         from torch._dynamo.utils import counters  # deferred: see cache_dir
 
-        self._graphs = counters["stats"]
+        self._counters = counters
         self._cpu = device.type == "cpu"
         self._step = _compiled(self._cpu)
         self._whole: Callable | None = None
+        self._guarded = False  # dynamo's step with every guard checked (a graph break)
         self.calls = 0
         self.seconds = 0.0
 
@@ -309,7 +307,7 @@ class CompiledStep:
             return self._whole(model, ids, cache)
         if self.calls == 1:
             return self._first(model, ids, cache)
-        if model in _BREAKING:
+        if self._guarded:
             return self._step(model, ids, cache)
         with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
             return self._step(model, ids, cache)
@@ -318,8 +316,9 @@ class CompiledStep:
         """A run's first step: find (or make) the step the run will use, and count the
         seconds spent compiling or loading it."""
         start = time.perf_counter()
+        key = step_key(model, ids, cache)
         if self._cpu:
-            self._whole, how = _STEPS.find(model, ids, cache)
+            self._whole, how = _STEPS.find(key, model, ids, cache)
             if how in ("disk", "compiled"):
                 self.seconds += time.perf_counter() - start
                 log.info(
@@ -330,14 +329,13 @@ class CompiledStep:
                 )
             if self._whole is not None:
                 return self._whole(model, ids, cache)
-            _BREAKING.add(model)
-        from torch._dynamo.utils import counters  # deferred: see cache_dir
-
-        graphs, breaks = self._graphs["unique_graphs"], sum(counters["graph_break"].values())
+        stats, broken = self._counters["stats"], self._counters["graph_break"]
+        graphs, breaks = stats["unique_graphs"], sum(broken.values())
         logits = self._step(model, ids, cache)
-        if sum(counters["graph_break"].values()) != breaks:
-            _BREAKING.add(model)
-        if self._graphs["unique_graphs"] != graphs:
+        if sum(broken.values()) != breaks:
+            _STEPS.breaking.add(key)
+        self._guarded = key in _STEPS.breaking
+        if stats["unique_graphs"] != graphs:
             self.seconds += time.perf_counter() - start
             log.info(
                 "compiled the one-token decoding step in %.1f s (kernels cached in %s)",
