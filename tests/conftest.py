@@ -26,9 +26,9 @@ def _seed_everything():
 
 @pytest.fixture(autouse=True, scope="session")
 def _matmul_ceiling_cache(tmp_path_factory):
-    """The trainer's MFU ceiling (lmlab.train.mfu) and the compiled decoding steps are cached
-    in the session's temporary folder, not in ~/.cache or /tmp: tests write only to
-    temporary folders."""
+    """The trainer's MFU ceiling (lmlab.train.mfu), the compiled decoding steps and the C
+    kernels are cached in the session's temporary folder, not in ~/.cache or /tmp: tests
+    write only to temporary folders."""
     from lmlab.train import mfu
 
     path = tmp_path_factory.mktemp("cache") / "matmul_ceiling.json"
@@ -37,6 +37,8 @@ def _matmul_ceiling_cache(tmp_path_factory):
         # compiled decoding steps too (lmlab.generate.compiled.step_cache_dir); subprocesses
         # inherit the variable
         patch.setenv("LMLAB_COMPILE_CACHE", str(path.parent / "steps"))
+        # and the C kernels (lmlab.native.cache_dir)
+        patch.setenv("LMLAB_NATIVE_CACHE", str(path.parent / "native"))
         yield
 
 

@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lmlab"
 
 # Lowest first. The README's layout section states the same order.
 LAYERS = [
-    {"errors", "fileio", "version"},
+    {"errors", "fileio", "version", "native"},
     {"devices", "seeds"},
     {"models"},
     {"data", "quant"},

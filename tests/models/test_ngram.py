@@ -1,11 +1,15 @@
+import copy
 import doctest
+import gc
 import math
+import pickle
 
 import nltk.lm
 import numpy as np
 import pytest
 import torch
 
+from lmlab import native
 from lmlab.errors import ConfigError
 from lmlab.models import build_model, model_spec
 from lmlab.models import ngram as ngram_module
@@ -476,22 +480,75 @@ def stream_case(seed: int, smoothing: str, order: int, end: int | None, floor: b
     return model, stream[:, :-1], stream[:, 1:], mask
 
 
+# The stream is scored by the C kernel (ngram_stream.c) where one can be built, else in
+# PyTorch (``_score_stream_torch``): both must give the full rows' numbers bit for bit.
+BACKENDS = [
+    pytest.param(
+        True,
+        id="c",
+        marks=pytest.mark.skipif(native.compiler() is None, reason="no C compiler here"),
+    ),
+    pytest.param(False, id="torch"),
+]
+
+
 @pytest.mark.parametrize("smoothing", STREAMED)
 @pytest.mark.parametrize("order", [2, 3, 5])
-def test_stream_scores_equal_the_full_rows_exactly(smoothing, order):
+@pytest.mark.parametrize("use_c", BACKENDS)
+def test_stream_scores_equal_the_full_rows_exactly(smoothing, order, use_c):
     # random vocabularies, texts and batch shapes; unseen ids; sentence ends; each row's
     # first id masked or not; seeded per case
     for seed in range(4):
         end = 2 if seed % 2 else None
         model, ids, targets, mask = stream_case(100 * order + seed, smoothing, order, end, seed < 2)
         full = model.log_probs(ids, mask).gather(-1, targets[..., None])[..., 0]
-        model.build_index()
+        model.build_index(native=use_c)
+        assert (model._levels()[0].native is not None) == use_c  # the path under test
         assert model._streamed(ids, targets, mask)  # the stream path is the one taken
         assert torch.equal(model.log_scores(ids, targets, mask), full)
         assert torch.equal(
             model.log_scores(ids, targets, None),
             model.log_probs(ids).gather(-1, targets[..., None])[..., 0],
         )
+
+
+@pytest.mark.parametrize("use_c", BACKENDS)
+def test_stream_of_a_word_sized_model_equals_the_searched_scores(use_c):
+    # hash tables of 2^16 to 2^17 slots (a vocabulary of 3,000, 5-grams of 60,000 random
+    # tokens with repeats), three rows of 4,000 positions: the stream equals the binary
+    # searches' scores bit for bit
+    g = torch.Generator().manual_seed(11)
+    V = 3000
+    words = torch.randint(0, V, (200,), generator=g)
+    train = words[torch.randint(0, 200, (60_000,), generator=g)]  # many repeated n-grams
+    train = torch.where(
+        torch.rand(60_000, generator=g) < 0.3, torch.randint(0, V, (60_000,), generator=g), train
+    )
+    model = NGramLM(
+        NGramConfig(vocab_size=V, order=5, smoothing="modified_kneser_ney", sentence_end_id=7)
+    )
+    model.fit(train)
+    stream = train[torch.randint(0, 55_000, (3,), generator=g)[:, None] + torch.arange(4001)]
+    ids, targets = stream[:, :-1], stream[:, 1:]
+    searched = model.log_prob(ids, targets)  # not indexed yet: binary searches
+    assert model._levels()[0].stream is None
+    model.build_index(native=use_c)
+    assert torch.equal(model.log_prob(ids, targets), searched)
+
+
+@pytest.mark.skipif(native.compiler() is None, reason="no C compiler here")
+def test_a_copy_of_an_indexed_model_reads_its_own_tables():
+    # the kernel reads the tables by address: a copy must take its copies' addresses
+    model, ids, targets, mask = stream_case(5, "modified_kneser_ney", 4, 2)
+    model.build_index()
+    expected = model.log_scores(ids, targets, mask)
+    copies = [copy.deepcopy(model), pickle.loads(pickle.dumps(model))]
+    del model
+    gc.collect()  # the original's tables are gone
+    for other in copies:
+        kernel = other._levels()[0].native
+        assert kernel is not None and kernel.tables is other._levels()[0].stream
+        assert torch.equal(other.log_scores(ids, targets, mask), expected)
 
 
 def test_stream_steps_aside_where_it_does_not_apply():

@@ -91,6 +91,14 @@ in the next order's keys). So one lookup per order and position replaces the two
 searches, and each order only visits the positions whose context it has seen. The
 arithmetic is ``_probabilities``'s: the same numbers, bit for bit (tested).
 
+The same loop in C (``ngram_stream.c``, built once per machine by ``lmlab.native`` and
+called through ctypes) is what ``log_prob`` takes on the CPU where a C compiler exists: in
+PyTorch each order costs some twenty ops, each a dispatch, an allocation and a pass over
+memory, and the stream then runs about as fast as KenLM; the C loop reads each table entry
+once, overlapping the cache misses of 64 positions, and runs 1.5-2x faster than KenLM
+(``bench/ngram.py``, docs/results.md). Same tables, same numbers bit for bit (tested);
+``build_index(native=False)`` keeps to PyTorch.
+
 Parity: ``tests/models/test_ngram.py`` compares perplexities with nltk.lm's MLE, Laplace,
 Lidstone and KneserNeyInterpolated on the same n-grams; ``tests/checkpoint/test_arpa.py``
 scores lmlab's ARPA export with the ``kenlm`` module.
@@ -100,15 +108,19 @@ Shapes: B batch, T tokens per row, Q = B*T scored positions, V vocabulary.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 
+from lmlab import native
 from lmlab.errors import ConfigError
 from lmlab.models.contract import Abilities
 from lmlab.models.registry import register_family
@@ -490,6 +502,8 @@ class _Level:
     """Order 1 only: [V+1] the row of each one-token context, -1 where never seen."""
     stream: list | None = None
     """Order 1 only: what ``NGramLM._score_stream`` gathers, once derived ([]: cannot)."""
+    native: _NativeStream | None = None
+    """Order 1 only: the C kernel over ``stream`` (``build_index(native=True)``), if built."""
     bos_rows: list[int] | None = None
     """Order 1 only: the row of the all-BOS context of each length (``_stream_tables``)."""
     searched: int = 0
@@ -516,6 +530,128 @@ class _Stream:
     m-1, a row's first position's (-1 and the unseen weight where never seen)."""
     restart: tuple[torch.Tensor, torch.Tensor] | None = None
     """m >= 3: (name, weight) [1] of the all-BOS context of length m-1 (a sentence start)."""
+
+
+class _Order(ctypes.Structure):
+    """``ngram_order`` of ``ngram_stream.c``: one order m >= 2 of the stream tables."""
+
+    _fields_ = [
+        ("displacement", ctypes.c_void_p),
+        ("records", ctypes.c_void_p),
+        ("next_name", ctypes.c_void_p),
+        ("next_weight", ctypes.c_void_p),
+        ("restart_name", ctypes.c_int64),
+        ("restart_weight", ctypes.c_double),
+        ("mixer", ctypes.c_int64),
+        ("side_bit", ctypes.c_int64),
+        ("bits", ctypes.c_int64),
+        ("group_mask", ctypes.c_int64),
+        ("none", ctypes.c_int64),
+        ("kind", ctypes.c_int64),
+    ]
+
+
+def _address(table: torch.Tensor, dtype: torch.dtype) -> int:
+    """The address of ``table``'s first element, for C; refused unless it is laid out as
+    the kernel reads it (CPU, ``dtype``, contiguous)."""
+    if table.device.type != "cpu" or table.dtype != dtype or not table.is_contiguous():
+        raise ValueError(f"a stream table is not a contiguous CPU {dtype} tensor")
+    return table.data_ptr()
+
+
+class _NativeStream:
+    """``_score_stream`` through the C kernel ``ngram_score_stream`` (``ngram_stream.c``):
+    the same tables (``_stream_tables``), read by address. It holds them, so they live as
+    long as it does; a copy (``copy.deepcopy``, pickle) takes the addresses of its own
+    copies of the tables, never the original's."""
+
+    def __init__(self, kernel, tables: list, kinds: list[int], vocab_size: int) -> None:
+        self.kernel, self.tables, self.kinds, self.V = kernel, tables, kinds, vocab_size
+        self.unigram = _address(tables[0], torch.float64)
+        self.name1 = _address(tables[1][0], torch.long)
+        self.weight1 = _address(tables[1][1], torch.float64)
+        n = len(tables) - 1
+        self.orders = (_Order * (n - 1))()
+        for m in range(2, n + 1):
+            table, order = tables[m], self.orders[m - 2]
+            order.displacement = _address(table.index.displacement, torch.long)
+            order.records = _address(table.records, torch.complex128)
+            if m < n:  # the next order's contexts at a row's or a sentence's start
+                following = tables[m + 1]
+                order.next_name = _address(following.starts[0], torch.long)
+                order.next_weight = _address(following.starts[1], torch.float64)
+                order.restart_name = int(following.restart[0])
+                order.restart_weight = float(following.restart[1])
+            order.mixer, order.side_bit = table.index.mixer, table.index.side_bit
+            order.bits, order.group_mask = table.index.bits, (1 << table.index.group_bits) - 1
+            order.none, order.kind = table.none, kinds[m - 2]
+
+    @classmethod
+    def build(cls, tables: list, levels: list[_Level], vocab_size: int) -> _NativeStream | None:
+        """The kernel over ``tables``, or None where it cannot run: tables not on the CPU,
+        or no kernel (``lmlab.native``)."""
+        kernel = _stream_kernel()
+        if kernel is None or tables[0].device.type != "cpu":
+            return None
+        # per order m >= 2: 0 interpolated, 1 add_k, 2 backoff form (``_probabilities``)
+        kinds = [
+            0 if level.interpolated else 1 if level.base is not None else 2 for level in levels[1:]
+        ]
+        return cls(kernel, tables, kinds, vocab_size)
+
+    def __reduce__(self):
+        return _NativeStream._restore, (self.tables, self.kinds, self.V)
+
+    @staticmethod
+    def _restore(tables: list, kinds: list[int], vocab_size: int) -> _NativeStream | None:
+        kernel = _stream_kernel()  # None where the copy lands without a compiler: PyTorch
+        return None if kernel is None else _NativeStream(kernel, tables, kinds, vocab_size)
+
+    def __call__(self, ids: torch.Tensor, targets: torch.Tensor, end: int | None) -> torch.Tensor:
+        """p [Q] float64 for ``ids`` [B, T] (BOS where contexts restart, and after the
+        sentence end ``end``) and ``targets``."""
+        near = ids.reshape(-1).to(torch.long).contiguous()
+        targets = targets.reshape(-1).to(torch.long).contiguous()
+        Q, T = near.numel(), ids.shape[1]
+        p, weight = torch.empty(2, Q, dtype=torch.float64)
+        name, top = torch.empty(2, Q, dtype=torch.long)  # scratch
+        self.kernel(
+            Q,
+            T,
+            self.V,
+            len(self.tables) - 1,
+            -1 if end is None else end,
+            near.data_ptr(),
+            targets.data_ptr(),
+            self.unigram,
+            self.name1,
+            self.weight1,
+            self.orders,
+            _wrap(self.V * _GOLDEN),
+            _GOLDEN,
+            p.data_ptr(),
+            name.data_ptr(),
+            weight.data_ptr(),
+            top.data_ptr(),
+        )
+        return p
+
+
+@functools.cache
+def _stream_kernel():
+    """``ngram_score_stream`` of ``ngram_stream.c``, built and typed once; None without it."""
+    library = native.load(Path(__file__).with_name("ngram_stream.c"))
+    if library is None:
+        return None
+    kernel = library.ngram_score_stream
+    kernel.restype = None
+    kernel.argtypes = (
+        [ctypes.c_int64] * 5
+        + [ctypes.c_void_p] * 5
+        + [ctypes.POINTER(_Order), ctypes.c_int64, ctypes.c_int64]
+        + [ctypes.c_void_p] * 4
+    )
+    return kernel
 
 
 class NGramLM(nn.Module):
@@ -828,10 +964,14 @@ class NGramLM(nn.Module):
             out = self._probabilities(self.find_contexts(back, targets.numel()), targets)
         return out.log().view(ids.shape)
 
-    def build_index(self) -> NGramLM:
+    def build_index(self, native: bool = True) -> NGramLM:
         """Build the hash indexes that score a stream of held-out text with one O(1) lookup
         per order and position (``_score_stream``; kept until the model is refitted,
         loaded or moved); returns self.
+
+        ``native``: score through the C kernel (``ngram_stream.c``, built once per machine
+        by ``lmlab.native``; same numbers bit for bit) where it can run: a C compiler, CPU
+        tensors. False: PyTorch alone (``_score_stream_torch``).
 
         ``log_prob`` (and so perplexity) builds them by itself once it has scored, by binary
         search, four positions per key of the tables: building costs about what the index
@@ -841,7 +981,13 @@ class NGramLM(nn.Module):
         fast from the start.
         """
         if self.config.order > 1:
-            self._stream_tables(self._levels())
+            levels = self._levels()
+            tables = self._stream_tables(levels)
+            levels[0].native = (
+                _NativeStream.build(tables, levels, self.config.vocab_size)
+                if native and tables
+                else None
+            )
         return self
 
     def _streamed(
@@ -865,13 +1011,31 @@ class NGramLM(nn.Module):
             keys = sum(getattr(self, f"keys_{m}").numel() for m in range(2, n + 1))
             if levels[0].searched < 4 * keys:
                 return False
-        return self._stream_tables(levels) is not None
+            self.build_index()
+        return bool(levels[0].stream)
 
     def _score_stream(
         self, ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
         """p(targets | contexts) [Q] of a stream (``targets[:, t] == ids[:, t+1]``), equal bit
-        for bit to ``_probabilities(find_contexts(histories), targets)``, with one hash
+        for bit to ``_probabilities(find_contexts(histories), targets)``: through the C
+        kernel where ``build_index`` built it and the tensors are on the CPU, else
+        ``_score_stream_torch``."""
+        V, end = self.config.vocab_size, self.config.sentence_end_id
+        if mask is not None:
+            ids = torch.where(mask.to(torch.bool), ids, V)  # padding reads as BOS
+        native = self._levels()[0].native
+        if native is not None and ids.device.type == "cpu":
+            return native(ids, targets, end)  # which reads a sentence end as BOS itself
+        if end is not None:
+            ids = torch.where(ids == end, V, ids)  # after a sentence end: BOS
+        return self._score_stream_torch(ids, targets, end is not None or mask is not None)
+
+    def _score_stream_torch(
+        self, ids: torch.Tensor, targets: torch.Tensor, restarts: bool
+    ) -> torch.Tensor:
+        """``_score_stream`` in PyTorch ops; ``ids`` [B, T] with BOS (V) where a sentence or
+        the padding restarts the contexts (``restarts``: there may be some). One hash
         lookup (``_HashIndex``) per order and position instead of two binary searches.
 
         The context of length j+1 at position t+1 is the (j+1)-gram scored at position t
@@ -884,13 +1048,9 @@ class NGramLM(nn.Module):
         ``_probabilities`` line by line.
         """
         cfg = self.config
-        V, n, end = cfg.vocab_size, cfg.order, cfg.sentence_end_id
+        V, n = cfg.vocab_size, cfg.order
         levels = self._levels()
         tables = self._stream_tables(levels)
-        if mask is not None:
-            ids = torch.where(mask.to(torch.bool), ids, V)  # padding reads as BOS
-        if end is not None:
-            ids = torch.where(ids == end, V, ids)  # after a sentence end: BOS
         near = ids.reshape(-1)  # (Q,) each position's nearest context symbol
         targets = targets.reshape(-1)
         Q, dev = near.numel(), near.device
@@ -899,7 +1059,7 @@ class NGramLM(nn.Module):
         chained = ~fresh  # (Q,) its contexts continue the position before's m-grams
         chained[starts] = False
         chained = torch.cat([chained[1:], chained.new_zeros(1)])  # (Q,) ... at position + 1
-        restart = fresh.nonzero().squeeze(1) if end is not None or mask is not None else starts[:0]
+        restart = fresh.nonzero().squeeze(1) if restarts else starts[:0]
         first = starts.index_select(0, (~fresh.index_select(0, starts)).nonzero().squeeze(1))
         first_symbol = near.index_select(0, first)  # (B',) rows starting with a real token
         # key * GOLDEN = name * (V * GOLDEN) + target * GOLDEN, wrapped; ``slots`` takes it
@@ -1304,10 +1464,11 @@ def _unique_first(key: torch.Tensor):
 
 
 def _check_ids(ids: torch.Tensor, vocab_size: int) -> None:
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ConfigError(
-            f"token ids must be in [0, {vocab_size}), got [{int(ids.min())}, {int(ids.max())}]"
-        )
+    if ids.numel() == 0:
+        return
+    low, high = (int(x) for x in torch.aminmax(ids))  # one pass over the ids
+    if low < 0 or high >= vocab_size:
+        raise ConfigError(f"token ids must be in [0, {vocab_size}), got [{low}, {high}]")
 
 
 @torch.no_grad()
