@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from lmlab import native
 from lmlab.checkpoint.arpa import read_arpa, write_arpa
 from lmlab.data import WordTokenizer
 from lmlab.errors import CheckpointError, ConfigError
@@ -200,10 +201,22 @@ SKIPS_A_PREFIX = HAND_WORKED.replace("ngram 2=2\n", "ngram 2=1\nngram 3=1\n").re
 )
 
 
-def test_arpa_models_score_streams_through_the_index_exactly(tmp_path):
-    # lmlab's export read back: the hash-index path (``NGramLM.build_index``) gives the
-    # same numbers as the full rows, bit for bit; a file whose 3-gram context "a a" is no
-    # listed 2-gram cannot be indexed and is scored by binary search, as exactly
+@pytest.mark.parametrize(
+    "use_c",
+    [
+        pytest.param(
+            True,
+            id="c",
+            marks=pytest.mark.skipif(native.compiler() is None, reason="no C compiler here"),
+        ),
+        pytest.param(False, id="torch"),
+    ],
+)
+def test_arpa_models_score_streams_through_the_index_exactly(tmp_path, use_c):
+    # lmlab's export read back: the hash-index path (``NGramLM.build_index``, in C or in
+    # PyTorch) gives the same numbers as the full rows, bit for bit; a file whose 3-gram
+    # context "a a" is no listed 2-gram cannot be indexed and is scored by binary search,
+    # as exactly
     rng = random.Random(11)
     train = random_text(rng, 200)
     tok = WordTokenizer.train(train)
@@ -213,7 +226,8 @@ def test_arpa_models_score_streams_through_the_index_exactly(tmp_path):
     skips, _ = read_arpa(tmp_path / "skips.arpa")
     for lm, indexed in [(loaded, True), (skips, False)]:
         ids = torch.tensor(tok.encode(random_text(rng, 30)))[None] % lm.config.vocab_size
-        lm.build_index()
+        lm.build_index(native=use_c)
         assert lm._streamed(ids[:, :-1], ids[:, 1:], None) == indexed
+        assert (lm._levels()[0].native is not None) == (use_c and indexed)
         full = lm.log_probs(ids[:, :-1]).gather(-1, ids[:, 1:, None])[..., 0]
         assert torch.equal(lm.log_prob(ids[:, :-1], ids[:, 1:]), full)
