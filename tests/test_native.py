@@ -79,6 +79,18 @@ def test_a_folder_others_may_write_to_is_not_used(fresh):
     assert built(fresh) == []  # built in a private temporary folder instead
 
 
+@needs_compiler
+def test_cc_may_name_a_command_with_words(fresh, monkeypatch):
+    # ``CC="ccache gcc"``-style: the first word is looked up, the rest passed on
+    monkeypatch.setenv("CC", f"env {native.compiler()[0]}")
+    assert native.compiler()[0].endswith("env") and len(native.compiler()) == 2
+    assert native.load(SOURCE) is not None and len(built(fresh)) == 1
+
+
+def test_a_missing_source_means_none(fresh, tmp_path):
+    assert native.load(tmp_path / "absent.c") is None
+
+
 @pytest.mark.parametrize("cc", ["no-such-compiler-anywhere", "false"])
 def test_no_compiler_or_a_failed_build_means_none(fresh, monkeypatch, cc):
     monkeypatch.setenv("CC", cc)

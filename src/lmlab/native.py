@@ -23,6 +23,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -39,13 +40,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LMLAB_NATIVE_CACHE") or Path.home() / ".cache" / "lmlab" / "native")
 
 
-def compiler() -> str | None:
-    """The C compiler to build with (``$CC``, else the first of cc, gcc, clang found)."""
-    named = os.environ.get("CC", "").split()
-    for name in named[:1] or ["cc", "gcc", "clang"]:
+def compiler() -> list[str] | None:
+    """The command that compiles C: ``$CC`` (``gcc``, ``ccache gcc``, ...) if set, else the
+    first of cc, gcc, clang on the PATH; None if there is none."""
+    named = shlex.split(os.environ.get("CC", ""))
+    if named:
+        found = shutil.which(named[0])
+        return [found, *named[1:]] if found else None
+    for name in ("cc", "gcc", "clang"):
         found = shutil.which(name)
         if found:
-            return found
+            return [found]
     return None
 
 
@@ -60,9 +65,12 @@ def load(source: Path) -> ctypes.CDLL | None:
     if cc is None:
         log.info("no C compiler found ($CC, cc, gcc, clang): %s runs in PyTorch", source.name)
         return None
-    text = source.read_bytes()
-    digest = hashlib.sha256(text)
-    for part in (cc, *FLAGS, platform.machine(), sys.platform):
+    try:
+        digest = hashlib.sha256(source.read_bytes())
+    except OSError as e:  # an installation without its .c files
+        log.warning("cannot read %s (%s): PyTorch instead", source, e)
+        return None
+    for part in (*cc, *FLAGS, platform.machine(), sys.platform):
         digest.update(b"\0" + part.encode())
     folder = _private(cache_dir())
     library = folder / f"{source.stem}-{digest.hexdigest()[:20]}.so"
@@ -77,14 +85,14 @@ def load(source: Path) -> ctypes.CDLL | None:
     return None
 
 
-def _build(cc: str, source: Path, library: Path) -> bool:
+def _build(cc: list[str], source: Path, library: Path) -> bool:
     """Compile ``source`` into ``library`` (a temporary file, then a rename); False, with
     the compiler's last words logged, if that fails."""
     fd, name = tempfile.mkstemp(dir=library.parent, prefix=f".{library.name}.", suffix=".tmp")
     os.close(fd)
     try:
         run = subprocess.run(
-            [cc, *FLAGS, "-o", name, str(source)], capture_output=True, text=True, timeout=120
+            [*cc, *FLAGS, "-o", name, str(source)], capture_output=True, text=True, timeout=120
         )
         if run.returncode != 0:
             log.warning("cannot build %s (%s): PyTorch instead", source.name, run.stderr[-500:])
