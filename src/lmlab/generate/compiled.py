@@ -20,17 +20,17 @@ Choices, each one measured or tested:
   and gives the same ids.
 - On a CPU the step is compiled whole (``aot_compile``, ``fullgraph=True``): a function
   that runs without dynamo's per-call frame hook and guard checks, whose guards are
-  checked once at a run's first step. SmolLM2 4-bit, 2 threads: 9.9 ms of CPU per token
-  against 12.0 with dynamo's step and its guards skipped after the first (1.24x; eager:
-  17.2; ``bench/smollm2_compile.py``). A model that breaks the graph, and other devices,
+  checked once at a run's first step. SmolLM2 4-bit, 2 threads: 11.0 ms of CPU per token
+  against 12.0 with dynamo's step and its guards skipped after the first (1.18x; eager:
+  18.8; ``bench/smollm2_compile.py``). A model that breaks the graph, and other devices,
   get dynamo's compiled step instead.
-- Compiling costs seconds (about 85 s of wall time for SmolLM2, once per model and
+- Compiling costs seconds (about 50 s of wall time for SmolLM2, once per model and
   setting): ``compile_seconds`` in the result says how long. The whole-graph step is then
   saved (``step_cache_dir``: ``$LMLAB_COMPILE_CACHE``, else ``lmlab-steps`` under
   inductor's cache directory ``cache_dir()``), keyed by everything its guards may not
   cover (``step_key``: torch's and lmlab's versions, the CPU's flags, lmlab's source and
   that of the model's other classes, the model's layout and settings), and a later
-  process loads it in a few seconds instead of tracing again (SmolLM2: 3.2 s; dynamo's
+  process loads it in a few seconds instead of tracing again (SmolLM2: 3.0 s; dynamo's
   step is traced again in every process, about 20 s with inductor's caches warm). The
   saved files are lmlab's own cache, trusted as inductor's on-disk caches are (they hold
   compiled code and pickled state, written with the user's permissions): never point
@@ -103,8 +103,10 @@ def _step(model: nn.Module, ids: torch.Tensor, cache) -> torch.Tensor:
 
 _OPTIONS = {"emulate_precision_casts": True}
 # the graph's driver code in C++ rather than Python: the ~150 kernel calls of a SmolLM2
-# step cost less to launch (1.1-1.2x per token, same ids; bench/smollm2_compile.py)
-_CPU_OPTIONS = {**_OPTIONS, "cpp_wrapper": True}
+# step cost less to launch (1.1-1.2x per token, same ids; bench/smollm2_compile.py). Built
+# apart from the kernels: one C++ file of both took g++ 50 of SmolLM2's 78 s of cold
+# compile, two take 24 (cold compile 85 -> 39-50 s), at the same speed per token
+_CPU_OPTIONS = {**_OPTIONS, "cpp_wrapper": True, "cpp_wrapper_build_separate": True}
 
 
 @functools.cache
