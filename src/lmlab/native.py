@@ -43,7 +43,10 @@ def cache_dir() -> Path:
 def compiler() -> list[str] | None:
     """The command that compiles C: ``$CC`` (``gcc``, ``ccache gcc``, ...) if set, else the
     first of cc, gcc, clang on the PATH; None if there is none."""
-    named = shlex.split(os.environ.get("CC", ""))
+    try:
+        named = shlex.split(os.environ.get("CC", ""))
+    except ValueError:  # unbalanced quotes: no usable command
+        return None
     if named:
         found = shutil.which(named[0])
         return [found, *named[1:]] if found else None
