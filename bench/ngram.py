@@ -196,7 +196,7 @@ def compare_with_kenlm(tok, train_ids: list[int], test_text: str, args) -> None:
         start = time.perf_counter()
         model.build_index()  # once per fitted model, like KenLM's load
         index_s = time.perf_counter() - start
-        path = "C kernel" if model._levels()[0].native is not None else "PyTorch (no C compiler)"
+        scorer = "C kernel" if model._levels()[0].native is not None else "PyTorch (no C compiler)"
         model.log_prob(row, targets)  # warm-up
         plain.log_prob(row, targets)
 
@@ -228,7 +228,7 @@ def compare_with_kenlm(tok, train_ids: list[int], test_text: str, args) -> None:
         for kind, m in (("wall", wall), ("CPU", cpu)):
             print(
                 f"  score, {kind} ms (medians of {args.kenlm_reps}): lmlab {m['lmlab'] * 1e3:.2f} "
-                f"({path}; PyTorch alone {m['torch'] * 1e3:.2f}), KenLM score "
+                f"({scorer}; PyTorch alone {m['torch'] * 1e3:.2f}), KenLM score "
                 f"{m['score'] * 1e3:.2f}, full_scores {m['full_scores'] * 1e3:.2f}; lmlab is "
                 f"{m['score'] / m['lmlab']:.2f}x KenLM score's speed (PyTorch alone "
                 f"{m['score'] / m['torch']:.2f}x; {m['full_scores'] / m['lmlab']:.2f}x "
