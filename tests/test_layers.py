@@ -16,8 +16,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lmlab"
 
 # Lowest first. The README's layout section states the same order.
 LAYERS = [
-    {"errors", "fileio", "version", "native"},
-    {"devices", "seeds"},
+    {"errors", "fileio", "version"},
+    {"devices", "seeds", "native"},
     {"models"},
     {"data", "quant"},
     {"checkpoint"},

@@ -10,8 +10,8 @@ a failed build, another platform, tensors not on the CPU.
 Build: ``$CC`` (else ``cc``, ``gcc`` or ``clang`` on the PATH) with ``-O2 -fPIC -shared
 -ffp-contract=off``: no fused multiply-add and no fast-math, so each float64 operation
 rounds as torch's eager op does. The library is cached in ``cache_dir()`` under a name
-that hashes the source, the compiler and the flags, written atomically (a temporary file,
-then a rename), in a directory only this user may write: a process loads only a library
+that hashes the source, the compiler and the flags, written atomically
+(``lmlab.fileio.atomic_write_with``), in a directory only this user may write: a process loads only a library
 that it or an earlier process of the same user built from the same source.
 """
 
@@ -29,6 +29,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from lmlab.fileio import atomic_write_with
 
 log = logging.getLogger(__name__)
 
@@ -89,24 +91,22 @@ def load(source: Path) -> ctypes.CDLL | None:
 
 
 def _build(cc: list[str], source: Path, library: Path) -> bool:
-    """Compile ``source`` into ``library`` (a temporary file, then a rename); False, with
-    the compiler's last words logged, if that fails."""
-    fd, name = tempfile.mkstemp(dir=library.parent, prefix=f".{library.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    """Compile ``source`` into ``library`` (atomically: ``lmlab.fileio``); False, with the
+    compiler's last words logged, if that fails."""
+
+    def compile_to(tmp: Path) -> None:
         run = subprocess.run(
-            [*cc, *FLAGS, "-o", name, str(source)], capture_output=True, text=True, timeout=120
+            [*cc, *FLAGS, "-o", str(tmp), str(source)], capture_output=True, text=True, timeout=120
         )
         if run.returncode != 0:
-            log.warning("cannot build %s (%s): PyTorch instead", source.name, run.stderr[-500:])
-            return False
-        os.replace(name, library)
+            raise OSError(run.stderr[-500:].strip() or f"{cc[0]} exited with {run.returncode}")
+
+    try:
+        atomic_write_with(library, compile_to)
         return True
     except (OSError, subprocess.TimeoutExpired) as e:
         log.warning("cannot build %s (%s): PyTorch instead", source.name, e)
         return False
-    finally:
-        Path(name).unlink(missing_ok=True)
 
 
 def _private(folder: Path) -> Path:
