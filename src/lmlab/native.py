@@ -1,16 +1,21 @@
-"""Small C kernels, built once per machine with its C compiler and called through ctypes.
+"""Small C and C++ kernels, built once per machine with its compiler: C ones are called
+through ctypes, C++ ones register a PyTorch operator (``torch.ops.lmlab.*``).
 
 Where a loop is a few dependent memory reads per element (the n-gram stream scorer's hash
 lookups), PyTorch pays a dispatch, an allocation and a pass over memory per op, twenty-odd
 ops per order; one C loop over the positions reads each table entry once and keeps the
 rest in registers. Each kernel has a PyTorch twin in the module that uses it, which gives
-the same numbers bit for bit (tested) and runs wherever the kernel cannot: no C compiler,
-a failed build, another platform, tensors not on the CPU.
+the same numbers bit for bit (tested), or up to a stated rounding, and runs wherever the
+kernel cannot: no compiler, a failed build, another platform, tensors not on the CPU.
 
 Build: ``$CC`` (else ``cc``, ``gcc`` or ``clang`` on the PATH) with ``-O2 -fPIC -shared
 -ffp-contract=off``: no fused multiply-add and no fast-math, so each float64 operation
-rounds as torch's eager op does. The library is cached in ``cache_dir()`` under a name
-that hashes the source, the compiler and the flags, written atomically
+rounds as torch's eager op does. A ``.cpp`` source is built with ``$CXX`` (else ``c++``,
+``g++`` or ``clang++``) against torch's headers and ``libtorch_cpu``, and holds an operator
+written to torch's stable C++ ABI (``torch/csrc/stable``: header-only, a few seconds to
+build); loading it registers the operator. The library is cached in ``cache_dir()`` under
+a name that hashes the source, the compiler and the flags (torch's version and headers
+too, for C++), written atomically
 (``lmlab.fileio.atomic_write_with``), in a directory only this user may write: a process loads only a library
 that it or an earlier process of the same user built from the same source.
 """
@@ -30,6 +35,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 from lmlab.fileio import atomic_write_with
 
 log = logging.getLogger(__name__)
@@ -42,45 +49,64 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LMLAB_NATIVE_CACHE") or Path.home() / ".cache" / "lmlab" / "native")
 
 
-def compiler() -> list[str] | None:
+def compiler(cxx: bool = False) -> list[str] | None:
     """The command that compiles C: ``$CC`` (``gcc``, ``ccache gcc``, ...) if set, else the
-    first of cc, gcc, clang on the PATH; None if there is none."""
+    first of cc, gcc, clang on the PATH; None if there is none. With ``cxx``, C++:
+    ``$CXX``, else c++, g++, clang++."""
     try:
-        named = shlex.split(os.environ.get("CC", ""))
+        named = shlex.split(os.environ.get("CXX" if cxx else "CC", ""))
     except ValueError:  # unbalanced quotes: no usable command
         return None
     if named:
         found = shutil.which(named[0])
         return [found, *named[1:]] if found else None
-    for name in ("cc", "gcc", "clang"):
+    for name in ("c++", "g++", "clang++") if cxx else ("cc", "gcc", "clang"):
         found = shutil.which(name)
         if found:
             return [found]
     return None
 
 
+def _torch_flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(compile flags, link flags) of a C++ operator library: torch's headers and
+    ``libtorch_cpu`` (found again at load time through the rpath)."""
+    root = Path(torch.__file__).parent
+    lib = str(root / "lib")
+    return ("-std=c++17", f"-I{root / 'include'}"), (f"-L{lib}", "-ltorch_cpu", f"-Wl,-rpath,{lib}")
+
+
 @functools.cache
 def load(source: Path) -> ctypes.CDLL | None:
-    """The C file ``source`` built as a shared library and loaded, once per process; None
-    (and one log line saying why) where it cannot be: callers then take their PyTorch path."""
+    """The C or C++ file ``source`` built as a shared library and loaded, once per process;
+    None (and one log line saying why) where it cannot be: callers then take their PyTorch
+    path."""
     if sys.platform == "win32":
-        log.info("no C kernels on Windows: %s runs in PyTorch", source.name)
+        log.info("no native kernels on Windows: %s runs in PyTorch", source.name)
         return None
-    cc = compiler()
+    cxx = source.suffix == ".cpp"
+    cc = compiler(cxx)
     if cc is None:
-        log.info("no C compiler found ($CC, cc, gcc, clang): %s runs in PyTorch", source.name)
+        names = "$CXX, c++, g++, clang++" if cxx else "$CC, cc, gcc, clang"
+        log.info(
+            "no %s compiler found (%s): %s runs in PyTorch",
+            "C++" if cxx else "C",
+            names,
+            source.name,
+        )
         return None
     try:
         digest = hashlib.sha256(source.read_bytes())
     except OSError as e:  # an installation without its .c files
         log.warning("cannot read %s (%s): PyTorch instead", source, e)
         return None
-    for part in (*cc, *FLAGS, platform.machine(), sys.platform):
+    flags, link = _torch_flags() if cxx else ((), ())
+    versions = (torch.__version__,) if cxx else ()
+    for part in (*cc, *FLAGS, *flags, *link, *versions, platform.machine(), sys.platform):
         digest.update(b"\0" + part.encode())
     folder = _private(cache_dir())
     library = folder / f"{source.stem}-{digest.hexdigest()[:20]}.so"
     for _ in range(2):  # a damaged file is built again, once
-        if not library.exists() and not _build(cc, source, library):
+        if not library.exists() and not _build([*cc, *FLAGS, *flags], source, link, library):
             return None
         try:
             return ctypes.CDLL(str(library))
@@ -90,16 +116,19 @@ def load(source: Path) -> ctypes.CDLL | None:
     return None
 
 
-def _build(cc: list[str], source: Path, library: Path) -> bool:
+def _build(command: list[str], source: Path, link: tuple[str, ...], library: Path) -> bool:
     """Compile ``source`` into ``library`` (atomically: ``lmlab.fileio``); False, with the
     compiler's last words logged, if that fails."""
 
     def compile_to(tmp: Path) -> None:
         run = subprocess.run(
-            [*cc, *FLAGS, "-o", str(tmp), str(source)], capture_output=True, text=True, timeout=120
+            [*command, "-o", str(tmp), str(source), *link],
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         if run.returncode != 0:
-            raise OSError(run.stderr[-500:].strip() or f"{cc[0]} exited with {run.returncode}")
+            raise OSError(run.stderr[-500:].strip() or f"{command[0]} exited with {run.returncode}")
 
     try:
         atomic_write_with(library, compile_to)

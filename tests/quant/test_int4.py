@@ -1,4 +1,5 @@
-"""Int4Linear: the int4 CPU kernel against the dequantized weight, and the fallback path."""
+"""Int4Linear: the int4 CPU kernels (lmlab's and torch's) against the dequantized weight
+and each other, and the fallback path. Every test here runs with each kernel (``backend``)."""
 
 import pytest
 import torch
@@ -11,6 +12,19 @@ from lmlab.quant.int4 import Int4Linear
 # 2e-2 relative (plus 5e-2 absolute for near-zero outputs) is a few such roundings and
 # still far below a wrong layout (errors of order the outputs themselves).
 ATOL, RTOL = 5e-2, 2e-2
+
+HAS_NATIVE = int4.native_int4_mm() is not None
+NO_NATIVE = "lmlab's int4 kernel does not run here (no AVX-512 BF16, or no C++ compiler)"
+
+
+@pytest.fixture(autouse=True, params=["lmlab", "torch"])
+def backend(request, monkeypatch):
+    """The kernel packed copies made in the test use: lmlab's, or torch's."""
+    if request.param == "lmlab" and not HAS_NATIVE:
+        pytest.skip(NO_NATIVE)
+    if request.param == "torch":
+        monkeypatch.setattr(int4, "native_int4_mm", lambda: None)
+    return request.param
 
 
 def layer(n=64, k=96, group=32, bias=True, seed=0):
@@ -104,7 +118,7 @@ def test_outputs_the_kernel_cannot_pack_compute_with_the_dequantized_weight():
     torch.testing.assert_close(lin(x).float(), expected, atol=ATOL, rtol=RTOL)
 
 
-def test_the_kernel_takes_the_weights_over_and_gives_them_back_exactly():
+def test_the_kernel_takes_the_weights_over_and_gives_them_back_exactly(backend):
     """After a kernel call the layer holds its weights once (the packed copy; ``qweight`` is
     dropped); its saved form, read back through the kernel, is bit for bit the one it had,
     and the layer computes the same numbers before and after."""
@@ -120,6 +134,7 @@ def test_the_kernel_takes_the_weights_over_and_gives_them_back_exactly():
     assert torch.equal(lin.unpacked(), q.to(torch.int32))
     assert torch.equal(lin(x), first)  # packed again on this call
     assert lin.qweight is None
+    assert lin._kernel.native == (backend == "lmlab")
 
 
 def test_fused_layers_share_one_copy_and_each_still_computes_alone():

@@ -1,0 +1,108 @@
+"""The int4 matrix products of SmolLM2-135M: lmlab's kernel against torch's, in one process.
+
+SmolLM2 decodes through 120 int4 products per token (30 blocks x fused q/k/v 960 x 576,
+o 576 x 576, fused gate/up 3072 x 576, down 576 x 1536; groups of 32). This bench builds
+the same shapes with random weights (53 MB of nibbles, more than the L3 cache, so each
+pass reads them from memory as decoding does) and times one pass over all 120:
+
+- ``lmlab``: ``torch.ops.lmlab.int4_mm`` (``src/lmlab/quant/int4_cpu.cpp``: AVX-512 BF16
+  dot products on 16 outputs and two inputs at a time);
+- ``torch``: ``torch._weight_int4pack_mm_for_cpu`` on the same weights in its own layout.
+
+Rows of x: 1 (a decoding step) and ``--prompt`` (a prompt read at once). The two kernels
+take turns, ``--rounds`` times, and the bench prints medians and their ratio, for 1 and
+2 threads. It first checks that the two agree to bf16 rounding.
+Needs a CPU with AVX-512 BF16 and a C++ compiler (else it says so and stops).
+
+Usage: python bench/int4.py [--rounds 21] [--prompt 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from lmlab.quant.int4 import native_int4_mm, pack_blocks
+from machine import describe_machine
+
+SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (outputs, inputs) per block
+GROUP = 32
+
+
+def weights(seed: int = 0):
+    """Per product: (K, lmlab's packed, its scale_zero, torch's packed, its scale_zero)."""
+    g = torch.Generator().manual_seed(seed)
+    products = []
+    for _ in range(30):
+        for n, k in SHAPES:
+            q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+            scale = (torch.rand(n, k // GROUP, generator=g) * 0.02).to(torch.bfloat16)
+            zero = (torch.randn(n, k // GROUP, generator=g) * 0.01).to(torch.bfloat16)
+            ours = (pack_blocks(q), torch.stack([scale.t(), zero.t()], 1).contiguous())
+            theirs = (
+                torch._convert_weight_to_int4pack_for_cpu(q.int(), 1),
+                torch.stack([scale.t(), zero.t()], -1).contiguous(),
+            )
+            products.append((k, *ours, *theirs))
+    return products
+
+
+def check(products) -> None:
+    """The kernels agree on the first block's products, to bf16 rounding (the exact bound
+    against float64 is tested in tests/quant/test_int4.py)."""
+    for k, packed, sz, tpacked, tsz in products[:4]:
+        x = torch.randn(3, k).to(torch.bfloat16)
+        ours = torch.ops.lmlab.int4_mm(x, packed, sz, GROUP).double()
+        theirs = torch._weight_int4pack_mm_for_cpu(x, tpacked, GROUP, tsz).double()
+        scale = (ours - theirs).abs().max() / max(theirs.abs().max(), 1e-9)
+        if scale > 2**-7:
+            sys.exit(f"lmlab's and torch's kernels disagree by {scale:.3g} of the outputs' size")
+
+
+def time_pass(fn, products, xs) -> float:
+    start = time.perf_counter()
+    for product in products:
+        fn(xs[product[0]], product)
+    return time.perf_counter() - start
+
+
+def ours(x, p):
+    return torch.ops.lmlab.int4_mm(x, p[1], p[2], GROUP)
+
+
+def theirs(x, p):
+    return torch._weight_int4pack_mm_for_cpu(x, p[3], GROUP, p[4])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=21)
+    ap.add_argument("--prompt", type=int, default=64, help="rows of x for the prompt rows")
+    args = ap.parse_args()
+    print(describe_machine())
+    if native_int4_mm() is None:
+        sys.exit("lmlab's int4 kernel does not run here (no AVX-512 BF16, or no C++ compiler)")
+    products = weights()
+    check(products)
+    print(f"SmolLM2's 120 int4 products, groups of {GROUP}, median of {args.rounds} passes")
+    print(f"{'threads':>7} {'rows':>5} {'lmlab ms':>9} {'torch ms':>9} {'torch / lmlab':>14}")
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for rows in (1, args.prompt):
+            xs = {k: torch.randn(rows, k).to(torch.bfloat16) for k in (576, 1536)}
+            times: dict = {ours: [], theirs: []}
+            for fn in times:  # warm-up
+                time_pass(fn, products, xs)
+            for _ in range(args.rounds):
+                for fn in times:
+                    times[fn].append(time_pass(fn, products, xs))
+            a, b = (statistics.median(times[f]) * 1e3 for f in (ours, theirs))
+            print(f"{threads:>7} {rows:>5} {a:>9.2f} {b:>9.2f} {b / a:>13.2f}x")
+
+
+if __name__ == "__main__":
+    main()
