@@ -12,7 +12,8 @@ import lmlab.generate.compiled as compiled_module
 from lmlab.errors import DecodingError
 from lmlab.generate import SamplingParams, generate, generate_ids, stream_ids
 from lmlab.models import build_model, get_preset
-from lmlab.models.transformer import Transformer
+from lmlab.models.layers import RMSNorm
+from lmlab.models.transformer import Transformer, rope_tables
 from lmlab.quant import quantize_model
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15], [1, 2, 3, 4, 5]]
@@ -152,6 +153,70 @@ def test_models_of_one_layout_share_a_step_and_keep_their_own_weights():
             assert generate_ids(m, PROMPTS[:1], greedy(24, compile=True)) == ids
         assert steps_compiled() - before == 1
         new_process()
+
+
+@pytest.mark.slow
+def test_compiled_norms_and_rotary_tables_give_eagers_bits():
+    """The pieces of a Llama step that inductor generates code for, rather than calling
+    the eager kernel, where float32 would round differently: RMSNorm's sum of squares
+    (inputs with outlier channels, as trained models have) and RoPE's cos and sin over
+    8,192 positions. Both compute in float64 first (``RMSNorm``, ``rope_tables``); in
+    float32 this test found 9 of 576,000 norm outputs and about 5% of the table entries
+    different, which parted SmolLM2's compiled greedy ids from eager ones."""
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(576).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(576, generator=g))
+    compiled = torch.compile(norm, dynamic=True, options=compiled_module._CPU_OPTIONS)
+    scale = torch.ones(576)
+    scale[torch.randperm(576, generator=g)[:6]] = 100.0  # a few large channels
+    with torch.inference_mode():
+        for _ in range(1000):
+            size = float(torch.rand((), generator=g)) * 10
+            x = (torch.randn(1, 1, 576, generator=g) * scale * size).to(torch.bfloat16)
+            assert torch.equal(compiled(x), norm(x))
+    tables = torch.compile(rope_tables, dynamic=True, options=compiled_module._CPU_OPTIONS)
+    positions = torch.arange(8192)[None]
+    for head_size, theta in [(64, 100000.0), (128, 500000.0)]:
+        for got, expected in zip(
+            tables(positions, head_size, theta), rope_tables(positions, head_size, theta)
+        ):
+            assert torch.equal(got, expected)
+
+
+@pytest.mark.slow
+def test_compiled_step_gives_eagers_logits_for_a_long_run_of_a_wider_model():
+    """128 steps of a 4-layer bf16 model with SmolLM2's widths (576, 9 and 3 heads, 1536)
+    and outlier channels in its embedding, weights in 4 bits (lmlab's int4 kernel where
+    the CPU runs it): at every step the compiled step's logits equal the eager ones bit
+    for bit, the cache growing to 160 positions."""
+    model = tiny(
+        torch.bfloat16,
+        d_model=576,
+        n_heads=9,
+        n_kv_heads=3,
+        d_ff=1536,
+        n_layers=4,
+        vocab_size=512,
+        max_seq_len=256,
+    )
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        model.tok_emb.weight[:, :4] *= 200  # a few large channels, as trained models have
+    model = quantize_model(model, "int4")
+    step = compiled_module.CompiledStep(torch.device("cpu"))
+    with torch.inference_mode():
+        caches = [model.new_cache(1, 256) for _ in range(2)]
+        prompt = torch.arange(3, 35)[None]
+        token = model(prompt, cache=caches[0])[:, -1:].argmax(-1)
+        model(prompt, cache=caches[1])
+        for _ in range(128):
+            eager = model(token, cache=caches[0])
+            assert torch.equal(step(model, token, caches[1]), eager)
+            token = eager[:, -1:].argmax(-1)
 
 
 class GraphBreaking(Transformer):

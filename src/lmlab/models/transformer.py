@@ -156,11 +156,32 @@ def rope_tables(positions: torch.Tensor, head_size: int, theta: float):
 
     Pair i of a head (dimensions i and i + Dh/2, the half-split layout of Hugging Face's
     Llama) rotates by angle ``position * theta ** (-2i / Dh)``.
+
+    Computed in float64 and rounded to float32 once (``_cos_sin``): a compiled decoding
+    step (``torch.compile``) evaluates cos and sin with other vector code than eager
+    PyTorch, which in float32 gives other last bits for about 5% of the angles (8,192
+    positions, 64 dimensions); bf16 queries and keys then round differently now and
+    then, and SmolLM2's greedy ids parted after 13 to 17 tokens. In float64 the two
+    differ by less than float32 can show: none of 9M values differed once rounded
+    (32,768 positions, four head sizes and thetas; tests/generate/test_compiled.py).
     """
-    inv_freq = theta ** (-torch.arange(0, head_size, 2, device=positions.device) / head_size)
-    angles = positions.float()[..., None] * inv_freq  # (B, T, Dh/2)
+    wide = _angle_dtype(positions.device)
+    inv_freq = theta ** (
+        -torch.arange(0, head_size, 2, device=positions.device, dtype=wide) / head_size
+    )
+    angles = positions.to(wide)[..., None] * inv_freq  # (B, T, Dh/2)
     angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, Dh)
-    return angles.cos(), angles.sin()
+    return _cos_sin(angles)
+
+
+def _angle_dtype(device: torch.device) -> torch.dtype:
+    """float64, except on Apple's GPU (MPS), which has no float64: float32 there."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _cos_sin(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of ``angles`` (float64), each rounded to float32 (see ``rope_tables``)."""
+    return angles.cos().float(), angles.sin().float()
 
 
 def sinusoidal_table(positions: torch.Tensor, d_model: int) -> torch.Tensor:
@@ -174,10 +195,14 @@ def sinusoidal_table(positions: torch.Tensor, d_model: int) -> torch.Tensor:
     >>> sinusoidal_table(torch.tensor([[0, 1]]), 4).round(decimals=4).tolist()
     [[[0.0, 1.0, 0.0, 1.0], [0.8415, 0.5403, 0.01, 1.0]]]
     """
-    inv_freq = 10000.0 ** (-torch.arange(0, d_model, 2, device=positions.device) / d_model)
-    angles = positions.float()[..., None] * inv_freq  # (B, T, D/2)
+    wide = _angle_dtype(positions.device)
+    inv_freq = 10000.0 ** (
+        -torch.arange(0, d_model, 2, device=positions.device, dtype=wide) / d_model
+    )
+    angles = positions.to(wide)[..., None] * inv_freq  # (B, T, D/2), float64 as in rope_tables
+    cos, sin = _cos_sin(angles)
     # (B, T, D/2, 2) -> (B, T, D): sin in the even dimensions, cos in the odd ones
-    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)
+    return torch.stack([sin, cos], dim=-1).flatten(-2)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
