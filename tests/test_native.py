@@ -98,3 +98,19 @@ def test_no_compiler_or_a_failed_build_means_none(fresh, monkeypatch, cc):
         pytest.skip("no 'false' program on this machine")
     assert native.load(SOURCE) is None
     assert built(fresh) == [] and not list(fresh.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("cxx", ["no-such-compiler-anywhere", "false"])
+def test_a_cpp_source_is_built_with_cxx_and_without_one_means_none(
+    fresh, tmp_path, monkeypatch, cxx
+):
+    """A .cpp source (a torch operator) takes $CXX, not $CC; no C++ compiler, or a failed
+    build, gives None (int4.py then keeps to torch's kernel)."""
+    source = tmp_path / "op.cpp"
+    source.write_text("int lmlab_op_marker = 1;\n")
+    monkeypatch.setenv("CXX", cxx)
+    if cxx == "false" and native.compiler(cxx=True) is None:
+        pytest.skip("no 'false' program on this machine")
+    assert native.compiler(cxx=True) != native.compiler()  # $CC is not asked
+    assert native.load(source) is None
+    assert list(fresh.glob("op-*.so")) == [] and not list(fresh.glob(".*.tmp"))

@@ -14,7 +14,8 @@ from lmlab.generate import SamplingParams, generate, generate_ids, stream_ids
 from lmlab.models import build_model, get_preset
 from lmlab.models.layers import RMSNorm
 from lmlab.models.transformer import Transformer, rope_tables
-from lmlab.quant import quantize_model
+from lmlab.quant import int4, quantize_model
+from lmlab.quant.int4 import Int4Linear
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15], [1, 2, 3, 4, 5]]
 
@@ -217,6 +218,29 @@ def test_compiled_step_gives_eagers_logits_for_a_long_run_of_a_wider_model():
             eager = model(token, cache=caches[0])
             assert torch.equal(step(model, token, caches[1]), eager)
             token = eager[:, -1:].argmax(-1)
+
+
+def test_the_int4_kernel_holding_the_weights_is_part_of_the_step_key(monkeypatch):
+    """lmlab's and torch's int4 kernels keep the weights in other layouts, outside any
+    module: a step saved for one is never looked up for the other (LMLAB_INT4_KERNEL)."""
+    has_native = int4.native_int4_mm() is not None
+    model = quantize_model(tiny(torch.bfloat16, d_model=64, d_ff=128, vocab_size=64), "int4")
+    ids = torch.tensor([[1, 2, 3]])
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+
+    def key_with(kernel: str) -> str:
+        monkeypatch.setenv("LMLAB_INT4_KERNEL", kernel)
+        for m in layers:
+            m.canonical()  # the next call packs again, with this kernel
+        with torch.inference_mode():
+            model(ids)
+        assert all(m._kernel.native == (kernel == "lmlab") for m in layers)
+        return compiled_module.step_key(model, ids[:, :1], None)
+
+    assert key_with("torch") == key_with("torch")
+    if not has_native:
+        pytest.skip("lmlab's int4 kernel does not run here: one kernel, one key")
+    assert key_with("lmlab") != key_with("torch")
 
 
 class GraphBreaking(Transformer):

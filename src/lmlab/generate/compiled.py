@@ -57,6 +57,7 @@ from torch.nn.modules import module as torch_module
 
 from lmlab.devices import cpu_flags
 from lmlab.errors import DecodingError
+from lmlab.quant.int4 import Int4Linear
 from lmlab.version import __version__
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,11 @@ def step_key(model: nn.Module, ids: torch.Tensor, cache) -> str:
         parts.append(f"{name}:{type(m).__qualname__}:{sorted(plain.items())}")
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         parts.append(f"{name}:{tuple(t.shape)}:{t.dtype}:{t.device}:{t.requires_grad}")
+    # which int4 kernel (lmlab's or torch's: ``LMLAB_INT4_KERNEL``) holds each 4-bit layer's
+    # weights: not a module, so not among the tensors above
+    for name, m in model.named_modules():
+        if isinstance(m, Int4Linear) and m._kernel is not None:
+            parts.append(f"{name}:int4 native={m._kernel.native}")
     parts.append(f"batch1={ids.shape[0] == 1}:padded={getattr(cache, 'padded', None)}")
     parts.append(f"grad={torch.is_grad_enabled()}:inference={torch.is_inference_mode_enabled()}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
