@@ -144,7 +144,8 @@ Tensor int4_mm(Tensor x, Tensor packed, Tensor scale_zero, int64_t group_size) {
 
 }  // namespace
 
-STABLE_TORCH_LIBRARY(lmlab, m) {
+// a fragment: other lmlab operator files may add to the namespace
+STABLE_TORCH_LIBRARY_FRAGMENT(lmlab, m) {
     m.def("int4_mm(Tensor x, Tensor packed, Tensor scale_zero, int group_size) -> Tensor");
 }
 
