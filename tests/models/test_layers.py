@@ -10,9 +10,9 @@ from lmlab.models.layers import HookPoint, RMSNorm
 @pytest.mark.parametrize("shape", [(2, 7, 64), (1, 1, 576), (3, 5, 1536)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rmsnorm_gives_the_bits_of_its_formula(shape, dtype):
-    """weight * (x * rsqrt(mean(x^2) + eps)) in float32, the mean square and its rsqrt in
-    float64 rounded once, cast back: those bits, within one float32 rounding of the plain
-    float32 spelling, and its gradients."""
+    """weight * (x * rsqrt(mean(x^2) + eps)) in float32, the squares summed in float64 and
+    the rsqrt rounded to float32 once, cast back: those bits, within one float32 rounding
+    of the plain float32 spelling, and its gradients."""
     g = torch.Generator().manual_seed(0)
     norm = RMSNorm(shape[-1], eps=1e-5)
     with torch.no_grad():
@@ -20,7 +20,7 @@ def test_rmsnorm_gives_the_bits_of_its_formula(shape, dtype):
     norm = norm.to(dtype)
     x = (torch.randn(shape, generator=g) * 3).to(dtype).requires_grad_()
     xf = x.float()
-    r = torch.rsqrt(xf.double().pow(2).mean(-1, keepdim=True) + 1e-5).float()
+    r = torch.rsqrt((xf * xf).double().sum(-1, keepdim=True) / shape[-1] + 1e-5).float()
     expected = norm.weight * (xf * r).to(dtype)
     plain = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)  # all float32
     got = norm(x)

@@ -50,14 +50,14 @@ def _global_hooks() -> bool:
 class RMSNorm(nn.Module):
     """Root-mean-square norm (Zhang & Sennrich 2019): x / rms(x) * weight, no centring.
 
-    Computed in float32 whatever the input dtype, as Llama does, then cast back; the mean
-    of the squares and its inverse square root in float64, rounded to float32 once. A sum
-    in float32 depends on its order, and a compiled step (``torch.compile``) sums in
-    another order than eager PyTorch: now and then a bf16 output rounds the other way,
-    and greedy decoding parts (SmolLM2: after 4 to 17 tokens). In float64 the squares of
-    bf16 or float32 values are exact and the sum's rounding stays far below what float32
-    can show, so both give the same bits (tests/generate/test_compiled.py). Apple's GPU
-    (MPS) has no float64: float32 there.
+    Computed in float32 whatever the input dtype, as Llama does, then cast back; the
+    squares are summed in float64, and the mean square's inverse square root rounded to
+    float32 once. A sum in float32 depends on its order, and a compiled step
+    (``torch.compile``) sums in another order than eager PyTorch: now and then a bf16
+    output rounds the other way, and greedy decoding parts (SmolLM2: after 4 to 17
+    tokens). Summed in float64, the order changes nothing float32 can show, so both give
+    the same bits (tests/generate/test_compiled.py), at no measurable cost per token.
+    Apple's GPU (MPS) has no float64: float32 there.
     """
 
     def __init__(self, dim: int, eps: float = 1e-5):
@@ -68,7 +68,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         wide = torch.float32 if x.device.type == "mps" else torch.float64
-        mean_square = xf.to(wide).square().mean(-1, keepdim=True)
+        mean_square = (xf * xf).sum(-1, keepdim=True, dtype=wide) / x.shape[-1]
         normed = xf * torch.rsqrt(mean_square + self.eps).float()
         return self.weight * normed.to(x.dtype)
 
