@@ -14,14 +14,12 @@ take turns, ``--rounds`` times, and the bench prints medians and their ratio, fo
 2 threads. It first checks that the two agree to bf16 rounding.
 Needs a CPU with AVX-512 BF16 and a C++ compiler (else it says so and stops).
 
-``--smollm2`` also decodes the real model (``lmlab.load("smollm2", dtype="auto")``, loaded
-twice in this process: once per kernel, ``LMLAB_INT4_KERNEL``) with ``compile=True``,
-the two taking turns for ``--rounds`` rounds: wall ms per new token of a greedy run of
-``--new-tokens`` after the chat prompt (a 1-token run's time subtracted), medians, and
-whether the greedy ids are the same (the kernels' outputs may differ in a last bf16 bit,
-so they need not be). The first run of each compiles its step (or loads it from disk).
+How much this gives a whole decoding step is measured by ``bench/smollm2.py --compile``,
+run once as is and once with ``LMLAB_INT4_KERNEL=torch``, each against llama.cpp in the same
+run (two models in one process do not make a fair pair: the one loaded second sometimes
+decodes 20-30% slower, whatever its kernel).
 
-Usage: python bench/int4.py [--rounds 21] [--prompt 64] [--smollm2 [--new-tokens 64]]
+Usage: python bench/int4.py [--rounds 21] [--prompt 64]
 """
 
 from __future__ import annotations
@@ -85,52 +83,10 @@ def theirs(x, p):
     return torch._weight_int4pack_mm_for_cpu(x, p[3], GROUP, p[4])
 
 
-def decode_smollm2(rounds: int, new_tokens: int) -> None:
-    """The compiled SmolLM2 step with each kernel, in turns (see the module docstring)."""
-    import os
-
-    import lmlab
-    from lmlab.generate import SamplingParams, generate
-
-    prompt = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
-    models = {}
-    for kernel in ("lmlab", "torch"):
-        os.environ["LMLAB_INT4_KERNEL"] = kernel  # read when the 4-bit weights are packed
-        lm = lmlab.load("smollm2", dtype="auto")
-        ids = lm.tokenizer.encode(lm.chat_template.render(prompt, add_generation_prompt=True))
-        generate(lm.model, [ids], SamplingParams(temperature=0, max_new_tokens=2, compile=True))
-        models[kernel] = lm.model
-    del os.environ["LMLAB_INT4_KERNEL"]
-
-    def run(model, n):
-        params = SamplingParams(temperature=0, max_new_tokens=n, compile=True)
-        start = time.perf_counter()
-        result = generate(model, [ids], params)
-        return time.perf_counter() - start, result.ids[0]
-
-    per_token: dict[str, list[float]] = {k: [] for k in models}
-    outputs = {}
-    for _ in range(rounds):
-        for kernel, model in models.items():
-            one, _ = run(model, 1)
-            full, outputs[kernel] = run(model, new_tokens + 1)
-            per_token[kernel].append((full - one) / new_tokens * 1e3)
-    a, b = (statistics.median(per_token[k]) for k in models)
-    ratio = statistics.median(y / x for x, y in zip(per_token["lmlab"], per_token["torch"]))
-    print(
-        f"SmolLM2 4-bit compiled, {new_tokens} new tokens, wall ms per token, median of "
-        f"{rounds} rounds: lmlab's kernel {a:.2f} ({1e3 / a:.1f} tok/s), torch's {b:.2f} "
-        f"({1e3 / b:.1f} tok/s); torch / lmlab, median of per-round ratios {ratio:.2f}x; "
-        f"greedy ids the same: {outputs['lmlab'] == outputs['torch']}"
-    )
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--prompt", type=int, default=64, help="rows of x for the prompt rows")
-    ap.add_argument("--smollm2", action="store_true", help="also decode SmolLM2 with each")
-    ap.add_argument("--new-tokens", type=int, default=64)
     args = ap.parse_args()
     print(describe_machine())
     if native_int4_mm() is None:
@@ -151,10 +107,6 @@ def main() -> None:
                     times[fn].append(time_pass(fn, products, xs))
             a, b = (statistics.median(times[f]) * 1e3 for f in (ours, theirs))
             print(f"{threads:>7} {rows:>5} {a:>9.2f} {b:>9.2f} {b / a:>13.2f}x")
-    if args.smollm2:
-        torch.set_num_threads(2)
-        del products
-        decode_smollm2(min(args.rounds, 9), args.new_tokens)
 
 
 if __name__ == "__main__":
