@@ -17,10 +17,10 @@ scales and zeros and giving the same numbers up to the last bit of a bf16 output
   AVX-512 BF16 (AMD Zen 4 and later, Intel Sapphire Rapids and later): one
   bf16 dot-product instruction per 16 outputs and two inputs, the nibbles widened in two
   instructions. Built once per machine by ``lmlab.native`` with the C++ compiler (a few
-  seconds). SmolLM2's 120 products per token, weights read from memory: 1.18-1.22x
-  torch's kernel on 1 thread, 1.03-1.06x on 2 (both near what short calls stream from
-  memory), 1.05-1.09x for a 64-token prompt, 2x with the weights in cache; the compiled
-  SmolLM2 step decodes 1.37x faster with it (``bench/int4.py [--smollm2]``, AMD EPYC).
+  seconds). SmolLM2's 120 products per token, weights read from memory: 1.22-1.33x
+  torch's kernel on 1 thread, 1.03-1.12x on 2 (both near what short calls stream from
+  memory), 1.05-1.09x for a 64-token prompt, 2x with the weights in cache
+  (``bench/int4.py``, AMD EPYC; the whole decoding step: ``bench/smollm2.py``).
 - PyTorch's (``torch._weight_int4pack_mm_for_cpu``, the one gpt-fast and torchao use)
   everywhere else, or with ``LMLAB_INT4_KERNEL=torch``.
 
