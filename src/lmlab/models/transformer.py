@@ -161,9 +161,10 @@ def rope_tables(positions: torch.Tensor, head_size: int, theta: float):
     step (``torch.compile``) evaluates cos and sin with other vector code than eager
     PyTorch, which in float32 gives other last bits for about 5% of the angles (8,192
     positions, 64 dimensions); bf16 queries and keys then round differently now and
-    then, and SmolLM2's greedy ids parted after 13 to 17 tokens. In float64 the two
-    differ by less than float32 can show: none of 9M values differed once rounded
-    (32,768 positions, four head sizes and thetas; tests/generate/test_compiled.py).
+    then, and (with RMSNorm's sums) SmolLM2's greedy ids parted after 4 to 17 tokens. In
+    float64 the two differ by less than float32 can show: none of about 9M values
+    differed once rounded (32,768 positions, four head sizes and thetas);
+    tests/generate/test_compiled.py checks 8,192 positions for two.
     """
     wide = _angle_dtype(positions.device)
     inv_freq = theta ** (
