@@ -7,7 +7,9 @@ pass reads them from memory as decoding does) and times one pass over all 120:
 
 - ``lmlab``: ``torch.ops.lmlab.int4_mm`` (``src/lmlab/quant/int4_cpu.cpp``: AVX-512 BF16
   dot products on 16 outputs and two inputs at a time);
-- ``torch``: ``torch._weight_int4pack_mm_for_cpu`` on the same weights in its own layout.
+- ``torch``: ``torch._weight_int4pack_mm_for_cpu`` on the same weights in its own layout;
+
+each through ``lmlab.quant.int4.Int4Matmul`` (which packs the layout), as decoding calls them.
 
 Rows of x: 1 (a decoding step) and ``--prompt`` (a prompt read at once). The two kernels
 take turns, ``--rounds`` times, and the bench prints medians and their ratio, for 1 and
@@ -31,7 +33,7 @@ import time
 
 import torch
 
-from lmlab.quant.int4 import native_int4_mm, pack_blocks
+from lmlab.quant.int4 import Int4Linear, Int4Matmul, native_int4_mm
 from machine import describe_machine
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (outputs, inputs) per block
@@ -39,48 +41,37 @@ GROUP = 32
 
 
 def weights(seed: int = 0):
-    """Per product: (K, lmlab's packed, its scale_zero, torch's packed, its scale_zero)."""
+    """Per product: (K, lmlab's kernel, torch's kernel), each an ``Int4Matmul`` holding the
+    same random weights in its own layout."""
     g = torch.Generator().manual_seed(seed)
     products = []
     for _ in range(30):
         for n, k in SHAPES:
             q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
-            scale = (torch.rand(n, k // GROUP, generator=g) * 0.02).to(torch.bfloat16)
-            zero = (torch.randn(n, k // GROUP, generator=g) * 0.01).to(torch.bfloat16)
-            ours = (pack_blocks(q), torch.stack([scale.t(), zero.t()], 1).contiguous())
-            theirs = (
-                torch._convert_weight_to_int4pack_for_cpu(q.int(), 1),
-                torch.stack([scale.t(), zero.t()], -1).contiguous(),
-            )
-            products.append((k, *ours, *theirs))
+            scale = torch.rand(n, k // GROUP, generator=g) * 0.02
+            zero = torch.randn(n, k // GROUP, generator=g) * 0.01
+            kernels = [Int4Matmul([Int4Linear(q, scale, zero)], native) for native in (True, False)]
+            products.append((k, *kernels))
     return products
 
 
 def check(products) -> None:
     """The kernels agree on the first block's products, to bf16 rounding (the exact bound
-    against float64 is tested in tests/quant/test_int4.py)."""
-    for k, packed, sz, tpacked, tsz in products[:4]:
+    against float64 is tested in tests/quant/test_int4_native.py)."""
+    for k, ours, theirs in products[:4]:
         x = torch.randn(3, k).to(torch.bfloat16)
-        ours = torch.ops.lmlab.int4_mm(x, packed, sz, GROUP).double()
-        theirs = torch._weight_int4pack_mm_for_cpu(x, tpacked, GROUP, tsz).double()
-        scale = (ours - theirs).abs().max() / max(theirs.abs().max(), 1e-9)
+        a, b = ours(x).double(), theirs(x).double()
+        scale = (a - b).abs().max() / max(b.abs().max(), 1e-9)
         if scale > 2**-7:
             sys.exit(f"lmlab's and torch's kernels disagree by {scale:.3g} of the outputs' size")
 
 
-def time_pass(fn, products, xs) -> float:
+def time_pass(which: int, products, xs) -> float:
+    """Seconds for all 120 products through kernel ``which`` (1: lmlab's, 2: torch's)."""
     start = time.perf_counter()
     for product in products:
-        fn(xs[product[0]], product)
+        product[which](xs[product[0]])
     return time.perf_counter() - start
-
-
-def ours(x, p):
-    return torch.ops.lmlab.int4_mm(x, p[1], p[2], GROUP)
-
-
-def theirs(x, p):
-    return torch._weight_int4pack_mm_for_cpu(x, p[3], GROUP, p[4])
 
 
 def main() -> None:
@@ -99,13 +90,13 @@ def main() -> None:
         torch.set_num_threads(threads)
         for rows in (1, args.prompt):
             xs = {k: torch.randn(rows, k).to(torch.bfloat16) for k in (576, 1536)}
-            times: dict = {ours: [], theirs: []}
-            for fn in times:  # warm-up
-                time_pass(fn, products, xs)
+            times: dict[int, list[float]] = {1: [], 2: []}
+            for which in times:  # warm-up
+                time_pass(which, products, xs)
             for _ in range(args.rounds):
-                for fn in times:
-                    times[fn].append(time_pass(fn, products, xs))
-            a, b = (statistics.median(times[f]) * 1e3 for f in (ours, theirs))
+                for which in times:
+                    times[which].append(time_pass(which, products, xs))
+            a, b = (statistics.median(times[which]) * 1e3 for which in (1, 2))
             print(f"{threads:>7} {rows:>5} {a:>9.2f} {b:>9.2f} {b / a:>13.2f}x")
 
 

@@ -47,6 +47,12 @@ def _global_hooks() -> bool:
     return bool(m._global_forward_hooks or m._global_forward_pre_hooks)
 
 
+def wide_float(device: torch.device) -> torch.dtype:
+    """float64, where sums and angles are computed so that eager and compiled code round
+    alike (``RMSNorm``, ``rope_tables``); Apple's GPU (MPS) has no float64: float32 there."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm (Zhang & Sennrich 2019): x / rms(x) * weight, no centring.
 
@@ -67,8 +73,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        wide = torch.float32 if x.device.type == "mps" else torch.float64
-        mean_square = (xf * xf).sum(-1, keepdim=True, dtype=wide) / x.shape[-1]
+        mean_square = (xf * xf).sum(-1, keepdim=True, dtype=wide_float(x.device)) / x.shape[-1]
         normed = xf * torch.rsqrt(mean_square + self.eps).float()
         return self.weight * normed.to(x.dtype)
 

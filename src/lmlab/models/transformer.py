@@ -30,7 +30,7 @@ from torch import nn
 
 from lmlab.errors import ConfigError
 from lmlab.models.contract import Abilities
-from lmlab.models.layers import HookPoint, RMSNorm, segment_mask, segment_positions
+from lmlab.models.layers import HookPoint, RMSNorm, segment_mask, segment_positions, wide_float
 from lmlab.models.registry import register_family
 
 
@@ -166,18 +166,13 @@ def rope_tables(positions: torch.Tensor, head_size: int, theta: float):
     differed once rounded (32,768 positions, four head sizes and thetas);
     tests/generate/test_compiled.py checks 8,192 positions for two.
     """
-    wide = _angle_dtype(positions.device)
+    wide = wide_float(positions.device)
     inv_freq = theta ** (
         -torch.arange(0, head_size, 2, device=positions.device, dtype=wide) / head_size
     )
     angles = positions.to(wide)[..., None] * inv_freq  # (B, T, Dh/2)
     angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, Dh)
     return _cos_sin(angles)
-
-
-def _angle_dtype(device: torch.device) -> torch.dtype:
-    """float64, except on Apple's GPU (MPS), which has no float64: float32 there."""
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _cos_sin(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,7 +191,7 @@ def sinusoidal_table(positions: torch.Tensor, d_model: int) -> torch.Tensor:
     >>> sinusoidal_table(torch.tensor([[0, 1]]), 4).round(decimals=4).tolist()
     [[[0.0, 1.0, 0.0, 1.0], [0.8415, 0.5403, 0.01, 1.0]]]
     """
-    wide = _angle_dtype(positions.device)
+    wide = wide_float(positions.device)
     inv_freq = 10000.0 ** (
         -torch.arange(0, d_model, 2, device=positions.device, dtype=wide) / d_model
     )

@@ -18,8 +18,9 @@ scales and zeros and giving the same numbers up to the last bit of a bf16 output
   bf16 dot-product instruction per 16 outputs and two inputs, the nibbles widened in two
   instructions. Built once per machine by ``lmlab.native`` with the C++ compiler (a few
   seconds). SmolLM2's 120 products per token, weights read from memory: 1.22-1.33x
-  torch's kernel on 1 thread, 1.03-1.12x on 2 (both near what short calls stream from
-  memory), 1.05-1.09x for a 64-token prompt, 2x with the weights in cache
+  torch's kernel on 1 thread; on 2, 1.03-1.12x on a quiet machine (both near what short
+  calls stream from memory) and 0.84-0.97x on a busy one; 1.05-1.09x for a 64-token
+  prompt (quiet), 2x with the weights in cache
   (``bench/int4.py``, AMD EPYC; the whole decoding step: ``bench/smollm2.py``).
 - PyTorch's (``torch._weight_int4pack_mm_for_cpu``, the one gpt-fast and torchao use)
   everywhere else, or with ``LMLAB_INT4_KERNEL=torch``.
@@ -294,7 +295,9 @@ class Int4Matmul:
     (SmolLM2: 63 MB less than with both forms). ``release`` gives them back. It is not a
     module: what is saved stays the layers' own form, read back from here on demand."""
 
-    def __init__(self, layers: list[Int4Linear]):
+    def __init__(self, layers: list[Int4Linear], native: bool | None = None):
+        """``native``: lmlab's kernel (True) or torch's (False); None chooses as
+        ``native_int4_mm`` says (``bench/int4.py`` builds one of each)."""
         for m in layers:
             m.canonical()
         first = layers[0]
@@ -302,7 +305,7 @@ class Int4Matmul:
         self.in_features, self.group_size = first.in_features, first.group_size
         self.out_features = sum(m.out_features for m in layers)
         self.device = first.qweight.device
-        self.native = native_int4_mm() is not None
+        self.native = native_int4_mm() is not None if native is None else native
         # uint8 for lmlab's layout; torch's packing function takes int32
         dtype = torch.uint8 if self.native else torch.int32
         q = torch.empty(self.out_features, self.in_features, dtype=dtype)  # (N, K)
@@ -340,8 +343,9 @@ class Int4Matmul:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (B*T, K)
         if self.native:
-            mm = torch.ops.lmlab.int4_mm
-            y = mm(x2.contiguous(), self.packed, self.scale_zero, self.group_size)
+            y = torch.ops.lmlab.int4_mm(
+                x2.contiguous(), self.packed, self.scale_zero, self.group_size
+            )
         else:
             y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_zero)
         y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
