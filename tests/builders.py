@@ -116,3 +116,18 @@ def load_peak_in_subprocess(script: str) -> dict:
         timeout=600,
     )
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def assert_rows_and_threads_agree(layer, x):
+    """``layer(x)`` row by row equals it on the whole batch ``x`` [M, K], and on 1 thread
+    equals it on the default count: a kernel's numbers depend on neither (decoding one
+    token and reading a prompt agree bit for bit)."""
+    batch = layer(x)
+    for i in range(x.shape[0]):
+        assert torch.equal(layer(x[i : i + 1]), batch[i : i + 1]), f"row {i}"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(layer(x), batch), "1 thread"
+    finally:
+        torch.set_num_threads(threads)

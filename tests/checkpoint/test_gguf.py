@@ -26,8 +26,10 @@ from lmlab.checkpoint.pretrained import pretrained_path
 from lmlab.errors import CheckpointError, DataNotFoundError
 from lmlab.generate.params import SamplingParams
 from lmlab.generate.search import generate_text
+from lmlab.quant.q8 import native_q8_0_mm
 
 Q = gguf.GGMLQuantizationType
+HAS_Q8_0 = native_q8_0_mm() is not None  # lmlab's Q8_0 kernel runs: 4-bit loads keep the head
 
 # float32 on CPU: the same maths in a different order (sdpa kernels, fused vs split
 # projections) differs by a few ulps per layer; 1e-5 on logits of size ~1 leaves room for
@@ -699,6 +701,66 @@ def test_a_4bit_load_holds_packed_weights_and_saves_them_exactly(tmp_path):
         assert torch.equal(model(ids), expected)
 
 
+def q8_0_output_file(path, tie):
+    """A tiny 4-bit Llama (Q4_1 layers) whose output matrix, 272 x 64, is Q8_0: the token
+    embedding when ``tie`` (as SmolLM2's file), else ``output.weight``."""
+    hf = shared_tiny_llama(vocab_size=272, tie_word_embeddings=tie)
+    name = "token_embd.weight" if tie else "output.weight"
+    state = hf.state_dict()
+    matrix = (state["model.embed_tokens.weight"] if tie else state["lm_head.weight"]).numpy()
+    override = {name: (gguf.quants.quantize(matrix, Q.Q8_0), Q.Q8_0)}
+    return write_llama_gguf(path, hf, Q.Q4_1, override=override, tokenizer=False)
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_a_4bit_load_keeps_a_q8_0_output_matrix_in_the_files_blocks(tmp_path, tie):
+    """keep_quantized: the Q8_0 output matrix becomes a Q8_0Linear whose weights are the
+    file's exactly (the float32 load's); tied, the embedding reads its rows from the same
+    blocks, equal to the dense bf16 load's embedding, and the model holds the matrix once;
+    the logits (float32) agree with the dense bf16 model's to bf16 precision; save then
+    load gives the same logits."""
+    from lmlab.checkpoint.quantized import load_quantized, save_quantized
+    from lmlab.quant import Q8_0Embedding, Q8_0Linear, model_size_bytes
+
+    if not HAS_Q8_0:
+        pytest.skip("lmlab's Q8_0 kernel does not run here (no AVX-512, or no C++ compiler)")
+    path = q8_0_output_file(tmp_path / "tiny.gguf", tie)
+    exact, _, _ = load_gguf(path)  # float32, dequantized: the file's weights exactly
+    dense, _, _ = load_gguf(path, dtype=torch.bfloat16, keep_quantized=False)
+    model, _, info = load_gguf(path, dtype=torch.bfloat16, keep_quantized=True)
+    assert isinstance(model.lm_head, Q8_0Linear) and "lm_head" in info["quantized"]
+    assert torch.equal(model.lm_head.dequantize(), exact.lm_head.weight)
+    if tie:
+        assert isinstance(model.tok_emb, Q8_0Embedding) and "tok_emb" in info["quantized"]
+        assert torch.equal(model.tok_emb.weight, dense.tok_emb.weight)
+        # held once, as int8 weights and fp16 scales: the embedding stores nothing
+        assert not [k for k in model.state_dict() if k.startswith("tok_emb.")]
+        assert model_size_bytes(model.lm_head) == 272 * 64 + 272 * 2 * 2
+    else:
+        assert type(model.tok_emb) is torch.nn.Embedding
+    ids = torch.randint(0, 272, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, expected = model(ids), dense(ids).float()
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, atol=0.05 * expected.abs().max().item(), rtol=0)
+        save_quantized(model, tmp_path / "saved")
+        again, _, config = load_quantized(tmp_path / "saved")
+        assert config["quantization"]["q8_0"]["layers"] == ["lm_head"]
+        assert type(again.tok_emb) is type(model.tok_emb)
+        assert torch.equal(again(ids), got)
+
+
+def test_a_q8_0_output_that_does_not_fit_the_kernel_stays_dense(tmp_path):
+    """263 outputs (not a multiple of 16): the bf16 head and embedding, tied, as before."""
+    hf = tiny_llama(tie=True)
+    matrix = hf.state_dict()["model.embed_tokens.weight"].numpy()
+    override = {"token_embd.weight": (gguf.quants.quantize(matrix, Q.Q8_0), Q.Q8_0)}
+    path = write_llama_gguf(tmp_path / "tiny.gguf", hf, Q.Q4_1, override=override)
+    model, _, info = load_gguf(path, dtype=torch.bfloat16, keep_quantized=True)
+    assert "lm_head" not in info["quantized"] and type(model.lm_head) is torch.nn.Linear
+    assert model.lm_head.weight is model.tok_emb.weight
+
+
 def test_float32_keeps_dense_weights(tmp_path):
     path = write_llama_gguf(tmp_path / "tiny.gguf", tiny_llama(), Q.Q4_1)
     _, _, info = load_gguf(path)
@@ -724,7 +786,8 @@ def test_smollm2_4bit_is_as_faithful_as_bf16_weights(smollm):
         reference = model(ids)[0].argmax(-1)
         for kept in (False, True):
             m, _, info = load_gguf(path, dtype=torch.bfloat16, keep_quantized=kept)
-            assert len(info["quantized"]) == (210 if kept else 0)
+            # 30 blocks x 7 layers in 4 bits; the Q8_0 head and the embedding reading it
+            assert len(info["quantized"]) == (210 + 2 * HAS_Q8_0 if kept else 0)
             agree[kept] = (m(ids)[0].argmax(-1) == reference).float().mean().item()
     assert agree[True] >= 0.9 and agree[True] >= agree[False] - 0.05, agree
 
@@ -735,7 +798,7 @@ def test_smollm2_4bit_decodes_the_plain_paths_tokens():
     the greedy tokens of the same model with them off,
     on a chat prompt, 64 new tokens."""
     model, tok, info = load_gguf(pretrained_path("smollm2"), dtype=torch.bfloat16)
-    assert len(info["quantized"]) == 210
+    assert len(info["quantized"]) == 210 + 2 * HAS_Q8_0
     prompt = (
         "<|im_start|>user\nWrite a short story about a robot.<|im_end|>\n<|im_start|>assistant\n"
     )

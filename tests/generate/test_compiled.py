@@ -14,7 +14,7 @@ from lmlab.generate import SamplingParams, generate, generate_ids, stream_ids
 from lmlab.models import build_model, get_preset
 from lmlab.models.layers import RMSNorm
 from lmlab.models.transformer import Transformer, rope_tables
-from lmlab.quant import int4, quantize_model
+from lmlab.quant import Q8_0Embedding, Q8_0Linear, int4, quantize_model
 from lmlab.quant.int4 import Int4Linear
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15], [1, 2, 3, 4, 5]]
@@ -189,7 +189,8 @@ def test_compiled_norms_and_rotary_tables_give_eagers_bits():
 def test_compiled_step_gives_eagers_logits_for_a_long_run_of_a_wider_model():
     """128 steps of a 4-layer bf16 model with SmolLM2's widths (576, 9 and 3 heads, 1536)
     and outlier channels in its embedding, weights in 4 bits (lmlab's int4 kernel where
-    the CPU runs it): at every step the compiled step's logits equal the eager ones bit
+    the CPU runs it) and the tied embedding and head in Q8_0 blocks (as a 4-bit GGUF load
+    keeps SmolLM2's): at every step the compiled step's logits equal the eager ones bit
     for bit, the cache growing to 160 positions."""
     model = tiny(
         torch.bfloat16,
@@ -208,6 +209,8 @@ def test_compiled_step_gives_eagers_logits_for_a_long_run_of_a_wider_model():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
         model.tok_emb.weight[:, :4] *= 200  # a few large channels, as trained models have
     model = quantize_model(model, "int4")
+    model.lm_head = Q8_0Linear.from_float(model.tok_emb.weight)
+    model.tok_emb = Q8_0Embedding(model.lm_head, torch.bfloat16)
     step = compiled_module.CompiledStep(torch.device("cpu"))
     with torch.inference_mode():
         caches = [model.new_cache(1, 256) for _ in range(2)]

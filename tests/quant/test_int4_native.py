@@ -6,6 +6,7 @@ tests in test_int4.py run with both kernels."""
 import pytest
 import torch
 
+from builders import assert_rows_and_threads_agree
 from lmlab.quant import int4
 from lmlab.quant.int4 import Int4Linear
 
@@ -74,17 +75,8 @@ def test_native_kernel_rows_are_independent_and_threads_do_not_change_numbers():
     rest), and on 1 or 2 threads: decoding one token and reading a prompt agree bit for bit."""
     g = torch.Generator().manual_seed(11)
     q, scale, zero = random_weights(96, 128, 32, g)
-    lin = Int4Linear(q, scale, zero)
     x = torch.randn(7, 128, generator=g).to(torch.bfloat16)
-    batch = lin(x)
-    for i in range(7):
-        assert torch.equal(lin(x[i : i + 1]), batch[i : i + 1])
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert torch.equal(lin(x), batch)
-    finally:
-        torch.set_num_threads(threads)
+    assert_rows_and_threads_agree(Int4Linear(q, scale, zero), x)
 
 
 @needs_native

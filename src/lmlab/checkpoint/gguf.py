@@ -59,6 +59,7 @@ from lmlab.devices import return_free_memory
 from lmlab.errors import CheckpointError, DataNotFoundError
 from lmlab.models import build_model
 from lmlab.quant.int4 import Int4Linear, int4_kernel_available
+from lmlab.quant.q8 import Q8_0Embedding, Q8_0Linear, native_q8_0_mm
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -122,14 +123,19 @@ class GGUFFile:
     numbers a read-only NumPy array (``tokenizer.ggml.token_type``: int32)."""
     tensors: dict[str, GGUFTensor] = field(default_factory=dict)
 
-    def raw(self, name: str) -> bytearray:
-        """The stored bytes of tensor ``name`` (blocks of a quantized type as they are)."""
+    def raw(self, name: str, rows: tuple[int, int] | None = None) -> bytearray:
+        """The stored bytes of tensor ``name`` (blocks of a quantized type as they are);
+        with ``rows`` = (start, stop), those of rows [start, stop) of its first dimension."""
         t = self.tensors[name]
-        raw = bytearray(t.nbytes)  # writable, so torch.frombuffer needs no copy of it
+        start, size = 0, t.nbytes
+        if rows is not None:
+            row_bytes = t.nbytes // t.shape[0]
+            start, size = rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+        raw = bytearray(size)  # writable, so torch.frombuffer needs no copy of it
         with open(self.path, "rb") as f:
-            f.seek(t.offset)
+            f.seek(t.offset + start)
             got = f.readinto(raw)
-        if got != t.nbytes:  # the file changed since it was validated
+        if got != size:  # the file changed since it was validated
             raise CheckpointError(f"{str(self.path)!r}: tensor {name!r} is truncated")
         return raw
 
@@ -955,6 +961,31 @@ def keep_4bit(model: nn.Module, g: GGUFFile) -> dict[str, str]:
     return done
 
 
+def keep_q8_0_output(model: nn.Module, g: GGUFFile, dtype: torch.dtype) -> dict[str, str]:
+    """Put a ``Q8_0Linear`` holding the file's Q8_0 output matrix in place of
+    ``model.lm_head``, and, when the file ties it to the token embeddings (no
+    ``output.weight``), a ``Q8_0Embedding`` reading the same blocks in place of
+    ``model.tok_emb`` (rows in ``dtype``): the matrix is held once, in the file's 8 bits.
+    Returns ``{gguf tensor name: "lm_head"}`` if it replaced them; nothing where
+    the output matrix is not Q8_0, its sizes do not fit the kernel (outputs a multiple of
+    16), its scales are not finite, or lmlab's Q8_0 kernel does not run on this CPU."""
+    name = "output.weight" if "output.weight" in g.tensors else "token_embd.weight"
+    t = g.tensors.get(name)
+    if t is None or t.type != gguf.GGMLQuantizationType.Q8_0 or native_q8_0_mm() is None:
+        return {}
+    N, K = t.shape
+    if N % 16 or K % 32:
+        return {}
+    head = Q8_0Linear.from_blocks(lambda start, stop: g.raw(name, (start, stop)), N, K)
+    if not is_finite(head.scale):
+        return {}  # gguf_to_hf refuses the tensor, naming it
+    model.lm_head = head
+    if name == "output.weight":
+        return {name: "lm_head"}
+    model.tok_emb = Q8_0Embedding(model.lm_head, dtype)
+    return {name: "lm_head"}  # and tok_emb: load_gguf lists it
+
+
 def pack_4bit(model: nn.Module) -> None:
     """Pack each block's ``Int4Linear`` layers into the int4 CPU kernel's layout as decoding
     calls them (``Int4Linear.fuse``: q, k and v together, gate and up together; where the
@@ -1012,6 +1043,8 @@ def load_gguf(
     with torch.device("meta"):
         model = build_model(spec)
     kept = keep_4bit(model, g) if keep_quantized else {}
+    if kept:  # a 4-bit model: its output layer too reads the file's bytes (Q8_0 only)
+        kept.update(keep_q8_0_output(model, g, dtype or torch.float32))
     # Tensor by tensor: the 4-bit layers are in place, the rest is dequantized (straight
     # to ``dtype``) and handed to the model as it is, so no dense copy of the whole model
     # ever exists. Loading SmolLM2 in 4 bits and decoding with it peaks at about 407 MB
@@ -1026,6 +1059,8 @@ def load_gguf(
     if kept:
         pack_4bit(model)  # after assign_converted: its state_dict() reads the saved form
     quantized = list(kept.values())
+    if isinstance(model.tok_emb, Q8_0Embedding):
+        quantized.append("tok_emb")
     check_tokenizer_fits(tokenizer, model, str(g.path))
     tokens = g.metadata.get("tokenizer.ggml.tokens", [])
 

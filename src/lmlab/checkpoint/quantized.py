@@ -36,6 +36,7 @@ from lmlab.models import build_model
 from lmlab.quant.int4 import Int4Linear
 from lmlab.quant.int8 import Int8Linear
 from lmlab.quant.nf4 import NF4Linear
+from lmlab.quant.q8 import Q8_0Embedding, Q8_0Linear
 from lmlab.quant.quantize import METHODS, quantization_config, set_submodule
 
 
@@ -92,6 +93,7 @@ def load_quantized(directory: str | os.PathLike) -> tuple[nn.Module, Any | None,
                         f"({method}) from its tensors {sorted(stored)}: {e}"
                     ) from e
                 set_submodule(model, name, layer)
+            _rebuild_q8_0(model, quant.get("q8_0"), f, header, ckpt)
             # Dense tensors take their saved dtype (load_weights would cast to the model's).
             for name, tensor in model.state_dict(keep_vars=True).items():
                 saved = header.get(name, {}).get("dtype")
@@ -107,6 +109,54 @@ def load_quantized(directory: str | os.PathLike) -> tuple[nn.Module, Any | None,
     if (ckpt / "tokenizer.json").is_file():
         tokenizer = load_tokenizer(ckpt)
     return model, tokenizer, config
+
+
+_TABLE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _rebuild_q8_0(model: nn.Module, entry: Any, f: Any, header: dict, ckpt: Path) -> None:
+    """The output layer kept in Q8_0 blocks (``quantization_config``'s ``"q8_0"`` entry)
+    and the embeddings that read its rows, from the open weights file ``f``."""
+    if entry is None:
+        return
+    where = str(ckpt / "config.json")
+    layers, tables = entry.get("layers"), entry.get("embeddings", {})
+    if not (
+        isinstance(layers, list)
+        and all(isinstance(n, str) for n in layers)
+        and isinstance(tables, dict)
+        and all(isinstance(t, dict) and set(t) == {"head", "dtype"} for t in tables.values())
+    ):
+        raise CheckpointError(
+            f"{where!r}: the 'q8_0' entry must be {{'layers': [names], 'embeddings': "
+            f"{{name: {{'head': name, 'dtype': name}}}}}}, got {entry!r}"
+        )
+    for name in layers:
+        dense = _dense_layer(model, name, ckpt)
+        try:
+            layer = Q8_0Linear.packed(
+                f.get_tensor(f"{name}.qweight"), f.get_tensor(f"{name}.scale")
+            )
+        except (ConfigError, KeyError, TypeError, RuntimeError) as e:
+            raise CheckpointError(
+                f"{str(ckpt / WEIGHTS_FILE)!r}: cannot rebuild Q8_0 layer {name!r} from "
+                f"{sorted(k for k in header if k.startswith(name + '.'))}: {e}"
+            ) from e
+        if (layer.out_features, layer.in_features) != (dense.out_features, dense.in_features):
+            raise CheckpointError(
+                f"{str(ckpt / WEIGHTS_FILE)!r}: Q8_0 layer {name!r} is {layer.out_features}x"
+                f"{layer.in_features}, the model's {dense.out_features}x{dense.in_features}"
+            )
+        set_submodule(model, name, layer)
+    for name, table in tables.items():
+        head = table["head"]
+        dtype = _TABLE_DTYPES.get(table["dtype"])
+        if head not in layers or dtype is None:
+            raise CheckpointError(
+                f"{where!r}: embeddings {name!r} must read one of the Q8_0 layers {layers} in "
+                f"bfloat16, float16 or float32; got {table!r}"
+            )
+        set_submodule(model, name, Q8_0Embedding(model.get_submodule(head), dtype))
 
 
 def _dense_layer(model: nn.Module, name: str, ckpt: Path) -> nn.Linear:

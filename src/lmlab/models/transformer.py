@@ -471,8 +471,11 @@ class Transformer(nn.Module):
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
         """An empty KV cache for ``batch_size`` rows and at most ``max_len`` tokens."""
         max_len = max_len or self.config.max_seq_len
-        param = self.tok_emb.weight
-        return KVCache(self.config, batch_size, max_len, dtype or param.dtype, param.device)
+        # a table kept quantized (lmlab.quant.Q8_0Embedding) tells its rows' dtype without
+        # making its weight
+        like = getattr(self.tok_emb, "like", None)
+        ref = self.tok_emb.weight if like is None else like
+        return KVCache(self.config, batch_size, max_len, dtype or ref.dtype, ref.device)
 
     def use_fast_decoding(self, fast: bool = True) -> None:
         """Take the decoding shortcuts that give the same numbers (the default): projections

@@ -43,6 +43,7 @@ from lmlab.errors import ConfigError, closest
 from lmlab.quant.int4 import Int4Linear
 from lmlab.quant.int8 import Int8Linear
 from lmlab.quant.nf4 import NF4Linear
+from lmlab.quant.q8 import Q8_0Embedding, Q8_0Linear
 
 Method = Literal["int8", "int4", "nf4"]
 
@@ -121,7 +122,10 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
     dequantized weight (in ``dtype``), in place; returns ``model``. The inverse of
     ``quantize_model`` up to the quantization error: the dense model computes what the
     quantized one does, up to float rounding."""
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QUANTIZED_LAYERS)]
+    tables = [(n, m) for n, m in model.named_modules() if type(m) is Q8_0Embedding]
+    layers = [
+        (n, m) for n, m in model.named_modules() if isinstance(m, (*QUANTIZED_LAYERS, Q8_0Linear))
+    ]
     for name, layer in layers:
         weight = layer.dequantize(dtype)  # (N, K)
         dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
@@ -131,6 +135,11 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
             if layer.bias is not None:
                 dense.bias.copy_(layer.bias)
         set_submodule(model, name, dense)
+        for table_name, table in tables:  # embeddings reading a Q8_0 layer: tied to it again
+            if table.head is layer:
+                embedding = nn.Embedding(*weight.shape, _weight=weight, _freeze=True)
+                embedding.weight = dense.weight  # the same Parameter, as tied models have
+                set_submodule(model, table_name, embedding)
     return model
 
 
@@ -190,4 +199,20 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
             "save_quantized needs one method with one set of options"
         )
     entry, names = next(iter(found.values()))
-    return {**entry, "layers": names}
+    return {**entry, "layers": names, **_q8_0_entry(model)}
+
+
+def _q8_0_entry(model: nn.Module) -> dict[str, Any]:
+    """The output layer a 4-bit GGUF load keeps in the file's Q8_0 blocks (``lmlab.quant.
+    q8``), and the embeddings that read them: ``{"q8_0": {"layers": [names], "embeddings":
+    {name: {"head": layer name, "dtype": "bfloat16"}}}}``, or nothing."""
+    names = {m: name for name, m in model.named_modules()}
+    layers = [name for m, name in names.items() if type(m) is Q8_0Linear]
+    if not layers:
+        return {}
+    embeddings = {
+        name: {"head": names[m.head], "dtype": str(m.like.dtype).removeprefix("torch.")}
+        for m, name in names.items()
+        if type(m) is Q8_0Embedding
+    }
+    return {"q8_0": {"layers": layers, "embeddings": embeddings}}
