@@ -175,6 +175,18 @@ def test_cached_model_reads_the_prompt_once_then_one_token_per_step():
     assert model.calls == [(3, 7)] + [(3, 1)] * 11  # the 12th token is never fed back
 
 
+def test_a_transformers_prompt_pass_computes_the_last_positions_logits_only():
+    """A model taking ``logits_to_keep`` is asked for the last position's logits: the
+    output layer sees one row per prompt, and the tokens are those of the full pass."""
+    model = build_model({**get_preset("llama-small"), "vocab_size": 40, "n_layers": 2}).eval()
+    seen = []
+    model.lm_head.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    ids = generate_ids(model, PROMPTS, GREEDY)
+    assert seen == [1] * 12
+    for prompt, new in zip(PROMPTS, ids, strict=True):
+        assert new == naive_greedy(model, prompt, 12)
+
+
 def test_cached_decoding_equals_recomputation():
     cached, full = CachedHashLM(seed=3), HashLM(seed=3)
     for params in [GREEDY, SamplingParams(max_new_tokens=12, seed=5, top_k=4)]:

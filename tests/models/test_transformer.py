@@ -107,6 +107,23 @@ def test_cached_decoding_equals_full_recomputation(variant):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-6, rtol=1e-5)
 
 
+def test_logits_to_keep_gives_the_last_positions_logits_and_the_same_cache():
+    """As transformers' argument: the logits of the last k positions, those of the full
+    pass; the cache holds every position either way."""
+    model = build_model(tiny_spec(pos="rope", norm="rmsnorm")).eval()
+    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    full_cache, cut_cache = model.new_cache(2, 16), model.new_cache(2, 16)
+    full = model(ids, cache=full_cache)
+    for k in (1, 4):
+        # fewer rows in the output layer's float32 product: the same sums up to rounding
+        kept = model(ids, logits_to_keep=k)
+        assert kept.shape == (2, k, 50)
+        torch.testing.assert_close(kept, full[:, -k:], atol=1e-6, rtol=1e-5)
+    assert model(ids, cache=cut_cache, logits_to_keep=1).shape == (2, 1, 50)
+    step = ids[:, :1]
+    assert torch.equal(model(step, cache=cut_cache), model(step, cache=full_cache))
+
+
 @pytest.mark.parametrize("kv_heads", [None, 2], ids=["mha", "gqa"])
 def test_left_padded_rows_equal_rows_alone_with_cache(kv_heads):
     """Also with grouped-query heads: a one-token step then attends through each key/value

@@ -1016,9 +1016,12 @@ def load_gguf(
     The model holds the dequantized weights in float32 (or ``dtype``). With
     ``keep_quantized`` the linear layers stored as Q4_0/Q4_1 stay 4-bit (``Int4Linear``,
     computing in bf16: about 2x faster decoding than bf16 weights, a quarter of their
-    memory), read tensor by tensor so that no dense copy of them is ever made; the
-    embedding and the output head stay in ``dtype`` (SmolLM2: one bf16 matrix, tied, read
-    once per token; a float32 head read twice the bytes and held them a second time).
+    memory), read tensor by tensor so that no dense copy of them is ever made. The output
+    matrix, when the file stores it as Q8_0 (SmolLM2's tied token embedding), then stays
+    in the file's blocks too (``Q8_0Linear``, float32 logits; ``keep_q8_0_output``), and
+    a tied embedding reads its rows from them (``Q8_0Embedding``): 30 MB read per token
+    instead of 57 MB of bf16, the file's weights exactly. Without lmlab's Q8_0 kernel
+    (a CPU without AVX-512) the embedding and the head stay one tied matrix in ``dtype``.
     None means: when ``dtype`` is bf16 and the int4 CPU kernel exists, since float32 asks
     for exact numbers. ``info["quantized"]`` lists the layers kept. ``info`` has
     ``format`` ("gguf"), ``path``, ``architecture``, ``name`` (general.name),

@@ -50,6 +50,7 @@ with transformers' ``generate`` on tiny random GPT-2 and Llama models.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -136,6 +137,12 @@ class _Runner:
         use = compiled is not None and self.cache is not None and compiled.applies(model)
         self.compiled = compiled if use else None
         self.matvec = _native_matvec(model)
+        # only the last position's logits are read: a model that can skip the others does
+        # (the output layer's product for every prompt position but the last)
+        if "logits_to_keep" in inspect.signature(model.forward).parameters:
+            self.keep = {"logits_to_keep": 1}
+        else:
+            self.keep = {}
         self.vocab = model.config.vocab_size
         self.seen = seen_tokens(self.ids[:, :T], self.vocab, self.mask[:, :T]) if seen else None
 
@@ -195,7 +202,7 @@ class _Runner:
         def run() -> torch.Tensor:
             if compiled is not None:
                 return compiled(self.model, ids, kwargs["cache"])
-            return self.model(ids, **kwargs)
+            return self.model(ids, **kwargs, **self.keep)
 
         with _onednn(enabled=not (self.matvec and ids.numel() == 1)):
             if not self.model.training:
@@ -214,8 +221,9 @@ def _native_matvec(model: nn.Module) -> bool:
     A batch-1 decoding step multiplies every weight matrix by one vector. For bfloat16 on
     such a CPU, torch's own matrix-vector kernel reads the weights about twice as fast as
     oneDNN's (``bench/decode.py``); for two or more rows oneDNN's matrix product is faster,
-    and float32 is the same either way. The 4- and 8-bit kernels are torch's own, not
-    oneDNN's; a 4-bit model's output head is a bf16 matrix, so it too runs without oneDNN.
+    and float32 is the same either way. The 4- and 8-bit kernels (lmlab's or torch's) are
+    not oneDNN's, nor is lmlab's Q8_0 output layer (a 4-bit GGUF load's); a bf16 output
+    head of a 4-bit model runs without oneDNN.
     """
     if cpu_plan().onednn_matvec:
         return False

@@ -504,6 +504,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         mask: torch.Tensor | None = None,
         segments: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
         """ids: [B, T] int64; mask: [B, T] bool, False on left padding; -> logits [B, T, V].
 
@@ -511,6 +512,9 @@ class Transformer(nn.Module):
         ``segments`` [B, T] int64 number the examples packed into each row (from 1; 0 on
         padding): each token then attends only within its own example and positions
         restart at each, so a packed row computes what its examples would alone.
+        ``logits_to_keep`` > 0 computes the logits of the last that many positions only
+        ([B, logits_to_keep, V]; as in transformers): decoding needs the last one, and a
+        prompt's pass then skips the output layer's product for the others.
         """
         B, T = ids.shape
         if segments is not None and (cache is not None or mask is not None):
@@ -543,6 +547,8 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length += T
         x = self.hook_resid_final(self.norm(x))
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
         return self.lm_head(x)  # (B, T, V)
 
     def _positions_and_mask(self, ids, cache, mask):
