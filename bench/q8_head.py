@@ -15,7 +15,7 @@ embedding (tied). Three ways, each on the same random Q8_0 weights:
 
 Rows of x: 1 (a decoding step) and ``--prompt`` (a prompt read at once). The ways take
 turns ``--rounds`` times; the bench prints medians and their ratio, for 1 and 2 threads,
-after checking that they agree to bf16 rounding. Needs a CPU with AVX-512 and a C++
+after checking that they agree to bf16 rounding. Needs a CPU with AVX-512 BF16 and a C++
 compiler (else it says so and stops).
 
 Usage: python bench/q8_head.py [--rounds 21] [--prompt 42]
@@ -65,7 +65,7 @@ def main() -> None:
     args = ap.parse_args()
     print(describe_machine())
     if native_q8_0_mm() is None:
-        sys.exit("lmlab's Q8_0 kernel does not run here (no AVX-512, or no C++ compiler)")
+        sys.exit("lmlab's Q8_0 kernel does not run here (no AVX-512 BF16, or no C++ compiler)")
     pairs = layers()
     x = torch.randn(3, WIDTH).to(torch.bfloat16)
     a, b = pairs[0][0](x).double(), F.linear(x, pairs[0][1]).double()

@@ -723,7 +723,7 @@ def test_a_4bit_load_keeps_a_q8_0_output_matrix_in_the_files_blocks(tmp_path, ti
     from lmlab.quant import Q8_0Embedding, Q8_0Linear, model_size_bytes
 
     if not HAS_Q8_0:
-        pytest.skip("lmlab's Q8_0 kernel does not run here (no AVX-512, or no C++ compiler)")
+        pytest.skip("lmlab's Q8_0 kernel does not run here (no AVX-512 BF16, or no C++ compiler)")
     path = q8_0_output_file(tmp_path / "tiny.gguf", tie)
     exact, _, _ = load_gguf(path)  # float32, dequantized: the file's weights exactly
     dense, _, _ = load_gguf(path, dtype=torch.bfloat16, keep_quantized=False)

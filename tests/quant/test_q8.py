@@ -22,7 +22,8 @@ from lmlab.quant.q8 import (
 
 HAS_NATIVE = native_q8_0_mm() is not None
 needs_native = pytest.mark.skipif(
-    not HAS_NATIVE, reason="lmlab's Q8_0 kernel does not run here (no AVX-512, or no C++ compiler)"
+    not HAS_NATIVE,
+    reason="lmlab's Q8_0 kernel does not run here (no AVX-512 BF16, or no C++ compiler)",
 )
 
 
@@ -48,11 +49,12 @@ def test_pack_q8_0_round_trips_and_places_each_weight_where_documented():
     g = torch.Generator().manual_seed(0)
     q, d = random_blocks(48, 96, g)
     qweight, scale = pack_q8_0(q, d)
-    assert qweight.shape == (3, 96, 16) and scale.shape == (3, 3, 16)
+    assert qweight.shape == (3, 48, 32) and scale.shape == (3, 3, 16)
     q2, d2 = unpack_q8_0(qweight, scale)
     assert torch.equal(q2, q) and torch.equal(d2, d)
+    # output n = 16 nb + r, input k = 2 p + e: pair p, byte 2 r + e
     for n, k in [(0, 0), (17, 33), (47, 95), (5, 70)]:
-        assert qweight[n // 16, k, n % 16] == q[n, k]
+        assert qweight[n // 16, k // 2, 2 * (n % 16) + k % 2] == q[n, k]
         assert scale[n // 16, k // 32, n % 16] == d[n, k // 32]
 
 
@@ -83,14 +85,14 @@ def test_kernel_rows_are_independent_and_threads_do_not_change_numbers():
 @needs_native
 def test_kernel_names_a_wrong_argument():
     x = torch.randn(2, 64, dtype=torch.bfloat16)
-    qweight = torch.zeros(2, 64, 16, dtype=torch.int8)
+    qweight = torch.zeros(2, 32, 32, dtype=torch.int8)
     scale = torch.zeros(2, 2, 16, dtype=torch.float16)
     torch.ops.lmlab.q8_0_mm(x, qweight, scale)  # right: no error
     with pytest.raises(RuntimeError, match="contiguous bf16"):
         torch.ops.lmlab.q8_0_mm(x.float(), qweight, scale)
     with pytest.raises(RuntimeError, match="int8"):
         torch.ops.lmlab.q8_0_mm(x, qweight.to(torch.uint8), scale)
-    with pytest.raises(RuntimeError, match="must equal K"):
+    with pytest.raises(RuntimeError, match="must be K / 2"):
         torch.ops.lmlab.q8_0_mm(x[:, :32].contiguous(), qweight, scale)
     with pytest.raises(RuntimeError, match="fp16"):
         torch.ops.lmlab.q8_0_mm(x, qweight, scale.float())

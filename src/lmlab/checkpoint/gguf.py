@@ -1021,7 +1021,7 @@ def load_gguf(
     in the file's blocks too (``Q8_0Linear``, float32 logits; ``keep_q8_0_output``), and
     a tied embedding reads its rows from them (``Q8_0Embedding``): 30 MB read per token
     instead of 57 MB of bf16, the file's weights exactly. Without lmlab's Q8_0 kernel
-    (a CPU without AVX-512) the embedding and the head stay one tied matrix in ``dtype``.
+    (a CPU without AVX-512 BF16) the embedding and the head stay one tied matrix in ``dtype``.
     None means: when ``dtype`` is bf16 and the int4 CPU kernel exists, since float32 asks
     for exact numbers. ``info["quantized"]`` lists the layers kept. ``info`` has
     ``format`` ("gguf"), ``path``, ``architecture``, ``name`` (general.name),

@@ -13,17 +13,21 @@ single read of a 4-bit model (over a third of its weights); in Q8_0 it is 30 MB,
 weights are the file's exactly rather than their bf16 rounding.
 
 ``Q8_0Linear`` multiplies through lmlab's own CPU kernel (``q8_cpu.cpp``, the operator
-``torch.ops.lmlab.q8_0_mm``; AVX-512 F): bf16 activations, weights widened to float32 in
-registers, float32 logits (a chat model's logits reach 20-30, where bf16 tells only
-values 0.125 apart; see ``Float32Head``). ``Q8_0Embedding`` is the ``nn.Embedding`` that
-reads its rows from such a layer's blocks: ``q * d`` in float32 rounded once to the
-model's dtype, the numbers the dense load gives. SmolLM2's output layer takes 0.8 ms per
-token on 2 threads, against 3.6-4.1 ms for ``F.linear`` with the bf16 matrix
-(``bench/smollm2.py`` measures the whole step).
+``torch.ops.lmlab.q8_0_mm``; AVX-512 BF16, as lmlab's int4 kernel): bf16 activations,
+int8 weights widened to bf16 (exact) in registers, float32 logits (a chat model's logits
+reach 20-30, where bf16 tells only values 0.125 apart; see ``Float32Head``).
+``Q8_0Embedding`` is the ``nn.Embedding`` that reads its rows from such a layer's blocks:
+``q * d`` in float32 rounded once to the model's dtype, the numbers the dense load gives.
+``bench/q8_head.py`` (AMD EPYC, weights read from memory): SmolLM2's output layer for
+one token takes 1.4-1.6 ms on 2 threads against 2.3-2.7 ms for ``F.linear`` with the bf16
+matrix (1.7x; 2.1-2.2x on 1 thread); for 42 rows at once it is 0.91-0.94x the bf16
+product, which decoding avoids (only a prompt's last position needs logits:
+``logits_to_keep``). ``bench/smollm2.py`` measures the whole step.
 
-Where the kernel does not run (another device, a CPU without AVX-512, no C++ compiler,
-a gradient needed) the layer multiplies by the dequantized weight in float32: the same
-numbers up to float32 rounding, slower.
+Where the kernel does not run (another device, a CPU without AVX-512 BF16, no C++
+compiler, a gradient needed) the layer multiplies by the dequantized weight in float32:
+the same numbers up to float32 rounding, slower; a 4-bit GGUF load then keeps the dense
+bf16 head.
 
     >>> q = torch.randint(-128, 128, (32, 64), dtype=torch.int8)
     >>> layer = Q8_0Linear(q, torch.full((32, 2), 0.01, dtype=torch.float16))
@@ -52,14 +56,14 @@ from lmlab.quant.int4 import inference_kernel_applies
 log = logging.getLogger(__name__)
 
 # what lmlab's kernel (q8_cpu.cpp) needs of the CPU
-NATIVE_FLAGS = frozenset({"avx512f"})
+NATIVE_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
 BLOCK = 32  # inputs per scale (GGUF's QK8_0)
 
 
 @functools.cache
 def native_q8_0_mm():
     """``torch.ops.lmlab.q8_0_mm`` (``q8_cpu.cpp``), built and loaded once per process;
-    None where it does not run: a CPU without AVX-512 F, no C++ compiler or a failed build
+    None where it does not run: a CPU without AVX-512 BF16, no C++ compiler or a failed build
     (``lmlab.native``)."""
     missing = NATIVE_FLAGS - (cpu_flags() or set())
     if missing:
@@ -76,19 +80,21 @@ def native_q8_0_mm():
 
 
 def pack_q8_0(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [N, K] int8 and d [N, K/32] fp16 in the kernel's layout: qweight [N/16, K, 16]
-    (input k's weights of 16 outputs together) and scale [N/16, K/32, 16]."""
+    """q [N, K] int8 and d [N, K/32] fp16 in the kernel's layout: qweight [N/16, K/2, 32]
+    (for 16 outputs and inputs 2p, 2p + 1: byte 2 r + e is output r's weight at 2p + e)
+    and scale [N/16, K/32, 16]; see ``q8_cpu.cpp``."""
     N, K = q.shape
-    qweight = q.view(N // 16, 16, K).transpose(1, 2).contiguous()
+    pairs = q.view(N // 16, 16, K // 2, 2).permute(0, 2, 1, 3)  # (nb, p, r, e)
+    qweight = pairs.reshape(N // 16, K // 2, 32)
     scale = d.view(N // 16, 16, K // BLOCK).transpose(1, 2).contiguous()
     return qweight, scale
 
 
 def unpack_q8_0(qweight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``pack_q8_0``'s inverse: (q [N, K] int8, d [N, K/32] fp16)."""
-    blocks, K, _ = qweight.shape
-    q = qweight.transpose(1, 2).reshape(blocks * 16, K)
-    return q, scale.transpose(1, 2).reshape(blocks * 16, K // BLOCK)
+    blocks, half, _ = qweight.shape
+    q = qweight.view(blocks, half, 16, 2).permute(0, 2, 1, 3).reshape(blocks * 16, 2 * half)
+    return q, scale.transpose(1, 2).reshape(blocks * 16, half // (BLOCK // 2))
 
 
 class Q8_0Linear(nn.Module):
@@ -113,10 +119,10 @@ class Q8_0Linear(nn.Module):
         self._hold(*pack_q8_0(q, d.to(torch.float16)))
 
     def _hold(self, qweight: torch.Tensor, scale: torch.Tensor) -> None:
-        blocks, K, _ = qweight.shape
-        self.in_features, self.out_features = K, 16 * blocks
+        blocks, half, _ = qweight.shape
+        self.in_features, self.out_features = 2 * half, 16 * blocks
         self.bias = None  # as nn.Linear(bias=False) has
-        self.register_buffer("qweight", qweight)  # (N/16, K, 16)
+        self.register_buffer("qweight", qweight)  # (N/16, K/2, 32)
         self.register_buffer("scale", scale)  # (N/16, K/32, 16)
         # decided once, so that a compiled step's trace sees a plain setting, not the lookup
         self.native = native_q8_0_mm() is not None
@@ -141,16 +147,17 @@ class Q8_0Linear(nn.Module):
     def packed(cls, qweight: torch.Tensor, scale: torch.Tensor) -> Q8_0Linear:
         """The layer holding ``qweight`` and ``scale`` already in the kernel's layout (as
         ``state_dict`` saves them), after checking their dtypes and shapes."""
-        blocks, K, sixteen = qweight.shape if qweight.dim() == 3 else (0, 0, 0)
+        blocks, half, width = qweight.shape if qweight.dim() == 3 else (0, 0, 0)
+        K = 2 * half
         if (
             qweight.dtype != torch.int8
-            or sixteen != 16
+            or width != 32
             or K % BLOCK
             or scale.dtype != torch.float16
             or tuple(scale.shape) != (blocks, K // BLOCK, 16)
         ):
             raise ConfigError(
-                f"Q8_0Linear: qweight must be int8 (N/16, K, 16) with K a multiple of {BLOCK} "
+                f"Q8_0Linear: qweight must be int8 (N/16, K/2, 32) with K a multiple of {BLOCK} "
                 f"and scale fp16 (N/16, K/{BLOCK}, 16); got {qweight.dtype} "
                 f"{tuple(qweight.shape)} and {scale.dtype} {tuple(scale.shape)}"
             )
@@ -172,7 +179,7 @@ class Q8_0Linear(nn.Module):
                 f"Q8_0Linear.from_blocks: N={N} and rows={rows} must be multiples of 16, "
                 f"K={K} of {BLOCK}"
             )
-        qweight = torch.empty(N // 16, K, 16, dtype=torch.int8)
+        qweight = torch.empty(N // 16, K // 2, 32, dtype=torch.int8)
         scale = torch.empty(N // 16, K // BLOCK, 16, dtype=torch.float16)
         for start in range(0, N, rows):
             stop = min(N, start + rows)
@@ -202,7 +209,9 @@ class Q8_0Linear(nn.Module):
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """W[ids] [*ids.shape, K] in ``dtype``: q * d in float32, rounded once."""
-        q = self.qweight[ids // 16, :, ids % 16]  # (*ids, K)
+        blocks, half, _ = self.qweight.shape
+        pairs = self.qweight.view(blocks, half, 16, 2)[ids // 16, :, ids % 16]  # (*ids, K/2, 2)
+        q = pairs.flatten(-2)  # (*ids, K)
         d = self.scale[ids // 16, :, ids % 16]  # (*ids, K/32)
         w = q.float().unflatten(-1, (-1, BLOCK)) * d.float()[..., None]
         return w.flatten(-2).to(dtype)

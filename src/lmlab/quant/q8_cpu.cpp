@@ -2,18 +2,25 @@
 // GGUF's Q8_0 blocks: W[n, k] = q[n, k] * d[n, k / 32], q int8, d fp16 (lmlab/quant/q8.py).
 //
 // Layout (q8.py packs it):
-//   qweight [N/16, K, 16] int8: for each block of 16 outputs, input k's 16 weights together;
+//   qweight [N/16, K/2, 32] int8: for each block of 16 outputs and each pair of inputs
+//     (2p, 2p + 1), byte 2 r + e holds output r's weight at input 2p + e;
 //   scale [N/16, K/32, 16] fp16: for each block, each 32 inputs' 16 scales together.
 //
-// Each weight widens to float32 (exact), and one fused multiply-add per input k multiplies
-// it with x[k] for 16 outputs at once. The products q x are exact in float32 (8 by 8 bits
-// of mantissa); each group's sum of 32 runs in four chains summed (c0 + c1) + (c2 + c3),
-// is multiplied by its scale (fp16, exact in float32) and added to the output in one fused
-// step. Rows of x are taken four at a time, sharing each widened weight, with the order of
-// a row alone: a row gets the same bits in a batch. The output stays float32: the logits
-// of a chat model reach 20-30, where bf16 tells only values 0.125 apart.
+// An int8 weight is a bf16 number exactly (8 bits of mantissa), so the weights widen to
+// bf16 (int8 -> int32 -> float32 -> bf16, two pairs of inputs per conversion) and one
+// AVX-512 BF16 dot product (vdpbf16ps) multiplies 16 outputs by two inputs, as lmlab's
+// int4 kernel does. The products q x are exact in float32; each group's sum of 32 runs in
+// two chains (even and odd pairs) summed, is multiplied by its scale (fp16, exact in
+// float32) and added to the output in one fused step. (Four chains, as the int4 kernel
+// has, made a 42-row product 1.5x slower: the sums per group cost a third of the dot
+// products; eight-row tiles were slower than four.) The output stays float32: the
+// logits of a chat model reach 20-30, where bf16 tells only values 0.125 apart.
+// One row of x (decoding) widens the weights as it reads them; more rows widen a block
+// once into a buffer and take it four rows at a time. Either way each row gets the same
+// widened weights and the same order of sums, so a row gets the same bits in a batch.
 // Threads: torch's own pool; each takes 16-output blocks a few at a time from a shared
-// counter, so a thread slowed by another tenant does fewer of them. The CPU needs AVX-512 F.
+// counter, so a thread slowed by another tenant does fewer of them. The CPU needs AVX-512
+// F, BW, VL and BF16 (q8.py checks before loading).
 #include <immintrin.h>
 #include <stdint.h>
 
@@ -26,45 +33,52 @@
 
 namespace {
 
-#define LMLAB_TARGET __attribute__((target("avx512f")))
+#define LMLAB_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
-// Outputs 16 nb .. 16 nb + 15 (w, s and y point at them) for MT rows of x (float32).
-template <int MT>
-LMLAB_TARGET void block(const float *x, int64_t K, const int8_t *w, const uint16_t *s, float *y,
-                        int64_t N) {
-    constexpr int CH = 4;
+// inputs 2p and 2p + 1 of 16 outputs (32 int8 at w) as 32 bf16, pair by pair per lane
+LMLAB_TARGET inline __m512bh widen_pair(const int8_t *w) {
+    __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)w)));
+    __m512 hi =
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + 16))));
+    return _mm512_cvtne2ps_pbh(hi, lo);  // lanes 0-7 from lo (outputs 0-7), 8-15 from hi
+}
+
+// One block's weights (16 outputs x K inputs) widened to bf16 at wb, in their own order.
+LMLAB_TARGET void widen_block(const int8_t *w, int64_t K, uint16_t *wb) {
+    for (int64_t p = 0; p < K / 2; p++)
+        _mm512_storeu_si512(wb + 32 * p, (__m512i)widen_pair(w + 32 * p));
+}
+
+// Outputs 16 nb .. 16 nb + 15 for MT rows of x (bf16): weights read from w (int8, widened
+// here) or, with WIDENED, from wb (bf16, widened before).
+template <int MT, bool WIDENED>
+LMLAB_TARGET void block(const uint16_t *x, int64_t K, const int8_t *w, const uint16_t *wb,
+                        const uint16_t *s, float *y, int64_t N) {
+    constexpr int CH = 2;
     __m512 acc[MT];
     for (int r = 0; r < MT; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t g = 0; g < K / 32; g++) {
         __m512 d[MT][CH];
         for (int r = 0; r < MT; r++)
             for (int h = 0; h < CH; h++) d[r][h] = _mm512_setzero_ps();
-        const int8_t *wg = w + g * 32 * 16;
-        const float *xg = x + g * 32;
-#pragma GCC unroll 32
-        for (int k = 0; k < 32; k++) {
-            __m512 v = _mm512_cvtepi32_ps(
-                _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wg + 16 * k))));
+#pragma GCC unroll 16
+        for (int p = 0; p < 16; p++) {
+            const int64_t pair = g * 16 + p;
+            __m512bh v = WIDENED ? (__m512bh)_mm512_loadu_si512(wb + 32 * pair)
+                                 : widen_pair(w + 32 * pair);
 #pragma GCC unroll 4
-            for (int r = 0; r < MT; r++)
-                d[r][k % CH] = _mm512_fmadd_ps(v, _mm512_set1_ps(xg[r * K + k]), d[r][k % CH]);
+            for (int r = 0; r < MT; r++) {
+                const uint32_t *xr = (const uint32_t *)(x + r * K);
+                d[r][p % CH] = _mm512_dpbf16_ps(d[r][p % CH], v,
+                                                (__m512bh)_mm512_set1_epi32(xr[pair]));
+            }
         }
         __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + g * 16)));
         for (int r = 0; r < MT; r++) {
-            __m512 dot = _mm512_add_ps(_mm512_add_ps(d[r][0], d[r][1]),
-                                       _mm512_add_ps(d[r][2], d[r][3]));
-            acc[r] = _mm512_fmadd_ps(dot, scale, acc[r]);
+            acc[r] = _mm512_fmadd_ps(_mm512_add_ps(d[r][0], d[r][1]), scale, acc[r]);
         }
     }
     for (int r = 0; r < MT; r++) _mm512_storeu_ps(y + r * N, acc[r]);
-}
-
-// x [M, K] bf16 -> float32 (exact: the bf16 bits are a float32's upper half); K % 32 == 0
-LMLAB_TARGET void widen(const uint16_t *x, int64_t n, float *out) {
-    for (int64_t i = 0; i < n; i += 16) {
-        __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + i)));
-        _mm512_storeu_ps(out + i, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
-    }
 }
 
 using torch::stable::Tensor;
@@ -73,12 +87,12 @@ Tensor q8_0_mm(Tensor x, Tensor qweight, Tensor scale) {
     using torch::headeronly::ScalarType;
     STD_TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == ScalarType::BFloat16,
                     "lmlab::q8_0_mm: x must be a contiguous bf16 [M, K] tensor");
-    STD_TORCH_CHECK(qweight.dim() == 3 && qweight.is_contiguous() && qweight.size(2) == 16 &&
+    STD_TORCH_CHECK(qweight.dim() == 3 && qweight.is_contiguous() && qweight.size(2) == 32 &&
                         qweight.scalar_type() == ScalarType::Char,
-                    "lmlab::q8_0_mm: qweight must be a contiguous int8 [N/16, K, 16] tensor");
+                    "lmlab::q8_0_mm: qweight must be a contiguous int8 [N/16, K/2, 32] tensor");
     const int64_t M = x.size(0), K = x.size(1), blocks = qweight.size(0), N = 16 * blocks;
-    STD_TORCH_CHECK(qweight.size(1) == K && K % 32 == 0,
-                    "lmlab::q8_0_mm: qweight.size(1) must equal K, a multiple of 32");
+    STD_TORCH_CHECK(qweight.size(1) * 2 == K && K % 32 == 0,
+                    "lmlab::q8_0_mm: qweight.size(1) must be K / 2, K a multiple of 32");
     STD_TORCH_CHECK(scale.dim() == 3 && scale.is_contiguous() &&
                         scale.scalar_type() == ScalarType::Half && scale.size(0) == blocks &&
                         scale.size(1) == K / 32 && scale.size(2) == 16,
@@ -86,25 +100,29 @@ Tensor q8_0_mm(Tensor x, Tensor qweight, Tensor scale) {
     Tensor y = torch::stable::new_empty(x, {M, N}, ScalarType::Float);
     if (M == 0 || N == 0) return y;
     const uint16_t *xp = (const uint16_t *)x.const_data_ptr();
-    std::vector<float> xf(M * K);
-    widen(xp, M * K, xf.data());
     const int8_t *wp = (const int8_t *)qweight.const_data_ptr();
     const uint16_t *sp = (const uint16_t *)scale.const_data_ptr();
     float *yp = (float *)y.mutable_data_ptr();
-    const float *xs = xf.data();
     constexpr int64_t STEP = 8;  // blocks taken at a time
     std::atomic<int64_t> next{0};
     const int64_t threads = torch::stable::get_num_threads();
     torch::stable::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+        std::vector<uint16_t> widened(M > 1 ? 16 * K : 0);  // one block's weights in bf16
+        uint16_t *wb = widened.data();
         for (int64_t b0 = next.fetch_add(STEP); b0 < blocks; b0 = next.fetch_add(STEP)) {
             const int64_t b1 = b0 + STEP < blocks ? b0 + STEP : blocks;
             for (int64_t nb = b0; nb < b1; nb++) {
                 const int8_t *w = wp + nb * K * 16;
                 const uint16_t *s = sp + nb * (K / 32) * 16;
                 float *yb = yp + nb * 16;
+                if (M == 1) {
+                    block<1, false>(xp, K, w, nullptr, s, yb, N);
+                    continue;
+                }
+                widen_block(w, K, wb);
                 int64_t m = 0;
-                for (; m + 4 <= M; m += 4) block<4>(xs + m * K, K, w, s, yb + m * N, N);
-                for (; m < M; m++) block<1>(xs + m * K, K, w, s, yb + m * N, N);
+                for (; m + 4 <= M; m += 4) block<4, true>(xp + m * K, K, w, wb, s, yb + m * N, N);
+                for (; m < M; m++) block<1, true>(xp + m * K, K, w, wb, s, yb + m * N, N);
             }
         }
     });
