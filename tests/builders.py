@@ -2,6 +2,7 @@
 ``from builders import ...``)."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -100,19 +101,24 @@ def tiny_chat_lm(seed=0, sharpen=1.0, text="", max_seq_len=256):
     return LM(model, tokenizer, chat_template=ChatTemplate(CHATML, eos_token="<|im_end|>"))
 
 
-def load_peak_in_subprocess(script: str) -> dict:
+def load_peak_in_subprocess(script: str, compilers: bool = False) -> dict:
     """Run ``script`` in a fresh Python (this checkout's src first, no PATH) and return the
     JSON object its last line prints; skips where Linux's /proc peak counters are missing.
-    The memory tests use it to read a load's peak (``VmHWM``) apart from pytest's own."""
+    The memory tests use it to read a load's peak (``VmHWM``) apart from pytest's own.
+    ``compilers`` keeps PATH (and HOME), so that lmlab's native kernels build or load
+    from their cache as in a user's process."""
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("peak memory is read from Linux's /proc/self/status")
     src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {"PYTHONPATH": src, "PATH": ""}
+    if compilers:
+        env.update({k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ})
     run = subprocess.run(
         [sys.executable, "-c", script],
         capture_output=True,
         text=True,
         check=True,
-        env={"PYTHONPATH": src, "PATH": ""},
+        env=env,
         timeout=600,
     )
     return json.loads(run.stdout.strip().splitlines()[-1])
