@@ -201,3 +201,57 @@ def test_return_free_memory_hands_free_heap_pages_back():
 
 def _resident_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _vm_flags(address: int) -> set[str]:
+    """The VmFlags of the mapping of this process that holds ``address`` (/proc/self/smaps)."""
+    inside, flags = False, set()
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        first = line.split()[0]
+        if "-" in first and ":" not in first:
+            start, end = (int(x, 16) for x in first.split("-"))
+            inside = start <= address < end
+        elif inside and line.startswith("VmFlags:"):
+            flags = set(line.split()[1:])
+    return flags
+
+
+def test_use_huge_pages_moves_tensors_into_one_madvised_block():
+    """Each tensor keeps its values, dtype and shape and becomes a view into one block
+    that starts on a 2 MiB boundary and is marked for huge pages (VmFlags "hg"); a module's
+    buffer stays its buffer; a non-contiguous tensor stays where it is."""
+    if not devices.huge_pages_available():
+        pytest.skip("no transparent huge pages here (Linux with THP 'madvise' or 'always')")
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Module()
+    layer.register_buffer("q", torch.randint(-128, 128, (3 << 20,), dtype=torch.int8, generator=g))
+
+    class Holder:
+        pass
+
+    holder = Holder()
+    holder.w = torch.randn(1000, 300, generator=g).to(torch.bfloat16)
+    holder.t = torch.randn(64, 32, generator=g).t()  # not contiguous: left alone
+    before = (layer.q.clone(), holder.w.clone(), holder.t)
+    moved = devices.use_huge_pages([(layer, "q"), (holder, "w"), (holder, "t")])
+    assert moved == (3 << 20) + -(-1000 * 300 * 2 // 64) * 64
+    assert torch.equal(layer.q, before[0]) and torch.equal(holder.w, before[1])
+    assert holder.t is before[2] and "q" in layer._buffers
+    assert layer.q.untyped_storage().data_ptr() == holder.w.untyped_storage().data_ptr()
+    assert layer.q.data_ptr() % devices.HUGE_PAGE == 0
+    assert "hg" in _vm_flags(layer.q.data_ptr())
+
+
+def test_use_huge_pages_leaves_tensors_alone_without_them(monkeypatch):
+    class Holder:
+        pass
+
+    holder = Holder()
+    holder.w = torch.zeros(4 << 20, dtype=torch.uint8)
+    original = holder.w
+    monkeypatch.setattr(devices, "huge_pages_available", lambda: False)
+    assert devices.use_huge_pages([(holder, "w")]) == 0 and holder.w is original
+    monkeypatch.undo()
+    holder.small = torch.zeros(1 << 20, dtype=torch.uint8)  # under one huge page: not worth it
+    small = holder.small
+    assert devices.use_huge_pages([(holder, "small")]) == 0 and holder.small is small

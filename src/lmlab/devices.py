@@ -12,7 +12,8 @@ MPS, then the CPU. A device that is not there is an error naming what is:
 ``bf16_supported`` says whether bf16 runs natively (the dtype ``"auto"`` picks),
 ``parse_dtype`` reads the dtype names the command line takes, and ``cpu_plan`` holds every
 speed decision made from what the CPU offers (flags), in one place.
-``return_free_memory`` hands the C heap's free pages back to the system after a load.
+``return_free_memory`` hands the C heap's free pages back to the system after a load, and
+``use_huge_pages`` moves weights that decoding streams into memory backed by 2 MiB pages.
 """
 
 from __future__ import annotations
@@ -211,3 +212,76 @@ def return_free_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
+_MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
+
+
+def huge_pages_available() -> bool:
+    """Whether Linux backs memory with transparent huge pages when asked (``madvise``, or
+    ``always``; not ``never``, and nowhere else)."""
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+    return "[never]" not in mode and _madvise() is not None
+
+
+@functools.cache
+def _madvise():
+    """libc's ``madvise``, or None."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def use_huge_pages(holders: list[tuple[object, str]]) -> int:
+    """Move the CPU tensors ``getattr(obj, name)`` of ``holders`` into one block of memory
+    that Linux backs with 2 MiB pages, each pointed at its copy (``setattr``; a module's
+    buffer stays a buffer); returns the bytes moved, 0 where huge pages are not
+    available (the tensors stay where they are).
+
+    A decoding step streams every weight from memory once. On 4 KiB pages the CPU's
+    prefetchers stop at each page boundary and the TLB misses every few rows; on 2 MiB
+    pages SmolLM2's Q8_0 output layer takes 13-25% less time (AMD EPYC, three runs of a
+    throwaway A/B of the layer alone). The copies are made one at a time, each original
+    freed and the heap trimmed as they go, so the peak grows by a few tensors, not by
+    all of them. Tensors on other devices, and non-contiguous ones, are left alone.
+    """
+    madvise = _madvise()
+    if not huge_pages_available() or madvise is None:
+        return 0
+    moving = [
+        (obj, name, -(-t.numel() * t.element_size() // 64) * 64)  # 64-byte aligned slots
+        for obj, name in holders
+        if isinstance(t := getattr(obj, name), torch.Tensor)
+        and t.device.type == "cpu"
+        and t.is_contiguous()
+    ]
+    total = sum(size for _, _, size in moving)
+    if total < HUGE_PAGE:
+        return 0
+    base = torch.empty(total + HUGE_PAGE, dtype=torch.uint8)  # not touched yet: no pages
+    start = -base.data_ptr() % HUGE_PAGE
+    length = (base.numel() - start) // 4096 * 4096  # within the allocation
+    if madvise(base.data_ptr() + start, length, _MADV_HUGEPAGE):
+        return 0  # refused (an old kernel): the tensors stay where they are
+    arena, moved, since_trim = base[start : start + total], 0, 0
+    for obj, name, size in moving:
+        t = getattr(obj, name)
+        copy = arena[moved : moved + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        copy.copy_(t)
+        setattr(obj, name, copy)
+        del t  # the original's last reference: freed here
+        moved += size
+        since_trim += size
+        if since_trim >= 8 << 20:
+            return_free_memory()
+            since_trim = 0
+    return_free_memory()
+    return moved

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 from lmlab.checkpoint.hf import assign_converted, convert_hf_state_dict, spec_from_hf_config
 from lmlab.checkpoint.io import check_finite, check_tokenizer_fits, is_finite
 from lmlab.data.tokenizers import BPETokenizer, bytes_to_unicode
-from lmlab.devices import return_free_memory
+from lmlab.devices import return_free_memory, use_huge_pages
 from lmlab.errors import CheckpointError, DataNotFoundError
 from lmlab.models import build_model
 from lmlab.quant.int4 import Int4Linear, int4_kernel_available
@@ -1000,6 +1000,22 @@ def pack_4bit(model: nn.Module) -> None:
                 return_free_memory()
 
 
+def streamed_weights(model: nn.Module) -> list[tuple[object, str]]:
+    """``(holder, attribute)`` of the weights a 4-bit model's decoding step reads in bulk:
+    the int4 kernels' packed copies (``Int4Matmul.packed``) and the Q8_0 output matrix's
+    blocks, for ``lmlab.devices.use_huge_pages``."""
+    holders: list[tuple[object, str]] = []
+    kernels: set[int] = set()
+    for m in model.modules():
+        kernel = getattr(m, "_kernel", None) if type(m) is Int4Linear else None
+        if kernel is not None and kernel.packed is not None and id(kernel) not in kernels:
+            kernels.add(id(kernel))
+            holders.append((kernel, "packed"))
+        elif type(m) is Q8_0Linear:
+            holders += [(m, "qweight"), (m, "scale")]
+    return holders
+
+
 # ----------------------------------------------------------------------------- all together
 
 
@@ -1061,6 +1077,7 @@ def load_gguf(
     del state
     if kept:
         pack_4bit(model)  # after assign_converted: its state_dict() reads the saved form
+        use_huge_pages(streamed_weights(model))
     quantized = list(kept.values())
     if isinstance(model.tok_emb, Q8_0Embedding):
         quantized.append("tok_emb")
