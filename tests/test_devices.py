@@ -255,3 +255,26 @@ def test_use_huge_pages_leaves_tensors_alone_without_them(monkeypatch):
     holder.small = torch.zeros(1 << 20, dtype=torch.uint8)  # under one huge page: not worth it
     small = holder.small
     assert devices.use_huge_pages([(holder, "small")]) == 0 and holder.small is small
+
+
+def test_give_back_pages_frees_one_copy_of_a_block_and_keeps_the_others():
+    """A copy placed by use_huge_pages that its holder drops gives its own pages back
+    (resident memory falls by about its size) while its neighbour in the block keeps its
+    values; a tensor from anywhere else is never touched."""
+    if not devices.huge_pages_available():
+        pytest.skip("no transparent huge pages here (Linux with THP 'madvise' or 'always')")
+
+    class Holder:
+        pass
+
+    holder = Holder()
+    holder.a = torch.ones(16 << 20, dtype=torch.uint8)
+    holder.b = torch.full((4 << 20,), 7, dtype=torch.uint8)
+    devices.use_huge_pages([(holder, "a"), (holder, "b")])
+    before = _resident_bytes()
+    given = devices.give_back_pages(holder.a)
+    assert given >= (16 << 20) - 8192
+    assert before - _resident_bytes() > 12 << 20
+    assert bool((holder.b == 7).all())
+    other = torch.ones(8 << 20, dtype=torch.uint8)
+    assert devices.give_back_pages(other) == 0 and bool((other == 1).all())

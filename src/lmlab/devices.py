@@ -22,6 +22,7 @@ import ctypes
 import functools
 import itertools
 import platform
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,7 +216,8 @@ def return_free_memory() -> None:
 
 
 HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
-_MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
+_MADV_DONTNEED, _MADV_HUGEPAGE = 4, 14  # <sys/mman.h> on Linux
+_BLOCKS: dict[int, int] = {}  # the blocks use_huge_pages made and still alive: start -> end
 
 
 def huge_pages_available() -> bool:
@@ -272,6 +274,9 @@ def use_huge_pages(holders: list[tuple[object, str]]) -> int:
     if madvise(base.data_ptr() + start, length, _MADV_HUGEPAGE):
         return 0  # refused (an old kernel): the tensors stay where they are
     arena, moved, since_trim = base[start : start + total], 0, 0
+    # every copy is a view of base's storage, which lives while any of them does
+    _BLOCKS[arena.data_ptr()] = arena.data_ptr() + total
+    weakref.finalize(base.untyped_storage(), _BLOCKS.pop, arena.data_ptr(), None)
     for obj, name, size in moving:
         t = getattr(obj, name)
         copy = arena[moved : moved + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
@@ -285,3 +290,20 @@ def use_huge_pages(holders: list[tuple[object, str]]) -> int:
             since_trim = 0
     return_free_memory()
     return moved
+
+
+def give_back_pages(t: torch.Tensor) -> int:
+    """Hand the memory pages that only ``t`` occupies back to the system, where ``t`` is
+    one of ``use_huge_pages``' copies that its holder is about to drop: the block stays
+    alive for the others, and without this the dropped copy's pages would stay resident
+    with it. Returns the bytes given back (0 for any other tensor). ``t``'s values are
+    gone afterwards (its pages read as zeros)."""
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    madvise = _madvise()
+    if madvise is None or not any(a <= start and end <= b for a, b in _BLOCKS.items()):
+        return 0
+    low, high = -(-start // 4096) * 4096, end // 4096 * 4096  # its own whole pages
+    if high <= low or madvise(low, high - low, _MADV_DONTNEED):
+        return 0
+    return high - low

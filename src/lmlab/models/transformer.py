@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab.devices import return_free_memory
 from lmlab.errors import ConfigError
 from lmlab.models.contract import Abilities
 from lmlab.models.layers import HookPoint, RMSNorm, segment_mask, segment_positions, wide_float
@@ -492,6 +493,8 @@ class Transformer(nn.Module):
                 unfuse = getattr(layer, "unfuse", None)
                 if unfuse is not None:
                     unfuse()
+        if not fast:
+            return_free_memory()  # the unfused copies' temporaries, freed into the C heap
 
     def use_explicit_attention(self, explicit: bool = True) -> None:
         """Route attention through the path that materialises the pattern (for inspection)."""

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab import native
-from lmlab.devices import cpu_flags
+from lmlab.devices import cpu_flags, give_back_pages
 from lmlab.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -384,6 +384,7 @@ class Int4Matmul:
                     m.zero.clone(memory_format=torch.contiguous_format),
                 )
                 start += m.out_features
+        give_back_pages(self.packed)  # where it shared a block of huge pages with others
         self.packed = self.scale_zero = None
 
 
