@@ -963,8 +963,9 @@ def test_loading_smollm2_in_4_bits_never_holds_a_dense_copy():
     C++ compiler, as a user's does, so lmlab's kernels run where the CPU has AVX-512 BF16:
     the weights are then 92 MiB (4-bit layers, the Q8_0 output matrix that the embedding
     reads), else 117 MiB (a bf16 embedding and head instead); the rest, about 50-60 MiB,
-    is the tokenizer and transients. Measured on the project's 2-core machine: 1.67x (153
-    MiB) with the Q8_0 matrix, 1.40x (164 MiB) without, load and decoding alike. Before:
+    is the tokenizer and transients. Measured on the project's 2-core machine: 1.70x (156
+    MiB) with the Q8_0 matrix and the weights on huge pages, 1.40x (164 MiB) without,
+    load and decoding alike. Before:
     1.53x for the load, then 3.77x (442 MiB) once
     decoding had packed a second copy beside the first, in holes of the C heap; going
     through the dense model it was about 10x. A fresh process, peak reset after the

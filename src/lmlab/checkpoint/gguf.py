@@ -1038,6 +1038,8 @@ def load_gguf(
     a tied embedding reads its rows from them (``Q8_0Embedding``): 30 MB read per token
     instead of 57 MB of bf16, the file's weights exactly. Without lmlab's Q8_0 kernel
     (a CPU without AVX-512 BF16) the embedding and the head stay one tied matrix in ``dtype``.
+    The weights decoding streams end up in one block on 2 MiB pages where Linux offers
+    them (``streamed_weights``, ``lmlab.devices.use_huge_pages``).
     None means: when ``dtype`` is bf16 and the int4 CPU kernel exists, since float32 asks
     for exact numbers. ``info["quantized"]`` lists the layers kept. ``info`` has
     ``format`` ("gguf"), ``path``, ``architecture``, ``name`` (general.name),

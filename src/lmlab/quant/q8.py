@@ -19,10 +19,11 @@ reach 20-30, where bf16 tells only values 0.125 apart; see ``Float32Head``).
 ``Q8_0Embedding`` is the ``nn.Embedding`` that reads its rows from such a layer's blocks:
 ``q * d`` in float32 rounded once to the model's dtype, the numbers the dense load gives.
 ``bench/q8_head.py`` (AMD EPYC, weights read from memory): SmolLM2's output layer for
-one token takes 1.4-1.6 ms on 2 threads against 2.3-2.7 ms for ``F.linear`` with the bf16
-matrix (1.7x; 2.1-2.2x on 1 thread); for 42 rows at once it is 0.91-0.94x the bf16
-product, which decoding avoids (only a prompt's last position needs logits:
-``logits_to_keep``). ``bench/smollm2.py`` measures the whole step.
+one token takes 1.3-1.8 ms on 2 threads against 2.2-3.1 ms for ``F.linear`` with the bf16
+matrix (1.7x; 2.0-2.1x on 1 thread), and 1.1-1.6 ms on 2 MiB pages, where a GGUF load
+puts it (``lmlab.devices.use_huge_pages``; 2.0x, 2.7x on 1 thread); for 42 rows at once
+it is 0.9-1.0x the bf16 product, which decoding avoids (only a prompt's last position
+needs logits: ``logits_to_keep``). ``bench/smollm2.py`` measures the whole step.
 
 Where the kernel does not run (another device, a CPU without AVX-512 BF16, no C++
 compiler, a gradient needed) the layer multiplies by the dequantized weight in float32:
