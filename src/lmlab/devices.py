@@ -252,9 +252,10 @@ def use_huge_pages(holders: list[tuple[object, str]]) -> int:
     prefetchers stop at each page boundary and the TLB misses every few rows; on 2 MiB
     pages SmolLM2's Q8_0 output layer takes 12-15% less time on 2 threads and 24-29% on
     one (``bench/q8_head.py``, AMD EPYC), a compiled decoding step about 8-10%. A 4-bit
-    GGUF load moves its int4 and Q8_0 weights so. The copies are made one at a time, each original
-    freed and the heap trimmed as they go, so the peak grows by a few tensors, not by
-    all of them. Tensors on other devices, and non-contiguous ones, are left alone.
+    GGUF load moves its int4 and Q8_0 weights so. The copies are made one at a time,
+    each original freed and the heap trimmed as they go, so the peak grows by a few
+    tensors, not by all of them. Tensors on other devices, and non-contiguous ones, are
+    left alone.
     """
     madvise = _madvise()
     if not huge_pages_available() or madvise is None:

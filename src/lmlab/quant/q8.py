@@ -68,7 +68,7 @@ def native_q8_0_mm():
     (``lmlab.native``)."""
     missing = NATIVE_FLAGS - (cpu_flags() or set())
     if missing:
-        log.info("the CPU lacks %s: Q8_0 products use the dequantized weight", " ".join(missing))
+        log.info("the CPU lacks %s: no Q8_0 kernel", " ".join(sorted(missing)))
         return None
     if native.load(Path(__file__).with_name("q8_cpu.cpp")) is None:
         return None

@@ -12,8 +12,8 @@
 // int4 kernel does. The products q x are exact in float32; each group's sum of 32 runs in
 // two chains (even and odd pairs) summed, is multiplied by its scale (fp16, exact in
 // float32) and added to the output in one fused step. (Four chains, as the int4 kernel
-// has, made a 42-row product 1.5x slower: the sums per group cost a third of the dot
-// products; eight-row tiles were slower than four.) The output stays float32: the
+// has, made a 42-row product 1.2-1.5x slower: four more operations per row and group of
+// 16 dot products; eight-row tiles were slower than four.) The output stays float32: the
 // logits of a chat model reach 20-30, where bf16 tells only values 0.125 apart.
 // One row of x (decoding) widens the weights as it reads them; more rows widen a block
 // once into a buffer and take it four rows at a time. Either way each row gets the same
