@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -114,6 +115,18 @@ def load(source: Path) -> ctypes.CDLL | None:
             log.warning("cannot load %s (%s): building it again", library, e)
             library.unlink(missing_ok=True)
     return None
+
+
+def load_operator(source: Path, name: str, fake: Callable):
+    """``torch.ops.lmlab.<name>``, the operator that the C++ file ``source`` registers,
+    built and loaded by ``load``, with ``fake`` (its output's shape and dtype from its
+    arguments') registered for tracing, so that a compiled step can call it; None where
+    ``load`` gives None. Callers check the CPU's flags first and cache the result (one
+    build and registration per process)."""
+    if load(source) is None:
+        return None
+    torch.library.register_fake(f"lmlab::{name}")(fake)
+    return getattr(torch.ops.lmlab, name)
 
 
 def _build(command: list[str], source: Path, link: tuple[str, ...], library: Path) -> bool:

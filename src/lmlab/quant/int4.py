@@ -39,7 +39,6 @@ Tests: tests/quant/test_int4.py (kernel vs dequantized weight; GGUF Q4_0/Q4_1 ro
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from pathlib import Path
 
@@ -50,8 +49,6 @@ from torch import nn
 from lmlab import native
 from lmlab.devices import cpu_flags, give_back_pages
 from lmlab.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 # what lmlab's kernel (int4_cpu.cpp) needs of the CPU
 NATIVE_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
@@ -77,18 +74,13 @@ def native_int4_mm():
 
 @functools.cache
 def _native_op():
-    missing = NATIVE_FLAGS - (cpu_flags() or set())
-    if missing:
-        log.info("the CPU lacks %s: int4 products run in torch's kernel", " ".join(sorted(missing)))
-        return None
-    if native.load(Path(__file__).with_name("int4_cpu.cpp")) is None:
-        return None
-
-    @torch.library.register_fake("lmlab::int4_mm")
-    def _(x, packed, scale_zero, group_size):
+    def fake(x, packed, scale_zero, group_size):
         return x.new_empty(x.shape[0], packed.shape[0] * 16)
 
-    return torch.ops.lmlab.int4_mm
+    if NATIVE_FLAGS - (cpu_flags() or set()):
+        return None  # the CPU lacks an instruction set the kernel is written in
+    source = Path(__file__).with_name("int4_cpu.cpp")
+    return native.load_operator(source, "int4_mm", fake)
 
 
 def pack_blocks(q: torch.Tensor) -> torch.Tensor:

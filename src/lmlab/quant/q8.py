@@ -41,7 +41,6 @@ Tests: tests/quant/test_q8.py.
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,8 +53,6 @@ from lmlab.devices import cpu_flags
 from lmlab.errors import ConfigError
 from lmlab.quant.int4 import inference_kernel_applies
 
-log = logging.getLogger(__name__)
-
 # what lmlab's kernel (q8_cpu.cpp) needs of the CPU
 NATIVE_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
 BLOCK = 32  # inputs per scale (GGUF's QK8_0)
@@ -66,18 +63,14 @@ def native_q8_0_mm():
     """``torch.ops.lmlab.q8_0_mm`` (``q8_cpu.cpp``), built and loaded once per process;
     None where it does not run: a CPU without AVX-512 BF16, no C++ compiler or a failed build
     (``lmlab.native``)."""
-    missing = NATIVE_FLAGS - (cpu_flags() or set())
-    if missing:
-        log.info("the CPU lacks %s: no Q8_0 kernel", " ".join(sorted(missing)))
-        return None
-    if native.load(Path(__file__).with_name("q8_cpu.cpp")) is None:
-        return None
 
-    @torch.library.register_fake("lmlab::q8_0_mm")
-    def _(x, qweight, scale):
+    def fake(x, qweight, scale):
         return x.new_empty(x.shape[0], qweight.shape[0] * 16, dtype=torch.float32)
 
-    return torch.ops.lmlab.q8_0_mm
+    if NATIVE_FLAGS - (cpu_flags() or set()):
+        return None  # the CPU lacks an instruction set the kernel is written in
+    source = Path(__file__).with_name("q8_cpu.cpp")
+    return native.load_operator(source, "q8_0_mm", fake)
 
 
 def pack_q8_0(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
