@@ -117,12 +117,16 @@ def load(source: Path) -> ctypes.CDLL | None:
     return None
 
 
-def load_operator(source: Path, name: str, fake: Callable):
+def load_operator(source: Path, name: str, fake: Callable, missing: set[str] = frozenset()):
     """``torch.ops.lmlab.<name>``, the operator that the C++ file ``source`` registers,
     built and loaded by ``load``, with ``fake`` (its output's shape and dtype from its
-    arguments') registered for tracing, so that a compiled step can call it; None where
-    ``load`` gives None. Callers check the CPU's flags first and cache the result (one
-    build and registration per process)."""
+    arguments') registered for tracing, so that a compiled step can call it; None, with
+    one log line, where the CPU lacks the instruction sets ``missing`` (the caller's check
+    of its flags) or ``load`` gives None. Callers cache the result (one build and
+    registration per process)."""
+    if missing:
+        log.info("the CPU lacks %s: %s runs in PyTorch", " ".join(sorted(missing)), source.name)
+        return None
     if load(source) is None:
         return None
     torch.library.register_fake(f"lmlab::{name}")(fake)

@@ -77,10 +77,9 @@ def _native_op():
     def fake(x, packed, scale_zero, group_size):
         return x.new_empty(x.shape[0], packed.shape[0] * 16)
 
-    if NATIVE_FLAGS - (cpu_flags() or set()):
-        return None  # the CPU lacks an instruction set the kernel is written in
     source = Path(__file__).with_name("int4_cpu.cpp")
-    return native.load_operator(source, "int4_mm", fake)
+    missing = NATIVE_FLAGS - (cpu_flags() or set())
+    return native.load_operator(source, "int4_mm", fake, missing)
 
 
 def pack_blocks(q: torch.Tensor) -> torch.Tensor:

@@ -67,10 +67,9 @@ def native_q8_0_mm():
     def fake(x, qweight, scale):
         return x.new_empty(x.shape[0], qweight.shape[0] * 16, dtype=torch.float32)
 
-    if NATIVE_FLAGS - (cpu_flags() or set()):
-        return None  # the CPU lacks an instruction set the kernel is written in
     source = Path(__file__).with_name("q8_cpu.cpp")
-    return native.load_operator(source, "q8_0_mm", fake)
+    missing = NATIVE_FLAGS - (cpu_flags() or set())
+    return native.load_operator(source, "q8_0_mm", fake, missing)
 
 
 def pack_q8_0(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
