@@ -257,6 +257,44 @@ def test_use_huge_pages_leaves_tensors_alone_without_them(monkeypatch):
     assert devices.use_huge_pages([(holder, "small")]) == 0 and holder.small is small
 
 
+def test_empty_on_huge_pages_makes_tensors_in_one_block_that_use_huge_pages_leaves_alone(
+    monkeypatch,
+):
+    """The tensors have the shapes and dtypes asked for, lie side by side in one block on
+    a 2 MiB boundary marked for huge pages, each on a 64-byte boundary, and hold what is
+    written to them; use_huge_pages moves none of them again. Without huge pages (or
+    under one huge page in all) they are plain tensors."""
+    if not devices.huge_pages_available():
+        pytest.skip("no transparent huge pages here (Linux with THP 'madvise' or 'always')")
+    a, b = devices.empty_on_huge_pages(((1000, 3, 1100), torch.int8), ((700, 5), torch.float16))
+    assert (a.shape, a.dtype, b.shape, b.dtype) == (
+        (1000, 3, 1100),
+        torch.int8,
+        (700, 5),
+        torch.float16,
+    )
+    assert a.data_ptr() % devices.HUGE_PAGE == 0 and "hg" in _vm_flags(a.data_ptr())
+    assert b.data_ptr() == a.data_ptr() + -(-3_300_000 // 64) * 64
+    assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    a.fill_(-3)
+    b.fill_(0.5)
+    assert bool((a == -3).all()) and bool((b == 0.5).all())
+
+    class Holder:
+        pass
+
+    holder = Holder()
+    holder.a, holder.b = a, b
+    assert devices.use_huge_pages([(holder, "a"), (holder, "b")]) == 0
+    assert holder.a is a and holder.b is b
+    assert devices.give_back_pages(b) > 0  # known as a block's tensor
+    small = devices.empty_on_huge_pages(((1000,), torch.float32))[0]
+    assert not devices.give_back_pages(small) and small.shape == (1000,)
+    monkeypatch.setattr(devices, "huge_pages_available", lambda: False)
+    (c,) = devices.empty_on_huge_pages(((4 << 20,), torch.uint8))
+    assert c.shape == (4 << 20,) and devices.give_back_pages(c) == 0
+
+
 def test_give_back_pages_frees_one_copy_of_a_block_and_keeps_the_others():
     """A copy placed by use_huge_pages that its holder drops gives its own pages back
     (resident memory falls by about its size) while its neighbour in the block keeps its

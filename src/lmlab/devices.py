@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import itertools
+import math
 import platform
 import weakref
 from dataclasses import dataclass
@@ -242,6 +243,52 @@ def _madvise():
     return fn
 
 
+def _huge_block(nbytes: int) -> torch.Tensor | None:
+    """An uninitialised uint8 tensor of ``nbytes`` starting on a 2 MiB boundary, advised
+    ``MADV_HUGEPAGE`` and tracked in ``_BLOCKS`` while it lives; None where huge pages are
+    not available, the advice is refused, or ``nbytes`` is below one huge page."""
+    madvise = _madvise()
+    if nbytes < HUGE_PAGE or not huge_pages_available() or madvise is None:
+        return None
+    base = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)  # not touched yet: no pages
+    start = -base.data_ptr() % HUGE_PAGE
+    length = (base.numel() - start) // 4096 * 4096  # within the allocation
+    if madvise(base.data_ptr() + start, length, _MADV_HUGEPAGE):
+        return None  # refused (an old kernel)
+    block = base[start : start + nbytes]
+    # every tensor made from the block is a view of base's storage, alive while any is
+    _BLOCKS[block.data_ptr()] = block.data_ptr() + nbytes
+    weakref.finalize(base.untyped_storage(), _BLOCKS.pop, block.data_ptr(), None)
+    return block
+
+
+def _slot(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes a tensor takes in a block: its size rounded up to 64 (cache-line aligned)."""
+    return -(-math.prod(shape) * dtype.itemsize // 64) * 64
+
+
+def _in_block(t: torch.Tensor) -> bool:
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    return any(a <= start and end <= b for a, b in _BLOCKS.items())
+
+
+def empty_on_huge_pages(*specs: tuple[tuple[int, ...], torch.dtype]) -> list[torch.Tensor]:
+    """Uninitialised CPU tensors of these ``(shape, dtype)`` side by side in one block on
+    2 MiB pages where Linux offers them (``torch.empty`` each elsewhere, or below one huge
+    page in all). A loader that builds a large weight into them skips the copy
+    ``use_huge_pages`` would make, and the peak memory that copy costs."""
+    block = _huge_block(sum(_slot(shape, dtype) for shape, dtype in specs))
+    if block is None:
+        return [torch.empty(shape, dtype=dtype) for shape, dtype in specs]
+    out, at = [], 0
+    for shape, dtype in specs:
+        nbytes = math.prod(shape) * dtype.itemsize
+        out.append(block[at : at + nbytes].view(dtype).view(shape))
+        at += _slot(shape, dtype)
+    return out
+
+
 def use_huge_pages(holders: list[tuple[object, str]]) -> int:
     """Move the CPU tensors ``getattr(obj, name)`` of ``holders`` into one block of memory
     that Linux backs with 2 MiB pages, each pointed at its copy (``setattr``; a module's
@@ -252,42 +299,34 @@ def use_huge_pages(holders: list[tuple[object, str]]) -> int:
     prefetchers stop at each page boundary and the TLB misses every few rows; on 2 MiB
     pages SmolLM2's Q8_0 output layer takes 12-15% less time on 2 threads and 24-29% on
     one (``bench/q8_head.py``, AMD EPYC), a compiled decoding step about 8-10%. A 4-bit
-    GGUF load moves its int4 and Q8_0 weights so. The copies are made one at a time,
-    each original freed and the heap trimmed as they go, so the peak grows by a few
-    tensors, not by all of them. Tensors on other devices, and non-contiguous ones, are
-    left alone.
+    GGUF load moves its int4 weights so. The copies are made one at a time, each
+    original freed and the heap trimmed as they go, so the peak grows by the largest
+    tensor moved, not by all of them (a loader avoids even that for a large one by
+    building it in place: ``empty_on_huge_pages``). Tensors on other devices,
+    non-contiguous ones and those already on such a block are left alone.
     """
-    madvise = _madvise()
-    if not huge_pages_available() or madvise is None:
-        return 0
     moving = [
-        (obj, name, -(-t.numel() * t.element_size() // 64) * 64)  # 64-byte aligned slots
+        (obj, name)
         for obj, name in holders
         if isinstance(t := getattr(obj, name), torch.Tensor)
         and t.device.type == "cpu"
         and t.is_contiguous()
+        and not _in_block(t)
     ]
-    total = sum(size for _, _, size in moving)
-    if total < HUGE_PAGE:
+    block = _huge_block(sum(_slot(getattr(o, n).shape, getattr(o, n).dtype) for o, n in moving))
+    if block is None:
         return 0
-    base = torch.empty(total + HUGE_PAGE, dtype=torch.uint8)  # not touched yet: no pages
-    start = -base.data_ptr() % HUGE_PAGE
-    length = (base.numel() - start) // 4096 * 4096  # within the allocation
-    if madvise(base.data_ptr() + start, length, _MADV_HUGEPAGE):
-        return 0  # refused (an old kernel): the tensors stay where they are
-    arena, moved, since_trim = base[start : start + total], 0, 0
-    # every copy is a view of base's storage, which lives while any of them does
-    _BLOCKS[arena.data_ptr()] = arena.data_ptr() + total
-    weakref.finalize(base.untyped_storage(), _BLOCKS.pop, arena.data_ptr(), None)
-    for obj, name, size in moving:
+    moved, since_trim = 0, 0
+    for obj, name in moving:
         t = getattr(obj, name)
-        copy = arena[moved : moved + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        nbytes = t.numel() * t.element_size()
+        copy = block[moved : moved + nbytes].view(t.dtype).view(t.shape)
         copy.copy_(t)
         setattr(obj, name, copy)
         del t  # the original's last reference: freed here
-        moved += size
-        since_trim += size
-        if since_trim >= 8 << 20:
+        moved += _slot(copy.shape, copy.dtype)
+        since_trim += nbytes
+        if since_trim >= HUGE_PAGE:
             return_free_memory()
             since_trim = 0
     return_free_memory()
@@ -303,7 +342,7 @@ def give_back_pages(t: torch.Tensor) -> int:
     start = t.data_ptr()
     end = start + t.numel() * t.element_size()
     madvise = _madvise()
-    if madvise is None or not any(a <= start and end <= b for a, b in _BLOCKS.items()):
+    if madvise is None or not _in_block(t):
         return 0
     low, high = -(-start // 4096) * 4096, end // 4096 * 4096  # its own whole pages
     if high <= low or madvise(low, high - low, _MADV_DONTNEED):

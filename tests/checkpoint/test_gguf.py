@@ -958,21 +958,21 @@ print(json.dumps({"weights": weights, "peak": peak, "decode_peak": decode_peak, 
 def test_loading_smollm2_in_4_bits_never_holds_a_dense_copy():
     """The 4-bit load reads tensor by tensor and packs the kernel's layout as it goes: what
     it adds to the process's peak memory, load and first decoding steps together, stays
-    within 1.75x of the weights it keeps (a second copy would be 2x), and the weights are
+    within 1.6x of the weights it keeps (a second copy would be 2x), and the weights are
     held once (the saved 4-bit form is dropped for the packed one). The process finds the
     C++ compiler, as a user's does, so lmlab's kernels run where the CPU has AVX-512 BF16:
     the weights are then 92 MiB (4-bit layers, the Q8_0 output matrix that the embedding
-    reads), else 117 MiB (a bf16 embedding and head instead); the rest, about 50-60 MiB,
-    is the tokenizer and transients. Measured on the project's 2-core machine: 1.70x (156
-    MiB) with the Q8_0 matrix and the weights on huge pages, 1.40x (164 MiB) without,
-    load and decoding alike. Before:
-    1.53x for the load, then 3.77x (442 MiB) once
-    decoding had packed a second copy beside the first, in holes of the C heap; going
-    through the dense model it was about 10x. A fresh process, peak reset after the
-    imports, as tests/interp/test_load_memory.py does."""
+    reads), else 117 MiB (a bf16 embedding and head instead); the rest, about 40 MiB, is
+    the tokenizer and transients. Measured on the project's 2-core machine: 1.42-1.48x
+    (131-136 MiB), load and decoding alike. Before: 1.70x here and 1.78x on CI (163 MiB)
+    while the Q8_0 matrix was built first and then copied onto huge pages, the copy
+    holding it twice for a moment; 1.40x (164 MiB) with a bf16 output matrix; 3.77x (442
+    MiB) once decoding had packed a second copy beside the first, in holes of the C heap;
+    about 10x through the dense model. A fresh process, peak reset after the imports, as
+    tests/interp/test_load_memory.py does."""
     result = load_peak_in_subprocess(_LOAD_PEAK, compilers=True)
     assert result["packed"]
     assert 80 * 2**20 < result["weights"] < 160 * 2**20
     for key in ("peak", "decode_peak"):
         ratio = result[key] / result["weights"]
-        assert ratio <= 1.75, f"{key} {result[key] / 2**20:.0f} MiB = {ratio:.2f}x the weights"
+        assert ratio <= 1.6, f"{key} {result[key] / 2**20:.0f} MiB = {ratio:.2f}x the weights"

@@ -133,10 +133,12 @@ def test_bad_shapes_are_one_line_errors():
         Q8_0Linear.packed(qweight, scale.float())
 
 
-@pytest.mark.parametrize("rows", [16, 2048])
+@pytest.mark.parametrize("rows", [16, 32, 2048])
 def test_from_blocks_reads_gguf_q8_0_as_the_gguf_package_does(rows):
-    """Raw Q8_0 blocks, read 16 rows at a time or all at once: the layer's weight equals
-    gguf.quants.dequantize's, bit for bit (both are q * d in float32, exact)."""
+    """Raw Q8_0 blocks, read 16 or 32 rows at a time or all at once: the layer's weight
+    equals gguf.quants.dequantize's, bit for bit (both are q * d in float32, exact), and
+    its layout is pack_q8_0's (from_blocks writes it through strided views); ``empty``
+    makes the two tensors it fills."""
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((48, 96)) * rng.uniform(0.01, 3, (48, 1))).astype(np.float32)
     raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)  # (48, 3 * 34) uint8
@@ -147,9 +149,21 @@ def test_from_blocks_reads_gguf_q8_0_as_the_gguf_package_does(rows):
         reads.append((start, stop))
         return raw[start:stop].tobytes()
 
-    layer = Q8_0Linear.from_blocks(read, 48, 96, rows=rows)
+    made = []
+
+    def empty(*specs):
+        made.append(specs)
+        return [torch.full(shape, 99, dtype=dtype) for shape, dtype in specs]
+
+    layer = Q8_0Linear.from_blocks(read, 48, 96, rows=rows, empty=empty)
     assert torch.equal(layer.dequantize(), torch.from_numpy(expected))
     assert reads == [(s, min(48, s + rows)) for s in range(0, 48, rows)]
+    assert made == [(((3, 48, 32), torch.int8), ((3, 3, 16), torch.float16))]
+    blocks = raw.reshape(48, 3, 34)
+    q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8).reshape(48, 96))
+    d = torch.from_numpy(blocks[..., :2].copy().view(np.float16).reshape(48, 3))
+    qweight, scale = pack_q8_0(q, d)
+    assert torch.equal(layer.qweight, qweight) and torch.equal(layer.scale, scale)
     with pytest.raises(ConfigError, match="read gave"):
         Q8_0Linear.from_blocks(lambda a, b: raw[a : b - 1].tobytes(), 48, 96)
 

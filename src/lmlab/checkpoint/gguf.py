@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 from lmlab.checkpoint.hf import assign_converted, convert_hf_state_dict, spec_from_hf_config
 from lmlab.checkpoint.io import check_finite, check_tokenizer_fits, is_finite
 from lmlab.data.tokenizers import BPETokenizer, bytes_to_unicode
-from lmlab.devices import return_free_memory, use_huge_pages
+from lmlab.devices import empty_on_huge_pages, return_free_memory, use_huge_pages
 from lmlab.errors import CheckpointError, DataNotFoundError
 from lmlab.models import build_model
 from lmlab.quant.int4 import Int4Linear, int4_kernel_available
@@ -942,7 +942,7 @@ def keep_4bit(model: nn.Module, g: GGUFFile) -> dict[str, str]:
     """
     Q = gguf.GGMLQuantizationType
     heads = {"attn_q.weight": model.config.n_heads, "attn_k.weight": model.config.kv_heads}
-    done, nonfinite = {}, []
+    done, nonfinite, since_trim = {}, [], 0
     for name, t in g.tensors.items():
         block, _, leaf = name.partition(".")[2].partition(".")
         if not name.startswith("blk.") or leaf not in _LINEARS or t.type not in (Q.Q4_0, Q.Q4_1):
@@ -957,6 +957,10 @@ def keep_4bit(model: nn.Module, g: GGUFFile) -> dict[str, str]:
         dense = getattr(model.get_submodule(owner), attr)
         setattr(model.get_submodule(owner), attr, Int4Linear(q, scale, zero, dense.bias))
         done[name] = f"{owner}.{attr}"
+        since_trim += q.numel() // 2  # the 4-bit bytes kept
+        if since_trim >= 4 << 20:  # the temporaries' holes go back as the weights grow
+            return_free_memory()
+            since_trim = 0
     check_finite(g.path, nonfinite)
     return done
 
@@ -976,7 +980,12 @@ def keep_q8_0_output(model: nn.Module, g: GGUFFile, dtype: torch.dtype) -> dict[
     N, K = t.shape
     if N % 16 or K % 32:
         return {}
-    head = Q8_0Linear.from_blocks(lambda start, stop: g.raw(name, (start, stop)), N, K)
+    # built in place on 2 MiB pages: moving it there afterwards would hold it twice for a
+    # moment, the largest tensor of the load (28 MB for SmolLM2)
+    head = Q8_0Linear.from_blocks(
+        lambda start, stop: g.raw(name, (start, stop)), N, K, empty=empty_on_huge_pages
+    )
+    return_free_memory()
     if not is_finite(head.scale):
         return {}  # gguf_to_hf refuses the tensor, naming it
     model.lm_head = head

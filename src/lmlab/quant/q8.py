@@ -161,19 +161,29 @@ class Q8_0Linear(nn.Module):
 
     @classmethod
     def from_blocks(
-        cls, read: Callable[[int, int], bytes | bytearray], N: int, K: int, rows: int = 2048
+        cls,
+        read: Callable[[int, int], bytes | bytearray],
+        N: int,
+        K: int,
+        rows: int = 2048,
+        empty: Callable[..., list[torch.Tensor]] | None = None,
     ) -> Q8_0Linear:
         """The layer of a GGUF Q8_0 matrix [N, K]: ``read(start, stop)`` returns the raw
         blocks of rows [start, stop) (34 bytes each: the fp16 scale, then 32 int8),
         taken ``rows`` at a time, so that nothing beside the layer's own copy is ever
-        the matrix's size."""
+        the matrix's size. ``empty(*(shape, dtype))`` makes the layer's two tensors
+        (``lmlab.devices.empty_on_huge_pages`` builds them in place on 2 MiB pages;
+        default ``torch.empty``)."""
         if N % 16 or K % BLOCK or rows % 16:
             raise ConfigError(
                 f"Q8_0Linear.from_blocks: N={N} and rows={rows} must be multiples of 16, "
                 f"K={K} of {BLOCK}"
             )
-        qweight = torch.empty(N // 16, K // 2, 32, dtype=torch.int8)
-        scale = torch.empty(N // 16, K // BLOCK, 16, dtype=torch.float16)
+        shapes = [((N // 16, K // 2, 32), torch.int8), ((N // 16, K // BLOCK, 16), torch.float16)]
+        if empty is None:
+            qweight, scale = (torch.empty(shape, dtype=dtype) for shape, dtype in shapes)
+        else:
+            qweight, scale = empty(*shapes)
         for start in range(0, N, rows):
             stop = min(N, start + rows)
             raw = read(start, stop)
@@ -184,10 +194,14 @@ class Q8_0Linear(nn.Module):
                     f"Q8_0Linear.from_blocks: rows {start}..{stop} of a {N} x {K} matrix are "
                     f"{(stop - start) * (K // BLOCK)} blocks; read gave {blocks.shape[0]}"
                 )
-            d = blocks[:, :2].contiguous().view(torch.float16).view(stop - start, -1)
-            q = blocks[:, 2:].contiguous().view(torch.int8).view(stop - start, K)
+            # pack_q8_0's layout written straight from the blocks through strided views:
+            # no temporary of the chunk's size, whose holes the C heap would keep
+            nb, kb = (stop - start) // 16, K // BLOCK
+            blocks = blocks.view(nb, 16, kb, 2 + BLOCK)  # (block, r, kb, byte)
             part = slice(start // 16, stop // 16)
-            qweight[part], scale[part] = pack_q8_0(q, d)
+            q = blocks[..., 2:].view(torch.int8).unflatten(-1, (16, 2))  # (nb, r, kb, j, e)
+            qweight[part].view(nb, kb, 16, 16, 2).copy_(q.permute(0, 2, 3, 1, 4))
+            scale[part].copy_(blocks[..., :2].view(torch.float16)[..., 0].transpose(1, 2))
         return cls.packed(qweight, scale)
 
     def unpacked(self) -> tuple[torch.Tensor, torch.Tensor]:
