@@ -1077,7 +1077,7 @@ def load_gguf(
         kept.update(keep_q8_0_output(model, g, dtype or torch.float32))
     # Tensor by tensor: the 4-bit layers are in place, the rest is dequantized (straight
     # to ``dtype``) and handed to the model as it is, so no dense copy of the whole model
-    # ever exists. Loading SmolLM2 in 4 bits and decoding with it peaks at about 392 MB
+    # ever exists. Loading SmolLM2 in 4 bits and decoding with it peaks at about 374 MB
     # of resident memory, of which 234 MB are torch's and lmlab's imports (407 MB with a
     # bf16 output matrix, 634 MB when decoding packed a second copy of the 4-bit weights,
     # 855 MB through the dense model).
