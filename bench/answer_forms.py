@@ -20,6 +20,8 @@ import argparse
 import re
 import time
 
+from machine import describe_machine  # bench/machine.py (the script's own folder)
+
 
 def value_of(answer: str) -> str:
     """The answer with a leading "The answer is" and a final period removed."""
@@ -38,6 +40,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100, help="held-out rows")
     ap.add_argument("--max_new_tokens", type=int, default=12)
     args = ap.parse_args()
+    print(describe_machine())
 
     import lmlab
     from lmlab.data.instructions import read_jsonl

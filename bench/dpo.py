@@ -46,6 +46,7 @@ from lmlab.data.tasks import generate_tasks, write_jsonl
 from lmlab.finetune import LoRAConfig
 from lmlab.finetune.run import finetune, task_accuracy
 from lmlab.train import TrainConfig
+from machine import describe_machine  # bench/machine.py (the script's own folder)
 
 
 @torch.no_grad()
@@ -163,6 +164,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(describe_machine())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

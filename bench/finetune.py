@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import describe_machine  # bench/machine.py (the script's own folder)
+
 
 def measure(model, rows, text: str) -> tuple[float, float]:
     """(held-out accuracy, perplexity of ``text``) of a model (a name or an LM), in bf16."""
@@ -89,6 +91,7 @@ def main() -> None:
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    print(describe_machine())
     if args.method:
         print(json.dumps(one_method(args)))
         return

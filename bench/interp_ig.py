@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -33,26 +34,13 @@ from captum.attr import LayerIntegratedGradients
 
 from lmlab.interp.attribution import integrated_gradients, next_token_score
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py, also when imported
+from machine import describe_machine  # noqa: E402
+
 PROMPT = (
     "The old lighthouse keeper climbed the narrow stairs every evening, lit the great lamp, "
     "and watched the ships pass safely through the dark water toward the"
 )
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-
-
-def cpu_summary() -> str:
-    """The CPU model, its vector flags among FLAGS, and torch's thread count."""
-    model, flags = "unknown CPU", set()
-    info = Path("/proc/cpuinfo")
-    if info.exists():
-        for line in info.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model == "unknown CPU":
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    shown = " ".join(f for f in FLAGS if f in flags) or "none of " + " ".join(FLAGS)
-    return f"{model}; flags: {shown}; {torch.get_num_threads()} threads"
 
 
 def _rss() -> int:
@@ -150,13 +138,13 @@ def main(quick: bool = False, repeats: int = 3) -> dict:
         "captum_peak_mib": theirs_mem / 2**20,
         "max_abs_difference": diff,
         "completeness_delta": ours_result.delta,
-        "cpu": cpu_summary(),
+        "cpu": describe_machine(),
     }
     print(
         f"integrated gradients, {name}, {ids.shape[1]}-token prompt, {steps} steps "
         f"(Gauss-Legendre), internal batch {batch}, baseline: token {base_id}'s embedding"
     )
-    print(f"CPU: {result['cpu']}")
+    print(result["cpu"])
     print(f"  lmlab   {t_ours:8.2f} s   peak +{result['lmlab_peak_mib']:7.1f} MiB")
     print(f"  captum  {t_theirs:8.2f} s   peak +{result['captum_peak_mib']:7.1f} MiB")
     print(

@@ -23,26 +23,20 @@ Usage: python bench/interp_patch.py [--quick] [--threads N]
 from __future__ import annotations
 
 import argparse
-import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from lmlab.interp.hooks import hooks, run_with_cache
 from lmlab.interp.patching import PromptPairs, logit_diff, make_pairs, patch_residual
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py, also when imported
+from machine import describe_machine  # noqa: E402
+
 CLEAN = "Then, when Mary and John went to the store, John gave a drink to"
 CORRUPT = "Then, when Mary and John went to the store, Mary gave a drink to"
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def by_hand(model, pairs: PromptPairs) -> torch.Tensor:
@@ -109,12 +103,11 @@ def main(quick: bool = False) -> dict:
         "by_hand_s": t_hand,
         "speedup": t_hand / t_ours,
         "same_numbers": agree,
-        "cpu": cpu_name(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu": describe_machine(),
         "threads": torch.get_num_threads(),
     }
     print(f"activation patching sweep, {what}: {result['sweep']} ({L * T} patched runs)")
-    print(f"CPU: {result['cpu']} ({result['cpu_capability']}), {result['threads']} threads")
+    print(result["cpu"])
     print(f"  lmlab patch_residual (batched per layer)   {t_ours:8.2f} s")
     print(f"  by hand, one forward per cell (TL's loop)  {t_hand:8.2f} s")
     print(f"ratio: lmlab is {result['speedup']:.2f}x as fast; same numbers (atol 1e-3): {agree}")

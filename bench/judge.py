@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import describe_machine  # bench/machine.py (the script's own folder)
+
 SFT = "runs/align/sft/model"
 
 
@@ -41,6 +43,7 @@ def main() -> None:
     parser.add_argument("--critique", action="store_true", help="judge writes a critique first")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    print(describe_machine())
 
     from lmlab.align.judge import agreement, judge
     from lmlab.data.preferences import load_preferences

@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from machine import describe_machine  # bench/machine.py (the script's own folder)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(
@@ -65,6 +67,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(describe_machine())
     rows = read_jsonl(args.prompts)
     test = read_jsonl(args.test)[: args.n_test]
     lm = lmlab.load(args.model, dtype="float32", keep_quantized=False, device=args.device)

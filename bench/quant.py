@@ -71,6 +71,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import describe_machine  # bench/machine.py (the script's own folder)
+
 ROWS = ["fp32", "bf16", "int8", "int4", "nf4"]
 
 
@@ -175,6 +177,7 @@ def main() -> None:
     )
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row, print JSON
     args = parser.parse_args()
+    print(describe_machine())
     if args.row:
         print(json.dumps(row(args.row, args.tokens, args.new_tokens, args.threads, args.model)))
         return

@@ -33,6 +33,7 @@ from lmlab.models import build_model, get_preset
 from lmlab.train import TrainConfig, train
 from lmlab.train.batches import TrainBatches, fixed_batches
 from lmlab.train.optim import lr_at
+from machine import describe_machine  # bench/machine.py (the script's own folder)
 
 # ----------------------------------------------------------------------------- reference
 
@@ -282,6 +283,7 @@ def main() -> None:
     ap.add_argument("--loss-steps", type=int, default=200, help="0 skips the loss comparison")
     ap.add_argument("--rounds", type=int, default=3, help="alternating timing rounds per side")
     args = ap.parse_args()
+    print(describe_machine())
     text = load_corpus("tinyshakespeare")
     tok = CharTokenizer.train(text)
     train_text, val_text = split_text(text)

@@ -5,8 +5,10 @@ without one (tests/conftest.py). Which device ``auto`` picks is tested by preten
 CUDA or MPS is there.
 """
 
+import ast
 import ctypes
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -316,3 +318,35 @@ def test_give_back_pages_frees_one_copy_of_a_block_and_keeps_the_others():
     assert bool((holder.b == 7).all())
     other = torch.ones(8 << 20, dtype=torch.uint8)
     assert devices.give_back_pages(other) == 0 and bool((other == 1).all())
+
+
+def test_every_bench_prints_the_machine_it_ran_on():
+    """Issue 21: each bench script prints the CPU's model, its speed-relevant flags and
+    lmlab's choices for it (``bench/machine.py``) before its figures. A script is a bench
+    when it runs as one (``__main__``); the helper modules are not. (Those that keep the
+    line in the result they return print it from there.)"""
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        from machine import describe_machine
+    finally:
+        sys.path.remove(str(bench))
+    line = describe_machine()
+    assert line.startswith("CPU: ") and f"threads {torch.get_num_threads()}" in line
+    assert devices.cpu_plan().describe() in line
+    silent = []
+    for script in sorted(bench.glob("*.py")):
+        tree = ast.parse(script.read_text())
+        runs = any(
+            isinstance(node, ast.Compare)
+            and isinstance(node.left, ast.Name)
+            and node.left.id == "__name__"
+            for node in ast.walk(tree)
+        )
+        calls = any(
+            isinstance(node, ast.Call) and getattr(node.func, "id", None) == "describe_machine"
+            for node in ast.walk(tree)
+        )
+        if runs and script.name != "machine.py" and not calls:
+            silent.append(script.name)
+    assert not silent, f"benches that do not print describe_machine(): {silent}"
