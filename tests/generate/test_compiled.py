@@ -223,6 +223,39 @@ def test_compiled_step_gives_eagers_logits_for_a_long_run_of_a_wider_model():
             token = eager[:, -1:].argmax(-1)
 
 
+@pytest.mark.slow
+def test_compiled_step_gives_eagers_logits_for_a_model_in_q8_0_blocks():
+    """A Q8_0 GGUF file's model as lmlab keeps it: every block's linear layer a Q8_0Linear
+    (outputs in bf16), laid side by side so that q, k, v and gate, up are one fused call
+    each (``place_side_by_side``), and a Q8_0 head: 48 steps of the compiled step give the
+    eager logits bit for bit."""
+    from lmlab.checkpoint.gguf import place_side_by_side
+    from lmlab.quant.q8 import Q8_0Fused, native_q8_0_mm
+
+    if native_q8_0_mm() is None:
+        pytest.skip("lmlab's Q8_0 kernel does not run here (no AVX-512 BF16, or no C++ compiler)")
+    model = tiny(torch.bfloat16, d_model=128, d_ff=256, vocab_size=64)
+    for name, m in list(model.named_modules()):
+        if name.startswith("blocks.") and type(m) is torch.nn.Linear:
+            layer = Q8_0Linear.from_float(m.weight)
+            layer.float_output = False
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, layer)
+    model.lm_head = Q8_0Linear.from_float(model.lm_head.weight)
+    place_side_by_side(model)
+    step = compiled_module.CompiledStep(torch.device("cpu"))
+    with torch.inference_mode():
+        caches = [model.new_cache(1, 96) for _ in range(2)]
+        prompt = torch.arange(3, 35)[None]
+        token = model(prompt, cache=caches[0])[:, -1:].argmax(-1)
+        model(prompt, cache=caches[1])
+        assert type(model.blocks[0].attn._fused[("q_proj", "k_proj", "v_proj")][1]) is Q8_0Fused
+        for _ in range(48):
+            eager = model(token, cache=caches[0])
+            assert torch.equal(step(model, token, caches[1]), eager)
+            token = eager[:, -1:].argmax(-1)
+
+
 def test_the_int4_kernel_holding_the_weights_is_part_of_the_step_key(monkeypatch):
     """lmlab's and torch's int4 kernels keep the weights in other layouts, outside any
     module: a step saved for one is never looked up for the other (LMLAB_INT4_KERNEL)."""

@@ -218,3 +218,48 @@ def test_dequantize_model_ties_the_dense_head_and_embedding_again():
     assert type(model.lm_head) is torch.nn.Linear and type(model.tok_emb) is torch.nn.Embedding
     assert model.tok_emb.weight is model.lm_head.weight
     assert torch.equal(model.lm_head.weight, exact_weight(q, d).float())
+
+
+def side_by_side(layers):
+    """Lay ``layers``' blocks side by side in one qweight and one scale tensor (as a GGUF
+    load's place_side_by_side does), each layer's buffers becoming views of them."""
+    qweight = torch.cat([m.qweight for m in layers])
+    scale = torch.cat([m.scale for m in layers])
+    start = 0
+    for m in layers:
+        rows = slice(start, start + m.out_features // 16)
+        m.qweight, m.scale = qweight[rows], scale[rows]
+        start = rows.stop
+    return qweight, scale
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 5])
+def test_fuse_computes_side_by_side_layers_in_one_call_with_the_same_numbers(rows):
+    """Three inner layers (outputs in the input's dtype) whose blocks lie side by side:
+    fuse reads them in place (no copy) and gives each layer's outputs bit for bit, side by
+    side. Layers laid out otherwise, in another order, or output layers (float32) are not
+    fused; a layer whose blocks move (``_apply``) makes the fused call stale."""
+    g = torch.Generator().manual_seed(5)
+    layers = [Q8_0Linear(*random_blocks(n, 96, g)) for n in (64, 16, 32)]
+    for m in layers:
+        m.float_output = False
+    assert Q8_0Linear.fuse(layers) is None  # each in its own tensor
+    qweight, _ = side_by_side(layers)
+    assert Q8_0Linear.fuse(layers[::-1]) is None  # not in this order
+    fused = Q8_0Linear.fuse(layers)
+    assert fused is not None and fused.qweight.data_ptr() == qweight.data_ptr()
+    assert fused.out_features == 112 and fused.qweight.shape == (7, 48, 32)
+    x = torch.randn(rows, 96, generator=g).to(torch.bfloat16)
+    expected = torch.cat([m(x) for m in layers], dim=-1)
+    assert expected.dtype == torch.bfloat16 and fused.applies(x)
+    assert torch.equal(fused(x), expected)
+    assert torch.equal(fused(x[None]), expected[None])  # (B, T, K) inputs keep their shape
+    assert not fused.applies(x.float())
+    layers[0].float_output = True
+    assert Q8_0Linear.fuse(layers) is None
+    layers[0].float_output = False
+    layers[1]._apply(lambda t: t)  # nothing moved (a .to() to where it is)
+    assert fused.packed is not None
+    layers[1]._apply(lambda t: t.clone())  # moved: its blocks are no longer the fused ones
+    assert fused.packed is None and Q8_0Linear.fuse(layers) is None

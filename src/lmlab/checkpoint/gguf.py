@@ -965,6 +965,41 @@ def keep_4bit(model: nn.Module, g: GGUFFile) -> dict[str, str]:
     return done
 
 
+def keep_8bit(model: nn.Module, g: GGUFFile) -> dict[str, str]:
+    """Put ``Q8_0Linear`` layers that keep the file's Q8_0 weights (its bytes exactly,
+    outputs in the input's dtype) in place of ``model``'s linear layers stored so; returns
+    ``{gguf tensor name: lmlab module name}`` of those replaced. Only where lmlab's Q8_0
+    kernel runs on this CPU and the layer fits it (outputs a multiple of 16, no bias);
+    any other layer is dequantized as before. Each tensor is read on its own, and the q
+    and k projections get llama.cpp's rotary permutation undone on their rows of blocks,
+    as ``keep_4bit`` does. Non-finite scales are refused, naming the tensors."""
+    if native_q8_0_mm() is None:
+        return {}
+    heads = {"attn_q.weight": model.config.n_heads, "attn_k.weight": model.config.kv_heads}
+    done, nonfinite = {}, []
+    for name, t in g.tensors.items():
+        block, _, leaf = name.partition(".")[2].partition(".")
+        if not name.startswith("blk.") or leaf not in _LINEARS:
+            continue
+        owner, _, attr = f"blocks.{block}.{_LINEARS[leaf]}".rpartition(".")
+        dense = getattr(model.get_submodule(owner), attr)
+        N, K = t.shape
+        if t.type != gguf.GGMLQuantizationType.Q8_0 or N % 16 or dense.bias is not None:
+            continue
+        rows = torch.frombuffer(g.raw(name), dtype=torch.uint8).view(N, -1)  # a row's blocks
+        if leaf in heads:
+            rows = unpermute_rotary(rows, heads[leaf]).contiguous()
+        layer = Q8_0Linear.from_blocks(lambda a, b, rows=rows: bytearray(rows[a:b].numpy()), N, K)
+        if not is_finite(layer.scale):
+            nonfinite.append(name)
+            continue
+        layer.float_output = False
+        setattr(model.get_submodule(owner), attr, layer)
+        done[name] = f"{owner}.{attr}"
+    check_finite(g.path, nonfinite)
+    return done
+
+
 def keep_q8_0_output(model: nn.Module, g: GGUFFile, dtype: torch.dtype) -> dict[str, str]:
     """Put a ``Q8_0Linear`` holding the file's Q8_0 output matrix in place of
     ``model.lm_head``, and, when the file ties it to the token embeddings (no
@@ -1009,6 +1044,36 @@ def pack_4bit(model: nn.Module) -> None:
                 return_free_memory()
 
 
+def place_side_by_side(model: nn.Module) -> None:
+    """Lay the blocks of each block's 8-bit layers (``keep_8bit``) side by side, group by
+    group as decoding calls them (q, k and v; gate and up; o; down), all in one block on
+    2 MiB pages where Linux offers them (``lmlab.devices.empty_on_huge_pages``): each
+    layer's ``qweight`` and ``scale`` become views of its group's tensors, so that
+    ``Q8_0Linear.fuse`` computes a group in one call without copying anything. The
+    layers' own copies are freed, and their heap pages handed back, group by group."""
+    groups = []
+    for block in getattr(model, "blocks", ()):  # other models have no such layers
+        modules = dict(block.named_modules())
+        for names in _KERNEL_GROUPS:
+            layers = [modules.get(n) for n in names]
+            if all(type(m) is Q8_0Linear and not m.float_output for m in layers):
+                groups.append(layers)
+    specs = []
+    for layers in groups:
+        blocks, K = sum(m.out_features for m in layers) // 16, layers[0].in_features
+        specs += [((blocks, K // 2, 32), torch.int8), ((blocks, K // 32, 16), torch.float16)]
+    placed = empty_on_huge_pages(*specs)
+    for layers, qweight, scale in zip(groups, placed[0::2], placed[1::2], strict=True):
+        start = 0
+        for m in layers:
+            rows = slice(start, start + m.out_features // 16)
+            qweight[rows].copy_(m.qweight)
+            scale[rows].copy_(m.scale)
+            m.qweight, m.scale = qweight[rows], scale[rows]  # the layer's copy is freed
+            start = rows.stop
+        return_free_memory()  # and its pages handed back, group by group
+
+
 def streamed_weights(model: nn.Module) -> list[tuple[object, str]]:
     """``(holder, attribute)`` of the weights a 4-bit model's decoding step reads in bulk:
     the int4 kernels' packed copies (``Int4Matmul.packed``) and the Q8_0 output matrix's
@@ -1041,7 +1106,9 @@ def load_gguf(
     The model holds the dequantized weights in float32 (or ``dtype``). With
     ``keep_quantized`` the linear layers stored as Q4_0/Q4_1 stay 4-bit (``Int4Linear``,
     computing in bf16: about 2x faster decoding than bf16 weights, a quarter of their
-    memory), read tensor by tensor so that no dense copy of them is ever made. The output
+    memory), and those stored as Q8_0 stay 8-bit where lmlab's Q8_0 kernel runs
+    (``Q8_0Linear``: the file's bytes, half the memory of bf16; ``keep_8bit``), read tensor
+    by tensor so that no dense copy of them is ever made. The output
     matrix, when the file stores it as Q8_0 (SmolLM2's tied token embedding), then stays
     in the file's blocks too (``Q8_0Linear``, float32 logits; ``keep_q8_0_output``), and
     a tied embedding reads its rows from them (``Q8_0Embedding``): 30 MB read per token
@@ -1072,8 +1139,8 @@ def load_gguf(
     return_free_memory()
     with torch.device("meta"):
         model = build_model(spec)
-    kept = keep_4bit(model, g) if keep_quantized else {}
-    if kept:  # a 4-bit model: its output layer too reads the file's bytes (Q8_0 only)
+    kept = {**keep_4bit(model, g), **keep_8bit(model, g)} if keep_quantized else {}
+    if kept:  # a 4- or 8-bit model: its output layer too reads the file's bytes (Q8_0)
         kept.update(keep_q8_0_output(model, g, dtype or torch.float32))
     # Tensor by tensor: the 4-bit layers are in place, the rest is dequantized (straight
     # to ``dtype``) and handed to the model as it is, so no dense copy of the whole model
@@ -1089,6 +1156,7 @@ def load_gguf(
     del state
     if kept:
         pack_4bit(model)  # after assign_converted: its state_dict() reads the saved form
+        place_side_by_side(model)
         use_huge_pages(streamed_weights(model))
     quantized = list(kept.values())
     if isinstance(model.tok_emb, Q8_0Embedding):

@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from lmlab.checkpoint.gguf import place_side_by_side
 from lmlab.checkpoint.io import (
     FLOAT_DTYPES,
     WEIGHTS_FILE,
@@ -37,7 +38,7 @@ from lmlab.quant.int4 import Int4Linear
 from lmlab.quant.int8 import Int8Linear
 from lmlab.quant.nf4 import NF4Linear
 from lmlab.quant.q8 import Q8_0Embedding, Q8_0Linear
-from lmlab.quant.quantize import METHODS, quantization_config, set_submodule
+from lmlab.quant.quantize import METHODS, Q8_0_ONLY, quantization_config, set_submodule
 
 
 def save_quantized(
@@ -62,10 +63,16 @@ def load_quantized(directory: str | os.PathLike) -> tuple[nn.Module, Any | None,
     config = read_config(ckpt)
     file = ckpt / WEIGHTS_FILE
     quant = config.get("quantization")
-    if not isinstance(quant, dict) or quant.get("method") not in METHODS:
+    methods = (*METHODS, Q8_0_ONLY)
+    if (
+        not isinstance(quant, dict)
+        or quant.get("method") not in methods
+        or (quant["method"] == Q8_0_ONLY and not isinstance(quant.get("q8_0"), dict))
+    ):
         raise CheckpointError(
             f"{str(ckpt / 'config.json')!r} has no valid 'quantization' entry "
-            f"(method one of {', '.join(METHODS)}); is it a quantized checkpoint?"
+            f"(method one of {', '.join(methods)}; {Q8_0_ONLY!r} with a 'q8_0' entry); is it "
+            "a quantized checkpoint?"
         )
     try:
         model = build_model(config["model"], empty=True)
@@ -104,6 +111,7 @@ def load_quantized(directory: str | os.PathLike) -> tuple[nn.Module, Any | None,
     except Exception as e:  # safetensors' own errors on a corrupt file
         raise CheckpointError(f"cannot read weights from {str(file)!r}: {e}") from e
     load_weights(model, ckpt)  # checks every name, shape and extra tensor, then copies
+    place_side_by_side(model)  # a Q8_0 file's layers: fused calls again, as when loaded
     model.eval()
     tokenizer = None
     if (ckpt / "tokenizer.json").is_file():
@@ -115,21 +123,25 @@ _TABLE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32"
 
 
 def _rebuild_q8_0(model: nn.Module, entry: Any, f: Any, header: dict, ckpt: Path) -> None:
-    """The output layer kept in Q8_0 blocks (``quantization_config``'s ``"q8_0"`` entry)
-    and the embeddings that read its rows, from the open weights file ``f``."""
+    """The layers kept in Q8_0 blocks (``quantization_config``'s ``"q8_0"`` entry) and the
+    embeddings that read an output layer's rows, from the open weights file ``f``."""
     if entry is None:
         return
     where = str(ckpt / "config.json")
     layers, tables = entry.get("layers"), entry.get("embeddings", {})
+    floats = entry.get("float_outputs", layers)  # saved before layers inside the model
     if not (
         isinstance(layers, list)
         and all(isinstance(n, str) for n in layers)
+        and isinstance(floats, list)
+        and set(floats) <= set(layers)
         and isinstance(tables, dict)
         and all(isinstance(t, dict) and set(t) == {"head", "dtype"} for t in tables.values())
     ):
         raise CheckpointError(
-            f"{where!r}: the 'q8_0' entry must be {{'layers': [names], 'embeddings': "
-            f"{{name: {{'head': name, 'dtype': name}}}}}}, got {entry!r}"
+            f"{where!r}: the 'q8_0' entry must be {{'layers': [names], 'float_outputs': "
+            f"[some of those names], 'embeddings': {{name: {{'head': name, 'dtype': name}}}}}}, "
+            f"got {entry!r}"
         )
     for name in layers:
         dense = _dense_layer(model, name, ckpt)
@@ -147,6 +159,7 @@ def _rebuild_q8_0(model: nn.Module, entry: Any, f: Any, header: dict, ckpt: Path
                 f"{str(ckpt / WEIGHTS_FILE)!r}: Q8_0 layer {name!r} is {layer.out_features}x"
                 f"{layer.in_features}, the model's {dense.out_features}x{dense.in_features}"
             )
+        layer.float_output = name in floats
         set_submodule(model, name, layer)
     for name, table in tables.items():
         head = table["head"]

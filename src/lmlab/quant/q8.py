@@ -94,7 +94,9 @@ class Q8_0Linear(nn.Module):
     """y = x W^T with W in Q8_0 blocks (see the module docstring); inference only, no bias.
 
     q: [N, K] int8; d: [N, K / 32] fp16 (other float dtypes are rounded to it). N must be a
-    multiple of 16 and K of 32. The output is float32 whatever the input's dtype.
+    multiple of 16 and K of 32. With ``float_output`` (the default: an output layer's
+    logits) the output is float32 whatever the input's dtype; without it (a layer inside
+    the model, as a Q8_0 GGUF file's) it is rounded once to the input's dtype.
     """
 
     def __init__(self, q: torch.Tensor, d: torch.Tensor):
@@ -117,6 +119,8 @@ class Q8_0Linear(nn.Module):
         self.bias = None  # as nn.Linear(bias=False) has
         self.register_buffer("qweight", qweight)  # (N/16, K/2, 32)
         self.register_buffer("scale", scale)  # (N/16, K/32, 16)
+        self.float_output = True
+        self._group: Q8_0Fused | None = None  # the fused call whose blocks these are views of
         # decided once, so that a compiled step's trace sees a plain setting, not the lookup
         self.native = native_q8_0_mm() is not None
 
@@ -227,19 +231,94 @@ class Q8_0Linear(nn.Module):
         if self.native and x.dtype == torch.bfloat16 and inference_kernel_applies(x):
             x2 = x.reshape(-1, self.in_features).contiguous()  # (B*T, K)
             y = torch.ops.lmlab.q8_0_mm(x2, self.qweight, self.scale)
-            return y.view(*x.shape[:-1], self.out_features)
-        return F.linear(x.float(), self.dequantize())
+            y = y.view(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x.float(), self.dequantize())
+        return y if self.float_output else y.to(x.dtype)
 
     def _apply(self, fn, recurse=True):
         # .to(device) moves the blocks; a dtype change (model.to(torch.bfloat16)) would
         # round the fp16 scales, so they keep theirs
         for name, t in self._buffers.items():
             moved = fn(t)
-            self._buffers[name] = moved if moved.dtype == t.dtype else t.to(moved.device)
+            moved = moved if moved.dtype == t.dtype else t.to(moved.device)
+            if moved is not t and self._group is not None:
+                self._group.packed = None  # its blocks are no longer this layer's
+            self._buffers[name] = moved
         return self
 
+    @staticmethod
+    def fuse(layers: list[Q8_0Linear]) -> Q8_0Fused | None:
+        """One kernel call for several layers reading the same input (a block's q, k and v
+        projections; SwiGLU's gate and up), where their blocks already lie side by side in
+        one tensor, in this order (as a GGUF load lays them out: ``place_side_by_side``):
+        the call reads them in place, so nothing is copied, and each output is the same
+        sum as in its own layer (the numbers are identical; tested). None for layers laid
+        out otherwise, for output layers (float32 logits), or without the kernel."""
+        first = layers[0]
+        if not first.native or any(
+            type(m) is not Q8_0Linear or m.float_output or m.in_features != first.in_features
+            for m in layers
+        ):
+            return None
+        qweight = _side_by_side([m.qweight for m in layers])
+        scale = _side_by_side([m.scale for m in layers])
+        if qweight is None or scale is None:
+            return None
+        return Q8_0Fused(layers, qweight, scale)
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, Q8_0"
+        out = "float32" if self.float_output else "the input's dtype"
+        return f"in_features={self.in_features}, out_features={self.out_features}, Q8_0 ({out})"
+
+
+def _side_by_side(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The one tensor that ``parts`` (contiguous, alike but for their first dimension) are
+    consecutive pieces of, as a view of their storage; None if they are not laid out so."""
+    first = parts[0]
+    at = first.data_ptr()
+    for t in parts:
+        if (
+            not t.is_contiguous()
+            or t.dtype != first.dtype
+            or t.device != first.device
+            or t.shape[1:] != first.shape[1:]
+            or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+            or t.data_ptr() != at
+        ):
+            return None
+        at += t.numel() * t.element_size()
+    shape = (sum(t.shape[0] for t in parts), *first.shape[1:])
+    whole = torch.empty(0, dtype=first.dtype, device=first.device)
+    return whole.set_(first.untyped_storage(), first.storage_offset(), shape)
+
+
+class Q8_0Fused:
+    """Several ``Q8_0Linear`` layers computed in one kernel call, reading their blocks
+    where they are (``Q8_0Linear.fuse``): the outputs side by side in the layers' order,
+    in the input's dtype. ``packed`` becomes None when a layer's blocks move (``.to()``),
+    and ``fused_projection`` then asks for the call again."""
+
+    def __init__(self, layers: list[Q8_0Linear], qweight: torch.Tensor, scale: torch.Tensor):
+        self.layers, self.qweight, self.scale = layers, qweight, scale
+        self.packed: torch.Tensor | None = qweight
+        self.in_features, self.out_features = layers[0].in_features, 16 * qweight.shape[0]
+        self.device = qweight.device
+        for m in layers:
+            m._group = self
+
+    def applies(self, x: torch.Tensor) -> bool:
+        return (
+            self.packed is not None
+            and x.dtype == torch.bfloat16
+            and x.device == self.device
+            and inference_kernel_applies(x)
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).contiguous()  # (B*T, K)
+        y = torch.ops.lmlab.q8_0_mm(x2, self.qweight, self.scale)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
 class Q8_0Embedding(nn.Embedding):

@@ -191,6 +191,9 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
             if type(module) is cls:
                 entry = {"method": method, "options": {k: getattr(module, k) for k in defaults}}
                 found.setdefault(repr(entry), (entry, []))[1].append(name)
+    if not found and (q8_0 := _q8_0_entry(model)):
+        # only layers kept in a GGUF file's Q8_0 blocks (a Q8_0 file loaded in 8 bits)
+        return {"method": Q8_0_ONLY, "options": {}, "layers": [], **q8_0}
     if not found:
         raise ConfigError("the model has no quantized layer; call quantize_model first")
     if len(found) > 1:
@@ -202,17 +205,24 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
     return {**entry, "layers": names, **_q8_0_entry(model)}
 
 
+Q8_0_ONLY = "q8_0"
+"""``quantization_config``'s method for a model whose quantized layers are all Q8_0 ones."""
+
+
 def _q8_0_entry(model: nn.Module) -> dict[str, Any]:
-    """The output layer a 4-bit GGUF load keeps in the file's Q8_0 blocks (``lmlab.quant.
-    q8``), and the embeddings that read them: ``{"q8_0": {"layers": [names], "embeddings":
-    {name: {"head": layer name, "dtype": "bfloat16"}}}}``, or nothing."""
+    """The layers a GGUF load keeps in the file's Q8_0 blocks (``lmlab.quant.q8``: the
+    output layer of a 4-bit load, every fitting layer of a Q8_0 file), which of them give
+    float32 outputs, and the embeddings that read them: ``{"q8_0": {"layers": [names],
+    "float_outputs": [names], "embeddings": {name: {"head": layer name, "dtype":
+    "bfloat16"}}}}``, or nothing."""
     names = {m: name for name, m in model.named_modules()}
     layers = [name for m, name in names.items() if type(m) is Q8_0Linear]
     if not layers:
         return {}
+    floats = [name for m, name in names.items() if type(m) is Q8_0Linear and m.float_output]
     embeddings = {
         name: {"head": names[m.head], "dtype": str(m.like.dtype).removeprefix("torch.")}
         for m, name in names.items()
         if type(m) is Q8_0Embedding
     }
-    return {"q8_0": {"layers": layers, "embeddings": embeddings}}
+    return {"q8_0": {"layers": layers, "float_outputs": floats, "embeddings": embeddings}}
