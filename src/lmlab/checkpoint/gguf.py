@@ -60,6 +60,7 @@ from lmlab.errors import CheckpointError, DataNotFoundError
 from lmlab.models import build_model
 from lmlab.quant.int4 import Int4Linear, int4_kernel_available
 from lmlab.quant.q8 import Q8_0Embedding, Q8_0Linear, native_q8_0_mm
+from lmlab.quant.quantize import set_submodule
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -930,6 +931,17 @@ def q4_blocks(raw: bytes, kind: gguf.GGMLQuantizationType, rows: int):
     return q, d, zero
 
 
+def _block_linears(model: nn.Module, g: GGUFFile):
+    """``(gguf name, tensor, module name, rotary heads or None)`` of each block's linear
+    layer stored in ``g``, for ``keep_4bit`` and ``keep_8bit``: the heads are those of
+    the q and k projections, whose rows llama.cpp permuted (``unpermute_rotary``)."""
+    heads = {"attn_q.weight": model.config.n_heads, "attn_k.weight": model.config.kv_heads}
+    for name, t in g.tensors.items():
+        block, _, leaf = name.partition(".")[2].partition(".")
+        if name.startswith("blk.") and leaf in _LINEARS:
+            yield name, t, f"blocks.{block}.{_LINEARS[leaf]}", heads.get(leaf)
+
+
 def keep_4bit(model: nn.Module, g: GGUFFile) -> dict[str, str]:
     """Put ``Int4Linear`` layers that keep the file's Q4_0/Q4_1 weights (scales and zeros
     rounded to bf16) in place of ``model``'s linear layers stored so; returns
@@ -941,22 +953,19 @@ def keep_4bit(model: nn.Module, g: GGUFFile) -> dict[str, str]:
     refused (``check_finite``), as ``gguf_to_hf`` refuses non-finite weights.
     """
     Q = gguf.GGMLQuantizationType
-    heads = {"attn_q.weight": model.config.n_heads, "attn_k.weight": model.config.kv_heads}
     done, nonfinite, since_trim = {}, [], 0
-    for name, t in g.tensors.items():
-        block, _, leaf = name.partition(".")[2].partition(".")
-        if not name.startswith("blk.") or leaf not in _LINEARS or t.type not in (Q.Q4_0, Q.Q4_1):
+    for name, t, module, heads in _block_linears(model, g):
+        if t.type not in (Q.Q4_0, Q.Q4_1):
             continue
         q, scale, zero = q4_blocks(g.raw(name), t.type, t.shape[0])
         if not (is_finite(scale) and is_finite(zero)):
             nonfinite.append(name)
             continue
-        if leaf in heads:
-            q, scale, zero = (unpermute_rotary(x, heads[leaf]) for x in (q, scale, zero))
-        owner, _, attr = f"blocks.{block}.{_LINEARS[leaf]}".rpartition(".")
-        dense = getattr(model.get_submodule(owner), attr)
-        setattr(model.get_submodule(owner), attr, Int4Linear(q, scale, zero, dense.bias))
-        done[name] = f"{owner}.{attr}"
+        if heads is not None:
+            q, scale, zero = (unpermute_rotary(x, heads) for x in (q, scale, zero))
+        dense = model.get_submodule(module)
+        set_submodule(model, module, Int4Linear(q, scale, zero, dense.bias))
+        done[name] = module
         since_trim += q.numel() // 2  # the 4-bit bytes kept
         if since_trim >= 4 << 20:  # the temporaries' holes go back as the weights grow
             return_free_memory()
@@ -975,27 +984,22 @@ def keep_8bit(model: nn.Module, g: GGUFFile) -> dict[str, str]:
     as ``keep_4bit`` does. Non-finite scales are refused, naming the tensors."""
     if native_q8_0_mm() is None:
         return {}
-    heads = {"attn_q.weight": model.config.n_heads, "attn_k.weight": model.config.kv_heads}
     done, nonfinite = {}, []
-    for name, t in g.tensors.items():
-        block, _, leaf = name.partition(".")[2].partition(".")
-        if not name.startswith("blk.") or leaf not in _LINEARS:
-            continue
-        owner, _, attr = f"blocks.{block}.{_LINEARS[leaf]}".rpartition(".")
-        dense = getattr(model.get_submodule(owner), attr)
+    for name, t, module, heads in _block_linears(model, g):
         N, K = t.shape
-        if t.type != gguf.GGMLQuantizationType.Q8_0 or N % 16 or dense.bias is not None:
+        bias = model.get_submodule(module).bias
+        if t.type != gguf.GGMLQuantizationType.Q8_0 or N % 16 or bias is not None:
             continue
         rows = torch.frombuffer(g.raw(name), dtype=torch.uint8).view(N, -1)  # a row's blocks
-        if leaf in heads:
-            rows = unpermute_rotary(rows, heads[leaf]).contiguous()
+        if heads is not None:
+            rows = unpermute_rotary(rows, heads).contiguous()
         layer = Q8_0Linear.from_blocks(lambda a, b, rows=rows: bytearray(rows[a:b].numpy()), N, K)
         if not is_finite(layer.scale):
             nonfinite.append(name)
             continue
         layer.float_output = False
-        setattr(model.get_submodule(owner), attr, layer)
-        done[name] = f"{owner}.{attr}"
+        set_submodule(model, module, layer)
+        done[name] = module
     check_finite(g.path, nonfinite)
     return done
 
@@ -1075,9 +1079,10 @@ def place_side_by_side(model: nn.Module) -> None:
 
 
 def streamed_weights(model: nn.Module) -> list[tuple[object, str]]:
-    """``(holder, attribute)`` of the weights a 4-bit model's decoding step reads in bulk:
-    the int4 kernels' packed copies (``Int4Matmul.packed``) and the Q8_0 output matrix's
-    blocks, for ``lmlab.devices.use_huge_pages``."""
+    """``(holder, attribute)`` of the weights a 4- or 8-bit model's decoding step reads in
+    bulk: the int4 kernels' packed copies (``Int4Matmul.packed``) and the Q8_0 layers'
+    blocks, for ``lmlab.devices.use_huge_pages`` (which leaves those already built on
+    2 MiB pages where they are: the output matrix, the placed 8-bit layers)."""
     holders: list[tuple[object, str]] = []
     kernels: set[int] = set()
     for m in model.modules():

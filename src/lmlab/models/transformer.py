@@ -215,10 +215,11 @@ def fused_projection(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor):
 
     A decoding step is many small matrix-vector products; three (q, k, v) or two (gate,
     up) that read the same input cost one call instead when their class offers ``fuse``
-    (``lmlab.quant.Int4Linear``: the same numbers, tested) and nothing could tell the
-    difference: ``owner.fast`` on, no hook on the projections, and no gradient needed.
-    The fused copy is made on first use and remade if a projection is replaced (LoRA)
-    or it handed its weights back to the projections.
+    (``lmlab.quant.Int4Linear``, ``lmlab.quant.Q8_0Linear``: the same numbers, tested)
+    and nothing could tell the difference: ``owner.fast`` on, no hook on the projections,
+    and no gradient needed. The fused call is made on first use and remade if a
+    projection is replaced (LoRA) or it handed its weights back to the projections (or,
+    for Q8_0 layers, their blocks moved).
     """
     if not owner.fast:
         return None
