@@ -101,12 +101,41 @@ def tiny_chat_lm(seed=0, sharpen=1.0, text="", max_seq_len=256):
     return LM(model, tokenizer, chat_template=ChatTemplate(CHATML, eos_token="<|im_end|>"))
 
 
+# Run before a memory test's script: ``reset_peak()`` maps in every page of the files the
+# process has mapped so far (torch's libraries: about 0.5 GB of code, of which a process
+# touches what its CPU's kernels need), then restarts the peak counter and returns the
+# resident set. What the peak then adds is the process's own memory (and any file it maps
+# afterwards), not which library pages a load happens to run through: that part grew by
+# 12 MiB here for SmolLM2's 4-bit load and decoding, and by more on CI's machine.
+_PEAK_PRELUDE = """
+import ctypes
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+def reset_peak():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        if len(fields) < 6 or not fields[5].startswith("/") or "r" not in fields[1]:
+            continue
+        start, end = (int(a, 16) for a in fields[0].split("-"))
+        libc.madvise(start, end - start, 22)  # MADV_POPULATE_READ (Linux 5.14+; older ones refuse)
+    open("/proc/self/clear_refs", "w").write("5")  # the peak counter restarts here
+    return status("VmRSS")
+"""
+
+
 def load_peak_in_subprocess(script: str, compilers: bool = False) -> dict:
     """Run ``script`` in a fresh Python (this checkout's src first, no PATH) and return the
     JSON object its last line prints; skips where Linux's /proc peak counters are missing.
-    The memory tests use it to read a load's peak (``VmHWM``) apart from pytest's own.
-    ``compilers`` keeps PATH (and HOME), so that lmlab's native kernels build or load
-    from their cache as in a user's process."""
+    The memory tests use it to read a load's peak (``VmHWM``) apart from pytest's own: the
+    script may call ``status(key)`` (a /proc/self/status line, bytes) and ``reset_peak()``
+    (above), defined before it runs. ``compilers`` keeps PATH (and HOME), so that lmlab's
+    native kernels build or load from their cache as in a user's process."""
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("peak memory is read from Linux's /proc/self/status")
     src = str(Path(__file__).resolve().parents[1] / "src")
@@ -114,7 +143,7 @@ def load_peak_in_subprocess(script: str, compilers: bool = False) -> dict:
     if compilers:
         env.update({k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ})
     run = subprocess.run(
-        [sys.executable, "-c", script],
+        [sys.executable, "-c", _PEAK_PRELUDE + script],
         capture_output=True,
         text=True,
         check=True,
