@@ -223,18 +223,16 @@ def test_compiled_step_gives_eagers_logits_for_a_long_run_of_a_wider_model():
             token = eager[:, -1:].argmax(-1)
 
 
-@pytest.mark.slow
-def test_compiled_step_gives_eagers_logits_for_a_model_in_q8_0_blocks():
-    """A Q8_0 GGUF file's model as lmlab keeps it: every block's linear layer a Q8_0Linear
-    (outputs in bf16), laid side by side so that q, k, v and gate, up are one fused call
-    each (``place_side_by_side``), and a Q8_0 head: 48 steps of the compiled step give the
-    eager logits bit for bit."""
+def in_q8_0_blocks(**widths):
+    """``tiny`` in bf16 as lmlab keeps a Q8_0 GGUF file's model: every block's linear layer
+    a Q8_0Linear (outputs in bf16), laid side by side (``place_side_by_side``), and a Q8_0
+    head; skips where lmlab's Q8_0 kernel does not run."""
     from lmlab.checkpoint.gguf import place_side_by_side
-    from lmlab.quant.q8 import Q8_0Fused, native_q8_0_mm
+    from lmlab.quant.q8 import native_q8_0_mm
 
     if native_q8_0_mm() is None:
         pytest.skip("lmlab's Q8_0 kernel does not run here (no AVX-512 BF16, or no C++ compiler)")
-    model = tiny(torch.bfloat16, d_model=128, d_ff=256, vocab_size=64)
+    model = tiny(torch.bfloat16, vocab_size=64, **widths)
     for name, m in list(model.named_modules()):
         if name.startswith("blocks.") and type(m) is torch.nn.Linear:
             layer = Q8_0Linear.from_float(m.weight)
@@ -243,6 +241,34 @@ def test_compiled_step_gives_eagers_logits_for_a_model_in_q8_0_blocks():
             setattr(model.get_submodule(owner), attr, layer)
     model.lm_head = Q8_0Linear.from_float(model.lm_head.weight)
     place_side_by_side(model)
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("length", [16, 18, 23])
+def test_compiled_decoding_of_q8_0_blocks_takes_any_prompt_length(length):
+    """generate(compile=True) on SmolLM2's attention widths in Q8_0 blocks (q, k and v: 60
+    tiles of 16 rows, 18 blocks of 32 inputs) gives the eager ids for a prompt of 16 and 18
+    tokens, as for 23. The step reads each token from a fresh tensor: it used to get a view
+    of the token buffer, whose storage offset dynamo made a symbol of the graph, shared
+    with any size of the same value at the first step. At 16 tokens that was the tiles'
+    16 rows, which the graph then expected to grow by one each step: the second step
+    failed ("expected size 16==17") on SmolLM2 and on this model."""
+    model = in_q8_0_blocks(d_model=576, n_heads=9, n_kv_heads=3, d_ff=64, n_layers=1)
+    prompt = [3 + i % 50 for i in range(length)]
+    eager = generate_ids(model, [prompt], greedy(8))
+    assert generate(model, [prompt], greedy(8, compile=True)).ids == eager
+
+
+@pytest.mark.slow
+def test_compiled_step_gives_eagers_logits_for_a_model_in_q8_0_blocks():
+    """A Q8_0 GGUF file's model as lmlab keeps it: every block's linear layer a Q8_0Linear
+    (outputs in bf16), laid side by side so that q, k, v and gate, up are one fused call
+    each (``place_side_by_side``), and a Q8_0 head: 48 steps of the compiled step give the
+    eager logits bit for bit."""
+    from lmlab.quant.q8 import Q8_0Fused
+
+    model = in_q8_0_blocks(d_model=128, d_ff=256)
     step = compiled_module.CompiledStep(torch.device("cpu"))
     with torch.inference_mode():
         caches = [model.new_cache(1, 96) for _ in range(2)]

@@ -311,6 +311,12 @@ class CompiledStep:
 
     def __call__(self, model: nn.Module, ids: torch.Tensor, cache) -> torch.Tensor:
         self.calls += 1
+        # A fresh [B, 1] tensor, not the caller's view of its token buffer: that view's
+        # storage offset grows by one each step, and dynamo would make it a symbol of the
+        # graph, which shares one with any size of the same value at the first step (a
+        # Q8_0 layer's 16 rows per tile at a 16-token prompt). Within a run the guards are
+        # not checked again, and that size then changed with the offset (a shape error).
+        ids = ids.clone()
         if self._whole is not None:
             return self._whole(model, ids, cache)
         if self.calls == 1:
