@@ -30,6 +30,8 @@ from torch import nn
 
 from lmlab.devices import return_free_memory
 from lmlab.errors import ConfigError
+from lmlab.models.attention import decode_attention
+from lmlab.models.attention import load as load_decode_attention
 from lmlab.models.contract import Abilities
 from lmlab.models.layers import HookPoint, RMSNorm, segment_mask, segment_positions, wide_float
 from lmlab.models.registry import register_family
@@ -140,6 +142,8 @@ class KVCache:
         self.length = 0
         self.max_len = max_len
         self.padded = False  # True once any masked slot exists: attention then needs a mask
+        if dtype == torch.bfloat16 and torch.device(device).type == "cpu":
+            load_decode_attention()  # before any compiled step traces the attention
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep (or repeat) batch rows ``index`` [B'], e.g. the surviving beams."""
@@ -298,16 +302,23 @@ class Attention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if self.explicit or self.hook_pattern.edited() or _bf16_cpu_training(q):
             z = self._explicit(q, k, v, attn_mask, dropout)
-        elif T == 1 and H != Hkv:
+        elif T == 1 and (H != Hkv or (attn_mask is None and not dropout)):
             # One new token (a decoding step): the H // Hkv query heads that share a
             # key/value head become that head's rows of queries, (B, Hkv, H // Hkv, Dh), so
             # attention runs without grouped-query broadcasting, about 3x faster on a CPU
-            # (67-78 us -> 21-24 us per call for SmolLM2's 9 and 3 heads). Not always the
-            # same bits as the broadcasting call (SmolLM2's logits moved by up to 0.4 after
-            # a few steps), so it is the one-token path for both settings of ``fast``.
-            z = F.scaled_dot_product_attention(
-                q.reshape(B, Hkv, H // Hkv, Dh), k, v, attn_mask=attn_mask, dropout_p=dropout
-            ).view(B, H, 1, Dh)
+            # (67-78 us -> 21-24 us per call for SmolLM2's 9 and 3 heads), and in bf16 on a
+            # CPU without a mask through lmlab's kernel (lmlab.models.attention: 23 -> 11
+            # us a call at 160 keys, bench/attention.py). Neither gives the same bits as
+            # the broadcasting call (SmolLM2's
+            # logits moved by up to 0.4 after a few steps), so this is the one-token path
+            # for both settings of ``fast``.
+            grouped = q.reshape(B, Hkv, H // Hkv, Dh)
+            z = decode_attention(grouped, k, v) if attn_mask is None and not dropout else None
+            if z is None:
+                z = F.scaled_dot_product_attention(
+                    grouped, k, v, attn_mask=attn_mask, dropout_p=dropout
+                )
+            z = z.view(B, H, 1, Dh)
             if self.hook_pattern._forward_hooks:
                 self.hook_pattern(self._pattern(q, k, attn_mask))
         else:
