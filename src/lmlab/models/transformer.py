@@ -309,9 +309,8 @@ class Attention(nn.Module):
             # (67-78 us -> 21-24 us per call for SmolLM2's 9 and 3 heads), and in bf16 on a
             # CPU without a mask through lmlab's kernel (lmlab.models.attention: 23 -> 11
             # us a call at 160 keys, bench/attention.py). Neither gives the same bits as
-            # the broadcasting call (SmolLM2's
-            # logits moved by up to 0.4 after a few steps), so this is the one-token path
-            # for both settings of ``fast``.
+            # the broadcasting call (SmolLM2's logits moved by up to 0.4 after a few
+            # steps), so this is the one-token path for both settings of ``fast``.
             grouped = q.reshape(B, Hkv, H // Hkv, Dh)
             z = decode_attention(grouped, k, v) if attn_mask is None and not dropout else None
             if z is None:
