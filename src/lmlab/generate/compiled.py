@@ -316,7 +316,7 @@ class CompiledStep:
         # graph, which shares one with any size of the same value at the first step (a
         # Q8_0 layer's 16 rows per tile at a 16-token prompt). Within a run the guards are
         # not checked again, and that size then changed with the offset (a shape error).
-        ids = ids.clone()
+        ids = ids.clone(memory_format=torch.contiguous_format)
         if self._whole is not None:
             return self._whole(model, ids, cache)
         if self.calls == 1:

@@ -200,7 +200,8 @@ class Int4Linear(nn.Module):
         rows = slice(start, start + self.out_features)
         scale, zero = kernel.scale_and_zero(rows)  # (N, K/G) each
         self._buffers.update(qweight=None, scale=scale, zero=zero)
-        self._kernel, self._columns = kernel, (rows.start, rows.stop)
+        self.__dict__["_kernel"] = kernel  # a reference, not a submodule (see Int4Matmul)
+        self._columns = (rows.start, rows.stop)
 
     def _restore(self, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
         self._buffers.update(qweight=qweight, scale=scale, zero=zero)
@@ -275,7 +276,7 @@ class Int4Linear(nn.Module):
         )
 
 
-class Int4Matmul:
+class Int4Matmul(nn.Module):
     """The int4 CPU kernel's own copy of the weights of one or more ``Int4Linear`` layers,
     stacked along the outputs: ``x [.., K] -> y [.., N1 + N2 + ..]`` in ``x``'s dtype.
     The copy is in lmlab's kernel layout (``native``: ``pack_blocks``, scale_zero
@@ -283,12 +284,19 @@ class Int4Matmul:
 
     It takes the layers' weights over: each layer drops its saved form (``_adopt``) and
     computes through this copy, so that a model decoding in 4 bits holds its weights once
-    (SmolLM2: 63 MB less than with both forms). ``release`` gives them back. It is not a
-    module: what is saved stays the layers' own form, read back from here on demand."""
+    (SmolLM2: 63 MB less than with both forms). ``release`` gives them back. No model
+    registers it as a submodule: what is saved stays the layers' own form, read back from
+    here on demand. It is a module class marked static for torch.compile (as
+    ``lmlab.quant.Q8_0Fused``): a compiled step takes its tensors as fixed in shape and
+    place, as it takes parameters, where a plain object's had their sizes and storage
+    offsets made inputs of the step (about 130 for SmolLM2 in 4 bits)."""
+
+    _dynamo_marked_static = True
 
     def __init__(self, layers: list[Int4Linear], native: bool | None = None):
         """``native``: lmlab's kernel (True) or torch's (False); None chooses as
         ``native_int4_mm`` says (``bench/int4.py`` builds one of each)."""
+        super().__init__()
         for m in layers:
             m.canonical()
         first = layers[0]
