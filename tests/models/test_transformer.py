@@ -439,3 +439,16 @@ def test_lesson_only_variants_are_refused_by_the_hf_export(change):
 
     with pytest.raises(CheckpointError, match="no Hugging Face layout"):
         to_hf(build_model(tiny_spec(**change)))
+
+
+def test_a_caches_rope_rows_are_rope_tables_numbers_bit_for_bit():
+    """A decoding step reads its position's cos and sin from the cache (no float64 cos and
+    sin per step, nor per layer in a compiled step): the same bits as ``rope_tables``."""
+    from lmlab.models.transformer import rope_tables
+
+    model = build_model(tiny_spec(pos="rope", rope_theta=100000.0)).eval()
+    cache = model.new_cache(2, 300)
+    positions = torch.tensor([[0, 7, 299], [5, 100, 256]])
+    expected = rope_tables(positions, model.config.head_size, model.config.rope_theta)
+    for table, want in zip(cache.rope, expected):
+        assert torch.equal(table[positions][:, None], want)

@@ -142,6 +142,14 @@ class KVCache:
         self.length = 0
         self.max_len = max_len
         self.padded = False  # True once any masked slot exists: attention then needs a mask
+        # RoPE's cos and sin for every slot, [max_len, Dh] each (rope_tables' numbers): a
+        # step reads its position's row instead of evaluating them, which a compiled step
+        # did in float64 in every layer
+        self.rope = None
+        if config.pos == "rope":
+            slots = torch.arange(max_len, device=device)[None]
+            cos, sin = rope_tables(slots, config.head_size, config.rope_theta)
+            self.rope = cos[0, 0], sin[0, 0]
         if dtype == torch.bfloat16 and torch.device(device).type == "cpu":
             load_decode_attention()  # before any compiled step traces the attention
 
@@ -553,6 +561,8 @@ class Transformer(nn.Module):
             # table, whose entries are of size 1: else the positions drown the tokens
             pe = sinusoidal_table(positions, self.config.d_model).to(x.dtype)  # (B, T, D)
             x = x * math.sqrt(self.config.d_model) + self.hook_pos_embed(pe)
+        elif self.config.pos == "rope" and cache is not None:
+            rope = tuple(table[positions][:, None] for table in cache.rope)  # (B, 1, T, Dh)
         elif self.config.pos == "rope":
             rope = rope_tables(positions, self.config.head_size, self.config.rope_theta)
         x = self.emb_dropout(x)
