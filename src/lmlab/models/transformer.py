@@ -142,14 +142,6 @@ class KVCache:
         self.length = 0
         self.max_len = max_len
         self.padded = False  # True once any masked slot exists: attention then needs a mask
-        # RoPE's cos and sin for every slot, [max_len, Dh] each (rope_tables' numbers): a
-        # step reads its position's row instead of evaluating them, which a compiled step
-        # did in float64 in every layer
-        self.rope = None
-        if config.pos == "rope":
-            slots = torch.arange(max_len, device=device)[None]
-            cos, sin = rope_tables(slots, config.head_size, config.rope_theta)
-            self.rope = cos[0, 0], sin[0, 0]
         if dtype == torch.bfloat16 and torch.device(device).type == "cpu":
             load_decode_attention()  # before any compiled step traces the attention
 
@@ -159,6 +151,19 @@ class KVCache:
         self.v = [v.index_select(0, index) for v in self.v]
         self.valid = self.valid.index_select(0, index)
         self.next_pos = self.next_pos.index_select(0, index)
+
+
+class _RopeTable(nn.Module):
+    """RoPE's cos and sin [P, Dh] for positions 0 .. P - 1 (``Transformer._make_rope_table``).
+    A module class marked static for torch.compile (as ``lmlab.quant.Q8_0Fused``), held
+    outside the module tree: a compiled step takes the two tensors as fixed in shape, where
+    tensors held otherwise would add their sizes to the graph's symbols."""
+
+    _dynamo_marked_static = True
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
+        super().__init__()
+        self.cos, self.sin = cos, sin
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -495,7 +500,20 @@ class Transformer(nn.Module):
         # making its weight
         like = getattr(self.tok_emb, "like", None)
         ref = self.tok_emb.weight if like is None else like
+        if self.config.pos == "rope":
+            self._make_rope_table(ref.device)
         return KVCache(self.config, batch_size, max_len, dtype or ref.dtype, ref.device)
+
+    def _make_rope_table(self, device: torch.device) -> None:
+        """RoPE's cos and sin for positions 0 .. min(max_seq_len, 8192) - 1, each [P, Dh]
+        (``rope_tables``' numbers), kept for the decoding steps of unpadded rows (module
+        state, not a buffer: neither saved nor cast by ``.to(dtype)``)."""
+        table = getattr(self, "_rope_table", None)
+        if table is not None and table.cos.device == torch.device(device):
+            return
+        slots = torch.arange(min(self.config.max_seq_len, 8192), device=device)[None]
+        cos, sin = rope_tables(slots, self.config.head_size, self.config.rope_theta)
+        self.__dict__["_rope_table"] = _RopeTable(cos[0, 0], sin[0, 0])  # not a submodule
 
     def use_fast_decoding(self, fast: bool = True) -> None:
         """Take the decoding shortcuts that give the same numbers (the default): projections
@@ -548,6 +566,8 @@ class Transformer(nn.Module):
                 f"sequence of {start + T} tokens exceeds the "
                 f"{'cache size' if cache is not None else 'context window (max_seq_len)'} {limit}"
             )
+        # unpadded rows with a cache: the new tokens' positions are columns start.. start + T
+        columns = cache is not None and mask is None and not cache.padded
         if segments is not None:
             positions, attn_mask = segment_positions(segments), segment_mask(segments)
         else:
@@ -561,10 +581,17 @@ class Transformer(nn.Module):
             # table, whose entries are of size 1: else the positions drown the tokens
             pe = sinusoidal_table(positions, self.config.d_model).to(x.dtype)  # (B, T, D)
             x = x * math.sqrt(self.config.d_model) + self.hook_pos_embed(pe)
-        elif self.config.pos == "rope" and cache is not None:
-            rope = tuple(table[positions][:, None] for table in cache.rope)  # (B, 1, T, Dh)
         elif self.config.pos == "rope":
-            rope = rope_tables(positions, self.config.head_size, self.config.rope_theta)
+            table = getattr(self, "_rope_table", None)  # made by new_cache
+            # (decided by the cache's size, not its length: a compiled step checks its
+            # guards once per run, and the length grows within one)
+            if columns and table is not None and cache.max_len <= len(table.cos):
+                # their rows of the table: the same numbers, not evaluated again (a
+                # compiled step evaluated them in float64 in every layer's kernel)
+                rows = slice(start, start + T)
+                rope = tuple(t[rows].expand(B, 1, T, -1) for t in (table.cos, table.sin))
+            else:
+                rope = rope_tables(positions, self.config.head_size, self.config.rope_theta)
         x = self.emb_dropout(x)
         for block in self.blocks:
             x = block(x, rope, attn_mask, cache)
