@@ -60,7 +60,8 @@ LMLAB_TARGET inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
                                                                       _mm512_castps_pd(cd))),
                                    _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab),
                                                                       _mm512_castps_pd(cd))));
-    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(x), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+    const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1));
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(x), high);
     return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
@@ -89,7 +90,8 @@ LMLAB_TARGET void head(const uint16_t *q, const uint16_t *k, int64_t k_row, cons
                     acc[j] = _mm512_dpbf16_ps(acc[j], qv[c],
                                               (__m512bh)_mm512_loadu_si512(kt + 32 * c));
             }
-            const __m128 four = _mm_mul_ps(sum4(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(scale));
+            const __m128 four =
+                _mm_mul_ps(sum4(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(scale));
             if (t + 4 <= S) {
                 _mm_storeu_ps(s + t, four);
             } else {
@@ -181,11 +183,13 @@ Tensor decode_attention(Tensor q, Tensor k, Tensor v, double scale) {
             const uint16_t *ki = kp + b * k.stride(0) + h * k.stride(1);
             const uint16_t *vi = vp + b * v.stride(0) + h * v.stride(1);
             uint16_t *oi = op + i * G * D;
+            const int64_t kr = k.stride(2), vr = v.stride(2);
+            float *sb = scores.data();
             switch (D) {
-                case 32: head<2>(qi, ki, k.stride(2), vi, v.stride(2), S, G, sc, scores.data(), oi); break;
-                case 64: head<4>(qi, ki, k.stride(2), vi, v.stride(2), S, G, sc, scores.data(), oi); break;
-                case 128: head<8>(qi, ki, k.stride(2), vi, v.stride(2), S, G, sc, scores.data(), oi); break;
-                default: head<16>(qi, ki, k.stride(2), vi, v.stride(2), S, G, sc, scores.data(), oi);
+                case 32: head<2>(qi, ki, kr, vi, vr, S, G, sc, sb, oi); break;
+                case 64: head<4>(qi, ki, kr, vi, vr, S, G, sc, sb, oi); break;
+                case 128: head<8>(qi, ki, kr, vi, vr, S, G, sc, sb, oi); break;
+                default: head<16>(qi, ki, kr, vi, vr, S, G, sc, sb, oi);
             }
         }
     };
@@ -203,4 +207,6 @@ STABLE_TORCH_LIBRARY_FRAGMENT(lmlab, m) {
     m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
 }
 
-STABLE_TORCH_LIBRARY_IMPL(lmlab, CPU, m) { m.impl("decode_attention", TORCH_BOX(&decode_attention)); }
+STABLE_TORCH_LIBRARY_IMPL(lmlab, CPU, m) {
+    m.impl("decode_attention", TORCH_BOX(&decode_attention));
+}
