@@ -443,18 +443,26 @@ def test_lesson_only_variants_are_refused_by_the_hf_export(change):
 
 def test_decoding_reads_ropes_rows_from_a_table_with_rope_tables_numbers(monkeypatch):
     """A decoding step of unpadded rows reads its positions' cos and sin from a table that
-    ``new_cache`` makes once per model (no float64 cos and sin per step, nor per layer in a
-    compiled step): the same bits as ``rope_tables``, and the same logits as computing
-    them, unpadded and padded (where positions differ per row and the table is not used)."""
+    ``prepare_decoding`` makes once per model (a compiled step asks for it: no float64 cos
+    and sin in every layer's kernel): the same bits as ``rope_tables``, and the same logits
+    as computing them, unpadded and padded (where positions differ per row and the table is
+    not used)."""
     from lmlab.models.transformer import rope_tables
 
     model = build_model(tiny_spec(pos="rope", rope_theta=100000.0)).eval()
     assert getattr(model, "_rope_table", None) is None
-    cache = model.new_cache(2, 30)
+    model.new_cache(2, 30)
+    assert getattr(model, "_rope_table", None) is None  # eager decoding makes none
+    model.prepare_decoding("cpu")
     cos, sin = model._rope_table.cos, model._rope_table.sin
     positions = torch.arange(model.config.max_seq_len)[None]
     want = rope_tables(positions, model.config.head_size, model.config.rope_theta)
     assert torch.equal(cos, want[0][0, 0]) and torch.equal(sin, want[1][0, 0])
+    long = build_model(tiny_spec(pos="rope", max_seq_len=2500))  # made 1,024 rows at a time
+    long.prepare_decoding("cpu")
+    want = rope_tables(torch.arange(2500)[None], long.config.head_size, long.config.rope_theta)
+    assert torch.equal(long._rope_table.cos, want[0][0, 0])
+    assert torch.equal(long._rope_table.sin, want[1][0, 0])
     ids = torch.randint(0, 50, (2, 12))
     mask = torch.ones(2, 12, dtype=torch.bool)
     mask[1, :3] = False  # a left-padded row: the masked path, positions from the rows
@@ -473,10 +481,9 @@ def test_decoding_reads_ropes_rows_from_a_table_with_rope_tables_numbers(monkeyp
         steps = [model(ids[:, :8], cache=cache, mask=None if m is None else m[:, :8])]
         steps += [model(ids[:, t : t + 1], cache=cache) for t in range(8, 12)]
         assert len(evaluated) == (0 if m is None else 5)  # the padded path evaluates them
-        del model.__dict__["_rope_table"]  # the same steps, cos and sin evaluated
+        table = model.__dict__.pop("_rope_table")  # the same steps, cos and sin evaluated
         again = model.new_cache(2, 30)
-        del model.__dict__["_rope_table"]
         ref = [model(ids[:, :8], cache=again, mask=None if m is None else m[:, :8])]
         ref += [model(ids[:, t : t + 1], cache=again) for t in range(8, 12)]
         assert all(torch.equal(a, b) for a, b in zip(steps, ref))
-        model.new_cache(1, 1)  # the table back for the next round
+        model.__dict__["_rope_table"] = table

@@ -330,6 +330,9 @@ class CompiledStep:
         """A run's first step: find (or make) the step the run will use, and count the
         seconds spent compiling or loading it."""
         start = time.perf_counter()
+        prepare = getattr(model, "prepare_decoding", None)  # tables the step reads
+        if prepare is not None:
+            prepare(ids.device)
         key = step_key(model, ids, cache)
         if self._cpu:
             self._whole, how = _STEPS.find(key, model, ids, cache)

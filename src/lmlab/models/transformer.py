@@ -154,7 +154,7 @@ class KVCache:
 
 
 class _RopeTable(nn.Module):
-    """RoPE's cos and sin [P, Dh] for positions 0 .. P - 1 (``Transformer._make_rope_table``).
+    """RoPE's cos and sin [P, Dh] for positions 0 .. P - 1 (``Transformer.prepare_decoding``).
     A module class marked static for torch.compile (as ``lmlab.quant.Q8_0Fused``), held
     outside the module tree: a compiled step takes the two tensors as fixed in shape, where
     tensors held otherwise would add their sizes to the graph's symbols."""
@@ -500,20 +500,27 @@ class Transformer(nn.Module):
         # making its weight
         like = getattr(self.tok_emb, "like", None)
         ref = self.tok_emb.weight if like is None else like
-        if self.config.pos == "rope":
-            self._make_rope_table(ref.device)
         return KVCache(self.config, batch_size, max_len, dtype or ref.dtype, ref.device)
 
-    def _make_rope_table(self, device: torch.device) -> None:
-        """RoPE's cos and sin for positions 0 .. min(max_seq_len, 8192) - 1, each [P, Dh]
-        (``rope_tables``' numbers), kept for the decoding steps of unpadded rows (module
-        state, not a buffer: neither saved nor cast by ``.to(dtype)``)."""
+    def prepare_decoding(self, device: torch.device | str) -> None:
+        """Make what a compiled decoding step reads instead of evaluating it at every
+        step (``lmlab.generate.compiled`` calls this before tracing): RoPE's cos and sin
+        for positions 0 .. min(max_seq_len, 8192) - 1, each [P, Dh] float32
+        (``rope_tables``' numbers, so eager steps may read them too), used for unpadded
+        rows whose cache fits. Module state, not a buffer: neither saved nor cast by
+        ``.to(dtype)``; SmolLM2: 4 MB, made 1,024 positions at a time."""
+        if self.config.pos != "rope":
+            return
         table = getattr(self, "_rope_table", None)
         if table is not None and table.cos.device == torch.device(device):
             return
-        slots = torch.arange(min(self.config.max_seq_len, 8192), device=device)[None]
-        cos, sin = rope_tables(slots, self.config.head_size, self.config.rope_theta)
-        self.__dict__["_rope_table"] = _RopeTable(cos[0, 0], sin[0, 0])  # not a submodule
+        P, Dh = min(self.config.max_seq_len, 8192), self.config.head_size
+        cos, sin = (torch.empty(P, Dh, device=device) for _ in range(2))
+        for a in range(0, P, 1024):
+            slots = torch.arange(a, min(a + 1024, P), device=device)[None]
+            c, s = rope_tables(slots, Dh, self.config.rope_theta)
+            cos[a : a + 1024], sin[a : a + 1024] = c[0, 0], s[0, 0]
+        self.__dict__["_rope_table"] = _RopeTable(cos, sin)  # not a submodule
 
     def use_fast_decoding(self, fast: bool = True) -> None:
         """Take the decoding shortcuts that give the same numbers (the default): projections
@@ -582,7 +589,7 @@ class Transformer(nn.Module):
             pe = sinusoidal_table(positions, self.config.d_model).to(x.dtype)  # (B, T, D)
             x = x * math.sqrt(self.config.d_model) + self.hook_pos_embed(pe)
         elif self.config.pos == "rope":
-            table = getattr(self, "_rope_table", None)  # made by new_cache
+            table = getattr(self, "_rope_table", None)  # made by prepare_decoding
             # (decided by the cache's size, not its length: a compiled step checks its
             # guards once per run, and the length grows within one)
             if columns and table is not None and cache.max_len <= len(table.cos):
