@@ -11,10 +11,10 @@ Python): 11 against 23 us at 160 keys, 39 against 99 at 1024, 92 against 380 at 
 
 It runs where the CPU has AVX-512 BF16 and a C++ compiler is found (``lmlab.native``),
 for bf16 tensors on the CPU, head sizes 32, 64, 128 or 256, up to 64 query heads per
-key/value head, no mask (every cached key
-visible: a batch without padding) and no gradient. Its float32 sums run in its own order,
-so its bits are not PyTorch's: a decoding step uses it in the fast and the plain path
-alike, and in a compiled step as in eager mode (tested).
+key/value head, no mask (every cached key visible: a batch without padding) and no
+gradient. Its outputs are within one bf16 rounding of float64 attention, and its float32
+sums run in its own order, so its bits are not PyTorch's: a decoding step uses it in the
+fast and the plain path alike, and in a compiled step as in eager mode (tested).
 
     >>> q = torch.randn(1, 3, 3, 64, dtype=torch.bfloat16)
     >>> k = v = torch.randn(1, 3, 10, 64, dtype=torch.bfloat16)
