@@ -54,10 +54,10 @@ def main() -> None:
             q = torch.randn(1, 3, 3, 64, generator=g).to(torch.bfloat16)
             k = torch.randn(1, 3, S + 64, 64, generator=g).to(torch.bfloat16)[:, :, :S]
             v = torch.randn(1, 3, S + 64, 64, generator=g).to(torch.bfloat16)[:, :, :S]
-            args_ = (q, k, v)
+            tensors = (q, k, v)
             sides = {
-                "torch": lambda a=args_: F.scaled_dot_product_attention(*a),
-                "lmlab": lambda a=args_: attention.decode_attention(*a),
+                "torch": lambda a=tensors: F.scaled_dot_product_attention(*a),
+                "lmlab": lambda a=tensors: attention.decode_attention(*a),
             }
             ours, theirs = sides["lmlab"]().float(), sides["torch"]().float()
             gap = (ours - theirs).abs().max().item()

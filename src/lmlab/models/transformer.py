@@ -33,7 +33,14 @@ from lmlab.errors import ConfigError
 from lmlab.models.attention import decode_attention
 from lmlab.models.attention import load as load_decode_attention
 from lmlab.models.contract import Abilities
-from lmlab.models.layers import HookPoint, RMSNorm, segment_mask, segment_positions, wide_float
+from lmlab.models.layers import (
+    FixedTensors,
+    HookPoint,
+    RMSNorm,
+    segment_mask,
+    segment_positions,
+    wide_float,
+)
 from lmlab.models.registry import register_family
 
 
@@ -153,13 +160,9 @@ class KVCache:
         self.next_pos = self.next_pos.index_select(0, index)
 
 
-class _RopeTable(nn.Module):
-    """RoPE's cos and sin [P, Dh] for positions 0 .. P - 1 (``Transformer.prepare_decoding``).
-    A module class marked static for torch.compile (as ``lmlab.quant.Q8_0Fused``), held
-    outside the module tree: a compiled step takes the two tensors as fixed in shape, where
-    tensors held otherwise would add their sizes to the graph's symbols."""
-
-    _dynamo_marked_static = True
+class _RopeTable(FixedTensors):
+    """RoPE's cos and sin [P, Dh] for positions 0 .. P - 1 (``Transformer.prepare_decoding``),
+    held fixed for torch.compile outside the module tree (``FixedTensors``)."""
 
     def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
         super().__init__()

@@ -49,6 +49,7 @@ from torch import nn
 from lmlab import native
 from lmlab.devices import cpu_flags, give_back_pages
 from lmlab.errors import ConfigError
+from lmlab.models.layers import FixedTensors
 
 # what lmlab's kernel (int4_cpu.cpp) needs of the CPU
 NATIVE_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
@@ -276,7 +277,7 @@ class Int4Linear(nn.Module):
         )
 
 
-class Int4Matmul(nn.Module):
+class Int4Matmul(FixedTensors):
     """The int4 CPU kernel's own copy of the weights of one or more ``Int4Linear`` layers,
     stacked along the outputs: ``x [.., K] -> y [.., N1 + N2 + ..]`` in ``x``'s dtype.
     The copy is in lmlab's kernel layout (``native``: ``pack_blocks``, scale_zero
@@ -285,13 +286,8 @@ class Int4Matmul(nn.Module):
     It takes the layers' weights over: each layer drops its saved form (``_adopt``) and
     computes through this copy, so that a model decoding in 4 bits holds its weights once
     (SmolLM2: 63 MB less than with both forms). ``release`` gives them back. No model
-    registers it as a submodule: what is saved stays the layers' own form, read back from
-    here on demand. It is a module class marked static for torch.compile (as
-    ``lmlab.quant.Q8_0Fused``): a compiled step takes its tensors as fixed in shape and
-    place, as it takes parameters, where a plain object's had their sizes and storage
-    offsets made inputs of the step (about 130 for SmolLM2 in 4 bits)."""
-
-    _dynamo_marked_static = True
+    registers it as a submodule (``FixedTensors``): what is saved stays the layers' own
+    form, read back from here on demand."""
 
     def __init__(self, layers: list[Int4Linear], native: bool | None = None):
         """``native``: lmlab's kernel (True) or torch's (False); None chooses as

@@ -51,6 +51,7 @@ from torch import nn
 from lmlab import native
 from lmlab.devices import cpu_flags
 from lmlab.errors import ConfigError
+from lmlab.models.layers import FixedTensors
 from lmlab.quant.int4 import inference_kernel_applies
 
 # what lmlab's kernel (q8_cpu.cpp) needs of the CPU
@@ -293,20 +294,12 @@ def _side_by_side(parts: list[torch.Tensor]) -> torch.Tensor | None:
     return whole.set_(first.untyped_storage(), first.storage_offset(), shape)
 
 
-class Q8_0Fused(nn.Module):
+class Q8_0Fused(FixedTensors):
     """Several ``Q8_0Linear`` layers computed in one kernel call, reading their blocks
     where they are (``Q8_0Linear.fuse``): the outputs side by side in the layers' order,
     in the input's dtype. ``packed`` becomes None when a layer's blocks move (``.to()``),
-    and ``fused_projection`` then asks for the call again.
-
-    A module class marked static for torch.compile (what ``torch._dynamo.mark_static``
-    does to a module class, set here without importing dynamo), though nothing registers
-    it as a submodule: a compiled step then takes its tensors as fixed in shape and place,
-    as it takes a model's parameters. Held by a plain object, these views of a block had
-    their storage offsets made inputs of the step, read and wrapped at every call (120
-    for SmolLM2: about 0.4 ms a token)."""
-
-    _dynamo_marked_static = True
+    and ``fused_projection`` then asks for the call again. Views of a block, held fixed
+    for torch.compile (``FixedTensors``)."""
 
     def __init__(self, layers: list[Q8_0Linear], qweight: torch.Tensor, scale: torch.Tensor):
         super().__init__()
