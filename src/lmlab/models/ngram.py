@@ -171,7 +171,8 @@ class NGramConfig:
     """Pseudo-count added to every count by add_k (1 = Laplace, other values = Lidstone)."""
     discount: float = 0.75
     """Absolute discount D of kneser_ney and backoff, in [0, 1] (nltk's default is 0.1);
-    modified_kneser_ney also falls back to it where its count-of-counts are zero."""
+    modified_kneser_ney also falls back to it where its count-of-counts give no discounts
+    in range (``modified_kn_discounts``)."""
     alpha: float = 0.4
     """stupid_backoff's factor per order backed off (Brants et al. 2007 use 0.4), in (0, 1]."""
     heldout: float = 0.1
@@ -256,8 +257,11 @@ def modified_kn_discounts(counts: torch.Tensor, fallback: float = 0.75) -> torch
     """Chen & Goodman's (1998) discounts [D1, D2, D3+] from the counts of one order.
 
     With n_i the number of n-grams seen exactly i times and Y = n1 / (n1 + 2 n2):
-    D1 = 1 - 2Y n2/n1, D2 = 2 - 3Y n3/n2, D3+ = 3 - 4Y n4/n3. A D whose formula divides by
-    zero (tiny data) is ``fallback``; each D_i is clamped to [0, i].
+    D1 = 1 - 2Y n2/n1, D2 = 2 - 3Y n3/n2, D3+ = 3 - 4Y n4/n3. Where a formula divides by
+    zero or gives a D_i outside (0, i] (tiny or artificial data, which KenLM's lmplz refuses
+    unless told ``--discount_fallback``), all three are ``fallback``: a discount of 0 would
+    leave a context whose followers all have that count nothing to pass to the shorter
+    context, and every token unseen after it would get probability 0.
 
     Worked example: n1, n2, n3, n4 = 10, 5, 3, 2, so Y = 10 / 20 = 0.5 and
     D1 = 1 - 2(0.5)(5/10) = 0.5, D2 = 2 - 3(0.5)(3/5) = 1.1, D3+ = 3 - 4(0.5)(2/3) = 5/3.
@@ -265,17 +269,20 @@ def modified_kn_discounts(counts: torch.Tensor, fallback: float = 0.75) -> torch
     >>> counts = torch.tensor([1] * 10 + [2] * 5 + [3] * 3 + [4] * 2 + [9])
     >>> [round(d, 4) for d in modified_kn_discounts(counts).tolist()]
     [0.5, 1.1, 1.6667]
+
+    With n3 = 20 instead, D2 = 2 - 3(0.5)(20/5) = -4: out of range, so all three fall back.
+
+    >>> modified_kn_discounts(torch.tensor([1] * 10 + [2] * 5 + [3] * 20 + [4] * 2)).tolist()
+    [0.75, 0.75, 0.75]
     """
     n1, n2, n3, n4 = (float((counts == i).sum()) for i in (1, 2, 3, 4))
-    y = n1 / (n1 + 2 * n2) if n1 + 2 * n2 > 0 else 0.0
-    ds = [
-        1 - 2 * y * n2 / n1 if n1 > 0 else fallback,
-        2 - 3 * y * n3 / n2 if n2 > 0 else fallback,
-        3 - 4 * y * n4 / n3 if n3 > 0 else fallback,
-    ]
-    if n2 == 0 or n1 == 0:  # Y is undefined or degenerate: every discount falls back
+    if n1 == 0 or n2 == 0 or n3 == 0:
+        return torch.full((3,), fallback, dtype=torch.float64)
+    y = n1 / (n1 + 2 * n2)
+    ds = [1 - 2 * y * n2 / n1, 2 - 3 * y * n3 / n2, 3 - 4 * y * n4 / n3]
+    if not all(0 < d <= i + 1 for i, d in enumerate(ds)):
         ds = [fallback] * 3
-    return torch.tensor([min(max(d, 0.0), i + 1.0) for i, d in enumerate(ds)], dtype=torch.float64)
+    return torch.tensor(ds, dtype=torch.float64)
 
 
 def _count(codes: torch.Tensor, space: int) -> tuple[torch.Tensor, torch.Tensor]:
