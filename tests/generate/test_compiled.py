@@ -331,6 +331,29 @@ def test_the_int4_kernel_holding_the_weights_is_part_of_the_step_key(monkeypatch
     assert key_with("lmlab") != key_with("torch")
 
 
+def test_the_source_of_a_users_own_module_class_is_part_of_the_step_key(tmp_path, monkeypatch):
+    """A step traced from a user's module class is never loaded after its file changed;
+    lmlab's own classes count through the package digest, not one file each."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    source = tmp_path / "user_norm.py"
+    model, ids = tiny(), torch.tensor([[1]])
+
+    def key_with(body: str) -> str:
+        source.write_text(
+            f"from lmlab.models.layers import RMSNorm\n\nclass Norm(RMSNorm):\n{body}"
+        )
+        module = importlib.import_module("user_norm")
+        importlib.reload(module)
+        model.norm.__class__ = module.Norm
+        return compiled_module.step_key(model, ids, None)
+
+    plain = key_with("    pass\n")
+    assert key_with("    pass\n") == plain
+    assert key_with("    scale = 2\n") != plain
+
+
 class GraphBreaking(Transformer):
     """A Transformer whose forward breaks dynamo's graph (as a print or .item() would)."""
 

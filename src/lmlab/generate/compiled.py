@@ -141,7 +141,7 @@ def _source_hash(model: nn.Module) -> str:
     """A digest of lmlab's source and of the files that define the model's other module
     classes (a user's own): a saved step traced from other code is never loaded."""
     package = Path(__file__).parents[1]
-    files = {inspect.getsourcefile(type(m)) for m in model.modules()}
+    files = {inspect.getsourcefile(cls) for cls in {type(m) for m in model.modules()}}
     outside = [f for f in files if f and package not in Path(f).parents]
     return _digest(outside) + _package_hash()
 
