@@ -19,7 +19,9 @@ Rows:
   wall seconds are printed under the table;
 - llama.cpp Q4_1 (llama-cpp-python, the same file, the same prompt ids) when the package
   is installed (``make bench`` installs it), else transformers float32 on the dequantized
-  weights.
+  weights. Should llama.cpp's process die by a signal (a natively built package crashed in
+  its CPU weight repacking on an Intel AMX machine), its rows are measured again without
+  its extra buffer types (``use_extra_bufts=False``), and a line says so.
 
 Columns: decoding tokens/s and ms per token (after the prompt), prompt tokens/s (the
 prompt's forward pass alone), load seconds, peak resident memory of the process; a line
@@ -99,10 +101,22 @@ def lmlab_side(
     return load_s, prefill, decode, imports_mb
 
 
-def llama_cpp_side(ids: list[int], n: int, threads: int, path: str | None):
-    """The same for llama.cpp: greedy is the argmax of its logits, token by token."""
+def llama_cpp_side(ids: list[int], n: int, threads: int, path: str | None, repack: bool):
+    """The same for llama.cpp: greedy is the argmax of its logits, token by token.
+    ``repack=False`` loads without llama.cpp's extra buffer types (its CPU weight
+    repacking), which crashed on an Intel AMX machine with a natively built package."""
     import llama_cpp
     import numpy as np
+
+    if not repack:
+        defaults = llama_cpp.llama_model_default_params
+
+        def no_repacking():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        llama_cpp.llama_model_default_params = no_repacking  # what Llama() starts from
 
     if path is None:
         # The file found without importing lmlab: torch alone would add ~230 MB to this
@@ -190,7 +204,9 @@ def side(args) -> dict:
             ids, n, plain, compile, compiles, args.path
         )
     elif args.side == "llama.cpp":
-        load_s, prefill, decode, imports_mb = llama_cpp_side(ids, n, args.threads, args.path)
+        load_s, prefill, decode, imports_mb = llama_cpp_side(
+            ids, n, args.threads, args.path, not args.no_repack
+        )
     else:
         load_s, prefill, decode, imports_mb = transformers_side(ids, n, args.path)
     first = decode()  # warm-up: allocations, kernel selection, weight packing
@@ -235,6 +251,7 @@ def main() -> None:
     ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--ids", help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
+    ap.add_argument("--no-repack", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
         print(json.dumps(side(args)))
@@ -260,13 +277,23 @@ def main() -> None:
         export_gguf("smollm2", path, "q8_0")
     sides = ["lmlab", "lmlab-plain", *(["lmlab-compiled"] if args.compile else []), reference]
     runs: dict[str, list[dict]] = {s: [] for s in sides}
+    repack_crash = None  # how llama.cpp's process died while repacking, if it did
     for _ in range(args.rounds):
         for s in sides:  # interleaved: a slow spell of the machine hits every side alike
             cmd = [sys.executable, __file__, "--side", s, "--ids", json.dumps(ids)]
             cmd += ["--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
             cmd += ["--threads", str(args.threads), *(["--path", path] if path else [])]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            runs[s].append(json.loads(out.strip().splitlines()[-1]))
+            if s == "llama.cpp" and repack_crash is not None:
+                cmd.append("--no-repack")
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode < 0 and s == "llama.cpp" and repack_crash is None:
+                # killed by a signal: llama.cpp built with native flags crashed in its weight
+                # repacking on an Intel AMX machine; its plain CPU buffers load the same file
+                repack_crash = done.returncode
+                done = subprocess.run([*cmd, "--no-repack"], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"the {s} process failed ({done.returncode}):\n{done.stderr}")
+            runs[s].append(json.loads(done.stdout.strip().splitlines()[-1]))
 
     def median(s: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[s])
@@ -326,6 +353,11 @@ def main() -> None:
         args.new_tokens,
     )
     print(f"greedy ids equal to {names[reference]} for the first {agree} tokens")
+    if repack_crash is not None:
+        print(
+            f"(llama.cpp's process died by signal {-repack_crash} with its weight repacking "
+            "on: its rows are measured with use_extra_bufts=False)"
+        )
     if not has_llama:
         print("(llama-cpp-python is not installed: pip install llama-cpp-python==0.3.36)")
 
