@@ -231,3 +231,50 @@ def test_arpa_models_score_streams_through_the_index_exactly(tmp_path, use_c):
         assert (lm._levels()[0].native is not None) == (use_c and indexed)
         full = lm.log_probs(ids[:, :-1]).gather(-1, ids[:, 1:, None])[..., 0]
         assert torch.equal(lm.log_prob(ids[:, :-1], ids[:, 1:]), full)
+
+
+def random_arpa(rng: random.Random) -> tuple[str, list[str]]:
+    """An ARPA file as another tool could write it, with random numbers: the n-grams (up
+    to order 2-5) of a few random sentences, so that every listed n-gram's context and
+    shorter suffix are listed too (KenLM refuses most files that skip one); every word a
+    1-gram (``<s>`` at -99), positive and negative backoffs, some left out (0)."""
+    words = [f"w{i}" for i in range(rng.randint(2, 12))]
+    order = rng.randint(2, 5)
+    grams: list[dict[tuple[str, ...], None]] = [{} for _ in range(order + 1)]
+    grams[1] = dict.fromkeys([("<unk>",), ("<s>",), ("</s>",), *((w,) for w in words)])
+    for _ in range(rng.randint(1, 12)):
+        sentence = ["<s>", *(rng.choice(words) for _ in range(rng.randint(1, 8))), "</s>"]
+        for m in range(2, order + 1):
+            for i in range(len(sentence) - m + 1):
+                grams[m][tuple(sentence[i : i + m])] = None
+    order = max(m for m in range(1, order + 1) if grams[m])
+    lines = ["\\data\\", *(f"ngram {m}={len(grams[m])}" for m in range(1, order + 1)), ""]
+    for m in range(1, order + 1):
+        lines.append(f"\\{m}-grams:")
+        for gram in grams[m]:
+            p = -99.0 if gram == ("<s>",) else -rng.uniform(0.05, 3.0)
+            b = None if m == order or rng.random() < 0.1 else rng.uniform(-1.5, 0.5)
+            lines.append(f"{p:.6f}\t{' '.join(gram)}" + ("" if b is None else f"\t{b:.6f}"))
+        lines.append("")
+    return "\n".join([*lines, "\\end\\", ""]), words
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_random_arpa_files_of_other_tools_score_as_kenlm_scores_them(kenlm, tmp_path, seed):
+    """read_arpa's backoff rule on files lmlab did not write: KenLM's per-word scores of
+    random sentences, with words the file does not know (<unk>), within KENLM_ATOL."""
+    rng = random.Random(seed)
+    text, words = random_arpa(rng)
+    path = tmp_path / "other.arpa"
+    path.write_text(text)
+    reference = kenlm.Model(str(path))
+    model, names = read_arpa(path)
+    assert model.config.order == reference.order
+    index = {w: i for i, w in enumerate(names)}
+    for _ in range(20):
+        sentence = [rng.choice([*words, "zz"]) for _ in range(rng.randint(1, 10))]
+        ids = [index.get(w, index["<unk>"]) for w in sentence] + [index["</s>"]]
+        theirs = torch.tensor([s for s, _, _ in reference.full_scores(" ".join(sentence))])
+        torch.testing.assert_close(
+            sentence_log10(model, ids), theirs.double(), atol=KENLM_ATOL, rtol=0
+        )
