@@ -3,6 +3,7 @@ eager path, one graph for a whole run, saved for later processes, dynamo's step 
 model does not trace as one graph, a clear error without a C++ compiler."""
 
 import dataclasses
+import sys
 
 import pytest
 import torch
@@ -337,21 +338,45 @@ def test_the_source_of_a_users_own_module_class_is_part_of_the_step_key(tmp_path
     import importlib
 
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "user_norm", raising=False)  # undone after the test
     source = tmp_path / "user_norm.py"
     model, ids = tiny(), torch.tensor([[1]])
 
     def key_with(body: str) -> str:
-        source.write_text(
-            f"from lmlab.models.layers import RMSNorm\n\nclass Norm(RMSNorm):\n{body}"
-        )
-        module = importlib.import_module("user_norm")
-        importlib.reload(module)
+        source.write_text(USER_NORM + body)
+        module = importlib.reload(importlib.import_module("user_norm"))
         model.norm.__class__ = module.Norm
         return compiled_module.step_key(model, ids, None)
 
     plain = key_with("    pass\n")
     assert key_with("    pass\n") == plain
     assert key_with("    scale = 2\n") != plain
+
+
+USER_NORM = "from lmlab.models.layers import RMSNorm\n\nclass Norm(RMSNorm):\n"
+
+
+@pytest.mark.parametrize("file", [None, "<stdin>"], ids=["exec", "stdin"])
+def test_a_users_module_class_without_a_file_keys_by_its_code(file, monkeypatch):
+    """A class made by exec (its module is nowhere) or read from stdin (its module's file
+    is '<stdin>') has no file to read: the key takes its methods' code instead of failing."""
+    import types
+
+    if file is not None:
+        main = types.ModuleType("user_main")
+        main.__file__ = file
+        monkeypatch.setitem(sys.modules, "user_main", main)
+    model, ids = tiny(), torch.tensor([[1]])
+
+    def key_with(factor: int) -> str:
+        forward = f"    def forward(self, x):\n        return super().forward(x) * {factor}\n"
+        scope = {"__name__": "user_main"}
+        exec(compile(USER_NORM + forward, file or "<string>", "exec"), scope)
+        model.norm.__class__ = scope["Norm"]
+        return compiled_module.step_key(model, ids, None)
+
+    assert key_with(2) == key_with(2)
+    assert key_with(2) != key_with(3)
 
 
 class GraphBreaking(Transformer):

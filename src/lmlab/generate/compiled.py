@@ -45,6 +45,7 @@ import functools
 import hashlib
 import inspect
 import logging
+import marshal
 import os
 import shutil
 import time
@@ -138,12 +139,32 @@ def _package_hash() -> str:
 
 
 def _source_hash(model: nn.Module) -> str:
-    """A digest of lmlab's source and of the files that define the model's other module
-    classes (a user's own): a saved step traced from other code is never loaded."""
+    """A digest of lmlab's source and of the code of the model's other module classes (a
+    user's own, torch's): a saved step traced from other code is never loaded."""
     package = Path(__file__).parents[1]
-    files = {inspect.getsourcefile(cls) for cls in {type(m) for m in model.modules()}}
-    outside = [f for f in files if f and package not in Path(f).parents]
-    return _digest(outside) + _package_hash()
+    files, unfiled = set(), []
+    for cls in {type(m) for m in model.modules()}:
+        try:
+            file = inspect.getsourcefile(cls)
+        except TypeError:  # its module has no file (exec'd code, an interactive session)
+            file = None
+        if file is not None and os.path.isfile(file):
+            files.add(file)
+        else:  # a notebook cell's class, one read from stdin, or one made by exec
+            unfiled.append(_class_code(cls))
+    outside = [f for f in files if package not in Path(f).parents]
+    unfiled_digest = hashlib.sha256(b"".join(sorted(unfiled))).hexdigest()
+    return _digest(outside) + unfiled_digest + _package_hash()
+
+
+def _class_code(cls: type) -> bytes:
+    """A class's source text where one is known (``linecache``: a notebook's cells), else
+    its methods' bytecode (``marshal``), which changes with what they do."""
+    try:
+        return inspect.getsource(cls).encode()
+    except (OSError, TypeError):
+        code = [f.__code__ for f in vars(cls).values() if hasattr(f, "__code__")]
+        return cls.__qualname__.encode() + marshal.dumps(tuple(code))
 
 
 def step_key(model: nn.Module, ids: torch.Tensor, cache) -> str:
